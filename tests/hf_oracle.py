@@ -1,0 +1,64 @@
+"""Writes our weights as a Hugging Face folder, so transformers can serve as an independent oracle."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from export.config import LlamaConfig
+from export.load_hf import KEY_MAP
+
+
+def hf_config(c: LlamaConfig) -> dict:
+    scaling = None
+    if c.rope_scaling.type == "linear":
+        scaling = {"rope_type": "linear", "factor": c.rope_scaling.factor}
+    elif c.rope_scaling.type == "llama3":
+        s = c.rope_scaling
+        scaling = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": c.dim,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.resolved_head_dim,
+        "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": c.max_position,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": list(c.eos_token_ids),
+        "pad_token_id": c.pad_token_id,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+
+
+def write_hf_folder(
+    folder: Path, config: LlamaConfig, state: dict, tokenizer_json: dict | None = None
+):
+    from safetensors.numpy import save_file
+
+    inverse = {}
+    for hf, ours in KEY_MAP.items():
+        for i in range(config.n_layers):
+            inverse[ours.replace("{i}", str(i))] = hf.replace("{i}", str(i))
+    tensors = {inverse[k]: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf_config(config)))
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))

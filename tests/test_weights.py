@@ -1,0 +1,127 @@
+"""Weight loading (GGUF and Hugging Face folders), checked against transformers as an oracle."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.config import preset
+from export.errors import SourceError, UnsupportedArchitectureError
+from export.model import random_model
+from export.weights import build_model, default_gguf_path, load_source
+from tests.hf_oracle import write_hf_folder
+
+transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+
+BYTE_TOKENIZER = {
+    "version": "1.0",
+    "model": {
+        "type": "BPE",
+        "vocab": {chr(65 + i % 26) + str(i): i for i in range(256)},
+        "merges": [],
+    },
+}
+
+
+def _hf_logits(folder, ids):
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor(ids)).logits
+
+
+def _our_logits(model, ids):
+    t = torch.tensor(ids)
+    b, s = t.shape
+    with torch.no_grad():
+        return model(t, torch.ones_like(t), torch.arange(s).expand(b, -1), model.empty_cache(b))[0]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-tied-mqa", "tiny-mha"])
+def test_hf_folder_round_trip_matches_transformers(tmp_path, name):
+    ref = random_model(preset(name), seed=2)
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    write_hf_folder(tmp_path, ref.config, state, BYTE_TOKENIZER)
+    source = load_source(tmp_path)
+    assert source.config.tie_embeddings == ref.config.tie_embeddings
+    model = build_model(source)
+    ids = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]] * 2
+    diff = (_our_logits(model, ids) - _hf_logits(tmp_path, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_default_gguf_matches_transformers_on_dequantized_weights(
+    tmp_path, default_source, default_model, default_tokenizer
+):
+    write_hf_folder(tmp_path, default_source.config, default_source.state)
+    ids = [
+        default_tokenizer.encode(
+            "The quick brown fox jumps over the lazy dog. def f(x): return 2*x"
+        )
+    ]
+    diff = (_our_logits(default_model, ids) - _hf_logits(tmp_path, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_default_config_from_gguf_metadata(default_source):
+    c = default_source.config
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size) == (576, 30, 9, 3, 49152)
+    assert c.tie_embeddings and c.rope_theta == 100000.0 and c.eos_token_ids == (2,)
+    assert default_gguf_path().name.endswith(".gguf")
+
+
+TEXTS = [
+    "Hello world!",
+    "Prices rose 12.5% in 2024, to $1,234,567.",
+    "naïve café — über straße; 日本語のテキスト; emoji 😀🚀",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "  leading spaces and\ttabs\n\nnew lines",
+]
+
+
+def test_gguf_tokenizer_matches_transformers_gguf_conversion(default_tokenizer):
+    path = default_gguf_path()
+    hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        assert default_tokenizer.encode(text) == hf(text).input_ids, text
+        assert default_tokenizer.decode(default_tokenizer.encode(text)) == text
+
+
+def test_gguf_tokenizer_known_ids(default_tokenizer):
+    # SmolLM2's own tokenizer splits every digit and keeps its chat specials whole.
+    assert default_tokenizer.encode("2024") == [34, 32, 34, 36]
+    assert default_tokenizer.encode("<|im_start|>user") == [1, 4093]
+
+
+def test_missing_truncated_and_foreign_sources_fail_clearly(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        load_source(tmp_path / "nope.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOTGGUF" * 10)
+    with pytest.raises(SourceError, match="not a GGUF file"):
+        load_source(bad)
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(default_gguf_path().read_bytes()[:100_000])
+    with pytest.raises(SourceError, match="truncated or corrupt"):
+        load_source(trunc)
+    folder = tmp_path / "mistral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(UnsupportedArchitectureError, match="only 'llama'"):
+        load_source(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="config.json is missing"):
+        load_source(empty)
+
+
+def test_inconsistent_head_counts_are_rejected(tmp_path):
+    ref = random_model(preset("tiny"), seed=2)
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    write_hf_folder(tmp_path, ref.config, state, BYTE_TOKENIZER)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4  # weights were made for 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match="inconsistent head counts"):
+        load_source(tmp_path)
+    assert np.isfinite(state["norm.weight"]).all()
