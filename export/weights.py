@@ -31,7 +31,11 @@ class Source:
     format: str  # "gguf" | "hf"
 
     def provenance(self) -> dict:
-        return {"source": str(self.path), "format": self.format, "sha256": sha256_of(self.path)}
+        return {
+            "source": str(self.path.resolve()),
+            "format": self.format,
+            "sha256": sha256_of(self.path),
+        }
 
 
 def default_gguf_path() -> Path:

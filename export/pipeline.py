@@ -1,0 +1,137 @@
+"""`llamaonnx export`: source → reference model → ONNX → lowering → model folder → verification.
+
+Each stage reports its time through `progress`. The folder appears only when every stage,
+verification included, has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from export.errors import ExportError
+from export.folder import atomic_folder, check_disk, genai_config, save_onnx, write_json
+from export.passes import TARGETS, lower
+
+PRECISIONS = ("fp32",)
+
+
+def _tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "llamaonnx": "0.1.0",
+    }
+
+
+def model_info(source, target: str, precision: str, inputs: list[str], outputs: list[str]) -> dict:
+    c = source.config
+    return {
+        "format_version": 1,
+        "architecture": {
+            "n_layers": c.n_layers,
+            "n_heads": c.n_heads,
+            "n_kv_heads": c.n_kv_heads,
+            "head_dim": c.resolved_head_dim,
+            "dim": c.dim,
+            "intermediate_size": c.intermediate_size,
+            "vocab_size": c.vocab_size,
+            "rope_theta": c.rope_theta,
+            "rope_scaling": c.to_dict()["rope_scaling"],
+            "norm_eps": c.norm_eps,
+            "max_position": c.max_position,
+            "tie_embeddings": c.tie_embeddings,
+        },
+        "special_tokens": {
+            "bos_token_id": c.bos_token_id,
+            "eos_token_ids": list(c.eos_token_ids),
+            "pad_token_id": c.pad_token_id,
+        },
+        "target": target,
+        "precision": precision,
+        "io": {"inputs": inputs, "outputs": outputs},
+        "provenance": {**source.provenance(), "tools": _tool_versions()},
+    }
+
+
+def export_model(
+    source_path: str | Path | None,
+    out_dir: str | Path,
+    target: str = "ort",
+    precision: str = "fp32",
+    force: bool = False,
+    verify: bool = True,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Returns llamaonnx.json's content, with the verification report under "report"."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {TARGETS}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
+
+    t = time.perf_counter()
+    from export.weights import build_model, load_source
+
+    source = load_source(source_path)
+    model = build_model(source)
+    progress(
+        f"load    {source.path.name}: {source.config.n_layers} layers ({time.perf_counter() - t:.1f}s)"
+    )
+    check_disk(out_dir, 2 * sum(v.nbytes for v in source.state.values()) + (64 << 20))
+
+    t = time.perf_counter()
+    from export.exporter import trace
+
+    proto = trace(model)
+    progress(
+        f"trace   torch.onnx.export (dynamo): {len(proto.graph.node)} nodes ({time.perf_counter() - t:.1f}s)"
+    )
+    t = time.perf_counter()
+    proto = lower(proto, target)
+    progress(
+        f"lower   target {target}: {len(proto.graph.node)} nodes ({time.perf_counter() - t:.1f}s)"
+    )
+
+    with atomic_folder(out_dir, force) as tmp:
+        t = time.perf_counter()
+        save_onnx(proto, tmp)
+        inputs = [i.name for i in proto.graph.input]
+        outputs = [o.name for o in proto.graph.output]
+        info = model_info(source, target, precision, inputs, outputs)
+        write_json(tmp / "llamaonnx.json", info)
+        (tmp / "tokenizer.json").write_text(json.dumps(source.tokenizer_json))
+        if source.chat_template:
+            (tmp / "chat_template.jinja").write_text(source.chat_template)
+            write_json(tmp / "tokenizer_config.json", {"chat_template": source.chat_template})
+        if target == "ort":
+            write_json(tmp / "genai_config.json", genai_config(info))
+        progress(f"save    {out_dir} ({time.perf_counter() - t:.1f}s)")
+        report = {"verified": False}
+        if verify:
+            t = time.perf_counter()
+            from export.verify import check, verify_folder
+
+            report = verify_folder(tmp, model=model)
+            write_json(tmp / "report.json", report)
+            check(report)
+            cpu = report["providers"]["cpu"]
+            progress(
+                f"verify  max |Δlogit| {cpu['max_abs_logit_delta']:.2e}, greedy {cpu['greedy_agreement']}/"
+                f"{cpu['greedy_steps']}, perplexity {cpu['perplexity']:.3f} vs {cpu['reference_perplexity']:.3f} "
+                f"({time.perf_counter() - t:.1f}s)"
+            )
+        else:
+            write_json(tmp / "report.json", report)
+    return {**info, "report": report}

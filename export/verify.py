@@ -1,0 +1,170 @@
+"""Verification: the ONNX model folder against the PyTorch reference, on the same inputs.
+
+Measures, on every provider present: teacher-forced max |Δlogit| over a prefill and 32 cached
+decode steps; the same for a right-padded batch of two prompts of different lengths; greedy-token
+agreement over the tolerance's number of steps; perplexity on the evaluation text that ships with
+the runtime. Raises `ParityError` past the tolerance of the folder's precision.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.errors import ParityError
+from export.tolerances import tolerance
+
+log = logging.getLogger(__name__)
+DECODE_STEPS = 32
+PROMPTS = [
+    [{"role": "user", "content": "Write a short poem about the sea."}],
+    [{"role": "user", "content": "Hi!"}],
+]
+
+
+def eval_text() -> str:
+    return importlib.resources.files("runtime").joinpath("data/eval.txt").read_text()
+
+
+def _ref_step(model, ids, mask, pos, past):
+    with torch.no_grad():
+        logits, past = model(
+            torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), past
+        )
+    return logits.numpy(), past
+
+
+def teacher_forced_delta(session, model, prompts: list[list[int]], steps: int) -> float:
+    """Max |Δlogit| over prefill (right-padded batch) and `steps` decode steps fed the same tokens."""
+    b, width = len(prompts), max(len(p) for p in prompts)
+    pad = session.info.pad_token_id
+    ids = np.full((b, width), pad, np.int64)
+    mask = np.zeros((b, width), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = p, 1
+    pos = np.where(mask == 1, np.arange(width)[None], 0)
+    cache = session.new_cache(b, width + steps)
+    ours = session.forward(ids, mask, pos, cache)
+    ref, past = _ref_step(model, ids, mask, pos, model.empty_cache(b))
+    valid = mask.astype(bool)
+    delta = float(np.abs(ours[valid] - ref[valid]).max())
+    lengths = mask.sum(1)
+    nxt = ref[np.arange(b), lengths - 1].argmax(-1)
+    for _ in range(steps):
+        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+        step_ids, step_pos = nxt[:, None].astype(np.int64), lengths[:, None].astype(np.int64)
+        ours = session.forward(step_ids, mask, step_pos, cache)
+        ref, past = _ref_step(model, step_ids, mask, step_pos, past)
+        delta = max(delta, float(np.abs(ours - ref).max()))
+        nxt, lengths = ref[:, -1].argmax(-1), lengths + 1
+    return delta
+
+
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp(mean NLL) of ids[1:] under logits (S, V) computed in float64."""
+    x = logits[:-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+    return float(math.exp(nll.mean()))
+
+
+def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | None = None) -> dict:
+    """Compares the folder with the reference and returns the report; raises ParityError on failure."""
+    import onnxruntime as ort
+
+    from runtime.generator import GenerationConfig, Generator
+    from runtime.session import Session
+
+    folder = Path(folder)
+    if providers is None:
+        providers = (
+            ("cpu", "cuda")
+            if "CUDAExecutionProvider" in ort.get_available_providers()
+            else ("cpu",)
+        )
+    first = Session(folder, provider=providers[0])
+    info = first.info
+    tol = tolerance(info.precision)
+    if model is None:
+        from export.weights import build_model, load_source
+
+        model = build_model(load_source(info.raw["provenance"]["source"]))
+    tok = first.tokenizer
+    prompts = [
+        tok.encode_chat(m) if tok.chat_template else tok.encode(m[0]["content"]) for m in PROMPTS
+    ]
+    text_ids = tok.encode(eval_text())[: min(512, info.max_position)]
+    ref_logits, _ = _ref_step(
+        model,
+        np.array([text_ids]),
+        np.ones((1, len(text_ids)), np.int64),
+        np.arange(len(text_ids))[None],
+        model.empty_cache(1),
+    )
+    ref_ppl = perplexity(ref_logits[0], text_ids)
+    from export.generate import generate
+
+    ref_greedy = generate(model, [prompts[0]], tol.greedy_steps, stop_ids=())[0]
+    report = {
+        "precision": info.precision,
+        "target": info.target,
+        "tolerance": vars(tol),
+        "providers": {},
+    }
+    failures = []
+    for provider in providers:
+        session = first if provider == providers[0] else Session(folder, provider=provider)
+        single = teacher_forced_delta(session, model, prompts[:1], DECODE_STEPS)
+        batch = teacher_forced_delta(session, model, prompts, DECODE_STEPS)
+        cache = session.new_cache(1, len(text_ids))
+        ours = session.forward(
+            np.array([text_ids]),
+            np.ones((1, len(text_ids)), np.int64),
+            np.arange(len(text_ids))[None],
+            cache,
+        )
+        ppl = perplexity(ours[0], text_ids)
+        cfg = GenerationConfig(max_new_tokens=tol.greedy_steps, stop_token_ids=())
+        greedy = Generator(session).generate_ids([prompts[0]], cfg)[0]
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), len(ref_greedy)
+        )
+        result = {
+            "max_abs_logit_delta": max(single, batch),
+            "max_abs_logit_delta_batch": batch,
+            "greedy_agreement": agree,
+            "greedy_steps": tol.greedy_steps,
+            "perplexity": ppl,
+            "reference_perplexity": ref_ppl,
+            "perplexity_ratio": ppl / ref_ppl,
+            "eval_tokens": len(text_ids),
+        }
+        report["providers"][provider] = result
+        if result["max_abs_logit_delta"] > tol.max_abs_logit:
+            failures.append(
+                f"{provider}: max |Δlogit| {result['max_abs_logit_delta']:.2e} > {tol.max_abs_logit:.0e}"
+            )
+        if agree < tol.greedy_steps:
+            failures.append(
+                f"{provider}: greedy tokens differ at step {agree} of {tol.greedy_steps}"
+            )
+        if result["perplexity_ratio"] > tol.perplexity_ratio:
+            failures.append(
+                f"{provider}: perplexity ratio {result['perplexity_ratio']:.5f} > {tol.perplexity_ratio}"
+            )
+    report["passed"] = not failures
+    report["failures"] = failures
+    return report
+
+
+def check(report: dict) -> None:
+    if not report["passed"]:
+        raise ParityError(
+            "ONNX model differs from the PyTorch reference: " + "; ".join(report["failures"])
+        )

@@ -1,0 +1,215 @@
+"""Prefill, then decode: token generation over a `Session`, batched or streamed as text.
+
+Batches are right-padded: each row's new token goes right after its own last token, which is what
+GroupQueryAttention's length-based masking expects and what the masked graphs handle as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from runtime.errors import ContextLengthError
+from runtime.sampler import apply_repetition_penalty, sample
+from runtime.session import Session
+from runtime.tokenizer import StreamDecoder
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
+    stop_strings: tuple[str, ...] = ()
+    max_length: int | None = None  # cache size; None: longest prompt + max_new_tokens
+    truncate: bool = False  # keep the prompt's last tokens instead of raising ContextLengthError
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+@dataclasses.dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"[{self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens, "
+            f"time to first token {self.time_to_first_token * 1000:.0f} ms, "
+            f"decode {self.decode_tokens_per_second:.1f} tok/s]"
+        )
+
+
+class Generator:
+    def __init__(self, session: Session):
+        self.session = session
+        self.info = session.info
+        self.tokenizer = session.tokenizer
+        self.stats = Stats()
+
+    # -- token level -------------------------------------------------------------------------
+    def _fit(
+        self, prompts: list[list[int]], config: GenerationConfig
+    ) -> tuple[list[list[int]], int]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        limit = min(config.max_length or self.info.max_position, self.info.max_position)
+        room = limit - config.max_new_tokens
+        if room < 1:
+            raise ContextLengthError(
+                f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt in {limit} tokens"
+            )
+        longest = max(len(p) for p in prompts)
+        if longest > room:
+            if not config.truncate:
+                raise ContextLengthError(
+                    f"prompt of {longest} tokens + {config.max_new_tokens} new tokens exceeds the "
+                    f"context of {limit} tokens; shorten it, lower max_new_tokens, or truncate=True"
+                )
+            prompts = [p[-room:] for p in prompts]
+            longest = room
+        return prompts, (config.max_length or longest + config.max_new_tokens)
+
+    def steps(
+        self, prompts: list[list[int]], config: GenerationConfig
+    ) -> Iterator[list[int | None]]:
+        """Yields, per decode step, each row's new token (None once that row has stopped)."""
+        prompts, max_length = self._fit(prompts, config)
+        stop = set(
+            self.info.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        )
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.full((b, width), self.info.pad_token_id, np.int64)
+        mask = np.zeros((b, width), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)], mask[i, : len(p)] = p, 1
+        lengths = mask.sum(1)
+        cache = self.session.new_cache(b, max_length)
+        rng = np.random.default_rng(config.seed)
+        history = [list(p) for p in prompts]
+        done = [False] * b
+        self.stats = Stats(prompt_tokens=int(lengths.sum()))
+        start = time.perf_counter()
+        positions = np.where(mask == 1, np.arange(width)[None], 0)
+        logits = self.session.forward(ids, mask, positions, cache)
+        last = logits[np.arange(b), lengths - 1]  # (B, V)
+        for step in range(config.max_new_tokens):
+            picks: list[int | None] = []
+            for i in range(b):
+                if done[i]:
+                    picks.append(None)
+                    continue
+                row = apply_repetition_penalty(last[i], history[i], config.repetition_penalty)
+                tok = sample(row, rng, config.temperature, config.top_k, config.top_p)
+                history[i].append(tok)
+                done[i] = tok in stop
+                picks.append(tok)
+            self.stats.new_tokens += sum(t is not None for t in picks)
+            if step == 0:
+                self.stats.time_to_first_token = time.perf_counter() - start
+                decode_start = time.perf_counter()
+            yield picks
+            if all(done) or step == config.max_new_tokens - 1:
+                break
+            nxt = np.array(
+                [[t if t is not None else self.info.pad_token_id] for t in picks], np.int64
+            )
+            # A stopped row keeps feeding padding; its column is masked out.
+            col = np.array([[0 if t is None else 1] for t in picks], np.int64)
+            mask = np.concatenate([mask, col], axis=1)
+            lengths = lengths + 1
+            logits = self.session.forward(nxt, mask, (lengths - 1)[:, None], cache)
+            last = logits[:, -1]
+            self.stats.decode_seconds = time.perf_counter() - decode_start
+
+    def generate_ids(self, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in prompts]
+        for picks in self.steps(prompts, config):
+            for i, t in enumerate(picks):
+                if t is not None:
+                    out[i].append(t)
+        return out
+
+    # -- text level --------------------------------------------------------------------------
+    def encode(self, prompt: str | list[dict] | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(prompt)
+        return list(prompt)
+
+    def stream(
+        self, prompt: str | list[dict] | list[int], config: GenerationConfig = GenerationConfig()
+    ) -> Iterator[str]:
+        """Text pieces as they are generated: whole UTF-8 characters, cut before any stop string."""
+        decoder = StreamDecoder(self.tokenizer)
+        stops = [s for s in config.stop_strings if s]
+        stop_ids = set(
+            self.info.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        )
+        pending = ""
+        for (tok,) in self.steps([self.encode(prompt)], config):
+            if tok is None or tok in stop_ids:
+                break
+            pending += decoder.push(tok)
+            cut = _first_stop(pending, stops)
+            if cut is not None:
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            keep = _held_back(pending, stops)
+            if len(pending) > keep:
+                yield pending[: len(pending) - keep]
+                pending = pending[len(pending) - keep :]
+        pending += decoder.flush()
+        cut = _first_stop(pending, stops)
+        if pending[:cut]:
+            yield pending[:cut]
+
+    def generate(
+        self, prompt: str | list[dict] | list[int], config: GenerationConfig = GenerationConfig()
+    ) -> str:
+        return "".join(self.stream(prompt, config))
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-k:]):
+                best = max(best, k)
+                break
+    return best

@@ -1,0 +1,140 @@
+"""An onnxruntime session over a model folder, with the KV cache kept where the provider computes.
+
+IO binding is used on every provider: on CUDA the inputs, outputs and cache stay on the device; on
+the `ort` target past and present are bound to the same preallocated buffer, so a decode step
+copies no cache at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ContextLengthError, ProviderError
+from runtime.folder import ModelInfo, read_model_folder
+from runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def resolve_provider(provider: str) -> str:
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {PROVIDERS}")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if provider == "cuda" and not has_cuda:
+        raise ProviderError(
+            "provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
+            "(install onnxruntime-gpu); use --provider cpu or auto"
+        )
+    if provider == "auto":
+        provider = "cuda" if has_cuda else "cpu"
+        log.info("provider auto → %s", provider)
+    return provider
+
+
+class KVCache:
+    """Per-layer key/value tensors for a batch, allocated for `max_length` tokens.
+
+    shared (the `ort` target): one (B, Hkv, max_length, Dh) buffer per tensor, bound as past and
+    present. Otherwise: past (B, Hkv, P, Dh) grows as each step's present becomes the next past.
+    """
+
+    def __init__(self, info: ModelInfo, batch: int, max_length: int, device: str, shared: bool):
+        import onnxruntime as ort
+
+        self.batch, self.max_length, self.shared, self.device = batch, max_length, shared, device
+        self.length = 0  # tokens (incl. padding columns) already in the cache
+        length = max_length if shared else 0
+        shape = (batch, info.n_kv_heads, length, info.head_dim)
+        self.values = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device, 0)
+            for _ in range(2 * info.n_layers)
+        ]
+
+    def check_room(self, new_tokens: int) -> None:
+        if self.length + new_tokens > self.max_length:
+            raise ContextLengthError(
+                f"{self.length} cached + {new_tokens} new tokens exceed the cache's max length "
+                f"{self.max_length}; start a new cache or ask for a larger max_length"
+            )
+
+
+class Session:
+    def __init__(self, folder: str | Path, provider: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.info = read_model_folder(folder)
+        self.provider = resolve_provider(provider)
+        self.device = "cuda" if self.provider == "cuda" else "cpu"
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if self.device == "cuda"
+            else ["CPUExecutionProvider"]
+        )
+        self.session = ort.InferenceSession(
+            str(self.info.folder / "model.onnx"), opts, providers=providers
+        )
+        self.tokenizer = Tokenizer.from_folder(self.info.folder)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        if max_length > self.info.max_position:
+            raise ContextLengthError(
+                f"max_length {max_length} exceeds the model's context of {self.info.max_position} tokens"
+            )
+        return KVCache(self.info, batch, max_length, self.device, self.info.shared_kv_buffer)
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+    ) -> np.ndarray:
+        """One step: (B, S) new tokens, (B, T) mask over cache + new → logits (B, S, V) on the host."""
+        import onnxruntime as ort
+
+        s = input_ids.shape[1]
+        cache.check_room(s)
+        if attention_mask.shape[1] != cache.length + s:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns, expected {cache.length + s}"
+            )
+        binding = self.session.io_binding()
+        feeds = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+        for name, arr in feeds.items():
+            if name in self.input_names:
+                binding.bind_ortvalue_input(
+                    name,
+                    ort.OrtValue.ortvalue_from_numpy(
+                        np.ascontiguousarray(arr, np.int64), self.device, 0
+                    ),
+                )
+        binding.bind_output("logits", "cpu")  # first, so outputs[0] is the logits
+        for i in range(self.info.n_layers):
+            for j, kv in enumerate(("key", "value")):
+                value = cache.values[2 * i + j]
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                if cache.shared:
+                    binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+                else:
+                    binding.bind_output(f"present.{i}.{kv}", self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        if not cache.shared:
+            cache.values = list(outputs[1:])
+        cache.length += s
+        return outputs[0].numpy()
