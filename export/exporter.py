@@ -107,7 +107,8 @@ _SHORT = {"RMSNorm": "norm", "RotaryEmbedding": "rope", "GroupQueryAttention": "
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
     """Hierarchical names for our nodes, from the module path torch recorded on each node:
-    /model/layers.3/attention_norm, /model/layers.3/attn/rope_q, /model/layers.3/attn/gqa, /model/norm.
+    /model/layers.3/attention_norm, /model/layers.3/attn/rope_q, /model/layers.3/attn/gqa,
+    /model/norm.
     """
     seen: dict[str, int] = {}
     for n in graph.node:

@@ -87,7 +87,8 @@ def export_model(
     source = load_source(source_path)
     model = build_model(source)
     progress(
-        f"load    {source.path.name}: {source.config.n_layers} layers ({time.perf_counter() - t:.1f}s)"
+        f"load    {source.path.name}: {source.config.n_layers} layers "
+        f"({time.perf_counter() - t:.1f}s)"
     )
     check_disk(out_dir, 2 * sum(v.nbytes for v in source.state.values()) + (64 << 20))
 
@@ -96,7 +97,8 @@ def export_model(
 
     proto = trace(model)
     progress(
-        f"trace   torch.onnx.export (dynamo): {len(proto.graph.node)} nodes ({time.perf_counter() - t:.1f}s)"
+        f"trace   torch.onnx.export (dynamo): {len(proto.graph.node)} nodes "
+        f"({time.perf_counter() - t:.1f}s)"
     )
     t = time.perf_counter()
     proto = lower(proto, target)
@@ -128,8 +130,9 @@ def export_model(
             check(report)
             cpu = report["providers"]["cpu"]
             progress(
-                f"verify  max |Δlogit| {cpu['max_abs_logit_delta']:.2e}, greedy {cpu['greedy_agreement']}/"
-                f"{cpu['greedy_steps']}, perplexity {cpu['perplexity']:.3f} vs {cpu['reference_perplexity']:.3f} "
+                f"verify  max |Δlogit| {cpu['max_abs_logit_delta']:.2e}, "
+                f"greedy {cpu['greedy_agreement']}/{cpu['greedy_steps']}, "
+                f"perplexity {cpu['perplexity']:.3f} vs {cpu['reference_perplexity']:.3f} "
                 f"({time.perf_counter() - t:.1f}s)"
             )
         else:

@@ -40,7 +40,8 @@ def _ref_step(model, ids, mask, pos, past):
 
 
 def teacher_forced_delta(session, model, prompts: list[list[int]], steps: int) -> float:
-    """Max |Δlogit| over prefill (right-padded batch) and `steps` decode steps fed the same tokens."""
+    """Max |Δlogit| over a prefill (right-padded batch) and `steps` decode steps fed the same
+    tokens (the reference's greedy choice)."""
     b, width = len(prompts), max(len(p) for p in prompts)
     pad = session.info.pad_token_id
     ids = np.full((b, width), pad, np.int64)
@@ -75,7 +76,7 @@ def perplexity(logits: np.ndarray, ids: list[int]) -> float:
 
 
 def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | None = None) -> dict:
-    """Compares the folder with the reference and returns the report; raises ParityError on failure."""
+    """Compares the folder with the reference and returns the report (see `check`)."""
     import onnxruntime as ort
 
     from runtime.generator import GenerationConfig, Generator
@@ -133,7 +134,8 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
         cfg = GenerationConfig(max_new_tokens=tol.greedy_steps, stop_token_ids=())
         greedy = Generator(session).generate_ids([prompts[0]], cfg)[0]
         agree = next(
-            (i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), len(ref_greedy)
+            (i for i, (a, b) in enumerate(zip(greedy, ref_greedy, strict=False)) if a != b),
+            len(ref_greedy),
         )
         result = {
             "max_abs_logit_delta": max(single, batch),
@@ -148,7 +150,8 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
         report["providers"][provider] = result
         if result["max_abs_logit_delta"] > tol.max_abs_logit:
             failures.append(
-                f"{provider}: max |Δlogit| {result['max_abs_logit_delta']:.2e} > {tol.max_abs_logit:.0e}"
+                f"{provider}: max |Δlogit| {result['max_abs_logit_delta']:.2e} "
+                f"> {tol.max_abs_logit:.0e}"
             )
         if agree < tol.greedy_steps:
             failures.append(
@@ -156,7 +159,8 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
             )
         if result["perplexity_ratio"] > tol.perplexity_ratio:
             failures.append(
-                f"{provider}: perplexity ratio {result['perplexity_ratio']:.5f} > {tol.perplexity_ratio}"
+                f"{provider}: perplexity ratio {result['perplexity_ratio']:.5f} "
+                f"> {tol.perplexity_ratio}"
             )
     report["passed"] = not failures
     report["failures"] = failures

@@ -82,7 +82,8 @@ class Generator:
         room = limit - config.max_new_tokens
         if room < 1:
             raise ContextLengthError(
-                f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt in {limit} tokens"
+                f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt "
+                f"in {limit} tokens"
             )
         longest = max(len(p) for p in prompts)
         if longest > room:

@@ -89,7 +89,8 @@ class Session:
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         if max_length > self.info.max_position:
             raise ContextLengthError(
-                f"max_length {max_length} exceeds the model's context of {self.info.max_position} tokens"
+                f"max_length {max_length} exceeds the model's context of "
+                f"{self.info.max_position} tokens"
             )
         return KVCache(self.info, batch, max_length, self.device, self.info.shared_kv_buffer)
 
@@ -100,7 +101,8 @@ class Session:
         position_ids: np.ndarray,
         cache: KVCache,
     ) -> np.ndarray:
-        """One step: (B, S) new tokens, (B, T) mask over cache + new → logits (B, S, V) on the host."""
+        """One step: (B, S) new tokens, (B, T) mask over cache + new → logits (B, S, V) on the
+        host."""
         import onnxruntime as ort
 
         s = input_ids.shape[1]

@@ -24,3 +24,38 @@ def default_tokenizer(default_source):
     from runtime.tokenizer import Tokenizer
 
     return Tokenizer(default_source.tokenizer_json, default_source.chat_template)
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    from tests.tiny import write_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    model = write_tiny(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tiny_source, tmp_path_factory):
+    """The tiny model exported (and verified) once per target."""
+    from export.pipeline import export_model
+
+    src, _ = tiny_source
+    root = tmp_path_factory.mktemp("tiny-onnx")
+    out = {}
+    for target in ("portable", "onnx23", "ort"):
+        out[target] = root / target
+        export_model(src, out[target], target=target)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_folders(tmp_path_factory, default_model):
+    """The real default model exported (and verified) once per target, for the end-to-end tests."""
+    from export.pipeline import export_model
+
+    root = tmp_path_factory.mktemp("default-onnx")
+    return {
+        t: export_model(None, root / t, target=t) and root / t
+        for t in ("portable", "onnx23", "ort")
+    }

@@ -1,4 +1,4 @@
-"""Writes our weights as a Hugging Face folder, so transformers can serve as an independent oracle."""
+"""Writes our weights as a Hugging Face folder, so transformers can be an independent oracle."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Our ONNX domain: one custom node per RMSNorm, RoPE and GQA, each with a model-local function body.
+"""Our ONNX domain: one custom node per RMSNorm, RoPE and GQA, each with a model-local
+function body.
 
 Each op lives in its own file with (1) its `OpSchema`, registered once so the onnxscript tracer used
 by torch.onnx can emit the node, (2) the translation from the torch custom op, and (3) the ONNX
@@ -28,7 +29,7 @@ def register_schemas() -> None:
 
 
 def translation_table() -> dict:
-    """torch custom op → onnxscript translation, for torch.onnx.export(custom_translation_table=)."""
+    """torch custom op → onnxscript translation (torch.onnx.export's custom_translation_table)."""
     register_schemas()
     return {m.TORCH_OP: m.translate for m in _MODULES}
 

@@ -1,0 +1,167 @@
+"""The `llamaonnx` command. Subcommands import what they need when they run, so `generate` and
+`chat` start fast and work on an edge install without torch (only `runtime` is imported)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path("models/smollm2-135m-ort-fp32")
+
+
+def _export(args) -> int:
+    from export.pipeline import export_model
+
+    export_model(
+        args.source,
+        args.out_dir,
+        target=args.target,
+        precision=args.precision,
+        force=args.force,
+        verify=not args.no_verify,
+        progress=lambda m: print(m, flush=True),
+    )
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def _verify(args) -> int:
+    from export.folder import write_json
+    from export.verify import check, verify_folder
+
+    report = verify_folder(args.model_dir)
+    write_json(Path(args.model_dir) / "report.json", report)
+    print(json.dumps(report, indent=2))
+    check(report)
+    return 0
+
+
+def _generation_config(args):
+    from runtime.generator import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _generate(args) -> int:
+    from runtime.generator import Generator
+    from runtime.session import Session
+
+    session = Session(args.model_dir, provider=args.provider, threads=args.threads)
+    print(
+        f"[{args.model_dir}: {session.info.target} {session.info.precision} on {session.provider}]",
+        file=sys.stderr,
+    )
+    gen = Generator(session)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    for piece in gen.stream(prompt, _generation_config(args)):
+        print(piece, end="", flush=True)
+    print()
+    print(gen.stats.line(), file=sys.stderr)
+    return 0
+
+
+def _chat(args) -> int:
+    from runtime.generator import Generator
+    from runtime.session import Session
+
+    session = Session(args.model_dir, provider=args.provider, threads=args.threads)
+    gen = Generator(session)
+    config = _generation_config(args)
+    history: list[dict] = []
+    print("chat — /reset clears the history, Ctrl-C stops a reply, Ctrl-D quits")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line:
+            continue
+        if line == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for piece in gen.stream(history, config):
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except ValueError as e:  # e.g. ContextLengthError: the history no longer fits
+            print(f"error: {e}")
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamaonnx", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="GGUF / Hugging Face folder → verified ONNX model folder")
+    e.add_argument(
+        "source", nargs="?", default=None, help="GGUF file or HF folder (default: bundled SmolLM2)"
+    )
+    e.add_argument("out_dir", type=Path)
+    e.add_argument("--target", default="ort", help="portable | onnx23 | ort (default)")
+    e.add_argument("--precision", default="fp32", help="fp32")
+    e.add_argument("--force", action="store_true", help="replace an existing output folder")
+    e.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    e.set_defaults(fn=_export)
+
+    v = sub.add_parser("verify", help="compare a model folder with the PyTorch reference")
+    v.add_argument("model_dir", type=Path)
+    v.set_defaults(fn=_verify)
+
+    for name, fn, helptext in (
+        ("generate", _generate, "stream a reply to one prompt"),
+        ("chat", _chat, "interactive multi-turn chat"),
+    ):
+        g = sub.add_parser(name, help=helptext)
+        g.add_argument("model_dir", type=Path)
+        if name == "generate":
+            g.add_argument("prompt")
+            g.add_argument("--raw", action="store_true", help="no chat template: complete the text")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--temperature", type=float, default=0.0)
+        g.add_argument("--top-k", type=int, default=0)
+        g.add_argument("--top-p", type=float, default=1.0)
+        g.add_argument("--repetition-penalty", type=float, default=1.0)
+        g.add_argument("--seed", type=int, default=None)
+        g.add_argument("--provider", default="auto", help="cpu | cuda | auto")
+        g.add_argument("--threads", type=int, default=None)
+        g.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    try:
+        return args.fn(args)
+    except (ValueError, RuntimeError, AssertionError, OSError) as e:
+        print(f"llamaonnx {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

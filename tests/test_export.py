@@ -1,0 +1,112 @@
+"""Export of tiny models to every target: structure, parity (via verify) and atomic writing."""
+
+import json
+from collections import Counter
+
+import onnx
+import pytest
+
+from export.errors import ExportError
+from export.pipeline import export_model
+
+L = 2  # layers of the tiny preset
+
+
+def _ops(folder):
+    model = onnx.load(str(folder / "model.onnx"))
+    return model, Counter((n.domain, n.op_type) for n in model.graph.node)
+
+
+def test_portable_keeps_one_node_per_op_and_passes_full_check(tiny_folders):
+    model, ops = _ops(tiny_folders["portable"])
+    assert ops[("llamaonnx", "RMSNorm")] == 2 * L + 1
+    assert ops[("llamaonnx", "RotaryEmbedding")] == 2 * L
+    assert ops[("llamaonnx", "GroupQueryAttention")] == L
+    assert {f.name for f in model.functions} == {
+        "RMSNorm",
+        "RotaryEmbedding",
+        "GroupQueryAttention",
+    }
+    onnx.checker.check_model(model, full_check=True)
+    names = {n.name for n in model.graph.node if n.domain == "llamaonnx"}
+    assert {
+        "/model/layers.1/attn/gqa",
+        "/model/layers.0/attn/rope_q",
+        "/model/layers.0/attn/rope_k",
+        "/model/layers.1/ffn_norm",
+        "/model/norm",
+    } <= names
+
+
+def test_onnx23_uses_standard_ops(tiny_folders):
+    model, ops = _ops(tiny_folders["onnx23"])
+    assert ops[("", "RMSNormalization")] == 2 * L + 1
+    assert ops[("", "RotaryEmbedding")] == 2 * L
+    assert ops[("", "Attention")] == L
+    assert not [k for k in ops if k[0] == "llamaonnx"] and not model.functions
+
+
+def test_ort_uses_fused_contrib_ops(tiny_folders):
+    model, ops = _ops(tiny_folders["ort"])
+    assert ops[("com.microsoft", "GroupQueryAttention")] == L  # rotary fused in
+    norms = (
+        ops[("com.microsoft", "SkipSimplifiedLayerNormalization")]
+        + ops[("", "SimplifiedLayerNormalization")]
+    )
+    assert (
+        norms == 2 * L + 1 and ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * L
+    )
+    assert "position_ids" not in {i.name for i in model.graph.input}
+    assert (tiny_folders["ort"] / "genai_config.json").is_file()
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+def test_every_target_verified_within_fp32_tolerance(tiny_folders, target):
+    folder = tiny_folders[target]
+    report = json.loads((folder / "report.json").read_text())
+    cpu = report["providers"]["cpu"]
+    assert report["passed"] and cpu["max_abs_logit_delta"] <= 1e-3
+    assert cpu["greedy_agreement"] == 64
+    info = json.loads((folder / "llamaonnx.json").read_text())
+    assert info["target"] == target and len(info["provenance"]["sha256"]) == 64
+    assert info["io"]["outputs"][:3] == ["logits", "present.0.key", "present.0.value"]
+
+
+def test_existing_folder_unknown_target_and_failures_leave_nothing(
+    tiny_source, tmp_path, monkeypatch
+):
+    src, _ = tiny_source
+    with pytest.raises(ExportError, match="unknown target"):
+        export_model(src, tmp_path / "x", target="tensorrt")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(src, tmp_path / "exists")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full while saving")
+
+    monkeypatch.setattr("export.pipeline.save_onnx", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_model(src, tmp_path / "out", target="portable", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_failed_verification_leaves_no_folder(tiny_source, tmp_path, monkeypatch):
+    from export import tolerances
+    from export.errors import ParityError
+
+    src, _ = tiny_source
+    strict = tolerances.Tolerance(max_abs_logit=0.0, greedy_steps=64, perplexity_ratio=1.0)
+    monkeypatch.setitem(tolerances.TOLERANCES, "fp32", strict)
+    with pytest.raises(ParityError, match="max |Δlogit|"):
+        export_model(src, tmp_path / "out", target="portable")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_llama_source_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    from export.errors import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError):
+        export_model(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,105 @@
+"""The torch-free runtime: sampling, streaming, stop strings, batching, errors, import boundary."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runtime.errors import ContextLengthError, ModelFolderError
+from runtime.generator import GenerationConfig, Generator
+from runtime.sampler import filter_logits, sample
+from runtime.session import Session
+
+
+def test_runtime_and_app_never_import_torch():
+    code = (
+        "import sys, runtime.session, runtime.generator, runtime.tokenizer, app; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_top_k_and_top_p_keep_only_allowed_tokens():
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    assert np.isfinite(filter_logits(logits, top_k=2)).tolist() == [True, True, False, False, False]
+    # nucleus 0.8: 0.5 + 0.2 = 0.7 < 0.8, so the third token is still needed
+    assert np.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    rng = np.random.default_rng(0)
+    picks = {sample(logits, rng, temperature=1.0, top_k=2) for _ in range(200)}
+    assert picks == {0, 1}
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+def test_greedy_equals_reference_and_batch_equals_one_by_one(tiny_folders, tiny_source, target):
+    from export.generate import generate
+
+    _, model = tiny_source
+    gen = Generator(Session(tiny_folders[target], provider="cpu"))
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
+    cfg = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    batched = gen.generate_ids(prompts, cfg)
+    alone = [gen.generate_ids([p], cfg)[0] for p in prompts]
+    assert batched == alone
+    assert batched == generate(model, prompts, 12)
+
+
+def test_seeded_sampling_is_reproducible(tiny_folders):
+    gen = Generator(Session(tiny_folders["ort"], provider="cpu"))
+    cfg = lambda seed: GenerationConfig(
+        max_new_tokens=20, temperature=1.0, top_p=0.9, seed=seed, stop_token_ids=()
+    )
+    a, b, c = (gen.generate_ids([[1, 2, 3]], cfg(s))[0] for s in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_stop_strings_cut_exactly(tiny_folders):
+    gen = Generator(Session(tiny_folders["portable"], provider="cpu"))
+    full = gen.generate("hello", GenerationConfig(max_new_tokens=24, stop_token_ids=()))
+    stop = full[5:8]
+    cut = gen.generate(
+        "hello", GenerationConfig(max_new_tokens=24, stop_token_ids=(), stop_strings=(stop,))
+    )
+    assert cut == full[: full.find(stop)]
+
+
+def test_over_long_prompt_and_bad_folders_raise_typed_errors(tiny_folders, tmp_path):
+    gen = Generator(Session(tiny_folders["ort"], provider="cpu"))
+    with pytest.raises(ContextLengthError, match="exceeds the context of 256"):
+        gen.generate_ids([[1] * 250], GenerationConfig(max_new_tokens=10))
+    kept = gen.generate_ids(
+        [[1] * 250], GenerationConfig(max_new_tokens=10, truncate=True, stop_token_ids=())
+    )
+    assert len(kept[0]) == 10
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        Session(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.onnx").write_bytes(b"")
+    with pytest.raises(ModelFolderError, match="lacks tokenizer.json, llamaonnx.json"):
+        Session(tmp_path / "half")
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)
+
+
+def test_streaming_is_utf8_safe_for_emoji_and_cjk(default_tokenizer):
+    from runtime.tokenizer import StreamDecoder
+
+    text = "Emoji 😀🚀 and CJK 日本語の文章, café."
+    ids = default_tokenizer.encode(text)
+    dec = StreamDecoder(default_tokenizer)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(ids) > len([p for p in pieces if p])  # some characters did span several tokens
+
+
+def test_report_json_is_written(tiny_folders):
+    assert json.loads((tiny_folders["ort"] / "report.json").read_text())["passed"]
