@@ -31,6 +31,7 @@ def atomic_folder(out_dir: Path, force: bool):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        _make_readable(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
@@ -41,6 +42,15 @@ def atomic_folder(out_dir: Path, force: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a private folder; the model folder is as readable as any other output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for p in folder.iterdir():
+        p.chmod(0o666 & ~mask)
 
 
 def check_disk(out_dir: Path, need_bytes: int) -> None:

@@ -110,3 +110,14 @@ def test_non_llama_source_is_refused(tmp_path):
     with pytest.raises(UnsupportedArchitectureError):
         export_model(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_too_little_disk_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from export.folder import check_disk
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000_000))
+    with pytest.raises(ExportError, match="too little disk space.*0.01 GB free"):
+        check_disk(tmp_path / "out", 2_000_000_000)

@@ -13,9 +13,9 @@ from runtime.sampler import filter_logits, sample
 from runtime.session import Session
 
 
-def test_runtime_and_app_never_import_torch():
+def test_runtime_app_and_cli_never_import_torch():
     code = (
-        "import sys, runtime.session, runtime.generator, runtime.tokenizer, app; "
+        "import sys, runtime.session, runtime.generator, runtime.tokenizer, app, export.cli; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -58,9 +58,18 @@ def lower_ort(model: onnx.ModelProto) -> onnx.ModelProto:
         )
         replace_node(g, n, [new])
     _norms(g)
+    _stamp_present_shapes(g)
     prune(model)
     ensure_opset(model, MS, 1)
     return model
+
+
+def _stamp_present_shapes(g: onnx.GraphProto) -> None:
+    """GroupQueryAttention's present is the shared buffer when past is one (max(P, T) long), not
+    the traced P + S: declare a free dimension so no consumer relies on the traced formula."""
+    for out in g.output:
+        if out.name.startswith("present."):
+            out.type.tensor_type.shape.dim[2].dim_param = "present_sequence_length"
 
 
 def _lengths(g: onnx.GraphProto) -> None:
