@@ -67,6 +67,8 @@ def trace(model: Transformer) -> onnx.ModelProto:
         "position_ids": {0: batch, 1: seq},
         "past_key_values": [{0: batch, 2: past_len}] * (2 * c.n_layers),
     }
+    # torch.onnx logs one line per torchvision op it cannot register; they are noise here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
