@@ -42,14 +42,11 @@ def _ref_step(model, ids, mask, pos, past):
 def teacher_forced_delta(session, model, prompts: list[list[int]], steps: int) -> float:
     """Max |Δlogit| over a prefill (right-padded batch) and `steps` decode steps fed the same
     tokens (the reference's greedy choice)."""
-    b, width = len(prompts), max(len(p) for p in prompts)
-    pad = session.info.pad_token_id
-    ids = np.full((b, width), pad, np.int64)
-    mask = np.zeros((b, width), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)], mask[i, : len(p)] = p, 1
-    pos = np.where(mask == 1, np.arange(width)[None], 0)
-    cache = session.new_cache(b, width + steps)
+    from runtime.generator import right_pad
+
+    b = len(prompts)
+    ids, mask, pos = right_pad(prompts, session.info.pad_token_id)
+    cache = session.new_cache(b, ids.shape[1] + steps)
     ours = session.forward(ids, mask, pos, cache)
     ref, past = _ref_step(model, ids, mask, pos, model.empty_cache(b))
     valid = mask.astype(bool)

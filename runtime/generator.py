@@ -18,6 +18,16 @@ from runtime.session import Session
 from runtime.tokenizer import StreamDecoder
 
 
+def right_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """→ input_ids, attention_mask, position_ids, each (B, S), prompts flush left."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int64)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = p, 1
+    return ids, mask, np.where(mask == 1, np.arange(width)[None], 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 256
@@ -104,11 +114,8 @@ class Generator:
         stop = set(
             self.info.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
         )
-        b, width = len(prompts), max(len(p) for p in prompts)
-        ids = np.full((b, width), self.info.pad_token_id, np.int64)
-        mask = np.zeros((b, width), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)], mask[i, : len(p)] = p, 1
+        b = len(prompts)
+        ids, mask, positions = right_pad(prompts, self.info.pad_token_id)
         lengths = mask.sum(1)
         cache = self.session.new_cache(b, max_length)
         rng = np.random.default_rng(config.seed)
@@ -116,7 +123,6 @@ class Generator:
         done = [False] * b
         self.stats = Stats(prompt_tokens=int(lengths.sum()))
         start = time.perf_counter()
-        positions = np.where(mask == 1, np.arange(width)[None], 0)
         logits = self.session.forward(ids, mask, positions, cache)
         last = logits[np.arange(b), lengths - 1]  # (B, V)
         for step in range(config.max_new_tokens):
