@@ -9,7 +9,6 @@ Hugging Face's rotate-half RoPE layout to GGML's interleaved one (convert_hf_to_
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from export.config import LlamaConfig
 from export.errors import SourceError, UnsupportedArchitectureError, UnsupportedTensorTypeError
 from export.tokenizer_gguf import tokenizer_json_from_gguf
-from export.weights import check_shapes
+from export.weights import check_shapes, key_mapper
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +136,10 @@ def load_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], dict, str
             "yet; export from the Hugging Face folder instead"
         )
     state: dict[str, np.ndarray] = {}
-    patterns = {k.replace("{i}", "(\\d+)"): v for k, v in KEY_MAP.items()}
-    compiled = [(re.compile(f"^{k}$"), v) for k, v in patterns.items()]
+    map_name = key_mapper(KEY_MAP)
     for t in reader.tensors:
-        for rx, ours in compiled:
-            m = rx.match(t.name)
-            if m:
-                name = ours.replace("{i}", m.group(1)) if m.groups() else ours
-                break
-        else:
+        name = map_name(t.name)
+        if name is None:
             raise SourceError(f"unexpected tensor {t.name!r} in a llama GGUF")
         w = _dequantize(t)
         if name.endswith("attention.wq.weight"):

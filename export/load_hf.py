@@ -8,14 +8,13 @@ Llama already uses the rotate-half RoPE layout, so only names change (KEY_MAP).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from export.config import LlamaConfig
 from export.errors import SourceError, UnsupportedArchitectureError
-from export.weights import check_shapes
+from export.weights import check_shapes, key_mapper
 
 KEY_MAP = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -31,18 +30,7 @@ KEY_MAP = {
     "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
     "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
 }
-_RULES = [
-    (re.compile("^" + k.replace(".", r"\.").replace("{i}", r"(\d+)") + "$"), v)
-    for k, v in KEY_MAP.items()
-]
-
-
-def map_name(name: str) -> str | None:
-    for rx, ours in _RULES:
-        m = rx.match(name)
-        if m:
-            return ours.replace("{i}", m.group(1)) if m.groups() else ours
-    return None
+map_name = key_mapper(KEY_MAP)
 
 
 def config_from_hf(cfg: dict) -> LlamaConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,24 @@ class Source:
             "format": self.format,
             "sha256": sha256_of(self.path),
         }
+
+
+def key_mapper(key_map: dict[str, str]):
+    """Foreign tensor name → our name, for a map whose keys and values may hold "{i}" (a layer
+    index); unknown names map to None."""
+    rules = [
+        (re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v)
+        for k, v in key_map.items()
+    ]
+
+    def map_name(name: str) -> str | None:
+        for rx, ours in rules:
+            m = rx.match(name)
+            if m:
+                return ours.replace("{i}", m.group(1)) if m.groups() else ours
+        return None
+
+    return map_name
 
 
 def default_gguf_path() -> Path:
