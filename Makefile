@@ -1,16 +1,18 @@
 # The two commands of the README. Both are idempotent and start from any state.
 #   make run   — set up, export the default model (once, verified), and stream a greedy answer
 #   make test  — set up, lint, and run the whole test suite
+#   make quality — the default model at every precision, and the README's quality table
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-MODEL  := models/smollm2-135m-ort-fp32
+M      := models/smollm2-135m-ort
+MODEL  := $(M)-int4
 PROMPT ?= What is the capital of France? Answer in one sentence.
 # torch: a CPU build. Elsewhere: pip install torch --index-url https://download.pytorch.org/whl/cpu
 # (or .../whl/cu128 for CUDA); on this project's machines 2.13.0 is a local CPU wheel.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean quality
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +24,30 @@ $(VENV)/.setup-done: pyproject.toml
 
 setup: $(VENV)/.setup-done
 
+# An edge install: the runtime extra only (no torch, no onnx), as a user's device would have it.
+# tests/test_edge.py runs `llamaonnx generate` on the default int4 model in it.
+EDGE   ?= .venv-edge
+$(EDGE)/.setup-done: pyproject.toml $(VENV)/.setup-done
+	rm -rf $(EDGE)
+	$(PYTHON) -m venv $(EDGE)
+	$(EDGE)/bin/python -m pip install -q --upgrade pip
+	$(EDGE)/bin/python -m pip install -q ".[runtime]"
+	touch $@
+
 $(MODEL)/report.json: | $(VENV)/.setup-done
-	$(VENV)/bin/llamaonnx export $(MODEL) --target ort --force
+	$(VENV)/bin/llamaonnx export $(MODEL) --target ort --precision int4 --force
+
+$(M)-fp32/report.json: | $(VENV)/.setup-done
+	$(VENV)/bin/llamaonnx export $(M)-fp32 --target ort --force
+
+quality: setup $(M)-fp32/report.json
+	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4 --precision int4 --force
+	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int8 --precision int8 --force
+	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-fp16 --precision fp16 --force
+	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-requantized --precision int4 \
+		--no-gguf-blocks --force
+	$(VENV)/bin/llamaonnx table $(M)-fp32 $(M)-int4 $(M)-int8 $(M)-fp16 $(M)-int4-requantized \
+		| tee docs/quality.md
 
 run: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx generate $(MODEL) "$(PROMPT)" --max-new-tokens 64
@@ -32,8 +56,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
-	$(PY) -m pytest -q
+test: lint $(EDGE)/.setup-done
+	LLAMAONNX_EDGE_PYTHON=$(EDGE)/bin/python $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) models build test-artifacts

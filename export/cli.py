@@ -12,6 +12,23 @@ from pathlib import Path
 DEFAULT_MODEL_DIR = Path("models/smollm2-135m-ort-fp32")
 
 
+def _quant_settings(args):
+    from export.quant import QuantSettings
+
+    return QuantSettings(
+        precision=args.precision,
+        block_size=args.block_size,
+        symmetric=args.symmetric,
+        gguf_blocks=not args.no_gguf_blocks,
+        head_bits=args.head_bits,
+        embedding=not args.float_embedding,
+        keep=tuple(args.keep),
+        provider=args.for_provider,
+        accuracy_level=args.accuracy_level,
+        fp16_activations=args.fp16_activations,
+    )
+
+
 def _export(args) -> int:
     from export.pipeline import export_model
 
@@ -23,9 +40,74 @@ def _export(args) -> int:
         force=args.force,
         verify=not args.no_verify,
         progress=lambda m: print(m, flush=True),
+        quant=_quant_settings(args) if args.precision != "fp32" else None,
     )
     print(f"wrote {args.out_dir}")
     return 0
+
+
+def _quantize(args) -> int:
+    from export.quant import quantize_folder
+
+    quantize_folder(
+        args.in_dir,
+        args.out_dir,
+        _quant_settings(args),
+        force=args.force,
+        verify=not args.no_verify,
+        progress=lambda m: print(m, flush=True),
+    )
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def _table(args) -> int:
+    from export.report import quality_table
+
+    print(quality_table(args.model_dirs))
+    return 0
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    q = p.add_argument_group("quantization (int4, int8, fp16)")
+    q.add_argument("--block-size", type=int, default=32, help="MatMulNBits block: 16-256, 2^n")
+    q.add_argument(
+        "--symmetric", action="store_true", help="symmetric blocks (default: zero points)"
+    )
+    q.add_argument(
+        "--no-gguf-blocks",
+        action="store_true",
+        help="quantize the float weights even where the GGUF source has Q4_0/Q4_1/Q8_0 blocks",
+    )
+    q.add_argument(
+        "--head-bits", type=int, default=8, help="bits of the LM head and embedding (4 | 8)"
+    )
+    q.add_argument(
+        "--float-embedding", action="store_true", help="keep the token embedding in float"
+    )
+    q.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep matching modules in float, e.g. 'layers.0.*' or 'output' (repeatable)",
+    )
+    q.add_argument(
+        "--for-provider",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="accuracy level: cpu = int8 compute (4), cuda = 0",
+    )
+    q.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=None,
+        help="MatMulNBits accuracy level 0-4 (default: the provider's; 0 computes in float, "
+        "4 with int8 activations, CPU's fast path)",
+    )
+    q.add_argument(
+        "--fp16-activations", action="store_true", help="int4/int8 with fp16 activations (CUDA)"
+    )
 
 
 def _verify(args) -> int:
@@ -121,14 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("out_dir", type=Path)
     e.add_argument("--target", default="ort", help="portable | onnx23 | ort (default)")
-    e.add_argument("--precision", default="fp32", help="fp32")
+    e.add_argument("--precision", default="fp32", help="fp32 (default) | int4 | int8 | fp16")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    _add_quant_args(e)
     e.set_defaults(fn=_export)
+
+    q = sub.add_parser("quantize", help="fp32 model folder → int4 / int8 / fp16 model folder")
+    q.add_argument("in_dir", type=Path)
+    q.add_argument("out_dir", type=Path)
+    q.add_argument("--precision", required=True, help="int4 | int8 | fp16")
+    q.add_argument("--force", action="store_true", help="replace an existing output folder")
+    q.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    _add_quant_args(q)
+    q.set_defaults(fn=_quantize)
 
     v = sub.add_parser("verify", help="compare a model folder with the PyTorch reference")
     v.add_argument("model_dir", type=Path)
     v.set_defaults(fn=_verify)
+
+    t = sub.add_parser(
+        "table", help="markdown table of model folders' verification reports (size, quality)"
+    )
+    t.add_argument("model_dirs", type=Path, nargs="+")
+    t.set_defaults(fn=_table)
 
     for name, fn, helptext in (
         ("generate", _generate, "stream a reply to one prompt"),

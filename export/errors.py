@@ -19,3 +19,7 @@ class ExportError(RuntimeError):
 
 class ParityError(AssertionError):
     """The ONNX model does not compute what the PyTorch reference computes, within tolerance."""
+
+
+class QuantizationError(ValueError):
+    """Bad quantization settings, or a model folder that cannot be quantized as asked."""

@@ -10,6 +10,7 @@ P = 4 (Optimum's dynamo work hit the same).
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import warnings
@@ -113,6 +114,7 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
     /model/norm.
     """
     seen: dict[str, int] = {}
+    _name_linears(graph)
     for n in graph.node:
         if n.domain != onnx_functions.DOMAIN:
             continue
@@ -129,6 +131,37 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         else:
             name = f"{prefix}/attn/{_SHORT[n.op_type]}"
         n.name = name
+
+
+def _name_linears(graph: onnx.GraphProto) -> None:
+    """Every linear projection gets its module path: node `/model/layers.3/attention/wq/MatMul`
+    whose weight initializer is `model.layers.3.attention.wq.weight_T` ([in, out]); the tied LM head
+    reads `Transpose(model.output.weight)`, node `/model/output/MatMul`. The quantizer finds the
+    source tensor of each projection by these names."""
+    initializers = {i.name: i for i in graph.initializer}
+    users: dict[str, int] = {}
+    for n in graph.node:
+        for x in n.input:
+            users[x] = users.get(x, 0) + 1
+    for n in graph.node:
+        if n.op_type not in ("MatMul", "Transpose", "Gather"):
+            continue
+        scopes = _scopes(n)
+        if len(scopes) < 2 or not scopes[-2].startswith("model."):
+            continue
+        module = scopes[-2]
+        n.name = "/" + module.replace(".", "/").replace("/layers/", "/layers.") + f"/{n.op_type}"
+        w = n.input[1] if n.op_type == "MatMul" else None
+        if w in initializers and users[w] == 1:
+            _rename_values(graph, {w: f"{module}.weight_T"})
+            initializers[w].name = f"{module}.weight_T"
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            return ast.literal_eval(p.value)
+    return []
 
 
 def _scope(node: onnx.NodeProto) -> str:

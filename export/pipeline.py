@@ -15,7 +15,7 @@ from export.errors import ExportError
 from export.folder import atomic_folder, check_disk, genai_config, save_onnx, write_json
 from export.passes import TARGETS, lower
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int4", "int8", "fp16")
 
 
 def _tool_versions() -> dict:
@@ -71,8 +71,39 @@ def export_model(
     force: bool = False,
     verify: bool = True,
     progress: Callable[[str], None] = lambda msg: None,
+    quant=None,
 ) -> dict:
-    """Returns llamaonnx.json's content, with the verification report under "report"."""
+    """Returns llamaonnx.json's content, with the verification report under "report".
+
+    A precision other than fp32 exports fp32 to a temporary folder first, then quantizes it with
+    `quant` (QuantSettings; defaults for the precision when None) into `out_dir`."""
+    if precision != "fp32" and precision in PRECISIONS:
+        import shutil
+        import tempfile
+
+        from export.quant import QuantSettings, quantize_folder
+
+        quant = quant or QuantSettings(precision)
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not force:
+            raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
+        out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(
+            tempfile.mkdtemp(prefix=f".{out_dir.name}.fp32-", dir=out_dir.absolute().parent)
+        )
+        try:
+            fp32 = export_model(
+                source_path, scratch / "fp32", target, "fp32", verify=False, progress=progress
+            )
+            del fp32
+            from export.weights import build_model, load_source
+
+            model = build_model(load_source(source_path)) if verify else None
+            return quantize_folder(
+                scratch / "fp32", out_dir, quant, force, verify, model=model, progress=progress
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {TARGETS}")
     if precision not in PRECISIONS:
@@ -123,18 +154,12 @@ def export_model(
         report = {"verified": False}
         if verify:
             t = time.perf_counter()
-            from export.verify import check, verify_folder
+            from export.verify import check, summary, verify_folder
 
             report = verify_folder(tmp, model=model)
             write_json(tmp / "report.json", report)
             check(report)
-            cpu = report["providers"]["cpu"]
-            progress(
-                f"verify  max |Δlogit| {cpu['max_abs_logit_delta']:.2e}, "
-                f"greedy {cpu['greedy_agreement']}/{cpu['greedy_steps']}, "
-                f"perplexity {cpu['perplexity']:.3f} vs {cpu['reference_perplexity']:.3f} "
-                f"({time.perf_counter() - t:.1f}s)"
-            )
+            progress(f"verify  {summary(report)} ({time.perf_counter() - t:.1f}s)")
         else:
             write_json(tmp / "report.json", report)
     return {**info, "report": report}

@@ -1,24 +1,78 @@
-"""Parity tolerances per precision, in one place. Never derived from a file name."""
+"""Parity tolerances per precision, in one place. Never derived from a file name.
+
+fp32 must reproduce the reference: same greedy tokens, logits within float rounding. Quantized
+precisions are judged by what the quantization issue asks on the default model — perplexity on the
+shipped evaluation text relative to the fp32 reference, and the mean KL divergence of the next-token
+distribution — while greedy agreement and max |Δlogit| are measured and reported beside them: a
+quantized model may leave the reference's greedy path at a near-tie and still be fine.
+"""
 
 import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    max_abs_logit: float  # max |Δlogit| vs the fp32 PyTorch reference, teacher-forced
-    greedy_steps: int  # greedy tokens that must be identical to the reference's
+    greedy_steps: int  # greedy tokens generated per prompt, compared with the reference's
+    required_greedy: int  # leading greedy tokens that must be identical, on every prompt
     perplexity_ratio: float  # ONNX perplexity / reference perplexity must not exceed this
+    max_kl: float  # mean KL(reference ‖ ONNX) per token over the evaluation text, in nats
+    max_abs_logit: float | None  # teacher-forced max |Δlogit|; None: reported, not gated
 
 
 TOLERANCES = {
-    "fp32": Tolerance(max_abs_logit=1e-3, greedy_steps=64, perplexity_ratio=1.0001),
+    "fp32": Tolerance(
+        greedy_steps=64,
+        required_greedy=64,
+        perplexity_ratio=1.0001,
+        max_kl=1e-6,
+        max_abs_logit=1e-3,
+    ),
+    "fp16": Tolerance(
+        greedy_steps=128,
+        required_greedy=0,
+        perplexity_ratio=1.005,
+        max_kl=2e-3,
+        max_abs_logit=None,
+    ),
+    "int8": Tolerance(
+        greedy_steps=128,
+        required_greedy=0,
+        perplexity_ratio=1.01,
+        max_kl=5e-3,
+        max_abs_logit=None,
+    ),
+    # int4 whose 4-bit weights are the source GGUF's own blocks, carried as they are
+    "int4": Tolerance(
+        greedy_steps=128,
+        required_greedy=0,
+        perplexity_ratio=1.01,
+        max_kl=1e-2,
+        max_abs_logit=None,
+    ),
+    # int4 quantized here from float weights (a second rounding when the source was 4-bit); on the
+    # default model it must stay ahead of onnxruntime-genai's default int4 build (×1.29, KL 0.42)
+    "int4-requantized": Tolerance(
+        greedy_steps=128,
+        required_greedy=0,
+        perplexity_ratio=1.25,
+        max_kl=0.3,
+        max_abs_logit=None,
+    ),
 }
 
 
-def tolerance(precision: str) -> Tolerance:
+def tolerance_key(info: dict) -> str:
+    """The TOLERANCES entry for a folder's llamaonnx.json: its precision, and for int4 whether any
+    4-bit weight was quantized here rather than carried from GGUF blocks."""
+    precision = info["precision"]
+    origins = info.get("quantization", {}).get("origins", {})
+    if precision == "int4" and any(o.startswith("rtn") and o.endswith(" 4-bit") for o in origins):
+        return "int4-requantized"
+    return precision
+
+
+def tolerance(key: str) -> Tolerance:
     try:
-        return TOLERANCES[precision]
+        return TOLERANCES[key]
     except KeyError:
-        raise ValueError(
-            f"no tolerance for precision {precision!r}; known: {sorted(TOLERANCES)}"
-        ) from None
+        raise ValueError(f"no tolerance for {key!r}; known: {sorted(TOLERANCES)}") from None

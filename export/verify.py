@@ -2,8 +2,9 @@
 
 Measures, on every provider present: teacher-forced max |Δlogit| over a prefill and 32 cached
 decode steps; the same for a right-padded batch of two prompts of different lengths; greedy-token
-agreement over the tolerance's number of steps; perplexity on the evaluation text that ships with
-the runtime. Raises `ParityError` past the tolerance of the folder's precision.
+agreement (leading identical tokens) over the tolerance's number of steps on several prompts;
+perplexity and mean KL divergence from the reference on the evaluation text that ships with the
+runtime. Raises `ParityError` past the tolerance of the folder's precision (export/tolerances.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import numpy as np
 import torch
 
 from export.errors import ParityError
-from export.tolerances import tolerance
+from export.tolerances import tolerance, tolerance_key
 
 log = logging.getLogger(__name__)
 DECODE_STEPS = 32
 PROMPTS = [
     [{"role": "user", "content": "Write a short poem about the sea."}],
     [{"role": "user", "content": "Hi!"}],
+    [{"role": "user", "content": "Explain in three sentences why the sky is blue."}],
 ]
 
 
@@ -63,13 +65,27 @@ def teacher_forced_delta(session, model, prompts: list[list[int]], steps: int) -
     return delta
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp(mean NLL) of ids[1:] under logits (S, V) computed in float64."""
-    x = logits[:-1].astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    logp = _log_softmax(logits[:-1])
     nll = -logp[np.arange(len(ids) - 1), ids[1:]]
     return float(math.exp(nll.mean()))
+
+
+def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(reference ‖ ours) of the next-token distributions, in nats."""
+    p, q = _log_softmax(ref_logits), _log_softmax(logits)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+def _leading_agreement(ours: list[int], ref: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), len(ref))
 
 
 def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | None = None) -> dict:
@@ -88,7 +104,8 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
         )
     first = Session(folder, provider=providers[0])
     info = first.info
-    tol = tolerance(info.precision)
+    tol_key = tolerance_key(info.raw)
+    tol = tolerance(tol_key)
     if model is None:
         from export.weights import build_model, load_source
 
@@ -108,10 +125,11 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
     ref_ppl = perplexity(ref_logits[0], text_ids)
     from export.generate import generate
 
-    ref_greedy = generate(model, [prompts[0]], tol.greedy_steps, stop_ids=())[0]
+    ref_greedy = [generate(model, [p], tol.greedy_steps, stop_ids=())[0] for p in prompts]
     report = {
         "precision": info.precision,
         "target": info.target,
+        "tolerance_key": tol_key,
         "tolerance": vars(tol),
         "providers": {},
     }
@@ -129,39 +147,57 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
         )
         ppl = perplexity(ours[0], text_ids)
         cfg = GenerationConfig(max_new_tokens=tol.greedy_steps, stop_token_ids=())
-        greedy = Generator(session).generate_ids([prompts[0]], cfg)[0]
-        agree = next(
-            (i for i, (a, b) in enumerate(zip(greedy, ref_greedy, strict=False)) if a != b),
-            len(ref_greedy),
-        )
+        gen = Generator(session)
+        agree = [
+            _leading_agreement(gen.generate_ids([p], cfg)[0], r)
+            for p, r in zip(prompts, ref_greedy, strict=True)
+        ]
         result = {
             "max_abs_logit_delta": max(single, batch),
             "max_abs_logit_delta_batch": batch,
-            "greedy_agreement": agree,
+            "greedy_agreement": min(agree),
+            "greedy_agreement_per_prompt": agree,
+            "greedy_agreement_fraction": sum(agree) / (len(agree) * tol.greedy_steps),
             "greedy_steps": tol.greedy_steps,
             "perplexity": ppl,
             "reference_perplexity": ref_ppl,
             "perplexity_ratio": ppl / ref_ppl,
+            "kl_divergence": mean_kl(ref_logits[0, :-1], ours[0, :-1]),
             "eval_tokens": len(text_ids),
         }
         report["providers"][provider] = result
-        if result["max_abs_logit_delta"] > tol.max_abs_logit:
+        if tol.max_abs_logit is not None and result["max_abs_logit_delta"] > tol.max_abs_logit:
             failures.append(
                 f"{provider}: max |Δlogit| {result['max_abs_logit_delta']:.2e} "
                 f"> {tol.max_abs_logit:.0e}"
             )
-        if agree < tol.greedy_steps:
+        if min(agree) < tol.required_greedy:
             failures.append(
-                f"{provider}: greedy tokens differ at step {agree} of {tol.greedy_steps}"
+                f"{provider}: greedy tokens differ at step {min(agree)} of {tol.required_greedy}"
             )
         if result["perplexity_ratio"] > tol.perplexity_ratio:
             failures.append(
                 f"{provider}: perplexity ratio {result['perplexity_ratio']:.5f} "
                 f"> {tol.perplexity_ratio}"
             )
+        if result["kl_divergence"] > tol.max_kl:
+            failures.append(
+                f"{provider}: mean KL divergence {result['kl_divergence']:.2e} > {tol.max_kl:.0e}"
+            )
     report["passed"] = not failures
     report["failures"] = failures
     return report
+
+
+def summary(report: dict) -> str:
+    """One line per provider: the figures a person reads first."""
+    return "; ".join(
+        f"{p}: max |Δlogit| {r['max_abs_logit_delta']:.2e}, "
+        f"greedy {r['greedy_agreement_per_prompt']}/{r['greedy_steps']}, "
+        f"perplexity {r['perplexity']:.3f} vs {r['reference_perplexity']:.3f}"
+        f" (×{r['perplexity_ratio']:.4f}), KL {r['kl_divergence']:.1e}"
+        for p, r in report["providers"].items()
+    )
 
 
 def check(report: dict) -> None:

@@ -27,6 +27,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     inputs: tuple[str, ...]
+    kv_dtype: str  # "float32" | "float16": the type of past/present
     raw: dict
 
     @property
@@ -72,6 +73,7 @@ def read_model_folder(folder: str | Path) -> ModelInfo:
             eos_token_ids=eos,
             pad_token_id=pad if pad is not None else (eos[0] if eos else 0),
             inputs=tuple(io["inputs"]),
+            kv_dtype=raw.get("kv_dtype", "float32"),
             raw=raw,
         )
     except (KeyError, TypeError, json.JSONDecodeError) as e:

@@ -52,7 +52,7 @@ class KVCache:
         length = max_length if shared else 0
         shape = (batch, info.n_kv_heads, length, info.head_dim)
         self.values = [
-            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device, 0)
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, info.kv_dtype), device, 0)
             for _ in range(2 * info.n_layers)
         ]
 

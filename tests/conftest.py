@@ -59,3 +59,13 @@ def default_folders(tmp_path_factory, default_model):
         t: export_model(None, root / t, target=t) and root / t
         for t in ("portable", "onnx23", "ort")
     }
+
+
+@pytest.fixture(scope="session")
+def default_int4(default_folders, default_model, tmp_path_factory):
+    """The default model's int4 `ort` folder (GGUF blocks carried), quantized and verified once."""
+    from export.quant import QuantSettings, quantize_folder
+
+    out = tmp_path_factory.mktemp("default-int4") / "ort-int4"
+    quantize_folder(default_folders["ort"], out, QuantSettings("int4"), model=default_model)
+    return out

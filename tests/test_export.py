@@ -96,7 +96,9 @@ def test_failed_verification_leaves_no_folder(tiny_source, tmp_path, monkeypatch
     from export.errors import ParityError
 
     src, _ = tiny_source
-    strict = tolerances.Tolerance(max_abs_logit=0.0, greedy_steps=64, perplexity_ratio=1.0)
+    strict = tolerances.Tolerance(
+        greedy_steps=64, required_greedy=64, perplexity_ratio=1.0, max_kl=0.0, max_abs_logit=0.0
+    )
     monkeypatch.setitem(tolerances.TOLERANCES, "fp32", strict)
     with pytest.raises(ParityError, match="max |Δlogit|"):
         export_model(src, tmp_path / "out", target="portable")

@@ -1,0 +1,255 @@
+"""`llamaonnx quantize IN_DIR OUT_DIR --precision int4|int8|fp16`: a verified fp32 model folder →
+a new folder whose graph holds quantized weights, verified against the same PyTorch reference.
+
+int4 / int8 are weight-only: MatMulNBits for every projection (the LM head included, at
+`head_bits`), GatherBlockQuantized for the token embedding. Where the folder was exported from a
+GGUF whose tensors are Q4_0, Q4_1 or Q8_0 and the layer's bits match, those blocks are carried into
+the graph as they are (the very values the fp32 reference computes with) instead of being quantized
+a second time; each carried weight is checked to dequantize exactly to the fp32 graph's weight.
+At accuracy level 0 such a model computes what the reference computes, to float rounding.
+fp16 converts the whole graph (see quant/fp16.py) and may follow an int4/int8 step for CUDA.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import QuantizationError
+from export.quant.blocks import Blocks, check_settings, from_gguf, permute_rows, quantize
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("int4", "int8", "fp16")
+PROVIDERS = ("cpu", "cuda")
+# MatMulNBits accuracy_level: 4 = int8 activations with int32 accumulation (CPU's fast path);
+# 0 = activations in their own type (CUDA ignores the level).
+ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    precision: str  # int4 | int8 | fp16
+    block_size: int = 32
+    symmetric: bool = False  # blocks quantized here: symmetric, or asymmetric with zero points
+    gguf_blocks: bool = True  # carry the source GGUF's blocks where their bits match
+    head_bits: int = 8  # the LM head (and a tied embedding)
+    embedding: bool = True  # the token embedding as GatherBlockQuantized
+    keep: tuple[str, ...] = ()  # fnmatch patterns of modules kept in float (e.g. "layers.0.*")
+    provider: str = "cpu"  # picks the accuracy level
+    accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
+    fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise QuantizationError(
+                f"unknown precision {self.precision!r}; choose one of {PRECISIONS}"
+            )
+        if self.provider not in PROVIDERS:
+            raise QuantizationError(
+                f"unknown provider {self.provider!r}; choose one of {PROVIDERS}"
+            )
+        if self.precision != "fp16":
+            check_settings(self.bits, self.block_size)
+            check_settings(self.head_bits, self.block_size)
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise QuantizationError(
+                f"accuracy level must be 0-4 (0: activations in float, 4: int8), "
+                f"not {self.accuracy_level}"
+            )
+
+    @property
+    def level(self) -> int:
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return ACCURACY_LEVEL[self.provider]
+
+    @property
+    def bits(self) -> int:
+        return {"int4": 4, "int8": 8}.get(self.precision, 0)
+
+    @property
+    def float_type(self) -> str:
+        return "float16" if self.precision == "fp16" or self.fp16_activations else "float32"
+
+
+def _gguf_blocks(info: dict) -> dict[str, tuple[str, np.ndarray, int]]:
+    """Our tensor name → (GGUF type name, raw rows, K) for the source GGUF's carried types."""
+    prov = info["provenance"]
+    if prov.get("format") != "gguf":
+        return {}
+    path = Path(prov["source"])
+    from export.weights import sha256_of
+
+    if not path.is_file() or sha256_of(path) != prov["sha256"]:
+        raise QuantizationError(
+            f"the folder was exported from {path}, which is missing or has changed since "
+            "(sha256 differs); re-export, or pass --no-gguf-blocks to quantize the float weights"
+        )
+    import gguf
+
+    from export.load_gguf import KEY_MAP
+    from export.quant.blocks import GGUF_TYPES
+    from export.weights import key_mapper
+
+    map_name = key_mapper(KEY_MAP)
+    reader = gguf.GGUFReader(path)
+    return {
+        map_name(t.name): (t.tensor_type.name, t.data, int(t.shape[0]))
+        for t in reader.tensors
+        if t.tensor_type.name in GGUF_TYPES and map_name(t.name)
+    }
+
+
+def _unpermute_for(name: str, arch: dict) -> Callable | None:
+    from export.load_gguf import _unpermute
+
+    if name.endswith("attention.wq.weight"):
+        return lambda a: _unpermute(a, arch["n_heads"])
+    if name.endswith("attention.wk.weight"):
+        return lambda a: _unpermute(a, arch["n_kv_heads"])
+    return None
+
+
+def plan(settings: QuantSettings, info: dict):
+    """→ (choose(module, W), embedding_blocks(table, head)) closures and the carry log."""
+    carried = _gguf_blocks(info) if settings.gguf_blocks else {}
+    arch = info["architecture"]
+    notes: dict = {"max_abs_carry_error": 0.0}
+
+    def carry(tensor: str, w: np.ndarray, bits: int) -> Blocks | None:
+        if tensor not in carried:
+            return None
+        type_name, raw, k = carried[tensor]
+        blocks = from_gguf(type_name, raw, k)
+        if blocks.bits != bits:
+            return None
+        fix = _unpermute_for(tensor, arch)
+        if fix:
+            blocks = permute_rows(blocks, fix)
+        err = float(np.abs(blocks.dequantize() - w).max())
+        if err > 1e-6 * max(1.0, float(np.abs(w).max())):
+            raise QuantizationError(
+                f"the GGUF blocks of {tensor} do not reproduce the fp32 graph's weight "
+                f"(max |Δ| {err:.2e}); the folder and its source disagree"
+            )
+        notes["max_abs_carry_error"] = max(notes["max_abs_carry_error"], err)
+        return blocks
+
+    def blocks_for(tensor: str, w: np.ndarray, bits: int) -> Blocks:
+        return carry(tensor, w, bits) or quantize(w, bits, settings.block_size, settings.symmetric)
+
+    def choose(module: str, w: np.ndarray) -> Blocks | None:
+        if any(fnmatch.fnmatchcase(module, p) for p in settings.keep):
+            return None
+        bits = settings.head_bits if module == "output" else settings.bits
+        tensor = f"{module}.weight"
+        if module == "output" and arch["tie_embeddings"]:
+            tensor = "tok_embeddings.weight"
+        return blocks_for(tensor, w, bits)
+
+    def embedding_blocks(table: np.ndarray, head: Blocks | None) -> Blocks | None:
+        if not settings.embedding or any(
+            fnmatch.fnmatchcase("tok_embeddings", p) for p in settings.keep
+        ):
+            return None
+        if head is not None and arch["tie_embeddings"]:
+            return head  # one copy of the codes serves the LM head and the embedding
+        return blocks_for("tok_embeddings.weight", table, settings.head_bits)
+
+    return choose, embedding_blocks, notes
+
+
+def quantize_folder(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    settings: QuantSettings,
+    force: bool = False,
+    verify: bool = True,
+    model=None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Returns the new llamaonnx.json content with the verification report under "report"."""
+    import onnx
+
+    from export.folder import atomic_folder, check_disk, save_onnx, write_json
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    info_path = in_dir / "llamaonnx.json"
+    if not info_path.is_file():
+        raise QuantizationError(f"{in_dir} is not a model folder (no llamaonnx.json)")
+    info = json.loads(info_path.read_text())
+    if info["precision"] != "fp32":
+        raise QuantizationError(
+            f"{in_dir} holds a {info['precision']} model; quantize from an fp32 folder"
+        )
+    if out_dir.exists() and not force:
+        raise QuantizationError(f"output folder {out_dir} already exists; pass --force")
+    if settings.provider == "cpu" and settings.precision == "fp16":
+        log.info("fp16 runs on CPU for checking; it is meant for CUDA")
+
+    t = time.perf_counter()
+    proto = onnx.load(str(in_dir / "model.onnx"))
+    check_disk(out_dir, proto.ByteSize() + (64 << 20))
+    layers: dict[str, Blocks] = {}
+    notes: dict = {}
+    if settings.bits:
+        from export.quant.nbits import quantize_graph
+
+        choose, embedding_blocks, notes = plan(settings, info)
+        layers = quantize_graph(proto, choose, settings.level, embedding_blocks)
+    if settings.float_type == "float16":
+        from export.quant.fp16 import convert_fp16
+
+        convert_fp16(proto)
+    progress(
+        f"quantize {settings.precision}: {len(layers)} weights "
+        f"({dict(collections.Counter(b.origin for b in layers.values()))}) "
+        f"({time.perf_counter() - t:.1f}s)"
+    )
+    quant = {
+        **dataclasses.asdict(settings),
+        "keep": list(settings.keep),
+        "accuracy_level": settings.level if settings.bits else None,
+        "float_type": settings.float_type,
+        "weights": {m: f"{b.origin} {b.bits}-bit/{b.block_size}" for m, b in layers.items()},
+        "origins": dict(collections.Counter(f"{b.origin} {b.bits}-bit" for b in layers.values())),
+        "max_abs_carry_error": notes.get("max_abs_carry_error"),
+        "from_folder": str(in_dir.resolve()),
+    }
+    new_info = {
+        **info,
+        "precision": settings.precision,
+        "kv_dtype": settings.float_type,
+        "quantization": quant,
+    }
+    with atomic_folder(out_dir, force) as tmp:
+        t = time.perf_counter()
+        save_onnx(proto, tmp)
+        for f in in_dir.iterdir():
+            if f.name not in ("model.onnx", "model.onnx.data", "llamaonnx.json", "report.json"):
+                (tmp / f.name).write_bytes(f.read_bytes())
+        write_json(tmp / "llamaonnx.json", new_info)
+        size = sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith("model.onnx"))
+        progress(f"save    {out_dir}: {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f}s)")
+        report: dict = {"verified": False}
+        if verify:
+            t = time.perf_counter()
+            from export.verify import check, summary, verify_folder
+
+            report = verify_folder(tmp, model=model)
+            report["size_bytes"] = size
+            report["quantization"] = quant
+            write_json(tmp / "report.json", report)
+            check(report)
+            progress(f"verify  {summary(report)} ({time.perf_counter() - t:.1f}s)")
+        else:
+            write_json(tmp / "report.json", {**report, "size_bytes": size, "quantization": quant})
+    return {**new_info, "report": report}

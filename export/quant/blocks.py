@@ -1,0 +1,177 @@
+"""Block-wise weight quantization in numpy, and GGUF's Q4_0 / Q4_1 / Q8_0 blocks read as they are.
+
+A `Blocks` holds a weight W [N, K] (N outputs, K inputs) as codes in blocks of `block_size` along K:
+
+    W[n, b·bs + j] = scales[n, b] · (codes[n, b, j] − zero_points[n, b]) + offsets[n, b]
+
+which is `MatMulNBits`' dequantization (codes packed low nibble first, a missing zero point meaning
+2^(bits−1)) plus Q4_1's per-block offset, which MatMulNBits cannot hold: the quantizer adds it as
+ReduceSum(A over each block) @ offsetsᵀ, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from export.errors import QuantizationError
+
+BITS = (4, 8)
+
+
+def check_settings(bits: int, block_size: int) -> None:
+    if bits not in BITS:
+        raise QuantizationError(f"bits must be one of {BITS}, not {bits}")
+    if block_size < 16 or block_size > 256 or block_size & (block_size - 1):
+        raise QuantizationError(
+            f"block size must be a power of two from 16 to 256 (MatMulNBits), not {block_size}"
+        )
+
+
+@dataclasses.dataclass
+class Blocks:
+    bits: int
+    block_size: int
+    codes: np.ndarray  # uint8 [N, nb, block_size], each in [0, 2^bits)
+    scales: np.ndarray  # float32 [N, nb]
+    zero_points: np.ndarray | None  # uint8 [N, nb]; None means 2^(bits-1)
+    offsets: np.ndarray | None  # float32 [N, nb]; None means 0
+    origin: str  # "rtn-symmetric", "rtn-asymmetric", "gguf-Q4_1", …
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, nb, bs = self.codes.shape
+        return n, nb * bs
+
+    def dequantize(self) -> np.ndarray:
+        zp = self.zero_points if self.zero_points is not None else 1 << (self.bits - 1)
+        zp = np.broadcast_to(zp, self.scales.shape)[..., None].astype(np.float32)
+        w = self.scales[..., None] * (self.codes.astype(np.float32) - zp)
+        if self.offsets is not None:
+            w = w + self.offsets[..., None]
+        return w.reshape(self.shape)
+
+    def packed(self) -> np.ndarray:
+        """uint8 [N, nb, block_size·bits/8], MatMulNBits' B (two 4-bit codes per byte, the
+        even element in the low nibble)."""
+        if self.bits == 8:
+            return np.ascontiguousarray(self.codes)
+        return (self.codes[..., 0::2] | (self.codes[..., 1::2] << 4)).astype(np.uint8)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """uint8 [N, ceil(nb·bits/8)], MatMulNBits' zero_points."""
+        if self.zero_points is None:
+            return None
+        zp = self.zero_points
+        if self.bits == 8:
+            return np.ascontiguousarray(zp)
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+    def nbytes(self) -> int:
+        zp = self.packed_zero_points()
+        extra = 0 if self.offsets is None else self.offsets.size * 4
+        return (
+            self.packed().nbytes + self.scales.size * 4 + (0 if zp is None else zp.nbytes) + extra
+        )
+
+
+def quantize(
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, search: bool = True
+) -> Blocks:
+    """Round-to-nearest block quantization of W [N, K]. `search` tries a few narrower ranges per
+    block and keeps the one with the least squared error (clipping outliers often pays at 4 bits).
+    """
+    check_settings(bits, block_size)
+    n, k = w.shape
+    if k % block_size:
+        raise QuantizationError(
+            f"a weight with {k} inputs cannot be cut into blocks of {block_size}; "
+            f"choose a block size that divides {k}"
+        )
+    x = w.astype(np.float32).reshape(n, k // block_size, block_size)
+    levels = (1 << bits) - 1
+    best = best_err = None
+    for shrink in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75) if search else (1.0,):
+        if symmetric:
+            # llama.cpp's Q4_0 rule: the element of largest magnitude maps to code 0 (−2^(b−1)),
+            # using the whole [−2^(b−1), 2^(b−1) − 1] range.
+            idx = np.abs(x).argmax(-1)[..., None]
+            peak = np.take_along_axis(x, idx, -1)[..., 0] * shrink
+            scale = peak / -(1 << (bits - 1))
+            zp = None
+            mid = 1 << (bits - 1)
+            safe = np.where(scale == 0, 1.0, scale)
+            codes = np.clip(np.rint(x / safe[..., None]) + mid, 0, levels)
+        else:
+            lo = np.minimum(x.min(-1), 0) * shrink
+            hi = np.maximum(x.max(-1), 0) * shrink
+            scale = (hi - lo) / levels
+            safe = np.where(scale == 0, 1.0, scale)
+            zp = np.clip(np.rint(-lo / safe), 0, levels)
+            codes = np.clip(np.rint(x / safe[..., None]) + zp[..., None], 0, levels)
+        cand = Blocks(
+            bits,
+            block_size,
+            codes.astype(np.uint8),
+            scale.astype(np.float32),
+            None if zp is None else zp.astype(np.uint8),
+            None,
+            f"rtn-{'symmetric' if symmetric else 'asymmetric'}",
+        )
+        err = ((cand.dequantize().reshape(x.shape) - x) ** 2).sum(-1)
+        if best is None:
+            best, best_err = cand, err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best.codes[better] = cand.codes[better]
+        best.scales[better] = cand.scales[better]
+        if zp is not None:
+            best.zero_points[better] = cand.zero_points[better]
+    return best
+
+
+# GGUF block layouts (ggml-common.h): fp16 scale d [, fp16 min m], then the codes.
+GGUF_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q8_0": (8, 34)}
+
+
+def from_gguf(type_name: str, raw: np.ndarray, k: int) -> Blocks:
+    """GGUF rows raw uint8 [N, nb·block_bytes] → Blocks (block size 32), values unchanged:
+    Q4_0: d·(q − 8); Q4_1: d·q + m; Q8_0: d·q with q int8 (stored here as q + 128)."""
+    if type_name not in GGUF_TYPES:
+        raise QuantizationError(
+            f"GGUF type {type_name} has no MatMulNBits form; carried types: {sorted(GGUF_TYPES)}"
+        )
+    bits, block_bytes = GGUF_TYPES[type_name]
+    n = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(n, k // 32, block_bytes)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if type_name == "Q8_0":
+        codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return Blocks(8, 32, codes, d, None, None, "gguf-Q8_0")
+    qs = b[..., 4:] if type_name == "Q4_1" else b[..., 2:]
+    # byte j holds element j in its low nibble and element j + 16 in its high nibble
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+    if type_name == "Q4_0":
+        return Blocks(4, 32, codes, d, None, None, "gguf-Q4_0")
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    # d·q + m = d·(q − z) + (m + z·d) for any integer z: with z nearest −m/d the codes are centred
+    # like the weights themselves (smaller error from int8 activations at accuracy level 4) and
+    # the offset left for the exact ReduceSum path is at most d/2.
+    safe = np.where(d == 0, 1.0, d)
+    z = np.clip(np.rint(-m / safe), 0, 15).astype(np.uint8)
+    return Blocks(4, 32, codes, d, z, m + z * d, "gguf-Q4_1")
+
+
+def permute_rows(blocks: Blocks, fn) -> Blocks:
+    """Applies a row permutation `fn` (array → array along axis 0) to every per-row array."""
+    return dataclasses.replace(
+        blocks,
+        codes=fn(blocks.codes),
+        scales=fn(blocks.scales),
+        zero_points=None if blocks.zero_points is None else fn(blocks.zero_points),
+        offsets=None if blocks.offsets is None else fn(blocks.offsets),
+    )

@@ -1,0 +1,214 @@
+"""Weight-only quantization of the ONNX graph: each linear projection's MatMul becomes
+`com.microsoft.MatMulNBits`, the token embedding's Gather becomes `GatherBlockQuantized`.
+
+Projections are found by the names the exporter gives them (`/model/layers.3/attention/wq/MatMul`
+reading `model.layers.3.attention.wq.weight_T`, the tied head reading `Transpose(model.output.
+weight)`). `choose(module, W)` decides each weight's blocks (carried from the GGUF, or quantized
+here) or None to keep it in float.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from export.passes.graph import ensure_opset, producers, prune
+from export.quant.blocks import Blocks
+
+MS = "com.microsoft"
+_LINEAR = re.compile(r"^/model/(.+)/MatMul$")
+
+
+def _module(node_name: str) -> str | None:
+    """'/model/layers.3/attention/wq/MatMul' → 'layers.3.attention.wq'."""
+    m = _LINEAR.match(node_name)
+    return m.group(1).replace("/", ".") if m else None
+
+
+def linear_weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, np.ndarray]]:
+    """module → (its MatMul node, W [N, K] as float32), for every projection with a constant
+    weight."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    made_by = producers(g)
+    found = {}
+    for n in g.node:
+        module = _module(n.name) if n.op_type == "MatMul" else None
+        if module is None:
+            continue
+        b = n.input[1]
+        if b in inits:
+            found[module] = (n, numpy_helper.to_array(inits[b]).T)
+        elif b in made_by and made_by[b].op_type == "Transpose" and made_by[b].input[0] in inits:
+            found[module] = (n, numpy_helper.to_array(inits[made_by[b].input[0]]))
+    return found
+
+
+def embedding(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str] | None:
+    """The token embedding's Gather and its table's initializer name."""
+    inits = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.name == "/model/tok_embeddings/Gather" and n.input[0] in inits:
+            return n, n.input[0]
+    return None
+
+
+def quantize_graph(
+    model: onnx.ModelProto,
+    choose: Callable[[str, np.ndarray], Blocks | None],
+    accuracy_level: int,
+    embedding_blocks: Callable[[np.ndarray, Blocks | None], Blocks | None],
+) -> dict[str, Blocks]:
+    """Rewrites `model` in place; returns module → the Blocks it now holds ("tok_embeddings" for
+    the embedding). `embedding_blocks(table, head_blocks)` decides the embedding: when it returns
+    the LM head's own Blocks (tied weights), both ops read one copy of the codes."""
+    g = model.graph
+    ensure_opset(model, MS, 1)
+    new_inits: list[onnx.TensorProto] = []
+    done: dict[str, Blocks] = {}
+    block_sums: dict[tuple[str, int], str] = {}
+
+    def init(name: str, array: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    for module, (node, w) in linear_weights(model).items():
+        blocks = choose(module, w)
+        if blocks is None:
+            continue
+        n_out, k = blocks.shape
+        prefix = f"model.{module}"
+        inputs = [
+            node.input[0],
+            init(f"{prefix}.qweight", blocks.packed()),
+            init(f"{prefix}.scales", blocks.scales),
+        ]
+        zp = blocks.packed_zero_points()
+        if zp is not None:
+            inputs.append(init(f"{prefix}.zero_points", zp))
+        out = node.output[0]
+        name = node.name.removesuffix("/MatMul")
+        nodes = [
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [out if blocks.offsets is None else f"{prefix}/nbits"],
+                name=f"{name}/MatMulNBits",
+                domain=MS,
+                K=k,
+                N=n_out,
+                bits=blocks.bits,
+                block_size=blocks.block_size,
+                accuracy_level=accuracy_level,
+            )
+        ]
+        if blocks.offsets is not None:
+            # Q4_1's per-block offset m: Σ_b m[n,b]·Σ_{j∈b} A[j] = (block sums of A) @ mᵀ, exact.
+            key = (node.input[0], blocks.block_size)
+            if key not in block_sums:
+                sums = f"{name}/block_sums"  # named after its first reader
+                shape = init(
+                    f"{sums}/shape", np.array([0, 0, k // blocks.block_size, -1], np.int64)
+                )
+                nodes += [
+                    helper.make_node(
+                        "Reshape",
+                        [node.input[0], shape],
+                        [f"{sums}/blocks"],
+                        name=f"{sums}/Reshape",
+                    ),
+                    helper.make_node(
+                        "ReduceSum",
+                        [f"{sums}/blocks", init(f"{sums}/axis", np.array([-1], np.int64))],
+                        [sums],
+                        name=f"{sums}/ReduceSum",
+                        keepdims=0,
+                    ),
+                ]
+                block_sums[key] = sums
+            offsets_t = init(f"{prefix}.offsets_T", np.ascontiguousarray(blocks.offsets.T))
+            nodes += [
+                helper.make_node(
+                    "MatMul",
+                    [block_sums[key], offsets_t],
+                    [f"{prefix}/offset"],
+                    name=f"{name}/offset_MatMul",
+                ),
+                helper.make_node(
+                    "Add", [f"{prefix}/nbits", f"{prefix}/offset"], [out], name=f"{name}/Add"
+                ),
+            ]
+        index = list(g.node).index(node)
+        g.node.remove(node)
+        for j, n in enumerate(nodes):
+            g.node.insert(index + j, n)
+        done[module] = blocks
+
+    emb = embedding(model)
+    if emb is not None:
+        node, table_name = emb
+        table = numpy_helper.to_array(next(i for i in g.initializer if i.name == table_name))
+        head = done.get("output")
+        blocks = embedding_blocks(table, head)
+        if blocks is not None:
+            _quantize_embedding(g, node, blocks, shared=blocks is head, init=init)
+            done["tok_embeddings"] = blocks
+
+    g.initializer.extend(new_inits)
+    prune(model)
+    return done
+
+
+def _quantize_embedding(g, node, blocks: Blocks, shared: bool, init) -> None:
+    """Gather(table, ids) → Reshape(GatherBlockQuantized(codes [V, nb, bs·bits/8], ids), [.., D]),
+    plus the gathered Q4_1 offsets where there are any."""
+    prefix = "model.tok_embeddings"
+    v, nb, _ = blocks.codes.shape
+    data = "model.output.qweight" if shared else init(f"{prefix}.qweight", blocks.packed())
+    inputs = [data, node.input[1], init(f"{prefix}.scales", blocks.scales[..., None])]
+    if blocks.zero_points is not None:
+        zp = blocks.zero_points[..., None]
+        inputs.append(init(f"{prefix}.zero_points", zp))
+    out = node.output[0]
+    nodes = [
+        helper.make_node(
+            "GatherBlockQuantized",
+            inputs,
+            [f"{prefix}/blocks"],
+            name="/model/tok_embeddings/GatherBlockQuantized",
+            domain=MS,
+            bits=blocks.bits,
+            block_size=blocks.block_size,
+            gather_axis=0,
+            quantize_axis=2,
+        )
+    ]
+    blocked = f"{prefix}/blocks"
+    if blocks.offsets is not None:
+        nodes += [
+            helper.make_node(
+                "Gather",
+                [init(f"{prefix}.offsets", blocks.offsets[..., None]), node.input[1]],
+                [f"{prefix}/offsets"],
+                name="/model/tok_embeddings/offsets_Gather",
+            ),
+            helper.make_node(
+                "Add",
+                [blocked, f"{prefix}/offsets"],
+                [f"{prefix}/blocks_m"],
+                name="/model/tok_embeddings/Add",
+            ),
+        ]
+        blocked = f"{prefix}/blocks_m"
+    shape = init(f"{prefix}/shape", np.array([0, 0, -1], np.int64))
+    nodes.append(
+        helper.make_node("Reshape", [blocked, shape], [out], name="/model/tok_embeddings/Reshape")
+    )
+    index = list(g.node).index(node)
+    g.node.remove(node)
+    for j, n in enumerate(nodes):
+        g.node.insert(index + j, n)

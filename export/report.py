@@ -1,0 +1,43 @@
+"""The quality table of the README: one row per model folder, read from its report.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+
+
+def _weights(info: dict) -> str:
+    q = info.get("quantization")
+    if not q:
+        return "float32"
+    if info["precision"] == "fp16":
+        return "float16"
+    parts = [f"{n}× {origin}" for origin, n in sorted(q["origins"].items())]
+    return ", ".join(parts) + f"; block {q['block_size']}, accuracy level {q['accuracy_level']}"
+
+
+def quality_table(folders: list[Path]) -> str:
+    rows = [
+        "| model folder | precision | target | size (MB) | perplexity | ratio to fp32 reference "
+        "| mean KL (nats) | greedy agreement | max \\|Δlogit\\| | weights |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for folder in map(Path, folders):
+        info = json.loads((folder / "llamaonnx.json").read_text())
+        report = json.loads((folder / "report.json").read_text())
+        if "providers" not in report:
+            raise ValueError(f"{folder} was not verified; run `llamaonnx verify {folder}`")
+        r = report["providers"]["cpu"]
+        agree = r["greedy_agreement_per_prompt"]
+        rows.append(
+            f"| {folder.name} | {info['precision']} | {info['target']} "
+            f"| {_size(folder) / 1e6:.1f} | {r['perplexity']:.3f} | {r['perplexity_ratio']:.4f} "
+            f"| {r.get('kl_divergence', float('nan')):.1e} "
+            f"| {sum(agree)}/{len(agree) * r['greedy_steps']} ({'/'.join(map(str, agree))}) "
+            f"| {r['max_abs_logit_delta']:.2e} | {_weights(info)} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,224 @@
+"""Quantization: block math against onnxruntime's kernels, GGUF blocks read exactly, every
+precision round-tripping on tiny models of every target, and clear errors for bad settings."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.errors import QuantizationError
+from export.quant import QuantSettings, quantize_folder
+from export.quant.blocks import from_gguf, quantize
+
+L = 2  # layers of the tiny presets
+
+
+def _matmul_nbits(blocks, a: np.ndarray, level: int) -> np.ndarray:
+    """Runs one MatMulNBits node holding `blocks` on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    n, k = blocks.shape
+    inputs = ["a", "q", "s"]
+    inits = [
+        numpy_helper.from_array(blocks.packed(), "q"),
+        numpy_helper.from_array(blocks.scales, "s"),
+    ]
+    if blocks.zero_points is not None:
+        inputs.append("z")
+        inits.append(numpy_helper.from_array(blocks.packed_zero_points(), "z"))
+    node = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=blocks.bits,
+        block_size=blocks.block_size,
+        accuracy_level=level,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"a": a})[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_blocks_pack_as_matmul_nbits_reads_them(bits, symmetric, block_size):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 256)).astype(np.float32)
+    blocks = quantize(w, bits, block_size, symmetric)
+    deq = blocks.dequantize()
+    # round to nearest: every weight within half a step (plus the clipping the search chose)
+    rel = np.sqrt(((deq - w) ** 2).mean() / (w**2).mean())
+    assert rel < (0.12 if bits == 4 else 0.01)
+    a = rng.standard_normal((3, 256)).astype(np.float32)
+    np.testing.assert_allclose(_matmul_nbits(blocks, a, level=0), a @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_are_read_exactly(type_name):
+    import gguf
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 96)).astype(np.float32) + 0.3
+    qtype = gguf.GGMLQuantizationType[type_name]
+    raw = gguf.quants.quantize(w, qtype)
+    want = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
+    blocks = from_gguf(type_name, raw, 96)
+    np.testing.assert_allclose(blocks.dequantize(), want, rtol=0, atol=1e-6)
+    if blocks.offsets is None:  # Q4_0, Q8_0: MatMulNBits alone holds the block exactly
+        a = rng.standard_normal((2, 96)).astype(np.float32)
+        np.testing.assert_allclose(_matmul_nbits(blocks, a, 0), a @ want.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits, block_size", [(3, 32), (4, 48), (4, 8), (8, 512), (2, 32)])
+def test_bad_settings_raise_a_clear_error(bits, block_size):
+    with pytest.raises(QuantizationError, match="bits must be|block size must be"):
+        quantize(np.zeros((4, 64), np.float32), bits, block_size, symmetric=True)
+
+
+def test_bad_precision_and_block_size_rejected_before_any_work():
+    with pytest.raises(QuantizationError, match="choose one of"):
+        QuantSettings("int2")
+    with pytest.raises(QuantizationError, match="power of two from 16 to 256"):
+        QuantSettings("int4", block_size=48)
+    with pytest.raises(QuantizationError, match="bits must be one of"):
+        QuantSettings("int4", head_bits=3)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_folders, tmp_path_factory):
+    """Each tiny target quantized to each precision (verified on the way)."""
+    root = tmp_path_factory.mktemp("tiny-quant")
+    out = {}
+    for target, folder in tiny_folders.items():
+        for precision in ("int4", "int8", "fp16"):
+            out[target, precision] = root / f"{target}-{precision}"
+            quantize_folder(folder, out[target, precision], QuantSettings(precision))
+    return out
+
+
+def _ops(folder):
+    model = onnx.load(str(folder / "model.onnx"))
+    return model, Counter(n.op_type for n in model.graph.node)
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+def test_weight_only_precisions_use_matmul_nbits_everywhere(quantized, target):
+    for precision, bits in (("int4", 4), ("int8", 8)):
+        model, ops = _ops(quantized[target, precision])
+        assert ops["MatMulNBits"] == 7 * L + 1  # q k v o gate up down per layer, LM head
+        assert ops["GatherBlockQuantized"] == 1
+        assert ops["MatMul"] == 0  # nothing left in float (tiny weights are not from a GGUF)
+        nbits = {
+            n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            for n in model.graph.node
+            if n.op_type == "MatMulNBits"
+        }
+        assert nbits["/model/layers.0/attention/wq/MatMulNBits"]["bits"] == bits
+        assert nbits["/model/output/MatMulNBits"]["bits"] == 8  # head_bits
+        assert {a["accuracy_level"] for a in nbits.values()} == {4}  # CPU: int8 compute
+        assert not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+def test_fp16_keeps_norms_in_fp32_and_logits_float32(quantized, target):
+    model, ops = _ops(quantized[target, "fp16"])
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert types["past_key_values.0.key"] == TensorProto.FLOAT16
+    out = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert out["logits"] == TensorProto.FLOAT and out["present.0.key"] == TensorProto.FLOAT16
+    weights = [t for t in model.graph.initializer if t.name.endswith(".weight_T")]
+    assert len(weights) == 7 * L + 1
+    assert all(t.data_type == TensorProto.FLOAT16 for t in weights)
+    if target == "portable":  # our function ops run on float32 inputs (Cast around them)
+        casts_in = [n for n in model.graph.node if n.op_type == "Cast" and "/Cast_in" in n.name]
+        assert len(casts_in) >= 2 * L + 1
+    if target == "onnx23":
+        attn = [n for n in model.graph.node if n.op_type == "Attention"]
+        assert all(
+            helper.get_attribute_value(a) == TensorProto.FLOAT
+            for n in attn
+            for a in n.attribute
+            if a.name == "softmax_precision"
+        )
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+@pytest.mark.parametrize("precision", ["int4", "int8", "fp16"])
+def test_each_precision_round_trips_within_its_tolerance(quantized, target, precision):
+    folder = quantized[target, precision]
+    info = json.loads((folder / "llamaonnx.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
+    assert info["precision"] == precision and report["passed"], report["failures"]
+    cpu = report["providers"]["cpu"]
+    assert cpu["perplexity_ratio"] <= report["tolerance"]["perplexity_ratio"]
+    assert cpu["kl_divergence"] <= report["tolerance"]["max_kl"]
+    assert report["size_bytes"] > 0 and report["quantization"]["precision"] == precision
+    assert len(cpu["greedy_agreement_per_prompt"]) == 3
+    assert cpu["greedy_steps"] == 128
+
+
+def test_quantized_model_generates_with_the_runtime(quantized):
+    from runtime.generator import GenerationConfig, Generator
+    from runtime.session import Session
+
+    for precision in ("int4", "fp16"):
+        gen = Generator(Session(quantized["ort", precision], provider="cpu"))
+        ids = gen.generate_ids([[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=5))
+        assert [len(x) for x in ids] == [5, 5]
+
+
+def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
+    out = tmp_path / "kept"
+    quantize_folder(
+        tiny_folders["ort"],
+        out,
+        QuantSettings("int4", keep=("layers.0.*", "output")),
+        verify=False,
+    )
+    model, ops = _ops(out)
+    names = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    assert "/model/output/MatMul" in names and "/model/layers.0/attention/wq/MatMul" in names
+    assert ops["MatMulNBits"] == 7 * (L - 1)
+    info = json.loads((out / "llamaonnx.json").read_text())
+    assert info["quantization"]["keep"] == ["layers.0.*", "output"]
+
+
+def test_tied_embedding_and_head_share_one_copy_of_the_codes(tmp_path):
+    from export.pipeline import export_model
+    from tests.tiny import write_tiny
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tiny(src, name="tiny-tied-mqa")
+    out = tmp_path / "int4"
+    export_model(src, out, target="ort", precision="int4")
+    model, ops = _ops(out)
+    gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.name == "/model/output/MatMulNBits")
+    assert gbq.input[0] == head.input[1]
+    assert json.loads((out / "report.json").read_text())["passed"]
+
+
+def test_quantizing_a_quantized_folder_or_into_an_existing_one_fails(quantized, tiny_folders):
+    with pytest.raises(QuantizationError, match="quantize from an fp32 folder"):
+        quantize_folder(
+            quantized["ort", "int4"], quantized["ort", "int4"].parent / "x", QuantSettings("int8")
+        )
+    with pytest.raises(QuantizationError, match="already exists"):
+        quantize_folder(tiny_folders["ort"], quantized["ort", "int8"], QuantSettings("int8"))
