@@ -117,22 +117,34 @@ def _ops(folder):
     return model, Counter(n.op_type for n in model.graph.node)
 
 
+# MatMulNBits per layer: q, k, v (one packed QKV on `ort`, whose GroupQueryAttention takes it), o,
+# gate + up (one, then Split), down.
+PER_LAYER = {"portable": 6, "onnx23": 6, "ort": 4}
+
+
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
 def test_weight_only_precisions_use_matmul_nbits_everywhere(quantized, target):
     for precision, bits in (("int4", 4), ("int8", 8)):
         model, ops = _ops(quantized[target, precision])
-        assert ops["MatMulNBits"] == 7 * L + 1  # q k v o gate up down per layer, LM head
+        assert ops["MatMulNBits"] == PER_LAYER[target] * L + 1  # + the LM head
         assert ops["GatherBlockQuantized"] == 1
+        assert ops["Split"] == L
         assert ops["MatMul"] == 0  # nothing left in float (tiny weights are not from a GGUF)
         nbits = {
             n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}
             for n in model.graph.node
             if n.op_type == "MatMulNBits"
         }
-        assert nbits["/model/layers.0/attention/wq/MatMulNBits"]["bits"] == bits
+        assert nbits["/model/layers.0/attention/wo/MatMulNBits"]["bits"] == bits
+        assert nbits["/model/layers.0/feed_forward/w13/MatMulNBits"]["N"] == 2 * 128
         assert nbits["/model/output/MatMulNBits"]["bits"] == 8  # head_bits
         assert {a["accuracy_level"] for a in nbits.values()} == {4}  # CPU: int8 compute
         assert not any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+        if target == "ort":
+            qkv = nbits["/model/layers.0/attention/qkv/MatMulNBits"]
+            assert qkv["N"] == (4 + 2 * 2) * 16  # tiny: 4 query heads, 2 KV heads, head dim 16
+            gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+            assert all(list(n.input[1:3]) == ["", ""] for n in gqa)
 
 
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
@@ -194,7 +206,7 @@ def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
     model, ops = _ops(out)
     names = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     assert "/model/output/MatMul" in names and "/model/layers.0/attention/wq/MatMul" in names
-    assert ops["MatMulNBits"] == 7 * (L - 1)
+    assert ops["MatMulNBits"] == PER_LAYER["ort"] * (L - 1)
     info = json.loads((out / "llamaonnx.json").read_text())
     assert info["quantization"]["keep"] == ["layers.0.*", "output"]
 

@@ -76,23 +76,25 @@ def quantize_graph(
         new_inits.append(numpy_helper.from_array(array, name))
         return name
 
-    for module, (node, w) in linear_weights(model).items():
-        blocks = choose(module, w)
-        if blocks is None:
-            continue
+    weights = linear_weights(model)
+    chosen = {m: choose(m, w) for m, (_, w) in weights.items()}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+
+    def emit(nodes_out: list, x: str, blocks: Blocks, out: str, name: str, prefix: str) -> None:
+        """MatMulNBits(x) → out, plus Q4_1's exact offset term."""
         n_out, k = blocks.shape
-        prefix = f"model.{module}"
         inputs = [
-            node.input[0],
+            x,
             init(f"{prefix}.qweight", blocks.packed()),
             init(f"{prefix}.scales", blocks.scales),
         ]
         zp = blocks.packed_zero_points()
         if zp is not None:
             inputs.append(init(f"{prefix}.zero_points", zp))
-        out = node.output[0]
-        name = node.name.removesuffix("/MatMul")
-        nodes = [
+        nodes_out.append(
             helper.make_node(
                 "MatMulNBits",
                 inputs,
@@ -105,47 +107,89 @@ def quantize_graph(
                 block_size=blocks.block_size,
                 accuracy_level=accuracy_level,
             )
-        ]
-        if blocks.offsets is not None:
-            # Q4_1's per-block offset m: Σ_b m[n,b]·Σ_{j∈b} A[j] = (block sums of A) @ mᵀ, exact.
-            key = (node.input[0], blocks.block_size)
-            if key not in block_sums:
-                sums = f"{name}/block_sums"  # named after its first reader
-                shape = init(
-                    f"{sums}/shape", np.array([0, 0, k // blocks.block_size, -1], np.int64)
-                )
-                nodes += [
-                    helper.make_node(
-                        "Reshape",
-                        [node.input[0], shape],
-                        [f"{sums}/blocks"],
-                        name=f"{sums}/Reshape",
-                    ),
-                    helper.make_node(
-                        "ReduceSum",
-                        [f"{sums}/blocks", init(f"{sums}/axis", np.array([-1], np.int64))],
-                        [sums],
-                        name=f"{sums}/ReduceSum",
-                        keepdims=0,
-                    ),
-                ]
-                block_sums[key] = sums
-            offsets_t = init(f"{prefix}.offsets_T", np.ascontiguousarray(blocks.offsets.T))
-            nodes += [
+        )
+        if blocks.offsets is None:
+            return
+        # Q4_1's per-block offset m: Σ_b m[n,b]·Σ_{j∈b} A[j] = (block sums of A) @ mᵀ, exact.
+        key = (x, blocks.block_size)
+        if key not in block_sums:
+            sums = f"{name}/block_sums"  # named after its first reader
+            shape = init(f"{sums}/shape", np.array([0, 0, k // blocks.block_size, -1], np.int64))
+            axis = init(f"{sums}/axis", np.array([-1], np.int64))
+            nodes_out += [
+                helper.make_node("Reshape", [x, shape], [f"{sums}/blocks"], name=f"{sums}/Reshape"),
                 helper.make_node(
-                    "MatMul",
-                    [block_sums[key], offsets_t],
-                    [f"{prefix}/offset"],
-                    name=f"{name}/offset_MatMul",
-                ),
-                helper.make_node(
-                    "Add", [f"{prefix}/nbits", f"{prefix}/offset"], [out], name=f"{name}/Add"
+                    "ReduceSum",
+                    [f"{sums}/blocks", axis],
+                    [sums],
+                    name=f"{sums}/ReduceSum",
+                    keepdims=0,
                 ),
             ]
-        index = list(g.node).index(node)
-        g.node.remove(node)
-        for j, n in enumerate(nodes):
+            block_sums[key] = sums
+        offsets_t = init(f"{prefix}.offsets_T", np.ascontiguousarray(blocks.offsets.T))
+        nodes_out += [
+            helper.make_node(
+                "MatMul",
+                [block_sums[key], offsets_t],
+                [f"{prefix}/offset"],
+                name=f"{name}/offset_MatMul",
+            ),
+            helper.make_node(
+                "Add", [f"{prefix}/nbits", f"{prefix}/offset"], [out], name=f"{name}/Add"
+            ),
+        ]
+
+    def replace(old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
+        index = min(list(g.node).index(n) for n in old)
+        for n in old:
+            g.node.remove(n)
+        for j, n in enumerate(new):
             g.node.insert(index + j, n)
+
+    for layer, group, kind in _fusable(weights, chosen, consumers):
+        nodes = [weights[m][0] for m in group]
+        blocks = concat([chosen[m] for m in group])
+        base = f"/model/layers.{layer}/{'attention/qkv' if kind == 'qkv' else 'feed_forward/w13'}"
+        prefix = base.removeprefix("/").replace("/", ".")
+        new: list[onnx.NodeProto] = []
+        if kind == "qkv":  # GroupQueryAttention reads one packed [B, S, (Nq + 2·Nkv)·Dh] input
+            gqa = consumers[nodes[0].output[0]][0]
+            emit(new, nodes[0].input[0], blocks, f"{prefix}/out", base, prefix)
+            gqa.input[0], gqa.input[1], gqa.input[2] = f"{prefix}/out", "", ""
+        else:  # SwiGLU's gate and up: one MatMulNBits, then Split
+            emit(new, nodes[0].input[0], blocks, f"{prefix}/out", base, prefix)
+            sizes = init(
+                f"{prefix}/split",
+                np.array([b.shape[0] for b in (chosen[m] for m in group)], np.int64),
+            )
+            new.append(
+                helper.make_node(
+                    "Split",
+                    [f"{prefix}/out", sizes],
+                    [n.output[0] for n in nodes],
+                    name=f"{base}/Split",
+                    axis=-1,
+                )
+            )
+        replace(nodes, new)
+        for m in group:
+            done[m] = chosen.pop(m)
+
+    for module, blocks in chosen.items():
+        if blocks is None:
+            continue
+        node = weights[module][0]
+        new = []
+        emit(
+            new,
+            node.input[0],
+            blocks,
+            node.output[0],
+            node.name.removesuffix("/MatMul"),
+            f"model.{module}",
+        )
+        replace([node], new)
         done[module] = blocks
 
     emb = embedding(model)
@@ -161,6 +205,67 @@ def quantize_graph(
     g.initializer.extend(new_inits)
     prune(model)
     return done
+
+
+def _fusable(weights, chosen, consumers):
+    """(layer, modules, "qkv" | "gate_up") for projections that read one input and can be one
+    MatMulNBits: q/k/v when onnxruntime's GroupQueryAttention consumes them (it takes a packed
+    QKV input), and the SwiGLU's gate (w1) and up (w3)."""
+    layers = sorted({int(m.split(".")[1]) for m in weights if m.startswith("layers.")})
+    for i in layers:
+        for kind, names in (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w1", "w3"))):
+            sub = "attention" if kind == "qkv" else "feed_forward"
+            group = [f"layers.{i}.{sub}.{n}" for n in names]
+            if not all(m in weights and chosen.get(m) is not None for m in group):
+                continue
+            nodes = [weights[m][0] for m in group]
+            if len({n.input[0] for n in nodes}) != 1:
+                continue
+            blocks = [chosen[m] for m in group]
+            if len({(b.bits, b.block_size) for b in blocks}) != 1:
+                continue
+            if kind == "qkv":
+                users = [consumers.get(n.output[0], []) for n in nodes]
+                gqa = users[0][0] if len(users[0]) == 1 else None
+                if not (
+                    gqa is not None
+                    and gqa.op_type == "GroupQueryAttention"
+                    and gqa.domain == MS
+                    and all(len(u) == 1 and u[0] is gqa for u in users)
+                    and list(gqa.input[:3]) == [n.output[0] for n in nodes]
+                ):
+                    continue
+            yield i, group, kind
+
+
+def concat(parts: list[Blocks]) -> Blocks:
+    """Blocks of several weights with one input, stacked along N (one MatMulNBits for all)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    mid = 1 << (first.bits - 1)
+    zps = [b.zero_points for b in parts]
+    offs = [b.offsets for b in parts]
+    return Blocks(
+        first.bits,
+        first.block_size,
+        np.concatenate([b.codes for b in parts]),
+        np.concatenate([b.scales for b in parts]),
+        None
+        if all(z is None for z in zps)
+        else np.concatenate(
+            [
+                np.full(b.scales.shape, mid, np.uint8) if z is None else z
+                for b, z in zip(parts, zps, strict=True)
+            ]
+        ),
+        None
+        if all(o is None for o in offs)
+        else np.concatenate(
+            [np.zeros_like(b.scales) if o is None else o for b, o in zip(parts, offs, strict=True)]
+        ),
+        "+".join(sorted({b.origin for b in parts})),
+    )
 
 
 def _quantize_embedding(g, node, blocks: Blocks, shared: bool, init) -> None:
