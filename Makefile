@@ -12,7 +12,7 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 # (or .../whl/cu128 for CUDA); on this project's machines 2.13.0 is a local CPU wheel.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test lint clean quality
+.PHONY: setup run test lint clean quality app
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,22 +42,35 @@ $(M)-fp32/report.json: | $(VENV)/.setup-done
 
 quality: setup $(M)-fp32/report.json
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4 --precision int4 --force
+	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-exact --precision int4 \
+		--accuracy-level 0 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int8 --precision int8 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-fp16 --precision fp16 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-requantized --precision int4 \
 		--no-gguf-blocks --force
-	$(VENV)/bin/llamaonnx table $(M)-fp32 $(M)-int4 $(M)-int8 $(M)-fp16 $(M)-int4-requantized \
+	$(VENV)/bin/llamaonnx table $(M)-fp32 $(M)-int4 $(M)-int4-exact $(M)-int8 $(M)-fp16 \
+		$(M)-int4-requantized \
 		| tee docs/quality.md
 
 run: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx generate $(MODEL) "$(PROMPT)" --max-new-tokens 64
 
+app: setup $(MODEL)/report.json
+	$(VENV)/bin/llamaonnx app $(MODEL)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint $(EDGE)/.setup-done
-	LLAMAONNX_EDGE_PYTHON=$(EDGE)/bin/python $(PY) -m pytest -q
+# The browser test drives Debian's chromium through Playwright (no browser download).
+CHROMIUM ?= /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
+test: lint $(EDGE)/.setup-done $(CHROMIUM)
+	LLAMAONNX_EDGE_PYTHON=$(EDGE)/bin/python LLAMAONNX_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) models build test-artifacts

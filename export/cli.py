@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -61,11 +63,69 @@ def _quantize(args) -> int:
     return 0
 
 
+def _hf_folder(args) -> int:
+    from export.hf_folder import write_source
+    from export.weights import load_source
+
+    write_source(load_source(args.source), args.out_dir)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
 def _table(args) -> int:
     from export.report import quality_table
 
     print(quality_table(args.model_dirs))
     return 0
+
+
+def _bench(args) -> int:
+    from runtime.bench import SWEEP, bench, chart, table
+
+    data = bench(
+        args.model_dirs,
+        peers=args.peer,
+        genai_dirs=args.genai_dir,
+        gguf=args.gguf,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
+        provider=args.provider,
+        sweep=SWEEP if args.sweep else (),
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(table(data))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.png:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        chart(data, args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
+    if args.markdown:
+        from runtime.bench import report_markdown
+
+        command = "llamaonnx " + shlex.join(args.argv)
+        png = None
+        if args.png:
+            png = os.path.relpath(args.png.absolute(), args.markdown.absolute().parent)
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.markdown.with_suffix(".tmp")
+        tmp.write_text(report_markdown(data, command, png))
+        tmp.replace(args.markdown)
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    return 0
+
+
+def _app(args) -> int:
+    from app.server import serve
+
+    return serve(args)
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -222,11 +282,54 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model_dir", type=Path)
     v.set_defaults(fn=_verify)
 
+    h = sub.add_parser(
+        "hf-folder", help="a source (default: bundled SmolLM2) as a float32 Hugging Face folder"
+    )
+    h.add_argument("source", nargs="?", default=None)
+    h.add_argument("out_dir", type=Path)
+    h.set_defaults(fn=_hf_folder)
+
     t = sub.add_parser(
         "table", help="markdown table of model folders' verification reports (size, quality)"
     )
     t.add_argument("model_dirs", type=Path, nargs="+")
     t.set_defaults(fn=_table)
+
+    b = sub.add_parser("bench", help="speed side by side with llama.cpp, onnxruntime-genai, torch")
+    b.add_argument("model_dirs", type=Path, nargs="+")
+    b.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        choices=("llama.cpp", "genai", "torch"),
+        help="add a peer when installed (repeatable): llama.cpp on the source GGUF, "
+        "onnxruntime-genai on each ort folder, the PyTorch reference",
+    )
+    b.add_argument(
+        "--genai-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder built by onnxruntime-genai's model builder, run by genai",
+    )
+    b.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: source)")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--runs", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    b.add_argument("--sweep", action="store_true", help="decode speed at context 128 to 4096")
+    b.add_argument("--json", type=Path, default=None)
+    b.add_argument("--png", type=Path, default=None)
+    b.add_argument("--markdown", type=Path, default=None, help="a report like docs/benchmarks.md")
+    b.set_defaults(fn=_bench)
+
+    a = sub.add_parser("app", help="the Gradio chat in the browser (127.0.0.1 by default)")
+    from app.server import add_arguments
+
+    add_arguments(a)
+    a.set_defaults(fn=_app)
 
     for name, fn, helptext in (
         ("generate", _generate, "stream a reply to one prompt"),
@@ -250,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )

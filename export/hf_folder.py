@@ -1,4 +1,7 @@
-"""Writes our weights as a Hugging Face folder, so transformers can be an independent oracle."""
+"""Writes a source's weights as a Hugging Face folder (config.json, model.safetensors, tokenizer):
+transformers reads it as an independent oracle in the tests, and `llamaonnx hf-folder` hands the
+bundled GGUF to tools that want a Hugging Face folder (onnxruntime-genai's model builder, for the
+benchmark's peer)."""
 
 import json
 from pathlib import Path
@@ -62,3 +65,22 @@ def write_hf_folder(
     (folder / "config.json").write_text(json.dumps(hf_config(config)))
     if tokenizer_json is not None:
         (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+
+
+def write_source(source, folder: Path) -> None:
+    """A loaded `Source` (weights dequantized to float32) as a Hugging Face folder, atomically."""
+    from export.folder import atomic_folder
+
+    with atomic_folder(Path(folder), force=True) as tmp:
+        write_hf_folder(tmp, source.config, source.state, source.tokenizer_json)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if source.chat_template:
+            config["chat_template"] = source.chat_template
+        c = source.config
+        vocab = {t["id"]: t["content"] for t in source.tokenizer_json.get("added_tokens", [])}
+        for key, tid in (("bos_token", c.bos_token_id), ("pad_token", c.pad_token_id)):
+            if tid is not None and tid in vocab:
+                config[key] = vocab[tid]
+        if c.eos_token_ids and c.eos_token_ids[0] in vocab:
+            config["eos_token"] = vocab[c.eos_token_ids[0]]
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

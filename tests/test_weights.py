@@ -8,9 +8,9 @@ import torch
 
 from export.config import preset
 from export.errors import SourceError, UnsupportedArchitectureError
+from export.hf_folder import write_hf_folder
 from export.model import random_model
 from export.weights import build_model, default_gguf_path, load_source
-from tests.hf_oracle import write_hf_folder
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from export.config import preset
+from export.hf_folder import write_hf_folder
 from export.model import random_model
-from tests.hf_oracle import write_hf_folder
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

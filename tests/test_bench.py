@@ -1,0 +1,60 @@
+"""`llamaonnx bench` on tiny models: it runs, writes JSON, PNG and markdown, and adds the PyTorch
+peer. No speed is asserted anywhere (speed targets live in docs/benchmarks.md)."""
+
+import json
+
+from export.cli import main
+
+
+def test_bench_cli_writes_table_json_chart_and_report(tiny_folders, tmp_path, capsys):
+    out = tmp_path / "b"
+    rc = main(
+        [
+            "bench",
+            str(tiny_folders["ort"]),
+            str(tiny_folders["portable"]),
+            "--peer",
+            "torch",
+            "--runs",
+            "2",
+            "--prompt-tokens",
+            "24",
+            "--new-tokens",
+            "6",
+            "--threads",
+            "1",
+            "--sweep",
+            "--json",
+            str(out / "bench.json"),
+            "--png",
+            str(out / "bench.png"),
+            "--markdown",
+            str(out / "bench.md"),
+        ]
+    )
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    names = [r["name"] for r in data["results"]]
+    assert names == ["llamaonnx ort", "llamaonnx portable", "PyTorch reference (fp32)"]
+    for r in data["results"]:
+        assert "error" not in r, r
+        assert r["decode_tok_s"]["n"] == 2 and r["decode_tok_s"]["median"] > 0
+        assert r["prefill_tok_s"]["median"] > 0 and r["peak_rss_mb"] > 0
+        assert [p["context"] for p in r["sweep"]] == [128]  # the tiny model holds 256 tokens
+    assert data["settings"]["prompt_tokens"] == 24
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "bench.md").read_text()
+    assert "llamaonnx bench" in report and "![benchmark chart](bench.png)" in report
+    table = capsys.readouterr().out
+    assert "decode tok/s" in table and "PyTorch reference" in table
+
+
+def test_prompt_has_exactly_the_asked_number_of_tokens(tiny_folders):
+    from runtime.bench import prompt_ids
+    from runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tiny_folders["ort"])
+    for n in (16, 100, 200):
+        ids = prompt_ids(tiny_folders["ort"], n)
+        assert len(ids) == n
+    assert tok.decode(prompt_ids(tiny_folders["ort"], 100)).startswith("<user>")
