@@ -2,6 +2,7 @@
 #   make run   — set up, export the default model (once, verified), and stream a greedy answer
 #   make test  — set up, lint, and run the whole test suite
 #   make quality — the default model at every precision, and the README's quality table
+#   make bench — peers installed, the speed table and chart of docs/benchmarks.md
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 # (or .../whl/cu128 for CUDA); on this project's machines 2.13.0 is a local CPU wheel.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test lint clean quality app
+.PHONY: setup run test lint clean quality app bench
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,25 @@ quality: setup $(M)-fp32/report.json
 
 run: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx generate $(MODEL) "$(PROMPT)" --max-new-tokens 64
+
+# Peers: llama.cpp through llama-cpp-python (compiled here; its AMX code path dies with SIGILL on
+# this kind of CPU, hence the flags) and onnxruntime-genai, whose default int4 build of the same
+# weights comes from its own model builder, fed a Hugging Face folder of the GGUF's weights.
+AMX_OFF := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+$(VENV)/.bench-done: $(VENV)/.setup-done
+	CFLAGS="$(AMX_OFF)" CXXFLAGS="$(AMX_OFF)" CMAKE_ARGS="-DGGML_NATIVE=ON" \
+		$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
+models/genai-int4/genai_config.json: | $(VENV)/.bench-done
+	$(VENV)/bin/llamaonnx hf-folder models/smollm2-135m-hf
+	cd models && ../$(PY) -m onnxruntime_genai.models.builder -i smollm2-135m-hf -o genai-int4 \
+		-p int4 -e cpu -c ../build/genai-cache
+
+bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.json
+	$(VENV)/bin/llamaonnx bench $(MODEL) --peer llama.cpp --peer genai \
+		--genai-dir models/genai-int4 --prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
+		--sweep --json docs/benchmarks.json --png docs/benchmarks.png --markdown docs/benchmarks.md
 
 app: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx app $(MODEL)

@@ -49,6 +49,8 @@ class KVCache:
 
         self.batch, self.max_length, self.shared, self.device = batch, max_length, shared, device
         self.length = 0  # tokens (incl. padding columns) already in the cache
+        self.binding = None  # the session's IO binding for this cache, made on the first step
+        self.logits = None  # host buffer the logits are bound to (shared cache)
         length = max_length if shared else 0
         shape = (batch, info.n_kv_heads, length, info.head_dim)
         self.values = [
@@ -111,7 +113,17 @@ class Session:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns, expected {cache.length + s}"
             )
-        binding = self.session.io_binding()
+        binding = cache.binding
+        if binding is None:  # first step of this cache: bind what stays bound
+            binding = cache.binding = self.session.io_binding()
+            # outputs come back in first-bound order: logits, then present.{i}.key/value
+            binding.bind_output("logits", "cpu")
+            if cache.shared:  # past and present are one buffer: bound once, never copied
+                for i in range(self.info.n_layers):
+                    for j, kv in enumerate(("key", "value")):
+                        value = cache.values[2 * i + j]
+                        binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                        binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
         feeds = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -125,18 +137,25 @@ class Session:
                         np.ascontiguousarray(arr, np.int64), self.device, 0
                     ),
                 )
-        binding.bind_output("logits", "cpu")  # first, so outputs[0] is the logits
+        if cache.shared:
+            # logits land in a host array bound once per shape: no output list to build each step
+            shape = (input_ids.shape[0], s, self.info.vocab_size)
+            if cache.logits is None or cache.logits.shape != shape:
+                cache.logits = np.empty(shape, np.float32)
+                binding.bind_ortvalue_output(
+                    "logits", ort.OrtValue.ortvalue_from_numpy(cache.logits, "cpu", 0)
+                )
+            self.session.run_with_iobinding(binding)
+            cache.length += s
+            return cache.logits.copy()
+        # past → present: this step's outputs are the next step's inputs
+        binding.bind_output("logits", "cpu")
         for i in range(self.info.n_layers):
             for j, kv in enumerate(("key", "value")):
-                value = cache.values[2 * i + j]
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
-                if cache.shared:
-                    binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
-                else:
-                    binding.bind_output(f"present.{i}.{kv}", self.device)
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", cache.values[2 * i + j])
+                binding.bind_output(f"present.{i}.{kv}", self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        if not cache.shared:
-            cache.values = list(outputs[1:])
+        cache.values = list(outputs[1:])
         cache.length += s
         return outputs[0].numpy()
