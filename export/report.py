@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+from runtime.folder import model_size
 
 
 def _weights(info: dict) -> str:
@@ -35,7 +33,8 @@ def quality_table(folders: list[Path]) -> str:
         agree = r["greedy_agreement_per_prompt"]
         rows.append(
             f"| {folder.name} | {info['precision']} | {info['target']} "
-            f"| {_size(folder) / 1e6:.1f} | {r['perplexity']:.3f} | {r['perplexity_ratio']:.4f} "
+            f"| {model_size(folder) / 1e6:.1f} | {r['perplexity']:.3f} "
+            f"| {r['perplexity_ratio']:.4f} "
             f"| {r.get('kl_divergence', float('nan')):.1e} "
             f"| {sum(agree)}/{len(agree) * r['greedy_steps']} ({'/'.join(map(str, agree))}) "
             f"| {r['max_abs_logit_delta']:.2e} | {_weights(info)} |"

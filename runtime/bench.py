@@ -236,9 +236,9 @@ class Case:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
+    from runtime.folder import model_size
+
+    return path.stat().st_size if path.is_file() else model_size(path)
 
 
 def cases(

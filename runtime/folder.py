@@ -40,6 +40,11 @@ class ModelInfo:
         return "position_ids" in self.inputs
 
 
+def model_size(folder: str | Path) -> int:
+    """Bytes of the graph and its weights (model.onnx and model.onnx.data)."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith("model.onnx"))
+
+
 def read_model_folder(folder: str | Path) -> ModelInfo:
     folder = Path(folder)
     if not folder.is_dir():

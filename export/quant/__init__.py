@@ -180,6 +180,7 @@ def quantize_folder(
     import onnx
 
     from export.folder import atomic_folder, check_disk, save_onnx, write_json
+    from runtime.folder import model_size
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     info_path = in_dir / "llamaonnx.json"
@@ -237,7 +238,7 @@ def quantize_folder(
             if f.name not in ("model.onnx", "model.onnx.data", "llamaonnx.json", "report.json"):
                 (tmp / f.name).write_bytes(f.read_bytes())
         write_json(tmp / "llamaonnx.json", new_info)
-        size = sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith("model.onnx"))
+        size = model_size(tmp)
         progress(f"save    {out_dir}: {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f}s)")
         report: dict = {"verified": False}
         if verify:
