@@ -198,7 +198,9 @@ def _generate(args) -> int:
     from runtime.generator import Generator
     from runtime.session import Session
 
-    session = Session(args.model_dir, provider=args.provider, threads=args.threads)
+    session = Session(
+        args.model_dir, provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph
+    )
     print(
         f"[{args.model_dir}: {session.info.target} {session.info.precision} on {session.provider}]",
         file=sys.stderr,
@@ -216,7 +218,9 @@ def _chat(args) -> int:
     from runtime.generator import Generator
     from runtime.session import Session
 
-    session = Session(args.model_dir, provider=args.provider, threads=args.threads)
+    session = Session(
+        args.model_dir, provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph
+    )
     gen = Generator(session)
     config = _generation_config(args)
     history: list[dict] = []
@@ -318,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=10)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    b.add_argument(
+        "--provider",
+        default="cpu",
+        choices=("cpu", "cuda", "cuda-graph"),
+        help="cuda-graph: CUDA with decode captured as a CUDA graph (ort folders)",
+    )
     b.add_argument("--sweep", action="store_true", help="decode speed at context 128 to 4096")
     b.add_argument("--json", type=Path, default=None)
     b.add_argument("--png", type=Path, default=None)
@@ -348,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--seed", type=int, default=None)
         g.add_argument("--provider", default="auto", help="cpu | cuda | auto")
         g.add_argument("--threads", type=int, default=None)
+        g.add_argument(
+            "--cuda-graph", action="store_true", help="capture decode as a CUDA graph (ort, cuda)"
+        )
         g.set_defaults(fn=fn)
     return p
 

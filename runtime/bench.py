@@ -77,7 +77,10 @@ class _Ours:
     def __init__(self, path: str, threads: int, provider: str):
         from runtime.session import Session
 
-        self.session = Session(path, provider=provider, threads=threads)
+        graph = provider == "cuda-graph"
+        self.session = Session(
+            path, provider="cuda" if graph else provider, threads=threads, cuda_graph=graph
+        )
 
     def run(self, ids: list[int], new: int) -> tuple[float, float, int]:
         from runtime.generator import GenerationConfig, Generator
@@ -94,8 +97,10 @@ class _Genai:
 
         config = og.Config(path)
         config.clear_providers()
-        if provider == "cuda":
+        if provider.startswith("cuda"):
             config.append_provider("cuda")
+            if provider == "cuda-graph":
+                config.set_provider_option("cuda", "enable_cuda_graph", "1")
         config.overlay(
             json.dumps(
                 {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
@@ -133,7 +138,7 @@ class _LlamaCpp:
             n_threads_batch=threads,
             n_ctx=8192,
             n_batch=512,
-            n_gpu_layers=-1 if provider == "cuda" else 0,
+            n_gpu_layers=-1 if provider.startswith("cuda") else 0,
             verbose=False,
         )
 

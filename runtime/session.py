@@ -51,6 +51,7 @@ class KVCache:
         self.length = 0  # tokens (incl. padding columns) already in the cache
         self.binding = None  # the session's IO binding for this cache, made on the first step
         self.logits = None  # host buffer the logits are bound to (shared cache)
+        self.static = None  # fixed decode buffers (Session static_decode / cuda_graph)
         length = max_length if shared else 0
         shape = (batch, info.n_kv_heads, length, info.head_dim)
         self.values = [
@@ -67,24 +68,54 @@ class KVCache:
 
 
 class Session:
-    def __init__(self, folder: str | Path, provider: str = "auto", threads: int | None = None):
+    """`static_decode`: decode steps run on fixed-shape buffers bound once per cache — input ids
+    (B, 1), the attention mask at the cache's full length (B, max_length; GroupQueryAttention reads
+    the lengths from its row sums), logits (B, 1, V) on the device — which is what CUDA graphs need
+    (`cuda_graph`, which implies it: decode is captured once and replayed; prefill runs outside
+    the graph). Only for the `ort` target, whose KV buffer is shared."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        provider: str = "auto",
+        threads: int | None = None,
+        static_decode: bool = False,
+        cuda_graph: bool = False,
+    ):
         import onnxruntime as ort
 
         self.info = read_model_folder(folder)
         self.provider = resolve_provider(provider)
         self.device = "cuda" if self.provider == "cuda" else "cpu"
+        self.static_decode = static_decode or cuda_graph
+        self.cuda_graph = cuda_graph
+        if self.static_decode and not self.info.shared_kv_buffer:
+            raise ProviderError(
+                "static decode buffers and CUDA graphs need the `ort` target's shared KV buffer; "
+                f"{self.info.folder} is {self.info.target}"
+            )
+        if cuda_graph and self.device != "cuda":
+            raise ProviderError("CUDA graphs need provider 'cuda'")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            [
+                ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}),
+                "CPUExecutionProvider",
+            ]
             if self.device == "cuda"
             else ["CPUExecutionProvider"]
         )
         self.session = ort.InferenceSession(
             str(self.info.folder / "model.onnx"), opts, providers=providers
         )
+        self._prefill_options = ort.RunOptions()
+        self._decode_options = ort.RunOptions()
+        if cuda_graph:  # graph 1 is the decode step; -1: prefill is never captured
+            self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")
+            self._decode_options.add_run_config_entry("gpu_graph_id", "1")
         self.tokenizer = Tokenizer.from_folder(self.info.folder)
         self.input_names = {i.name for i in self.session.get_inputs()}
 
@@ -113,6 +144,8 @@ class Session:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[1]} columns, expected {cache.length + s}"
             )
+        if self.static_decode and s == 1 and cache.length > 0:
+            return self._static_step(input_ids, attention_mask, cache)
         binding = cache.binding
         if binding is None:  # first step of this cache: bind what stays bound
             binding = cache.binding = self.session.io_binding()
@@ -145,7 +178,7 @@ class Session:
                 binding.bind_ortvalue_output(
                     "logits", ort.OrtValue.ortvalue_from_numpy(cache.logits, "cpu", 0)
                 )
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding, self._prefill_options)
             cache.length += s
             return cache.logits.copy()
         # past → present: this step's outputs are the next step's inputs
@@ -154,8 +187,41 @@ class Session:
             for j, kv in enumerate(("key", "value")):
                 binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", cache.values[2 * i + j])
                 binding.bind_output(f"present.{i}.{kv}", self.device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._prefill_options)
         outputs = binding.get_outputs()
         cache.values = list(outputs[1:])
         cache.length += s
         return outputs[0].numpy()
+
+    def _static_step(self, input_ids, attention_mask, cache: KVCache) -> np.ndarray:
+        """A decode step on the cache's fixed buffers: only their contents change."""
+        import onnxruntime as ort
+
+        b, info = input_ids.shape[0], self.info
+        if cache.static is None:
+            binding = self.session.io_binding()
+            ids = ort.OrtValue.ortvalue_from_shape_and_type((b, 1), np.int64, self.device, 0)
+            mask = ort.OrtValue.ortvalue_from_shape_and_type(
+                (b, cache.max_length), np.int64, self.device, 0
+            )
+            logits = ort.OrtValue.ortvalue_from_shape_and_type(
+                (b, 1, info.vocab_size), np.float32, self.device, 0
+            )
+            binding.bind_ortvalue_input("input_ids", ids)
+            binding.bind_ortvalue_input("attention_mask", mask)
+            binding.bind_ortvalue_output("logits", logits)
+            for i in range(info.n_layers):
+                for j, kv in enumerate(("key", "value")):
+                    value = cache.values[2 * i + j]
+                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                    binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+            cache.static = (binding, ids, mask, logits, np.zeros((b, cache.max_length), np.int64))
+        binding, ids, mask, logits, host_mask = cache.static
+        t = attention_mask.shape[1]
+        host_mask[:, :t] = attention_mask
+        host_mask[:, t:] = 0
+        ids.update_inplace(np.ascontiguousarray(input_ids, np.int64))
+        mask.update_inplace(host_mask)
+        self.session.run_with_iobinding(binding, self._decode_options)
+        cache.length += 1
+        return np.array(logits.numpy(), copy=True)  # the buffer is overwritten next step

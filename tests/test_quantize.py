@@ -234,3 +234,23 @@ def test_quantizing_a_quantized_folder_or_into_an_existing_one_fails(quantized, 
         )
     with pytest.raises(QuantizationError, match="already exists"):
         quantize_folder(tiny_folders["ort"], quantized["ort", "int8"], QuantSettings("int8"))
+
+
+def test_int4_for_cuda_has_fp16_activations_and_level_0(tiny_folders, tmp_path):
+    """The CUDA int4 build (checked here on the CPU): fp16 activations, scales and cache,
+    accuracy level 0, verified within the int4 tolerance."""
+    out = tmp_path / "int4-cuda"
+    info = quantize_folder(
+        tiny_folders["ort"], out, QuantSettings("int4", provider="cuda", fp16_activations=True)
+    )
+    assert info["kv_dtype"] == "float16" and info["report"]["passed"]
+    model, ops = _ops(out)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert all(
+        helper.get_attribute_value(a) == 0
+        for n in nbits
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    )
+    scales = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith(".scales")}
+    assert scales and set(scales.values()) == {TensorProto.FLOAT16}

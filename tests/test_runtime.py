@@ -103,3 +103,26 @@ def test_streaming_is_utf8_safe_for_emoji_and_cjk(default_tokenizer):
 
 def test_report_json_is_written(tiny_folders):
     assert json.loads((tiny_folders["ort"] / "report.json").read_text())["passed"]
+
+
+def test_static_decode_buffers_give_the_same_tokens(tiny_folders):
+    """The fixed-shape decode path CUDA graphs need (full-length mask, buffers bound once) computes
+    what the growing-mask path computes; checked here on the CPU."""
+    from runtime.generator import GenerationConfig, Generator
+    from runtime.session import Session
+
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    config = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    plain = Generator(Session(tiny_folders["ort"], provider="cpu")).generate_ids(prompts, config)
+    static = Session(tiny_folders["ort"], provider="cpu", static_decode=True)
+    assert Generator(static).generate_ids(prompts, config) == plain
+
+
+def test_static_decode_and_cuda_graphs_are_refused_where_they_cannot_work(tiny_folders):
+    from runtime.errors import ProviderError
+    from runtime.session import Session
+
+    with pytest.raises(ProviderError, match="shared KV buffer"):
+        Session(tiny_folders["portable"], provider="cpu", static_decode=True)
+    with pytest.raises(ProviderError, match="CUDA graphs need provider 'cuda'"):
+        Session(tiny_folders["ort"], provider="cpu", cuda_graph=True)
