@@ -76,33 +76,8 @@ def export_model(
     """Returns llamaonnx.json's content, with the verification report under "report".
 
     A precision other than fp32 exports fp32 to a temporary folder first, then quantizes it with
-    `quant` (QuantSettings; defaults for the precision when None) into `out_dir`."""
-    if precision != "fp32" and precision in PRECISIONS:
-        import shutil
-        import tempfile
-
-        from export.quant import QuantSettings, quantize_folder
-
-        quant = quant or QuantSettings(precision)
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not force:
-            raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
-        out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(
-            tempfile.mkdtemp(prefix=f".{out_dir.name}.fp32-", dir=out_dir.absolute().parent)
-        )
-        try:
-            export_model(
-                source_path, scratch / "fp32", target, "fp32", verify=False, progress=progress
-            )
-            from export.weights import build_model, load_source
-
-            model = build_model(load_source(source_path)) if verify else None
-            return quantize_folder(
-                scratch / "fp32", out_dir, quant, force, verify, model=model, progress=progress
-            )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    `quant` (QuantSettings; defaults for the precision when None) into `out_dir`, verified against
+    the same reference model (the source is loaded once)."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {TARGETS}")
     if precision not in PRECISIONS:
@@ -120,6 +95,32 @@ def export_model(
         f"load    {source.path.name}: {source.config.n_layers} layers "
         f"({time.perf_counter() - t:.1f}s)"
     )
+    if precision == "fp32":
+        return _export_fp32(source, model, out_dir, target, force, verify, progress)
+
+    import shutil
+    import tempfile
+
+    from export.quant import QuantSettings, quantize_folder
+
+    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fp32-", dir=out_dir.absolute().parent))
+    try:
+        _export_fp32(source, model, scratch / "fp32", target, False, False, progress)
+        return quantize_folder(
+            scratch / "fp32",
+            out_dir,
+            quant or QuantSettings(precision),
+            force,
+            verify,
+            model=model if verify else None,
+            progress=progress,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _export_fp32(source, model, out_dir: Path, target, force, verify, progress) -> dict:
     check_disk(out_dir, 2 * sum(v.nbytes for v in source.state.values()) + (64 << 20))
 
     t = time.perf_counter()
@@ -141,7 +142,7 @@ def export_model(
         save_onnx(proto, tmp)
         inputs = [i.name for i in proto.graph.input]
         outputs = [o.name for o in proto.graph.output]
-        info = model_info(source, target, precision, inputs, outputs)
+        info = model_info(source, target, "fp32", inputs, outputs)
         write_json(tmp / "llamaonnx.json", info)
         (tmp / "tokenizer.json").write_text(json.dumps(source.tokenizer_json))
         if source.chat_template:

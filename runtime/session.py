@@ -149,14 +149,8 @@ class Session:
         binding = cache.binding
         if binding is None:  # first step of this cache: bind what stays bound
             binding = cache.binding = self.session.io_binding()
-            # outputs come back in first-bound order: logits, then present.{i}.key/value
-            binding.bind_output("logits", "cpu")
-            if cache.shared:  # past and present are one buffer: bound once, never copied
-                for i in range(self.info.n_layers):
-                    for j, kv in enumerate(("key", "value")):
-                        value = cache.values[2 * i + j]
-                        binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
-                        binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+            if cache.shared:
+                self._bind_shared_kv(binding, cache)
         feeds = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -181,7 +175,8 @@ class Session:
             self.session.run_with_iobinding(binding, self._prefill_options)
             cache.length += s
             return cache.logits.copy()
-        # past → present: this step's outputs are the next step's inputs
+        # past → present: this step's outputs are the next step's inputs. Outputs come back in
+        # first-bound order: logits, then present.{i}.key/value.
         binding.bind_output("logits", "cpu")
         for i in range(self.info.n_layers):
             for j, kv in enumerate(("key", "value")):
@@ -192,6 +187,14 @@ class Session:
         cache.values = list(outputs[1:])
         cache.length += s
         return outputs[0].numpy()
+
+    def _bind_shared_kv(self, binding, cache: KVCache) -> None:
+        """Past and present are one buffer: bound once per cache, never copied."""
+        for i in range(self.info.n_layers):
+            for j, kv in enumerate(("key", "value")):
+                value = cache.values[2 * i + j]
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
 
     def _static_step(self, input_ids, attention_mask, cache: KVCache) -> np.ndarray:
         """A decode step on the cache's fixed buffers: only their contents change."""
@@ -210,11 +213,7 @@ class Session:
             binding.bind_ortvalue_input("input_ids", ids)
             binding.bind_ortvalue_input("attention_mask", mask)
             binding.bind_ortvalue_output("logits", logits)
-            for i in range(info.n_layers):
-                for j, kv in enumerate(("key", "value")):
-                    value = cache.values[2 * i + j]
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
-                    binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+            self._bind_shared_kv(binding, cache)
             cache.static = (binding, ids, mask, logits, np.zeros((b, cache.max_length), np.int64))
         binding, ids, mask, logits, host_mask = cache.static
         t = attention_mask.shape[1]
