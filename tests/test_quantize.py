@@ -11,16 +11,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.errors import QuantizationError
 from export.quant import QuantSettings, quantize_folder
-from export.quant.blocks import from_gguf, quantize
+from export.quant.blocks import FINE, from_gguf, held_offsets, offset_rows, quantize
 
 L = 2  # layers of the tiny presets
 
 
-def _matmul_nbits(blocks, a: np.ndarray, level: int) -> np.ndarray:
-    """Runs one MatMulNBits node holding `blocks` on onnxruntime's CPU provider."""
+def _matmul_nbits(blocks, a: np.ndarray, level: int, k: int | None = None) -> np.ndarray:
+    """Runs one MatMulNBits node holding `blocks` (K inputs: `k`, or all the blocks hold) on
+    onnxruntime's CPU provider."""
     import onnxruntime as ort
 
-    n, k = blocks.shape
+    n, k = blocks.shape[0], k or blocks.shape[1]
     inputs = ["a", "q", "s"]
     inits = [
         numpy_helper.from_array(blocks.packed(), "q"),
@@ -80,9 +81,23 @@ def test_gguf_blocks_are_read_exactly(type_name):
     want = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
     blocks = from_gguf(type_name, raw, 96)
     np.testing.assert_allclose(blocks.dequantize(), want, rtol=0, atol=1e-6)
+    a = rng.standard_normal((2, 96)).astype(np.float32)
     if blocks.offsets is None:  # Q4_0, Q8_0: MatMulNBits alone holds the block exactly
-        a = rng.standard_normal((2, 96)).astype(np.float32)
         np.testing.assert_allclose(_matmul_nbits(blocks, a, 0), a @ want.T, rtol=1e-4, atol=1e-4)
+        return
+    # Q4_1: the offsets ride as two 4-bit digits on the block sums, [a, S, S/FINE]
+    merged, k = offset_rows(blocks)
+    assert k == 96 + 2 * 3
+    held = held_offsets(blocks.offsets)
+    step = np.abs(blocks.offsets).max(1, keepdims=True) / 7
+    assert np.all(np.abs(held - blocks.offsets) <= step / (2 * FINE) + 1e-7)
+    sums = a.reshape(2, 3, 32).sum(-1)
+    wide = np.concatenate([a, sums, sums / FINE], axis=1)
+    codes_part = (blocks.dequantize() - np.repeat(blocks.offsets, 32, axis=1)).T
+    exact_held = a @ codes_part + sums @ held.T
+    np.testing.assert_allclose(_matmul_nbits(merged, wide, 0, k), exact_held, rtol=1e-4, atol=1e-4)
+    bound = np.abs(sums).sum(1, keepdims=True) * step.T / (2 * FINE)  # [batch, N]
+    assert np.all(np.abs(exact_held - a @ want.T) <= bound + 1e-5)
 
 
 @pytest.mark.parametrize("bits, block_size", [(3, 32), (4, 48), (4, 8), (8, 512), (2, 32)])

@@ -6,7 +6,9 @@ int4 / int8 are weight-only: MatMulNBits for every projection (the LM head inclu
 GGUF whose tensors are Q4_0, Q4_1 or Q8_0 and the layer's bits match, those blocks are carried into
 the graph as they are (the very values the fp32 reference computes with) instead of being quantized
 a second time; each carried weight is checked to dequantize exactly to the fp32 graph's weight.
-At accuracy level 0 such a model computes what the reference computes, to float rounding.
+Q4_1's per-block offsets, which MatMulNBits cannot hold, ride along as 8-bit extra rows (see
+blocks.offset_rows). At accuracy level 0 such a model computes what the reference computes, to
+float rounding and that offset rounding (report.json: max_abs_offset_error).
 fp16 converts the whole graph (see quant/fp16.py) and may follow an int4/int8 step for CUDA.
 """
 
@@ -24,7 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import QuantizationError
-from export.quant.blocks import Blocks, check_settings, from_gguf, permute_rows, quantize
+from export.quant.blocks import (
+    Blocks,
+    check_settings,
+    from_gguf,
+    held_offsets,
+    permute_rows,
+    quantize,
+)
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("int4", "int8", "fp16")
@@ -141,6 +150,9 @@ def plan(settings: QuantSettings, info: dict):
                 f"(max |Δ| {err:.2e}); the folder and its source disagree"
             )
         notes["max_abs_carry_error"] = max(notes["max_abs_carry_error"], err)
+        if blocks.offsets is not None:  # what the graph's 8-bit offset rows hold of them
+            off = float(np.abs(held_offsets(blocks.offsets) - blocks.offsets).max())
+            notes["max_abs_offset_error"] = max(notes.get("max_abs_offset_error", 0.0), off)
         return blocks
 
     def blocks_for(tensor: str, w: np.ndarray, bits: int) -> Blocks:
@@ -223,6 +235,7 @@ def quantize_folder(
         "weights": {m: f"{b.origin} {b.bits}-bit/{b.block_size}" for m, b in layers.items()},
         "origins": dict(collections.Counter(f"{b.origin} {b.bits}-bit" for b in layers.values())),
         "max_abs_carry_error": notes.get("max_abs_carry_error"),
+        "max_abs_offset_error": notes.get("max_abs_offset_error"),
         "from_folder": str(in_dir.resolve()),
     }
     new_info = {

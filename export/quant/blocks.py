@@ -5,8 +5,8 @@ A `Blocks` holds a weight W [N, K] (N outputs, K inputs) as codes in blocks of `
     W[n, b·bs + j] = scales[n, b] · (codes[n, b, j] − zero_points[n, b]) + offsets[n, b]
 
 which is `MatMulNBits`' dequantization (codes packed low nibble first, a missing zero point meaning
-2^(bits−1)) plus Q4_1's per-block offset, which MatMulNBits cannot hold: the quantizer adds it as
-ReduceSum(A over each block) @ offsetsᵀ, exactly.
+2^(bits−1)) plus Q4_1's per-block offset, which MatMulNBits' integer zero points cannot hold.
+`offset_rows` folds it into the same MatMulNBits as extra input rows (see there).
 """
 
 from __future__ import annotations
@@ -160,10 +160,63 @@ def from_gguf(type_name: str, raw: np.ndarray, k: int) -> Blocks:
     m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     # d·q + m = d·(q − z) + (m + z·d) for any integer z: with z nearest −m/d the codes are centred
     # like the weights themselves (smaller error from int8 activations at accuracy level 4) and
-    # the offset left for the exact ReduceSum path is at most d/2.
+    # the offset left for `offset_rows` is at most d/2.
     safe = np.where(d == 0, 1.0, d)
     z = np.clip(np.rint(-m / safe), 0, 15).astype(np.uint8)
     return Blocks(4, 32, codes, d, z, m + z * d, "gguf-Q4_1")
+
+
+FINE = 16  # the second copy of the block sums is scaled by 1/FINE
+
+
+def _offset_digits(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """offsets [N, nb] → scale [N, 1], coarse and fine digits [N, nb] (signed, see offset_rows)."""
+    r = offsets.astype(np.float64)
+    scale = np.abs(r).max(1, keepdims=True) / 7
+    safe = np.where(scale == 0, 1.0, scale)
+    coarse = np.clip(np.rint(r / safe), -7, 7)
+    # the fine digit spans [−8, 7]: a remainder that would round to +8 takes the next coarse step
+    coarse = np.where((r / safe - coarse) * FINE > FINE / 2 - 0.5, coarse + 1, coarse)
+    fine = np.clip(np.rint((r / safe - coarse) * FINE), -8, 7)
+    return safe, coarse, fine
+
+
+def held_offsets(offsets: np.ndarray) -> np.ndarray:
+    """The offsets as `offset_rows` holds them (to compare with the exact ones)."""
+    scale, coarse, fine = _offset_digits(offsets)
+    return (scale * (coarse + fine / FINE)).astype(np.float32)
+
+
+def offset_rows(blocks: Blocks) -> tuple[Blocks, int]:
+    """Blocks with Q4_1's offsets folded in as extra rows, and their K.
+
+    Σ_k A[k]·W[n, k] = Σ_k A[k]·(codes part)[n, k] + Σ_b S_b(A)·offsets[n, b], with S_b(A) the sum
+    of A over block b: the offsets are the weights of more inputs, the block sums, appended after
+    the K real ones. They are held to 8 bits in two 4-bit digits: the input gets S(A) and
+    S(A)/FINE, and offsets[n, b] ≈ s_n·(c − 8) + s_n·(f − 8)/FINE with one scale s_n per output,
+    zero point 8, |c − 8| ≤ 7. One MatMulNBits then reads [A, S(A), S(A)/FINE] — no float offset
+    matrix, no MatMul, no Add. The rows' last block may be partial, which MatMulNBits allows. An
+    offset is at most d/2 (see `from_gguf`); its rounding error is at most s_n/(2·FINE), s_n
+    being the column's largest offset / 7.
+    """
+    n, nb, bs = blocks.codes.shape
+    safe, coarse, fine = _offset_digits(blocks.offsets)
+    rows = np.concatenate([coarse, fine], axis=1) + 8
+    extra = -(-2 * nb // bs)
+    codes = np.full((n, extra * bs), 8, np.uint8)
+    codes[:, : 2 * nb] = rows
+    mid = np.uint8(1 << (blocks.bits - 1))
+    zp = blocks.zero_points if blocks.zero_points is not None else np.full((n, nb), mid, np.uint8)
+    merged = Blocks(
+        blocks.bits,
+        bs,
+        np.concatenate([blocks.codes, codes.reshape(n, extra, bs)], axis=1),
+        np.concatenate([blocks.scales, np.repeat(safe.astype(np.float32), extra, 1)], axis=1),
+        np.concatenate([zp, np.full((n, extra), 8, np.uint8)], axis=1),
+        None,
+        blocks.origin,
+    )
+    return merged, nb * bs + 2 * nb
 
 
 def permute_rows(blocks: Blocks, fn) -> Blocks:

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from export.passes.graph import ensure_opset, producers, prune
-from export.quant.blocks import Blocks
+from export.quant.blocks import FINE, Blocks, offset_rows
 
 MS = "com.microsoft"
 _LINEAR = re.compile(r"^/model/(.+)/MatMul$")
@@ -70,7 +70,8 @@ def quantize_graph(
     ensure_opset(model, MS, 1)
     new_inits: list[onnx.TensorProto] = []
     done: dict[str, Blocks] = {}
-    block_sums: dict[tuple[str, int], str] = {}
+    block_sums: dict[tuple[str, int], str] = {}  # (input, block size) → [x, S, S/FINE]
+    sum_matrices: dict[tuple[int, int], str] = {}  # (K, block size) → M
 
     def init(name: str, array: np.ndarray) -> str:
         new_inits.append(numpy_helper.from_array(array, name))
@@ -84,8 +85,11 @@ def quantize_graph(
             consumers.setdefault(x, []).append(n)
 
     def emit(nodes_out: list, x: str, blocks: Blocks, out: str, name: str, prefix: str) -> None:
-        """MatMulNBits(x) → out, plus Q4_1's exact offset term."""
+        """MatMulNBits(x) → out; with Q4_1 offsets, MatMulNBits([x, block sums of x])."""
         n_out, k = blocks.shape
+        if blocks.offsets is not None:
+            x = with_block_sums(nodes_out, x, k, blocks.block_size, name)
+            blocks, k = offset_rows(blocks)
         inputs = [
             x,
             init(f"{prefix}.qweight", blocks.packed()),
@@ -98,7 +102,7 @@ def quantize_graph(
             helper.make_node(
                 "MatMulNBits",
                 inputs,
-                [out if blocks.offsets is None else f"{prefix}/nbits"],
+                [out],
                 name=f"{name}/MatMulNBits",
                 domain=MS,
                 K=k,
@@ -108,37 +112,31 @@ def quantize_graph(
                 accuracy_level=accuracy_level,
             )
         )
-        if blocks.offsets is None:
-            return
-        # Q4_1's per-block offset m: Σ_b m[n,b]·Σ_{j∈b} A[j] = (block sums of A) @ mᵀ, exact.
-        key = (x, blocks.block_size)
+
+    def with_block_sums(nodes_out: list, x: str, k: int, block_size: int, name: str) -> str:
+        """Concat(x, x @ M) = [x, S, S/FINE], S the sums of x over each block (`offset_rows`),
+        built once per input. M [K, 2·nb] holds 1 and 1/FINE in each block's rows: one small MatMul
+        (M is shared by every input of that width) is cheaper than Reshape + ReduceSum + Mul."""
+        key = (x, block_size)
         if key not in block_sums:
+            if (k, block_size) not in sum_matrices:
+                ones = np.kron(
+                    np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32)
+                )
+                sum_matrices[k, block_size] = init(
+                    f"model.block_sums.{k}x{block_size}", np.concatenate([ones, ones / FINE], 1)
+                )
             sums = f"{name}/block_sums"  # named after its first reader
-            shape = init(f"{sums}/shape", np.array([0, 0, k // blocks.block_size, -1], np.int64))
-            axis = init(f"{sums}/axis", np.array([-1], np.int64))
             nodes_out += [
-                helper.make_node("Reshape", [x, shape], [f"{sums}/blocks"], name=f"{sums}/Reshape"),
                 helper.make_node(
-                    "ReduceSum",
-                    [f"{sums}/blocks", axis],
-                    [sums],
-                    name=f"{sums}/ReduceSum",
-                    keepdims=0,
+                    "MatMul", [x, sum_matrices[k, block_size]], [sums], name=f"{sums}/MatMul"
+                ),
+                helper.make_node(
+                    "Concat", [x, sums], [f"{sums}/input"], name=f"{sums}/Concat", axis=-1
                 ),
             ]
-            block_sums[key] = sums
-        offsets_t = init(f"{prefix}.offsets_T", np.ascontiguousarray(blocks.offsets.T))
-        nodes_out += [
-            helper.make_node(
-                "MatMul",
-                [block_sums[key], offsets_t],
-                [f"{prefix}/offset"],
-                name=f"{name}/offset_MatMul",
-            ),
-            helper.make_node(
-                "Add", [f"{prefix}/nbits", f"{prefix}/offset"], [out], name=f"{name}/Add"
-            ),
-        ]
+            block_sums[key] = f"{sums}/input"
+        return block_sums[key]
 
     def replace(old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
         index = min(list(g.node).index(n) for n in old)
