@@ -165,15 +165,20 @@ class Session:
                     ),
                 )
         if cache.shared:
-            # logits land in a host array bound once per shape: no output list to build each step
+            # logits land in a host array: for decode steps one (B, 1, V) array bound once and
+            # copied out; a prefill's (B, S, V) array (25 MB for 130 tokens) is new and handed
+            # over as it is, not copied
             shape = (input_ids.shape[0], s, self.info.vocab_size)
-            if cache.logits is None or cache.logits.shape != shape:
+            if cache.logits is None or cache.logits.shape != shape or s > 1:
                 cache.logits = np.empty(shape, np.float32)
                 binding.bind_ortvalue_output(
                     "logits", ort.OrtValue.ortvalue_from_numpy(cache.logits, "cpu", 0)
                 )
             self.session.run_with_iobinding(binding, self._prefill_options)
             cache.length += s
+            if s > 1:
+                logits, cache.logits = cache.logits, None
+                return logits
             return cache.logits.copy()
         # past → present: this step's outputs are the next step's inputs. Outputs come back in
         # first-bound order: logits, then present.{i}.key/value.
