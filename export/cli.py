@@ -94,6 +94,7 @@ def _bench(args) -> int:
         threads=args.threads,
         provider=args.provider,
         sweep=SWEEP if args.sweep else (),
+        sweep_runs=args.sweep_runs,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
     print(table(data))
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cuda-graph: CUDA with decode captured as a CUDA graph (ort folders)",
     )
     b.add_argument("--sweep", action="store_true", help="decode speed at context 128 to 4096")
+    b.add_argument("--sweep-runs", type=int, default=3, help="runs per sweep context (median)")
     b.add_argument("--json", type=Path, default=None)
     b.add_argument("--png", type=Path, default=None)
     b.add_argument("--markdown", type=Path, default=None, help="a report like docs/benchmarks.md")

@@ -294,6 +294,7 @@ def bench(
     provider: str = "cpu",
     sweep: tuple[int, ...] = (),
     sweep_new_tokens: int = 32,
+    sweep_runs: int = 3,
     progress=lambda msg: None,
 ) -> dict:
     models = [Path(m) for m in models]
@@ -324,10 +325,18 @@ def bench(
                 progress(f"sweep   context {length} skipped: the models hold {context} tokens")
                 continue
             long_ids = prompt_ids(models[0], length)
+            speeds: dict[str, list[float]] = {c.name: [] for c in live}
+            for _ in range(sweep_runs):  # interleaved like the main runs
+                for c in live:
+                    res = c.run(long_ids, sweep_new_tokens)
+                    speeds[c.name].append((res["new"] - 1) / res["decode_s"])
             for c in live:
-                res = c.run(long_ids, sweep_new_tokens)
                 c.sweep.append(
-                    {"context": length, "decode_tok_s": (res["new"] - 1) / res["decode_s"]}
+                    {
+                        "context": length,
+                        "decode_tok_s": statistics.median(speeds[c.name]),
+                        "runs": speeds[c.name],
+                    }
                 )
             progress(f"sweep   context {length}")
     finally:
@@ -358,6 +367,8 @@ def bench(
             "new_tokens": new_tokens,
             "runs": runs,
             "warmup": warmup,
+            "sweep_runs": sweep_runs if sweep else 0,
+            "sweep_new_tokens": sweep_new_tokens if sweep else 0,
             "threads": threads,
             "provider": provider,
             "batch": 1,
@@ -451,7 +462,9 @@ def report_markdown(data: dict, command: str, png: str | None = None) -> str:
         contexts = [p["context"] for p in sweeps[0]["sweep"]]
         lines += [
             "",
-            "Decode tokens/s as the context grows:",
+            "Decode tokens/s as the context grows (median of "
+            f"{data['settings'].get('sweep_runs', 1)} interleaved runs of "
+            f"{data['settings'].get('sweep_new_tokens', 32)} new tokens):",
             "",
             "| engine | " + " | ".join(str(c) for c in contexts) + " |",
             "|---|" + "---:|" * len(contexts),

@@ -2,6 +2,7 @@
 peer. No speed is asserted anywhere (speed targets live in docs/benchmarks.md)."""
 
 import json
+import statistics
 
 from export.cli import main
 
@@ -24,6 +25,8 @@ def test_bench_cli_writes_table_json_chart_and_report(tiny_folders, tmp_path, ca
             "--threads",
             "1",
             "--sweep",
+            "--sweep-runs",
+            "2",
             "--json",
             str(out / "bench.json"),
             "--png",
@@ -41,6 +44,8 @@ def test_bench_cli_writes_table_json_chart_and_report(tiny_folders, tmp_path, ca
         assert r["decode_tok_s"]["n"] == 2 and r["decode_tok_s"]["median"] > 0
         assert r["prefill_tok_s"]["median"] > 0 and r["peak_rss_mb"] > 0
         assert [p["context"] for p in r["sweep"]] == [128]  # the tiny model holds 256 tokens
+        (point,) = r["sweep"]
+        assert len(point["runs"]) == 2 and point["decode_tok_s"] == statistics.median(point["runs"])
     assert data["settings"]["prompt_tokens"] == 24
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "bench.md").read_text()
