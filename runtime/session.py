@@ -52,12 +52,18 @@ class KVCache:
         self.binding = None  # the session's IO binding for this cache, made on the first step
         self.logits = None  # host buffer the logits are bound to (shared cache)
         self.static = None  # fixed decode buffers (Session static_decode / cuda_graph)
+        self.graph_id = 0  # the CUDA graph its decode steps replay (cuda_graph); 0: none
         length = max_length if shared else 0
         shape = (batch, info.n_kv_heads, length, info.head_dim)
         self.values = [
             ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, info.kv_dtype), device, 0)
             for _ in range(2 * info.n_layers)
         ]
+
+    def reset(self) -> KVCache:
+        """Empty again, keeping its buffers and bindings (and so any CUDA graph over them)."""
+        self.length = 0
+        return self
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_length:
@@ -67,12 +73,26 @@ class KVCache:
             )
 
 
+def bucket(max_length: int, limit: int) -> int:
+    """The cache length kept for static decode: the next power of two from 256, at most `limit`."""
+    size = 256
+    while size < max_length:
+        size *= 2
+    return min(size, limit)
+
+
 class Session:
-    """`static_decode`: decode steps run on fixed-shape buffers bound once per cache — input ids
-    (B, 1), the attention mask at the cache's full length (B, max_length; GroupQueryAttention reads
-    the lengths from its row sums), logits (B, 1, V) on the device — which is what CUDA graphs need
+    """`static_decode`: decode steps run on fixed-shape buffers bound once — input ids (B, 1), the
+    attention mask at the cache's full length (B, max_length; GroupQueryAttention reads the lengths
+    from its row sums), logits (B, 1, V) on the device — which is what CUDA graphs need
     (`cuda_graph`, which implies it: decode is captured once and replayed; prefill runs outside
-    the graph). Only for the `ort` target, whose KV buffer is shared."""
+    the graph). Only for the `ort` target, whose KV buffer is shared.
+
+    A captured graph replays the device addresses and shapes it was captured with, so in these
+    modes the session keeps one cache per (batch, length bucket) — lengths round up to a power of
+    two from 256 — and `new_cache` hands that same cache back, emptied. Each kept cache has its
+    own CUDA graph. One generation at a time per session, then: a second `new_cache` of the same
+    shape empties the first."""
 
     def __init__(
         self,
@@ -113,13 +133,13 @@ class Session:
         )
         # No RunOptions unless they carry something: onnxruntime's Python wrapper looks up
         # gpu_graph_id in them on every run, and a missing key costs a raised exception (~80 µs).
-        self._prefill_options = self._decode_options = None
-        if cuda_graph:  # graph 1 is the decode step; -1: prefill is never captured
-            self._prefill_options, self._decode_options = ort.RunOptions(), ort.RunOptions()
+        self._prefill_options = None
+        if cuda_graph:  # -1: prefill is never captured; each kept cache's decode has its own id
+            self._prefill_options = ort.RunOptions()
             self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")
-            self._decode_options.add_run_config_entry("gpu_graph_id", "1")
         self.tokenizer = Tokenizer.from_folder(self.info.folder)
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self._kept: dict[tuple[int, int], KVCache] = {}  # static decode: (batch, length) → cache
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         if max_length > self.info.max_position:
@@ -127,7 +147,15 @@ class Session:
                 f"max_length {max_length} exceeds the model's context of "
                 f"{self.info.max_position} tokens"
             )
-        return KVCache(self.info, batch, max_length, self.device, self.info.shared_kv_buffer)
+        if not self.static_decode:
+            return KVCache(self.info, batch, max_length, self.device, self.info.shared_kv_buffer)
+        key = (batch, bucket(max_length, self.info.max_position))
+        if key in self._kept:
+            return self._kept[key].reset()
+        cache = KVCache(self.info, batch, key[1], self.device, shared=True)
+        cache.graph_id = len(self._kept) + 1
+        self._kept[key] = cache
+        return cache
 
     def forward(
         self,
@@ -221,13 +249,19 @@ class Session:
             binding.bind_ortvalue_input("attention_mask", mask)
             binding.bind_ortvalue_output("logits", logits)
             self._bind_shared_kv(binding, cache)
-            cache.static = (binding, ids, mask, logits, np.zeros((b, cache.max_length), np.int64))
-        binding, ids, mask, logits, host_mask = cache.static
+            options = None
+            if self.cuda_graph:
+                options = ort.RunOptions()
+                options.add_run_config_entry("gpu_graph_id", str(cache.graph_id))
+            host_mask = np.zeros((b, cache.max_length), np.int64)
+            cache.static = (binding, ids, mask, logits, host_mask, options)
+        binding, ids, mask, logits, host_mask, options = cache.static
         t = attention_mask.shape[1]
         host_mask[:, :t] = attention_mask
         host_mask[:, t:] = 0
         ids.update_inplace(np.ascontiguousarray(input_ids, np.int64))
         mask.update_inplace(host_mask)
-        self.session.run_with_iobinding(binding, self._decode_options)
+        self.session.run_with_iobinding(binding, options)
         cache.length += 1
-        return np.array(logits.numpy(), copy=True)  # the buffer is overwritten next step
+        out = logits.numpy()  # from the device: already a host copy
+        return out if self.device == "cuda" else out.copy()  # on the CPU: a view, reused

@@ -111,11 +111,28 @@ def test_static_decode_buffers_give_the_same_tokens(tiny_folders):
     from runtime.generator import GenerationConfig, Generator
     from runtime.session import Session
 
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
-    config = GenerationConfig(max_new_tokens=12, stop_token_ids=())
-    plain = Generator(Session(tiny_folders["ort"], provider="cpu")).generate_ids(prompts, config)
+    plain = Session(tiny_folders["ort"], provider="cpu")
     static = Session(tiny_folders["ort"], provider="cpu", static_decode=True)
-    assert Generator(static).generate_ids(prompts, config) == plain
+    config = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    # later generations reuse the kept buffers of their (batch, length bucket): what a captured
+    # CUDA graph replays. The third is the first's shape again, after another shape in between.
+    for prompts in ([[5, 6, 7, 8, 9, 10], [11, 12]], [[13, 14, 15]], [[16], [17, 18, 19, 20]]):
+        want = Generator(plain).generate_ids(prompts, config)
+        assert Generator(static).generate_ids(prompts, config) == want
+    assert sorted(static._kept) == [(1, 256), (2, 256)]  # the tiny model's whole context
+
+
+def test_static_decode_reuses_one_cache_per_shape(tiny_folders):
+    from runtime.session import Session, bucket
+
+    session = Session(tiny_folders["ort"], provider="cpu", static_decode=True)
+    a = session.new_cache(1, 100)
+    a.length = 50
+    b = session.new_cache(1, 200)
+    assert b is a and b.length == 0 and b.max_length == 256
+    assert session.new_cache(2, 100) is not a
+    assert session.new_cache(1, 12).max_length == 256  # never past the model's context (256)
+    assert [bucket(n, 8192) for n in (1, 256, 257, 5000, 9000)] == [256, 256, 512, 8192, 8192]
 
 
 def test_static_decode_and_cuda_graphs_are_refused_where_they_cannot_work(tiny_folders):
