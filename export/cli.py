@@ -175,7 +175,8 @@ def _verify(args) -> int:
     from export.folder import write_json
     from export.verify import check, verify_folder
 
-    report = verify_folder(args.model_dir)
+    providers = tuple(dict.fromkeys(args.provider)) if args.provider else None
+    report = verify_folder(args.model_dir, providers=providers)
     write_json(Path(args.model_dir) / "report.json", report)
     print(json.dumps(report, indent=2))
     check(report)
@@ -285,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="compare a model folder with the PyTorch reference")
     v.add_argument("model_dir", type=Path)
+    v.add_argument(
+        "--provider",
+        action="append",
+        choices=("cpu", "cuda"),
+        help="check on this provider (repeatable; default: every provider present)",
+    )
     v.set_defaults(fn=_verify)
 
     h = sub.add_parser(

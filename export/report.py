@@ -19,24 +19,30 @@ def _weights(info: dict) -> str:
 
 
 def quality_table(folders: list[Path]) -> str:
+    """One row per folder and provider it was verified on (report.json), CPU first."""
     rows = [
-        "| model folder | precision | target | size (MB) | perplexity | ratio to fp32 reference "
-        "| mean KL (nats) | greedy agreement | max \\|Δlogit\\| | weights |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model folder | precision | target | provider | size (MB) | perplexity "
+        "| ratio to fp32 reference | mean KL (nats) | greedy agreement | max \\|Δlogit\\| "
+        "| weights |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for folder in map(Path, folders):
         info = json.loads((folder / "llamaonnx.json").read_text())
         report = json.loads((folder / "report.json").read_text())
-        if "providers" not in report:
+        if not report.get("providers"):
             raise ValueError(f"{folder} was not verified; run `llamaonnx verify {folder}`")
-        r = report["providers"]["cpu"]
-        agree = r["greedy_agreement_per_prompt"]
-        rows.append(
-            f"| {folder.name} | {info['precision']} | {info['target']} "
-            f"| {model_size(folder) / 1e6:.1f} | {r['perplexity']:.3f} "
-            f"| {r['perplexity_ratio']:.4f} "
-            f"| {r.get('kl_divergence', float('nan')):.1e} "
-            f"| {sum(agree)}/{len(agree) * r['greedy_steps']} ({'/'.join(map(str, agree))}) "
-            f"| {r['max_abs_logit_delta']:.2e} | {_weights(info)} |"
-        )
+        for provider, r in sorted(report["providers"].items(), key=lambda kv: kv[0] != "cpu"):
+            rows.append(_row(folder, info, provider, r))
     return "\n".join(rows)
+
+
+def _row(folder: Path, info: dict, provider: str, r: dict) -> str:
+    agree = r["greedy_agreement_per_prompt"]
+    return (
+        f"| {folder.name} | {info['precision']} | {info['target']} | {provider} "
+        f"| {model_size(folder) / 1e6:.1f} | {r['perplexity']:.3f} "
+        f"| {r['perplexity_ratio']:.4f} "
+        f"| {r.get('kl_divergence', float('nan')):.1e} "
+        f"| {sum(agree)}/{len(agree) * r['greedy_steps']} ({'/'.join(map(str, agree))}) "
+        f"| {r['max_abs_logit_delta']:.2e} | {_weights(info)} |"
+    )

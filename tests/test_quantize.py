@@ -11,7 +11,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.errors import QuantizationError
 from export.quant import QuantSettings, quantize_folder
-from export.quant.blocks import FINE, from_gguf, held_offsets, offset_rows, quantize
+from export.quant.blocks import (
+    FINE,
+    from_gguf,
+    held_offsets,
+    offset_rows,
+    quantize,
+    sum_repeats,
+)
 
 L = 2  # layers of the tiny presets
 
@@ -85,19 +92,34 @@ def test_gguf_blocks_are_read_exactly(type_name):
     if blocks.offsets is None:  # Q4_0, Q8_0: MatMulNBits alone holds the block exactly
         np.testing.assert_allclose(_matmul_nbits(blocks, a, 0), a @ want.T, rtol=1e-4, atol=1e-4)
         return
-    # Q4_1: the offsets ride as two 4-bit digits on the block sums, [a, S, S/FINE]
+    # Q4_1: the offsets ride as two 4-bit digits on the block sums, [a, S_0, S_0/FINE, S_1, …]
     merged, k = offset_rows(blocks)
     assert k == 96 + 2 * 3
     held = held_offsets(blocks.offsets)
     step = np.abs(blocks.offsets).max(1, keepdims=True) / 7
     assert np.all(np.abs(held - blocks.offsets) <= step / (2 * FINE) + 1e-7)
     sums = a.reshape(2, 3, 32).sum(-1)
-    wide = np.concatenate([a, sums, sums / FINE], axis=1)
+    pairs = np.stack([sums, sums / FINE], axis=-1).reshape(2, 6)
+    wide = np.concatenate([a, pairs], axis=1)
     codes_part = (blocks.dequantize() - np.repeat(blocks.offsets, 32, axis=1)).T
     exact_held = a @ codes_part + sums @ held.T
     np.testing.assert_allclose(_matmul_nbits(merged, wide, 0, k), exact_held, rtol=1e-4, atol=1e-4)
     bound = np.abs(sums).sum(1, keepdims=True) * step.T / (2 * FINE)  # [batch, N]
     assert np.all(np.abs(exact_held - a @ want.T) <= bound + 1e-5)
+    # for CUDA's K % 8 == 0: [S, S/FINE] 4 times (96 + 6 = 102 → 96 + 24), the copies weighted 0
+    assert sum_repeats(96, 32, 8) == 4 and sum_repeats(96, 32, 1) == 1
+    merged, k = offset_rows(blocks, repeats=4)
+    assert k == 120
+    wide = np.concatenate([a] + [pairs] * 4, axis=1)
+    np.testing.assert_allclose(_matmul_nbits(merged, wide, 0, k), exact_held, rtol=1e-4, atol=1e-4)
+
+
+def test_block_sum_repeats_make_k_a_multiple_of_8():
+    # the default model's widths: 576 (nb 18) needs the sums twice, 1536 (nb 48) once
+    assert sum_repeats(576, 32, 8) == 2 and sum_repeats(1536, 32, 8) == 1
+    for k in range(32, 4097, 32):
+        r = sum_repeats(k, 32, 8)
+        assert (k + 2 * (k // 32) * r) % 8 == 0 and r in (1, 2, 4)
 
 
 @pytest.mark.parametrize("bits, block_size", [(3, 32), (4, 48), (4, 8), (8, 512), (2, 32)])
@@ -170,8 +192,14 @@ def test_fp16_keeps_norms_in_fp32_and_logits_float32(quantized, target):
     out = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
     assert out["logits"] == TensorProto.FLOAT and out["present.0.key"] == TensorProto.FLOAT16
     weights = [t for t in model.graph.initializer if t.name.endswith(".weight_T")]
-    assert len(weights) == 7 * L + 1
+    # gate and up are one MatMul (then Split); on `ort` q, k and v too, GQA reading them packed
+    assert len(weights) == (4 if target == "ort" else 6) * L + 1
     assert all(t.data_type == TensorProto.FLOAT16 for t in weights)
+    splits = [n for n in model.graph.node if n.op_type == "Split" and "w13" in n.name]
+    assert len(splits) == L
+    if target == "ort":
+        gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert all(list(n.input[1:3]) == ["", ""] for n in gqa)
     if target == "portable":  # our function ops run on float32 inputs (Cast around them)
         casts_in = [n for n in model.graph.node if n.op_type == "Cast" and "/Cast_in" in n.name]
         assert len(casts_in) >= 2 * L + 1
@@ -269,3 +297,27 @@ def test_int4_for_cuda_has_fp16_activations_and_level_0(tiny_folders, tmp_path):
     )
     scales = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith(".scales")}
     assert scales and set(scales.values()) == {TensorProto.FLOAT16}
+
+
+def test_verify_cli_checks_the_asked_provider_and_table_has_a_row_per_provider(
+    tiny_folders, tmp_path, capsys
+):
+    import shutil
+
+    from export.cli import main
+    from export.report import quality_table
+
+    folder = tmp_path / "ort"
+    shutil.copytree(tiny_folders["ort"], folder)
+    assert main(["verify", str(folder), "--provider", "cpu"]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert list(report["providers"]) == ["cpu"] and report["passed"]
+    # a report from a GPU machine: CUDA alone, or both (CPU first)
+    report["providers"] = {"cuda": report["providers"]["cpu"], "cpu": report["providers"]["cpu"]}
+    (folder / "report.json").write_text(json.dumps(report))
+    rows = quality_table([folder]).splitlines()[2:]
+    assert [r.split("|")[4].strip() for r in rows] == ["cpu", "cuda"]
+    report["providers"] = {}
+    (folder / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="was not verified"):
+        quality_table([folder])

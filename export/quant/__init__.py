@@ -217,10 +217,16 @@ def quantize_folder(
         from export.quant.nbits import quantize_graph
 
         choose, embedding_blocks, notes = plan(settings, info)
-        layers = quantize_graph(proto, choose, settings.level, embedding_blocks)
+        # CUDA's MatMulNBits runs its batch-1 kernel only for K % 8 == 0 (else it dequantizes
+        # the whole weight on every call)
+        k_multiple = 8 if settings.provider == "cuda" else 1
+        layers = quantize_graph(proto, choose, settings.level, embedding_blocks, k_multiple)
     if settings.float_type == "float16":
         from export.quant.fp16 import convert_fp16
+        from export.quant.nbits import fuse_float_projections
 
+        if not settings.bits:  # (the int4/int8 path fuses its own)
+            notes["fused_projections"] = fuse_float_projections(proto)
         convert_fp16(proto)
     progress(
         f"quantize {settings.precision}: {len(layers)} weights "
@@ -236,6 +242,7 @@ def quantize_folder(
         "origins": dict(collections.Counter(f"{b.origin} {b.bits}-bit" for b in layers.values())),
         "max_abs_carry_error": notes.get("max_abs_carry_error"),
         "max_abs_offset_error": notes.get("max_abs_offset_error"),
+        "fused_projections": notes.get("fused_projections"),
         "from_folder": str(in_dir.resolve()),
     }
     new_info = {

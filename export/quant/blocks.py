@@ -187,22 +187,26 @@ def held_offsets(offsets: np.ndarray) -> np.ndarray:
     return (scale * (coarse + fine / FINE)).astype(np.float32)
 
 
-def offset_rows(blocks: Blocks) -> tuple[Blocks, int]:
+def offset_rows(blocks: Blocks, repeats: int = 1) -> tuple[Blocks, int]:
     """Blocks with Q4_1's offsets folded in as extra rows, and their K.
 
     Σ_k A[k]·W[n, k] = Σ_k A[k]·(codes part)[n, k] + Σ_b S_b(A)·offsets[n, b], with S_b(A) the sum
     of A over block b: the offsets are the weights of more inputs, the block sums, appended after
-    the K real ones. They are held to 8 bits in two 4-bit digits: the input gets S(A) and
-    S(A)/FINE, and offsets[n, b] ≈ s_n·(c − 8) + s_n·(f − 8)/FINE with one scale s_n per output,
-    zero point 8, |c − 8| ≤ 7. One MatMulNBits then reads [A, S(A), S(A)/FINE] — no float offset
-    matrix, no MatMul, no Add. The rows' last block may be partial, which MatMulNBits allows. An
+    the K real ones. They are held to 8 bits in two 4-bit digits: the input gets S_b(A) and
+    S_b(A)/FINE, interleaved (S_0, S_0/FINE, S_1, …: one small MatMul of A's blocks by [1, 1/FINE]
+    makes them), and offsets[n, b] ≈ s_n·(c − 8) + s_n·(f − 8)/FINE with one scale s_n per output,
+    zero point 8, |c − 8| ≤ 7. One MatMulNBits then reads [A, S_0, S_0/FINE, …] — no float offset
+    matrix, no Add. The rows' last block may be partial, which MatMulNBits allows. An
     offset is at most d/2 (see `from_gguf`); its rounding error is at most s_n/(2·FINE), s_n
     being the column's largest offset / 7.
+
+    `repeats` > 1: the input carries the block sums that many times (`sum_repeats`) and the
+    copies after the first get zero weights — only to make K a multiple of what a kernel needs.
     """
     n, nb, bs = blocks.codes.shape
     safe, coarse, fine = _offset_digits(blocks.offsets)
-    rows = np.concatenate([coarse, fine], axis=1) + 8
-    extra = -(-2 * nb // bs)
+    rows = np.stack([coarse, fine], axis=-1).reshape(n, 2 * nb) + 8
+    extra = -(-2 * nb * repeats // bs)
     codes = np.full((n, extra * bs), 8, np.uint8)
     codes[:, : 2 * nb] = rows
     mid = np.uint8(1 << (blocks.bits - 1))
@@ -216,7 +220,18 @@ def offset_rows(blocks: Blocks) -> tuple[Blocks, int]:
         None,
         blocks.origin,
     )
-    return merged, nb * bs + 2 * nb
+    return merged, nb * bs + 2 * nb * repeats
+
+
+def sum_repeats(k: int, block_size: int, multiple: int) -> int:
+    """How many times the 2·nb block sums go after a K-wide input so that the total is a multiple of
+    `multiple` (CUDA's MatMulNBits takes its fast batch-1 kernel only when K % 8 == 0: 576 inputs
+    + 2·18 block sums = 612 would not)."""
+    nb = -(-k // block_size)
+    for r in range(1, multiple + 1):
+        if (nb * block_size + 2 * nb * r) % multiple == 0:
+            return r
+    raise ValueError(f"no repeat count makes {k} inputs + block sums a multiple of {multiple}")
 
 
 def permute_rows(blocks: Blocks, fn) -> Blocks:

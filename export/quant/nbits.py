@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from export.passes.graph import ensure_opset, producers, prune
-from export.quant.blocks import FINE, Blocks, offset_rows
+from export.quant.blocks import FINE, Blocks, offset_rows, sum_repeats
 
 MS = "com.microsoft"
 _LINEAR = re.compile(r"^/model/(.+)/MatMul$")
@@ -62,15 +62,17 @@ def quantize_graph(
     choose: Callable[[str, np.ndarray], Blocks | None],
     accuracy_level: int,
     embedding_blocks: Callable[[np.ndarray, Blocks | None], Blocks | None],
+    k_multiple: int = 1,
 ) -> dict[str, Blocks]:
     """Rewrites `model` in place; returns module → the Blocks it now holds ("tok_embeddings" for
     the embedding). `embedding_blocks(table, head_blocks)` decides the embedding: when it returns
-    the LM head's own Blocks (tied weights), both ops read one copy of the codes."""
+    the LM head's own Blocks (tied weights), both ops read one copy of the codes. `k_multiple`:
+    inputs widened by Q4_1 block sums are kept a multiple of it (8 for CUDA, see `sum_repeats`)."""
     g = model.graph
     ensure_opset(model, MS, 1)
     new_inits: list[onnx.TensorProto] = []
     done: dict[str, Blocks] = {}
-    block_sums: dict[tuple[str, int], str] = {}  # (input, block size) → [x, S, S/FINE]
+    block_sums: dict[tuple[str, int], str] = {}  # (input, block size) → [x, S_0, S_0/FINE, …]
 
     def init(name: str, array: np.ndarray) -> str:
         new_inits.append(numpy_helper.from_array(array, name))
@@ -87,8 +89,9 @@ def quantize_graph(
         """MatMulNBits(x) → out; with Q4_1 offsets, MatMulNBits([x, block sums of x])."""
         n_out, k = blocks.shape
         if blocks.offsets is not None:
-            x = with_block_sums(nodes_out, x, k, blocks.block_size, name)
-            blocks, k = offset_rows(blocks)
+            repeats = sum_repeats(k, blocks.block_size, k_multiple)
+            x = with_block_sums(nodes_out, x, k, blocks.block_size, name, repeats)
+            blocks, k = offset_rows(blocks, repeats)
         inputs = [
             x,
             init(f"{prefix}.qweight", blocks.packed()),
@@ -112,33 +115,34 @@ def quantize_graph(
             )
         )
 
-    def with_block_sums(nodes_out: list, x: str, k: int, block_size: int, name: str) -> str:
-        """Concat(x, S, S/FINE), S the sums of x over each block (`offset_rows`), built once per
-        input. (A MatMul by a [K, 2·nb] 0/1 matrix does it in one op, but that matrix is read from
-        memory on every call: 0.6 MB for the down projection, measured slower.)"""
+    def with_block_sums(
+        nodes_out: list, x: str, k: int, block_size: int, name: str, repeats: int
+    ) -> str:
+        """Concat(x, S_0, S_0/FINE, S_1, …), S_b the sum of x over block b (`offset_rows`), built
+        once per input: x's blocks [.., nb, bs] times the [bs, 2] matrix [1, 1/FINE], flattened.
+        The sums go `repeats` times (no extra op: Concat lists them again). One MatMul for both
+        digits: one kernel fewer per input than ReduceSum, then Mul (a [K, 2·nb] 0/1 matrix over
+        all of x did it in one op too, but is re-read from memory on every call: slower)."""
         key = (x, block_size)
         if key not in block_sums:
             sums = f"{name}/block_sums"  # named after its first reader
-            shape = init(f"{sums}/shape", np.array([0, 0, k // block_size, -1], np.int64))
-            axis = init(f"{sums}/axis", np.array([-1], np.int64))
+            shape = init(f"{sums}/blocks_shape", np.array([0, 0, k // block_size, -1], np.int64))
+            flat = init(f"{sums}/flat_shape", np.array([0, 0, -1], np.int64))
+            digits = np.stack([np.ones(block_size), np.full(block_size, 1 / FINE)], axis=1)
             nodes_out += [
                 helper.make_node("Reshape", [x, shape], [f"{sums}/blocks"], name=f"{sums}/Reshape"),
                 helper.make_node(
-                    "ReduceSum",
-                    [f"{sums}/blocks", axis],
-                    [sums],
-                    name=f"{sums}/ReduceSum",
-                    keepdims=0,
+                    "MatMul",
+                    [f"{sums}/blocks", init(f"{sums}/digits", digits.astype(np.float32))],
+                    [f"{sums}/pairs"],
+                    name=f"{sums}/MatMul",
                 ),
                 helper.make_node(
-                    "Mul",
-                    [sums, init(f"{sums}/fine", np.array(1 / FINE, np.float32))],
-                    [f"{sums}/fine_sums"],
-                    name=f"{sums}/Mul",
+                    "Reshape", [f"{sums}/pairs", flat], [sums], name=f"{sums}/Flatten"
                 ),
                 helper.make_node(
                     "Concat",
-                    [x, sums, f"{sums}/fine_sums"],
+                    [x] + [sums] * repeats,
                     [f"{sums}/input"],
                     name=f"{sums}/Concat",
                     axis=-1,
@@ -154,31 +158,18 @@ def quantize_graph(
         for j, n in enumerate(new):
             g.node.insert(index + j, n)
 
-    for layer, group, kind in _fusable(weights, chosen, consumers):
+    def same_blocks(group: list[str]) -> bool:
+        blocks = [chosen.get(m) for m in group]
+        return None not in blocks and len({(b.bits, b.block_size) for b in blocks}) == 1
+
+    for layer, group, kind in _fusable(weights, consumers, same_blocks):
         nodes = [weights[m][0] for m in group]
         blocks = concat([chosen[m] for m in group])
-        base = f"/model/layers.{layer}/{'attention/qkv' if kind == 'qkv' else 'feed_forward/w13'}"
-        prefix = base.removeprefix("/").replace("/", ".")
+        base, prefix = _fused_names(layer, kind)
         new: list[onnx.NodeProto] = []
-        if kind == "qkv":  # GroupQueryAttention reads one packed [B, S, (Nq + 2·Nkv)·Dh] input
-            gqa = consumers[nodes[0].output[0]][0]
-            emit(new, nodes[0].input[0], blocks, f"{prefix}/out", base, prefix)
-            gqa.input[0], gqa.input[1], gqa.input[2] = f"{prefix}/out", "", ""
-        else:  # SwiGLU's gate and up: one MatMulNBits, then Split
-            emit(new, nodes[0].input[0], blocks, f"{prefix}/out", base, prefix)
-            sizes = init(
-                f"{prefix}/split",
-                np.array([b.shape[0] for b in (chosen[m] for m in group)], np.int64),
-            )
-            new.append(
-                helper.make_node(
-                    "Split",
-                    [f"{prefix}/out", sizes],
-                    [n.output[0] for n in nodes],
-                    name=f"{base}/Split",
-                    axis=-1,
-                )
-            )
+        emit(new, nodes[0].input[0], blocks, f"{prefix}/out", base, prefix)
+        sizes = [b.shape[0] for b in (chosen[m] for m in group)]
+        _rewire(kind, nodes, f"{prefix}/out", sizes, base, prefix, consumers, new, init)
         replace(nodes, new)
         for m in group:
             done[m] = chosen.pop(m)
@@ -214,22 +205,86 @@ def quantize_graph(
     return done
 
 
-def _fusable(weights, chosen, consumers):
+def fuse_float_projections(model: onnx.ModelProto) -> int:
+    """q/k/v (into GroupQueryAttention's packed input) and gate/up (then Split) as one float
+    MatMul each, as the int4 path does (`quantize_graph`): at batch 1 on a GPU every MatMul is a
+    kernel of a few µs whatever its width, so 7 per layer cost a third more than 4. Returns how
+    many groups were fused."""
+    g = model.graph
+    weights = {m: w for m, w in linear_weights(model).items() if w[0].input[1].endswith("_T")}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    new_inits: list[onnx.TensorProto] = []
+
+    def init(name: str, array: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    fused = 0
+    for layer, group, kind in _fusable(weights, consumers, lambda group: True):
+        nodes = [weights[m][0] for m in group]
+        base, prefix = _fused_names(layer, kind)
+        w_t = np.concatenate([weights[m][1].T for m in group], axis=1)  # [K, ΣN]
+        new = [
+            helper.make_node(
+                "MatMul",
+                [nodes[0].input[0], init(f"{prefix}.weight_T", w_t)],
+                [f"{prefix}/out"],
+                name=f"{base}/MatMul",
+            )
+        ]
+        sizes = [weights[m][1].shape[0] for m in group]
+        _rewire(kind, nodes, f"{prefix}/out", sizes, base, prefix, consumers, new, init)
+        index = min(list(g.node).index(n) for n in nodes)
+        for n in nodes:
+            g.node.remove(n)
+        for j, n in enumerate(new):
+            g.node.insert(index + j, n)
+        fused += 1
+    g.initializer.extend(new_inits)
+    prune(model)
+    return fused
+
+
+def _fused_names(layer: int, kind: str) -> tuple[str, str]:
+    base = f"/model/layers.{layer}/{'attention/qkv' if kind == 'qkv' else 'feed_forward/w13'}"
+    return base, base.removeprefix("/").replace("/", ".")
+
+
+def _rewire(kind, nodes, out, sizes, base, prefix, consumers, new, init) -> None:
+    """After one op computes a fused group into `out`: GroupQueryAttention reads the packed
+    [B, S, (Nq + 2·Nkv)·Dh] QKV as its first input; gate and up are split apart again."""
+    if kind == "qkv":
+        gqa = consumers[nodes[0].output[0]][0]
+        gqa.input[0], gqa.input[1], gqa.input[2] = out, "", ""
+        return
+    new.append(
+        helper.make_node(
+            "Split",
+            [out, init(f"{prefix}/split", np.array(sizes, np.int64))],
+            [n.output[0] for n in nodes],
+            name=f"{base}/Split",
+            axis=-1,
+        )
+    )
+
+
+def _fusable(weights, consumers, usable: Callable[[list[str]], bool]):
     """(layer, modules, "qkv" | "gate_up") for projections that read one input and can be one
-    MatMulNBits: q/k/v when onnxruntime's GroupQueryAttention consumes them (it takes a packed
-    QKV input), and the SwiGLU's gate (w1) and up (w3)."""
+    op: q/k/v when onnxruntime's GroupQueryAttention consumes them (it takes a packed QKV
+    input), and the SwiGLU's gate (w1) and up (w3); `usable(modules)` says whether their
+    weights can be stacked."""
     layers = sorted({int(m.split(".")[1]) for m in weights if m.startswith("layers.")})
     for i in layers:
         for kind, names in (("qkv", ("wq", "wk", "wv")), ("gate_up", ("w1", "w3"))):
             sub = "attention" if kind == "qkv" else "feed_forward"
             group = [f"layers.{i}.{sub}.{n}" for n in names]
-            if not all(m in weights and chosen.get(m) is not None for m in group):
+            if not all(m in weights for m in group) or not usable(group):
                 continue
             nodes = [weights[m][0] for m in group]
             if len({n.input[0] for n in nodes}) != 1:
-                continue
-            blocks = [chosen[m] for m in group]
-            if len({(b.bits, b.block_size) for b in blocks}) != 1:
                 continue
             if kind == "qkv":
                 users = [consumers.get(n.output[0], []) for n in nodes]
