@@ -360,7 +360,7 @@ def bench(
         )
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(),
+        "machine": machine(gpu=provider.startswith("cuda")),
         "versions": versions(),
         "settings": {
             "prompt_tokens": len(ids),
@@ -378,7 +378,7 @@ def bench(
     }
 
 
-def machine() -> dict:
+def machine(gpu: bool = False) -> dict:
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -387,7 +387,20 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+    if gpu:  # the card and driver, as nvidia-smi names them
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            name, driver = smi.stdout.splitlines()[0].split(", ")
+            out["gpu"] = f"{name}, driver {driver}"
+        except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+            out["gpu"] = "unknown"
+    return out
 
 
 def versions() -> dict:
@@ -399,6 +412,20 @@ def versions() -> dict:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
             pass
+    try:  # the build that is imported: onnxruntime-gpu can shadow a CPU onnxruntime on the path
+        import onnxruntime as ort
+
+        out["onnxruntime"] = ort.__version__
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            out["onnxruntime"] += " (CUDA build)"
+    except ImportError:
+        pass
+    try:
+        import onnxruntime_genai as og
+
+        out["onnxruntime-genai"] = og.__version__
+    except ImportError:
+        pass
     return out
 
 
@@ -444,7 +471,9 @@ def report_markdown(data: dict, command: str, png: str | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores, {m['system']}); "
+        f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores, {m['system']})"
+        + (f", GPU {m['gpu']}, provider {s['provider']}" if "gpu" in m else "")
+        + "; "
         f"{s['threads']} threads, batch {s['batch']}, {s['prompt_tokens']}-token chat prompt, "
         f"{s['new_tokens']} new tokens ({s['sampling']}), {s['warmup']} warm-up run then "
         f"{s['runs']} runs per engine, interleaved; medians, decode spread min–max.",
