@@ -74,6 +74,8 @@ bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.j
 	$(VENV)/bin/llamaonnx bench $(MODEL) --peer llama.cpp --peer genai \
 		--genai-dir models/genai-int4 --prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
 		--sweep --json docs/benchmarks.json --png docs/benchmarks.png --markdown docs/benchmarks.md
+	# the GPU figures come from tests/gpu/run.sh on a GPU machine (docs/gpu/), not from this run
+	printf '\n' >> docs/benchmarks.md && cat docs/gpu/README.md >> docs/benchmarks.md
 
 app: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx app $(MODEL)
