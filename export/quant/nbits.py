@@ -80,10 +80,7 @@ def quantize_graph(
 
     weights = linear_weights(model)
     chosen = {m: choose(m, w) for m, (_, w) in weights.items()}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+    consumers = _consumers(g)
 
     def emit(nodes_out: list, x: str, blocks: Blocks, out: str, name: str, prefix: str) -> None:
         """MatMulNBits(x) → out; with Q4_1 offsets, MatMulNBits([x, block sums of x])."""
@@ -151,13 +148,6 @@ def quantize_graph(
             block_sums[key] = f"{sums}/input"
         return block_sums[key]
 
-    def replace(old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
-        index = min(list(g.node).index(n) for n in old)
-        for n in old:
-            g.node.remove(n)
-        for j, n in enumerate(new):
-            g.node.insert(index + j, n)
-
     def same_blocks(group: list[str]) -> bool:
         blocks = [chosen.get(m) for m in group]
         return None not in blocks and len({(b.bits, b.block_size) for b in blocks}) == 1
@@ -170,7 +160,7 @@ def quantize_graph(
         emit(new, nodes[0].input[0], blocks, f"{prefix}/out", base, prefix)
         sizes = [b.shape[0] for b in (chosen[m] for m in group)]
         _rewire(kind, nodes, f"{prefix}/out", sizes, base, prefix, consumers, new, init)
-        replace(nodes, new)
+        _replace(g, nodes, new)
         for m in group:
             done[m] = chosen.pop(m)
 
@@ -187,7 +177,7 @@ def quantize_graph(
             node.name.removesuffix("/MatMul"),
             f"model.{module}",
         )
-        replace([node], new)
+        _replace(g, [node], new)
         done[module] = blocks
 
     emb = embedding(model)
@@ -211,11 +201,8 @@ def fuse_float_projections(model: onnx.ModelProto) -> int:
     kernel of a few µs whatever its width, so 7 per layer cost a third more than 4. Returns how
     many groups were fused."""
     g = model.graph
-    weights = {m: w for m, w in linear_weights(model).items() if w[0].input[1].endswith("_T")}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+    weights = linear_weights(model)
+    consumers = _consumers(g)
     new_inits: list[onnx.TensorProto] = []
 
     def init(name: str, array: np.ndarray) -> str:
@@ -237,15 +224,28 @@ def fuse_float_projections(model: onnx.ModelProto) -> int:
         ]
         sizes = [weights[m][1].shape[0] for m in group]
         _rewire(kind, nodes, f"{prefix}/out", sizes, base, prefix, consumers, new, init)
-        index = min(list(g.node).index(n) for n in nodes)
-        for n in nodes:
-            g.node.remove(n)
-        for j, n in enumerate(new):
-            g.node.insert(index + j, n)
+        _replace(g, nodes, new)
         fused += 1
     g.initializer.extend(new_inits)
     prune(model)
     return fused
+
+
+def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            out.setdefault(x, []).append(n)
+    return out
+
+
+def _replace(g: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
+    """`new` where the first of `old` stood (the graph stays topologically sorted)."""
+    index = min(list(g.node).index(n) for n in old)
+    for n in old:
+        g.node.remove(n)
+    for j, n in enumerate(new):
+        g.node.insert(index + j, n)
 
 
 def _fused_names(layer: int, kind: str) -> tuple[str, str]:
