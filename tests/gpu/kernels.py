@@ -5,7 +5,8 @@ provider without a graph — the same kernels a captured graph replays — under
 CUPTI tracing sees every kernel in the process, onnxruntime's included. It prints kernels per step,
 kernel time per step and the kernels that take it, and writes JSON:
     python tests/gpu/kernels.py OUT.json FOLDER…
-Then, for our folders, the bare step of a replayed CUDA graph under variants (`VARIANTS`).
+Then, for our folders, the bare step of a replayed CUDA graph under variants (SiLU as QuickGelu,
+flash attention off).
 """
 
 from __future__ import annotations
@@ -33,15 +34,20 @@ def _prompt_ids(folder: str) -> list[int]:
     return Tokenizer.from_folder(folder).encode_chat(PROMPT)
 
 
-def ours(folder: str, ids: list[int], graph: bool = False):
-    """→ one decode step on the session's static buffers (the prompt prefilled)."""
+def decode_step(session, ids: list[int]):
+    """→ one bare decode step on a static-decode session's kept buffers (the prompt prefilled):
+    no Python sampling, the graph replayed if the session captures one."""
     from runtime.generator import GenerationConfig, Generator
+
+    Generator(session).generate_ids([ids], GenerationConfig(max_new_tokens=4, stop_token_ids=()))
+    binding, *_, options = session.new_cache(1, len(ids) + 4).static  # the same kept cache
+    return lambda: session.session.run_with_iobinding(binding, options)
+
+
+def ours(folder: str, ids: list[int], graph: bool = False):
     from runtime.session import Session
 
-    s = Session(folder, provider="cuda", static_decode=True, cuda_graph=graph)
-    Generator(s).generate_ids([ids], GenerationConfig(max_new_tokens=4, stop_token_ids=()))
-    binding, *_, options = s.new_cache(1, len(ids) + 4).static
-    return lambda: s.session.run_with_iobinding(binding, options)
+    return decode_step(Session(folder, provider="cuda", static_decode=True, cuda_graph=graph), ids)
 
 
 def genai(folder: str, ids: list[int]):
@@ -90,8 +96,9 @@ def kernels(step) -> dict:
     }
 
 
-def bare_ms(step, n: int = 300) -> float:
-    for _ in range(10):
+def bare_ms(step, n: int = 300, warmup: int = 10) -> float:
+    """Median ms of `step` over n calls."""
+    for _ in range(warmup):
         step()
     times = []
     for _ in range(n):

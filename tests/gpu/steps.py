@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from runtime.generator import GenerationConfig, Generator  # noqa: E402
 from runtime.session import Session  # noqa: E402
+from tests.gpu.kernels import bare_ms, decode_step  # noqa: E402
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -37,19 +37,10 @@ def tokens(session: Session, prompt) -> list[int]:
     return gen.generate_ids([ids], GenerationConfig(max_new_tokens=NEW, stop_token_ids=()))[0]
 
 
-def bare_step_ms(session: Session, graph: bool) -> float:
+def bare_step_ms(session: Session) -> float:
     """Median ms of one decode step run straight on the kept static buffers: no Python sampling."""
-    gen = Generator(session)
-    ids = gen.encode(PROMPTS[0])
-    gen.generate_ids([ids], GenerationConfig(max_new_tokens=4, stop_token_ids=()))
-    cache = session.new_cache(1, len(ids) + 4)  # the same kept cache, its buffers still bound
-    binding, _, _, _, _, options = cache.static
-    times = []
-    for _ in range(STEPS):
-        t = time.perf_counter()
-        session.session.run_with_iobinding(binding, options if graph else None)
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+    ids = Generator(session).encode(PROMPTS[0])
+    return bare_ms(decode_step(session, ids), n=STEPS, warmup=0)
 
 
 def generator_step_ms(session: Session) -> float:
@@ -81,8 +72,8 @@ def main(out: str, folders: list[str]) -> int:
                 next((i for i, (a, b) in enumerate(zip(g, w, strict=True)) if a != b), None)
                 for g, w in zip(got, want + want[:1], strict=True)
             ],
-            "bare_step_ms_graph": bare_step_ms(graph, True),
-            "bare_step_ms_static_no_graph": bare_step_ms(static, False),
+            "bare_step_ms_graph": bare_step_ms(graph),
+            "bare_step_ms_static_no_graph": bare_step_ms(static),
             "generator_step_ms_graph": generator_step_ms(graph),
             "generator_step_ms_plain": generator_step_ms(plain),
         }
