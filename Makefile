@@ -15,7 +15,8 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: setup run test lint clean quality app bench
 
-$(VENV)/.setup-done: pyproject.toml
+# setup.py and q4ops.c: the kernel library is compiled by the install
+$(VENV)/.setup-done: pyproject.toml setup.py runtime/native/q4ops.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -28,7 +29,7 @@ setup: $(VENV)/.setup-done
 # An edge install: the runtime extra only (no torch, no onnx), as a user's device would have it.
 # tests/test_edge.py runs `llamaonnx generate` on the default int4 model in it.
 EDGE   ?= .venv-edge
-$(EDGE)/.setup-done: pyproject.toml $(VENV)/.setup-done
+$(EDGE)/.setup-done: pyproject.toml setup.py runtime/native/q4ops.c $(VENV)/.setup-done
 	rm -rf $(EDGE)
 	$(PYTHON) -m venv $(EDGE)
 	$(EDGE)/bin/python -m pip install -q --upgrade pip

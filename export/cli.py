@@ -28,6 +28,7 @@ def _quant_settings(args):
         provider=args.for_provider,
         accuracy_level=args.accuracy_level,
         fp16_activations=args.fp16_activations,
+        kernel=args.kernel,
     )
 
 
@@ -168,6 +169,15 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     q.add_argument(
         "--fp16-activations", action="store_true", help="int4/int8 with fp16 activations (CUDA)"
+    )
+    q.add_argument(
+        "--kernel",
+        default="auto",
+        choices=("auto", "native", "nbits"),
+        help="int4 on CPU at accuracy level 4: llamaonnx's own kernel (native: reads Q4_1 blocks "
+        "as they are, about twice MatMulNBits' decode speed; needs runtime/native built) or "
+        "onnxruntime's MatMulNBits (nbits: runs on any onnxruntime); auto: native where it "
+        "applies and is built",
     )
 
 

@@ -29,6 +29,7 @@ class ModelInfo:
     inputs: tuple[str, ...]
     kv_dtype: str  # "float32" | "float16": the type of past/present
     raw: dict
+    custom_ops: tuple[str, ...] = ()  # op domains the graph needs beyond onnxruntime's own
 
     @property
     def shared_kv_buffer(self) -> bool:
@@ -80,6 +81,7 @@ def read_model_folder(folder: str | Path) -> ModelInfo:
             inputs=tuple(io["inputs"]),
             kv_dtype=raw.get("kv_dtype", "float32"),
             raw=raw,
+            custom_ops=tuple(raw.get("custom_ops", ())),
         )
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ModelFolderError(f"{folder}/llamaonnx.json is malformed: {e!r}") from e

@@ -125,6 +125,10 @@ class Generator:
         start = time.perf_counter()
         logits = self.session.forward(ids, mask, positions, cache)
         last = logits[np.arange(b), lengths - 1]  # (B, V)
+        # the mask grows by a column a step: one buffer for all of them
+        width = mask.shape[1]
+        full = np.zeros((b, width + config.max_new_tokens), np.int64)
+        full[:, :width] = mask
         for step in range(config.max_new_tokens):
             picks: list[int | None] = []
             for i in range(b):
@@ -147,10 +151,13 @@ class Generator:
                 [[t if t is not None else self.info.pad_token_id] for t in picks], np.int64
             )
             # A stopped row keeps feeding padding; its column is masked out.
-            col = np.array([[0 if t is None else 1] for t in picks], np.int64)
-            mask = np.concatenate([mask, col], axis=1)
+            width += 1
+            full[:, width - 1] = [0 if t is None else 1 for t in picks]
             lengths = lengths + 1
-            logits = self.session.forward(nxt, mask, (lengths - 1)[:, None], cache)
+            # the logits may be a view of the session's buffer: read before the next step
+            logits = self.session.forward(
+                nxt, full[:, :width], (lengths - 1)[:, None], cache, copy=False
+            )
             last = logits[:, -1]
             self.stats.decode_seconds = time.perf_counter() - decode_start
 

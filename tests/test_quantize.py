@@ -19,6 +19,7 @@ from export.quant.blocks import (
     quantize,
     sum_repeats,
 )
+from runtime import native
 
 L = 2  # layers of the tiny presets
 
@@ -146,6 +147,12 @@ def quantized(tiny_folders, tmp_path_factory):
         for precision in ("int4", "int8", "fp16"):
             out[target, precision] = root / f"{target}-{precision}"
             quantize_folder(folder, out[target, precision], QuantSettings(precision))
+    # int4 on the CPU runs llamaonnx's own kernel where it is built (always, here); the
+    # MatMulNBits form that any onnxruntime runs stays one flag away
+    out["ort", "int4-nbits"] = root / "ort-int4-nbits"
+    quantize_folder(
+        tiny_folders["ort"], out["ort", "int4-nbits"], QuantSettings("int4", kernel="nbits")
+    )
     return out
 
 
@@ -160,8 +167,29 @@ PER_LAYER = {"portable": 6, "onnx23": 6, "ort": 4}
 
 
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+def test_int4_on_cpu_runs_the_native_kernel_with_the_head_on_matmul_nbits(quantized, target):
+    model, ops = _ops(quantized[target, "int4"])
+    # gate/up and the SwiGLU after them are one MatMulQ4SwiGLU; the 8-bit head is MatMulQ8 (the
+    # tiny presets' embedding is untied: its own GatherBlockQuantized)
+    assert ops["MatMulQ4"] == (PER_LAYER[target] - 1) * L and ops["MatMulQ4SwiGLU"] == L
+    assert ops["MatMulQ8"] == 1 and ops["MatMulNBits"] == 0
+    assert ops["MatMul"] == ops["Concat"] == 0  # no block sums: the kernel reads offsets
+    assert ops["Split"] == ops["Sigmoid"] == 0
+    info = json.loads((quantized[target, "int4"] / "llamaonnx.json").read_text())
+    assert info["custom_ops"] == ["ai.llamaonnx"] and info["quantization"]["kernel"] == "native"
+    if target == "ort":
+        genai = json.loads((quantized[target, "int4"] / "genai_config.json").read_text())
+        library = genai["model"]["decoder"]["session_options"]["custom_ops_library"]
+        assert library == str(native.library_path().resolve())
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
 def test_weight_only_precisions_use_matmul_nbits_everywhere(quantized, target):
     for precision, bits in (("int4", 4), ("int8", 8)):
+        if precision == "int4":
+            if target != "ort":
+                continue
+            precision = "int4-nbits"
         model, ops = _ops(quantized[target, precision])
         assert ops["MatMulNBits"] == PER_LAYER[target] * L + 1  # + the LM head
         assert ops["GatherBlockQuantized"] == 1
@@ -213,17 +241,20 @@ def test_fp16_keeps_norms_in_fp32_and_logits_float32(quantized, target):
         )
 
 
-@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
-@pytest.mark.parametrize("precision", ["int4", "int8", "fp16"])
+@pytest.mark.parametrize(
+    "target,precision",
+    [(t, p) for t in ("portable", "onnx23", "ort") for p in ("int4", "int8", "fp16")]
+    + [("ort", "int4-nbits")],
+)
 def test_each_precision_round_trips_within_its_tolerance(quantized, target, precision):
     folder = quantized[target, precision]
     info = json.loads((folder / "llamaonnx.json").read_text())
     report = json.loads((folder / "report.json").read_text())
-    assert info["precision"] == precision and report["passed"], report["failures"]
+    assert info["precision"] == precision.split("-")[0] and report["passed"], report["failures"]
     cpu = report["providers"]["cpu"]
     assert cpu["perplexity_ratio"] <= report["tolerance"]["perplexity_ratio"]
     assert cpu["kl_divergence"] <= report["tolerance"]["max_kl"]
-    assert report["size_bytes"] > 0 and report["quantization"]["precision"] == precision
+    assert report["size_bytes"] > 0 and report["quantization"]["precision"] == info["precision"]
     assert len(cpu["greedy_agreement_per_prompt"]) == 3
     assert cpu["greedy_steps"] == 128
 
@@ -232,7 +263,7 @@ def test_quantized_model_generates_with_the_runtime(quantized):
     from runtime.generator import GenerationConfig, Generator
     from runtime.session import Session
 
-    for precision in ("int4", "fp16"):
+    for precision in ("int4", "int4-nbits", "fp16"):
         gen = Generator(Session(quantized["ort", precision], provider="cpu"))
         ids = gen.generate_ids([[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=5))
         assert [len(x) for x in ids] == [5, 5]
@@ -249,7 +280,7 @@ def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
     model, ops = _ops(out)
     names = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     assert "/model/output/MatMul" in names and "/model/layers.0/attention/wq/MatMul" in names
-    assert ops["MatMulNBits"] == PER_LAYER["ort"] * (L - 1)
+    assert ops["MatMulQ4"] + ops["MatMulQ4SwiGLU"] == PER_LAYER["ort"] * (L - 1)
     info = json.loads((out / "llamaonnx.json").read_text())
     assert info["quantization"]["keep"] == ["layers.0.*", "output"]
 
@@ -263,6 +294,15 @@ def test_tied_embedding_and_head_share_one_copy_of_the_codes(tmp_path):
     write_tiny(src, name="tiny-tied-mqa")
     out = tmp_path / "int4"
     export_model(src, out, target="ort", precision="int4")
+    model, ops = _ops(out)  # llamaonnx's kernel: GatherQ8 reads the MatMulQ8 head's tiles
+    gather = next(n for n in model.graph.node if n.op_type == "GatherQ8")
+    head = next(n for n in model.graph.node if n.name == "/model/output/MatMulQ8")
+    assert gather.input[0] == head.input[1] and ops["GatherBlockQuantized"] == 0
+    assert json.loads((out / "report.json").read_text())["passed"]
+    out = tmp_path / "int4-nbits"
+    export_model(
+        src, out, target="ort", precision="int4", quant=QuantSettings("int4", kernel="nbits")
+    )
     model, ops = _ops(out)
     gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in model.graph.node if n.name == "/model/output/MatMulNBits")

@@ -41,6 +41,7 @@ PROVIDERS = ("cpu", "cuda")
 # MatMulNBits accuracy_level: 4 = int8 activations with int32 accumulation (CPU's fast path);
 # 0 = activations in their own type (CUDA ignores the level).
 ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
+KERNELS = ("auto", "native", "nbits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class QuantSettings:
     provider: str = "cpu"  # picks the accuracy level
     accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
     fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
+    kernel: str = "auto"  # 4-bit projections: "native" (ai.llamaonnx.MatMulQ4), "nbits", "auto"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -68,6 +70,13 @@ class QuantSettings:
         if self.precision != "fp16":
             check_settings(self.bits, self.block_size)
             check_settings(self.head_bits, self.block_size)
+        if self.kernel not in KERNELS:
+            raise QuantizationError(f"unknown kernel {self.kernel!r}; choose one of {KERNELS}")
+        if self.kernel == "native" and not self.native_applies:
+            raise QuantizationError(
+                "--kernel native is llamaonnx's CPU int4 kernel (int8 activations): it needs "
+                "--precision int4, --for-provider cpu, accuracy level 4 and float32 activations"
+            )
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise QuantizationError(
                 f"accuracy level must be 0-4 (0: activations in float, 4: int8), "
@@ -79,6 +88,26 @@ class QuantSettings:
         if self.accuracy_level is not None:
             return self.accuracy_level
         return ACCURACY_LEVEL[self.provider]
+
+    @property
+    def native_applies(self) -> bool:
+        return (
+            self.bits == 4
+            and self.provider == "cpu"
+            and self.level == 4
+            and not self.fp16_activations
+        )
+
+    @property
+    def native(self) -> bool:
+        """Whether 4-bit blocks of 32 go to llamaonnx's own kernel (`export/quant/native.py`)."""
+        if self.kernel == "nbits" or not self.native_applies:
+            return False
+        if self.kernel == "native":
+            return True
+        from runtime import native
+
+        return native.available()
 
     @property
     def bits(self) -> int:
@@ -179,6 +208,18 @@ def plan(settings: QuantSettings, info: dict):
     return choose, embedding_blocks, notes
 
 
+def _genai_custom_ops(path: Path) -> None:
+    """onnxruntime-genai loads the kernel library named in the decoder's session options. The
+    path is this install's library: the folder runs in genai where llamaonnx is installed."""
+    from export.folder import write_json
+    from runtime import native
+
+    config = json.loads(path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["custom_ops_library"] = str(native.library_path().resolve())
+    write_json(path, config)
+
+
 def quantize_folder(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -220,7 +261,9 @@ def quantize_folder(
         # CUDA's MatMulNBits runs its batch-1 kernel only for K % 8 == 0 (else it dequantizes
         # the whole weight on every call)
         k_multiple = 8 if settings.provider == "cuda" else 1
-        layers = quantize_graph(proto, choose, settings.level, embedding_blocks, k_multiple)
+        layers = quantize_graph(
+            proto, choose, settings.level, embedding_blocks, k_multiple, settings.native
+        )
     if settings.float_type == "float16":
         from export.quant.fp16 import convert_fp16
         from export.quant.nbits import fuse_float_projections
@@ -228,6 +271,9 @@ def quantize_folder(
         if not settings.bits:  # (the int4/int8 path fuses its own)
             notes["fused_projections"] = fuse_float_projections(proto)
         convert_fp16(proto)
+    from export.quant.native import DOMAIN as native_domain
+
+    native_ops = any(n.domain == native_domain for n in proto.graph.node)
     progress(
         f"quantize {settings.precision}: {len(layers)} weights "
         f"({dict(collections.Counter(b.origin for b in layers.values()))}) "
@@ -237,6 +283,7 @@ def quantize_folder(
         **dataclasses.asdict(settings),
         "keep": list(settings.keep),
         "accuracy_level": settings.level if settings.bits else None,
+        "kernel": "native" if native_ops else "nbits" if settings.bits else None,
         "float_type": settings.float_type,
         "weights": {m: f"{b.origin} {b.bits}-bit/{b.block_size}" for m, b in layers.items()},
         "origins": dict(collections.Counter(f"{b.origin} {b.bits}-bit" for b in layers.values())),
@@ -247,6 +294,7 @@ def quantize_folder(
     }
     new_info = {
         **info,
+        **({"custom_ops": [native_domain]} if native_ops else {}),
         "precision": settings.precision,
         "kv_dtype": settings.float_type,
         "quantization": quant,
@@ -257,6 +305,8 @@ def quantize_folder(
         for f in in_dir.iterdir():
             if f.name not in ("model.onnx", "model.onnx.data", "llamaonnx.json", "report.json"):
                 (tmp / f.name).write_bytes(f.read_bytes())
+        if native_ops and (tmp / "genai_config.json").is_file():
+            _genai_custom_ops(tmp / "genai_config.json")
         write_json(tmp / "llamaonnx.json", new_info)
         size = model_size(tmp)
         progress(f"save    {out_dir}: {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f}s)")

@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from export.passes.graph import ensure_opset, producers, prune
 from export.quant.blocks import FINE, Blocks, offset_rows, sum_repeats
+from export.quant.native import DOMAIN, GATHER8, OP, SWIGLU, op_for, pack, supports
 
 MS = "com.microsoft"
 _LINEAR = re.compile(r"^/model/(.+)/MatMul$")
@@ -63,13 +64,18 @@ def quantize_graph(
     accuracy_level: int,
     embedding_blocks: Callable[[np.ndarray, Blocks | None], Blocks | None],
     k_multiple: int = 1,
+    native: bool = False,
 ) -> dict[str, Blocks]:
     """Rewrites `model` in place; returns module → the Blocks it now holds ("tok_embeddings" for
     the embedding). `embedding_blocks(table, head_blocks)` decides the embedding: when it returns
     the LM head's own Blocks (tied weights), both ops read one copy of the codes. `k_multiple`:
-    inputs widened by Q4_1 block sums are kept a multiple of it (8 for CUDA, see `sum_repeats`)."""
+    inputs widened by Q4_1 block sums are kept a multiple of it (8 for CUDA, see `sum_repeats`).
+    `native`: 4-bit blocks of 32 go to llamaonnx's own CPU kernel (`ai.llamaonnx.MatMulQ4`, which
+    reads Q4_1's offsets directly: no block sums), the rest to MatMulNBits."""
     g = model.graph
     ensure_opset(model, MS, 1)
+    if native:
+        ensure_opset(model, DOMAIN, 1)
     new_inits: list[onnx.TensorProto] = []
     done: dict[str, Blocks] = {}
     block_sums: dict[tuple[str, int], str] = {}  # (input, block size) → [x, S_0, S_0/FINE, …]
@@ -85,6 +91,18 @@ def quantize_graph(
     def emit(nodes_out: list, x: str, blocks: Blocks, out: str, name: str, prefix: str) -> None:
         """MatMulNBits(x) → out; with Q4_1 offsets, MatMulNBits([x, block sums of x])."""
         n_out, k = blocks.shape
+        if native and supports(blocks):
+            op = op_for(blocks)
+            nodes_out.append(
+                helper.make_node(
+                    op,
+                    [x, init(f"{prefix}.tiles", pack(blocks))],
+                    [out],
+                    name=f"{name}/{op}",
+                    domain=DOMAIN,
+                )
+            )
+            return
         if blocks.offsets is not None:
             repeats = sum_repeats(k, blocks.block_size, k_multiple)
             x = with_block_sums(nodes_out, x, k, blocks.block_size, name, repeats)
@@ -187,12 +205,58 @@ def quantize_graph(
         head = done.get("output")
         blocks = embedding_blocks(table, head)
         if blocks is not None:
-            _quantize_embedding(g, node, blocks, shared=blocks is head, init=init)
+            head_native = blocks is head and native and supports(head)
+            if head_native and head.bits == 8:
+                _native_embedding(g, node, head)
+            else:  # (a 4-bit native head's tiles have no gather: the embedding gets its codes)
+                shared = blocks is head and not head_native
+                _quantize_embedding(g, node, blocks, shared=shared, init=init)
             done["tok_embeddings"] = blocks
 
     g.initializer.extend(new_inits)
+    if native:
+        _fuse_swiglu(g)
     prune(model)
     return done
+
+
+def _fuse_swiglu(g: onnx.GraphProto) -> int:
+    """A native gate/up projection, Split, then silu(gate)·up (Sigmoid, Mul, Mul) → one
+    MatMulQ4SwiGLU computing that product. Returns how many were fused."""
+    made_by = producers(g)
+    users = _consumers(g)
+
+    def only_user(name: str, op: str) -> onnx.NodeProto | None:
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    fused = 0
+    for mm in [n for n in g.node if n.op_type == OP and n.name.endswith("/w13/MatMulQ4")]:
+        split = only_user(mm.output[0], "Split")
+        if split is None or len(split.output) != 2:
+            continue
+        gate, up = split.output
+        sig = next((n for n in users.get(gate, []) if n.op_type == "Sigmoid"), None)
+        silu = sig and only_user(sig.output[0], "Mul")
+        if silu is None or sorted(silu.input) != sorted([gate, sig.output[0]]):
+            continue
+        if len(users.get(gate, [])) != 2:  # the Sigmoid and the silu Mul only
+            continue
+        prod = only_user(silu.output[0], "Mul")
+        if prod is None or sorted(prod.input) != sorted([silu.output[0], up]):
+            continue
+        if len(users.get(up, [])) != 1 or made_by.get(up) is not split:
+            continue
+        new = helper.make_node(
+            SWIGLU,
+            list(mm.input),
+            [prod.output[0]],
+            name=mm.name.replace(OP, SWIGLU),
+            domain=DOMAIN,
+        )
+        _replace(g, [mm, split, sig, silu, prod], [new])
+        fused += 1
+    return fused
 
 
 def fuse_float_projections(model: onnx.ModelProto) -> int:
@@ -328,6 +392,19 @@ def concat(parts: list[Blocks]) -> Blocks:
         ),
         "+".join(sorted({b.origin for b in parts})),
     )
+
+
+def _native_embedding(g, node, head: Blocks) -> None:
+    """The tied embedding as GatherQ8 rows of the LM head's own MatMulQ8 tiles: one copy of the
+    codes serves both."""
+    gather = helper.make_node(
+        GATHER8,
+        ["model.output.tiles", node.input[1]],
+        [node.output[0]],
+        name="/model/tok_embeddings/GatherQ8",
+        domain=DOMAIN,
+    )
+    _replace(g, [node], [gather])
 
 
 def _quantize_embedding(g, node, blocks: Blocks, shared: bool, init) -> None:

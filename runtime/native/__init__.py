@@ -1,0 +1,51 @@
+"""llamaonnx's own onnxruntime kernels (q4ops.c), built by `pip install` into this folder."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from functools import cache
+from pathlib import Path
+
+from runtime.errors import ModelFolderError
+
+DOMAIN = "ai.llamaonnx"
+HERE = Path(__file__).parent
+
+
+def library_path() -> Path:
+    """The built library, or ModelFolderError saying how to build it."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = HERE / f"_q4ops{suffix}"
+        if path.is_file():
+            return path
+    raise ModelFolderError(
+        f"this model uses llamaonnx's CPU kernel ({DOMAIN}.MatMulQ4), whose library is not built "
+        f"in {HERE}: reinstall with `pip install -e .` (or `pip install .`), which compiles "
+        "runtime/native/q4ops.c and needs a C compiler; or quantize with --kernel nbits"
+    )
+
+
+def available() -> bool:
+    try:
+        library_path()
+    except ModelFolderError:
+        return False
+    return True
+
+
+@cache
+def library() -> ctypes.CDLL:
+    """The library through ctypes: its plain C entry points, for tests and tools."""
+    lib = ctypes.CDLL(str(library_path()))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.llamaonnx_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+    lib.llamaonnx_gather_q8.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    lib.llamaonnx_gather_q8.restype = i64
+    lib.llamaonnx_fast_path.argtypes = [ctypes.c_int]
+    return lib
+
+
+def fast_path() -> bool:
+    """Whether this CPU runs the AVX-512 VNNI kernel (else the portable C one: correct, slow)."""
+    return bool(library().llamaonnx_fast_path(0))

@@ -1,0 +1,18 @@
+"""The one compiled part: llamaonnx's CPU kernel library for onnxruntime (runtime/native/q4ops.c).
+
+It is a plain shared library that onnxruntime loads (SessionOptions.register_custom_ops_library),
+not a Python module; setuptools builds it because it already knows the platform's compiler and
+naming. Everything else is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "runtime.native._q4ops",
+            sources=["runtime/native/q4ops.c"],
+            extra_compile_args=["-O3", "-std=gnu11"],
+            libraries=["m"],
+        )
+    ]
+)
