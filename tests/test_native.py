@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export.errors import QuantizationError
 from export.quant.blocks import Blocks, from_gguf, quantize
 from export.quant.native import (
+    ATTENTION,
     DOMAIN,
     GATHER8,
     OP,
@@ -231,3 +232,93 @@ def test_missing_library_says_how_to_build_it(monkeypatch, tmp_path):
 def test_this_machine_runs_the_fast_path_or_says_so():
     """Not a speed test: records which code path CI's CPU takes (both are checked above)."""
     assert native.fast_path() in (True, False)
+
+
+# -- attention -------------------------------------------------------------------------------------
+H, HKV, D, LEN = 6, 2, 64, 64
+
+
+def _gqa(ours: bool, qkv, key, value, seqlens, total, tables):
+    """One attention node — onnxruntime's GroupQueryAttention or ours — run on a shared cache
+    buffer as the runtime binds it; returns the output and the cache after."""
+    cos, sin = tables
+    if ours:
+        inputs = ["qkv", "pk", "pv", "sl", "tot", "cos", "sin"]
+        attrs = {"domain": DOMAIN}
+    else:
+        inputs = ["qkv", "", "", "pk", "pv", "sl", "tot", "cos", "sin"]
+        attrs = {"domain": "com.microsoft", "do_rotary": 1, "rotary_interleaved": 0}
+    node = helper.make_node(
+        ATTENTION, inputs, ["o", "k", "v"], num_heads=H, kv_num_heads=HKV, scale=0.125, **attrs
+    )
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            info("qkv", TensorProto.FLOAT, list(qkv.shape)),
+            info("pk", TensorProto.FLOAT, list(key.shape)),
+            info("pv", TensorProto.FLOAT, list(value.shape)),
+            info("sl", TensorProto.INT32, [len(seqlens)]),
+            info("tot", TensorProto.INT32, []),
+        ],
+        [info(n, TensorProto.FLOAT, None) for n in "okv"],
+        [numpy_helper.from_array(cos, "cos"), numpy_helper.from_array(sin, "sin")],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 21),
+            helper.make_opsetid("com.microsoft", 1),
+            helper.make_opsetid(DOMAIN, 1),
+        ],
+    )
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(native.library_path()))
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    key, value = key.copy(), value.copy()  # bound as past and present: written in place
+    k, v = ort.OrtValue.ortvalue_from_numpy(key), ort.OrtValue.ortvalue_from_numpy(value)
+    b = sess.io_binding()
+    b.bind_cpu_input("qkv", qkv)
+    b.bind_ortvalue_input("pk", k)
+    b.bind_ortvalue_input("pv", v)
+    b.bind_cpu_input("sl", np.asarray(seqlens, np.int32))
+    b.bind_cpu_input("tot", np.array(total, np.int32))
+    b.bind_output("o", "cpu")
+    b.bind_ortvalue_output("k", k)
+    b.bind_ortvalue_output("v", v)
+    sess.run_with_iobinding(b)
+    return b.get_outputs()[0].numpy(), key, value
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_attention_matches_onnxruntime_group_query_attention(portable):
+    """A padded two-row prompt, a decode step, then a second chunk of three tokens: the same
+    outputs and cache as onnxruntime's kernel (on the rows' real tokens)."""
+    pos = np.arange(LEN)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))[None]
+    tables = (np.cos(pos).astype(np.float32), np.sin(pos).astype(np.float32))
+    width = (H + 2 * HKV) * D
+    lib = native.library()
+    try:
+        lib.llamaonnx_fast_path(int(portable))
+        both = {}
+        for ours in (False, True):
+            cache = np.zeros((2, HKV, LEN, D), np.float32)
+            prompt = np.random.default_rng(1).standard_normal((2, 37, width)).astype(np.float32)
+            o1, k, v = _gqa(ours, prompt, cache, cache, [36, 20], 37, tables)
+            step = np.random.default_rng(2).standard_normal((2, 1, width)).astype(np.float32)
+            o2, k, v = _gqa(ours, step, k, v, [37, 21], 38, tables)
+            chunk = np.random.default_rng(3).standard_normal((1, 3, width)).astype(np.float32)
+            o3, k3, _ = _gqa(ours, chunk, k[:1], v[:1], [40], 41, tables)
+            both[ours] = (o1, o2, o3, k, v, k3)
+    finally:
+        lib.llamaonnx_fast_path(0)
+    (a1, a2, a3, ak, av, ak3), (b1, b2, b3, bk, bv, bk3) = both[False], both[True]
+    close = dict(rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(b1[0], a1[0], **close)
+    np.testing.assert_allclose(b1[1, :21], a1[1, :21], **close)  # row 1: 21 real tokens
+    np.testing.assert_allclose(b2, a2, **close)
+    np.testing.assert_allclose(b3, a3, **close)
+    np.testing.assert_allclose(bk[0, :, :38], ak[0, :, :38], **close)
+    np.testing.assert_allclose(bv[1, :, :22], av[1, :, :22], **close)
+    np.testing.assert_allclose(bk3[0, :, :41], ak3[0, :, :41], **close)

@@ -177,7 +177,10 @@ def test_int4_on_cpu_runs_the_native_kernel_with_the_head_on_matmul_nbits(quanti
     assert ops["Split"] == ops["Sigmoid"] == 0
     info = json.loads((quantized[target, "int4"] / "llamaonnx.json").read_text())
     assert info["custom_ops"] == ["ai.llamaonnx"] and info["quantization"]["kernel"] == "native"
-    if target == "ort":
+    if target == "ort":  # and its attention (onnxruntime's GroupQueryAttention's inputs)
+        gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(gqa) == L and {n.domain for n in gqa} == {"ai.llamaonnx"}
+        assert all(len(n.input) == 7 and all(n.input) for n in gqa)
         genai = json.loads((quantized[target, "int4"] / "genai_config.json").read_text())
         library = genai["model"]["decoder"]["session_options"]["custom_ops_library"]
         assert library == str(native.library_path().resolve())

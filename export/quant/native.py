@@ -17,6 +17,7 @@ from export.quant.blocks import Blocks
 ROWS, BLOCK, TILE, TILE8 = 16, 32, 336, 560
 DOMAIN, OP, OP8, GATHER8 = "ai.llamaonnx", "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
+ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
 
 
 def supports(blocks: Blocks) -> bool:

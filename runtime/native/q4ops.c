@@ -394,11 +394,62 @@ AVX512 static inline __m512 exp512(__m512 x) { /* Cephes' expf, as a vector: ~1 
   return _mm512_scalef_ps(p, n);
 }
 
+/* out[0:16w] = inv · Σ_j p_j · v[j, 0:16w]: w columns of 16 × even/odd keys, 2w chains. */
+AVX512 static inline void weigh_values(const float* p, const float* v, int64_t n, int64_t d,
+                                       int w, __m512 inv, float* out) {
+  __m512 even[4], odd[4];
+  for (int c = 0; c < 4; c++) even[c] = odd[c] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+    for (int c = 0; c < w; c++) {
+      even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * d + 16 * c), even[c]);
+      odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v + (j + 1) * d + 16 * c), odd[c]);
+    }
+  }
+  if (j < n) {
+    __m512 p0 = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < w; c++)
+      even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * d + 16 * c), even[c]);
+  }
+  for (int c = 0; c < w; c++)
+    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), inv));
+}
+
 /* out[0:d] = softmax(scale · q·K[0:n]) · V[0:n], d a multiple of 16. */
 AVX512 static void attend_avx512(const float* q, const float* k, const float* v, int64_t n,
                                  int64_t d, float scale, float* sc, float* out) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < n; j++) {
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) { /* 16 keys, their 16 dot products summed as one transpose */
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int jj = 0; jj < 16; jj++) acc[jj] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) { /* 16 independent chains */
+      __m512 qi = _mm512_loadu_ps(q + i);
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; jj++)
+        acc[jj] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k + (j0 + jj) * d + i), acc[jj]);
+    }
+    __m512 x[8], z[4];
+    for (int p = 0; p < 8; p++)
+      x[p] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * p], acc[2 * p + 1]),
+                           _mm512_unpackhi_ps(acc[2 * p], acc[2 * p + 1]));
+    for (int p = 0; p < 4; p++)
+      z[p] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0x44),
+                           _mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0xEE));
+    __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                               _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+    __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88),
+                               _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+    __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88),
+                             _mm512_shuffle_f32x4(u01, u23, 0xDD));
+    r = _mm512_mul_ps(r, _mm512_set1_ps(scale));
+    _mm512_storeu_ps(sc + j0, r);
+    best = _mm512_max_ps(best, r);
+  }
+  float mx = _mm512_reduce_max_ps(best);
+  for (int64_t j = j0; j < n; j++) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16)
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + j * d + i), acc);
@@ -418,12 +469,10 @@ AVX512 static void attend_avx512(const float* q, const float* k, const float* v,
     _mm512_mask_storeu_ps(sc + j, tail, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
   }
-  float inv = 1.f / _mm512_reduce_add_ps(sum);
-  for (int64_t i = 0; i < d; i += 16) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t jj = 0; jj < n; jj++)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[jj]), _mm512_loadu_ps(v + jj * d + i), acc);
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    if (d - i0 >= 64) weigh_values(sc, v + i0, n, d, 4, inv, out + i0);
+    else weigh_values(sc, v + i0, n, d, (int)((d - i0) / 16), inv, out + i0);
   }
 }
 #endif
@@ -744,7 +793,10 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
             (float*)op, scores, seqlens, b, s, h, hkv, d, present, cd[0], present, scale, first};
   for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
   OrtStatus* st = NULL;
-  if (b * h * s * total * d >= (1 << 18)) /* enough work to be worth waking the other threads */
+  /* At decode the step is a read of the rows' cache (from memory: the weights streamed since
+     evicted it), which two threads do at nearly twice one's bandwidth; a short cache or tiny
+     model is not worth waking the other threads for. */
+  if (b * hkv * total * d * 8 >= (128 << 10) || b * h * s * total * d >= (1 << 18))
     st = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, attn_heads, (size_t)(b * h), 0, &a);
   else
     for (int64_t t = 0; t < b * h; t++) attn_heads(&a, (size_t)t);
