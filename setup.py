@@ -2,7 +2,9 @@
 
 It is a plain shared library that onnxruntime loads (SessionOptions.register_custom_ops_library),
 not a Python module; setuptools builds it because it already knows the platform's compiler and
-naming. Everything else is in pyproject.toml."""
+naming. It needs GCC or Clang; where it cannot be built the install goes on without it and int4
+models are written in onnxruntime's own MatMulNBits form (`--kernel auto`), slower on the CPU.
+Everything else is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -13,6 +15,7 @@ setup(
             sources=["runtime/native/q4ops.c"],
             extra_compile_args=["-O3", "-std=gnu11"],
             libraries=["m"],
+            optional=True,
         )
     ]
 )

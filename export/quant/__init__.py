@@ -274,8 +274,13 @@ def quantize_folder(
     from export.quant.native import DOMAIN as native_domain
 
     native_ops = any(n.domain == native_domain for n in proto.graph.node)
+    kernel = ""
+    if settings.bits:
+        kernel = "llamaonnx's kernels, " if native_ops else "MatMulNBits, "
+        if settings.kernel == "auto" and settings.native_applies and not native_ops:
+            kernel = "MatMulNBits (llamaonnx's kernel library is not built here), "
     progress(
-        f"quantize {settings.precision}: {len(layers)} weights "
+        f"quantize {settings.precision}: {kernel}{len(layers)} weights "
         f"({dict(collections.Counter(b.origin for b in layers.values()))}) "
         f"({time.perf_counter() - t:.1f}s)"
     )
