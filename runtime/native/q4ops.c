@@ -224,27 +224,20 @@ AVX512 static inline void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, in
   for (int t = 0; t < T; t++) _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t]);
 }
 
-AVX512 static void rows_avx512_q8(const Job* j, int64_t g0, int64_t g1) {
-  for (int64_t g = g0; g < g1; g++) {
-    int64_t t = 0;
-    for (; t + 4 <= j->m; t += 4) tile_tokens_q8(j, g, t, 4);
-    switch (j->m - t) {
-      case 3: tile_tokens_q8(j, g, t, 3); break;
-      case 2: tile_tokens_q8(j, g, t, 2); break;
-      case 1: tile_tokens_q8(j, g, t, 1); break;
-      default: break;
-    }
-  }
+/* One tile of either format; T is a constant wherever this is inlined. */
+AVX512 static inline void tile(const Job* j, int64_t g, int64_t t0, int T) {
+  if (j->bits == 8) tile_tokens_q8(j, g, t0, T);
+  else tile_tokens(j, g, t0, T);
 }
 
 AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; g++) {
     int64_t t = 0;
-    for (; t + 4 <= j->m; t += 4) tile_tokens(j, g, t, 4);
+    for (; t + 4 <= j->m; t += 4) tile(j, g, t, 4);
     switch (j->m - t) {
-      case 3: tile_tokens(j, g, t, 3); break;
-      case 2: tile_tokens(j, g, t, 2); break;
-      case 1: tile_tokens(j, g, t, 1); break;
+      case 3: tile(j, g, t, 3); break;
+      case 2: tile(j, g, t, 2); break;
+      case 1: tile(j, g, t, 1); break;
       default: break;
     }
   }
@@ -294,8 +287,7 @@ static void run_chunk(void* data, size_t i) {
 static void rows(const Job* j, int64_t g0, int64_t g1) {
 #if defined(__x86_64__)
   if (fast_path()) {
-    if (j->bits == 8) rows_avx512_q8(j, g0, g1);
-    else rows_avx512(j, g0, g1);
+    rows_avx512(j, g0, g1);
     return;
   }
 #endif
