@@ -84,6 +84,12 @@ def register_custom_ops(opts, info: ModelInfo) -> None:
                 f"{native.DOMAIN!r}"
             )
         opts.register_custom_ops_library(str(native.library_path()))
+        if not native.fast_path():
+            log.warning(
+                "%s runs llamaonnx's kernels, and this CPU lacks AVX-512 VNNI: their portable C "
+                "path is correct but slow; for this CPU quantize with --kernel nbits",
+                info.folder,
+            )
 
 
 def bucket(max_length: int, limit: int) -> int:

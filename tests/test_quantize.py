@@ -364,3 +364,27 @@ def test_verify_cli_checks_the_asked_provider_and_table_has_a_row_per_provider(
     (folder / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match="was not verified"):
         quality_table([folder])
+
+
+def test_auto_kernel_keeps_matmul_nbits_where_the_fast_kernel_cannot_run(
+    tiny_folders, quantized, tmp_path, monkeypatch, caplog
+):
+    """Without AVX-512 VNNI the native kernels would run their portable C path, slower than
+    MatMulNBits: auto writes MatMulNBits there (and says so), and a native folder opened on such a
+    CPU gets a warning."""
+    import logging
+
+    from runtime.session import Session
+
+    monkeypatch.setattr(native, "fast_path", lambda: False)
+    said = []
+    out = tmp_path / "auto"
+    quantize_folder(
+        tiny_folders["ort"], out, QuantSettings("int4"), verify=False, progress=said.append
+    )
+    _, ops = _ops(out)
+    assert ops["MatMulQ4"] == 0 and ops["MatMulNBits"] == PER_LAYER["ort"] * L + 1
+    assert any("lack AVX-512 VNNI" in line for line in said)
+    with caplog.at_level(logging.WARNING, logger="runtime.session"):
+        Session(quantized["ort", "int4"], provider="cpu")
+    assert "--kernel nbits" in caplog.text

@@ -56,7 +56,9 @@ class QuantSettings:
     provider: str = "cpu"  # picks the accuracy level
     accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
     fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
-    kernel: str = "auto"  # 4-bit projections: "native" (ai.llamaonnx.MatMulQ4), "nbits", "auto"
+    kernel: str = (
+        "auto"  # int4 on CPU: "native" (ai.llamaonnx ops), "nbits", "auto" (native where fast)
+    )
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -107,7 +109,9 @@ class QuantSettings:
             return True
         from runtime import native
 
-        return native.available()
+        # auto: only where the AVX-512 VNNI kernel runs (the portable C path is correct but
+        # slower than MatMulNBits)
+        return native.available() and native.fast_path()
 
     @property
     def bits(self) -> int:
@@ -278,7 +282,7 @@ def quantize_folder(
     if settings.bits:
         kernel = "llamaonnx's kernels, " if native_ops else "MatMulNBits, "
         if settings.kernel == "auto" and settings.native_applies and not native_ops:
-            kernel = "MatMulNBits (llamaonnx's kernel library is not built here), "
+            kernel = "MatMulNBits (llamaonnx's kernels are not built or lack AVX-512 VNNI here), "
     progress(
         f"quantize {settings.precision}: {kernel}{len(layers)} weights "
         f"({dict(collections.Counter(b.origin for b in layers.values()))}) "
