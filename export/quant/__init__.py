@@ -56,9 +56,8 @@ class QuantSettings:
     provider: str = "cpu"  # picks the accuracy level
     accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
     fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
-    kernel: str = (
-        "auto"  # int4 on CPU: "native" (ai.llamaonnx ops), "nbits", "auto" (native where fast)
-    )
+    # int4 on CPU: "native" (ai.llamaonnx ops), "nbits" (MatMulNBits), "auto" (native where fast)
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

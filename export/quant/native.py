@@ -13,9 +13,10 @@ import numpy as np
 
 from export.errors import QuantizationError
 from export.quant.blocks import Blocks
+from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers the library for
 
 ROWS, BLOCK, TILE, TILE8 = 16, 32, 336, 560
-DOMAIN, OP, OP8, GATHER8 = "ai.llamaonnx", "MatMulQ4", "MatMulQ8", "GatherQ8"
+OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
 

@@ -536,22 +536,6 @@ static void attn_heads(void* data, size_t task) {
   }
 }
 
-/* For tests, without onnxruntime (one thread). Returns 0 on success. */
-int llamaonnx_attention(const float* qkv, int64_t b, int64_t s, int64_t h, int64_t hkv, int64_t d,
-                        float* key, float* value, int64_t len, const int32_t* seqlens,
-                        int64_t total, const float* cosines, const float* sines, int64_t rot_len,
-                        float scale, float* out) {
-  if (d > 512 || d % 2 || h % hkv) return 1;
-  float* scores = malloc(sizeof(float) * (size_t)(b * h * len) + 64);
-  if (!scores) return 2;
-  Attn a = {qkv, cosines, sines, key, value, out, scores, seqlens, b, s, h, hkv, d, len, rot_len,
-            len, scale, total == s};
-  for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
-  for (int64_t t = 0; t < b * h; t++) attn_heads(&a, (size_t)t);
-  free(scores);
-  return 0;
-}
-
 /* ---- onnxruntime binding ----------------------------------------------------------------- */
 
 typedef struct OrtStatus OrtStatus;
@@ -631,6 +615,20 @@ static OrtStatus* shape_of(const OrtValue* v, int64_t* dims, size_t* rank) {
   return s;
 }
 
+/* Input i of a kernel call: its value, shape and data. */
+typedef struct {
+  const OrtValue* value;
+  int64_t dims[8];
+  size_t rank;
+  void* data;
+} Input;
+
+static OrtStatus* input(OrtKernelContext* ctx, size_t i, Input* in) {
+  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &in->value));
+  TRY(shape_of(in->value, in->dims, &in->rank));
+  return CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in->value, &in->data);
+}
+
 typedef struct {
   int bits, swiglu;
 } Kind;
@@ -639,14 +637,12 @@ static const Kind q4_kind = {4, 0}, q8_kind = {8, 0}, swiglu_kind = {4, 1};
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const Kind* kind = (const Kind*)kernel;
   int bits = kind->bits, tile = bits == 8 ? TILE8 : TILE;
-  const OrtValue *a, *b;
-  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, 0, &a));
-  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, 1, &b));
-  int64_t adims[8], bdims[8];
-  size_t arank, brank;
-  TRY(shape_of(a, adims, &arank));
-  TRY(shape_of(b, bdims, &brank));
-  if (brank != 3 || bdims[2] != tile)
+  Input a, b;
+  TRY(input(ctx, 0, &a));
+  TRY(input(ctx, 1, &b));
+  const int64_t *adims = a.dims, *bdims = b.dims;
+  size_t arank = a.rank;
+  if (b.rank != 3 || bdims[2] != tile)
     return error(ORT_INVALID_ARGUMENT, bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560]"
                                                  : "MatMulQ4: B must be uint8 [N/16, K/32, 336]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
@@ -660,9 +656,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   ydims[arank - 1] = kind->swiglu ? n / 2 : n;
   OrtValue* yv;
   TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 0, ydims, arank, &yv));
-  void *ap, *bp, *yp;
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)a, &ap));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)b, &bp));
+  void* yp;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(yv, &yp));
   if (m == 0) return NULL;
   int8_t* q = malloc((size_t)(m * k) + 64);
@@ -672,16 +666,16 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     return error(ORT_FAIL, "MatMulQ4: out of memory");
   }
   float *s = d + m * nb, *e = s + m * nb;
-  quantize_rows((const float*)ap, m, k, q, d, s, e);
-  /* Chunks of row groups, spread over onnxruntime's intra-op threads: a few per thread so that
-     an uneven one evens out, and at least 4 groups each so a chunk outweighs its dispatch. */
-  int64_t groups = bdims[0], chunk = (kind->swiglu ? groups / 2 : groups) / 8;
+  quantize_rows((const float*)a.data, m, k, q, d, s, e);
+  /* Chunks of row groups (for SwiGLU, of gate groups, each with its up group), spread over
+     onnxruntime's intra-op threads: a few per thread so that an uneven one evens out, and at
+     least 4 groups each so a chunk outweighs its dispatch. */
+  int64_t groups = bdims[0], work = kind->swiglu ? groups / 2 : groups, chunk = work / 8;
   if (chunk < 4) chunk = 4;
-  if (m > 1 && chunk > 2) chunk = (groups + 15) / 16; /* prefill: more, smaller chunks */
-  if (chunk < 1) chunk = 1;
-  Job j = {(const uint8_t*)bp, q,     d, s,           e, (float*)yp, m, k, n, nb, groups, chunk,
-           bits,               kind->swiglu, e + m * nb};
-  int64_t work = kind->swiglu ? groups / 2 : groups;
+  if (m > 1) chunk = (groups + 15) / 16; /* prefill: more, smaller chunks */
+  if (chunk < 1) chunk = 1;                /* (B with no rows) */
+  Job j = {(const uint8_t*)b.data, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
+           bits, kind->swiglu, e + m * nb};
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
   OrtStatus* st = chunks > 1
                       ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
@@ -692,14 +686,12 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
 
 static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
   (void)kernel;
-  const OrtValue *b, *ids;
-  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, 0, &b));
-  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, 1, &ids));
-  int64_t bdims[8], idims[8];
-  size_t brank, irank;
-  TRY(shape_of(b, bdims, &brank));
-  TRY(shape_of(ids, idims, &irank));
-  if (brank != 3 || bdims[2] != TILE8)
+  Input b, ids;
+  TRY(input(ctx, 0, &b));
+  TRY(input(ctx, 1, &ids));
+  const int64_t *bdims = b.dims, *idims = ids.dims;
+  size_t irank = ids.rank;
+  if (b.rank != 3 || bdims[2] != TILE8)
     return error(ORT_INVALID_ARGUMENT, "GatherQ8: B must be uint8 [N/16, K/32, 560]");
   if (irank > 7) return error(ORT_INVALID_ARGUMENT, "GatherQ8: ids of rank above 7");
   int64_t n = bdims[0] * ROWS, k = bdims[1] * BLOCK, count = 1, odims[8];
@@ -707,11 +699,9 @@ static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
   odims[irank] = k;
   OrtValue* out;
   TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 0, odims, irank + 1, &out));
-  void *bp, *ip, *op;
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)b, &bp));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)ids, &ip));
+  void* op;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(out, &op));
-  if (llamaonnx_gather_q8((const uint8_t*)bp, n, k, (const int64_t*)ip, count, (float*)op))
+  if (llamaonnx_gather_q8((const uint8_t*)b.data, n, k, (const int64_t*)ids.data, count, (float*)op))
     return error(ORT_INVALID_ARGUMENT, "GatherQ8: a token id is outside the vocabulary");
   return NULL;
 }
@@ -723,35 +713,22 @@ typedef struct {
 
 static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
   const AttnKernel* kern = (const AttnKernel*)kernel;
-  const OrtValue* in[7];
-  for (size_t i = 0; i < 7; i++) TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &in[i]));
-  int64_t qd[8], kd[8], vd[8], sd[8], cd[8];
-  size_t qr, kr, vr, sr, cr, tr;
-  int64_t td[8];
-  TRY(shape_of(in[0], qd, &qr));
-  TRY(shape_of(in[1], kd, &kr));
-  TRY(shape_of(in[2], vd, &vr));
-  TRY(shape_of(in[3], sd, &sr));
-  TRY(shape_of(in[4], td, &tr));
-  TRY(shape_of(in[5], cd, &cr));
+  Input in[7]; /* qkv, past key, past value, seqlens_k, total_sequence_length, cos, sin */
+  for (size_t i = 0; i < 7; i++) TRY(input(ctx, i, &in[i]));
+  const int64_t *qd = in[0].dims, *kd = in[1].dims, *vd = in[2].dims, *sd = in[3].dims;
+  const int64_t* cd = in[5].dims;
   int64_t h = kern->heads, hkv = kern->kv_heads;
-  if (qr != 3 || kr != 4 || vr != 4 || sr != 1 || cr != 2 || hkv <= 0 || h % hkv)
+  if (in[0].rank != 3 || in[1].rank != 4 || in[2].rank != 4 || in[3].rank != 1 ||
+      in[5].rank != 2 || hkv <= 0 || h % hkv)
     return error(ORT_INVALID_ARGUMENT, "GroupQueryAttention: expects qkv [B, S, (H + 2 Hkv) D], "
                                        "past key/value [B, Hkv, L, D], seqlens_k [B], cos [P, D/2]");
   int64_t b = qd[0], s = qd[1], d = qd[2] / (h + 2 * hkv), len = kd[2];
   if (d * (h + 2 * hkv) != qd[2] || d > 512 || d % 2 || kd[0] != b || kd[1] != hkv ||
       kd[3] != d || memcmp(kd, vd, sizeof(int64_t) * 4) || sd[0] != b || cd[1] * 2 != d)
     return error(ORT_INVALID_ARGUMENT, "GroupQueryAttention: inconsistent shapes");
-  void *qp, *kp, *vp, *sp, *tp, *cp, *snp;
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in[0], &qp));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in[1], &kp));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in[2], &vp));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in[3], &sp));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in[4], &tp));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in[5], &cp));
-  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in[6], &snp));
-  const int32_t* seqlens = (const int32_t*)sp;
-  int64_t total = *(const int32_t*)tp, present = total > len ? total : len;
+  void *kp = in[1].data, *vp = in[2].data;
+  const int32_t* seqlens = (const int32_t*)in[3].data;
+  int64_t total = *(const int32_t*)in[4].data, present = total > len ? total : len;
   int first = total == s;
   for (int64_t i = 0; i < b; i++) {
     int64_t past = first ? 0 : (int64_t)seqlens[i] + 1 - s;
@@ -781,7 +758,8 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
   float* scores = malloc(sizeof(float) * (size_t)(b * h * present) + 64);
   if (!scores) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
   float scale = kern->scale != 0.f ? kern->scale : 1.f / sqrtf((float)d);
-  Attn a = {(const float*)qp, (const float*)cp, (const float*)snp, (float*)pkp, (float*)pvp,
+  Attn a = {(const float*)in[0].data, (const float*)in[5].data, (const float*)in[6].data,
+            (float*)pkp, (float*)pvp,
             (float*)op, scores, seqlens, b, s, h, hkv, d, present, cd[0], present, scale, first};
   for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
   OrtStatus* st = NULL;
