@@ -67,7 +67,7 @@ $(VENV)/.bench-done: $(VENV)/.setup-done
 	touch $@
 
 models/genai-int4/genai_config.json: | $(VENV)/.bench-done
-	$(VENV)/bin/llamaonnx hf-folder models/smollm2-135m-hf
+	$(VENV)/bin/llamaonnx hf-folder models/smollm2-135m-hf --force
 	cd models && ../$(PY) -m onnxruntime_genai.models.builder -i smollm2-135m-hf -o genai-int4 \
 		-p int4 -e cpu -c ../build/genai-cache
 

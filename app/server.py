@@ -19,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+from runtime import options
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path("models/smollm2-135m-ort-int4")
@@ -137,7 +139,7 @@ def build(folders: list[Path], bench: Path | None = None, threads: int | None = 
     import gradio as gr
 
     from app.graph_view import layer_picture
-    from runtime.errors import ContextLengthError
+    from runtime.errors import ContextLengthError, LlamaonnxError
     from runtime.generator import GenerationConfig, Generator
 
     models = Models(folders, threads=threads)
@@ -146,7 +148,29 @@ def build(folders: list[Path], bench: Path | None = None, threads: int | None = 
     def respond(
         message, history, system, label, provider, temperature, top_p, top_k, max_new, seed
     ):
-        """Streams the reply: yields (chat history, figures line)."""
+        """Streams the reply: yields (chat history, figures line). Bad settings, text or
+        templates come back as an error in the page, never a dead reply."""
+        try:
+            yield from _respond(
+                message,
+                history,
+                system,
+                label,
+                provider,
+                temperature,
+                top_p,
+                top_k,
+                max_new,
+                seed,
+            )
+        except ContextLengthError as e:
+            raise gr.Error(f"{e}. Press Clear to start over.", title="Too long") from None
+        except LlamaonnxError as e:
+            raise gr.Error(str(e), title=type(e).__name__) from None
+
+    def _respond(
+        message, history, system, label, provider, temperature, top_p, top_k, max_new, seed
+    ):
         message = (message or "").strip()
         if not message:
             raise gr.Error("Type a message first.", title="Empty message")
@@ -165,24 +189,22 @@ def build(folders: list[Path], bench: Path | None = None, threads: int | None = 
                 f"context of {session.info.max_position} tokens. Press Clear to start over.",
                 title="Too long",
             )
+        max_new = options.integer("max new tokens", max_new, 1)
         config = GenerationConfig(
-            max_new_tokens=min(int(max_new), room),
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            seed=None if seed is None or seed < 0 else int(seed),
+            max_new_tokens=min(max_new, room),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=None if seed is None or options.number("seed", seed) < 0 else int(seed),
         )
         history.append({"role": "user", "content": message})
         yield history, "reading the prompt…"  # the user's message shows at once
         reply = {"role": "assistant", "content": ""}
-        try:
-            for piece in gen.stream(ids, config):
-                if not reply["content"]:
-                    history.append(reply)
-                reply["content"] += piece
-                yield history, "generating…"
-        except ContextLengthError as e:
-            raise gr.Error(f"{e}. Press Clear to start over.", title="Too long") from None
+        for piece in gen.stream(ids, config):
+            if not reply["content"]:
+                history.append(reply)
+            reply["content"] += piece
+            yield history, "generating…"
         yield history, stats_line(gen.stats)
 
     def model_tab(label):
@@ -302,9 +324,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="a public gradio.live link (asked only)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--concurrency", type=int, default=2, help="replies generated at once")
-    p.add_argument("--queue-size", type=int, default=16, help="requests waiting at most")
+    p.add_argument(
+        "--threads",
+        type=options.argparse_type(options.integer, 1),
+        default=None,
+        help="onnxruntime intra-op threads: 1 to 4× the core count",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=options.argparse_type(options.integer, 1, 64),
+        default=2,
+        help="replies generated at once (1-64)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=options.argparse_type(options.integer, 1, 10_000),
+        default=16,
+        help="requests waiting at most (1-10000)",
+    )
     p.add_argument("--bench", type=Path, default=DEFAULT_BENCH, help="bench results JSON")
 
 

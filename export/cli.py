@@ -9,9 +9,32 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path("models/smollm2-135m-ort-fp32")
+from runtime import options
+from runtime.errors import LlamaonnxError, Terminated
+from runtime.files import signals_raise
+
+log = logging.getLogger("llamaonnx")
+
+
+def _int(lo: int | None = None, hi: int | None = None):
+    return options.argparse_type(options.integer, lo, hi)
+
+
+def _float(lo=None, hi=None, lo_open=False, hi_open=False):
+    return options.argparse_type(options.number, lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def _text(value: str, what: str) -> str:
+    """Command-line text as valid Unicode: invalid UTF-8 bytes become U+FFFD, and we say so."""
+    from runtime.tokenizer import repair_text
+
+    text, replaced = repair_text(value)
+    if replaced:
+        log.warning("%s had bytes that are not UTF-8; they were replaced by U+FFFD", what)
+    return text
 
 
 def _quant_settings(args):
@@ -68,7 +91,7 @@ def _hf_folder(args) -> int:
     from export.hf_folder import write_source
     from export.weights import load_source
 
-    write_source(load_source(args.source), args.out_dir)
+    write_source(load_source(args.source), args.out_dir, force=args.force)
     print(f"wrote {args.out_dir}")
     return 0
 
@@ -81,7 +104,7 @@ def _table(args) -> int:
 
 
 def _bench(args) -> int:
-    from runtime.bench import SWEEP, bench, chart, table
+    from runtime.bench import SWEEP, PeerError, bench, chart, table
 
     data = bench(
         args.model_dirs,
@@ -97,6 +120,7 @@ def _bench(args) -> int:
         sweep=SWEEP if args.sweep else (),
         sweep_runs=args.sweep_runs,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
+        check_files=not args.skip_checksums,
     )
     print(table(data))
     if args.json:
@@ -121,6 +145,12 @@ def _bench(args) -> int:
         tmp.write_text(report_markdown(data, command, png))
         tmp.replace(args.markdown)
         print(f"wrote {args.markdown}", file=sys.stderr)
+    failed = [r for r in data["results"] if r.get("error")]
+    if failed:  # after the table and files: what did run is kept, and the exit says what did not
+        raise PeerError(
+            "; ".join(f"{r['name']} could not run: {r['error']}" for r in failed)
+            + ". Install the peer (make bench) or leave its --peer / --genai-dir out"
+        )
     return 0
 
 
@@ -132,7 +162,9 @@ def _app(args) -> int:
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     q = p.add_argument_group("quantization (int4, int8, fp16)")
-    q.add_argument("--block-size", type=int, default=32, help="MatMulNBits block: 16-256, 2^n")
+    q.add_argument(
+        "--block-size", type=_int(16, 256), default=32, help="MatMulNBits block: 16-256, 2^n"
+    )
     q.add_argument(
         "--symmetric", action="store_true", help="symmetric blocks (default: zero points)"
     )
@@ -142,7 +174,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="quantize the float weights even where the GGUF source has Q4_0/Q4_1/Q8_0 blocks",
     )
     q.add_argument(
-        "--head-bits", type=int, default=8, help="bits of the LM head and embedding (4 | 8)"
+        "--head-bits",
+        type=int,
+        choices=(4, 8),
+        default=8,
+        help="bits of the LM head and embedding (4 | 8)",
     )
     q.add_argument(
         "--float-embedding", action="store_true", help="keep the token embedding in float"
@@ -163,6 +199,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--accuracy-level",
         type=int,
+        choices=range(5),
         default=None,
         help="MatMulNBits accuracy level 0-4 (default: the provider's; 0 computes in float, "
         "4 with int8 activations, CPU's fast path)",
@@ -182,12 +219,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args) -> int:
-    from export.folder import write_json
     from export.verify import check, verify_folder
+    from runtime.files import update_file
 
     providers = tuple(dict.fromkeys(args.provider)) if args.provider else None
     report = verify_folder(args.model_dir, providers=providers)
-    write_json(Path(args.model_dir) / "report.json", report)
+    # the new report replaces the old one, and its checksum in llamaonnx.json, nothing else
+    update_file(Path(args.model_dir), "report.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     check(report)
     return 0
@@ -203,23 +241,35 @@ def _generation_config(args):
         top_p=args.top_p,
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
+        truncate=args.truncate,
+    )
+
+
+def _session(args):
+    from runtime.session import Session
+
+    return Session(
+        args.model_dir,
+        provider=args.provider,
+        threads=args.threads,
+        cuda_graph=args.cuda_graph,
+        check_files=not args.skip_checksums,
     )
 
 
 def _generate(args) -> int:
     from runtime.generator import Generator
-    from runtime.session import Session
 
-    session = Session(
-        args.model_dir, provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph
-    )
+    config = _generation_config(args)
+    text = _text(args.prompt, "the prompt")
+    session = _session(args)
     print(
         f"[{args.model_dir}: {session.info.target} {session.info.precision} on {session.provider}]",
         file=sys.stderr,
     )
     gen = Generator(session)
-    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-    for piece in gen.stream(prompt, _generation_config(args)):
+    prompt = text if args.raw else [{"role": "user", "content": text}]
+    for piece in gen.stream(prompt, config):
         print(piece, end="", flush=True)
     print()
     print(gen.stats.line(), file=sys.stderr)
@@ -228,18 +278,17 @@ def _generate(args) -> int:
 
 def _chat(args) -> int:
     from runtime.generator import Generator
-    from runtime.session import Session
 
-    session = Session(
-        args.model_dir, provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph
-    )
-    gen = Generator(session)
     config = _generation_config(args)
+    gen = Generator(_session(args))
+    # invalid UTF-8 on stdin becomes lone surrogates here, repaired line by line, never a crash
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
     print("chat — /reset clears the history, Ctrl-C stops a reply, Ctrl-D quits")
     while True:
         try:
-            line = input("> ").strip()
+            line = _text(input("> "), "that line").strip()
         except EOFError:
             print()
             return 0
@@ -260,8 +309,8 @@ def _chat(args) -> int:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")
-        except ValueError as e:  # e.g. ContextLengthError: the history no longer fits
-            print(f"error: {e}")
+        except LlamaonnxError as e:  # the history stays; the line that failed is dropped
+            print(f"\nerror: {e}", flush=True)
             history.pop()
             continue
         print()
@@ -309,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument("source", nargs="?", default=None)
     h.add_argument("out_dir", type=Path)
+    h.add_argument(
+        "--force", action="store_true", help="replace a folder that hf-folder wrote before"
+    )
     h.set_defaults(fn=_hf_folder)
 
     t = sub.add_parser(
@@ -335,11 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder built by onnxruntime-genai's model builder, run by genai",
     )
     b.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: source)")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--runs", type=int, default=10)
-    b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--prompt-tokens", type=_int(1), default=128, help="≥ 1, within the context")
+    b.add_argument("--new-tokens", type=_int(2), default=128, help="≥ 2 (decode needs two)")
+    b.add_argument("--runs", type=_int(1, 1000), default=10, help="1-1000")
+    b.add_argument("--warmup", type=_int(0, 100), default=1, help="0-100")
+    b.add_argument("--threads", type=_int(1), default=2, help="1 to 4× the core count")
     b.add_argument(
         "--provider",
         default="cpu",
@@ -347,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="cuda-graph: CUDA with decode captured as a CUDA graph (ort folders)",
     )
     b.add_argument("--sweep", action="store_true", help="decode speed at context 128 to 4096")
-    b.add_argument("--sweep-runs", type=int, default=3, help="runs per sweep context (median)")
+    b.add_argument(
+        "--sweep-runs", type=_int(1, 100), default=3, help="runs per sweep context (median)"
+    )
+    b.add_argument("--skip-checksums", action="store_true", help="open folders unchecked")
     b.add_argument("--json", type=Path, default=None)
     b.add_argument("--png", type=Path, default=None)
     b.add_argument("--markdown", type=Path, default=None, help="a report like docs/benchmarks.md")
@@ -368,14 +423,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             g.add_argument("prompt")
             g.add_argument("--raw", action="store_true", help="no chat template: complete the text")
-        g.add_argument("--max-new-tokens", type=int, default=256)
-        g.add_argument("--temperature", type=float, default=0.0)
-        g.add_argument("--top-k", type=int, default=0)
-        g.add_argument("--top-p", type=float, default=1.0)
-        g.add_argument("--repetition-penalty", type=float, default=1.0)
-        g.add_argument("--seed", type=int, default=None)
-        g.add_argument("--provider", default="auto", help="cpu | cuda | auto")
-        g.add_argument("--threads", type=int, default=None)
+        g.add_argument("--max-new-tokens", type=_int(1), default=256, help="≥ 1")
+        g.add_argument("--temperature", type=_float(0, 100), default=0.0, help="0 (greedy) to 100")
+        g.add_argument("--top-k", type=_int(0), default=0, help="≥ 0 (0: off)")
+        g.add_argument("--top-p", type=_float(0, 1, lo_open=True), default=1.0, help="(0, 1]")
+        g.add_argument(
+            "--repetition-penalty", type=_float(0, lo_open=True), default=1.0, help="> 0"
+        )
+        g.add_argument("--seed", type=_int(0, 2**63 - 1), default=None)
+        g.add_argument("--provider", default="auto", choices=("cpu", "cuda", "auto"))
+        g.add_argument(
+            "--threads", type=_int(1), default=None, help="1 to 4× the core count (default: all)"
+        )
+        g.add_argument(
+            "--truncate",
+            action="store_true",
+            help="keep the prompt's last tokens when it does not fit the context",
+        )
+        g.add_argument(
+            "--skip-checksums",
+            action="store_true",
+            help="open the folder without comparing its files with their recorded sha256",
+        )
         g.add_argument(
             "--cuda-graph", action="store_true", help="capture decode as a CUDA graph (ort, cuda)"
         )
@@ -390,11 +459,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
+    name = f"llamaonnx {args.command}"
+    stop = None
     try:
-        return args.fn(args)
-    except (ValueError, RuntimeError, AssertionError, OSError) as e:
-        print(f"llamaonnx {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        with signals_raise() as stop:  # SIGTERM/SIGHUP unwind like Ctrl-C: temporary files go
+            return args.fn(args)
+    except LlamaonnxError as e:  # the user's input or files: say what and what is allowed
+        print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine: a full disk, a permission, a missing file
+        print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        print(f"{name}: {e}; nothing half-written was left behind", file=sys.stderr)
+        return 128 + e.signum
+    except Exception:  # a bug in llamaonnx: the traceback is for its report
+        if stop is not None and stop.signum:  # a library turned our Terminated into its own
+            print(
+                f"{name}: stopped by signal {stop.signum}; nothing half-written was left behind",
+                file=sys.stderr,
+            )
+            return 128 + stop.signum
+        traceback.print_exc()
+        print(f"{name}: internal error (a bug in llamaonnx; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from export.errors import ConfigError
+
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
 
 
@@ -25,11 +27,11 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
-            raise ValueError(f"rope scaling type {self.type!r} is not one of {ROPE_SCALING_TYPES}")
-        if self.factor <= 0:
-            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+            raise ConfigError(f"rope scaling type {self.type!r} is not one of {ROPE_SCALING_TYPES}")
+        if not (self.factor > 0 and math.isfinite(self.factor)):
+            raise ConfigError(f"rope scaling factor must be > 0, got {self.factor}")
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+            raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,29 +55,29 @@ class LlamaConfig:
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "intermediate_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}): "
                 "each key/value head serves a whole group of query heads"
             )
         if self.head_dim is None and self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
+            raise ConfigError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
         if self.resolved_head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
         if not (0 < self.norm_eps < 1):
-            raise ValueError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.max_position <= 0:
-            raise ValueError(f"max_position must be > 0, got {self.max_position}")
+            raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not isinstance(self.max_position, int) or self.max_position <= 0:
+            raise ConfigError(f"max_position must be > 0, got {self.max_position}")
         if isinstance(self.rope_scaling, dict):  # allow dicts from JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         for tok in (self.bos_token_id, self.pad_token_id, *self.eos_token_ids):
-            if tok is not None and not (0 <= tok < self.vocab_size):
-                raise ValueError(
+            if tok is not None and (not isinstance(tok, int) or not 0 <= tok < self.vocab_size):
+                raise ConfigError(
                     f"special token id {tok} is outside the vocabulary 0..{self.vocab_size - 1}"
                 )
 
@@ -168,4 +170,4 @@ def preset(name: str) -> LlamaConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

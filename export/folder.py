@@ -1,68 +1,15 @@
-"""Writes the model folder, the one contract between export and runtime (shared/DESIGN.md).
-
-Atomic: everything is built in a hidden temporary sibling and renamed into place at the end, so a
-failed or interrupted export leaves no half-written folder (and an existing one untouched until
-the new one is complete).
+"""The ONNX side of writing a model folder: the graph with its external weights, and
+onnxruntime-genai's config. Atomic writing, replacement rules and checksums are the runtime's
+(runtime/files.py), which owns the folder format for every writer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 
-from export.errors import ExportError
-
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024  # models above this keep weights in model.onnx.data
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: Path, force: bool):
-    """Yields a temporary folder; on success it replaces `out_dir`, on failure it is deleted."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not force:
-        raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        _make_readable(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a private folder; the model folder is as readable as any other output."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for p in folder.iterdir():
-        p.chmod(0o666 & ~mask)
-
-
-def check_disk(out_dir: Path, need_bytes: int) -> None:
-    parent = Path(out_dir).absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < need_bytes:
-        raise ExportError(
-            f"too little disk space in {parent}: {free / 1e9:.2f} GB free, the model needs about "
-            f"{need_bytes / 1e9:.2f} GB"
-        )
 
 
 def save_onnx(model: onnx.ModelProto, folder: Path) -> None:
@@ -78,16 +25,18 @@ def save_onnx(model: onnx.ModelProto, folder: Path) -> None:
     )
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 def genai_config(info: dict) -> dict:
     """onnxruntime-genai's config for the `ort` graph (GroupQueryAttention, shared KV buffer)."""
-    a = info["architecture"]
+    a, tokens = info["architecture"], info["special_tokens"]
+    eos = list(tokens["eos_token_ids"])
+    # genai wants numbers: a model without a pad (or bos) token pads with its end token, as the
+    # llamaonnx runtime does
+    fallback = eos[0] if eos else 0
+    pad = tokens["pad_token_id"] if tokens["pad_token_id"] is not None else fallback
+    bos = tokens["bos_token_id"] if tokens["bos_token_id"] is not None else fallback
     return {
         "model": {
-            "bos_token_id": info["special_tokens"]["bos_token_id"],
+            "bos_token_id": bos,
             "context_length": a["max_position"],
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -109,8 +58,8 @@ def genai_config(info: dict) -> dict:
                 "num_hidden_layers": a["n_layers"],
                 "num_key_value_heads": a["n_kv_heads"],
             },
-            "eos_token_id": list(info["special_tokens"]["eos_token_ids"]),
-            "pad_token_id": info["special_tokens"]["pad_token_id"],
+            "eos_token_id": eos,
+            "pad_token_id": pad,
             "type": "llama",
             "vocab_size": a["vocab_size"],
         },

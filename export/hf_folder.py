@@ -67,11 +67,13 @@ def write_hf_folder(
         (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
 
 
-def write_source(source, folder: Path) -> None:
-    """A loaded `Source` (weights dequantized to float32) as a Hugging Face folder, atomically."""
-    from export.folder import atomic_folder
+def write_source(source, folder: Path, force: bool = False) -> None:
+    """A loaded `Source` (weights dequantized to float32) as a Hugging Face folder, atomically.
+    `force` replaces only a folder this function wrote (its marker, llamaonnx-hf.json)."""
+    from runtime.files import HF_FOLDER, atomic_folder, write_json
 
-    with atomic_folder(Path(folder), force=True) as tmp:
+    with atomic_folder(Path(folder), force, [source.path], HF_FOLDER) as tmp:
+        write_json(tmp / HF_FOLDER.marker, {"format_version": 1, "source": source.path.name})
         write_hf_folder(tmp, source.config, source.state, source.tokenizer_json)
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         if source.chat_template:

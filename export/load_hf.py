@@ -79,7 +79,18 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SourceError(f"{index} is not a safetensors index ({e!r})") from None
+        root = folder.resolve()
+        for shard in shards:
+            # a shard is a file of the folder itself: never `../x`, `/etc/passwd` or a link out
+            if not isinstance(shard, str) or (folder / shard).resolve().parent != root:
+                raise SourceError(
+                    f"{index} names the shard {shard!r}, which is not a file inside {folder}; "
+                    "shards must be plain file names in the model folder"
+                )
         return [folder / s for s in shards]
     single = folder / "model.safetensors"
     if single.is_file():

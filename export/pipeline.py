@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export.errors import ExportError
-from export.folder import atomic_folder, check_disk, genai_config, save_onnx, write_json
+from export.folder import genai_config, save_onnx
 from export.passes import TARGETS, lower
+from runtime.files import atomic_folder, check_disk, check_replaceable, scratch_folder, write_json
+from runtime.folder import FORMAT_VERSION
 
 PRECISIONS = ("fp32", "int4", "int8", "fp16")
 
@@ -36,7 +38,7 @@ def _tool_versions() -> dict:
 def model_info(source, target: str, precision: str, inputs: list[str], outputs: list[str]) -> dict:
     c = source.config
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "architecture": {
             "n_layers": c.n_layers,
             "n_heads": c.n_heads,
@@ -82,31 +84,25 @@ def export_model(
         raise ExportError(f"unknown target {target!r}; choose one of {TARGETS}")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    from export.weights import build_model, default_gguf_path, load_source
+
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ExportError(f"output folder {out_dir} already exists; pass --force to replace it")
-
+    src = default_gguf_path() if source_path is None else Path(source_path)
+    check_replaceable(out_dir, force, protected=[src])  # before the minutes of work, not after
     t = time.perf_counter()
-    from export.weights import build_model, load_source
-
-    source = load_source(source_path)
+    source = load_source(src)
     model = build_model(source)
     progress(
         f"load    {source.path.name}: {source.config.n_layers} layers "
         f"({time.perf_counter() - t:.1f}s)"
     )
     if precision == "fp32":
-        return _export_fp32(source, model, out_dir, target, force, verify, progress)
-
-    import shutil
-    import tempfile
+        return _export_fp32(source, model, out_dir, target, force, verify, progress, [src])
 
     from export.quant import QuantSettings, quantize_folder
 
-    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.fp32-", dir=out_dir.absolute().parent))
-    try:
-        _export_fp32(source, model, scratch / "fp32", target, False, False, progress)
+    with scratch_folder(out_dir) as scratch:
+        _export_fp32(source, model, scratch / "fp32", target, False, False, progress, [src])
         return quantize_folder(
             scratch / "fp32",
             out_dir,
@@ -115,12 +111,11 @@ def export_model(
             verify,
             model=model if verify else None,
             progress=progress,
+            protected=[src],
         )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _export_fp32(source, model, out_dir: Path, target, force, verify, progress) -> dict:
+def _export_fp32(source, model, out_dir: Path, target, force, verify, progress, protected) -> dict:
     check_disk(out_dir, 2 * sum(v.nbytes for v in source.state.values()) + (64 << 20))
 
     t = time.perf_counter()
@@ -137,7 +132,7 @@ def _export_fp32(source, model, out_dir: Path, target, force, verify, progress) 
         f"lower   target {target}: {len(proto.graph.node)} nodes ({time.perf_counter() - t:.1f}s)"
     )
 
-    with atomic_folder(out_dir, force) as tmp:
+    with atomic_folder(out_dir, force, protected) as tmp:
         t = time.perf_counter()
         save_onnx(proto, tmp)
         inputs = [i.name for i in proto.graph.input]
@@ -156,7 +151,7 @@ def _export_fp32(source, model, out_dir: Path, target, force, verify, progress) 
             t = time.perf_counter()
             from export.verify import check, summary, verify_folder
 
-            report = verify_folder(tmp, model=model)
+            report = verify_folder(tmp, model=model, check_files=False)
             write_json(tmp / "report.json", report)
             check(report)
             progress(f"verify  {summary(report)} ({time.perf_counter() - t:.1f}s)")

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.errors import ParityError
+from export.errors import CorruptWeightsError, ParityError, SourceChangedError
 from export.tolerances import tolerance, tolerance_key
 
 log = logging.getLogger(__name__)
+PLAUSIBLE_PERPLEXITY_FACTOR = 2
 DECODE_STEPS = 32
 PROMPTS = [
     [{"role": "user", "content": "Write a short poem about the sea."}],
@@ -74,8 +75,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp(mean NLL) of ids[1:] under logits (S, V) computed in float64."""
     logp = _log_softmax(logits[:-1])
-    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
-    return float(math.exp(nll.mean()))
+    mean = float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+    return math.exp(mean) if mean < 700 else math.inf  # exp(709) overflows a float
 
 
 def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
@@ -88,8 +89,50 @@ def _leading_agreement(ours: list[int], ref: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(ours, ref, strict=False)) if a != b), len(ref))
 
 
-def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | None = None) -> dict:
-    """Compares the folder with the reference and returns the report (see `check`)."""
+def plausible_perplexity(ppl: float, vocab_size: int, what: str) -> None:
+    """CorruptWeightsError when a perplexity is worse than guessing uniformly among the
+    vocabulary (with a margin for untrained test models, which score about the vocabulary size).
+    No trained model scores that on text; broken weights do (an inverted tensor: 9e7)."""
+    if not math.isfinite(ppl) or ppl > PLAUSIBLE_PERPLEXITY_FACTOR * vocab_size:
+        raise CorruptWeightsError(
+            f"{what} scores perplexity {ppl:.4g} on the evaluation text, worse than guessing "
+            f"uniformly among its {vocab_size} tokens (at most {PLAUSIBLE_PERPLEXITY_FACTOR}× that "
+            "is plausible): its weights look corrupt. Check the source file (its download, its "
+            "sha256) and export again"
+        )
+
+
+def check_source(info: dict) -> Path:
+    """The folder's source, unchanged since the export (its recorded sha256), or
+    SourceChangedError: verifying against another model would blame the ONNX graph."""
+    from export.weights import sha256_of
+
+    prov = info["provenance"]
+    path = Path(prov["source"])
+    if not path.exists():
+        raise SourceChangedError(
+            f"the folder was exported from {path}, which no longer exists; verify needs the "
+            "source to rebuild the reference. Put it back, or export again"
+        )
+    if sha256_of(path) != prov["sha256"]:
+        raise SourceChangedError(
+            f"the folder was exported from {path}, which has changed since (its sha256 differs "
+            "from the one recorded at export): the reference would be another model. Export "
+            "again from the current file"
+        )
+    return path
+
+
+def verify_folder(
+    folder: str | Path,
+    model=None,
+    providers: tuple[str, ...] | None = None,
+    check_files: bool = True,
+) -> dict:
+    """Compares the folder with the reference and returns the report (see `check`).
+    `model`: the reference, when the caller has it (export); else it is rebuilt from the
+    folder's source, after checking that the source is the file it was exported from.
+    `check_files`: the folder's checksums (off for a folder still being written)."""
     import onnxruntime as ort
 
     from runtime.generator import GenerationConfig, Generator
@@ -102,14 +145,14 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
             if "CUDAExecutionProvider" in ort.get_available_providers()
             else ("cpu",)
         )
-    first = Session(folder, provider=providers[0])
+    first = Session(folder, provider=providers[0], check_files=check_files)
     info = first.info
     tol_key = tolerance_key(info.raw)
     tol = tolerance(tol_key)
     if model is None:
         from export.weights import build_model, load_source
 
-        model = build_model(load_source(info.raw["provenance"]["source"]))
+        model = build_model(load_source(check_source(info.raw)))
     tok = first.tokenizer
     prompts = [
         tok.encode_chat(m) if tok.chat_template else tok.encode(m[0]["content"]) for m in PROMPTS
@@ -123,6 +166,7 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
         model.empty_cache(1),
     )
     ref_ppl = perplexity(ref_logits[0], text_ids)
+    plausible_perplexity(ref_ppl, info.vocab_size, "the reference model")
     from export.generate import generate
 
     ref_greedy = [generate(model, [p], tol.greedy_steps, stop_ids=())[0] for p in prompts]
@@ -135,7 +179,11 @@ def verify_folder(folder: str | Path, model=None, providers: tuple[str, ...] | N
     }
     failures = []
     for provider in providers:
-        session = first if provider == providers[0] else Session(folder, provider=provider)
+        session = (
+            first
+            if provider == providers[0]
+            else Session(folder, provider=provider, check_files=False)
+        )
         single = teacher_forced_delta(session, model, prompts[:1], DECODE_STEPS)
         batch = teacher_forced_delta(session, model, prompts, DECODE_STEPS)
         cache = session.new_cache(1, len(text_ids))

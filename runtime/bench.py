@@ -22,7 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+from runtime import options
+from runtime.errors import ContextLengthError, LlamaonnxError, OptionError
+
 ENGINES = ("llamaonnx", "genai", "llama.cpp", "torch")
+
+
+class PeerError(LlamaonnxError, RuntimeError):
+    """A requested engine could not run; the others' results are still reported."""
+
+
 SWEEP = (128, 512, 1024, 2048, 4096)
 
 
@@ -78,8 +87,12 @@ class _Ours:
         from runtime.session import Session
 
         graph = provider == "cuda-graph"
-        self.session = Session(
-            path, provider="cuda" if graph else provider, threads=threads, cuda_graph=graph
+        self.session = Session(  # the parent checked the folder's files once
+            path,
+            provider="cuda" if graph else provider,
+            threads=threads,
+            cuda_graph=graph,
+            check_files=False,
         )
 
     def run(self, ids: list[int], new: int) -> tuple[float, float, int]:
@@ -258,12 +271,16 @@ def cases(
         if "genai" in peers and info.target == "ort":
             out.append(Case(f"genai on {m.name}", "genai", str(m), _size(m)))
     for d in genai_dirs:
+        if not d.is_dir():
+            raise OptionError(f"--genai-dir {d} is not a folder (one built by genai's builder)")
         out.append(Case(f"genai {d.name}", "genai", str(d), _size(d)))
     first = read_model_folder(models[0]).raw["provenance"]
     if "llama.cpp" in peers:
         path = gguf or (Path(first["source"]) if first.get("format") == "gguf" else None)
         if path is None:
-            raise ValueError("llama.cpp needs a GGUF: pass --gguf PATH")
+            raise OptionError("llama.cpp needs a GGUF: pass --gguf PATH")
+        if not path.is_file():
+            raise OptionError(f"llama.cpp's GGUF {path} is not a file")
         out.append(Case(f"llama.cpp {path.name}", "llama.cpp", str(path), _size(path)))
     if "torch" in peers:
         src = Path(first["source"])
@@ -296,11 +313,34 @@ def bench(
     sweep_new_tokens: int = 32,
     sweep_runs: int = 3,
     progress=lambda msg: None,
+    check_files: bool = True,
 ) -> dict:
+    """Runs every engine and returns the results; an engine that could not start has an
+    "error" instead of figures (the CLI then exits non-zero). `check_files`: compare each
+    model folder's files with their recorded sha256 once, before the workers open them."""
+    from runtime.files import check_integrity
+    from runtime.folder import read_model_folder
+
     models = [Path(m) for m in models]
     for p in peers:
         if p not in ENGINES[1:]:
-            raise ValueError(f"unknown peer {p!r}; choose from {ENGINES[1:]}")
+            raise OptionError(f"unknown peer {p!r}; choose from {ENGINES[1:]}")
+    options.threads(threads)
+    options.integer("prompt_tokens", prompt_tokens, 1)
+    options.integer("new_tokens", new_tokens, 2)  # decode speed needs a second token
+    options.integer("runs", runs, 1)
+    options.integer("warmup", warmup, 0)
+    options.integer("sweep_runs", sweep_runs, 1)
+    infos = [read_model_folder(m) for m in models]
+    if check_files:
+        for info in infos:
+            check_integrity(info.folder, info.raw)
+    context = min(info.max_position for info in infos)
+    if prompt_tokens + new_tokens > context:
+        raise ContextLengthError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the models' "
+            f"context of {context} tokens; ask for at most {context - new_tokens} prompt tokens"
+        )
     ids = prompt_ids(models[0], prompt_tokens)
     todo = cases(models, list(peers), [Path(d) for d in genai_dirs], gguf)
     for c in todo:
@@ -317,9 +357,6 @@ def bench(
             for c in live:  # interleaved: drift hits every engine alike
                 c.runs.append(c.run(ids, new_tokens))
             progress(f"run     {r + 1}/{runs}")
-        from runtime.folder import read_model_folder
-
-        context = min(read_model_folder(m).max_position for m in models)
         for length in sweep:
             if length + sweep_new_tokens > context:
                 progress(f"sweep   context {length} skipped: the models hold {context} tokens")

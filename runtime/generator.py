@@ -7,15 +7,19 @@ GroupQueryAttention's length-based masking expects and what the masked graphs ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator
 
 import numpy as np
 
-from runtime.errors import ContextLengthError
+from runtime import options
+from runtime.errors import ContextLengthError, OptionError
 from runtime.sampler import apply_repetition_penalty, sample
 from runtime.session import Session
-from runtime.tokenizer import StreamDecoder
+from runtime.tokenizer import StreamDecoder, check_text
+
+MAX_TEMPERATURE = 100.0  # past this every distribution is uniform to float precision
 
 
 def right_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -42,17 +46,26 @@ class GenerationConfig:
     truncate: bool = False  # keep the prompt's last tokens instead of raising ContextLengthError
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        set_ = functools.partial(object.__setattr__, self)
+        set_("max_new_tokens", options.integer("max_new_tokens", self.max_new_tokens, 1))
+        set_("temperature", options.number("temperature", self.temperature, 0, MAX_TEMPERATURE))
+        set_("top_k", options.integer("top_k (0 turns it off)", self.top_k, 0))
+        set_("top_p", options.number("top_p", self.top_p, 0, 1, lo_open=True))
+        set_(
+            "repetition_penalty",
+            options.number("repetition_penalty", self.repetition_penalty, 0, None, lo_open=True),
+        )
+        if self.seed is not None:
+            set_("seed", options.integer("seed", self.seed, 0, 2**63 - 1))
+        if self.max_length is not None:
+            set_("max_length", options.integer("max_length", self.max_length, 2))
+        if self.stop_token_ids is not None:
+            ids = tuple(options.integer("stop token id", t, 0) for t in self.stop_token_ids)
+            set_("stop_token_ids", ids)
+        stops = tuple(self.stop_strings)
+        if not all(isinstance(x, str) for x in stops):
+            raise OptionError(f"stop_strings must be strings, got {stops!r}")
+        set_("stop_strings", tuple(check_text(x, "a stop string") for x in stops))
 
 
 @dataclasses.dataclass
@@ -100,7 +113,8 @@ class Generator:
             if not config.truncate:
                 raise ContextLengthError(
                     f"prompt of {longest} tokens + {config.max_new_tokens} new tokens exceeds the "
-                    f"context of {limit} tokens; shorten it, lower max_new_tokens, or truncate=True"
+                    f"context of {limit} tokens; shorten it, lower max_new_tokens, or keep only "
+                    "the prompt's last tokens (--truncate; truncate=True in the API)"
                 )
             prompts = [p[-room:] for p in prompts]
             longest = room

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.errors import NumericalError
+
+_BROKEN = (
+    "the model computed {what} logits: its weights are corrupt or it overflowed; check the "
+    "folder (`llamaonnx verify`) or export it again"
+)
+
 
 def apply_repetition_penalty(logits: np.ndarray, seen: list[int], penalty: float) -> np.ndarray:
     """CTRL-style [arxiv/1909.05858]: shrink the logits of tokens already present."""
@@ -42,8 +49,14 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> int:
-    """(V,) logits → token id. temperature 0 is greedy."""
+    """(V,) logits → token id. temperature 0 is greedy. NumericalError on NaN or infinite
+    logits (argmax picks a NaN first, so checking the pick costs nothing on the greedy path)."""
     if temperature <= 0:
-        return int(np.argmax(logits))
+        tok = int(np.argmax(logits))
+        if not np.isfinite(logits[tok]):
+            raise NumericalError(_BROKEN.format(what="NaN or infinite"))
+        return tok
+    if not np.isfinite(logits).all():
+        raise NumericalError(_BROKEN.format(what="NaN or infinite"))
     probs = _softmax(filter_logits(logits / temperature, top_k, top_p))
     return int(rng.choice(probs.shape[-1], p=probs))

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import options
 from runtime.errors import ContextLengthError, ModelFolderError, ProviderError
+from runtime.files import check_integrity
 from runtime.folder import ModelInfo, read_model_folder
 from runtime.tokenizer import Tokenizer
 
@@ -111,7 +113,12 @@ class Session:
     modes the session keeps one cache per (batch, length bucket) — lengths round up to a power of
     two from 256 — and `new_cache` hands that same cache back, emptied. Each kept cache has its
     own CUDA graph. One generation at a time per session, then: a second `new_cache` of the same
-    shape empties the first."""
+    shape empties the first.
+
+    `check_files`: compare every file with the sha256 recorded when the folder was written
+    (llamaonnx.json `files`) before loading, so corrupt weights are an IntegrityError naming the
+    file rather than silent garbage. It reads the whole folder once (README: "Integrity").
+    `threads`: onnxruntime's intra-op threads, 1 to 4× the core count (None: its own choice)."""
 
     def __init__(
         self,
@@ -120,10 +127,14 @@ class Session:
         threads: int | None = None,
         static_decode: bool = False,
         cuda_graph: bool = False,
+        check_files: bool = True,
     ):
         import onnxruntime as ort
 
+        threads = options.threads(threads)
         self.info = read_model_folder(folder)
+        if check_files:
+            check_integrity(self.info.folder, self.info.raw)
         self.provider = resolve_provider(provider)
         self.device = "cuda" if self.provider == "cuda" else "cpu"
         self.static_decode = static_decode or cuda_graph
@@ -148,9 +159,17 @@ class Session:
             if self.device == "cuda"
             else ["CPUExecutionProvider"]
         )
-        self.session = ort.InferenceSession(
-            str(self.info.folder / "model.onnx"), opts, providers=providers
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(self.info.folder / "model.onnx"), opts, providers=providers
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelFolderError(
+                f"onnxruntime cannot load {self.info.folder / 'model.onnx'}: it is truncated, "
+                f"corrupt or not a model this onnxruntime runs ({type(e).__name__}: "
+                f"{str(e)[:300]})"
+            ) from e
+        self._check_io()
         # No RunOptions unless they carry something: onnxruntime's Python wrapper looks up
         # gpu_graph_id in them on every run, and a missing key costs a raised exception (~80 µs).
         self._prefill_options = None
@@ -160,6 +179,16 @@ class Session:
         self.tokenizer = Tokenizer.from_folder(self.info.folder)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self._kept: dict[tuple[int, int], KVCache] = {}  # static decode: (batch, length) → cache
+
+    def _check_io(self) -> None:
+        """The graph's cache inputs agree with llamaonnx.json's layer count."""
+        past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        if len(past) != 2 * self.info.n_layers:
+            raise ModelFolderError(
+                f"{self.info.folder}: llamaonnx.json says {self.info.n_layers} layers, but the "
+                f"graph has {len(past)} past key/value inputs ({len(past) // 2} layers); the "
+                "folder's files do not belong together. Export it again"
+            )
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         if max_length > self.info.max_position:

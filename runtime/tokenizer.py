@@ -1,45 +1,87 @@
 """Text ↔ token ids with a Hugging Face `tokenizers` tokenizer, chat prompts with the model's
-jinja2 template (sandboxed, as transformers renders it), and UTF-8-safe incremental decoding."""
+jinja2 template (sandboxed and bounded: runtime/chat_template.py), and UTF-8-safe incremental
+decoding. Text is checked at this edge: a string that is not valid Unicode (a lone surrogate, as
+Python makes of invalid UTF-8 in argv) is an InvalidTextError, never a crash deeper down."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from runtime.chat_template import ChatTemplate
+from runtime.errors import InvalidTextError, OptionError
+
+ROLES_HINT = "a list of {'role': str, 'content': str} messages"
+
+
+def check_text(text, what: str = "the prompt") -> str:
+    """`text` if it is a str that encodes as UTF-8, else InvalidTextError."""
+    if not isinstance(text, str):
+        raise InvalidTextError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidTextError(
+            f"{what} is not valid Unicode text: {e.reason} at character {e.start} "
+            f"({text[e.start : e.end]!a}); pass text decoded from UTF-8"
+        ) from None
+    return text
+
+
+def repair_text(text: str) -> tuple[str, bool]:
+    """Invalid UTF-8 that Python kept as lone surrogates (argv; stdin read with surrogateescape)
+    → U+FFFD; also says whether anything was replaced."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        pass
+    try:  # surrogateescape's U+DC80..U+DCFF give back the original bytes
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace"), True
+
 
 class Tokenizer:
-    def __init__(self, tokenizer_json: dict | str, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer_json: dict | str,
+        chat_template: str | None = None,
+        template_origin: str = "the chat template",
+    ):
         from tokenizers import Tokenizer as _HF
 
         text = tokenizer_json if isinstance(tokenizer_json, str) else json.dumps(tokenizer_json)
         self._tok = _HF.from_str(text)
         self.chat_template = chat_template
-        self._template = None
+        self.template_origin = template_origin
+        self._template: ChatTemplate | None = None
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer:
         folder = Path(folder)
         template_path = folder / "chat_template.jinja"
         template = template_path.read_text() if template_path.is_file() else None
-        return cls((folder / "tokenizer.json").read_text(), template)
+        return cls((folder / "tokenizer.json").read_text(), template, f"{template_path}")
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+        return self._tok.encode(check_text(text), add_special_tokens=True).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise ValueError("this model has no chat template; give a plain prompt instead")
+            raise OptionError("this model has no chat template; give a plain prompt instead")
+        if not isinstance(messages, list) or not messages:
+            raise OptionError(f"a chat needs {ROLES_HINT}, got {messages!r:.80}")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise OptionError(f"a chat needs {ROLES_HINT}; got the message {m!r:.80}")
+            check_text(m.get("content"), f"the content of a {m['role']!r} message")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._template = env.from_string(self.chat_template)
+            self._template = ChatTemplate(self.chat_template, self.template_origin)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -68,6 +110,12 @@ class StreamDecoder:
         return text
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids[self.start :])
+        """The rest, less the bytes of a character the stream ended in the middle of (a reply cut
+        by max_new_tokens): the tail's longest run of tokens that decodes whole."""
+        tail = self.ids[self.start :]
         self.start = len(self.ids)
-        return text
+        for end in range(len(tail), 0, -1):
+            text = self.tok.decode(tail[:end])
+            if not text.endswith("\ufffd"):
+                return text
+        return ""

@@ -83,8 +83,8 @@ def _label(folder: Path) -> str:
     return Models.label(folder)
 
 
-def _chat(client, message: str, label: str, max_new: int, history=()):
-    g = GREEDY
+def _chat(client, message: str, label: str, max_new_tokens: int, history=(), **setting):
+    g = {**GREEDY, "max_new": max_new_tokens, **setting}
     return client.predict(
         message,
         list(history),
@@ -94,7 +94,7 @@ def _chat(client, message: str, label: str, max_new: int, history=()):
         g["temperature"],
         g["top_p"],
         g["top_k"],
-        max_new,
+        g["max_new"],
         g["seed"],
         api_name="/chat",
     )
@@ -162,6 +162,16 @@ def test_bad_input_gets_a_friendly_error_and_the_app_stays_up(app_url, tiny_fold
         _chat(client, "   ", label, 8)
     with pytest.raises(AppError, match="no longer fits the model's context of 256 tokens"):
         _chat(client, "a" * 400, label, 8)  # the tiny model's context is 256 tokens
+    # gradio refuses what is outside a slider; our own checks name the rest
+    for setting, match in (
+        ({"temperature": -1.0}, r"Value -1.0 is less than minimum value 0"),
+        ({"top_p": 0.0}, r"Value 0.0 is less than minimum value 0.05"),
+        ({"top_k": -4}, r"Value -4 is less than minimum value 0"),
+        ({"max_new": 0}, r"Value 0 is less than minimum value 1"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 9223372036854775807\]"),
+    ):
+        with pytest.raises(AppError, match=match):
+            _chat(client, "hello", label, 8, **setting)
     history, _ = _chat(client, "still there?", label, 4)
     assert _reply(history)
 

@@ -8,6 +8,7 @@ import pytest
 
 from export.errors import ExportError
 from export.pipeline import export_model
+from runtime.errors import OutputFolderError
 
 L = 2  # layers of the tiny preset
 
@@ -79,7 +80,7 @@ def test_existing_folder_unknown_target_and_failures_leave_nothing(
     with pytest.raises(ExportError, match="unknown target"):
         export_model(src, tmp_path / "x", target="tensorrt")
     (tmp_path / "exists").mkdir()
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(OutputFolderError, match="already exists"):
         export_model(src, tmp_path / "exists")
 
     def boom(*a, **k):
@@ -106,20 +107,22 @@ def test_failed_verification_leaves_no_folder(tiny_source, tmp_path, monkeypatch
 
 
 def test_non_llama_source_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     from export.errors import UnsupportedArchitectureError
 
     with pytest.raises(UnsupportedArchitectureError):
-        export_model(tmp_path, tmp_path / "out")
+        export_model(tmp_path / "src", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_too_little_disk_is_refused(tmp_path, monkeypatch):
     import shutil
 
-    from export.folder import check_disk
+    from runtime.errors import OutputFolderError
+    from runtime.files import check_disk
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000_000))
-    with pytest.raises(ExportError, match="too little disk space.*0.01 GB free"):
+    with pytest.raises(OutputFolderError, match="too little disk space.*0.01 GB free"):
         check_disk(tmp_path / "out", 2_000_000_000)

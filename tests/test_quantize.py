@@ -20,6 +20,7 @@ from export.quant.blocks import (
     sum_repeats,
 )
 from runtime import native
+from runtime.errors import OutputFolderError
 
 L = 2  # layers of the tiny presets
 
@@ -183,7 +184,9 @@ def test_int4_on_cpu_runs_the_native_kernel_with_the_head_on_matmul_nbits(quanti
         assert all(len(n.input) == 7 and all(n.input) for n in gqa)
         genai = json.loads((quantized[target, "int4"] / "genai_config.json").read_text())
         library = genai["model"]["decoder"]["session_options"]["custom_ops_library"]
-        assert library == str(native.library_path().resolve())
+        folder = quantized[target, "int4"]  # a copy inside the folder, named relatively
+        assert library == native.FOLDER_LIBRARY
+        assert (folder / library).read_bytes() == native.library_path().read_bytes()
 
 
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
@@ -318,7 +321,7 @@ def test_quantizing_a_quantized_folder_or_into_an_existing_one_fails(quantized, 
         quantize_folder(
             quantized["ort", "int4"], quantized["ort", "int4"].parent / "x", QuantSettings("int8")
         )
-    with pytest.raises(QuantizationError, match="already exists"):
+    with pytest.raises(OutputFolderError, match="already exists"):
         quantize_folder(tiny_folders["ort"], quantized["ort", "int8"], QuantSettings("int8"))
 
 

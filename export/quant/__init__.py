@@ -211,15 +211,21 @@ def plan(settings: QuantSettings, info: dict):
     return choose, embedding_blocks, notes
 
 
-def _genai_custom_ops(path: Path) -> None:
-    """onnxruntime-genai loads the kernel library named in the decoder's session options. The
-    path is this install's library: the folder runs in genai where llamaonnx is installed."""
-    from export.folder import write_json
+def _genai_custom_ops(folder: Path) -> None:
+    """onnxruntime-genai loads the kernel library named in the decoder's session options, and
+    only from its allowed folders: the model folder, its execution providers' folders and the
+    working directory, after resolving links. So the folder carries a copy of the library (about
+    200 kB) and names it relatively: genai opens the folder from any path, copied anywhere. The
+    llamaonnx runtime registers its installed library instead, built for its own onnxruntime."""
     from runtime import native
+    from runtime.files import write_json
 
+    library = native.library_path()
+    (folder / native.FOLDER_LIBRARY).write_bytes(library.read_bytes())
+    path = folder / "genai_config.json"
     config = json.loads(path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
-    options["custom_ops_library"] = str(native.library_path().resolve())
+    options["custom_ops_library"] = native.FOLDER_LIBRARY
     write_json(path, config)
 
 
@@ -231,29 +237,42 @@ def quantize_folder(
     verify: bool = True,
     model=None,
     progress: Callable[[str], None] = lambda msg: None,
+    protected: tuple = (),
 ) -> dict:
-    """Returns the new llamaonnx.json content with the verification report under "report"."""
+    """Returns the new llamaonnx.json content with the verification report under "report".
+    `protected`: paths besides `in_dir` that `out_dir` must never be, contain or lie inside."""
     import onnx
 
-    from export.folder import atomic_folder, check_disk, save_onnx, write_json
-    from runtime.folder import model_size
+    from export.folder import save_onnx
+    from runtime.files import (
+        atomic_folder,
+        check_disk,
+        check_integrity,
+        check_replaceable,
+        write_json,
+    )
+    from runtime.folder import model_size, read_model_folder
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    info_path = in_dir / "llamaonnx.json"
-    if not info_path.is_file():
-        raise QuantizationError(f"{in_dir} is not a model folder (no llamaonnx.json)")
-    info = json.loads(info_path.read_text())
+    protected = (in_dir, *protected)
+    check_replaceable(out_dir, force, protected)
+    info = read_model_folder(in_dir).raw
+    check_integrity(in_dir, info)
     if info["precision"] != "fp32":
         raise QuantizationError(
             f"{in_dir} holds a {info['precision']} model; quantize from an fp32 folder"
         )
-    if out_dir.exists() and not force:
-        raise QuantizationError(f"output folder {out_dir} already exists; pass --force")
     if settings.provider == "cpu" and settings.precision == "fp16":
         log.info("fp16 runs on CPU for checking; it is meant for CUDA")
 
     t = time.perf_counter()
-    proto = onnx.load(str(in_dir / "model.onnx"))
+    try:
+        proto = onnx.load(str(in_dir / "model.onnx"))
+    except Exception as e:  # protobuf's DecodeError, a missing external data file, ...
+        raise QuantizationError(
+            f"{in_dir}/model.onnx (or its model.onnx.data) cannot be read: {type(e).__name__}: "
+            f"{e}; export the fp32 folder again"
+        ) from e
     check_disk(out_dir, proto.ByteSize() + (64 << 20))
     layers: dict[str, Blocks] = {}
     notes: dict = {}
@@ -307,14 +326,14 @@ def quantize_folder(
         "kv_dtype": settings.float_type,
         "quantization": quant,
     }
-    with atomic_folder(out_dir, force) as tmp:
+    with atomic_folder(out_dir, force, protected) as tmp:
         t = time.perf_counter()
         save_onnx(proto, tmp)
         for f in in_dir.iterdir():
             if f.name not in ("model.onnx", "model.onnx.data", "llamaonnx.json", "report.json"):
                 (tmp / f.name).write_bytes(f.read_bytes())
         if native_ops and (tmp / "genai_config.json").is_file():
-            _genai_custom_ops(tmp / "genai_config.json")
+            _genai_custom_ops(tmp)
         write_json(tmp / "llamaonnx.json", new_info)
         size = model_size(tmp)
         progress(f"save    {out_dir}: {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f}s)")
@@ -323,7 +342,7 @@ def quantize_folder(
             t = time.perf_counter()
             from export.verify import check, summary, verify_folder
 
-            report = verify_folder(tmp, model=model)
+            report = verify_folder(tmp, model=model, check_files=False)
             report["size_bytes"] = size
             report["quantization"] = quant
             write_json(tmp / "report.json", report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from runtime.errors import ModelFolderError
 
 DOMAIN = "ai.llamaonnx"
 HERE = Path(__file__).parent
+# the copy a model folder carries for onnxruntime-genai (export/quant/__init__.py)
+FOLDER_LIBRARY = "llamaonnx_kernels.dll" if sys.platform == "win32" else "llamaonnx_kernels.so"
 
 
 def library_path() -> Path:
