@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.bench import chart, table
+from runtime.bench.report import chart, table
 
 
 def bench_markdown(data: dict) -> str:

@@ -301,7 +301,7 @@ def ensure_default_model(progress=print) -> Path:
         [
             sys.executable,
             "-m",
-            "export.cli",
+            "runtime.cli",
             "export",
             str(DEFAULT_MODEL_DIR),
             "--target",

@@ -1,14 +1,12 @@
-"""The PyTorch reference as a `llamaonnx bench` peer (a worker process; see runtime/bench.py)."""
+"""The PyTorch reference as a `llamaonnx bench` peer, contributed to the runtime's engine registry
+through the `llamaonnx.bench_engines` entry point (runtime/bench/engines.py)."""
 
 from __future__ import annotations
 
-import sys
 import time
 
-from runtime.bench import worker
 
-
-class _Torch:
+class TorchEngine:
     def __init__(self, path: str, threads: int, provider: str):
         import torch
 
@@ -33,7 +31,3 @@ class _Torch:
                 logits, past = model(tok.view(1, 1), mask, pos, past)
                 tok = logits[0, -1].argmax()
         return ttft, time.perf_counter() - t1, new
-
-
-if __name__ == "__main__":
-    worker(_Torch, sys.argv[3], int(sys.argv[4]), sys.argv[5])

@@ -45,7 +45,7 @@ def _copy(folder: Path, dest: Path) -> Path:
 
 def _cli(*args, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "export.cli", *args],
+        [sys.executable, "-m", "runtime.cli", *args],
         input=stdin,
         capture_output=True,
         timeout=timeout,
@@ -225,7 +225,7 @@ def test_the_cli_turns_sigterm_into_a_clean_exit(tiny_folders, tmp_path):
         [
             sys.executable,
             "-m",
-            "export.cli",
+            "runtime.cli",
             "quantize",
             str(tiny_folders["ort"]),
             str(tmp_path / "out"),
@@ -569,7 +569,7 @@ def test_generation_settings_reject_nan_inf_and_out_of_range(setting, match):
     ],
 )
 def test_cli_options_name_their_range(tiny_folders, flag, value, match, capsys):
-    from export.cli import main
+    from runtime.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["generate", str(tiny_folders["ort"]), "hi", flag, value])
@@ -578,7 +578,7 @@ def test_cli_options_name_their_range(tiny_folders, flag, value, match, capsys):
 
 
 def test_cli_says_what_is_wrong_without_a_traceback(tmp_path, capsys):
-    from export.cli import main
+    from runtime.cli import main
 
     assert main(["generate", str(tmp_path / "nowhere"), "hi"]) == 2
     err = capsys.readouterr().err
@@ -586,7 +586,7 @@ def test_cli_says_what_is_wrong_without_a_traceback(tmp_path, capsys):
 
 
 def test_truncate_is_a_cli_flag_as_the_context_error_says(tiny_folders, capsys):
-    from export.cli import main
+    from runtime.cli import main
 
     long = "word " * 300  # the tiny model holds 256 tokens
     assert main(["generate", str(tiny_folders["ort"]), long, "--max-new-tokens", "2"]) == 2
@@ -636,7 +636,7 @@ def test_bench_refuses_a_prompt_longer_than_the_context_at_once(tiny_folders):
     ],
 )
 def test_bench_options_name_their_range(tiny_folders, args, match, capsys):
-    from export.cli import main
+    from runtime.cli import main
 
     with pytest.raises(SystemExit):
         main(["bench", str(tiny_folders["ort"]), *args])

@@ -4,7 +4,7 @@ peer. No speed is asserted anywhere (speed targets live in docs/benchmarks.md)."
 import json
 import statistics
 
-from export.cli import main
+from runtime.cli import main
 
 
 def test_bench_cli_writes_table_json_chart_and_report(tiny_folders, tmp_path, capsys):

@@ -29,7 +29,7 @@ def test_cli_generate_streams_and_reports_figures(default_folders):
     cmd = [
         sys.executable,
         "-m",
-        "export.cli",
+        "runtime.cli",
         "generate",
         str(default_folders["ort"]),
         "What is the capital of France?",

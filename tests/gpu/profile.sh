@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-build/gpu}
 M=${MODELS:-build/gpu-models}
 mkdir -p "$OUT" "$M"
-llamaonnx() { $PY -m export.cli "$@"; }
+llamaonnx() { $PY -m runtime.cli "$@"; }
 SRC=(); [ -n "${LLAMAONNX_GGUF:-}" ] && SRC=("$LLAMAONNX_GGUF")
 [ -f "$M/ort-fp32/model.onnx" ] || llamaonnx export "${SRC[@]}" "$M/ort-fp32" --target ort --no-verify
 [ -f "$M/ort-fp16/model.onnx" ] || llamaonnx quantize "$M/ort-fp32" "$M/ort-fp16" --precision fp16 \

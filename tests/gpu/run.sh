@@ -46,7 +46,7 @@ PYEOF
   $PY -c "import onnxruntime_genai as g; print('onnxruntime-genai', g.__version__)" 2>/dev/null
   lscpu | grep -m1 'Model name' || true; } | tee "$OUT/gpu.txt"
 
-llamaonnx() { $PY -m export.cli "$@"; }
+llamaonnx() { $PY -m runtime.cli "$@"; }
 SRC=(); [ -n "${LLAMAONNX_GGUF:-}" ] && SRC=("$LLAMAONNX_GGUF")
 
 step export

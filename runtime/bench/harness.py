@@ -1,0 +1,288 @@
+"""Runs the engines: one worker process each, the same prompt ids, warm-up then interleaved runs
+(and the context sweep), medians and spreads, and the machine they ran on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from runtime import options
+from runtime.bench import engines
+from runtime.bench.prompt import prompt_ids
+from runtime.errors import ContextLengthError, LlamaonnxError, OptionError
+
+SWEEP = (128, 512, 1024, 2048, 4096)
+
+
+class PeerError(LlamaonnxError, RuntimeError):
+    """A requested engine could not run; the others' results are still reported."""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    engine: str
+    path: str
+    size_bytes: int
+    proc: subprocess.Popen | None = None
+    runs: list[dict] = dataclasses.field(default_factory=list)
+    sweep: list[dict] = dataclasses.field(default_factory=list)
+    load_rss_mb: float = 0.0
+    error: str | None = None
+
+    def start(self, threads: int, provider: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "runtime.bench.worker",
+                self.engine,
+                self.path,
+                str(threads),
+                provider,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
+        msg = json.loads(self.proc.stdout.readline() or '{"error": "worker died"}')
+        self.error = msg.get("error")
+        self.load_rss_mb = msg.get("rss_mb", 0.0)
+
+    def run(self, ids: list[int], new: int) -> dict:
+        self.proc.stdin.write(json.dumps({"ids": ids, "new": new}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: the benchmark worker died")
+        r = json.loads(line)
+        r["prompt"] = len(ids)
+        return r
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def _size(path: Path) -> int:
+    from runtime.folder import model_size
+
+    return path.stat().st_size if path.is_file() else model_size(path)
+
+
+def cases(
+    models: list[Path], peers: list[str], genai_dirs: list[Path], gguf: Path | None
+) -> list[Case]:
+    from runtime.folder import read_model_folder
+
+    out = []
+    for m in models:
+        info = read_model_folder(m)
+        out.append(Case(f"llamaonnx {m.name}", "llamaonnx", str(m), _size(m)))
+        if "genai" in peers and info.target == "ort":
+            out.append(Case(f"genai on {m.name}", "genai", str(m), _size(m)))
+    for d in genai_dirs:
+        if not d.is_dir():
+            raise OptionError(f"--genai-dir {d} is not a folder (one built by genai's builder)")
+        out.append(Case(f"genai {d.name}", "genai", str(d), _size(d)))
+    first = read_model_folder(models[0]).raw["provenance"]
+    if "llama.cpp" in peers:
+        path = gguf or (Path(first["source"]) if first.get("format") == "gguf" else None)
+        if path is None:
+            raise OptionError("llama.cpp needs a GGUF: pass --gguf PATH")
+        if not path.is_file():
+            raise OptionError(f"llama.cpp's GGUF {path} is not a file")
+        out.append(Case(f"llama.cpp {path.name}", "llama.cpp", str(path), _size(path)))
+    if "torch" in peers:
+        src = Path(first["source"])
+        out.append(Case("PyTorch reference (fp32)", "torch", str(src), _size(src)))
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def bench(
+    models: list[Path],
+    peers: list[str] = (),
+    genai_dirs: list[Path] = (),
+    gguf: Path | None = None,
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    runs: int = 10,
+    warmup: int = 1,
+    threads: int = 2,
+    provider: str = "cpu",
+    sweep: tuple[int, ...] = (),
+    sweep_new_tokens: int = 32,
+    sweep_runs: int = 3,
+    progress=lambda msg: None,
+    check_files: bool = True,
+) -> dict:
+    """Runs every engine and returns the results; an engine that could not start has an
+    "error" instead of figures (the CLI then exits non-zero). `check_files`: compare each
+    model folder's files with their recorded sha256 once, before the workers open them."""
+    from runtime.files import check_integrity
+    from runtime.folder import read_model_folder
+
+    models = [Path(m) for m in models]
+    peers_known = engines.names()[1:]
+    for p in peers:
+        if p not in peers_known:
+            raise OptionError(f"unknown peer {p!r}; choose from {peers_known}")
+    options.threads(threads)
+    options.integer("prompt_tokens", prompt_tokens, 1)
+    options.integer("new_tokens", new_tokens, 2)  # decode speed needs a second token
+    options.integer("runs", runs, 1)
+    options.integer("warmup", warmup, 0)
+    options.integer("sweep_runs", sweep_runs, 1)
+    infos = [read_model_folder(m) for m in models]
+    if check_files:
+        for info in infos:
+            check_integrity(info.folder, info.raw)
+    context = min(info.max_position for info in infos)
+    if prompt_tokens + new_tokens > context:
+        raise ContextLengthError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the models' "
+            f"context of {context} tokens; ask for at most {context - new_tokens} prompt tokens"
+        )
+    ids = prompt_ids(models[0], prompt_tokens)
+    todo = cases(models, list(peers), [Path(d) for d in genai_dirs], gguf)
+    for c in todo:
+        progress(f"start   {c.name}")
+        c.start(threads, provider)
+        if c.error:
+            progress(f"skip    {c.name}: {c.error}")
+    live = [c for c in todo if not c.error]
+    try:
+        for _ in range(warmup):
+            for c in live:
+                c.run(ids, new_tokens)
+        for r in range(runs):
+            for c in live:  # interleaved: drift hits every engine alike
+                c.runs.append(c.run(ids, new_tokens))
+            progress(f"run     {r + 1}/{runs}")
+        for length in sweep:
+            if length + sweep_new_tokens > context:
+                progress(f"sweep   context {length} skipped: the models hold {context} tokens")
+                continue
+            long_ids = prompt_ids(models[0], length)
+            speeds: dict[str, list[float]] = {c.name: [] for c in live}
+            for _ in range(sweep_runs):  # interleaved like the main runs
+                for c in live:
+                    res = c.run(long_ids, sweep_new_tokens)
+                    speeds[c.name].append((res["new"] - 1) / res["decode_s"])
+            for c in live:
+                c.sweep.append(
+                    {
+                        "context": length,
+                        "decode_tok_s": statistics.median(speeds[c.name]),
+                        "runs": speeds[c.name],
+                    }
+                )
+            progress(f"sweep   context {length}")
+    finally:
+        for c in todo:
+            c.stop()
+    results = []
+    for c in todo:
+        row = {"name": c.name, "engine": c.engine, "path": c.path, "size_mb": c.size_bytes / 1e6}
+        if c.error:
+            results.append({**row, "error": c.error})
+            continue
+        results.append(
+            {
+                **row,
+                "ttft_ms": _summary([r["ttft"] * 1000 for r in c.runs]),
+                "prefill_tok_s": _summary([r["prompt"] / r["ttft"] for r in c.runs]),
+                "decode_tok_s": _summary([(r["new"] - 1) / r["decode_s"] for r in c.runs]),
+                "peak_rss_mb": max(r["rss_mb"] for r in c.runs),
+                "sweep": c.sweep,
+            }
+        )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(gpu=provider.startswith("cuda")),
+        "versions": versions(),
+        "settings": {
+            "prompt_tokens": len(ids),
+            "new_tokens": new_tokens,
+            "runs": runs,
+            "warmup": warmup,
+            "sweep_runs": sweep_runs if sweep else 0,
+            "sweep_new_tokens": sweep_new_tokens if sweep else 0,
+            "threads": threads,
+            "provider": provider,
+            "batch": 1,
+            "sampling": "greedy, end-of-sequence ignored",
+        },
+        "results": results,
+    }
+
+
+def machine(gpu: bool = False) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+    if gpu:  # the card and driver, as nvidia-smi names them
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            name, driver = smi.stdout.splitlines()[0].split(", ")
+            out["gpu"] = f"{name}, driver {driver}"
+        except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+            out["gpu"] = "unknown"
+    return out
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("llamaonnx", "onnxruntime", "onnxruntime-genai", "llama_cpp_python", "torch"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    try:  # the build that is imported: onnxruntime-gpu can shadow a CPU onnxruntime on the path
+        import onnxruntime as ort
+
+        out["onnxruntime"] = ort.__version__
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            out["onnxruntime"] += " (CUDA build)"
+    except ImportError:
+        pass
+    try:
+        import onnxruntime_genai as og
+
+        out["onnxruntime-genai"] = og.__version__
+    except ImportError:
+        pass
+    return out

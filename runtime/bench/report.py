@@ -1,0 +1,134 @@
+"""The bench results as a text or markdown table, docs/benchmarks.md, and a chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def table(data: dict, markdown: bool = False) -> str:
+    head = [
+        "engine",
+        "size MB",
+        "TTFT ms",
+        "prefill tok/s",
+        "decode tok/s",
+        "decode spread",
+        "peak RSS MB",
+    ]
+    rows = []
+    for r in data["results"]:
+        if "error" in r:
+            rows.append([r["name"], f"{r['size_mb']:.0f}", "—", "—", "—", r["error"][:40], "—"])
+            continue
+        d = r["decode_tok_s"]
+        rows.append(
+            [
+                r["name"],
+                f"{r['size_mb']:.0f}",
+                f"{r['ttft_ms']['median']:.0f}",
+                f"{r['prefill_tok_s']['median']:.0f}",
+                f"{d['median']:.1f}",
+                f"{d['min']:.0f}–{d['max']:.0f}",
+                f"{r['peak_rss_mb']:.0f}",
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*row) for row in [head, *rows])
+
+
+def report_markdown(data: dict, command: str, png: str | None = None) -> str:
+    """docs/benchmarks.md: the machine, versions, exact command, table, sweep and chart."""
+    s, m = data["settings"], data["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores, {m['system']})"
+        + (f", GPU {m['gpu']}, provider {s['provider']}" if "gpu" in m else "")
+        + "; "
+        f"{s['threads']} threads, batch {s['batch']}, {s['prompt_tokens']}-token chat prompt, "
+        f"{s['new_tokens']} new tokens ({s['sampling']}), {s['warmup']} warm-up run then "
+        f"{s['runs']} runs per engine, interleaved; medians, decode spread min–max.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()),
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        table(data, markdown=True),
+    ]
+    sweeps = [r for r in data["results"] if r.get("sweep")]
+    if sweeps:
+        contexts = [p["context"] for p in sweeps[0]["sweep"]]
+        lines += [
+            "",
+            "Decode tokens/s as the context grows (median of "
+            f"{data['settings'].get('sweep_runs', 1)} interleaved runs of "
+            f"{data['settings'].get('sweep_new_tokens', 32)} new tokens):",
+            "",
+            "| engine | " + " | ".join(str(c) for c in contexts) + " |",
+            "|---|" + "---:|" * len(contexts),
+        ]
+        for r in sweeps:
+            lines.append(
+                f"| {r['name']} | "
+                + " | ".join(f"{p['decode_tok_s']:.1f}" for p in r["sweep"])
+                + " |"
+            )
+    if png:
+        lines += ["", f"![benchmark chart]({png})"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in data["results"] if "error" not in r]
+    sweeps = [r for r in ok if r.get("sweep")]
+    fig, axes = plt.subplots(1, 2 if sweeps else 1, figsize=(13 if sweeps else 7, 4.5), dpi=110)
+    ax = axes[0] if sweeps else axes
+    names = [r["name"] for r in ok]
+    y = range(len(ok))
+    dec = [r["decode_tok_s"]["median"] for r in ok]
+    pre = [r["prefill_tok_s"]["median"] / 10 for r in ok]
+    ax.barh([i + 0.2 for i in y], dec, height=0.4, label="decode tok/s", color="#4c78a8")
+    ax.barh([i - 0.2 for i in y], pre, height=0.4, label="prefill tok/s ÷ 10", color="#f58518")
+    for i in range(len(ok)):
+        ax.text(dec[i], i + 0.2, f" {dec[i]:.0f}", va="center", fontsize=8)
+        ax.text(pre[i], i - 0.2, f" {pre[i] * 10:.0f}", va="center", fontsize=8)
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    s = data["settings"]
+    ax.set_title(
+        f"{s['prompt_tokens']}-token prompt, {s['new_tokens']} new, {s['threads']} threads, "
+        f"median of {s['runs']}",
+        fontsize=9,
+    )
+    if sweeps:
+        for r in sweeps:
+            axes[1].plot(
+                [p["context"] for p in r["sweep"]],
+                [p["decode_tok_s"] for p in r["sweep"]],
+                marker="o",
+                label=r["name"],
+            )
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xlabel("context length (tokens)")
+        axes[1].set_ylabel("decode tok/s")
+        axes[1].set_title("decode speed as the cache grows", fontsize=9)
+        axes[1].legend(fontsize=7)
+    fig.suptitle(data["machine"]["cpu"], fontsize=9)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,42 @@
+"""The worker process: `python -m runtime.bench.worker ENGINE PATH THREADS PROVIDER` loads one
+engine and serves runs as JSON lines, {"ids": […], "new": n} → {"ttft", "decode_s", "new",
+"rss_mb"}. It answers {"error": …} instead of {"ready": true} when its engine cannot start."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from runtime.bench import engines
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(name: str, path: str, threads: int, provider: str) -> None:
+    """Serves runs on stdin/stdout: {"ids": […], "new": n} → {"ttft", "decode_s", "new"}."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # engines that print must not break the protocol
+    try:
+        eng = engines.load(name)(path, threads, provider)
+        out.write(json.dumps({"ready": True, "rss_mb": _peak_rss_mb()}) + "\n")
+    except Exception as e:  # reported to the parent, which says which peer could not start
+        out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        out.flush()
+        return
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        ttft, decode_s, n = eng.run(req["ids"], req["new"])
+        out.write(
+            json.dumps({"ttft": ttft, "decode_s": decode_s, "new": n, "rss_mb": _peak_rss_mb()})
+            + "\n"
+        )
+        out.flush()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
