@@ -10,7 +10,7 @@ class TorchEngine:
     def __init__(self, path: str, threads: int, provider: str):
         import torch
 
-        from export.weights import build_model, load_source
+        from export.sources import build_model, load_source
 
         torch.set_num_threads(threads)
         self.torch, self.model = torch, build_model(load_source(path or None))

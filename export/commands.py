@@ -136,8 +136,8 @@ def _quantize(args) -> int:
 
 
 def _hf_folder(args) -> int:
-    from export.hf_folder import write_source
-    from export.weights import load_source
+    from export.sources import load_source
+    from export.sources.hf_folder import write_source
 
     write_source(load_source(args.source), args.out_dir, force=args.force)
     print(f"wrote {args.out_dir}")
@@ -145,7 +145,7 @@ def _hf_folder(args) -> int:
 
 
 def _table(args) -> int:
-    from export.report import quality_table
+    from export.verify.report import quality_table
 
     print(quality_table(args.model_dirs))
     return 0
@@ -210,7 +210,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _verify(args) -> int:
-    from export.verify import check, verify_folder
+    from export.verify.parity import check, verify_folder
     from runtime.files import update_file
 
     providers = tuple(dict.fromkeys(args.provider)) if args.provider else None

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export.errors import ExportError
-from export.folder import genai_config, save_onnx
+from export.onnx.save import genai_config, save_onnx
 from export.passes import TARGETS, lower
 from runtime.files import atomic_folder, check_disk, check_replaceable, scratch_folder, write_json
 from runtime.folder import FORMAT_VERSION
@@ -84,7 +84,7 @@ def export_model(
         raise ExportError(f"unknown target {target!r}; choose one of {TARGETS}")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    from export.weights import build_model, default_gguf_path, load_source
+    from export.sources import build_model, default_gguf_path, load_source
 
     out_dir = Path(out_dir)
     src = default_gguf_path() if source_path is None else Path(source_path)
@@ -119,7 +119,7 @@ def _export_fp32(source, model, out_dir: Path, target, force, verify, progress, 
     check_disk(out_dir, 2 * sum(v.nbytes for v in source.state.values()) + (64 << 20))
 
     t = time.perf_counter()
-    from export.exporter import trace
+    from export.onnx.trace import trace
 
     proto = trace(model)
     progress(
@@ -149,7 +149,7 @@ def _export_fp32(source, model, out_dir: Path, target, force, verify, progress, 
         report = {"verified": False}
         if verify:
             t = time.perf_counter()
-            from export.verify import check, summary, verify_folder
+            from export.verify.parity import check, summary, verify_folder
 
             report = verify_folder(tmp, model=model, check_files=False)
             write_json(tmp / "report.json", report)

@@ -7,14 +7,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_source():
-    from export.weights import load_source
+    from export.sources import load_source
 
     return load_source(None)
 
 
 @pytest.fixture(scope="session")
 def default_model(default_source):
-    from export.weights import build_model
+    from export.sources import build_model
 
     return build_model(default_source)
 

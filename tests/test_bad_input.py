@@ -134,7 +134,7 @@ def test_force_replaces_a_model_folder_and_keeps_the_old_one_until_the_new_is_wh
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("export.folder.onnx.save_model", broken)
+    monkeypatch.setattr("export.onnx.save.onnx.save_model", broken)
     with pytest.raises(OSError, match="No space left"):
         quantize_folder(tiny_folders["ort"], out, QuantSettings("int8"), force=True, verify=False)
     assert _tree(out) == before  # the old folder is untouched
@@ -145,8 +145,8 @@ def test_force_replaces_a_model_folder_and_keeps_the_old_one_until_the_new_is_wh
 
 
 def test_hf_folder_replaces_only_what_it_wrote(tiny_source, tmp_path):
-    from export.hf_folder import write_source
-    from export.weights import load_source
+    from export.sources import load_source
+    from export.sources.hf_folder import write_source
 
     source = load_source(tiny_source[0])
     other = tmp_path / "other"
@@ -165,7 +165,7 @@ def test_hf_folder_replaces_only_what_it_wrote(tiny_source, tmp_path):
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors"])
 def test_a_sharded_index_cannot_name_files_outside_the_folder(tiny_src, shard):
     from export.errors import SourceError
-    from export.weights import load_source
+    from export.sources import load_source
 
     (tiny_src / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.embed_tokens.weight": shard}})
@@ -375,7 +375,7 @@ def test_an_inconsistent_llamaonnx_json_is_a_typed_error(tiny_folders, tmp_path,
 def test_verify_checks_the_source_first_and_keeps_the_report(tiny_src, tmp_path):
     from export.errors import SourceChangedError
     from export.pipeline import export_model
-    from export.verify import verify_folder
+    from export.verify.parity import verify_folder
 
     out = tmp_path / "out"
     export_model(tiny_src, out, target="ort", verify=False)
@@ -395,7 +395,7 @@ def test_implausible_weights_are_refused_after_export(tiny_source, tmp_path):
 
     from export.errors import CorruptWeightsError
     from export.pipeline import export_model
-    from export.verify import plausible_perplexity
+    from export.verify.parity import plausible_perplexity
 
     src = _copy(tiny_source[0], tmp_path / "src")
     state = load_file(str(src / "model.safetensors"))

@@ -93,8 +93,8 @@ def test_existing_folder_unknown_target_and_failures_leave_nothing(
 
 
 def test_failed_verification_leaves_no_folder(tiny_source, tmp_path, monkeypatch):
-    from export import tolerances
     from export.errors import ParityError
+    from export.verify import tolerances
 
     src, _ = tiny_source
     strict = tolerances.Tolerance(

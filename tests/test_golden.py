@@ -1,6 +1,6 @@
 """The real default model answers a chat prompt coherently (greedy golden tokens)."""
 
-from export.generate import generate
+from export.model.generate import generate
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 GOLDEN = "The capital of France is Paris."

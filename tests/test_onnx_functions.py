@@ -6,9 +6,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export import onnx_functions, ops
-from export.onnx_functions import gqa, rms_norm, rope
-from export.onnx_functions.common import ONNX_OPSET
+from export.model import ops
+from export.onnx import functions as onnx_functions
+from export.onnx.functions import gqa, rms_norm, rope
+from export.onnx.functions.common import ONNX_OPSET
 
 
 def _run(module, inputs: dict, n_outputs: int, **attrs):

@@ -350,7 +350,7 @@ def test_verify_cli_checks_the_asked_provider_and_table_has_a_row_per_provider(
 ):
     import shutil
 
-    from export.report import quality_table
+    from export.verify.report import quality_table
     from runtime.cli import main
 
     folder = tmp_path / "ort"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from export import ops
-from export.config import LlamaConfig, RopeScaling, preset
-from export.model import Transformer
+from export.model import ops
+from export.model.config import LlamaConfig, RopeScaling, preset
+from export.model.transformer import Transformer
 
 torch.manual_seed(0)
 

@@ -40,7 +40,7 @@ def test_top_k_and_top_p_keep_only_allowed_tokens():
 
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
 def test_greedy_equals_reference_and_batch_equals_one_by_one(tiny_folders, tiny_source, target):
-    from export.generate import generate
+    from export.model.generate import generate
 
     _, model = tiny_source
     gen = Generator(Session(tiny_folders[target], provider="cpu"))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.config import preset
 from export.errors import SourceError, UnsupportedArchitectureError
-from export.hf_folder import write_hf_folder
-from export.model import random_model
-from export.weights import build_model, default_gguf_path, load_source
+from export.model.config import preset
+from export.model.transformer import random_model
+from export.sources import build_model, default_gguf_path, load_source
+from export.sources.hf_folder import write_hf_folder
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from export.config import preset
-from export.hf_folder import write_hf_folder
-from export.model import random_model
+from export.model.config import preset
+from export.model.transformer import random_model
+from export.sources.hf_folder import write_hf_folder
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from export.onnx_functions import DOMAIN
+from export.onnx.domain import DOMAIN
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

@@ -127,7 +127,7 @@ def _gguf_blocks(info: dict) -> dict[str, tuple[str, np.ndarray, int]]:
     if prov.get("format") != "gguf":
         return {}
     path = Path(prov["source"])
-    from export.weights import sha256_of
+    from export.sources.common import sha256_of
 
     if not path.is_file() or sha256_of(path) != prov["sha256"]:
         raise QuantizationError(
@@ -136,9 +136,9 @@ def _gguf_blocks(info: dict) -> dict[str, tuple[str, np.ndarray, int]]:
         )
     import gguf
 
-    from export.load_gguf import KEY_MAP
     from export.quant.blocks import GGUF_TYPES
-    from export.weights import key_mapper
+    from export.sources.common import key_mapper
+    from export.sources.gguf import KEY_MAP
 
     map_name = key_mapper(KEY_MAP)
     reader = gguf.GGUFReader(path)
@@ -150,12 +150,12 @@ def _gguf_blocks(info: dict) -> dict[str, tuple[str, np.ndarray, int]]:
 
 
 def _unpermute_for(name: str, arch: dict) -> Callable | None:
-    from export.load_gguf import _unpermute
+    from export.sources.gguf import unpermute
 
     if name.endswith("attention.wq.weight"):
-        return lambda a: _unpermute(a, arch["n_heads"])
+        return lambda a: unpermute(a, arch["n_heads"])
     if name.endswith("attention.wk.weight"):
-        return lambda a: _unpermute(a, arch["n_kv_heads"])
+        return lambda a: unpermute(a, arch["n_kv_heads"])
     return None
 
 
@@ -243,7 +243,7 @@ def quantize_folder(
     `protected`: paths besides `in_dir` that `out_dir` must never be, contain or lie inside."""
     import onnx
 
-    from export.folder import save_onnx
+    from export.onnx.save import save_onnx
     from runtime.files import (
         atomic_folder,
         check_disk,
@@ -340,7 +340,7 @@ def quantize_folder(
         report: dict = {"verified": False}
         if verify:
             t = time.perf_counter()
-            from export.verify import check, summary, verify_folder
+            from export.verify.parity import check, summary, verify_folder
 
             report = verify_folder(tmp, model=model, check_files=False)
             report["size_bytes"] = size

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_functions import DOMAIN
+from export.onnx.domain import DOMAIN
 
 # Our function ops run in float32 on the portable target: which of their inputs are floating point.
 _ISLANDS = {"RMSNorm": (0, 1), "RotaryEmbedding": (0, 2, 3), "GroupQueryAttention": range(6)}

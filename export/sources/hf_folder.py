@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.config import LlamaConfig
-from export.load_hf import KEY_MAP
+from export.model.config import LlamaConfig
+from export.sources.hf import KEY_MAP
 
 
 def hf_config(c: LlamaConfig) -> dict:

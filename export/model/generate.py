@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from export.model import Transformer, positions_from_mask
+from export.model.transformer import Transformer, positions_from_mask
 
 
 def pad_batch(prompts: list[list[int]], pad_id: int, side: str = "left"):

@@ -12,8 +12,8 @@ import onnx
 import torch
 from onnx.defs import OpSchema
 
-from export import ops  # noqa: F401  (registers the torch ops)
-from export.onnx_functions.common import DOMAIN, DOMAIN_VERSION, OPSET, op
+from export.model import ops  # noqa: F401  (registers the torch ops)
+from export.onnx.functions.common import DOMAIN, DOMAIN_VERSION, OPSET, op
 
 OP_TYPE = "RMSNorm"
 TORCH_OP = torch.ops.llamaonnx.rms_norm.default

@@ -12,8 +12,8 @@ import functools
 
 import onnx
 
-from export.onnx_functions import gqa, rms_norm, rope
-from export.onnx_functions.common import DOMAIN, DOMAIN_VERSION, OPSET
+from export.onnx.functions import gqa, rms_norm, rope
+from export.onnx.functions.common import DOMAIN, DOMAIN_VERSION, OPSET
 
 _MODULES = (rms_norm, rope, gqa)
 

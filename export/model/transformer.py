@@ -5,8 +5,8 @@ Hkv key/value heads, Dh head dim, V vocab.
 
 forward(input_ids, attention_mask, position_ids, past) -> (logits, present), where past and present
 are lists of (key, value) pairs of shape (B, Hkv, P|T, Dh) — no hidden module state (mlx-examples).
-RMSNorm, RoPE and attention call the custom ops of export/ops.py, so the same object exports to a
-graph with one node per op.
+RMSNorm, RoPE and attention call the custom ops of export/model/ops.py, so the same object exports
+to a graph with one node per op.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export import ops
-from export.config import LlamaConfig, rope_inv_freq
+from export.model import ops
+from export.model.config import LlamaConfig, rope_inv_freq
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

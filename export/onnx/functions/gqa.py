@@ -2,7 +2,7 @@
 
 Shape legend: B batch, S new tokens, P past, T = P + S, H query heads, Hkv kv heads, Dh head dim.
 
-Equivalent to the PyTorch code (export/ops.py `gqa`)::
+Equivalent to the PyTorch code (export/model/ops.py `gqa`)::
 
     present_k = cat(past_k, k.view(B, S, Hkv, Dh).transpose(1, 2), dim=2)       # (B, Hkv, T, Dh)
     keys = present_k.repeat_interleave(H // Hkv, dim=1)                          # (B, H, T, Dh)
@@ -20,8 +20,8 @@ import onnx
 import torch
 from onnx.defs import OpSchema
 
-from export import ops  # noqa: F401  (registers the torch ops)
-from export.onnx_functions.common import DOMAIN, DOMAIN_VERSION, OPSET, op
+from export.model import ops  # noqa: F401  (registers the torch ops)
+from export.onnx.functions.common import DOMAIN, DOMAIN_VERSION, OPSET, op
 
 OP_TYPE = "GroupQueryAttention"
 TORCH_OP = torch.ops.llamaonnx.gqa.default

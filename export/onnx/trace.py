@@ -19,8 +19,8 @@ import onnx
 import torch
 from torch import nn
 
-from export import onnx_functions
-from export.model import Transformer
+from export.model.transformer import Transformer
+from export.onnx import functions as onnx_functions
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ Measures, on every provider present: teacher-forced max |Δlogit| over a prefill
 decode steps; the same for a right-padded batch of two prompts of different lengths; greedy-token
 agreement (leading identical tokens) over the tolerance's number of steps on several prompts;
 perplexity and mean KL divergence from the reference on the evaluation text that ships with the
-runtime. Raises `ParityError` past the tolerance of the folder's precision (export/tolerances.py).
+runtime. Raises `ParityError` past the tolerance of the folder's precision
+(export/verify/tolerances.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from export.errors import CorruptWeightsError, ParityError, SourceChangedError
-from export.tolerances import tolerance, tolerance_key
+from export.verify.tolerances import tolerance, tolerance_key
 
 log = logging.getLogger(__name__)
 PLAUSIBLE_PERPLEXITY_FACTOR = 2
@@ -105,7 +106,7 @@ def plausible_perplexity(ppl: float, vocab_size: int, what: str) -> None:
 def check_source(info: dict) -> Path:
     """The folder's source, unchanged since the export (its recorded sha256), or
     SourceChangedError: verifying against another model would blame the ONNX graph."""
-    from export.weights import sha256_of
+    from export.sources.common import sha256_of
 
     prov = info["provenance"]
     path = Path(prov["source"])
@@ -150,7 +151,7 @@ def verify_folder(
     tol_key = tolerance_key(info.raw)
     tol = tolerance(tol_key)
     if model is None:
-        from export.weights import build_model, load_source
+        from export.sources import build_model, load_source
 
         model = build_model(load_source(check_source(info.raw)))
     tok = first.tokenizer
@@ -167,7 +168,7 @@ def verify_folder(
     )
     ref_ppl = perplexity(ref_logits[0], text_ids)
     plausible_perplexity(ref_ppl, info.vocab_size, "the reference model")
-    from export.generate import generate
+    from export.model.generate import generate
 
     ref_greedy = [generate(model, [p], tol.greedy_steps, stop_ids=())[0] for p in prompts]
     report = {

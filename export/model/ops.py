@@ -1,7 +1,7 @@
 """RMSNorm, RoPE and grouped-query attention as `torch.library.custom_op`s.
 
 The eager body of each op IS the reference math, so one model object runs in PyTorch and, at export,
-each op becomes a single node of the `llamaonnx` ONNX domain (see export/onnx_functions/).
+each op becomes a single node of the `llamaonnx` ONNX domain (see export/onnx/functions/).
 
 Shape legend: B batch, S new tokens, P past length, T = P + S, H query heads, Hkv key/value heads,
 Dh head dim, D model dim, Tmax rotary table length.

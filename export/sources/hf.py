@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.config import LlamaConfig
 from export.errors import SourceError, UnsupportedArchitectureError
-from export.weights import check_shapes, key_mapper
+from export.model.config import LlamaConfig
+from export.sources.common import check_shapes, key_mapper
 
 KEY_MAP = {
     "model.embed_tokens.weight": "tok_embeddings.weight",

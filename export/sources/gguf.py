@@ -3,7 +3,7 @@
 Every tensor type the `gguf` package can dequantize is accepted (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 the K-quants, …). Layout change: llama.cpp's converter permutes the rows of attn_q / attn_k from
 Hugging Face's rotate-half RoPE layout to GGML's interleaved one (convert_hf_to_gguf.py,
-`LlamaModel.permute`); `_unpermute` undoes it so our rotate-half RoPE applies.
+`LlamaModel.permute`); `unpermute` undoes it so our rotate-half RoPE applies.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from export.config import LlamaConfig
 from export.errors import SourceError, UnsupportedArchitectureError, UnsupportedTensorTypeError
-from export.tokenizer_gguf import tokenizer_json_from_gguf
-from export.weights import check_shapes, key_mapper
+from export.model.config import LlamaConfig
+from export.sources.common import check_shapes, key_mapper
+from export.sources.gguf_tokenizer import tokenizer_json_from_gguf
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def config_from_metadata(meta: dict) -> LlamaConfig:
     )
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Inverse of convert_hf_to_gguf's permute: GGML interleaved rows → HF rotate-half rows."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -143,9 +143,9 @@ def load_gguf(path: Path) -> tuple[LlamaConfig, dict[str, np.ndarray], dict, str
             raise SourceError(f"unexpected tensor {t.name!r} in a llama GGUF")
         w = _dequantize(t)
         if name.endswith("attention.wq.weight"):
-            w = _unpermute(w, config.n_heads)
+            w = unpermute(w, config.n_heads)
         elif name.endswith("attention.wk.weight"):
-            w = _unpermute(w, config.n_kv_heads)
+            w = unpermute(w, config.n_kv_heads)
         state[name] = w
     if "output.weight" not in state:
         config = LlamaConfig.from_dict({**config.to_dict(), "tie_embeddings": True})
