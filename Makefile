@@ -29,7 +29,9 @@ setup: $(VENV)/.setup-done
 # An edge install: the runtime extra only (no torch, no onnx), as a user's device would have it.
 # tests/test_edge.py runs `llamaonnx generate` on the default int4 model in it.
 EDGE   ?= .venv-edge
-$(EDGE)/.setup-done: pyproject.toml setup.py runtime/native/q4ops.c $(VENV)/.setup-done
+# (a copy, not an editable install: it is rebuilt whenever the runtime changes)
+$(EDGE)/.setup-done: pyproject.toml setup.py runtime/native/q4ops.c $(wildcard runtime/*.py runtime/*/*.py) \
+		$(VENV)/.setup-done
 	rm -rf $(EDGE)
 	$(PYTHON) -m venv $(EDGE)
 	$(EDGE)/bin/python -m pip install -q --upgrade pip

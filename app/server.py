@@ -86,7 +86,7 @@ def model_markdown(folder: Path) -> str:
     from runtime.folder import model_size, read_model_folder
 
     info = read_model_folder(folder)
-    a = info.raw["architecture"]
+    a = info.architecture
     size = model_size(folder)
     lines = [
         f"### {folder.name}",
@@ -95,41 +95,34 @@ def model_markdown(folder: Path) -> str:
         "",
         "| architecture | |",
         "|---|---|",
-        f"| layers | {a['n_layers']} |",
-        f"| hidden size | {a['dim']} |",
-        f"| attention heads / KV heads | {a['n_heads']} / {a['n_kv_heads']} (GQA) |",
-        f"| head dim | {a['head_dim']} |",
-        f"| MLP size | {a['intermediate_size']} |",
-        f"| vocabulary | {a['vocab_size']} |",
-        f"| context | {a['max_position']} |",
-        f"| RoPE theta | {a['rope_theta']} |",
-        f"| tied embeddings | {a['tie_embeddings']} |",
+        f"| layers | {a.n_layers} |",
+        f"| hidden size | {a.dim} |",
+        f"| attention heads / KV heads | {a.n_heads} / {a.n_kv_heads} (GQA) |",
+        f"| head dim | {a.head_dim} |",
+        f"| MLP size | {a.intermediate_size} |",
+        f"| vocabulary | {a.vocab_size} |",
+        f"| context | {a.max_position} |",
+        f"| RoPE theta | {a.rope_theta} |",
+        f"| tied embeddings | {a.tie_embeddings} |",
     ]
-    quant = info.raw.get("quantization")
+    quant = info.quantization
     if quant:
         lines += [
             "",
-            f"Quantization: {quant.get('origins') or quant['float_type']}, block "
-            f"{quant['block_size']}, accuracy level {quant['accuracy_level']}",
+            f"Quantization: {quant.origins or quant.float_type}, block "
+            f"{quant.settings.get('block_size')}, accuracy level {quant.accuracy_level}",
         ]
     report_path = folder / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if report.get("providers"):
+        from runtime.quality import quality_table
+
         lines += [
             "",
             "#### Verification against the PyTorch reference",
-            "| provider | max \\|Δlogit\\| | greedy agreement | perplexity | reference | ratio |"
-            " KL |",
-            "|---|---|---|---|---|---|---|",
+            quality_table([folder]),
+            f"\nPassed: **{report['passed']}** ({report.get('tolerance_key', '')})",
         ]
-        for p, r in report["providers"].items():
-            agree = r.get("greedy_agreement_per_prompt", [r.get("greedy_agreement")])
-            lines.append(
-                f"| {p} | {r['max_abs_logit_delta']:.2e} | {agree} of {r['greedy_steps']} "
-                f"| {r['perplexity']:.3f} | {r['reference_perplexity']:.3f} "
-                f"| {r['perplexity_ratio']:.4f} | {r.get('kl_divergence', float('nan')):.1e} |"
-            )
-        lines.append(f"\nPassed: **{report['passed']}** ({report.get('tolerance_key', '')})")
     else:
         lines.append("\n_Not verified (exported with --no-verify)._")
     return "\n".join(lines)

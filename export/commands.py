@@ -1,4 +1,4 @@
-"""The export side's subcommands: `export`, `quantize`, `verify`, `hf-folder` and `table`,
+"""The export side's subcommands: `export`, `quantize`, `verify`, and `hf-folder`,
 contributed to the `llamaonnx` dispatcher (runtime/cli.py) through the `llamaonnx.commands` entry
 point. Registering imports nothing heavy; each command imports torch, onnx or onnxscript when it
 runs, and says which extra to install where they are missing (an edge install)."""
@@ -78,12 +78,6 @@ def register(sub) -> None:
     )
     h.set_defaults(fn=_needs_export_extra(_hf_folder))
 
-    t = sub.add_parser(
-        "table", help="markdown table of model folders' verification reports (size, quality)"
-    )
-    t.add_argument("model_dirs", type=Path, nargs="+")
-    t.set_defaults(fn=_needs_export_extra(_table))
-
 
 def _quant_settings(args):
     from export.quant import QuantSettings
@@ -141,13 +135,6 @@ def _hf_folder(args) -> int:
 
     write_source(load_source(args.source), args.out_dir, force=args.force)
     print(f"wrote {args.out_dir}")
-    return 0
-
-
-def _table(args) -> int:
-    from export.verify.report import quality_table
-
-    print(quality_table(args.model_dirs))
     return 0
 
 
@@ -211,7 +198,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def _verify(args) -> int:
     from export.verify.parity import check, verify_folder
-    from runtime.files import update_file
+    from runtime.folder import update_file
 
     providers = tuple(dict.fromkeys(args.provider)) if args.provider else None
     report = verify_folder(args.model_dir, providers=providers)

@@ -14,8 +14,16 @@ from pathlib import Path
 from export.errors import ExportError
 from export.onnx.save import genai_config, save_onnx
 from export.passes import TARGETS, lower
+from export.verify.record import verify_and_record
 from runtime.files import atomic_folder, check_disk, check_replaceable, scratch_folder, write_json
-from runtime.folder import FORMAT_VERSION
+from runtime.folder import (
+    MODEL_FOLDER,
+    Architecture,
+    ModelInfo,
+    Provenance,
+    SpecialTokens,
+    write_model_info,
+)
 
 PRECISIONS = ("fp32", "int4", "int8", "fp16")
 
@@ -35,34 +43,31 @@ def _tool_versions() -> dict:
     }
 
 
-def model_info(source, target: str, precision: str, inputs: list[str], outputs: list[str]) -> dict:
+def model_info(source, target: str, inputs: list[str], outputs: list[str]) -> ModelInfo:
+    """The fp32 folder's description, from the source's config and the traced graph's I/O."""
     c = source.config
-    return {
-        "format_version": FORMAT_VERSION,
-        "architecture": {
-            "n_layers": c.n_layers,
-            "n_heads": c.n_heads,
-            "n_kv_heads": c.n_kv_heads,
-            "head_dim": c.resolved_head_dim,
-            "dim": c.dim,
-            "intermediate_size": c.intermediate_size,
-            "vocab_size": c.vocab_size,
-            "rope_theta": c.rope_theta,
-            "rope_scaling": c.to_dict()["rope_scaling"],
-            "norm_eps": c.norm_eps,
-            "max_position": c.max_position,
-            "tie_embeddings": c.tie_embeddings,
-        },
-        "special_tokens": {
-            "bos_token_id": c.bos_token_id,
-            "eos_token_ids": list(c.eos_token_ids),
-            "pad_token_id": c.pad_token_id,
-        },
-        "target": target,
-        "precision": precision,
-        "io": {"inputs": inputs, "outputs": outputs},
-        "provenance": {**source.provenance(), "tools": _tool_versions()},
-    }
+    return ModelInfo(
+        architecture=Architecture(
+            n_layers=c.n_layers,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.resolved_head_dim,
+            dim=c.dim,
+            intermediate_size=c.intermediate_size,
+            vocab_size=c.vocab_size,
+            max_position=c.max_position,
+            rope_theta=c.rope_theta,
+            rope_scaling=c.to_dict()["rope_scaling"],
+            norm_eps=c.norm_eps,
+            tie_embeddings=c.tie_embeddings,
+        ),
+        special_tokens=SpecialTokens(c.bos_token_id, tuple(c.eos_token_ids), c.pad_token_id),
+        target=target,
+        precision="fp32",
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        provenance=Provenance(**source.provenance(), tools=_tool_versions()),
+    )
 
 
 def export_model(
@@ -88,7 +93,7 @@ def export_model(
 
     out_dir = Path(out_dir)
     src = default_gguf_path() if source_path is None else Path(source_path)
-    check_replaceable(out_dir, force, protected=[src])  # before the minutes of work, not after
+    check_replaceable(out_dir, MODEL_FOLDER, force, [src])  # before the minutes of work, not after
     t = time.perf_counter()
     source = load_source(src)
     model = build_model(source)
@@ -132,13 +137,13 @@ def _export_fp32(source, model, out_dir: Path, target, force, verify, progress, 
         f"lower   target {target}: {len(proto.graph.node)} nodes ({time.perf_counter() - t:.1f}s)"
     )
 
-    with atomic_folder(out_dir, force, protected) as tmp:
+    with atomic_folder(out_dir, MODEL_FOLDER, force, protected) as tmp:
         t = time.perf_counter()
         save_onnx(proto, tmp)
         inputs = [i.name for i in proto.graph.input]
         outputs = [o.name for o in proto.graph.output]
-        info = model_info(source, target, "fp32", inputs, outputs)
-        write_json(tmp / "llamaonnx.json", info)
+        info = model_info(source, target, inputs, outputs)
+        write_model_info(tmp, info)
         (tmp / "tokenizer.json").write_text(json.dumps(source.tokenizer_json))
         if source.chat_template:
             (tmp / "chat_template.jinja").write_text(source.chat_template)
@@ -146,15 +151,5 @@ def _export_fp32(source, model, out_dir: Path, target, force, verify, progress, 
         if target == "ort":
             write_json(tmp / "genai_config.json", genai_config(info))
         progress(f"save    {out_dir} ({time.perf_counter() - t:.1f}s)")
-        report = {"verified": False}
-        if verify:
-            t = time.perf_counter()
-            from export.verify.parity import check, summary, verify_folder
-
-            report = verify_folder(tmp, model=model, check_files=False)
-            write_json(tmp / "report.json", report)
-            check(report)
-            progress(f"verify  {summary(report)} ({time.perf_counter() - t:.1f}s)")
-        else:
-            write_json(tmp / "report.json", report)
-    return {**info, "report": report}
+        report = verify_and_record(tmp, model, verify, progress)
+    return {**info.to_json(), "report": report}

@@ -1,5 +1,5 @@
-"""The runtime's subcommands: `generate`, `chat` and `bench`. They need no torch: an edge install
-(`pip install llamaonnx[runtime]`) runs them."""
+"""The runtime's subcommands: `generate`, `chat`, `table` and `bench`. They need no torch: an
+edge install (`pip install llamaonnx[runtime]`) runs them."""
 
 from __future__ import annotations
 
@@ -26,7 +26,19 @@ def register(sub) -> None:
             g.add_argument("--raw", action="store_true", help="no chat template: complete the text")
         _add_generation_args(g)
         g.set_defaults(fn=fn)
+    t = sub.add_parser(
+        "table", help="markdown table of model folders' verification reports (size, quality)"
+    )
+    t.add_argument("model_dirs", type=Path, nargs="+")
+    t.set_defaults(fn=_table)
     _add_bench(sub)
+
+
+def _table(args) -> int:
+    from runtime.quality import quality_table
+
+    print(quality_table(args.model_dirs))
+    return 0
 
 
 def _add_generation_args(g: argparse.ArgumentParser) -> None:

@@ -1,11 +1,13 @@
-"""Folders on disk that llamaonnx writes: built atomically, sealed with checksums, replaced only
-when that is safe, and never left half-written (shared/DESIGN.md, "The model folder").
+"""Folders on disk that llamaonnx writes: built atomically, replaced only when that is safe, and
+never left half-written (shared/DESIGN.md, "The model folder"). What a model folder holds, its
+llamaonnx.json and checksums, is runtime/folder.py's; this module knows folders only by kind.
 
 Writing: `atomic_folder` builds the new folder in a hidden temporary sibling,
 `.NAME.tmp-PID-XXXX`, which holds a marker file while it is being written. When the caller's block
-ends, the folder is sealed (the sha256 of every file goes into `llamaonnx.json`) and renamed into
-place. An existing folder is moved aside first and deleted only once the new one stands in its
-place; should the second rename fail, the old one is put back.
+ends, the folder is finished (a model folder is sealed: the sha256 of every file goes into its
+`llamaonnx.json`) and renamed into place. An existing folder is moved aside first and deleted
+only once the new one stands in its place; should the second rename fail, the old one is put
+back.
 
 Replacing (`--force`): only a folder that says it is ours (its marker file, e.g. `llamaonnx.json`
 with a format version) and holds nothing but the files such a folder has. Never the source, a
@@ -31,13 +33,12 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from runtime.errors import IntegrityError, ModelFolderError, OutputFolderError, Terminated
+from runtime.errors import OutputFolderError, Terminated
 
 log = logging.getLogger(__name__)
-INFO_FILE = "llamaonnx.json"
 PARTIAL_MARKER = ".llamaonnx-partial"  # inside a temporary folder while it is written
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|scratch|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -45,11 +46,15 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|scratch|old)-(?P<pid>\d+
 @dataclasses.dataclass(frozen=True)
 class FolderKind:
     """A kind of folder llamaonnx writes and may replace: the marker file (JSON with a
-    `format_version`) that says a folder is one, and the files such a folder holds."""
+    `format_version`, and optionally the `files` it holds) that says a folder is one, the files
+    such a folder holds, and what completes a folder of the kind before it is put in place
+    (`finish`, e.g. sealing it with checksums). The model folder's kind is
+    runtime.folder.MODEL_FOLDER."""
 
     what: str
     marker: str
     files: frozenset[str]
+    finish: Callable[[Path], None] | None = None
 
     def is_marked(self, folder: Path) -> bool:
         try:
@@ -59,44 +64,11 @@ class FolderKind:
         return isinstance(data, dict) and isinstance(data.get("format_version"), int)
 
     def allowed(self, folder: Path) -> set[str]:
-        """Names the folder may hold: the kind's files and those its manifest lists."""
+        """Names the folder may hold: the kind's files and those its marker lists."""
         names = set(self.files)
         with contextlib.suppress(OSError, ValueError, AttributeError):
             names |= set(json.loads((folder / self.marker).read_text()).get("files", {}))
         return names
-
-
-MODEL_FOLDER = FolderKind(
-    "a llamaonnx model folder",
-    INFO_FILE,
-    frozenset(
-        {
-            INFO_FILE,
-            "model.onnx",
-            "model.onnx.data",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "chat_template.jinja",
-            "report.json",
-            "genai_config.json",
-            "llamaonnx_kernels.so",
-            "llamaonnx_kernels.dll",
-        }
-    ),
-)
-HF_FOLDER = FolderKind(
-    "a Hugging Face folder written by `llamaonnx hf-folder`",
-    "llamaonnx-hf.json",
-    frozenset(
-        {
-            "llamaonnx-hf.json",
-            "config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        }
-    ),
-)
 
 
 # -- checksums -------------------------------------------------------------------------------------
@@ -108,51 +80,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def digests(folder: Path) -> dict[str, dict]:
-    """name → {"sha256", "bytes"} for every file of the folder but llamaonnx.json itself."""
+def digests(folder: Path, skip: Iterable[str] = ()) -> dict[str, dict]:
+    """name → {"sha256", "bytes"} for every file of the folder but those in `skip`."""
+    skip = {*skip, PARTIAL_MARKER}
     return {
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(Path(folder).iterdir())
-        if p.is_file() and p.name not in (INFO_FILE, PARTIAL_MARKER)
+        if p.is_file() and p.name not in skip
     }
-
-
-def seal(folder: Path) -> None:
-    """Records the checksums of every file in the folder's llamaonnx.json."""
-    path = Path(folder) / INFO_FILE
-    info = json.loads(path.read_text())
-    info["files"] = digests(folder)
-    write_json(path, info)
-
-
-def check_integrity(folder: Path, info: dict) -> None:
-    """Every file the manifest lists is there with its recorded size and sha256, or
-    IntegrityError names the first that is not. Folders written before checksums (no `files`)
-    are opened with a warning."""
-    files = info.get("files")
-    if files is None:
-        log.warning(
-            "%s records no checksums (written by an older llamaonnx): its files cannot be "
-            "checked; export it again to get integrity checks",
-            folder,
-        )
-        return
-    if not isinstance(files, dict):
-        raise ModelFolderError(f"{folder}/{INFO_FILE}: 'files' must map file names to checksums")
-    for name, record in files.items():
-        path = Path(folder) / name
-        if Path(name).name != name or not path.is_file():
-            raise IntegrityError(
-                f"{path} is listed in {INFO_FILE} but missing: the folder is incomplete; copy it "
-                "again or export it again"
-            )
-        size = path.stat().st_size
-        if size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
-            raise IntegrityError(
-                f"{path} differs from the file written at export ({size} bytes, recorded "
-                f"{record.get('bytes')}; sha256 differs): it is corrupt or was changed. Copy the "
-                "folder again or export it again (--skip-checksums opens it anyway)"
-            )
 
 
 # -- small atomic writes ---------------------------------------------------------------------------
@@ -175,22 +110,9 @@ def write_json(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def update_file(folder: Path, name: str, data: bytes | str) -> None:
-    """Rewrites one file of a sealed folder and its checksum in the manifest, nothing else: the
-    other files keep the checksums they were written with."""
-    folder = Path(folder)
-    write_atomic(folder / name, data)
-    info_path = folder / INFO_FILE
-    info = json.loads(info_path.read_text())
-    if "files" in info:
-        p = folder / name
-        info["files"][name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        write_json(info_path, info)
-
-
 # -- replacing -------------------------------------------------------------------------------------
 def check_replaceable(
-    out_dir: Path, force: bool, protected: Iterable[Path] = (), kind: FolderKind = MODEL_FOLDER
+    out_dir: Path, kind: FolderKind, force: bool = False, protected: Iterable[Path] = ()
 ) -> None:
     """OutputFolderError unless writing `out_dir` (replacing it with `force`) can lose nothing:
     it is not a protected path (the source), does not contain one nor lie inside one, and, if it
@@ -280,10 +202,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(parent: Path) -> list[Path]:
+def clean_stale(parent: Path, kind: FolderKind | None = None) -> list[Path]:
     """Removes what killed runs left in `parent`: temporary folders whose process is gone, and
-    old folders moved aside (put back where their replacement never arrived). Only folders that
-    carry our marker are touched. Returns what it removed or restored."""
+    old folders of `kind` moved aside (put back where their replacement never arrived). Only
+    folders that carry our marker (or `kind`'s) are touched. Returns what it removed or
+    restored."""
     done = []
     try:
         entries = list(Path(parent).iterdir())
@@ -293,9 +216,7 @@ def clean_stale(parent: Path) -> list[Path]:
         m = _TEMPORARY.match(entry.name)
         if not m or entry.is_symlink() or not entry.is_dir() or _alive(int(m["pid"])):
             continue
-        ours = (entry / PARTIAL_MARKER).is_file() or any(
-            k.is_marked(entry) for k in (MODEL_FOLDER, HF_FOLDER)
-        )
+        ours = (entry / PARTIAL_MARKER).is_file() or (kind is not None and kind.is_marked(entry))
         if not ours:
             continue
         target = entry.with_name(m["name"])
@@ -336,26 +257,27 @@ def _swap(tmp: Path, out: Path) -> None:
 @contextlib.contextmanager
 def atomic_folder(
     out_dir: Path,
+    kind: FolderKind,
     force: bool = False,
     protected: Iterable[Path] = (),
-    kind: FolderKind = MODEL_FOLDER,
 ) -> Iterator[Path]:
-    """Yields a temporary folder to fill; when the block ends it is sealed (model folders) and
-    replaces `out_dir`. On any exception, Ctrl-C or `Terminated`, it is deleted and `out_dir` is
-    untouched. `protected`: paths the output must never be, contain or lie inside."""
+    """Yields a temporary folder to fill; when the block ends it is finished (a model folder is
+    sealed with checksums) and replaces `out_dir`. On any exception, Ctrl-C or `Terminated`, it
+    is deleted and `out_dir` is untouched. `protected`: paths the output must never be, contain
+    or lie inside."""
     out = Path(out_dir).absolute()
     protected = tuple(protected)
-    check_replaceable(out, force, protected, kind)
+    check_replaceable(out, kind, force, protected)
     check_writable(out)
-    clean_stale(out.parent)
+    clean_stale(out.parent, kind)
     tmp = temporary_sibling(out)
     try:
         yield tmp
         (tmp / PARTIAL_MARKER).unlink()
-        if kind is MODEL_FOLDER:
-            seal(tmp)
+        if kind.finish is not None:
+            kind.finish(tmp)
         _make_readable(tmp)
-        check_replaceable(out, force, protected, kind)  # again: it may have changed meanwhile
+        check_replaceable(out, kind, force, protected)  # again: it may have changed meanwhile
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

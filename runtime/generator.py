@@ -95,6 +95,11 @@ class Generator:
         self.tokenizer = session.tokenizer
         self.stats = Stats()
 
+    def _stop_ids(self, config: GenerationConfig) -> set[int]:
+        """The tokens that end a reply: the config's, else the model's end-of-sequence ones."""
+        ids = self.info.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        return set(ids)
+
     # -- token level -------------------------------------------------------------------------
     def _fit(
         self, prompts: list[list[int]], config: GenerationConfig
@@ -125,9 +130,7 @@ class Generator:
     ) -> Iterator[list[int | None]]:
         """Yields, per decode step, each row's new token (None once that row has stopped)."""
         prompts, max_length = self._fit(prompts, config)
-        stop = set(
-            self.info.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
-        )
+        stop = self._stop_ids(config)
         b = len(prompts)
         ids, mask, positions = right_pad(prompts, self.info.pad_token_id)
         lengths = mask.sum(1)
@@ -199,9 +202,7 @@ class Generator:
         """Text pieces as they are generated: whole UTF-8 characters, cut before any stop string."""
         decoder = StreamDecoder(self.tokenizer)
         stops = [s for s in config.stop_strings if s]
-        stop_ids = set(
-            self.info.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
-        )
+        stop_ids = self._stop_ids(config)
         pending = ""
         for (tok,) in self.steps([self.encode(prompt)], config):
             if tok is None or tok in stop_ids:

@@ -14,8 +14,7 @@ import numpy as np
 
 from runtime import options
 from runtime.errors import ContextLengthError, ModelFolderError, ProviderError
-from runtime.files import check_integrity
-from runtime.folder import ModelInfo, read_model_folder
+from runtime.folder import ModelInfo, check_integrity, read_model_folder
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ class Session:
         threads = options.threads(threads)
         self.info = read_model_folder(folder)
         if check_files:
-            check_integrity(self.info.folder, self.info.raw)
+            check_integrity(self.info)
         self.provider = resolve_provider(provider)
         self.device = "cuda" if self.provider == "cuda" else "cpu"
         self.static_decode = static_decode or cuda_graph

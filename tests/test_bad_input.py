@@ -193,8 +193,9 @@ _KILLABLE = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from runtime.files import atomic_folder, signals_raise
+    from runtime.folder import MODEL_FOLDER
     out = Path(sys.argv[1])
-    with signals_raise(), atomic_folder(out) as tmp:
+    with signals_raise(), atomic_folder(out, MODEL_FOLDER) as tmp:
         (tmp / "model.onnx.data").write_bytes(b"x" * 1_000_000)
         print("writing", flush=True)
         time.sleep(60)
@@ -328,7 +329,7 @@ def test_quantize_with_a_missing_weights_file_is_a_typed_error(tiny_folders, tmp
 
     from export.errors import QuantizationError
     from export.quant import QuantSettings, quantize_folder
-    from runtime.files import seal
+    from runtime.folder import seal
 
     folder = _copy(tiny_folders["ort"], tmp_path / "m")
     model = onnx.load(str(folder / "model.onnx"))
@@ -425,7 +426,7 @@ def test_nan_logits_are_a_numerical_error_not_silence():
 
 # -- chat templates: bounded work, typed errors naming the template --
 def _template_folder(tiny_folders, tmp_path, template: str) -> Path:
-    from runtime.files import seal
+    from runtime.folder import seal
 
     folder = _copy(tiny_folders["ort"], tmp_path / "m")
     (folder / "chat_template.jinja").write_text(template)

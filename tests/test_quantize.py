@@ -260,7 +260,10 @@ def test_each_precision_round_trips_within_its_tolerance(quantized, target, prec
     cpu = report["providers"]["cpu"]
     assert cpu["perplexity_ratio"] <= report["tolerance"]["perplexity_ratio"]
     assert cpu["kl_divergence"] <= report["tolerance"]["max_kl"]
-    assert report["size_bytes"] > 0 and report["quantization"]["precision"] == info["precision"]
+    assert (
+        report["size_bytes"] > 0
+        and report["quantization"]["settings"]["precision"] == info["precision"]
+    )
     assert len(cpu["greedy_agreement_per_prompt"]) == 3
     assert cpu["greedy_steps"] == 128
 
@@ -288,7 +291,7 @@ def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
     assert "/model/output/MatMul" in names and "/model/layers.0/attention/wq/MatMul" in names
     assert ops["MatMulQ4"] + ops["MatMulQ4SwiGLU"] == PER_LAYER["ort"] * (L - 1)
     info = json.loads((out / "llamaonnx.json").read_text())
-    assert info["quantization"]["keep"] == ["layers.0.*", "output"]
+    assert info["quantization"]["settings"]["keep"] == ["layers.0.*", "output"]
 
 
 def test_tied_embedding_and_head_share_one_copy_of_the_codes(tmp_path):
@@ -350,8 +353,8 @@ def test_verify_cli_checks_the_asked_provider_and_table_has_a_row_per_provider(
 ):
     import shutil
 
-    from export.verify.report import quality_table
     from runtime.cli import main
+    from runtime.quality import quality_table
 
     folder = tmp_path / "ort"
     shutil.copytree(tiny_folders["ort"], folder)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from export.model.config import preset
 from export.model.generate import generate, pad_batch
-from export.model.transformer import positions_from_mask, random_model
+from export.model.transformer import positions_from_mask
+from tests.tiny import preset, random_model
 
 
 @pytest.fixture(params=["tiny", "tiny-tied-mqa", "tiny-mha"])

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from export.model import ops
-from export.model.config import LlamaConfig, RopeScaling, preset
+from export.model.config import LlamaConfig, RopeScaling
 from export.model.transformer import Transformer
+from tests.tiny import preset
 
 torch.manual_seed(0)
 

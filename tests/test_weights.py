@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from export.errors import SourceError, UnsupportedArchitectureError
-from export.model.config import preset
-from export.model.transformer import random_model
 from export.sources import build_model, default_gguf_path, load_source
 from export.sources.hf_folder import write_hf_folder
+from tests.tiny import preset, random_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 

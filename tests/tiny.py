@@ -1,10 +1,73 @@
-"""Tiny seeded models written as Hugging Face folders with a real byte-level tokenizer."""
+"""Tiny seeded models, by preset name, written as Hugging Face folders with a real byte-level
+tokenizer (test helpers: they live here, not in the library)."""
 
 from pathlib import Path
 
-from export.model.config import preset
-from export.model.transformer import random_model
+import torch
+
+from export.errors import ConfigError
+from export.model.config import LlamaConfig, RopeScaling
+from export.model.transformer import Transformer
 from export.sources.hf_folder import write_hf_folder
+
+# The tiny seeded models of the tests, looked up by exact name.
+PRESETS = {
+    "tiny": LlamaConfig(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=256,
+        intermediate_size=128,
+        max_position=256,
+        tie_embeddings=False,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
+    "tiny-tied-mqa": LlamaConfig(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=1,
+        vocab_size=256,
+        intermediate_size=96,
+        max_position=256,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(type="llama3", factor=8.0, original_max_position=64),
+    ),
+    "tiny-mha": LlamaConfig(
+        dim=48,
+        n_layers=1,
+        n_heads=3,
+        n_kv_heads=3,
+        vocab_size=128,
+        intermediate_size=64,
+        max_position=128,
+        rope_scaling=RopeScaling(type="linear", factor=2.0),
+    ),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def random_model(config: LlamaConfig, seed: int = 0) -> Transformer:
+    """A seeded random model whose activations stay in a realistic range (for tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (p.shape[-1] ** -0.5))
+    return model.eval()
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -119,16 +119,3 @@ def positions_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Ten
     """Position of each of the last `seq_len` tokens = number of real tokens before it."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)[:, -seq_len:]
-
-
-def random_model(config: LlamaConfig, seed: int = 0) -> Transformer:
-    """A seeded random model whose activations stay in a realistic range (for tests)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (p.shape[-1] ** -0.5))
-    return model.eval()

@@ -22,9 +22,13 @@ def ours(graph: onnx.GraphProto, op_type: str) -> list[onnx.NodeProto]:
     return [n for n in graph.node if n.domain == DOMAIN and n.op_type == op_type]
 
 
-def replace_node(graph: onnx.GraphProto, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
-    index = list(graph.node).index(old)
-    graph.node.remove(old)
+def replace_nodes(
+    graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto]
+) -> None:
+    """`new` where the first of `old` stood (the graph stays topologically sorted)."""
+    index = min(list(graph.node).index(n) for n in old)
+    for n in old:
+        graph.node.remove(n)
     for k, n in enumerate(new):
         graph.node.insert(index + k, n)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from export.passes.graph import attr, ours, prune, replace_node
+from export.passes.graph import attr, ours, prune, replace_nodes
 
 
 def lower_onnx23(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -27,7 +27,7 @@ def lower_onnx23(model: onnx.ModelProto) -> onnx.ModelProto:
             epsilon=attr(n, "epsilon"),
             stash_type=1,
         )
-        replace_node(g, n, [new])
+        replace_nodes(g, [n], [new])
     for n in ours(g, "RotaryEmbedding"):
         x, pos, cos, sin = n.input
         new = helper.make_node(
@@ -38,7 +38,7 @@ def lower_onnx23(model: onnx.ModelProto) -> onnx.ModelProto:
             num_heads=attr(n, "num_heads"),
             interleaved=0,
         )
-        replace_node(g, n, [new])
+        replace_nodes(g, [n], [new])
     for n in ours(g, "GroupQueryAttention"):
         q, k, v, pk, pv, bias = n.input
         new = helper.make_node(
@@ -50,6 +50,6 @@ def lower_onnx23(model: onnx.ModelProto) -> onnx.ModelProto:
             kv_num_heads=attr(n, "kv_num_heads"),
             scale=attr(n, "scale"),
         )
-        replace_node(g, n, [new])
+        replace_nodes(g, [n], [new])
     prune(model)
     return model

@@ -21,7 +21,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from export.passes.graph import attr, ensure_opset, ours, producers, prune, replace_node
+from export.passes.graph import attr, ensure_opset, ours, producers, prune, replace_nodes
 
 MS = "com.microsoft"
 
@@ -56,7 +56,7 @@ def lower_ort(model: onnx.ModelProto) -> onnx.ModelProto:
             do_rotary=1,
             rotary_interleaved=0,
         )
-        replace_node(g, n, [new])
+        replace_nodes(g, [n], [new])
     _norms(g)
     _stamp_present_shapes(g)
     prune(model)
@@ -115,7 +115,7 @@ def _norms(g: onnx.GraphProto) -> None:
                 other.input[:] = [summed if i == x else i for i in other.input]
             for out in g.output:
                 assert out.name != x, "a residual sum is a graph output"
-            replace_node(g, n, [new])
+            replace_nodes(g, [n], [new])
             g.node.remove(add)
         else:
             new = helper.make_node(
@@ -127,4 +127,4 @@ def _norms(g: onnx.GraphProto) -> None:
                 epsilon=eps,
                 stash_type=1,
             )
-            replace_node(g, n, [new])
+            replace_nodes(g, [n], [new])

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from export.quant.blocks import (
     permute_rows,
     quantize,
 )
+
+if TYPE_CHECKING:
+    from runtime.folder import Architecture, ModelInfo
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("int4", "int8", "fp16")
@@ -121,15 +125,15 @@ class QuantSettings:
         return "float16" if self.precision == "fp16" or self.fp16_activations else "float32"
 
 
-def _gguf_blocks(info: dict) -> dict[str, tuple[str, np.ndarray, int]]:
+def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int]]:
     """Our tensor name → (GGUF type name, raw rows, K) for the source GGUF's carried types."""
-    prov = info["provenance"]
-    if prov.get("format") != "gguf":
+    prov = info.provenance
+    if prov.format != "gguf":
         return {}
-    path = Path(prov["source"])
+    path = Path(prov.source)
     from export.sources.common import sha256_of
 
-    if not path.is_file() or sha256_of(path) != prov["sha256"]:
+    if not path.is_file() or sha256_of(path) != prov.sha256:
         raise QuantizationError(
             f"the folder was exported from {path}, which is missing or has changed since "
             "(sha256 differs); re-export, or pass --no-gguf-blocks to quantize the float weights"
@@ -149,20 +153,20 @@ def _gguf_blocks(info: dict) -> dict[str, tuple[str, np.ndarray, int]]:
     }
 
 
-def _unpermute_for(name: str, arch: dict) -> Callable | None:
+def _unpermute_for(name: str, arch: Architecture) -> Callable | None:
     from export.sources.gguf import unpermute
 
     if name.endswith("attention.wq.weight"):
-        return lambda a: unpermute(a, arch["n_heads"])
+        return lambda a: unpermute(a, arch.n_heads)
     if name.endswith("attention.wk.weight"):
-        return lambda a: unpermute(a, arch["n_kv_heads"])
+        return lambda a: unpermute(a, arch.n_kv_heads)
     return None
 
 
-def plan(settings: QuantSettings, info: dict):
+def plan(settings: QuantSettings, info: ModelInfo):
     """→ (choose(module, W), embedding_blocks(table, head)) closures and the carry log."""
     carried = _gguf_blocks(info) if settings.gguf_blocks else {}
-    arch = info["architecture"]
+    arch = info.architecture
     notes: dict = {"max_abs_carry_error": 0.0}
 
     def carry(tensor: str, w: np.ndarray, bits: int) -> Blocks | None:
@@ -195,7 +199,7 @@ def plan(settings: QuantSettings, info: dict):
             return None
         bits = settings.head_bits if module == "output" else settings.bits
         tensor = f"{module}.weight"
-        if module == "output" and arch["tie_embeddings"]:
+        if module == "output" and arch.tie_embeddings:
             tensor = "tok_embeddings.weight"
         return blocks_for(tensor, w, bits)
 
@@ -204,7 +208,7 @@ def plan(settings: QuantSettings, info: dict):
             fnmatch.fnmatchcase("tok_embeddings", p) for p in settings.keep
         ):
             return None
-        if head is not None and arch["tie_embeddings"]:
+        if head is not None and arch.tie_embeddings:
             return head  # one copy of the codes serves the LM head and the embedding
         return blocks_for("tok_embeddings.weight", table, settings.head_bits)
 
@@ -244,23 +248,25 @@ def quantize_folder(
     import onnx
 
     from export.onnx.save import save_onnx
-    from runtime.files import (
-        atomic_folder,
-        check_disk,
+    from runtime.files import atomic_folder, check_disk, check_replaceable
+    from runtime.folder import (
+        MODEL_FOLDER,
+        Quantization,
+        WeightRecord,
         check_integrity,
-        check_replaceable,
-        write_json,
+        model_size,
+        read_model_folder,
+        write_model_info,
     )
-    from runtime.folder import model_size, read_model_folder
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     protected = (in_dir, *protected)
-    check_replaceable(out_dir, force, protected)
-    info = read_model_folder(in_dir).raw
-    check_integrity(in_dir, info)
-    if info["precision"] != "fp32":
+    check_replaceable(out_dir, MODEL_FOLDER, force, protected)
+    info = read_model_folder(in_dir)
+    check_integrity(info)
+    if info.precision != "fp32":
         raise QuantizationError(
-            f"{in_dir} holds a {info['precision']} model; quantize from an fp32 folder"
+            f"{in_dir} holds a {info.precision} model; quantize from an fp32 folder"
         )
     if settings.provider == "cpu" and settings.precision == "fp16":
         log.info("fp16 runs on CPU for checking; it is meant for CUDA")
@@ -306,27 +312,29 @@ def quantize_folder(
         f"({dict(collections.Counter(b.origin for b in layers.values()))}) "
         f"({time.perf_counter() - t:.1f}s)"
     )
-    quant = {
-        **dataclasses.asdict(settings),
-        "keep": list(settings.keep),
-        "accuracy_level": settings.level if settings.bits else None,
-        "kernel": "native" if native_ops else "nbits" if settings.bits else None,
-        "float_type": settings.float_type,
-        "weights": {m: f"{b.origin} {b.bits}-bit/{b.block_size}" for m, b in layers.items()},
-        "origins": dict(collections.Counter(f"{b.origin} {b.bits}-bit" for b in layers.values())),
-        "max_abs_carry_error": notes.get("max_abs_carry_error"),
-        "max_abs_offset_error": notes.get("max_abs_offset_error"),
-        "fused_projections": notes.get("fused_projections"),
-        "from_folder": str(in_dir.resolve()),
-    }
-    new_info = {
-        **info,
-        **({"custom_ops": [native_domain]} if native_ops else {}),
-        "precision": settings.precision,
-        "kv_dtype": settings.float_type,
-        "quantization": quant,
-    }
-    with atomic_folder(out_dir, force, protected) as tmp:
+    quant = Quantization(
+        settings={**dataclasses.asdict(settings), "keep": list(settings.keep)},
+        accuracy_level=settings.level if settings.bits else None,
+        kernel="native" if native_ops else "nbits" if settings.bits else None,
+        float_type=settings.float_type,
+        weights={
+            m: WeightRecord(b.origin, b.bits, b.block_size, b.carried) for m, b in layers.items()
+        },
+        max_abs_carry_error=notes.get("max_abs_carry_error"),
+        max_abs_offset_error=notes.get("max_abs_offset_error"),
+        fused_projections=notes.get("fused_projections"),
+        from_folder=str(in_dir.resolve()),
+    )
+    new_info = dataclasses.replace(
+        info,
+        custom_ops=(native_domain,) if native_ops else info.custom_ops,
+        precision=settings.precision,
+        kv_dtype=settings.float_type,
+        quantization=quant,
+        files=None,
+        folder=None,
+    )
+    with atomic_folder(out_dir, MODEL_FOLDER, force, protected) as tmp:
         t = time.perf_counter()
         save_onnx(proto, tmp)
         for f in in_dir.iterdir():
@@ -334,20 +342,12 @@ def quantize_folder(
                 (tmp / f.name).write_bytes(f.read_bytes())
         if native_ops and (tmp / "genai_config.json").is_file():
             _genai_custom_ops(tmp)
-        write_json(tmp / "llamaonnx.json", new_info)
+        write_model_info(tmp, new_info)
         size = model_size(tmp)
         progress(f"save    {out_dir}: {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f}s)")
-        report: dict = {"verified": False}
-        if verify:
-            t = time.perf_counter()
-            from export.verify.parity import check, summary, verify_folder
+        from export.verify.record import verify_and_record
 
-            report = verify_folder(tmp, model=model, check_files=False)
-            report["size_bytes"] = size
-            report["quantization"] = quant
-            write_json(tmp / "report.json", report)
-            check(report)
-            progress(f"verify  {summary(report)} ({time.perf_counter() - t:.1f}s)")
-        else:
-            write_json(tmp / "report.json", {**report, "size_bytes": size, "quantization": quant})
-    return {**new_info, "report": report}
+        report = verify_and_record(
+            tmp, model, verify, progress, size_bytes=size, quantization=quant.to_json()
+        )
+    return {**new_info.to_json(), "report": report}

@@ -38,6 +38,7 @@ class Blocks:
     zero_points: np.ndarray | None  # uint8 [N, nb]; None means 2^(bits-1)
     offsets: np.ndarray | None  # float32 [N, nb]; None means 0
     origin: str  # "rtn-symmetric", "rtn-asymmetric", "gguf-Q4_1", …
+    carried: bool = False  # the source's own blocks, not rounded here
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,13 +70,6 @@ class Blocks:
         if zp.shape[1] % 2:
             zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
         return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
-
-    def nbytes(self) -> int:
-        zp = self.packed_zero_points()
-        extra = 0 if self.offsets is None else self.offsets.size * 4
-        return (
-            self.packed().nbytes + self.scales.size * 4 + (0 if zp is None else zp.nbytes) + extra
-        )
 
 
 def quantize(
@@ -151,19 +145,19 @@ def from_gguf(type_name: str, raw: np.ndarray, k: int) -> Blocks:
     d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if type_name == "Q8_0":
         codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return Blocks(8, 32, codes, d, None, None, "gguf-Q8_0")
+        return Blocks(8, 32, codes, d, None, None, "gguf-Q8_0", carried=True)
     qs = b[..., 4:] if type_name == "Q4_1" else b[..., 2:]
     # byte j holds element j in its low nibble and element j + 16 in its high nibble
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
     if type_name == "Q4_0":
-        return Blocks(4, 32, codes, d, None, None, "gguf-Q4_0")
+        return Blocks(4, 32, codes, d, None, None, "gguf-Q4_0", carried=True)
     m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     # d·q + m = d·(q − z) + (m + z·d) for any integer z: with z nearest −m/d the codes are centred
     # like the weights themselves (smaller error from int8 activations at accuracy level 4) and
     # the offset left for `offset_rows` is at most d/2.
     safe = np.where(d == 0, 1.0, d)
     z = np.clip(np.rint(-m / safe), 0, 15).astype(np.uint8)
-    return Blocks(4, 32, codes, d, z, m + z * d, "gguf-Q4_1")
+    return Blocks(4, 32, codes, d, z, m + z * d, "gguf-Q4_1", carried=True)
 
 
 FINE = 16  # the second copy of the block sums is scaled by 1/FINE

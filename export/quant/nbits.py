@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.passes.graph import ensure_opset, producers, prune
+from export.passes.graph import ensure_opset, producers, prune, replace_nodes
 from export.quant.blocks import FINE, Blocks, offset_rows, sum_repeats
 from export.quant.native import ATTENTION, DOMAIN, GATHER8, OP, SWIGLU, op_for, pack, supports
 
@@ -178,7 +178,7 @@ def quantize_graph(
         emit(new, nodes[0].input[0], blocks, f"{prefix}/out", base, prefix)
         sizes = [b.shape[0] for b in (chosen[m] for m in group)]
         _rewire(kind, nodes, f"{prefix}/out", sizes, base, prefix, consumers, new, init)
-        _replace(g, nodes, new)
+        replace_nodes(g, nodes, new)
         for m in group:
             done[m] = chosen.pop(m)
 
@@ -195,7 +195,7 @@ def quantize_graph(
             node.name.removesuffix("/MatMul"),
             f"model.{module}",
         )
-        _replace(g, [node], new)
+        replace_nodes(g, [node], new)
         done[module] = blocks
 
     emb = embedding(model)
@@ -256,7 +256,7 @@ def _native_attention(g: onnx.GraphProto) -> int:
             domain=DOMAIN,
             **kept,
         )
-        _replace(g, [n], [new])
+        replace_nodes(g, [n], [new])
         done += 1
     return done
 
@@ -295,7 +295,7 @@ def _fuse_swiglu(g: onnx.GraphProto) -> int:
             name=mm.name.replace(OP, SWIGLU),
             domain=DOMAIN,
         )
-        _replace(g, [mm, split, sig, silu, prod], [new])
+        replace_nodes(g, [mm, split, sig, silu, prod], [new])
         fused += 1
     return fused
 
@@ -329,7 +329,7 @@ def fuse_float_projections(model: onnx.ModelProto) -> int:
         ]
         sizes = [weights[m][1].shape[0] for m in group]
         _rewire(kind, nodes, f"{prefix}/out", sizes, base, prefix, consumers, new, init)
-        _replace(g, nodes, new)
+        replace_nodes(g, nodes, new)
         fused += 1
     g.initializer.extend(new_inits)
     prune(model)
@@ -342,15 +342,6 @@ def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
         for x in n.input:
             out.setdefault(x, []).append(n)
     return out
-
-
-def _replace(g: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
-    """`new` where the first of `old` stood (the graph stays topologically sorted)."""
-    index = min(list(g.node).index(n) for n in old)
-    for n in old:
-        g.node.remove(n)
-    for j, n in enumerate(new):
-        g.node.insert(index + j, n)
 
 
 def _fused_names(layer: int, kind: str) -> tuple[str, str]:
@@ -445,7 +436,7 @@ def _native_embedding(g, node, head: Blocks) -> None:
         name="/model/tok_embeddings/GatherQ8",
         domain=DOMAIN,
     )
-    _replace(g, [node], [gather])
+    replace_nodes(g, [node], [gather])
 
 
 def _quantize_embedding(g, node, blocks: Blocks, shared: bool, init) -> None:

@@ -10,6 +10,17 @@ import numpy as np
 
 from export.model.config import LlamaConfig
 from export.sources.hf import KEY_MAP
+from runtime.files import FolderKind
+
+# what `llamaonnx hf-folder` writes, and so what its --force may replace
+HF_FOLDER = FolderKind(
+    "a Hugging Face folder written by `llamaonnx hf-folder`",
+    "llamaonnx-hf.json",
+    frozenset(
+        {"llamaonnx-hf.json", "config.json", "model.safetensors", "tokenizer.json"}
+        | {"tokenizer_config.json"}
+    ),
+)
 
 
 def hf_config(c: LlamaConfig) -> dict:
@@ -70,9 +81,9 @@ def write_hf_folder(
 def write_source(source, folder: Path, force: bool = False) -> None:
     """A loaded `Source` (weights dequantized to float32) as a Hugging Face folder, atomically.
     `force` replaces only a folder this function wrote (its marker, llamaonnx-hf.json)."""
-    from runtime.files import HF_FOLDER, atomic_folder, write_json
+    from runtime.files import atomic_folder, write_json
 
-    with atomic_folder(Path(folder), force, [source.path], HF_FOLDER) as tmp:
+    with atomic_folder(Path(folder), HF_FOLDER, force, [source.path]) as tmp:
         write_json(tmp / HF_FOLDER.marker, {"format_version": 1, "source": source.path.name})
         write_hf_folder(tmp, source.config, source.state, source.tokenizer_json)
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}

@@ -9,6 +9,8 @@ quantized model may leave the reference's greedy path at a near-tie and still be
 
 import dataclasses
 
+from export.errors import ParityError
+
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
@@ -61,18 +63,18 @@ TOLERANCES = {
 }
 
 
-def tolerance_key(info: dict) -> str:
-    """The TOLERANCES entry for a folder's llamaonnx.json: its precision, and for int4 whether any
-    4-bit weight was quantized here rather than carried from GGUF blocks."""
-    precision = info["precision"]
-    origins = info.get("quantization", {}).get("origins", {})
-    if precision == "int4" and any(o.startswith("rtn") and o.endswith(" 4-bit") for o in origins):
+def tolerance_key(info) -> str:
+    """The TOLERANCES entry for a folder (runtime.folder.ModelInfo): its precision, and for int4
+    whether any 4-bit weight was rounded here rather than carried from the source's blocks (the
+    typed weight records say so; no name is parsed)."""
+    q = info.quantization
+    if info.precision == "int4" and q is not None and 4 in q.requantized_bits:
         return "int4-requantized"
-    return precision
+    return info.precision
 
 
 def tolerance(key: str) -> Tolerance:
     try:
         return TOLERANCES[key]
     except KeyError:
-        raise ValueError(f"no tolerance for {key!r}; known: {sorted(TOLERANCES)}") from None
+        raise ParityError(f"no tolerance for {key!r}; known: {sorted(TOLERANCES)}") from None

@@ -95,16 +95,16 @@ def cases(
         if not d.is_dir():
             raise OptionError(f"--genai-dir {d} is not a folder (one built by genai's builder)")
         out.append(Case(f"genai {d.name}", "genai", str(d), _size(d)))
-    first = read_model_folder(models[0]).raw["provenance"]
+    first = read_model_folder(models[0]).provenance
     if "llama.cpp" in peers:
-        path = gguf or (Path(first["source"]) if first.get("format") == "gguf" else None)
+        path = gguf or (Path(first.source) if first.format == "gguf" else None)
         if path is None:
             raise OptionError("llama.cpp needs a GGUF: pass --gguf PATH")
         if not path.is_file():
             raise OptionError(f"llama.cpp's GGUF {path} is not a file")
         out.append(Case(f"llama.cpp {path.name}", "llama.cpp", str(path), _size(path)))
     if "torch" in peers:
-        src = Path(first["source"])
+        src = Path(first.source)
         out.append(Case("PyTorch reference (fp32)", "torch", str(src), _size(src)))
     return out
 
@@ -139,8 +139,7 @@ def bench(
     """Runs every engine and returns the results; an engine that could not start has an
     "error" instead of figures (the CLI then exits non-zero). `check_files`: compare each
     model folder's files with their recorded sha256 once, before the workers open them."""
-    from runtime.files import check_integrity
-    from runtime.folder import read_model_folder
+    from runtime.folder import check_integrity, read_model_folder
 
     models = [Path(m) for m in models]
     peers_known = engines.names()[1:]
@@ -156,7 +155,7 @@ def bench(
     infos = [read_model_folder(m) for m in models]
     if check_files:
         for info in infos:
-            check_integrity(info.folder, info.raw)
+            check_integrity(info)
     context = min(info.max_position for info in infos)
     if prompt_tokens + new_tokens > context:
         raise ContextLengthError(

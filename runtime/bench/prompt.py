@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.texts import eval_text
+
 
 def prompt_ids(folder: Path, n: int) -> list[int]:
     """Exactly n token ids: the chat template around as much of the evaluation text as fits (or,
     past the text, the text repeated)."""
-    import importlib.resources
-
     from runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(folder)
-    text = importlib.resources.files("runtime").joinpath("data/eval.txt").read_text()
+    text = eval_text()
     words = text.split()
     while len(tok.encode(" ".join(words))) < n:
         words = words + text.split()

@@ -1,21 +1,25 @@
-"""The quality table of the README: one row per model folder, read from its report.json."""
+"""The verification table, the one renderer of what report.json holds: a row per model folder and
+provider (the README's quality table, `llamaonnx table`, the app's Model tab). Torch-free: it
+only reads folders."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from runtime.folder import model_size
+from runtime.errors import ModelFolderError
+from runtime.folder import ModelInfo, model_size, read_model_folder
 
 
-def _weights(info: dict) -> str:
-    q = info.get("quantization")
+def _weights(info: ModelInfo) -> str:
+    q = info.quantization
     if not q:
         return "float32"
-    if info["precision"] == "fp16":
+    if info.precision == "fp16":
         return "float16"
-    parts = [f"{n}× {origin}" for origin, n in sorted(q["origins"].items())]
-    return ", ".join(parts) + f"; block {q['block_size']}, accuracy level {q['accuracy_level']}"
+    parts = [f"{n}× {origin}" for origin, n in sorted(q.origins.items())]
+    block = q.settings.get("block_size")
+    return ", ".join(parts) + f"; block {block}, accuracy level {q.accuracy_level}"
 
 
 def quality_table(folders: list[Path]) -> str:
@@ -27,19 +31,19 @@ def quality_table(folders: list[Path]) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for folder in map(Path, folders):
-        info = json.loads((folder / "llamaonnx.json").read_text())
+        info = read_model_folder(folder)
         report = json.loads((folder / "report.json").read_text())
         if not report.get("providers"):
-            raise ValueError(f"{folder} was not verified; run `llamaonnx verify {folder}`")
+            raise ModelFolderError(f"{folder} was not verified; run `llamaonnx verify {folder}`")
         for provider, r in sorted(report["providers"].items(), key=lambda kv: kv[0] != "cpu"):
             rows.append(_row(folder, info, provider, r))
     return "\n".join(rows)
 
 
-def _row(folder: Path, info: dict, provider: str, r: dict) -> str:
+def _row(folder: Path, info: ModelInfo, provider: str, r: dict) -> str:
     agree = r["greedy_agreement_per_prompt"]
     return (
-        f"| {folder.name} | {info['precision']} | {info['target']} | {provider} "
+        f"| {folder.name} | {info.precision} | {info.target} | {provider} "
         f"| {model_size(folder) / 1e6:.1f} | {r['perplexity']:.3f} "
         f"| {r['perplexity_ratio']:.4f} "
         f"| {r.get('kl_divergence', float('nan')):.1e} "
