@@ -16,203 +16,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import fnmatch
 import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from export.errors import QuantizationError
-from export.quant.blocks import (
-    Blocks,
-    check_settings,
-    from_gguf,
-    held_offsets,
-    permute_rows,
-    quantize,
-)
+from export.quant.blocks import Blocks
+from export.quant.carry import plan
+from export.quant.settings import QuantSettings
 
-if TYPE_CHECKING:
-    from runtime.folder import Architecture, ModelInfo
-
+__all__ = ["QuantSettings", "quantize_folder"]
 log = logging.getLogger(__name__)
-PRECISIONS = ("int4", "int8", "fp16")
-PROVIDERS = ("cpu", "cuda")
-# MatMulNBits accuracy_level: 4 = int8 activations with int32 accumulation (CPU's fast path);
-# 0 = activations in their own type (CUDA ignores the level).
-ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
-KERNELS = ("auto", "native", "nbits")
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSettings:
-    precision: str  # int4 | int8 | fp16
-    block_size: int = 32
-    symmetric: bool = False  # blocks quantized here: symmetric, or asymmetric with zero points
-    gguf_blocks: bool = True  # carry the source GGUF's blocks where their bits match
-    head_bits: int = 8  # the LM head (and a tied embedding)
-    embedding: bool = True  # the token embedding as GatherBlockQuantized
-    keep: tuple[str, ...] = ()  # fnmatch patterns of modules kept in float (e.g. "layers.0.*")
-    provider: str = "cpu"  # picks the accuracy level
-    accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
-    fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
-    # int4 on CPU: "native" (ai.llamaonnx ops), "nbits" (MatMulNBits), "auto" (native where fast)
-    kernel: str = "auto"
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise QuantizationError(
-                f"unknown precision {self.precision!r}; choose one of {PRECISIONS}"
-            )
-        if self.provider not in PROVIDERS:
-            raise QuantizationError(
-                f"unknown provider {self.provider!r}; choose one of {PROVIDERS}"
-            )
-        if self.precision != "fp16":
-            check_settings(self.bits, self.block_size)
-            check_settings(self.head_bits, self.block_size)
-        if self.kernel not in KERNELS:
-            raise QuantizationError(f"unknown kernel {self.kernel!r}; choose one of {KERNELS}")
-        if self.kernel == "native" and not self.native_applies:
-            raise QuantizationError(
-                "--kernel native is llamaonnx's CPU int4 kernel (int8 activations): it needs "
-                "--precision int4, --for-provider cpu, accuracy level 4 and float32 activations"
-            )
-        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
-            raise QuantizationError(
-                f"accuracy level must be 0-4 (0: activations in float, 4: int8), "
-                f"not {self.accuracy_level}"
-            )
-
-    @property
-    def level(self) -> int:
-        if self.accuracy_level is not None:
-            return self.accuracy_level
-        return ACCURACY_LEVEL[self.provider]
-
-    @property
-    def native_applies(self) -> bool:
-        return (
-            self.bits == 4
-            and self.provider == "cpu"
-            and self.level == 4
-            and not self.fp16_activations
-        )
-
-    @property
-    def native(self) -> bool:
-        """Whether 4-bit blocks of 32 go to llamaonnx's own kernel (`export/quant/native.py`)."""
-        if self.kernel == "nbits" or not self.native_applies:
-            return False
-        if self.kernel == "native":
-            return True
-        from runtime import native
-
-        # auto: only where the AVX-512 VNNI kernel runs (the portable C path is correct but
-        # slower than MatMulNBits)
-        return native.available() and native.fast_path()
-
-    @property
-    def bits(self) -> int:
-        return {"int4": 4, "int8": 8}.get(self.precision, 0)
-
-    @property
-    def float_type(self) -> str:
-        return "float16" if self.precision == "fp16" or self.fp16_activations else "float32"
-
-
-def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int]]:
-    """Our tensor name → (GGUF type name, raw rows, K) for the source GGUF's carried types."""
-    prov = info.provenance
-    if prov.format != "gguf":
-        return {}
-    path = Path(prov.source)
-    from export.sources.common import sha256_of
-
-    if not path.is_file() or sha256_of(path) != prov.sha256:
-        raise QuantizationError(
-            f"the folder was exported from {path}, which is missing or has changed since "
-            "(sha256 differs); re-export, or pass --no-gguf-blocks to quantize the float weights"
-        )
-    import gguf
-
-    from export.quant.blocks import GGUF_TYPES
-    from export.sources.common import key_mapper
-    from export.sources.gguf import KEY_MAP
-
-    map_name = key_mapper(KEY_MAP)
-    reader = gguf.GGUFReader(path)
-    return {
-        map_name(t.name): (t.tensor_type.name, t.data, int(t.shape[0]))
-        for t in reader.tensors
-        if t.tensor_type.name in GGUF_TYPES and map_name(t.name)
-    }
-
-
-def _unpermute_for(name: str, arch: Architecture) -> Callable | None:
-    from export.sources.gguf import unpermute
-
-    if name.endswith("attention.wq.weight"):
-        return lambda a: unpermute(a, arch.n_heads)
-    if name.endswith("attention.wk.weight"):
-        return lambda a: unpermute(a, arch.n_kv_heads)
-    return None
-
-
-def plan(settings: QuantSettings, info: ModelInfo):
-    """→ (choose(module, W), embedding_blocks(table, head)) closures and the carry log."""
-    carried = _gguf_blocks(info) if settings.gguf_blocks else {}
-    arch = info.architecture
-    notes: dict = {"max_abs_carry_error": 0.0}
-
-    def carry(tensor: str, w: np.ndarray, bits: int) -> Blocks | None:
-        if tensor not in carried:
-            return None
-        type_name, raw, k = carried[tensor]
-        blocks = from_gguf(type_name, raw, k)
-        if blocks.bits != bits:
-            return None
-        fix = _unpermute_for(tensor, arch)
-        if fix:
-            blocks = permute_rows(blocks, fix)
-        err = float(np.abs(blocks.dequantize() - w).max())
-        if err > 1e-6 * max(1.0, float(np.abs(w).max())):
-            raise QuantizationError(
-                f"the GGUF blocks of {tensor} do not reproduce the fp32 graph's weight "
-                f"(max |Δ| {err:.2e}); the folder and its source disagree"
-            )
-        notes["max_abs_carry_error"] = max(notes["max_abs_carry_error"], err)
-        if blocks.offsets is not None:  # what the graph's 8-bit offset rows hold of them
-            off = float(np.abs(held_offsets(blocks.offsets) - blocks.offsets).max())
-            notes["max_abs_offset_error"] = max(notes.get("max_abs_offset_error", 0.0), off)
-        return blocks
-
-    def blocks_for(tensor: str, w: np.ndarray, bits: int) -> Blocks:
-        return carry(tensor, w, bits) or quantize(w, bits, settings.block_size, settings.symmetric)
-
-    def choose(module: str, w: np.ndarray) -> Blocks | None:
-        if any(fnmatch.fnmatchcase(module, p) for p in settings.keep):
-            return None
-        bits = settings.head_bits if module == "output" else settings.bits
-        tensor = f"{module}.weight"
-        if module == "output" and arch.tie_embeddings:
-            tensor = "tok_embeddings.weight"
-        return blocks_for(tensor, w, bits)
-
-    def embedding_blocks(table: np.ndarray, head: Blocks | None) -> Blocks | None:
-        if not settings.embedding or any(
-            fnmatch.fnmatchcase("tok_embeddings", p) for p in settings.keep
-        ):
-            return None
-        if head is not None and arch.tie_embeddings:
-            return head  # one copy of the codes serves the LM head and the embedding
-        return blocks_for("tok_embeddings.weight", table, settings.head_bits)
-
-    return choose, embedding_blocks, notes
 
 
 def _genai_custom_ops(folder: Path) -> None:
@@ -294,7 +110,7 @@ def quantize_folder(
         )
     if settings.float_type == "float16":
         from export.quant.fp16 import convert_fp16
-        from export.quant.nbits import fuse_float_projections
+        from export.quant.fuse_projections import fuse_float_projections
 
         if not settings.bits:  # (the int4/int8 path fuses its own)
             notes["fused_projections"] = fuse_float_projections(proto)

@@ -1,0 +1,60 @@
+"""Rewrite: onnxruntime's GroupQueryAttention → llamaonnx's (`ai.llamaonnx.GroupQueryAttention`).
+
+Contract: a `com.microsoft.GroupQueryAttention` with packed QKV (inputs 1 and 2 empty), rotary
+from cos/sin tables (do_rotary=1, not interleaved), the shared KV buffer and all 9 inputs, and no
+attribute beyond num_heads, kv_num_heads, scale, do_rotary, rotary_interleaved, becomes one node
+of ours with the same outputs, reading [query, past key, past value, seqlens_k,
+total_sequence_length, cos, sin]. It computes the same (tests/test_native.py compares the two)
+in a fraction of the time at decode. Any other configuration stays onnxruntime's, and `skip`
+says why.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from export.passes.graph import replace_nodes
+from export.quant.graph import MS, skip
+from export.quant.native import ATTENTION, DOMAIN
+
+NAME = "native attention"
+_PLAIN = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"}
+
+
+def _why_not(n: onnx.NodeProto, attrs: dict) -> str | None:
+    if not set(attrs) <= _PLAIN:
+        return f"attributes {sorted(set(attrs) - _PLAIN)} are not supported"
+    if attrs.get("do_rotary") != 1 or attrs.get("rotary_interleaved", 0) != 0:
+        return "it does not apply rotary itself, or interleaves it"
+    if len(n.input) != 9 or not all(n.input[i] for i in (0, 3, 4, 5, 6, 7, 8)):
+        return "it lacks the shared KV buffer, lengths or cos/sin inputs"
+    if n.input[1] or n.input[2]:
+        return "its QKV is not packed into one input"
+    return None
+
+
+def native_attention(g: onnx.GraphProto) -> int:
+    """Rewrites in place; returns how many nodes became ours."""
+    done = 0
+    for n in list(g.node):
+        if n.op_type != "GroupQueryAttention" or n.domain != MS:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        why = _why_not(n, attrs)
+        if why:
+            skip(NAME, n.name, why)
+            continue
+        kept = {k: v for k, v in attrs.items() if k in ("num_heads", "kv_num_heads", "scale")}
+        ins = list(n.input)
+        new = helper.make_node(
+            ATTENTION,
+            [ins[0], ins[3], ins[4], ins[5], ins[6], ins[7], ins[8]],
+            list(n.output),
+            name=n.name,
+            domain=DOMAIN,
+            **kept,
+        )
+        replace_nodes(g, [n], [new])
+        done += 1
+    return done

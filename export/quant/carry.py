@@ -1,0 +1,110 @@
+"""Which blocks each weight gets: the source GGUF's own (Q4_0, Q4_1, Q8_0), carried as they are
+where their bits match and checked to dequantize exactly to the fp32 graph's weight, else
+quantized here (round to nearest, block by block). `plan` answers per module; the folder's
+report records the carry errors it measured."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from export.errors import QuantizationError
+from export.quant.blocks import Blocks, from_gguf, held_offsets, permute_rows, quantize
+from export.quant.settings import QuantSettings
+
+if TYPE_CHECKING:
+    from runtime.folder import Architecture, ModelInfo
+
+
+def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int]]:
+    """Our tensor name → (GGUF type name, raw rows, K) for the source GGUF's carried types."""
+    prov = info.provenance
+    if prov.format != "gguf":
+        return {}
+    path = Path(prov.source)
+    from export.sources.common import sha256_of
+
+    if not path.is_file() or sha256_of(path) != prov.sha256:
+        raise QuantizationError(
+            f"the folder was exported from {path}, which is missing or has changed since "
+            "(sha256 differs); re-export, or pass --no-gguf-blocks to quantize the float weights"
+        )
+    import gguf
+
+    from export.quant.blocks import GGUF_TYPES
+    from export.sources.common import key_mapper
+    from export.sources.gguf import KEY_MAP
+
+    map_name = key_mapper(KEY_MAP)
+    reader = gguf.GGUFReader(path)
+    return {
+        map_name(t.name): (t.tensor_type.name, t.data, int(t.shape[0]))
+        for t in reader.tensors
+        if t.tensor_type.name in GGUF_TYPES and map_name(t.name)
+    }
+
+
+def _unpermute_for(name: str, arch: Architecture) -> Callable | None:
+    from export.sources.gguf import unpermute
+
+    if name.endswith("attention.wq.weight"):
+        return lambda a: unpermute(a, arch.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return lambda a: unpermute(a, arch.n_kv_heads)
+    return None
+
+
+def plan(settings: QuantSettings, info: ModelInfo):
+    """→ (choose(module, W), embedding_blocks(table, head)) closures and the carry log."""
+    carried = _gguf_blocks(info) if settings.gguf_blocks else {}
+    arch = info.architecture
+    notes: dict = {"max_abs_carry_error": 0.0}
+
+    def carry(tensor: str, w: np.ndarray, bits: int) -> Blocks | None:
+        if tensor not in carried:
+            return None
+        type_name, raw, k = carried[tensor]
+        blocks = from_gguf(type_name, raw, k)
+        if blocks.bits != bits:
+            return None
+        fix = _unpermute_for(tensor, arch)
+        if fix:
+            blocks = permute_rows(blocks, fix)
+        err = float(np.abs(blocks.dequantize() - w).max())
+        if err > 1e-6 * max(1.0, float(np.abs(w).max())):
+            raise QuantizationError(
+                f"the GGUF blocks of {tensor} do not reproduce the fp32 graph's weight "
+                f"(max |Δ| {err:.2e}); the folder and its source disagree"
+            )
+        notes["max_abs_carry_error"] = max(notes["max_abs_carry_error"], err)
+        if blocks.offsets is not None:  # what the graph's 8-bit offset rows hold of them
+            off = float(np.abs(held_offsets(blocks.offsets) - blocks.offsets).max())
+            notes["max_abs_offset_error"] = max(notes.get("max_abs_offset_error", 0.0), off)
+        return blocks
+
+    def blocks_for(tensor: str, w: np.ndarray, bits: int) -> Blocks:
+        return carry(tensor, w, bits) or quantize(w, bits, settings.block_size, settings.symmetric)
+
+    def choose(module: str, w: np.ndarray) -> Blocks | None:
+        if any(fnmatch.fnmatchcase(module, p) for p in settings.keep):
+            return None
+        bits = settings.head_bits if module == "output" else settings.bits
+        tensor = f"{module}.weight"
+        if module == "output" and arch.tie_embeddings:
+            tensor = "tok_embeddings.weight"
+        return blocks_for(tensor, w, bits)
+
+    def embedding_blocks(table: np.ndarray, head: Blocks | None) -> Blocks | None:
+        if not settings.embedding or any(
+            fnmatch.fnmatchcase("tok_embeddings", p) for p in settings.keep
+        ):
+            return None
+        if head is not None and arch.tie_embeddings:
+            return head  # one copy of the codes serves the LM head and the embedding
+        return blocks_for("tok_embeddings.weight", table, settings.head_bits)
+
+    return choose, embedding_blocks, notes

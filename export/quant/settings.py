@@ -1,0 +1,94 @@
+"""What `quantize` is asked to do: precision, blocks, what to keep in float, the provider and
+accuracy level, and which kernel runs int4 on the CPU. Validated when made; the errors name the
+allowed values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from export.errors import QuantizationError
+from export.quant.blocks import check_settings
+
+PRECISIONS = ("int4", "int8", "fp16")
+PROVIDERS = ("cpu", "cuda")
+# MatMulNBits accuracy_level: 4 = int8 activations with int32 accumulation (CPU's fast path);
+# 0 = activations in their own type (CUDA ignores the level).
+ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
+KERNELS = ("auto", "native", "nbits")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    precision: str  # int4 | int8 | fp16
+    block_size: int = 32
+    symmetric: bool = False  # blocks quantized here: symmetric, or asymmetric with zero points
+    gguf_blocks: bool = True  # carry the source GGUF's blocks where their bits match
+    head_bits: int = 8  # the LM head (and a tied embedding)
+    embedding: bool = True  # the token embedding as GatherBlockQuantized
+    keep: tuple[str, ...] = ()  # fnmatch patterns of modules kept in float (e.g. "layers.0.*")
+    provider: str = "cpu"  # picks the accuracy level
+    accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
+    fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
+    # int4 on CPU: "native" (ai.llamaonnx ops), "nbits" (MatMulNBits), "auto" (native where fast)
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise QuantizationError(
+                f"unknown precision {self.precision!r}; choose one of {PRECISIONS}"
+            )
+        if self.provider not in PROVIDERS:
+            raise QuantizationError(
+                f"unknown provider {self.provider!r}; choose one of {PROVIDERS}"
+            )
+        if self.precision != "fp16":
+            check_settings(self.bits, self.block_size)
+            check_settings(self.head_bits, self.block_size)
+        if self.kernel not in KERNELS:
+            raise QuantizationError(f"unknown kernel {self.kernel!r}; choose one of {KERNELS}")
+        if self.kernel == "native" and not self.native_applies:
+            raise QuantizationError(
+                "--kernel native is llamaonnx's CPU int4 kernel (int8 activations): it needs "
+                "--precision int4, --for-provider cpu, accuracy level 4 and float32 activations"
+            )
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise QuantizationError(
+                f"accuracy level must be 0-4 (0: activations in float, 4: int8), "
+                f"not {self.accuracy_level}"
+            )
+
+    @property
+    def level(self) -> int:
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return ACCURACY_LEVEL[self.provider]
+
+    @property
+    def native_applies(self) -> bool:
+        return (
+            self.bits == 4
+            and self.provider == "cpu"
+            and self.level == 4
+            and not self.fp16_activations
+        )
+
+    @property
+    def native(self) -> bool:
+        """Whether 4-bit blocks of 32 go to llamaonnx's own kernel (`export/quant/native.py`)."""
+        if self.kernel == "nbits" or not self.native_applies:
+            return False
+        if self.kernel == "native":
+            return True
+        from runtime import native
+
+        # auto: only where the AVX-512 VNNI kernel runs (the portable C path is correct but
+        # slower than MatMulNBits)
+        return native.available() and native.fast_path()
+
+    @property
+    def bits(self) -> int:
+        return {"int4": 4, "int8": 8}.get(self.precision, 0)
+
+    @property
+    def float_type(self) -> str:
+        return "float16" if self.precision == "fp16" or self.fp16_activations else "float32"

@@ -1,0 +1,66 @@
+"""Rewrite: a native gate/up projection and the SwiGLU after it → one `MatMulQ4SwiGLU`.
+
+Contract:
+
+    x ─ MatMulQ4 (w13) ─ Split ─┬─ gate ─┬─ Sigmoid ─┐
+                                │        └──────────── Mul (silu) ─┐
+                                └─ up ───────────────────────────── Mul ─ out
+
+becomes `MatMulQ4SwiGLU(x, tiles) → out`, computing silu(gate)·up in the kernel: 4 ops fewer a
+layer. Only where every intermediate value has exactly these readers; else `skip` says which
+did not.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from export.passes.graph import producers, replace_nodes
+from export.quant.graph import consumers, skip
+from export.quant.native import DOMAIN, OP, SWIGLU
+
+NAME = "SwiGLU fusion"
+
+
+def fuse_swiglu(g: onnx.GraphProto) -> int:
+    """Rewrites in place; returns how many were fused."""
+    made_by = producers(g)
+    users = consumers(g)
+
+    def only_user(name: str, op: str) -> onnx.NodeProto | None:
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    fused = 0
+    for mm in [n for n in g.node if n.op_type == OP and n.name.endswith("/w13/MatMulQ4")]:
+        split = only_user(mm.output[0], "Split")
+        if split is None or len(split.output) != 2:
+            skip(NAME, mm.name, "its output is not read by one Split in two")
+            continue
+        gate, up = split.output
+        sig = next((n for n in users.get(gate, []) if n.op_type == "Sigmoid"), None)
+        silu = sig and only_user(sig.output[0], "Mul")
+        if silu is None or sorted(silu.input) != sorted([gate, sig.output[0]]):
+            skip(NAME, mm.name, "the gate does not go through Sigmoid and Mul (silu)")
+            continue
+        if len(users.get(gate, [])) != 2:
+            skip(NAME, mm.name, "the gate has readers besides the silu")
+            continue
+        prod = only_user(silu.output[0], "Mul")
+        if prod is None or sorted(prod.input) != sorted([silu.output[0], up]):
+            skip(NAME, mm.name, "silu(gate) is not multiplied by up alone")
+            continue
+        if len(users.get(up, [])) != 1 or made_by.get(up) is not split:
+            skip(NAME, mm.name, "up has other readers")
+            continue
+        new = helper.make_node(
+            SWIGLU,
+            list(mm.input),
+            [prod.output[0]],
+            name=mm.name.replace(OP, SWIGLU),
+            domain=DOMAIN,
+        )
+        replace_nodes(g, [mm, split, sig, silu, prod], [new])
+        fused += 1
+    return fused
