@@ -34,6 +34,10 @@ class ExportError(LlamaonnxError, RuntimeError):
     """The export itself failed; nothing was written."""
 
 
+class LoweringError(ExportError):
+    """A graph cannot be lowered to the target asked for; the message says which target can."""
+
+
 class ParityError(LlamaonnxError):
     """The ONNX model does not compute what the PyTorch reference computes, within tolerance.
     Not an AssertionError: a failed `assert` in llamaonnx is a bug, and is reported as one."""

@@ -126,3 +126,28 @@ def test_too_little_disk_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000_000))
     with pytest.raises(OutputFolderError, match="too little disk space.*0.01 GB free"):
         check_disk(tmp_path / "out", 2_000_000_000)
+
+
+def test_a_pass_says_why_it_cannot_lower_a_graph(tiny_folders):
+    """Preconditions are typed errors or logged reasons, never an assert."""
+    from export.errors import LoweringError
+    from export.passes import lower
+
+    model = onnx.load(str(tiny_folders["portable"] / "model.onnx"))
+    made = {o: n for n in model.graph.node for o in n.output}
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    gqa.input[1] = made[gqa.input[1]].input[0]  # k no longer goes through RotaryEmbedding
+    with pytest.raises(LoweringError, match="--target onnx23 or portable"):
+        lower(model, "ort")
+    with pytest.raises(ExportError, match="unknown target 'tensorrt'"):
+        lower(model, "tensorrt")
+
+
+def test_rewrites_log_why_they_left_a_candidate(tiny_folders, tmp_path, caplog):
+    from export.quant import QuantSettings, quantize_folder
+
+    with caplog.at_level("INFO", logger="export.passes.graph"):
+        quantize_folder(tiny_folders["onnx23"], tmp_path / "q", QuantSettings("int4"), verify=False)
+    assert "projection fusion: layer 0 qkv left as it is: onnxruntime's GroupQueryAttention" in (
+        caplog.text
+    )

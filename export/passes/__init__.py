@@ -1,22 +1,34 @@
-"""Lowering passes: each rewrites our llamaonnx nodes for one target and is verified against the
-reference. `lower(model, target)` applies the one a target names."""
+"""Lowering passes: our llamaonnx nodes rewritten for one target, each result verified against
+the reference. One file per op, as in export/onnx/functions/: rms_norm.py, rope.py, gqa.py, each
+with a `to_<target>` rewrite per target that changes it, its contract and its diagram. The
+order per target is below; `portable` keeps our nodes with their function bodies."""
 
 from __future__ import annotations
 
 import onnx
 
-TARGETS = ("portable", "onnx23", "ort")
+from export.errors import ExportError
+from export.passes import gqa, rms_norm, rope
+from export.passes.graph import MS, ensure_opset, prune
+
+# rotary before attention on onnx23; on ort, GroupQueryAttention absorbs the rotary nodes first
+PASSES = {
+    "portable": (),
+    "onnx23": (rms_norm.to_onnx23, rope.to_onnx23, gqa.to_onnx23),
+    "ort": (gqa.to_ort, rms_norm.to_ort),
+}
+TARGETS = tuple(PASSES)
 
 
 def lower(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
-    if target == "portable":
+    """Rewrites `model` in place for `target` and returns it."""
+    if target not in PASSES:
+        raise ExportError(f"unknown target {target!r}; choose one of {TARGETS}")
+    if not PASSES[target]:
         return model
-    if target == "onnx23":
-        from export.passes.onnx23 import lower_onnx23
-
-        return lower_onnx23(model)
-    from export.passes.ort import lower_ort
-
-    return lower_ort(model)
+    for rewrite in PASSES[target]:
+        rewrite(model.graph)
+    prune(model)
+    if target == "ort":
+        ensure_opset(model, MS, 1)
+    return model

@@ -1,10 +1,16 @@
-"""Small graph-editing helpers shared by the lowering passes."""
+"""Small graph-editing helpers shared by the lowering passes and the quantizer's rewrites, and
+`skip`, with which a rewrite says why it left a candidate as it was (logged; `-v` shows it)."""
 
 from __future__ import annotations
+
+import logging
 
 import onnx
 
 from export.onnx.domain import DOMAIN
+
+log = logging.getLogger(__name__)
+MS = "com.microsoft"  # onnxruntime's contrib-op domain
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -66,3 +72,8 @@ def prune(model: onnx.ModelProto) -> None:
 def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     if not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def skip(rewrite: str, where: str, why: str) -> None:
+    """A rewrite's precondition failed for one candidate: say which and why."""
+    log.info("%s: %s left as it is: %s", rewrite, where, why)

@@ -14,8 +14,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from export.passes.graph import replace_nodes
-from export.quant.graph import MS, skip
+from export.passes.graph import MS, replace_nodes, skip
 from export.quant.native import ATTENTION, DOMAIN
 
 NAME = "native attention"

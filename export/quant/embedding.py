@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from export.passes.graph import replace_nodes
+from export.passes.graph import MS, replace_nodes
 from export.quant.blocks import Blocks
-from export.quant.graph import MS
 from export.quant.native import DOMAIN, GATHER8
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from export.passes.graph import replace_nodes
+from export.passes.graph import MS, replace_nodes, skip
 from export.quant.blocks import Blocks
-from export.quant.graph import MS, Edit, consumers, linear_weights, skip
+from export.quant.graph import Edit, consumers, linear_weights
 
 NAME = "projection fusion"
 

@@ -7,7 +7,6 @@ which says why a rewrite left a candidate as it was (logged; `llamaonnx -v` show
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 
 import numpy as np
@@ -16,8 +15,6 @@ from onnx import numpy_helper
 
 from export.passes.graph import producers, prune
 
-log = logging.getLogger(__name__)
-MS = "com.microsoft"
 _LINEAR = re.compile(r"^/model/(.+)/MatMul$")
 
 
@@ -80,8 +77,3 @@ class Edit:
         self.new_inits.clear()
         if prune_graph:
             prune(self.model)
-
-
-def skip(rewrite: str, where: str, why: str) -> None:
-    """A rewrite's precondition failed for one candidate: say which and why."""
-    log.info("%s: %s left as it is: %s", rewrite, where, why)

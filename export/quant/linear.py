@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
+from export.passes.graph import MS
 from export.quant.blocks import FINE, Blocks, offset_rows, sum_repeats
-from export.quant.graph import MS, Edit
+from export.quant.graph import Edit
 from export.quant.native import DOMAIN, op_for, pack, supports
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.passes.graph import ensure_opset, replace_nodes
+from export.passes.graph import MS, ensure_opset, replace_nodes
 from export.quant.attention import native_attention
 from export.quant.blocks import Blocks
 from export.quant.embedding import native_embedding, quantize_embedding
 from export.quant.fuse_projections import concat, fusable, fused_names, rewire
-from export.quant.graph import MS, Edit, consumers, embedding, linear_weights
+from export.quant.graph import Edit, consumers, embedding, linear_weights
 from export.quant.linear import LinearWriter
 from export.quant.native import DOMAIN, supports
 from export.quant.swiglu import fuse_swiglu

@@ -16,8 +16,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from export.passes.graph import producers, replace_nodes
-from export.quant.graph import consumers, skip
+from export.passes.graph import producers, replace_nodes, skip
+from export.quant.graph import consumers
 from export.quant.native import DOMAIN, OP, SWIGLU
 
 NAME = "SwiGLU fusion"
