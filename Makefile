@@ -15,8 +15,8 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: setup run test lint clean quality app bench
 
-# setup.py and q4ops.c: the kernel library is compiled by the install
-$(VENV)/.setup-done: pyproject.toml setup.py runtime/native/q4ops.c
+# setup.py and runtime/native/: the kernel library is compiled by the install
+$(VENV)/.setup-done: pyproject.toml setup.py $(wildcard runtime/native/*.c runtime/native/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -30,7 +30,7 @@ setup: $(VENV)/.setup-done
 # tests/test_edge.py runs `llamaonnx generate` on the default int4 model in it.
 EDGE   ?= .venv-edge
 # (a copy, not an editable install: it is rebuilt whenever the runtime changes)
-$(EDGE)/.setup-done: pyproject.toml setup.py runtime/native/q4ops.c $(wildcard runtime/*.py runtime/*/*.py) \
+$(EDGE)/.setup-done: pyproject.toml setup.py $(wildcard runtime/native/*.c runtime/native/*.h) $(wildcard runtime/*.py runtime/*/*.py) \
 		$(VENV)/.setup-done
 	rm -rf $(EDGE)
 	$(PYTHON) -m venv $(EDGE)

@@ -1,4 +1,4 @@
-"""The one compiled part: llamaonnx's CPU kernel library for onnxruntime (runtime/native/q4ops.c).
+"""The one compiled part: llamaonnx's CPU kernel library for onnxruntime (runtime/native/*.c).
 
 It is a plain shared library that onnxruntime loads (SessionOptions.register_custom_ops_library),
 not a Python module; setuptools builds it because it already knows the platform's compiler and
@@ -12,7 +12,8 @@ setup(
     ext_modules=[
         Extension(
             "runtime.native._q4ops",
-            sources=["runtime/native/q4ops.c"],
+            sources=[f"runtime/native/{f}.c" for f in ("matmul", "attention", "ort_binding")],
+            depends=["runtime/native/tiles.h"],
             extra_compile_args=["-O3", "-std=gnu11"],
             libraries=["m"],
             optional=True,

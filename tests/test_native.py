@@ -1,4 +1,4 @@
-"""llamaonnx's CPU kernel (runtime/native/q4ops.c, `ai.llamaonnx.MatMulQ4`): the packed layout
+"""llamaonnx's CPU kernel (runtime/native/, `ai.llamaonnx.MatMulQ4`): the packed layout
 against the blocks it holds, both code paths against numpy, the onnxruntime binding, and clear
 errors."""
 
@@ -11,18 +11,57 @@ from export.errors import QuantizationError
 from export.quant.blocks import Blocks, from_gguf, quantize
 from export.quant.native import (
     ATTENTION,
+    BLOCK,
     DOMAIN,
     GATHER8,
     OP,
     OP8,
+    ROWS,
     SWIGLU,
-    fields,
+    TILE,
+    TILE8,
     pack,
     supports,
-    unpack,
-    unpack8,
 )
 from runtime import native
+
+
+def test_the_packer_and_the_library_share_one_tile_layout():
+    assert native.layout() == {"rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8}
+
+
+# -- reading packed tiles back (test helpers) ----------------------------------------------------
+def unpack8(packed: np.ndarray) -> np.ndarray:
+    """W [N, K] float32 from a packed MatMulQ8 B (for tests)."""
+    g, nb, _ = packed.shape
+    c = packed[..., :512].reshape(g, nb, 8, ROWS, 4).transpose(0, 3, 1, 2, 4)  # g, r, b, v, i
+    c = c.reshape(g * ROWS, nb, BLOCK).astype(np.float32)
+    d = np.ascontiguousarray(packed[..., 512:544]).view(np.float16).astype(np.float32)
+    d = d.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb, 1)
+    z = packed[..., 544:560].reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb, 1)
+    return (d * (c - z.astype(np.float32))).reshape(g * ROWS, nb * BLOCK)
+
+
+def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
+    """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
+    g, nb, _ = packed.shape
+    codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
+    q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
+    q = q.transpose(0, 3, 1, 2, 5, 4).reshape(g * ROWS, nb * BLOCK)
+
+    def per_row(lo: int, width: int, dtype) -> np.ndarray:
+        x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
+        return x.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb)
+
+    d = per_row(256, 2 * ROWS, np.float16).astype(np.float32)
+    m = per_row(288, 2 * ROWS, np.float16).astype(np.float32)
+    return q, d, m, per_row(320, ROWS, np.uint8)
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """W [N, K] float32 from a packed B: what the kernel multiplies by (for tests)."""
+    q, d, m, _ = fields(packed)
+    return np.repeat(d, BLOCK, axis=1) * q + np.repeat(m, BLOCK, axis=1)
 
 
 def q4_1(n: int, k: int, seed: int = 0) -> Blocks:

@@ -1,13 +1,17 @@
-"""Blocks packed for llamaonnx's own CPU kernel, `ai.llamaonnx.MatMulQ4` (runtime/native/q4ops.c).
+"""Blocks packed for llamaonnx's own CPU kernel, `ai.llamaonnx.MatMulQ4` (runtime/native/).
 
 The kernel reads W[n, b·32 + j] = d[n, b]·q[n, b, j] + m[n, b] — GGUF's Q4_1 as it is, and any
 4-bit `Blocks` with m = offsets − d·zero_point — from tiles of 16 rows × one 32-wide block: 256
 bytes of codes laid out for AVX-512 VNNI's dot product, then the 16 rows' d and m as fp16 (Q4_1's
 own precision: exact for GGUF blocks) and their zero points z (the kernel centres the codes on z
-to keep the int8 activations' error small). The layout is documented in q4ops.c.
+to keep the int8 activations' error small). The layout is documented in runtime/native/tiles.h;
+the constants below are its shape, and `pack` checks them against the built library's
+(`llamaonnx_layout`) before it writes a tile, so the two can never drift apart silently.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -15,7 +19,7 @@ from export.errors import QuantizationError
 from export.quant.blocks import Blocks
 from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers the library for
 
-ROWS, BLOCK, TILE, TILE8 = 16, 32, 336, 560
+ROWS, BLOCK, TILE, TILE8 = 16, 32, 336, 560  # rows a tile, block width, bytes of a 4 / 8-bit tile
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
@@ -54,6 +58,7 @@ def pack(blocks: Blocks) -> np.ndarray:
             f"MatMulQ4/Q8 take 4-bit (or offset-free 8-bit) blocks of {BLOCK} with N a multiple "
             f"of {ROWS}; got {blocks.bits}-bit blocks of {blocks.block_size}, N={n}, K={k}"
         )
+    _check_layout()
     n, nb, _ = blocks.codes.shape
     if blocks.bits == 8:
         return _pack8(blocks)
@@ -84,34 +89,14 @@ def _pack8(blocks: Blocks) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=2))
 
 
-def unpack8(packed: np.ndarray) -> np.ndarray:
-    """W [N, K] float32 from a packed MatMulQ8 B (for tests)."""
-    g, nb, _ = packed.shape
-    c = packed[..., :512].reshape(g, nb, 8, ROWS, 4).transpose(0, 3, 1, 2, 4)  # g, r, b, v, i
-    c = c.reshape(g * ROWS, nb, BLOCK).astype(np.float32)
-    d = np.ascontiguousarray(packed[..., 512:544]).view(np.float16).astype(np.float32)
-    d = d.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb, 1)
-    z = packed[..., 544:560].reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb, 1)
-    return (d * (c - z.astype(np.float32))).reshape(g * ROWS, nb * BLOCK)
+@functools.cache
+def _check_layout() -> None:
+    from runtime import native
 
-
-def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
-    """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
-    g, nb, _ = packed.shape
-    codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
-    q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
-    q = q.transpose(0, 3, 1, 2, 5, 4).reshape(g * ROWS, nb * BLOCK)
-
-    def per_row(lo: int, width: int, dtype) -> np.ndarray:
-        x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
-        return x.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb)
-
-    d = per_row(256, 2 * ROWS, np.float16).astype(np.float32)
-    m = per_row(288, 2 * ROWS, np.float16).astype(np.float32)
-    return q, d, m, per_row(320, ROWS, np.uint8)
-
-
-def unpack(packed: np.ndarray) -> np.ndarray:
-    """W [N, K] float32 from a packed B: what the kernel multiplies by (for tests)."""
-    q, d, m, _ = fields(packed)
-    return np.repeat(d, BLOCK, axis=1) * q + np.repeat(m, BLOCK, axis=1)
+    built = native.layout()
+    ours = {"rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8}
+    if built != ours:
+        raise QuantizationError(
+            f"the kernel library was built with the tile layout {built}, this packer writes "
+            f"{ours}: reinstall llamaonnx (pip install -e .) so both come from one version"
+        )

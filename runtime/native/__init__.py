@@ -1,4 +1,5 @@
-"""llamaonnx's own onnxruntime kernels (q4ops.c), built by `pip install` into this folder."""
+"""llamaonnx's own onnxruntime kernels (tiles.h, matmul.c, attention.c, ort_binding.c), built by
+`pip install` into this folder as one library."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def library_path() -> Path:
     raise ModelFolderError(
         f"this model uses llamaonnx's CPU kernel ({DOMAIN}.MatMulQ4), whose library is not built "
         f"in {HERE}: reinstall with `pip install -e .` (or `pip install .`), which compiles "
-        "runtime/native/q4ops.c and needs a C compiler; or quantize with --kernel nbits"
+        "runtime/native/*.c and needs a C compiler; or quantize with --kernel nbits"
     )
 
 
@@ -46,7 +47,19 @@ def library() -> ctypes.CDLL:
     lib.llamaonnx_gather_q8.argtypes = [ptr, i64, i64, ptr, i64, ptr]
     lib.llamaonnx_gather_q8.restype = i64
     lib.llamaonnx_fast_path.argtypes = [ctypes.c_int]
+    lib.llamaonnx_layout.argtypes = [ctypes.c_int]
+    lib.llamaonnx_layout.restype = i64
     return lib
+
+
+@cache
+def layout() -> dict[str, int]:
+    """The packed tile layout the library was built with (tiles.h): rows a tile, block width,
+    bytes of a 4-bit and of an 8-bit tile."""
+    lib = library()
+    return {
+        k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(("rows", "block", "tile", "tile8"))
+    }
 
 
 def fast_path() -> bool:

@@ -1,0 +1,177 @@
+/* attention.c: GroupQueryAttention as the `ort` graph uses it (tiles.h has the contract). */
+#include "tiles.h"
+
+static void rope(const float* x, const float* c, const float* sn, int64_t half, float* y) {
+  for (int64_t i = 0; i < half; i++) {
+    float a = x[i], b = x[i + half];
+    y[i] = a * c[i] - b * sn[i];
+    y[i + half] = b * c[i] + a * sn[i];
+  }
+}
+
+#if defined(__x86_64__)
+AVX512 static inline __m512 exp512(__m512 x) { /* Cephes' expf, as a vector: ~1 ulp */
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* out[0:16w] = inv · Σ_j p_j · v[j, 0:16w]: w columns of 16 × even/odd keys, 2w chains. */
+AVX512 static inline void weigh_values(const float* p, const float* v, int64_t n, int64_t d,
+                                       int w, __m512 inv, float* out) {
+  __m512 even[4], odd[4];
+  for (int c = 0; c < 4; c++) even[c] = odd[c] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+    for (int c = 0; c < w; c++) {
+      even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * d + 16 * c), even[c]);
+      odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v + (j + 1) * d + 16 * c), odd[c]);
+    }
+  }
+  if (j < n) {
+    __m512 p0 = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < w; c++)
+      even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * d + 16 * c), even[c]);
+  }
+  for (int c = 0; c < w; c++)
+    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), inv));
+}
+
+/* out[0:d] = softmax(scale · q·K[0:n]) · V[0:n], d a multiple of 16. */
+AVX512 static void attend_avx512(const float* q, const float* k, const float* v, int64_t n,
+                                 int64_t d, float scale, float* sc, float* out) {
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) { /* 16 keys, their 16 dot products summed as one transpose */
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int jj = 0; jj < 16; jj++) acc[jj] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) { /* 16 independent chains */
+      __m512 qi = _mm512_loadu_ps(q + i);
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; jj++)
+        acc[jj] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k + (j0 + jj) * d + i), acc[jj]);
+    }
+    __m512 x[8], z[4];
+    for (int p = 0; p < 8; p++)
+      x[p] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * p], acc[2 * p + 1]),
+                           _mm512_unpackhi_ps(acc[2 * p], acc[2 * p + 1]));
+    for (int p = 0; p < 4; p++)
+      z[p] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0x44),
+                           _mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0xEE));
+    __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                               _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+    __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88),
+                               _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+    __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88),
+                             _mm512_shuffle_f32x4(u01, u23, 0xDD));
+    r = _mm512_mul_ps(r, _mm512_set1_ps(scale));
+    _mm512_storeu_ps(sc + j0, r);
+    best = _mm512_max_ps(best, r);
+  }
+  float mx = _mm512_reduce_max_ps(best);
+  for (int64_t j = j0; j < n; j++) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + j * d + i), acc);
+    sc[j] = _mm512_reduce_add_ps(acc) * scale;
+    mx = sc[j] > mx ? sc[j] : mx;
+  }
+  __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + j), m));
+    _mm512_storeu_ps(sc + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + j), m));
+    _mm512_mask_storeu_ps(sc + j, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    if (d - i0 >= 64) weigh_values(sc, v + i0, n, d, 4, inv, out + i0);
+    else weigh_values(sc, v + i0, n, d, (int)((d - i0) / 16), inv, out + i0);
+  }
+}
+#endif
+
+static void attend_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                          float scale, float* sc, float* out) {
+  float mx = -INFINITY, sum = 0.f;
+  for (int64_t j = 0; j < n; j++) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < d; i++) acc += q[i] * k[j * d + i];
+    sc[j] = acc * scale;
+    mx = sc[j] > mx ? sc[j] : mx;
+  }
+  for (int64_t j = 0; j < n; j++) sum += sc[j] = expf(sc[j] - mx);
+  for (int64_t i = 0; i < d; i++) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < n; j++) acc += sc[j] * v[j * d + i];
+    out[i] = acc / sum;
+  }
+}
+
+static int64_t past_of(const Attn* a, int64_t b) {
+  return a->first ? 0 : (int64_t)a->seqlens[b] + 1 - a->s;
+}
+
+/* Step 1, per (b, kv head): rotate the new keys and write keys and values into the cache. */
+void attn_store(void* data, size_t task) {
+  const Attn* a = (const Attn*)data;
+  int64_t b = (int64_t)task / a->hkv, g = (int64_t)task % a->hkv, w = (a->h + 2 * a->hkv) * a->d;
+  int64_t past = past_of(a, b), half = a->d / 2;
+  for (int64_t s = 0; s < a->s; s++) {
+    int64_t pos = past + s;
+    if (pos >= a->len) break;
+    const float* x = a->qkv + (b * a->s + s) * w;
+    float* kd = a->key + ((b * a->hkv + g) * a->len + pos) * a->d;
+    float* vd = a->value + ((b * a->hkv + g) * a->len + pos) * a->d;
+    int64_t rp = pos < a->rot_len ? pos : a->rot_len - 1;
+    rope(x + (a->h + g) * a->d, a->cos + rp * half, a->sin + rp * half, half, kd);
+    memcpy(vd, x + (a->h + a->hkv + g) * a->d, sizeof(float) * (size_t)a->d);
+  }
+}
+
+/* Step 2, per (b, query head): rotate each new query and attend over the row's cache. */
+void attn_heads(void* data, size_t task) {
+  const Attn* a = (const Attn*)data;
+  int64_t b = (int64_t)task / a->h, h = (int64_t)task % a->h, w = (a->h + 2 * a->hkv) * a->d;
+  int64_t g = h / (a->h / a->hkv), past = past_of(a, b), total = (int64_t)a->seqlens[b] + 1;
+  int64_t half = a->d / 2;
+  float q[512], *sc = a->scores + task * a->t_max;
+  const float* k = a->key + (b * a->hkv + g) * a->len * a->d;
+  const float* v = a->value + (b * a->hkv + g) * a->len * a->d;
+  for (int64_t s = 0; s < a->s; s++) {
+    int64_t pos = past + s, rp = pos < a->rot_len ? pos : a->rot_len - 1;
+    int64_t n = pos + 1 < total ? pos + 1 : total; /* causal, and within the row's length */
+    if (n > a->len) n = a->len;
+    float* o = a->out + (b * a->s + s) * a->h * a->d + h * a->d;
+    if (n <= 0) {
+      memset(o, 0, sizeof(float) * (size_t)a->d);
+      continue;
+    }
+    rope(a->qkv + (b * a->s + s) * w + h * a->d, a->cos + rp * half, a->sin + rp * half, half, q);
+#if defined(__x86_64__)
+    if (fast_path() && a->d % 16 == 0) {
+      attend_avx512(q, k, v, n, a->d, a->scale, sc, o);
+      continue;
+    }
+#endif
+    attend_scalar(q, k, v, n, a->d, a->scale, sc, o);
+  }
+}

@@ -1,0 +1,374 @@
+/* ort_binding.c: the library as onnxruntime sees it — its C API reached through the OrtApi
+ * function table by index, the four matmul ops and GroupQueryAttention of domain ai.llamaonnx,
+ * and RegisterCustomOps. The kernels are in matmul.c and attention.c. */
+#include "tiles.h"
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtApi OrtApi;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtApiBase {
+  const OrtApi* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+/* OrtApi entries by index (onnxruntime_c_api.h, struct OrtApi; API version 17 and later). */
+enum {
+  CREATE_STATUS = 0,
+  CREATE_CUSTOM_OP_DOMAIN = 26,
+  CUSTOM_OP_DOMAIN_ADD = 27,
+  ADD_CUSTOM_OP_DOMAIN = 28,
+  GET_TENSOR_MUTABLE_DATA = 51,
+  GET_DIMENSIONS_COUNT = 61,
+  GET_DIMENSIONS = 62,
+  GET_TENSOR_TYPE_AND_SHAPE = 65,
+  KERNEL_INFO_GET_ATTRIBUTE_FLOAT = 85,
+  KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
+  KERNEL_CONTEXT_GET_INPUT = 90,
+  KERNEL_CONTEXT_GET_OUTPUT = 91,
+  RELEASE_STATUS = 93,
+  RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  GET_BUILD_INFO_STRING = 254,
+  KERNEL_CONTEXT_PARALLEL_FOR = 274,
+};
+#define API_VERSION 17
+#define ORT_INVALID_ARGUMENT 2
+#define ORT_FAIL 1
+
+static const void* const* api; /* the OrtApi table */
+#define CALL(index, type) ((type)api[index])
+
+typedef OrtStatus* (*create_status_fn)(int, const char*);
+typedef OrtStatus* (*get_input_fn)(const OrtKernelContext*, size_t, const OrtValue**);
+typedef OrtStatus* (*get_output_fn)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+typedef OrtStatus* (*type_and_shape_fn)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+typedef OrtStatus* (*dims_count_fn)(const OrtTensorTypeAndShapeInfo*, size_t*);
+typedef OrtStatus* (*dims_fn)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+typedef void (*release_info_fn)(OrtTensorTypeAndShapeInfo*);
+typedef OrtStatus* (*mutable_data_fn)(OrtValue*, void**);
+typedef OrtStatus* (*parallel_for_fn)(const OrtKernelContext*, void (*)(void*, size_t), size_t,
+                                      size_t, void*);
+typedef OrtStatus* (*create_domain_fn)(const char*, OrtCustomOpDomain**);
+typedef OrtStatus* (*domain_add_fn)(OrtCustomOpDomain*, const void*);
+typedef OrtStatus* (*add_domain_fn)(OrtSessionOptions*, OrtCustomOpDomain*);
+typedef const char* (*build_info_fn)(void);
+typedef OrtStatus* (*attr_int_fn)(const OrtKernelInfo*, const char*, int64_t*);
+typedef OrtStatus* (*attr_float_fn)(const OrtKernelInfo*, const char*, float*);
+typedef void (*release_status_fn)(OrtStatus*);
+
+#define TRY(expr)                 \
+  do {                            \
+    OrtStatus* _s = (expr);       \
+    if (_s) return _s;            \
+  } while (0)
+
+static OrtStatus* error(int code, const char* msg) {
+  return CALL(CREATE_STATUS, create_status_fn)(code, msg);
+}
+
+static OrtStatus* shape_of(const OrtValue* v, int64_t* dims, size_t* rank) {
+  OrtTensorTypeAndShapeInfo* info;
+  TRY(CALL(GET_TENSOR_TYPE_AND_SHAPE, type_and_shape_fn)(v, &info));
+  OrtStatus* s = CALL(GET_DIMENSIONS_COUNT, dims_count_fn)(info, rank);
+  if (!s && *rank > 8) s = error(ORT_INVALID_ARGUMENT, "MatMulQ4: rank above 8");
+  if (!s) s = CALL(GET_DIMENSIONS, dims_fn)(info, dims, *rank);
+  CALL(RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, release_info_fn)(info);
+  return s;
+}
+
+/* Input i of a kernel call: its value, shape and data. */
+typedef struct {
+  const OrtValue* value;
+  int64_t dims[8];
+  size_t rank;
+  void* data;
+} Input;
+
+static OrtStatus* input(OrtKernelContext* ctx, size_t i, Input* in) {
+  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &in->value));
+  TRY(shape_of(in->value, in->dims, &in->rank));
+  return CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in->value, &in->data);
+}
+
+typedef struct {
+  int bits, swiglu;
+} Kind;
+static const Kind q4_kind = {4, 0}, q8_kind = {8, 0}, swiglu_kind = {4, 1};
+
+static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+  const Kind* kind = (const Kind*)kernel;
+  int bits = kind->bits, tile = bits == 8 ? TILE8 : TILE;
+  Input a, b;
+  TRY(input(ctx, 0, &a));
+  TRY(input(ctx, 1, &b));
+  const int64_t *adims = a.dims, *bdims = b.dims;
+  size_t arank = a.rank;
+  if (b.rank != 3 || bdims[2] != tile)
+    return error(ORT_INVALID_ARGUMENT, bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560]"
+                                                 : "MatMulQ4: B must be uint8 [N/16, K/32, 336]");
+  if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
+    return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: A's last dimension must be K = 32 · B.shape[1]");
+  if (kind->swiglu && bdims[0] % 2)
+    return error(ORT_INVALID_ARGUMENT, "MatMulQ4SwiGLU: B needs as many up rows as gate rows");
+  int64_t k = adims[arank - 1], n = bdims[0] * ROWS, m = 1, nb = bdims[1];
+  for (size_t i = 0; i + 1 < arank; i++) m *= adims[i];
+  int64_t ydims[8];
+  memcpy(ydims, adims, sizeof(int64_t) * arank);
+  ydims[arank - 1] = kind->swiglu ? n / 2 : n;
+  OrtValue* yv;
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 0, ydims, arank, &yv));
+  void* yp;
+  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(yv, &yp));
+  if (m == 0) return NULL;
+  int8_t* q = malloc((size_t)(m * k) + 64);
+  float* d = malloc(sizeof(float) * (size_t)(m * nb * 3 + (kind->swiglu ? m * n : 0)) + 64);
+  if (!q || !d) {
+    free(q), free(d);
+    return error(ORT_FAIL, "MatMulQ4: out of memory");
+  }
+  float *s = d + m * nb, *e = s + m * nb;
+  quantize_rows((const float*)a.data, m, k, q, d, s, e);
+  /* Chunks of row groups (for SwiGLU, of gate groups, each with its up group), spread over
+     onnxruntime's intra-op threads: a few per thread so that an uneven one evens out, and at
+     least 4 groups each so a chunk outweighs its dispatch. */
+  int64_t groups = bdims[0], work = kind->swiglu ? groups / 2 : groups, chunk = work / 8;
+  if (chunk < 4) chunk = 4;
+  if (m > 1) chunk = (groups + 15) / 16; /* prefill: more, smaller chunks */
+  if (chunk < 1) chunk = 1;                /* (B with no rows) */
+  Job j = {(const uint8_t*)b.data, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
+           bits, kind->swiglu, e + m * nb};
+  size_t chunks = (size_t)((work + chunk - 1) / chunk);
+  OrtStatus* st = chunks > 1
+                      ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
+                      : (run_chunk(&j, 0), NULL);
+  free(q), free(d);
+  return st;
+}
+
+static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
+  (void)kernel;
+  Input b, ids;
+  TRY(input(ctx, 0, &b));
+  TRY(input(ctx, 1, &ids));
+  const int64_t *bdims = b.dims, *idims = ids.dims;
+  size_t irank = ids.rank;
+  if (b.rank != 3 || bdims[2] != TILE8)
+    return error(ORT_INVALID_ARGUMENT, "GatherQ8: B must be uint8 [N/16, K/32, 560]");
+  if (irank > 7) return error(ORT_INVALID_ARGUMENT, "GatherQ8: ids of rank above 7");
+  int64_t n = bdims[0] * ROWS, k = bdims[1] * BLOCK, count = 1, odims[8];
+  for (size_t i = 0; i < irank; i++) count *= idims[i], odims[i] = idims[i];
+  odims[irank] = k;
+  OrtValue* out;
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 0, odims, irank + 1, &out));
+  void* op;
+  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(out, &op));
+  if (llamaonnx_gather_q8((const uint8_t*)b.data, n, k, (const int64_t*)ids.data, count, (float*)op))
+    return error(ORT_INVALID_ARGUMENT, "GatherQ8: a token id is outside the vocabulary");
+  return NULL;
+}
+
+typedef struct {
+  int64_t heads, kv_heads;
+  float scale; /* 0: 1/sqrt(head size) */
+} AttnKernel;
+
+static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
+  const AttnKernel* kern = (const AttnKernel*)kernel;
+  Input in[7]; /* qkv, past key, past value, seqlens_k, total_sequence_length, cos, sin */
+  for (size_t i = 0; i < 7; i++) TRY(input(ctx, i, &in[i]));
+  const int64_t *qd = in[0].dims, *kd = in[1].dims, *vd = in[2].dims, *sd = in[3].dims;
+  const int64_t* cd = in[5].dims;
+  int64_t h = kern->heads, hkv = kern->kv_heads;
+  if (in[0].rank != 3 || in[1].rank != 4 || in[2].rank != 4 || in[3].rank != 1 ||
+      in[5].rank != 2 || hkv <= 0 || h % hkv)
+    return error(ORT_INVALID_ARGUMENT, "GroupQueryAttention: expects qkv [B, S, (H + 2 Hkv) D], "
+                                       "past key/value [B, Hkv, L, D], seqlens_k [B], cos [P, D/2]");
+  int64_t b = qd[0], s = qd[1], d = qd[2] / (h + 2 * hkv), len = kd[2];
+  if (d * (h + 2 * hkv) != qd[2] || d > 512 || d % 2 || kd[0] != b || kd[1] != hkv ||
+      kd[3] != d || memcmp(kd, vd, sizeof(int64_t) * 4) || sd[0] != b || cd[1] * 2 != d)
+    return error(ORT_INVALID_ARGUMENT, "GroupQueryAttention: inconsistent shapes");
+  void *kp = in[1].data, *vp = in[2].data;
+  const int32_t* seqlens = (const int32_t*)in[3].data;
+  int64_t total = *(const int32_t*)in[4].data, present = total > len ? total : len;
+  int first = total == s;
+  for (int64_t i = 0; i < b; i++) {
+    int64_t past = first ? 0 : (int64_t)seqlens[i] + 1 - s;
+    if (seqlens[i] < 0 || past < 0 || seqlens[i] + 1 > present)
+      return error(ORT_INVALID_ARGUMENT, "GroupQueryAttention: seqlens_k outside the cache");
+  }
+  int64_t od[3] = {b, s, h * d}, pd[4] = {b, hkv, present, d};
+  OrtValue *ov, *pk, *pv;
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 0, od, 3, &ov));
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 1, pd, 4, &pk));
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 2, pd, 4, &pv));
+  void *op, *pkp, *pvp;
+  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(ov, &op));
+  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(pk, &pkp));
+  TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(pv, &pvp));
+  /* present is past's own buffer when the caller binds them together (the runtime does); else
+     past's rows are copied over first */
+  for (int pass = 0; pass < 2; pass++) {
+    const float* from = (const float*)(pass ? vp : kp);
+    float* to = (float*)(pass ? pvp : pkp);
+    if (from == to) continue;
+    for (int64_t r = 0; r < b * hkv; r++) {
+      memcpy(to + r * present * d, from + r * len * d, sizeof(float) * (size_t)(len * d));
+      memset(to + (r * present + len) * d, 0, sizeof(float) * (size_t)((present - len) * d));
+    }
+  }
+  float* scores = malloc(sizeof(float) * (size_t)(b * h * present) + 64);
+  if (!scores) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
+  float scale = kern->scale != 0.f ? kern->scale : 1.f / sqrtf((float)d);
+  Attn a = {(const float*)in[0].data, (const float*)in[5].data, (const float*)in[6].data,
+            (float*)pkp, (float*)pvp,
+            (float*)op, scores, seqlens, b, s, h, hkv, d, present, cd[0], present, scale, first};
+  for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
+  OrtStatus* st = NULL;
+  /* At decode the step is a read of the rows' cache (from memory: the weights streamed since
+     evicted it), which two threads do at nearly twice one's bandwidth; a short cache or tiny
+     model is not worth waking the other threads for. */
+  if (b * hkv * total * d * 8 >= (128 << 10) || b * h * s * total * d >= (1 << 18))
+    st = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, attn_heads, (size_t)(b * h), 0, &a);
+  else
+    for (int64_t t = 0; t < b * h; t++) attn_heads(&a, (size_t)t);
+  free(scores);
+  return st;
+}
+
+/* OrtCustomOp, as far as its version 16 reads (CreateKernelV2 / KernelComputeV2). */
+typedef struct OrtCustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const struct OrtCustomOp*, const OrtApi*, const OrtKernelInfo*);
+  const char* (*GetName)(const struct OrtCustomOp*);
+  const char* (*GetExecutionProviderType)(const struct OrtCustomOp*);
+  int (*GetInputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp*);
+  int (*GetOutputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp*);
+  void (*KernelCompute)(void*, OrtKernelContext*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp*, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp*);
+  OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp*, const OrtApi*, const OrtKernelInfo*,
+                               void**);
+  OrtStatus* (*KernelComputeV2)(void*, OrtKernelContext*);
+} OrtCustomOp;
+
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT32 = 6, TYPE_INT64 = 7 };
+
+static void* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info);
+static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* i,
+                                   void** out) {
+  *out = create_kernel(op, a, i);
+  return NULL;
+}
+static const char* name_q4(const OrtCustomOp* op) { (void)op; return "MatMulQ4"; }
+static const char* name_q8(const OrtCustomOp* op) { (void)op; return "MatMulQ8"; }
+static const char* name_swiglu(const OrtCustomOp* op) { (void)op; return "MatMulQ4SwiGLU"; }
+static const char* name_gather(const OrtCustomOp* op) { (void)op; return "GatherQ8"; }
+static const char* op_ep(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int matmul_input(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? TYPE_FLOAT : TYPE_UINT8; }
+static int gather_input(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? TYPE_UINT8 : TYPE_INT64; }
+static size_t two(const OrtCustomOp* op) { (void)op; return 2; }
+static int output_type(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return TYPE_FLOAT; }
+static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
+static void compute_v1(void* k, OrtKernelContext* ctx) { (void)compute(k, ctx); }
+static void gather_v1(void* k, OrtKernelContext* ctx) { (void)compute_gather(k, ctx); }
+static void destroy(void* k) { (void)k; }
+static int required(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
+static int default_memory(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
+static int one(const OrtCustomOp* op) { (void)op; return 1; }
+
+#define MATMUL_OP(name)                                                                     \
+  {16,     create_kernel, name,           op_ep, matmul_input, two,      output_type,       \
+   output_count, compute_v1, destroy,     required, required,  default_memory, one, one, one, \
+   one,    create_kernel_v2, compute}
+static const OrtCustomOp matmul_q4 = MATMUL_OP(name_q4);
+static const OrtCustomOp matmul_q8 = MATMUL_OP(name_q8);
+static const OrtCustomOp matmul_q4_swiglu = MATMUL_OP(name_swiglu);
+static const char* name_attention(const OrtCustomOp* op) { (void)op; return "GroupQueryAttention"; }
+static int attention_input(const OrtCustomOp* op, size_t i) {
+  (void)op;
+  return i == 3 || i == 4 ? TYPE_INT32 : TYPE_FLOAT;
+}
+static size_t seven(const OrtCustomOp* op) { (void)op; return 7; }
+static size_t three(const OrtCustomOp* op) { (void)op; return 3; }
+static void attention_v1(void* k, OrtKernelContext* ctx) { (void)compute_attention(k, ctx); }
+static void destroy_attention(void* k) { free(k); }
+static OrtStatus* create_attention(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info,
+                                   void** out) {
+  (void)op, (void)a;
+  AttnKernel* k = calloc(1, sizeof(AttnKernel));
+  if (!k) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
+  OrtStatus* st = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int_fn)(info, "num_heads", &k->heads);
+  if (!st) st = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int_fn)(info, "kv_num_heads", &k->kv_heads);
+  if (st) return free(k), st;
+  OrtStatus* none = CALL(KERNEL_INFO_GET_ATTRIBUTE_FLOAT, attr_float_fn)(info, "scale", &k->scale);
+  if (none) { /* no scale attribute: 1/sqrt(head size) */
+    CALL(RELEASE_STATUS, release_status_fn)(none);
+    k->scale = 0.f;
+  }
+  *out = k;
+  return NULL;
+}
+static void* create_attention_v1(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* i) {
+  void* k = NULL;
+  OrtStatus* st = create_attention(op, a, i, &k);
+  if (st) CALL(RELEASE_STATUS, release_status_fn)(st);
+  return k;
+}
+static const OrtCustomOp attention = {
+    16,           create_attention_v1, name_attention, op_ep,    attention_input, seven,
+    output_type,  three,               attention_v1,   destroy_attention, required, required,
+    default_memory, one,               one,            one,      one,             create_attention,
+    compute_attention,
+};
+
+static const OrtCustomOp gather_q8 = {
+    16,           create_kernel, name_gather,   op_ep,    gather_input,   two,
+    output_type,  output_count,  gather_v1,     destroy,  required,       required,
+    default_memory, one,         one,           one,      one,            create_kernel_v2,
+    compute_gather,
+};
+
+/* The kernel state is the op's weight format. */
+static void* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info) {
+  (void)a, (void)info;
+  return (void*)(op == &matmul_q4 ? &q4_kind : op == &matmul_q8 ? &q8_kind : &swiglu_kind);
+}
+
+static const char* check_api(const OrtApiBase* base) {
+  const OrtApi* table = base->GetApi(API_VERSION);
+  if (!table) return "this onnxruntime does not offer C API version 17 (onnxruntime >= 1.17)";
+  api = (const void* const*)table;
+  const char* info = CALL(GET_BUILD_INFO_STRING, build_info_fn)();
+  if (!info || strncmp(info, "ORT Build Info", 14) != 0)
+    return "onnxruntime's C API table is not laid out as this library expects";
+  return NULL;
+}
+
+/* The entry point onnxruntime calls for SessionOptions.register_custom_ops_library. */
+OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  const char* problem = check_api(base);
+  if (problem) {
+    if (!api) return NULL; /* no table to build a status with; the op stays unregistered */
+    return error(ORT_FAIL, problem);
+  }
+  OrtCustomOpDomain* domain;
+  TRY(CALL(CREATE_CUSTOM_OP_DOMAIN, create_domain_fn)("ai.llamaonnx", &domain));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q4));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q8));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q4_swiglu));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &attention));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &gather_q8));
+  return CALL(ADD_CUSTOM_OP_DOMAIN, add_domain_fn)(options, domain);
+}

@@ -1,0 +1,146 @@
+/* tiles.h: what the parts of llamaonnx's kernel library share — the packed tile layouts, the
+ * jobs the matmul and attention kernels run, and the internal functions that cross files.
+ * The layouts are the contract with export/quant/native.py, which packs the tiles and reads
+ * these constants back from the built library (`llamaonnx_layout`), so they are written once.
+ *
+ * The files: matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI and
+ * portable C), attention.c (GroupQueryAttention), ort_binding.c (onnxruntime's C API by its
+ * function table, the custom-op domain).
+ *
+ * llamaonnx's CPU kernel library for onnxruntime: ops `MatMulQ4`, `MatMulQ8` and `GatherQ8` of
+ * domain `ai.llamaonnx`.
+ *
+ * Y[.., N] = A[.., K] · Wᵀ for 4-bit weights in blocks of 32 along K, each block
+ * W[n, b·32 + j] = d[n, b] · q[n, b, j] + m[n, b]   (q in 0..15)
+ * which holds GGUF's Q4_1 exactly (d and m are its fp16 scale and minimum) and every
+ * MatMulNBits block too (m = −d·zero_point). onnxruntime's MatMulNBits cannot hold the fractional
+ * m without extra inputs (see export/quant/blocks.py), and its batch-1 path runs far below this
+ * machine's memory bandwidth; this kernel reads each weight byte once per step.
+ *
+ * Activations are quantized per block of 32 to int8 (scale max|a|/127), as llama.cpp's Q4_1 path
+ * and MatMulNBits' accuracy level 4 do. The error that costs is then Σ_j d·q_j·ε_j (ε the
+ * activation's rounding): with codes 0..15 it is dominated by its constant part, so each block
+ * also carries z, the code nearest zero weight (MatMulNBits' zero point), and the kernel computes
+ *   y = d·da·Σ q·â_int + m·S + z·d·(S − da·Σ â_int)
+ * with S the exact float block sum: the same as Σ (d·(q − z))·â + (m + z·d)·S, whose error is
+ * Σ d·(q − z)·ε — what centred codes give, without signed codes.
+ *
+ * B, the packed weights, uint8 [N/16, K/32, 336]: one tile per 16 output rows and one K block —
+ *   bytes   0..255  codes: byte v·64 + r·4 + i (v 0..3, r the row 0..15, i 0..3) holds
+ *                   q[r, 8v + i] in its low nibble and q[r, 8v + 4 + i] in its high nibble,
+ *                   so one 64-byte load gives 16 rows × 4 codes twice (what vpdpbusd reads);
+ *   bytes 256..287  d of the 16 rows, fp16;
+ *   bytes 288..319  m of the 16 rows, fp16;
+ *   bytes 320..335  z of the 16 rows, uint8.
+ *
+ * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
+ * tiles of [G; U] stacked along N (output N/2): the Split, Sigmoid and two Muls that would follow
+ * cost more per token than the arithmetic itself.
+ *
+ * MatMulQ8, the 8-bit LM head: W[n, b·32 + j] = d[n, b]·(c[n, b, j] − z[n, b]), c in 0..255 (GGUF's
+ * Q8_0 is c = q + 128, z = 128). B uint8 [N/16, K/32, 560]: bytes v·64 + r·4 + i (v 0..7) hold
+ * c[r, 4v + i]; 512..543 d (fp16); 544..559 z. GatherQ8(B, ids) reads rows of the same tiles: the
+ * token embedding when it is tied to the head (one copy of the codes for both).
+ *
+ * export/quant/native.py writes both; tests/test_native.py checks this file against numpy.
+ *
+ * The onnxruntime C API is used through its function table (OrtApi): the library declares the
+ * few entries it calls by their index, which onnxruntime keeps stable across releases (the
+ * table only grows). `llamaonnx_check` (called by the runtime's tests) and RegisterCustomOps
+ * confirm the table is the expected one before anything else is called.
+ */
+#ifndef LLAMAONNX_TILES_H
+#define LLAMAONNX_TILES_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+/* the fast path's functions are compiled for AVX-512 VNNI and called only where it runs */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#endif
+
+/* the tile layouts (see above) */
+#define TILE 336
+#define ROWS 16
+#define BLOCK 32
+#define TILE8 560
+
+/* functions one file calls in another: kept out of the library's exported symbols */
+#if defined(__GNUC__)
+#define LLAMAONNX_INTERNAL __attribute__((visibility("hidden")))
+#else
+#define LLAMAONNX_INTERNAL
+#endif
+
+typedef struct {
+  const uint8_t* w;     /* packed B */
+  const int8_t* aq;     /* [M, K] quantized activations */
+  const float* ad;      /* [M, nb] activation scales */
+  const float* as;      /* [M, nb] exact float block sums S */
+  const float* ae;      /* [M, nb] S − da·Σ â_int, what int8 rounding lost of S */
+  float* y;             /* [M, N] */
+  int64_t m, k, n, nb, groups, chunk;
+  int bits;       /* 4: MatMulQ4 tiles, 8: MatMulQ8 tiles */
+  int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
+  float* scratch;
+} Job;
+
+/* ---- attention ------------------------------------------------------------------------ */
+/* GroupQueryAttention as the `ort` graph uses onnxruntime's (com.microsoft): packed QKV
+ * [B, S, (H + 2·Hkv)·D], rotary embedding (half-split, cos/sin tables [positions, D/2]) on q and k,
+ * the new k and v written into the shared past/present buffer [B, Hkv, L, D] at each row's
+ * position, then causal softmax attention over that row's cache; seqlens_k[b] + 1 is row b's total
+ * length. A first prompt (total_sequence_length == S) starts at position 0; otherwise row b's new
+ * tokens start at seqlens_k[b] + 1 − S. Query head h reads kv head h / (H / Hkv).
+ * onnxruntime's CPU kernel spends ~40 µs a layer on a decode step of this model, mostly outside
+ * the arithmetic; this one streams each row's cache once per query head. */
+
+typedef struct {
+  const float *qkv, *cos, *sin;
+  float *key, *value, *out, *scores; /* scores: a T-float row per task */
+  const int32_t* seqlens;
+  int64_t b, s, h, hkv, d, len, rot_len, t_max;
+  float scale;
+  int first;
+} Attn;
+
+static inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else { /* subnormal */
+      int e = -1;
+      do { e++; man <<= 1; } while (!(man & 0x400));
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+LLAMAONNX_INTERNAL int fast_path(void);
+LLAMAONNX_INTERNAL void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
+                            float* e);
+LLAMAONNX_INTERNAL void run_chunk(void* data, size_t i);
+LLAMAONNX_INTERNAL void attn_store(void* data, size_t task);
+LLAMAONNX_INTERNAL void attn_heads(void* data, size_t task);
+
+/* the library's plain C entry points (runtime/native/__init__.py calls them through ctypes) */
+int llamaonnx_matmul(int bits, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
+                     float* y);
+int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
+                            int64_t count, float* out);
+int llamaonnx_fast_path(int portable);
+int64_t llamaonnx_layout(int what);
+
+#endif
