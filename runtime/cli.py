@@ -14,12 +14,11 @@ traceback (exit code 1).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 import sys
 import traceback
 
-from runtime import options
+from runtime import options, plugins
 from runtime.errors import LlamaonnxError, Terminated
 from runtime.files import signals_raise
 
@@ -51,15 +50,8 @@ def text_arg(value: str, what: str) -> str:
 # -- the dispatcher ------------------------------------------------------------------------------
 def _contributions() -> list[tuple[str, str]]:
     """(name, "module:function") of every package's `register`, the runtime's first."""
-    found = dict(BUILTIN)
-    for ep in importlib.metadata.entry_points(group=COMMANDS_GROUP):
-        found.setdefault(ep.name, ep.value)
+    found = {**BUILTIN, **plugins.declared(COMMANDS_GROUP)}
     return sorted(found.items(), key=lambda kv: kv[0] != "runtime")
-
-
-def _load(target: str):
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, target in _contributions():
         try:
-            register = _load(target)
+            register = plugins.load(target)
         except ImportError as e:  # a package of this install that cannot load: say, go on
             log.warning("the %s commands are unavailable: %s", name, e)
             continue

@@ -135,3 +135,19 @@ assert "export" in out.getvalue() and "generate" in out.getvalue()
 print(sorted(m for m in ("torch", "onnxscript", "onnx", "gradio") if m in sys.modules))
 """
     assert _fresh(code) == "[]"
+
+
+def test_a_source_checkout_finds_every_command_without_installing(monkeypatch):
+    """python -m runtime.cli in a checkout that was never installed (the GPU machine's way):
+    the entry points come from pyproject.toml."""
+    import importlib.metadata
+
+    from runtime import plugins
+    from runtime.cli import build_parser
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    assert plugins.declared("llamaonnx.bench_engines") == {
+        "torch": "export.bench_torch:TorchEngine"
+    }
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"export", "quantize", "verify", "app", "generate", "bench", "table"} <= set(commands)

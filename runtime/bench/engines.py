@@ -8,10 +8,10 @@ export/bench_torch.py), so the runtime never names a package above it.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import time
 
+from runtime import plugins
 from runtime.errors import OptionError
 
 ENGINES_GROUP = "llamaonnx.bench_engines"
@@ -109,14 +109,13 @@ BUILTIN = {"llamaonnx": _Ours, "genai": _Genai, "llama.cpp": _LlamaCpp}
 
 def names() -> tuple[str, ...]:
     """Every engine this install can run: the runtime's and those of the entry point group."""
-    extra = tuple(ep.name for ep in importlib.metadata.entry_points(group=ENGINES_GROUP))
-    return tuple(dict.fromkeys((*BUILTIN, *extra)))
+    return tuple(dict.fromkeys((*BUILTIN, *plugins.declared(ENGINES_GROUP))))
 
 
 def load(name: str):
     if name in BUILTIN:
         return BUILTIN[name]
-    for ep in importlib.metadata.entry_points(group=ENGINES_GROUP):
-        if ep.name == name:
-            return ep.load()
-    raise OptionError(f"unknown engine {name!r}; this install has {names()}")
+    target = plugins.declared(ENGINES_GROUP).get(name)
+    if target is None:
+        raise OptionError(f"unknown engine {name!r}; this install has {names()}")
+    return plugins.load(target)
