@@ -151,3 +151,28 @@ def test_rewrites_log_why_they_left_a_candidate(tiny_folders, tmp_path, caplog):
     assert "projection fusion: layer 0 qkv left as it is: onnxruntime's GroupQueryAttention" in (
         caplog.text
     )
+
+
+def test_verify_compares_with_transformers_and_catches_a_misread_config(
+    tiny_source, tmp_path, monkeypatch
+):
+    """The first round's blind spot: a config misread by our loader changed the reference and
+    the graph alike. transformers, reading the same folder, is the independent oracle."""
+    import dataclasses
+
+    from export.errors import ParityError
+    from export.sources import hf
+
+    src, _ = tiny_source
+    good = export_model(src, tmp_path / "good", target="ort")["report"]
+    assert good["oracle"]["name"].startswith("transformers ")
+    assert good["oracle"]["reference_max_abs_logit_delta"] <= 1e-4
+    assert good["providers"]["cpu"]["oracle_max_abs_logit_delta"] <= 1e-3
+
+    read = hf.config_from_hf
+    monkeypatch.setattr(  # the old bug: rope theta ignored
+        hf, "config_from_hf", lambda cfg: dataclasses.replace(read(cfg), rope_theta=10000.0 * 7)
+    )
+    with pytest.raises(ParityError, match="differs from transformers .* misread"):
+        export_model(src, tmp_path / "bad", target="ort")
+    assert not (tmp_path / "bad").exists()

@@ -124,3 +124,67 @@ def test_inconsistent_head_counts_are_rejected(tmp_path):
     with pytest.raises(SourceError, match="inconsistent head counts"):
         load_source(tmp_path)
     assert np.isfinite(state["norm.weight"]).all()
+
+
+ROPE_CASES = {
+    "llama3": dict(
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "linear": dict(rope_theta=20000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "default": dict(rope_theta=1234.0),
+}
+
+
+@pytest.mark.parametrize("spelling", ["transformers", "old keys"])
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_config_spellings_of_rope_match_transformers(tmp_path, case, spelling):
+    """A folder saved by the installed transformers (5: `rope_parameters`) and the same folder
+    with the old top-level `rope_theta` / `rope_scaling` read the same, and give transformers'
+    own logits: the oracle is transformers, not our writer."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        **ROPE_CASES[case],
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(BYTE_TOKENIZER))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    if spelling == "old keys":
+        params = saved.pop("rope_parameters", None) or {}
+        saved["rope_theta"] = params.pop("rope_theta")
+        if params.get("rope_type", "default") != "default":
+            saved["rope_scaling"] = params
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+    else:
+        assert "rope_parameters" in saved  # what transformers 5 writes
+    source = load_source(tmp_path)
+    assert source.config.rope_theta == ROPE_CASES[case]["rope_theta"]
+    ids = [list(range(3, 200, 7))] * 2  # 29 tokens, past llama3's original 64 in rotation
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids)).logits
+    diff = (_our_logits(build_model(source), ids) - expected).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_per_layer_type_rope_settings_are_refused_for_llama(tmp_path):
+    config = {
+        "model_type": "llama",
+        "rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding": {"rope_theta": 1e4}},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match="rope settings per layer type"):
+        load_source(tmp_path)

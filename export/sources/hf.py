@@ -38,7 +38,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         raise UnsupportedArchitectureError(
             f"config.json model_type is {cfg.get('model_type')!r}; only 'llama' is supported"
         )
-    rs = cfg.get("rope_scaling") or {}
+    theta, rs = _rope_settings(cfg)
     kind = rs.get("rope_type", rs.get("type", "none"))
     scaling = {"type": "none"}
     if kind == "linear":
@@ -65,7 +65,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
             intermediate_size=cfg["intermediate_size"],
             head_dim=cfg.get("head_dim"),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=theta,
             rope_scaling=scaling,
             max_position=cfg.get("max_position_embeddings", 4096),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -74,6 +74,24 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
             pad_token_id=cfg.get("pad_token_id"),
         )
     )
+
+
+def _rope_settings(cfg: dict) -> tuple[float, dict]:
+    """(rope theta, the scaling dict) in either spelling: transformers 5 saves them together as
+    `rope_parameters` ({"rope_theta", "rope_type", "factor", …}); older folders keep
+    `rope_theta` and `rope_scaling` at the top level. Reading only the old keys exported a
+    transformers-5 Llama 3 with theta 10,000 and no llama3 scaling."""
+    params = cfg.get("rope_parameters")
+    if params is None:
+        return float(cfg.get("rope_theta", 10000.0)), dict(cfg.get("rope_scaling") or {})
+    if not isinstance(params, dict):
+        raise SourceError(f"config.json rope_parameters must be an object, got {params!r}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise SourceError(
+            "config.json has rope settings per layer type "
+            f"({', '.join(sorted(params))}); a Llama model has one set"
+        )
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), dict(params)
 
 
 def _weight_files(folder: Path) -> list[Path]:

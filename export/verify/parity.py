@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from export.errors import CorruptWeightsError, ParityError, SourceChangedError
+from export.verify.oracle import ORACLE_TOLERANCE, oracle_logits
 from export.verify.tolerances import tolerance, tolerance_key
 from runtime.texts import eval_text
 
@@ -174,6 +175,19 @@ def verify_folder(
         "providers": {},
     }
     failures = []
+    oracle_name, oracle, why_none = oracle_logits(info.provenance, text_ids)
+    report["oracle"] = {"name": oracle_name, "tolerance": ORACLE_TOLERANCE}
+    if oracle is None:
+        report["oracle"]["none_because"] = why_none
+    else:  # our reading of the source against transformers' own
+        delta = float(np.abs(ref_logits[0] - oracle).max())
+        report["oracle"]["reference_max_abs_logit_delta"] = delta
+        if delta > ORACLE_TOLERANCE:
+            failures.append(
+                f"the PyTorch reference differs from {oracle_name} on the same source by "
+                f"max |Δlogit| {delta:.2e} > {ORACLE_TOLERANCE:.0e}: its config or weights were "
+                "misread"
+            )
     for provider in providers:
         session = (
             first
@@ -209,6 +223,13 @@ def verify_folder(
             "kl_divergence": mean_kl(ref_logits[0, :-1], ours[0, :-1]),
             "eval_tokens": len(text_ids),
         }
+        if oracle is not None:
+            result["oracle_max_abs_logit_delta"] = float(np.abs(ours[0] - oracle).max())
+            if info.precision == "fp32" and result["oracle_max_abs_logit_delta"] > ORACLE_TOLERANCE:
+                failures.append(
+                    f"{provider}: max |Δlogit| against {oracle_name} "
+                    f"{result['oracle_max_abs_logit_delta']:.2e} > {ORACLE_TOLERANCE:.0e}"
+                )
         report["providers"][provider] = result
         if tol.max_abs_logit is not None and result["max_abs_logit_delta"] > tol.max_abs_logit:
             failures.append(
@@ -234,14 +255,22 @@ def verify_folder(
 
 
 def summary(report: dict) -> str:
-    """One line per provider: the figures a person reads first."""
-    return "; ".join(
+    """One line per provider: the figures a person reads first (and the oracle's, if any)."""
+    line = "; ".join(
         f"{p}: max |Δlogit| {r['max_abs_logit_delta']:.2e}, "
         f"greedy {r['greedy_agreement_per_prompt']}/{r['greedy_steps']}, "
         f"perplexity {r['perplexity']:.3f} vs {r['reference_perplexity']:.3f}"
         f" (×{r['perplexity_ratio']:.4f}), KL {r['kl_divergence']:.1e}"
         for p, r in report["providers"].items()
     )
+    oracle = report.get("oracle") or {}
+    if oracle.get("name"):
+        deltas = [r["oracle_max_abs_logit_delta"] for r in report["providers"].values()]
+        line += (
+            f"; against {oracle['name']}: reference {oracle['reference_max_abs_logit_delta']:.1e}"
+            f", ONNX {max(deltas):.1e}"
+        )
+    return line
 
 
 def check(report: dict) -> None:
