@@ -106,7 +106,7 @@ def test_missing_truncated_and_foreign_sources_fail_clearly(tmp_path):
     folder = tmp_path / "mistral"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(UnsupportedArchitectureError, match="only 'llama'"):
+    with pytest.raises(UnsupportedArchitectureError, match="'mistral'; supported: llama, qwen2"):
         load_source(folder)
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -36,9 +36,10 @@ class Attention(nn.Module):
         super().__init__()
         dh = config.resolved_head_dim
         self.n_heads, self.n_kv_heads, self.scale = config.n_heads, config.n_kv_heads, dh**-0.5
-        self.wq = nn.Linear(config.dim, config.n_heads * dh, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * dh, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * dh, bias=False)
+        qkv_bias = config.qkv_bias  # Qwen2: x·Wᵀ + b for q, k and v (not o)
+        self.wq = nn.Linear(config.dim, config.n_heads * dh, bias=qkv_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * dh, bias=qkv_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * dh, bias=qkv_bias)
         self.wo = nn.Linear(config.n_heads * dh, config.dim, bias=False)
 
     def forward(self, x, position_ids, cos, sin, bias, past: KV) -> tuple[torch.Tensor, KV]:

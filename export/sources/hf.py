@@ -24,6 +24,9 @@ KEY_MAP = {
     "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
     "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
     "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attention.wq.bias",  # Qwen2
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attention.wk.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attention.wv.bias",
     "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
     "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
     "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
@@ -33,11 +36,36 @@ KEY_MAP = {
 map_name = key_mapper(KEY_MAP)
 
 
-def config_from_hf(cfg: dict) -> LlamaConfig:
-    if cfg.get("model_type") != "llama":
+# model_type → the switches of the one reference model (export/model/config.py) it sets
+FAMILIES = {
+    "llama": {},
+    "qwen2": {"qkv_bias": True},  # Qwen2 / 2.5: biases on q, k, v; tied or untied head
+}
+
+
+def _family(cfg: dict) -> dict:
+    kind = cfg.get("model_type")
+    if kind not in FAMILIES:
         raise UnsupportedArchitectureError(
-            f"config.json model_type is {cfg.get('model_type')!r}; only 'llama' is supported"
+            f"config.json model_type is {kind!r}; supported: {', '.join(FAMILIES)}"
         )
+    unsupported = [
+        key
+        for key in ("attention_bias", "mlp_bias", "use_sliding_window")
+        if cfg.get(key) and not (key == "attention_bias" and FAMILIES[kind].get("qkv_bias"))
+    ]
+    if cfg.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={cfg['hidden_act']!r}")
+    if unsupported:
+        raise UnsupportedArchitectureError(
+            f"config.json ({kind}) sets {', '.join(unsupported)}, which llamaonnx does not "
+            "support yet"
+        )
+    return FAMILIES[kind]
+
+
+def config_from_hf(cfg: dict) -> LlamaConfig:
+    family = _family(cfg)
     theta, rs = _rope_settings(cfg)
     kind = rs.get("rope_type", rs.get("type", "none"))
     scaling = {"type": "none"}
@@ -72,6 +100,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
+            **family,
         )
     )
 

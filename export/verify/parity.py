@@ -155,6 +155,11 @@ def verify_folder(
         tok.encode_chat(m) if tok.chat_template else tok.encode(m[0]["content"]) for m in PROMPTS
     ]
     text_ids = tok.encode(eval_text())[: min(512, info.max_position)]
+    if len(text_ids) < 16:
+        raise ParityError(
+            f"the folder's tokenizer encodes the evaluation text to {len(text_ids)} tokens; "
+            "verification needs at least 16 to score it: is tokenizer.json the model's own?"
+        )
     ref_logits, _ = _ref_step(
         model,
         np.array([text_ids]),
