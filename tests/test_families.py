@@ -2,8 +2,8 @@
 transformers itself, exported to every target, its ONNX logits compared with transformers' own
 forward pass in fp32 over a prefill, cached decode steps and a right-padded batch of two.
 
-Supported so far: llama (and so SmolLM2), qwen2 (q/k/v biases). The families issue lists the
-rest (Qwen3, Mistral, Gemma 2/3, Phi-3)."""
+Supported so far: llama (and so SmolLM2), qwen2 (q/k/v biases), qwen3 (QK-norm). The families
+issue lists the rest (Mistral, Gemma 2/3, Phi-3)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2ForCausalLM(
         transformers.Qwen2Config(**TINY, rope_theta=1e6, tie_word_embeddings=True)
     ),
+    # head_dim 32 ≠ hidden/heads (16), as Qwen3's own configs have it
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(**TINY, head_dim=32, rope_theta=1e6, tie_word_embeddings=True)
+    ),
 }
 TOLERANCE = 1e-4
 
@@ -45,10 +49,10 @@ def family(request, tmp_path_factory):
     """(transformers model, folder it saved, {target: exported folder})."""
     torch.manual_seed(0)
     hf = FAMILIES[request.param]().eval()
-    with torch.no_grad():  # random biases, so that a dropped bias shows (transformers zeroes them)
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
+    with torch.no_grad():  # random biases and norms, so that a dropped one shows (transformers
+        for name, p in hf.named_parameters():  # starts biases at 0 and norm weights at 1)
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.5 if "norm" in name else 0.0, 0.5)
     src = tmp_path_factory.mktemp(f"{request.param}-hf")
     hf.save_pretrained(src)
     (src / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
@@ -101,4 +105,15 @@ def test_the_family_is_read_from_the_folder(family):
     hf, src, _ = family
     config = load_source(src).config
     assert config.qkv_bias == (hf.config.model_type == "qwen2")
+    assert config.qk_norm == (hf.config.model_type == "qwen3")
     assert config.tie_embeddings == hf.config.tie_word_embeddings
+
+
+def test_the_int4_folder_verifies(family, tmp_path):
+    """Quantized on llamaonnx's kernels: rewrites that do not apply to a family (q/k/v fusion
+    with biases, the native attention with QK-norm) leave onnxruntime's ops in place."""
+    from export.quant import QuantSettings, quantize_folder
+
+    _, _, folders = family
+    report = quantize_folder(folders["ort"], tmp_path / "int4", QuantSettings("int4"))["report"]
+    assert report["passed"] and report["providers"]["cpu"]["perplexity_ratio"] <= 1.01

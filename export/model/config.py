@@ -53,6 +53,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     # family switches (shared/DESIGN.md, "Model families"): one model, configured per family
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2 / 2.5)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3)
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "intermediate_size"):
@@ -74,8 +75,9 @@ class LlamaConfig:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if not isinstance(self.max_position, int) or self.max_position <= 0:
             raise ConfigError(f"max_position must be > 0, got {self.max_position}")
-        if not isinstance(self.qkv_bias, bool):
-            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        for name in ("qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.rope_scaling, dict):  # allow dicts from JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))

@@ -41,10 +41,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * dh, bias=qkv_bias)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * dh, bias=qkv_bias)
         self.wo = nn.Linear(config.n_heads * dh, config.dim, bias=False)
+        self.head_dim = dh
+        if config.qk_norm:  # Qwen3: each head of q and k normalized before RoPE
+            self.q_norm = RMSNorm(dh, config.norm_eps)
+            self.k_norm = RMSNorm(dh, config.norm_eps)
+
+    def _per_head_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """(B, S, N·Dh) → RMSNorm over each head's Dh → (B, S, N·Dh)."""
+        b, s, _ = x.shape
+        return norm(x.reshape(b, s, -1, self.head_dim)).reshape(b, s, -1)
 
     def forward(self, x, position_ids, cos, sin, bias, past: KV) -> tuple[torch.Tensor, KV]:
-        q = ops.rope(self.wq(x), position_ids, cos, sin, self.n_heads)  # (B, S, H·Dh)
-        k = ops.rope(self.wk(x), position_ids, cos, sin, self.n_kv_heads)  # (B, S, Hkv·Dh)
+        q, k = self.wq(x), self.wk(x)  # (B, S, H·Dh), (B, S, Hkv·Dh)
+        if hasattr(self, "q_norm"):
+            q, k = self._per_head_norm(q, self.q_norm), self._per_head_norm(k, self.k_norm)
+        q = ops.rope(q, position_ids, cos, sin, self.n_heads)
+        k = ops.rope(k, position_ids, cos, sin, self.n_kv_heads)
         v = self.wv(x)
         out, pk, pv = ops.gqa(
             q, k, v, past[0], past[1], bias, self.n_heads, self.n_kv_heads, self.scale

@@ -27,6 +27,8 @@ KEY_MAP = {
     "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attention.wq.bias",  # Qwen2
     "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attention.wk.bias",
     "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attention.wv.bias",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attention.q_norm.weight",  # Qwen3
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attention.k_norm.weight",
     "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
     "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
     "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
@@ -40,6 +42,7 @@ map_name = key_mapper(KEY_MAP)
 FAMILIES = {
     "llama": {},
     "qwen2": {"qkv_bias": True},  # Qwen2 / 2.5: biases on q, k, v; tied or untied head
+    "qwen3": {"qk_norm": True},  # Qwen3: RMSNorm on each head of q and k (QK-norm)
 }
 
 
