@@ -12,23 +12,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers  # the oracle (a dev dependency)
 
 from export.pipeline import export_model
 from runtime.generator import right_pad
 from runtime.session import Session
-from tests.tiny import byte_tokenizer_json
+from tests.tiny import TINY, byte_tokenizer_json
 
-transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
-
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=256,
-)
 FAMILIES = {
     "llama": lambda: transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**TINY, rope_theta=500000.0)

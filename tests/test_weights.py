@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers  # the oracle (a dev dependency)
 
 from export.errors import SourceError, UnsupportedArchitectureError
 from export.sources import build_model, default_gguf_path, load_source
 from export.sources.hf_folder import write_hf_folder
-from tests.tiny import preset, random_model
-
-transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+from tests.tiny import TINY, preset, random_model
 
 BYTE_TOKENIZER = {
     "version": "1.0",
@@ -149,16 +148,7 @@ def test_config_spellings_of_rope_match_transformers(tmp_path, case, spelling):
     with the old top-level `rope_theta` / `rope_scaling` read the same, and give transformers'
     own logits: the oracle is transformers, not our writer."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        **ROPE_CASES[case],
-    )
+    config = transformers.LlamaConfig(**TINY, **ROPE_CASES[case])
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps(BYTE_TOKENIZER))

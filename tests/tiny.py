@@ -69,6 +69,17 @@ def random_model(config: LlamaConfig, seed: int = 0) -> Transformer:
     return model.eval()
 
 
+# a tiny model in transformers' own config names, for models that transformers builds (the oracle)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
