@@ -56,24 +56,24 @@ class FolderKind:
     files: frozenset[str]
     finish: Callable[[Path], None] | None = None
 
-    def is_marked(self, folder: Path) -> bool:
+    def marker_of(self, folder: Path) -> dict | None:
+        """The folder's marker (a dict with an integer `format_version`), or None: not ours."""
         try:
             data = json.loads((folder / self.marker).read_text())
         except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and isinstance(data.get("format_version"), int)
+            return None
+        ok = isinstance(data, dict) and isinstance(data.get("format_version"), int)
+        return data if ok else None
 
-    def allowed(self, folder: Path) -> set[str]:
-        """Names the folder may hold: the kind's files and those its marker lists."""
-        names = set(self.files)
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            names |= set(json.loads((folder / self.marker).read_text()).get("files", {}))
-        return names
+    def is_marked(self, folder: Path) -> bool:
+        return self.marker_of(folder) is not None
 
 
 # -- checksums -------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path, h=None) -> str:
+    """The file's sha256; with `h`, a hashlib object, the file is fed to it (several files
+    hashed as one) and its digest so far returned."""
+    h = hashlib.sha256() if h is None else h
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -142,12 +142,14 @@ def check_replaceable(
         raise OutputFolderError(f"{out} is a symbolic link; {how}, never a link")
     if not out.is_dir():
         raise OutputFolderError(f"{out} is a file, not a folder; {how}")
-    if not kind.is_marked(out):
+    marker = kind.marker_of(out)
+    if marker is None:
         raise OutputFolderError(
             f"{out} is not {kind.what} (no valid {kind.marker}); {how}, and never deletes other "
             "folders. Choose another output folder"
         )
-    allowed = kind.allowed(out)
+    listed = marker.get("files")  # the files its manifest lists are its own too
+    allowed = set(kind.files) | (set(listed) if isinstance(listed, dict) else set())
     unknown = sorted(p.name for p in out.iterdir() if p.name not in allowed or not p.is_file())
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""

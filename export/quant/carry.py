@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,14 +24,11 @@ def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int]]:
     prov = info.provenance
     if prov.format != "gguf":
         return {}
-    path = Path(prov.source)
-    from export.sources.common import sha256_of
+    from export.sources.common import check_source
 
-    if not path.is_file() or sha256_of(path) != prov.sha256:
-        raise QuantizationError(
-            f"the folder was exported from {path}, which is missing or has changed since "
-            "(sha256 differs); re-export, or pass --no-gguf-blocks to quantize the float weights"
-        )
+    path = check_source(
+        prov, "its blocks cannot be carried: export again, or pass --no-gguf-blocks"
+    )
     import gguf
 
     from export.quant.blocks import GGUF_TYPES

@@ -72,8 +72,7 @@ class Edit:
         self.new_inits.append(numpy_helper.from_array(array, name))
         return name
 
-    def commit(self, prune_graph: bool = True) -> None:
+    def commit(self) -> None:
         self.model.graph.initializer.extend(self.new_inits)
         self.new_inits.clear()
-        if prune_graph:
-            prune(self.model)
+        prune(self.model)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import SourceError
+from export.errors import SourceChangedError, SourceError
 from export.model.config import LlamaConfig
 from runtime.files import sha256_file
 
@@ -38,10 +38,25 @@ def sha256_of(path: Path) -> str:
         return sha256_file(path)
     h = hashlib.sha256()
     for p in sorted(p for p in path.iterdir() if p.is_file()):
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        sha256_file(p, h)
     return h.hexdigest()
+
+
+def check_source(provenance, then: str) -> Path:
+    """The source a folder was exported from (its runtime.folder.Provenance), still there and
+    unchanged (the sha256 recorded at export), or SourceChangedError saying so and `then`, what
+    to do about it."""
+    path = Path(provenance.source)
+    if not path.exists():
+        raise SourceChangedError(
+            f"the folder was exported from {path}, which no longer exists; {then}"
+        )
+    if sha256_of(path) != provenance.sha256:
+        raise SourceChangedError(
+            f"the folder was exported from {path}, which has changed since (its sha256 differs "
+            f"from the one recorded at export); {then}"
+        )
+    return path
 
 
 def check_shapes(config: LlamaConfig, state: dict[str, np.ndarray]) -> None:

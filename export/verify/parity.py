@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.errors import CorruptWeightsError, ParityError, SourceChangedError
+from export.errors import CorruptWeightsError, ParityError
 from export.verify.oracle import ORACLE_TOLERANCE, oracle_logits
 from export.verify.tolerances import tolerance, tolerance_key
 from runtime.texts import eval_text
@@ -100,26 +100,6 @@ def plausible_perplexity(ppl: float, vocab_size: int, what: str) -> None:
         )
 
 
-def check_source(prov) -> Path:
-    """The folder's source (its runtime.folder.Provenance), unchanged since the export, or
-    SourceChangedError: verifying against another model would blame the ONNX graph."""
-    from export.sources.common import sha256_of
-
-    path = Path(prov.source)
-    if not path.exists():
-        raise SourceChangedError(
-            f"the folder was exported from {path}, which no longer exists; verify needs the "
-            "source to rebuild the reference. Put it back, or export again"
-        )
-    if sha256_of(path) != prov.sha256:
-        raise SourceChangedError(
-            f"the folder was exported from {path}, which has changed since (its sha256 differs "
-            "from the one recorded at export): the reference would be another model. Export "
-            "again from the current file"
-        )
-    return path
-
-
 def verify_folder(
     folder: str | Path,
     model=None,
@@ -148,8 +128,10 @@ def verify_folder(
     tol = tolerance(tol_key)
     if model is None:
         from export.sources import build_model, load_source
+        from export.sources.common import check_source
 
-        model = build_model(load_source(check_source(info.provenance)))
+        then = "verify rebuilds the reference from it: put it back, or export again"
+        model = build_model(load_source(check_source(info.provenance, then)))
     tok = first.tokenizer
     prompts = [
         tok.encode_chat(m) if tok.chat_template else tok.encode(m[0]["content"]) for m in PROMPTS
