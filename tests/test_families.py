@@ -2,8 +2,11 @@
 transformers itself, exported to every target, its ONNX logits compared with transformers' own
 forward pass in fp32 over a prefill, cached decode steps and a right-padded batch of two.
 
-Supported so far: llama (and so SmolLM2), qwen2 (q/k/v biases), qwen3 (QK-norm). The families
-issue lists the rest (Mistral, Gemma 2/3, Phi-3)."""
+Families: llama (and so SmolLM2), mistral (sliding window), qwen2 (q/k/v biases), qwen3 (QK-norm),
+gemma2 (1 + w norms, embedding scale, GeGLU, sandwich norms, query scale, soft-capping, alternating
+local/global layers), gemma3 (the same with QK-norm and a local rope theta, no soft-capping) and
+phi3 (fused q/k/v and gate/up weights, longrope). Windows and soft-caps are tiny so that they act
+within the 22 tokens of a test."""
 
 from __future__ import annotations
 
@@ -30,8 +33,50 @@ FAMILIES = {
     "qwen3": lambda: transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(**TINY, head_dim=32, rope_theta=1e6, tie_word_embeddings=True)
     ),
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**TINY, sliding_window=6, rope_theta=1e6)
+    ),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(
+            **TINY,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        )
+    ),
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(
+            **TINY,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            },
+        )
+    ),
+    "phi3": lambda: transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(
+            **{**TINY, "max_position_embeddings": 256},
+            original_max_position_embeddings=64,  # a cached run stays below: short factors
+            rope_parameters=PHI3_LONGROPE,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ),
 }
 TOLERANCE = 1e-4
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "long_factor": [1.0 + 2.0 * i for i in range(8)],
+}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -94,9 +139,13 @@ def test_the_family_is_read_from_the_folder(family):
 
     hf, src, _ = family
     config = load_source(src).config
-    assert config.qkv_bias == (hf.config.model_type == "qwen2")
-    assert config.qk_norm == (hf.config.model_type == "qwen3")
+    kind = hf.config.model_type
+    assert config.qkv_bias == (kind == "qwen2")
+    assert config.qk_norm == (kind in ("qwen3", "gemma3_text"))
     assert config.tie_embeddings == hf.config.tie_word_embeddings
+    assert config.norm_offset == (1.0 if kind.startswith("gemma") else 0.0)
+    assert config.sliding_window == getattr(hf.config, "sliding_window", None)
+    assert config.rope_scaling.type == ("longrope" if kind == "phi3" else "none")
 
 
 def test_the_int4_folder_verifies(family, tmp_path):
@@ -105,5 +154,49 @@ def test_the_int4_folder_verifies(family, tmp_path):
     from export.quant import QuantSettings, quantize_folder
 
     _, _, folders = family
-    report = quantize_folder(folders["ort"], tmp_path / "int4", QuantSettings("int4"))["report"]
+    settings = QuantSettings("int4", kernel="native")  # on any CPU (its portable C path)
+    report = quantize_folder(folders["ort"], tmp_path / "int4", settings)["report"]
     assert report["passed"] and report["providers"]["cpu"]["perplexity_ratio"] <= 1.01
+
+
+def test_longrope_takes_its_long_factors_past_the_original_context(tmp_path):
+    """transformers' rule: a forward whose last position passes original_max_position_embeddings
+    rotates with the long factors, one below it with the short ones; both, on every target."""
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        **{**TINY, "max_position_embeddings": 256},
+        original_max_position_embeddings=12,
+        rope_parameters=PHI3_LONGROPE,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    hf = transformers.Phi3ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
+    for target in ("portable", "ort"):
+        export_model(tmp_path / "hf", tmp_path / target, target=target)
+        session = Session(tmp_path / target, provider="cpu")
+        for n in (10, 22):  # below and past the original 12
+            ids = np.array([list(range(3, 3 + 7 * n, 7))], np.int64)
+            got = session.forward(
+                ids, np.ones_like(ids), np.arange(n)[None], session.new_cache(1, n)
+            )
+            delta = float(np.abs(got - _hf(hf, ids)).max())
+            assert delta <= TOLERANCE, (target, n, delta)
+
+
+def test_hf_folder_refuses_a_family_it_cannot_spell(family, tmp_path):
+    """`llamaonnx hf-folder` writes Llama config.json files; a Gemma written as one would load
+    as a different model, so only the Llama family passes."""
+    from export.errors import UnsupportedArchitectureError
+    from export.sources import load_source
+    from export.sources.hf_folder import hf_config
+
+    hf, src, _ = family
+    config = load_source(src).config
+    if hf.config.model_type == "llama":
+        assert hf_config(config)["model_type"] == "llama"
+    else:
+        with pytest.raises(UnsupportedArchitectureError, match="Llama-family folders only"):
+            hf_config(config)

@@ -32,11 +32,14 @@ def _run(module, inputs: dict, n_outputs: int, **attrs):
     return sess.run(None, inputs)
 
 
-def test_rms_norm_function_equals_torch():
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama's w, Gemma's (1 + w)
+def test_rms_norm_function_equals_torch(offset):
     x, w = np.random.randn(2, 3, 16).astype(np.float32), np.random.randn(16).astype(np.float32)
-    (y,) = _run(rms_norm, {"X": x, "W": w}, 1, epsilon=1e-5)
-    want = ops.rms_norm(torch.from_numpy(x), torch.from_numpy(w), 1e-5).numpy()
+    (y,) = _run(rms_norm, {"X": x, "W": w}, 1, epsilon=1e-5, offset=offset)
+    want = ops.rms_norm(torch.from_numpy(x), torch.from_numpy(w), 1e-5, offset).numpy()
     np.testing.assert_allclose(y, want, atol=1e-5)
+    plain = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * (w + offset)
+    np.testing.assert_allclose(y, plain, atol=1e-5)
 
 
 def test_rope_function_equals_torch():
@@ -49,8 +52,11 @@ def test_rope_function_equals_torch():
     np.testing.assert_allclose(y, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("h,hkv,past", [(4, 2, 3), (4, 1, 0), (3, 3, 2)])
-def test_gqa_function_equals_torch(h, hkv, past):
+@pytest.mark.parametrize(
+    "h,hkv,past,softcap,window",
+    [(4, 2, 3, 0.0, 0), (4, 1, 0, 0.0, 0), (3, 3, 2, 0.0, 0), (4, 2, 3, 0.5, 0), (4, 1, 4, 2.0, 3)],
+)
+def test_gqa_function_equals_torch(h, hkv, past, softcap, window):
     b, s, dh = 2, 3, 8
     r = lambda *shape: np.random.randn(*shape).astype(np.float32)
     mask = np.ones((b, past + s), np.int64)
@@ -64,7 +70,17 @@ def test_gqa_function_equals_torch(h, hkv, past):
         "pv": r(b, hkv, past, dh),
         "bias": bias,
     }
-    got = _run(gqa, inputs, 3, num_heads=h, kv_num_heads=hkv, scale=dh**-0.5)
-    want = ops.gqa(*(torch.from_numpy(a) for a in inputs.values()), h, hkv, dh**-0.5)
+    got = _run(
+        gqa,
+        inputs,
+        3,
+        num_heads=h,
+        kv_num_heads=hkv,
+        scale=dh**-0.5,
+        softcap=softcap,
+        sliding_window=window,
+    )
+    args = (h, hkv, dh**-0.5, softcap, window)
+    want = ops.gqa(*(torch.from_numpy(a) for a in inputs.values()), *args)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w.numpy(), atol=1e-5)

@@ -147,14 +147,20 @@ def quantized(tiny_folders, tmp_path_factory):
     for target, folder in tiny_folders.items():
         for precision in ("int4", "int8", "fp16"):
             out[target, precision] = root / f"{target}-{precision}"
-            quantize_folder(folder, out[target, precision], QuantSettings(precision))
-    # int4 on the CPU runs llamaonnx's own kernel where it is built (always, here); the
-    # MatMulNBits form that any onnxruntime runs stays one flag away
+            quantize_folder(folder, out[target, precision], _settings(precision))
+    # int4 on the CPU runs llamaonnx's own kernel (asked for by name: `auto` picks it only on
+    # AVX-512 VNNI CPUs, and the portable C path runs it anywhere); the MatMulNBits form that any
+    # onnxruntime runs stays one flag away
     out["ort", "int4-nbits"] = root / "ort-int4-nbits"
     quantize_folder(
         tiny_folders["ort"], out["ort", "int4-nbits"], QuantSettings("int4", kernel="nbits")
     )
     return out
+
+
+def _settings(precision: str, **kw) -> QuantSettings:
+    """llamaonnx's own CPU kernel for int4, whatever the CPU of this machine (not `auto`)."""
+    return QuantSettings(precision, kernel="native" if precision == "int4" else "auto", **kw)
 
 
 def _ops(folder):
@@ -283,7 +289,7 @@ def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
     quantize_folder(
         tiny_folders["ort"],
         out,
-        QuantSettings("int4", keep=("layers.0.*", "output")),
+        _settings("int4", keep=("layers.0.*", "output")),
         verify=False,
     )
     model, ops = _ops(out)
@@ -302,7 +308,7 @@ def test_tied_embedding_and_head_share_one_copy_of_the_codes(tmp_path):
     src.mkdir()
     write_tiny(src, name="tiny-tied-mqa")
     out = tmp_path / "int4"
-    export_model(src, out, target="ort", precision="int4")
+    export_model(src, out, target="ort", precision="int4", quant=_settings("int4"))
     model, ops = _ops(out)  # llamaonnx's kernel: GatherQ8 reads the MatMulQ8 head's tiles
     gather = next(n for n in model.graph.node if n.op_type == "GatherQ8")
     head = next(n for n in model.graph.node if n.name == "/model/output/MatMulQ8")

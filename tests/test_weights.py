@@ -102,10 +102,13 @@ def test_missing_truncated_and_foreign_sources_fail_clearly(tmp_path):
     trunc.write_bytes(default_gguf_path().read_bytes()[:100_000])
     with pytest.raises(SourceError, match="truncated or corrupt"):
         load_source(trunc)
-    folder = tmp_path / "mistral"
+    folder = tmp_path / "falcon"
     folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    with pytest.raises(UnsupportedArchitectureError, match="'falcon'; supported: llama, mistral"):
+        load_source(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(UnsupportedArchitectureError, match="'mistral'; supported: llama, qwen2"):
+    with pytest.raises(SourceError, match="config.json \\(mistral\\) lacks hidden_size"):
         load_source(folder)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -170,11 +173,14 @@ def test_config_spellings_of_rope_match_transformers(tmp_path, case, spelling):
     assert diff <= 1e-4, diff
 
 
-def test_per_layer_type_rope_settings_are_refused_for_llama(tmp_path):
+def test_rope_settings_for_an_unknown_layer_type_are_refused(tmp_path):
+    from tests.tiny import TINY
+
     config = {
+        **TINY,
         "model_type": "llama",
         "rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding": {"rope_theta": 1e4}},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SourceError, match="rope settings per layer type"):
+    with pytest.raises(SourceError, match="rope settings for layer types .*'sliding'"):
         load_source(tmp_path)

@@ -1,8 +1,11 @@
-"""The Llama architecture as one frozen, validated dataclass.
+"""The decoder architecture as one frozen, validated dataclass: Llama, configured per family.
 
 Covers Llama 2/3-style decoders: grouped-query attention (MHA and MQA as the special cases
-n_kv_heads == n_heads and n_kv_heads == 1), SwiGLU, RMSNorm, RoPE with optional linear or
-llama3 frequency scaling [Llama 3 report, sec. 3.2; transformers' `_compute_llama3_parameters`].
+n_kv_heads == n_heads and n_kv_heads == 1), a gated MLP, RMSNorm, RoPE with optional linear,
+llama3 [Llama 3 report, sec. 3.2; transformers' `_compute_llama3_parameters`] or longrope
+[Phi-3 report; transformers' `_compute_longrope_parameters`] frequency scaling. The family
+switches below turn the one model into Qwen2/3, Mistral, Gemma 2/3 or Phi-3 (shared/DESIGN.md,
+"Model families"); their defaults are Llama's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import math
 
 from export.errors import ConfigError
 
-ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "longrope", "factors")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full", "sliding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +29,13 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    # longrope (Phi-3.5): per-frequency divisors below / beyond original_max_position, and the
+    # factor cos and sin are multiplied by (None: sqrt(1 + ln(factor) / ln(original)))
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float | None = None
+    # factors: a divisor per frequency, as a GGUF's rope_freqs tensor stores llama3 scaling
+    freq_factors: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
@@ -32,6 +44,34 @@ class RopeScaling:
             raise ConfigError(f"rope scaling factor must be > 0, got {self.factor}")
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+        object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
+        object.__setattr__(self, "freq_factors", tuple(float(f) for f in self.freq_factors))
+        if self.type == "factors" and not all(
+            f > 0 and math.isfinite(f) for f in self.freq_factors or (0.0,)
+        ):
+            raise ConfigError(
+                "rope frequency factors must be a non-empty list of finite values > 0"
+            )
+        if self.type == "longrope":
+            if not self.short_factor or len(self.short_factor) != len(self.long_factor):
+                raise ConfigError(
+                    "longrope scaling needs short_factor and long_factor lists "
+                    "of the same length (head_dim / 2)"
+                )
+            if not all(f > 0 and math.isfinite(f) for f in self.short_factor + self.long_factor):
+                raise ConfigError("longrope factors must be finite and > 0")
+
+    @property
+    def cos_sin_factor(self) -> float:
+        """What longrope multiplies cos and sin by (1 for every other type)."""
+        if self.type != "longrope":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +93,19 @@ class LlamaConfig:
     pad_token_id: int | None = None
     # family switches (shared/DESIGN.md, "Model families"): one model, configured per family
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2 / 2.5)
-    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # every RMSNorm scales by (offset + w): Gemma's 1 + w
+    embed_scale: float = 1.0  # embeddings are multiplied by it: Gemma's sqrt(dim)
+    activation: str = "silu"  # of the gate: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+    sandwich_norm: bool = False  # RMSNorm also after attention and after the MLP (Gemma 2/3)
+    query_scale: float | None = None  # attention scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores → cap · tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits → cap · tanh(logits / cap) (Gemma 2)
+    sliding_window: int | None = None  # a query sees the last `sliding_window` keys only
+    # per layer, "full" or "sliding" (needs sliding_window); None: every layer sliding if a
+    # window is set (Mistral), else full. Gemma 2 alternates; Gemma 3 has 5 sliding per full.
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # theta of the sliding layers (Gemma 3), no scaling
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "intermediate_size"):
@@ -75,17 +127,60 @@ class LlamaConfig:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if not isinstance(self.max_position, int) or self.max_position <= 0:
             raise ConfigError(f"max_position must be > 0, got {self.max_position}")
-        for name in ("qkv_bias", "qk_norm"):
+        for name in ("qkv_bias", "qk_norm", "sandwich_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._check_family_switches()
         if isinstance(self.rope_scaling, dict):  # allow dicts from JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        s = self.rope_scaling
+        factors = {"longrope": s.short_factor, "factors": s.freq_factors}.get(s.type)
+        if factors is not None and len(factors) != self.resolved_head_dim // 2:
+            raise ConfigError(
+                f"{s.type} rope factors have {len(factors)} entries; head_dim "
+                f"{self.resolved_head_dim} needs {self.resolved_head_dim // 2}"
+            )
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         for tok in (self.bos_token_id, self.pad_token_id, *self.eos_token_ids):
             if tok is not None and (not isinstance(tok, int) or not 0 <= tok < self.vocab_size):
                 raise ConfigError(
                     f"special token id {tok} is outside the vocabulary 0..{self.vocab_size - 1}"
                 )
+
+    def _check_family_switches(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        for name in ("norm_offset", "embed_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be finite, got {getattr(self, name)}")
+        for name in ("query_scale", "attn_softcap", "final_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be > 0 or unset, got {value}")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise ConfigError(f"sliding_window must be a positive int or unset, got {w!r}")
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            object.__setattr__(self, "layer_types", types)
+            if len(types) != self.n_layers or not set(types) <= set(LAYER_TYPES):
+                raise ConfigError(
+                    f"layer_types must list {self.n_layers} entries of {LAYER_TYPES}, got {types}"
+                )
+            if "sliding" in types and w is None:
+                raise ConfigError("layer_types has sliding layers but sliding_window is unset")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None where it attends to everything."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding":
+            return self.sliding_window
+        return None
+
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.resolved_head_dim**-0.5
 
     @property
     def resolved_head_dim(self) -> int:
@@ -104,14 +199,25 @@ class LlamaConfig:
         d = dict(d)
         d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        if d.get("layer_types") is not None:
+            d["layer_types"] = tuple(d["layer_types"])
         return cls(**d)
 
 
-def rope_inv_freq(config: LlamaConfig) -> list[float]:
-    """Inverse frequencies θ_i = theta^(-2i/Dh), with the configured scaling applied."""
+def rope_inv_freq(config: LlamaConfig, local: bool = False, long: bool = False) -> list[float]:
+    """Inverse frequencies θ_i = theta^(-2i/Dh), with the configured scaling applied.
+
+    local: those of the sliding layers (Gemma 3's own theta, never scaled). long: longrope's
+    frequencies beyond its original context (its short ones otherwise)."""
     dh = config.resolved_head_dim
+    if local and config.rope_local_theta is not None:
+        return [config.rope_local_theta ** (-2 * i / dh) for i in range(dh // 2)]
     inv = [config.rope_theta ** (-2 * i / dh) for i in range(dh // 2)]
     s = config.rope_scaling
+    if s.type == "longrope":
+        return [f / d for f, d in zip(inv, s.long_factor if long else s.short_factor, strict=True)]
+    if s.type == "factors":
+        return [f / d for f, d in zip(inv, s.freq_factors, strict=True)]
     if s.type == "linear":
         return [f / s.factor for f in inv]
     if s.type == "llama3":

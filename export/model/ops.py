@@ -6,12 +6,18 @@ each op becomes a single node of the `llamaonnx` ONNX domain (see export/onnx/fu
 Shape legend: B batch, S new tokens, P past length, T = P + S, H query heads, Hkv key/value heads,
 Dh head dim, D model dim, Tmax rotary table length.
 
-- RMSNorm [Zhang & Sennrich 2019, eq. 4]: y = x / sqrt(mean(x²) + eps) · w — no mean subtraction,
-  no bias. Computed in fp32.
+- RMSNorm [Zhang & Sennrich 2019, eq. 4]: y = x / sqrt(mean(x²) + eps) · (offset + w) — no mean
+  subtraction, no bias; offset is 0, or 1 for Gemma's (1 + w). Computed in fp32.
 - RoPE [Su et al. 2021], "rotate-half" layout used by Hugging Face Llama: the pair (x_i, x_{i+Dh/2})
   is rotated by the angle pos · θ_i.
 - GQA [Ainslie et al. 2023]: key/value head j serves query heads j·n_rep … (j+1)·n_rep - 1, i.e. the
   kv heads are `repeat_interleave`d. The cache is data: present = concat(past, new) along time.
+  Family variants: scores soft-capped to cap · tanh(s / cap) before the bias (Gemma 2), and a
+  sliding window, in which the query at position p sees keys at positions p - window < q <= p
+  (Mistral, Gemma 2/3's local layers; transformers' `sliding_window` counts the same way). The
+  window lives in the bias (`window_bias`), counted in positions, not cache slots, so that a padded
+  batch gives every row what it gets alone; the op's `window` only declares it, for kernels that
+  build their own mask from sequence lengths (onnxruntime's GroupQueryAttention).
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ NAMESPACE = "llamaonnx"
 
 
 @torch.library.custom_op(f"{NAMESPACE}::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * (weight.float() + offset)).to(x.dtype)
 
 
 @rms_norm.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, offset):
     return torch.empty_like(x)
 
 
@@ -66,6 +72,8 @@ def gqa(
     num_heads: int,
     num_kv_heads: int,
     scale: float,
+    softcap: float,  # 0: none
+    window: int,  # the sliding window attn_bias already applies (window_bias); 0: none
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, s, _ = q.shape
     q4 = q.reshape(b, s, num_heads, -1).transpose(1, 2)  # (B, H, S, Dh)
@@ -76,19 +84,33 @@ def gqa(
     n_rep = num_heads // num_kv_heads
     keys = present_k.repeat_interleave(n_rep, dim=1)  # (B, H, T, Dh)
     values = present_v.repeat_interleave(n_rep, dim=1)
-    scores = (q4 @ keys.transpose(2, 3)) * scale + attn_bias  # (B, H, S, T)
+    scores = (q4 @ keys.transpose(2, 3)) * scale  # (B, H, S, T)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + attn_bias
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = (probs @ values).transpose(1, 2).reshape(b, s, -1)  # (B, S, H·Dh)
     return out, present_k, present_v
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, attn_bias, num_heads, num_kv_heads, scale):
+def _(q, k, v, past_k, past_v, attn_bias, num_heads, num_kv_heads, scale, softcap, window):
     b, s, _ = q.shape
     p = past_k.shape[2]
     hkv, dh = past_k.shape[1], past_k.shape[3]
     present = q.new_empty((b, hkv, p + s, dh))
     return torch.empty_like(q), present, present.clone()
+
+
+def window_bias(attn_bias: torch.Tensor, attention_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, 1, S, T) bias → the same with keys `window` or more positions behind each query
+    masked to the dtype's minimum (a replacement, not an addition: no -inf, no NaN). Positions
+    count the real tokens of the (B, T) padding mask, so padding anywhere does not shift it."""
+    s = attn_bias.shape[-2]
+    key = attention_mask.long().cumsum(-1)  # (B, T): 1 + position of each real key
+    query = key[:, -s:]  # (B, S)
+    near = (query[:, :, None] - key[:, None, :]) < window  # (B, S, T)
+    return torch.where(near[:, None], attn_bias, torch.finfo(attn_bias.dtype).min)
 
 
 def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:

@@ -111,7 +111,7 @@ _SHORT = {"RMSNorm": "norm", "RotaryEmbedding": "rope", "GroupQueryAttention": "
 def _name_nodes(graph: onnx.GraphProto) -> None:
     """Hierarchical names for our nodes, from the module path torch recorded on each node:
     /model/layers.3/attention_norm, /model/layers.3/attn/rope_q, /model/layers.3/attn/gqa,
-    /model/layers.3/attn/q_norm (Qwen3), /model/norm.
+    /model/layers.3/attn/q_norm (Qwen3), /model/layers.3/post_ffn_norm (Gemma), /model/norm.
     """
     seen: dict[str, int] = {}
     _name_linears(graph)
@@ -123,10 +123,11 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         prefix = f"/model/layers.{layer.group(1)}" if layer else "/model"
         if n.op_type == "RMSNorm":
             qk = re.search(r"attention\.(q_norm|k_norm)", scope)  # Qwen3's per-head norms
-            if qk:
+            module = re.search(r"layers\.\d+\.(\w*norm)\b", scope)  # attention_norm, ffn_norm,
+            if qk:  # and Gemma's post_attention_norm, post_ffn_norm
                 which = f"attn/{qk.group(1)}"
             else:
-                which = "ffn_norm" if "ffn_norm" in scope else "attention_norm" if layer else "norm"
+                which = module.group(1) if module else "norm"
             name = f"{prefix}/{which}"
         elif n.op_type == "RotaryEmbedding":
             k = seen.get(prefix + "/rope", 0)

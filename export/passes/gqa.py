@@ -8,6 +8,11 @@
              attention_mask ─► ReduceSum − 1 ─► Cast(int32) ─► seqlens_k      (computed once)
              attention_mask ─► Shape[1] ─► Cast(int32) ─► total_len
 
+Variants: `softcap` becomes the softcap attribute of both (each caps the scores before the mask).
+`sliding_window` w (the query at position p sees keys at p - w < q <= p) is already in the bias,
+which onnx23's Attention reads; onnxruntime's GroupQueryAttention builds its mask from the lengths
+and gets local_window_size = w (the same count: tests/test_families.py holds it to transformers).
+
 onnxruntime's GroupQueryAttention takes the lengths, not a bias: each row's valid keys are
 0 … seqlens_k, so batches must be right-padded, and rotary positions follow from the lengths
 (position_ids and the bias subgraph are pruned). Past and present may share one preallocated
@@ -25,10 +30,18 @@ from export.errors import LoweringError
 from export.passes.graph import MS, attr, ours, producers, replace_nodes
 
 
+def _variant(n: onnx.NodeProto, name: str, default):
+    try:
+        return attr(n, name)
+    except KeyError:  # folders exported before the attribute existed
+        return default
+
+
 def to_onnx23(g: onnx.GraphProto) -> int:
     nodes = ours(g, "GroupQueryAttention")
     for n in nodes:
         q, k, v, pk, pv, bias = n.input
+        softcap = _variant(n, "softcap", 0.0)  # the window is in the bias already
         new = helper.make_node(
             "Attention",
             [q, k, v, bias, pk, pv],
@@ -37,6 +50,7 @@ def to_onnx23(g: onnx.GraphProto) -> int:
             q_num_heads=attr(n, "num_heads"),
             kv_num_heads=attr(n, "kv_num_heads"),
             scale=attr(n, "scale"),
+            **({"softcap": softcap} if softcap > 0 else {}),
         )
         replace_nodes(g, [n], [new])
     return len(nodes)
@@ -80,10 +94,22 @@ def to_ort(g: onnx.GraphProto) -> int:
             scale=attr(n, "scale"),
             do_rotary=1,
             rotary_interleaved=0,
+            **_ort_variants(n),
         )
         replace_nodes(g, [n], [new])
     _stamp_present_shapes(g)
     return len(nodes)
+
+
+def _ort_variants(n: onnx.NodeProto) -> dict:
+    """Only the attributes a node needs: a plain node stays one the native kernel takes."""
+    out = {}
+    softcap, window = _variant(n, "softcap", 0.0), _variant(n, "sliding_window", 0)
+    if softcap > 0:
+        out["softcap"] = softcap
+    if window > 0:
+        out["local_window_size"] = window
+    return out
 
 
 def _stamp_present_shapes(g: onnx.GraphProto) -> None:

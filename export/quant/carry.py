@@ -6,7 +6,6 @@ report records the carry errors it measured."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,11 +15,12 @@ from export.quant.blocks import Blocks, from_gguf, held_offsets, permute_rows, q
 from export.quant.settings import QuantSettings
 
 if TYPE_CHECKING:
-    from runtime.folder import Architecture, ModelInfo
+    from runtime.folder import ModelInfo
 
 
-def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int]]:
-    """Our tensor name → (GGUF type name, raw rows, K) for the source GGUF's carried types."""
+def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int, int]]:
+    """Our tensor name → (GGUF type name, raw rows, K, heads to unpermute or 0) for the source
+    GGUF's carried types; fused tensors (Phi-3's attn_qkv) and Gemma's norms are not carried."""
     prov = info.provenance
     if prov.format != "gguf":
         return {}
@@ -32,26 +32,18 @@ def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int]]:
     import gguf
 
     from export.quant.blocks import GGUF_TYPES
-    from export.sources.common import key_mapper
-    from export.sources.gguf import KEY_MAP
+    from export.sources.gguf import config_from_metadata, metadata, tensor_names
 
-    map_name = key_mapper(KEY_MAP)
     reader = gguf.GGUFReader(path)
-    return {
-        map_name(t.name): (t.tensor_type.name, t.data, int(t.shape[0]))
-        for t in reader.tensors
-        if t.tensor_type.name in GGUF_TYPES and map_name(t.name)
-    }
-
-
-def _unpermute_for(name: str, arch: Architecture) -> Callable | None:
-    from export.sources.gguf import unpermute
-
-    if name.endswith("attention.wq.weight"):
-        return lambda a: unpermute(a, arch.n_heads)
-    if name.endswith("attention.wk.weight"):
-        return lambda a: unpermute(a, arch.n_kv_heads)
-    return None
+    meta = metadata(reader)
+    names = tensor_names(reader, config_from_metadata(meta), meta["general.architecture"])
+    out = {}
+    for t in reader.tensors:
+        parts = names.get(t.name, [])
+        if t.tensor_type.name in GGUF_TYPES and len(parts) == 1:
+            name, _, heads = parts[0]
+            out[name] = (t.tensor_type.name, t.data, int(t.shape[0]), heads)
+    return out
 
 
 def plan(settings: QuantSettings, info: ModelInfo):
@@ -63,13 +55,14 @@ def plan(settings: QuantSettings, info: ModelInfo):
     def carry(tensor: str, w: np.ndarray, bits: int) -> Blocks | None:
         if tensor not in carried:
             return None
-        type_name, raw, k = carried[tensor]
+        type_name, raw, k, heads = carried[tensor]
         blocks = from_gguf(type_name, raw, k)
         if blocks.bits != bits:
             return None
-        fix = _unpermute_for(tensor, arch)
-        if fix:
-            blocks = permute_rows(blocks, fix)
+        if heads:  # llama.cpp permuted the rows of a llama GGUF's q and k
+            from export.sources.gguf import unpermute
+
+            blocks = permute_rows(blocks, lambda a: unpermute(a, heads))
         err = float(np.abs(blocks.dequantize() - w).max())
         if err > 1e-6 * max(1.0, float(np.abs(w).max())):
             raise QuantizationError(

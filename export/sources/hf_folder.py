@@ -3,11 +3,13 @@ transformers reads it as an independent oracle in the tests, and `llamaonnx hf-f
 bundled GGUF to tools that want a Hugging Face folder (onnxruntime-genai's model builder, for the
 benchmark's peer)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
+from export.errors import UnsupportedArchitectureError
 from export.model.config import LlamaConfig
 from export.sources.hf import KEY_MAP
 from runtime.files import FolderKind
@@ -23,7 +25,24 @@ HF_FOLDER = FolderKind(
 )
 
 
+# the family switches of export/model/config.py, which a Llama config.json cannot express
+_SWITCHES = ("qkv_bias", "qk_norm", "norm_offset", "embed_scale", "activation", "sandwich_norm",
+             "query_scale", "attn_softcap", "final_softcap", "sliding_window", "layer_types",
+             "rope_local_theta")  # fmt: skip
+
+
 def hf_config(c: LlamaConfig) -> dict:
+    """transformers' LlamaConfig of a Llama-family model; other families are refused (the
+    folder is for peers that read Llama folders, and a misnamed family would load wrongly)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LlamaConfig)}
+    changed = [name for name in _SWITCHES if getattr(c, name) != defaults[name]]
+    if c.rope_scaling.type not in ("none", "linear", "llama3"):
+        changed.append(f"rope scaling {c.rope_scaling.type}")
+    if changed:
+        raise UnsupportedArchitectureError(
+            f"hf-folder writes Llama-family folders only; this model sets {', '.join(changed)} "
+            "(use the model's own Hugging Face folder)"
+        )
     scaling = None
     if c.rope_scaling.type == "linear":
         scaling = {"rope_type": "linear", "factor": c.rope_scaling.factor}

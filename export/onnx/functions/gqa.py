@@ -6,12 +6,16 @@ Equivalent to the PyTorch code (export/model/ops.py `gqa`)::
 
     present_k = cat(past_k, k.view(B, S, Hkv, Dh).transpose(1, 2), dim=2)       # (B, Hkv, T, Dh)
     keys = present_k.repeat_interleave(H // Hkv, dim=1)                          # (B, H, T, Dh)
-    p = softmax(q.view(B, S, H, Dh).transpose(1, 2) @ keys.transpose(2, 3) * scale + bias)
-    out = (p @ values).transpose(1, 2).reshape(B, S, H·Dh)
+    s = q.view(B, S, H, Dh).transpose(1, 2) @ keys.transpose(2, 3) * scale
+    s = softcap · tanh(s / softcap)                           # where softcap > 0 (Gemma 2)
+    out = (softmax(s + bias) @ values).transpose(1, 2).reshape(B, S, H·Dh)
+
+sliding_window only declares the window the bias already applies (export/model/ops.py), for the
+lowering to kernels that build their own mask from sequence lengths.
 
     q ─► Reshape/Transpose ──────────────────────────────────┐
     k ─► Reshape/Transpose ─► Concat(past_k) ─► present_k ─► Unsqueeze/Expand/Reshape (repeat) ─┤
-                                     MatMul ─► Mul(scale) ─► Add(bias) ─► Softmax ─► MatMul(values)
+                         MatMul ─► Mul(scale) ─► softcap ─► Add(bias) ─► Softmax ─► MatMul(values)
     v ─► Reshape/Transpose ─► Concat(past_v) ─► present_v ─► repeat ──────────────────────┘
                                                             ─► Transpose/Reshape ─► Y (B, S, H·Dh)
 """
@@ -46,11 +50,27 @@ SCHEMA = OpSchema(
         OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads H"),
         OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads Hkv"),
         OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "usually Dh ** -0.5"),
+        OpSchema.Attribute("softcap", OpSchema.AttrType.FLOAT, "cap · tanh(s / cap); 0: none"),
+        OpSchema.Attribute(
+            "sliding_window", OpSchema.AttrType.INT, "the window the bias applies; 0: none"
+        ),
     ],
 )
 
 
-def translate(q, k, v, past_k, past_v, bias, num_heads: int, num_kv_heads: int, scale: float):
+def translate(
+    q,
+    k,
+    v,
+    past_k,
+    past_v,
+    bias,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    softcap: float,
+    window: int,
+):
     return OPSET.GroupQueryAttention(
         q,
         k,
@@ -61,6 +81,8 @@ def translate(q, k, v, past_k, past_v, bias, num_heads: int, num_kv_heads: int, 
         num_heads=num_heads,
         kv_num_heads=num_kv_heads,
         scale=scale,
+        softcap=softcap,
+        sliding_window=window,
         _num_outputs=3,
     )
 
@@ -79,6 +101,8 @@ def function_proto() -> onnx.FunctionProto:
         num_heads: int,
         kv_num_heads: int,
         scale: float,
+        softcap: float,
+        sliding_window: int,
     ):
         zero_zero = op.Constant(value_ints=[0, 0])
         minus_one = op.Constant(value_ints=[-1])
@@ -104,9 +128,11 @@ def function_proto() -> onnx.FunctionProto:
         keys = op.Reshape(op.Expand(op.Unsqueeze(present_key, axis2), expanded), out_shape)
         values = op.Reshape(op.Expand(op.Unsqueeze(present_value, axis2), expanded), out_shape)
         scores = op.MatMul(q4, op.Transpose(keys, perm=[0, 1, 3, 2]))  # (B, H, S, T)
-        scores = op.Add(
-            op.Mul(scores, op.CastLike(op.Constant(value_float=scale), scores)), attn_bias
-        )
+        scores = op.Mul(scores, op.CastLike(op.Constant(value_float=scale), scores))
+        cap = op.CastLike(op.Constant(value_float=softcap), scores)
+        capped = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+        scores = op.Where(op.Greater(cap, op.CastLike(0.0, cap)), capped, scores)
+        scores = op.Add(scores, attn_bias)
         probs = op.Softmax(scores, axis=-1)
         out = op.Transpose(op.MatMul(probs, values), perm=[0, 2, 1, 3])  # (B, S, H, Dh)
         Y = op.Reshape(out, op.Concat(zero_zero, minus_one, axis=0))

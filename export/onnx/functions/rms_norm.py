@@ -2,10 +2,12 @@
 
 Equivalent to the PyTorch code::
 
-    x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight + offset)
 
     X ──► Mul(X, X) ──► ReduceMean(-1) ──► Add(eps) ──► Sqrt ──► Reciprocal ──┐
-    X ──────────────────────────────────────────────────────────────────────► Mul ──► Mul(W) ──► Y
+    X ──────────────────────────────────────────────────────────────────────► Mul ──► Mul ──► Y
+                                                                     W ──► Add(offset) ──┘
+offset is 0, or 1 for Gemma's (1 + w); the onnx23 and ort lowerings fold it into W.
 """
 
 import onnx
@@ -26,21 +28,25 @@ SCHEMA = OpSchema(
     inputs=[OpSchema.FormalParameter("X", "T"), OpSchema.FormalParameter("W", "T")],
     outputs=[OpSchema.FormalParameter("Y", "T")],
     type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
-    attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "added to the mean square")],
+    attributes=[
+        OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "added to the mean square"),
+        OpSchema.Attribute("offset", OpSchema.AttrType.FLOAT, "added to W (Gemma: 1)"),
+    ],
 )
 
 
-def translate(x, weight, eps: float):
-    return OPSET.RMSNorm(x, weight, epsilon=eps)
+def translate(x, weight, eps: float, offset: float):
+    return OPSET.RMSNorm(x, weight, epsilon=eps, offset=offset)
 
 
 def function_proto() -> onnx.FunctionProto:
     import onnxscript
 
     @onnxscript.script(OPSET, default_opset=op)
-    def RMSNorm(X, W, epsilon: float):
+    def RMSNorm(X, W, epsilon: float, offset: float):
         mean_sq = op.ReduceMean(op.Mul(X, X), op.Constant(value_ints=[-1]), keepdims=1)
         eps = op.CastLike(op.Constant(value_float=epsilon), X)
-        return op.Mul(op.Mul(X, op.Reciprocal(op.Sqrt(op.Add(mean_sq, eps)))), W)
+        scale = op.Add(W, op.CastLike(op.Constant(value_float=offset), W))
+        return op.Mul(op.Mul(X, op.Reciprocal(op.Sqrt(op.Add(mean_sq, eps)))), scale)
 
     return RMSNorm.to_function_proto()
