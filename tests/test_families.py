@@ -200,3 +200,42 @@ def test_hf_folder_refuses_a_family_it_cannot_spell(family, tmp_path):
     else:
         with pytest.raises(UnsupportedArchitectureError, match="Llama-family folders only"):
             hf_config(config)
+
+
+def test_a_multimodal_gemma3_folder_exports_its_language_model(tmp_path):
+    """model_type gemma3: the text config is nested and the weights carry a prefix beside a
+    vision tower; the export is the language model alone, with the multimodal model's own logits
+    on text."""
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(
+        **TINY,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=250,
+        boi_token_index=251,
+        eoi_token_index=252,
+    )
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
+    report = export_model(tmp_path / "hf", tmp_path / "ort", target="ort")["report"]
+    assert report["passed"]
+    session = Session(tmp_path / "ort", provider="cpu")
+    ids = np.array([list(range(5, 200, 9))], np.int64)
+    got = session.forward(ids, np.ones_like(ids), np.arange(22)[None], session.new_cache(1, 22))
+    assert float(np.abs(got - _hf(hf, ids)).max()) <= TOLERANCE

@@ -141,6 +141,22 @@ ROPE_CASES = {
     ),
     "linear": dict(rope_theta=20000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "default": dict(rope_theta=1234.0),
+    "yarn": dict(  # Qwen2.5's long-context setting, on a Llama here
+        rope_theta=1e6,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    ),
+    "yarn-mscale": dict(
+        rope_theta=10000.0,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+        },
+    ),
 }
 
 

@@ -15,7 +15,7 @@ import math
 
 from export.errors import ConfigError
 
-ROPE_SCALING_TYPES = ("none", "linear", "llama3", "longrope", "factors")
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "longrope", "yarn", "factors")
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
 
@@ -36,6 +36,12 @@ class RopeScaling:
     attention_factor: float | None = None
     # factors: a divisor per frequency, as a GGUF's rope_freqs tensor stores llama3 scaling
     freq_factors: tuple[float, ...] = ()
+    # yarn [arxiv/2309.00071]: frequencies ramp from interpolated (/ factor) to kept between the
+    # dimensions that turn beta_slow and beta_fast times over the original context; cos and sin
+    # × attention_factor (None: 0.1 ln(factor) + 1)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
@@ -64,13 +70,15 @@ class RopeScaling:
 
     @property
     def cos_sin_factor(self) -> float:
-        """What longrope multiplies cos and sin by (1 for every other type)."""
-        if self.type != "longrope":
+        """What longrope and yarn multiply cos and sin by (1 for every other type)."""
+        if self.type not in ("longrope", "yarn"):
             return 1.0
         if self.attention_factor is not None:
             return self.attention_factor
         if self.factor <= 1.0:
             return 1.0
+        if self.type == "yarn":
+            return 0.1 * math.log(self.factor) + 1.0
         return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position))
 
 
@@ -218,6 +226,8 @@ def rope_inv_freq(config: LlamaConfig, local: bool = False, long: bool = False) 
         return [f / d for f, d in zip(inv, s.long_factor if long else s.short_factor, strict=True)]
     if s.type == "factors":
         return [f / d for f, d in zip(inv, s.freq_factors, strict=True)]
+    if s.type == "yarn":
+        return _yarn(inv, config)
     if s.type == "linear":
         return [f / s.factor for f in inv]
     if s.type == "llama3":
@@ -237,3 +247,26 @@ def rope_inv_freq(config: LlamaConfig, local: bool = False, long: bool = False) 
                 out.append((1 - smooth) * f / s.factor + smooth * f)
         return out
     return inv
+
+
+def _yarn(inv: list[float], config: LlamaConfig) -> list[float]:
+    """YaRN's blend: dimension i keeps its frequency where it turns more than beta_fast times over
+    the original context, is divided by the factor where it turns fewer than beta_slow times, and
+    ramps linearly between (transformers' `_compute_yarn_parameters`)."""
+    s, dh = config.rope_scaling, config.resolved_head_dim
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times
+        turns = s.original_max_position / (rotations * 2 * math.pi)
+        return dh * math.log(turns) / (2 * math.log(config.rope_theta))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dh - 1)
+    if low == high:
+        high += 0.001
+    out = []
+    for i, f in enumerate(inv):
+        keep = 1 - min(max((i - low) / (high - low), 0.0), 1.0)
+        out.append(f / s.factor * (1 - keep) + f * keep)
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -222,8 +223,30 @@ def _scaling(cfg: dict, rs: dict) -> dict:
         if rs.get("attention_factor") is not None:
             out["attention_factor"] = float(rs["attention_factor"])
         return out
+    if kind == "yarn":  # Qwen2.5's long-context setting
+        factor = rs.get("factor")
+        original = rs.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+        if factor is None:
+            factor = cfg["max_position_embeddings"] / original
+        out = {
+            "type": "yarn",
+            "factor": float(factor),
+            "original_max_position": int(original),
+            "beta_fast": float(rs.get("beta_fast") or 32.0),
+            "beta_slow": float(rs.get("beta_slow") or 1.0),
+            "truncate": bool(rs.get("truncate", True)),
+        }
+        attention = rs.get("attention_factor")
+        mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all and factor > 1:
+            scaled = lambda m: 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+            attention = scaled(mscale) / scaled(mscale_all)
+        if attention is not None:
+            out["attention_factor"] = float(attention)
+        return out
     raise SourceError(
-        f"rope scaling {kind!r} is not supported; supported: none, linear, llama3, longrope"
+        f"rope scaling {kind!r} is not supported; supported: none, linear, llama3, longrope, "
+        "yarn (dynamic NTK changes the frequencies with the length of each input: not yet)"
     )
 
 
