@@ -55,3 +55,11 @@ class Terminated(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")
         self.signum = signum
+
+
+class QueueFullError(LlamaonnxError, RuntimeError):
+    """The serving engine's queue is full: the request was refused, not dropped (retry later)."""
+
+
+class EngineClosedError(LlamaonnxError, RuntimeError):
+    """The serving engine is shutting down or stopped: it takes no new requests."""

@@ -1,0 +1,433 @@
+"""Continuous batching: many requests decoded together over one shared KV buffer.
+
+A decode step reads every weight once whatever the batch, so eight streams decoded together cost
+little more than one. The engine keeps `slots` rows of one (slots, Hkv, max_length, Dh) buffer
+per layer; a request takes a free slot at a step boundary and leaves it as soon as it finishes,
+is cancelled or passes its deadline, so a long reply never blocks a short one.
+
+Each turn of the loop (one background thread):
+1. admit queued requests into free slots;
+2. prefill one chunk (`prefill_chunk` tokens) of one joining request, on its slot's rows alone;
+3. one decode step for every slot at once: the running requests feed their last token, the
+   others a pad token whose key/value lands in a cache column that slot does not count (its next
+   prefill chunk overwrites it), so no request waits for another's prefill.
+
+It needs a folder whose graph shares past and present (the `ort` target): onnxruntime's
+GroupQueryAttention takes each row's own length (mask sum) and writes that row's new key/value at
+its own position, and it runs a chunk of a prompt after a cached part (tests/test_engine.py
+holds chunked to whole). Batching does not change results: a greedy request's tokens are the same
+alone and among others joining and leaving (tested).
+
+Per request: its sampling settings and seed, stop tokens and strings, max new tokens, streaming
+(text pieces of whole characters), cancellation (its slot is free at the next step) and a
+deadline. The queue is bounded: beyond it `submit` raises QueueFullError at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from runtime.errors import (
+    ContextLengthError,
+    EngineClosedError,
+    ModelFolderError,
+    OptionError,
+    QueueFullError,
+)
+from runtime.generator import GenerationConfig, _first_stop, _held_back
+from runtime.sampler import apply_repetition_penalty, sample
+from runtime.session import Session
+from runtime.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One step of a request: a new token and the text it completes (may be ""), or its end."""
+
+    token: int | None
+    text: str
+    finish_reason: str | None = None  # one of FINISH_REASONS on the last event
+
+
+class Request:
+    """A handle on one submitted request: iterate it for its events, or wait for `result()`."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt: list[int], config: GenerationConfig, deadline: float | None):
+        self.id = next(self._ids)
+        self.prompt = prompt
+        self.config = config
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop this request: its slot is free at the engine's next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> tuple[list[int], str]:
+        """(new token ids, finish reason) once it has finished."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.tokens, self.finish_reason or "error"
+
+    # engine side
+    def _emit(self, token: int | None, text: str, reason: str | None = None) -> None:
+        if token is not None and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.text += text
+        self._events.put(Event(token, text, reason))
+        if reason is not None:
+            self.finish_reason = reason
+            self._done.set()
+
+
+@dataclasses.dataclass
+class _Slot:
+    request: Request
+    pending: list[int]  # prompt tokens not yet in the cache
+    length: int = 0  # tokens in this slot's cache rows
+    last: int | None = None  # the token the next decode step feeds
+    history: list[int] = dataclasses.field(default_factory=list)
+    rng: np.random.Generator | None = None
+    decoder: StreamDecoder | None = None
+    held: str = ""  # text held back while it could still grow into a stop string
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclasses.dataclass
+class Metrics:
+    """What /metrics reports: counters since start and the latest latencies."""
+
+    requests: int = 0
+    refused: int = 0
+    finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    time_to_first_token: collections.deque = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=1000)
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        session: Session,
+        slots: int = 8,
+        max_length: int | None = None,
+        queue_size: int = 64,
+        prefill_chunk: int = 256,
+    ):
+        info = session.info
+        if not info.shared_kv_buffer:
+            raise ModelFolderError(
+                f"{info.folder}: the serving engine needs a graph whose past and present share "
+                "one buffer (export with --target ort); this folder's target is "
+                f"{info.target!r}"
+            )
+        if session.device != "cpu":
+            raise OptionError("the serving engine runs on the CPU provider only, for now")
+        for name, value, low in (("slots", slots, 1), ("queue_size", queue_size, 1),
+                                 ("prefill_chunk", prefill_chunk, 1)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise OptionError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.session, self.info = session, info
+        self.max_length = min(max_length or min(info.max_position, 4096), info.max_position)
+        self.slots: list[_Slot | None] = [None] * slots
+        self.queue_size, self.prefill_chunk = queue_size, prefill_chunk
+        self.metrics = Metrics()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._buffers = _Buffers(session, slots, self.max_length)
+        self._thread = threading.Thread(target=self._loop, name="llamaonnx-engine", daemon=True)
+        self._thread.start()
+
+    # -- public ---------------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: list[int],
+        config: GenerationConfig | None = None,
+        timeout: float | None = None,
+    ) -> Request:
+        """Queue a request (prompt token ids); its handle streams its events. Raises at once:
+        ContextLengthError if it cannot fit, QueueFullError if the queue is full,
+        EngineClosedError when shutting down."""
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        config = config or GenerationConfig()
+        room = self.max_length - config.max_new_tokens
+        if len(prompt) > room:
+            if not config.truncate or room < 1:
+                raise ContextLengthError(
+                    f"prompt of {len(prompt)} tokens + {config.max_new_tokens} new tokens "
+                    f"exceeds the engine's context of {self.max_length} tokens"
+                )
+            prompt = prompt[-room:]
+        if timeout is not None and not (timeout > 0):
+            raise OptionError(f"timeout must be > 0 seconds, got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = Request(list(prompt), config, deadline)
+        with self._wake:
+            if self._closing:
+                raise EngineClosedError("the engine is shutting down: no new requests")
+            if len(self._waiting) >= self.queue_size:
+                self.metrics.refused += 1
+                raise QueueFullError(
+                    f"the queue is full ({self.queue_size} requests waiting, "
+                    f"{len(self.slots)} running): try again later"
+                )
+            self._waiting.append(request)
+            self.metrics.requests += 1
+            self._wake.notify()
+        return request
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, cancel the queued and running ones, stop the loop."""
+        with self._wake:
+            self._closing = True
+            for request in self._waiting:
+                request.cancel()
+            for slot in self.slots:
+                if slot is not None:
+                    slot.request.cancel()
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._waiting and self.active == 0:
+                    self._wake.wait()
+                if self._closing and not self._waiting and self.active == 0:
+                    return
+                self._admit()
+            try:
+                self._retire()
+                self._prefill_one_chunk()
+                self._decode_step()
+            except Exception as e:  # a bug or a broken model: fail every running request
+                log.exception("engine step failed")
+                for i, slot in enumerate(self.slots):
+                    if slot is not None:
+                        slot.request.error = e
+                        self._finish(i, "error")
+
+    def _admit(self) -> None:
+        for i, slot in enumerate(self.slots):
+            if slot is not None or not self._waiting:
+                continue
+            request = self._waiting.popleft()
+            if request.cancelled:
+                request._emit(None, "", "cancelled")
+                self.metrics.finished["cancelled"] += 1
+                continue
+            c = request.config
+            stops = self.info.eos_token_ids if c.stop_token_ids is None else c.stop_token_ids
+            self.slots[i] = _Slot(
+                request,
+                pending=list(request.prompt),
+                history=list(request.prompt),
+                rng=np.random.default_rng(c.seed),
+                decoder=StreamDecoder(self.session.tokenizer),
+                stop_ids=frozenset(stops),
+            )
+            self.metrics.prompt_tokens += len(request.prompt)
+
+    def _retire(self) -> None:
+        now = time.monotonic()
+        for i, slot in enumerate(self.slots):
+            if slot is None:
+                continue
+            if slot.request.cancelled:
+                self._finish(i, "cancelled")
+            elif slot.request.deadline is not None and now > slot.request.deadline:
+                self._finish(i, "deadline")
+
+    def _prefill_one_chunk(self) -> None:
+        joining = [i for i, s in enumerate(self.slots) if s is not None and s.pending]
+        if not joining:
+            return
+        i = min(joining, key=lambda k: self.slots[k].request.id)  # first come, first served
+        slot = self.slots[i]
+        chunk, slot.pending = slot.pending[: self.prefill_chunk], slot.pending[self.prefill_chunk :]
+        logits = self._buffers.prefill(i, chunk, slot.length)
+        slot.length += len(chunk)
+        if not slot.pending:
+            self._take(i, logits[0, -1])
+
+    def _decode_step(self) -> None:
+        running = [s is not None and not s.pending and s.last is not None for s in self.slots]
+        if not any(running):
+            return
+        tokens = [
+            s.last if run else self.info.pad_token_id
+            for s, run in zip(self.slots, running, strict=True)
+        ]
+        lengths = [s.length if s is not None else 0 for s in self.slots]
+        logits = self._buffers.decode(tokens, lengths)
+        self.metrics.decode_steps += 1
+        for i, run in enumerate(running):
+            if run:
+                self.slots[i].length += 1
+                self._take(i, logits[i, 0])
+
+    def _take(self, i: int, row: np.ndarray) -> None:
+        """Sample slot i's next token from its logits row, emit it, and finish where it ends."""
+        slot, c = self.slots[i], self.slots[i].request.config
+        row = apply_repetition_penalty(row, slot.history, c.repetition_penalty)
+        token = sample(row, slot.rng, c.temperature, c.top_k, c.top_p)
+        request = slot.request
+        self.metrics.generated_tokens += 1
+        if request.first_token_at is None:
+            self.metrics.time_to_first_token.append(time.monotonic() - request.submitted)
+        if token in slot.stop_ids:
+            request.tokens.append(token)
+            self._finish(i, "stop", token)
+            return
+        request.tokens.append(token)
+        slot.history.append(token)
+        slot.last = token
+        text = slot.held + slot.decoder.push(token)
+        stops = [s for s in c.stop_strings if s]
+        cut = _first_stop(text, stops)
+        if cut is not None:
+            slot.held = ""
+            self._finish(i, "stop", token, text[:cut])
+            return
+        keep = _held_back(text, stops)
+        slot.held = text[len(text) - keep :] if keep else ""
+        out = text[: len(text) - keep]
+        if len(request.tokens) >= c.max_new_tokens or slot.length + 1 >= self.max_length:
+            self._finish(i, "length", token, out)
+            return
+        request._emit(token, out)
+
+    def _finish(self, i: int, reason: str, token: int | None = None, text: str = "") -> None:
+        slot = self.slots[i]
+        if (
+            reason in ("stop", "length")
+            and slot.decoder is not None
+            and not text.endswith("\ufffd")
+        ):
+            text += slot.held + (slot.decoder.flush() if reason == "length" else "")
+        slot.request._emit(token, text, reason)
+        self.metrics.finished[reason] += 1
+        self.slots[i] = None
+
+
+class _Buffers:
+    """The slots' KV buffers (numpy, so that a slot's rows are a view onto the same memory) and
+    the IO bindings that run the graph over all slots or over one."""
+
+    def __init__(self, session: Session, slots: int, max_length: int):
+        import onnxruntime as ort
+
+        info = session.info
+        self.session, self.info, self.slots, self.max_length = session, info, slots, max_length
+        shape = (slots, info.n_kv_heads, max_length, info.head_dim)
+        self.kv = [np.zeros(shape, info.kv_dtype) for _ in range(2 * info.n_layers)]
+        self.mask = np.zeros((slots, max_length), np.int64)
+        self.logits = np.empty((slots, 1, info.vocab_size), np.float32)
+        self.all = self._binding([ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv])
+        self.all.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.one = [
+            self._binding([ort.OrtValue.ortvalue_from_numpy(a[i : i + 1]) for a in self.kv])
+            for i in range(slots)
+        ]
+
+    def _binding(self, values):
+        binding = self.session.session.io_binding()
+        for i in range(self.info.n_layers):
+            for j, kv in enumerate(("key", "value")):
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", values[2 * i + j])
+                binding.bind_ortvalue_output(f"present.{i}.{kv}", values[2 * i + j])
+        return binding
+
+    def _feed(self, binding, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        for name, arr in feeds.items():
+            if name in self.session.input_names:
+                binding.bind_ortvalue_input(
+                    name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64))
+                )
+
+    def prefill(self, slot: int, chunk: list[int], past: int) -> np.ndarray:
+        """Slot `slot`'s next prompt chunk after its `past` cached tokens → (1, S, V) logits."""
+        import onnxruntime as ort
+
+        s = len(chunk)
+        binding = self.one[slot]
+        self._feed(
+            binding,
+            np.array([chunk], np.int64),
+            np.ones((1, past + s), np.int64),
+            np.arange(past, past + s)[None],
+        )
+        logits = np.empty((1, s, self.info.vocab_size), np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.session.run_with_iobinding(binding)
+        return logits
+
+    def decode(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
+        """One token for every slot, each after its own cached length → (slots, 1, V) logits,
+        a view valid until the next decode."""
+        width = max(lengths) + 1
+        mask = self.mask[:, :width]
+        mask[:] = 0
+        for i, n in enumerate(lengths):
+            mask[i, : n + 1] = 1
+        self._feed(
+            self.all,
+            np.array(tokens, np.int64)[:, None],
+            np.ascontiguousarray(mask),
+            np.array(lengths, np.int64)[:, None],
+        )
+        self.session.session.run_with_iobinding(self.all)
+        return self.logits

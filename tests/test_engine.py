@@ -1,0 +1,158 @@
+"""The continuous-batching engine (runtime/engine.py): batching never changes a request's tokens,
+requests join and leave at step boundaries, and cancellation, deadlines, stops and the bounded
+queue behave as promised. On the tiny model's fp32 and int4 folders (llamaonnx's native kernel
+and MatMulNBits) and on the default model's int4 folder."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from export.quant import QuantSettings, quantize_folder
+from runtime.engine import Engine
+from runtime.errors import EngineClosedError, ModelFolderError, QueueFullError
+from runtime.generator import GenerationConfig, Generator
+from runtime.session import Session
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    out = {"fp32": tiny_folders["ort"]}
+    for kernel in ("native", "nbits"):
+        out[f"int4-{kernel}"] = root / kernel
+        quantize_folder(
+            tiny_folders["ort"], out[f"int4-{kernel}"], QuantSettings("int4", kernel=kernel)
+        )
+    return out
+
+
+def _prompts(vocab: int, n: int = 7) -> list[list[int]]:
+    return [[(5 + 11 * k + 7 * j) % vocab for j in range(3 + 4 * k)] for k in range(n)]
+
+
+def _alone(session: Session, prompt: list[int], config: GenerationConfig) -> list[int]:
+    return Generator(session).generate_ids([prompt], config)[0]
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4-native", "int4-nbits"])
+def test_batching_does_not_change_a_requests_tokens(folders, which):
+    """7 requests of 3 to 27 tokens, in 3 slots, prompts prefilled 4 tokens at a time: each
+    joins as another leaves, and each gets the tokens it gets alone (greedy, and sampled with
+    its own seed)."""
+    session = Session(folders[which], provider="cpu")
+    configs = [
+        GenerationConfig(max_new_tokens=4 + 3 * k, temperature=0.8 * (k % 2), seed=k)
+        for k in range(7)
+    ]
+    prompts = _prompts(session.info.vocab_size)
+    want = [_alone(session, p, c) for p, c in zip(prompts, configs, strict=True)]
+    engine = Engine(session, slots=3, prefill_chunk=4)
+    try:
+        requests = [engine.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+        got = [r.result(60)[0] for r in requests]
+    finally:
+        engine.close()
+    assert got == want
+
+
+def test_the_default_models_int4_folder_batches_exactly(default_int4):
+    """Alone in the engine or among three others, the same tokens. (Against the Generator's
+    one-row decode this folder can differ: onnxruntime's MatMulNBits picks its kernel by the
+    number of rows, and at accuracy level 4 a row's logits moved by up to 0.5 between a batch of
+    1 and of 4 on an AMD EPYC; the engine always decodes all its slots, so a request's result
+    does not depend on who else is running.)"""
+    session = Session(default_int4, provider="cpu")
+    tok = session.tokenizer
+    messages = ["What is the capital of France?", "Name a colour.", "Count to five.", "Hi!"]
+    prompts = [tok.encode_chat([{"role": "user", "content": m}]) for m in messages]
+    config = GenerationConfig(max_new_tokens=24)
+    engine = Engine(session, slots=4, prefill_chunk=16)
+    try:
+        want = [engine.submit(p, config).result(120)[0] for p in prompts]
+        got = [r.result(120)[0] for r in [engine.submit(p, config) for p in prompts]]
+    finally:
+        engine.close()
+    assert got == want
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next(folders):
+    engine = Engine(Session(folders["fp32"], provider="cpu"), slots=1)
+    try:
+        config = GenerationConfig(max_new_tokens=200, stop_token_ids=())
+        long = engine.submit([5, 6, 7], config)
+        short = engine.submit([8, 9], GenerationConfig(max_new_tokens=3, stop_token_ids=()))
+        next(iter(long))  # running
+        long.cancel()
+        tokens, reason = long.result(30)
+        assert reason == "cancelled" and len(tokens) < 200
+        assert short.result(30) == (short.tokens, "length") and len(short.tokens) == 3
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_refuses_at_once_and_loses_nothing(folders):
+    engine = Engine(Session(folders["fp32"], provider="cpu"), slots=1, queue_size=1)
+    try:
+        config = GenerationConfig(max_new_tokens=100, stop_token_ids=())
+        running = engine.submit([5, 6, 7], config)
+        next(iter(running))
+        waiting = engine.submit([8, 9], GenerationConfig(max_new_tokens=2, stop_token_ids=()))
+        start = time.monotonic()
+        with pytest.raises(QueueFullError, match="queue is full"):
+            engine.submit([10], config)
+        assert time.monotonic() - start < 1.0
+        assert running.result(60)[1] == "length" and waiting.result(60)[1] == "length"
+        assert engine.metrics.refused == 1 and engine.metrics.finished["length"] == 2
+    finally:
+        engine.close()
+
+
+def test_deadlines_and_stop_tokens_end_a_request(folders):
+    session = Session(folders["fp32"], provider="cpu")
+    engine = Engine(session, slots=2)
+    try:
+        slow = engine.submit([5, 6], GenerationConfig(max_new_tokens=250, stop_token_ids=()),
+                             timeout=1e-6)  # fmt: skip
+        assert slow.result(30)[1] == "deadline"
+        free = _alone(session, [5, 6, 7], GenerationConfig(max_new_tokens=8, stop_token_ids=()))
+        stop_at = free[3]
+        ended = engine.submit(
+            [5, 6, 7], GenerationConfig(max_new_tokens=8, stop_token_ids=(stop_at,))
+        )
+        tokens, reason = ended.result(30)
+        assert (reason, tokens) == ("stop", free[: free.index(stop_at) + 1]), free
+    finally:
+        engine.close()
+
+
+def test_streamed_text_and_stop_strings_on_real_text(default_int4):
+    """The streamed pieces add up to the reply's tokens decoded; a stop string cuts the reply
+    before it and ends the request."""
+    session = Session(default_int4, provider="cpu")
+    prompt = session.tokenizer.encode_chat([{"role": "user", "content": "Name three colours."}])
+    config = GenerationConfig(max_new_tokens=24)
+    engine = Engine(session, slots=2)
+    try:
+        request = engine.submit(prompt, config)
+        pieces = [e.text for e in request]
+        assert "".join(pieces) == request.text != ""
+        assert request.text == session.tokenizer.decode(request.tokens)
+        cut = request.text[5:8]
+        stopped = engine.submit(prompt, GenerationConfig(max_new_tokens=24, stop_strings=(cut,)))
+        stopped.result(60)
+        assert stopped.finish_reason == "stop"
+        assert stopped.text == request.text[: request.text.index(cut)]
+    finally:
+        engine.close()
+
+
+def test_engine_refuses_what_it_cannot_serve(tiny_folders, folders):
+    with pytest.raises(ModelFolderError, match="--target ort"):
+        Engine(Session(tiny_folders["portable"], provider="cpu"))
+    engine = Engine(Session(folders["fp32"], provider="cpu"), slots=1)
+    engine.close()
+    with pytest.raises(EngineClosedError):
+        engine.submit([5], GenerationConfig(max_new_tokens=1))
+    assert engine.metrics.requests == 0
