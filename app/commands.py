@@ -9,9 +9,36 @@ def register(sub) -> None:
     a = sub.add_parser("app", help="the Gradio chat in the browser (127.0.0.1 by default)")
     add_arguments(a)
     a.set_defaults(fn=_app)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (127.0.0.1:8000)")
+    _serve_arguments(s)
+    s.set_defaults(fn=_serve)
 
 
 def _app(args) -> int:
     from app.server import serve
 
     return serve(args)
+
+
+def _serve(args) -> int:
+    from app.openai_server import serve
+
+    return serve(args)
+
+
+def _serve_arguments(p) -> None:
+    from pathlib import Path
+
+    from runtime.options import argparse_type, integer, threads
+
+    p.add_argument("model_dirs", nargs="+", type=Path, help="model folders (target ort)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    p.add_argument("--port", type=argparse_type(integer, 1, 65535), default=8000)
+    p.add_argument("--slots", type=argparse_type(integer, 1, 256), default=8,
+                   help="requests decoded together per model")  # fmt: skip
+    p.add_argument("--queue-size", type=argparse_type(integer, 1, 100_000),
+                   default=64, help="requests waiting at most; beyond, 429")  # fmt: skip
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                   help="allow this browser origin (repeatable); none by default")  # fmt: skip
+    p.add_argument("--threads", type=argparse_type(threads), default=None)

@@ -142,6 +142,14 @@ class Metrics:
     time_to_first_token: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=1000)
     )
+    token_times: collections.deque = dataclasses.field(  # when each of the last tokens came
+        default_factory=lambda: collections.deque(maxlen=100_000)
+    )
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        since = time.monotonic() - window
+        return sum(1 for t in self.token_times if t >= since) / window
 
 
 class Engine:
@@ -323,6 +331,7 @@ class Engine:
         token = sample(row, slot.rng, c.temperature, c.top_k, c.top_p)
         request = slot.request
         self.metrics.generated_tokens += 1
+        self.metrics.token_times.append(time.monotonic())
         if request.first_token_at is None:
             self.metrics.time_to_first_token.append(time.monotonic() - request.submitted)
         if token in slot.stop_ids:

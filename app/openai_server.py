@@ -1,0 +1,402 @@
+"""`llamaonnx serve`: an OpenAI-compatible HTTP server on the continuous-batching engine.
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both streaming as
+server-sent events ending in `data: [DONE]`, or not), GET /health, GET /metrics (Prometheus
+text). Errors come in OpenAI's JSON form, {"error": {"message", "type", "param", "code"}}, with
+its status codes: 400 bad parameters or a prompt that does not fit (code
+context_length_exceeded), 401 a wrong API key, 404 an unknown model or route, 413 a body over
+the size limit, 429 the queue is full, 503 shutting down. A client that disconnects cancels its
+request, whose slot is free at the engine's next step.
+
+Loopback by default, an API key when asked (`Authorization: Bearer KEY`, compared in constant
+time), no CORS unless an origin is given. Built on FastAPI and uvicorn (the `serve` extra; the
+app extra already has them).
+"""
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from runtime.engine import Engine, Request
+from runtime.errors import (
+    ChatTemplateError,
+    ContextLengthError,
+    EngineClosedError,
+    InvalidTextError,
+    LlamaonnxError,
+    OptionError,
+    QueueFullError,
+)
+from runtime.generator import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context's worth of text
+DEFAULT_MAX_TOKENS = 256
+# OpenAI's parameters this server does not implement: refused with a 400 rather than ignored
+UNSUPPORTED = ("tools", "tool_choice", "functions", "logprobs", "top_logprobs", "logit_bias",
+               "response_format", "suffix", "echo", "best_of")  # fmt: skip
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (
+            status, message, kind, param, code
+        )  # fmt: skip
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Served:
+    name: str
+    engine: Engine
+    created: int
+
+
+def _api_error(e: Exception) -> ApiError:
+    """A typed llamaonnx error → the OpenAI status and code that say the same."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ContextLengthError):
+        return ApiError(400, str(e), param="messages", code="context_length_exceeded")
+    if isinstance(e, QueueFullError):
+        return ApiError(429, str(e), kind="rate_limit_error", code="queue_full")
+    if isinstance(e, EngineClosedError):
+        return ApiError(503, str(e), kind="server_error", code="shutting_down")
+    if isinstance(e, (OptionError, InvalidTextError, ChatTemplateError, ValueError)):
+        return ApiError(400, str(e))
+    if isinstance(e, LlamaonnxError):
+        return ApiError(400, str(e))
+    log.exception("request failed")
+    return ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")
+
+
+def _config(body: dict, engine: Engine) -> GenerationConfig:
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, False, [], {}):
+            raise ApiError(400, f"{key} is not supported by this server", param=key)
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "n must be 1: one choice per request", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "stop must be a string or a list of strings", param="stop")
+    if len(stop) > 4:
+        raise ApiError(400, "stop takes at most 4 strings", param="stop")
+    try:
+        return GenerationConfig(
+            max_new_tokens=max_tokens,
+            temperature=body.get("temperature", 1.0),  # OpenAI's defaults
+            top_p=body.get("top_p", 1.0),
+            top_k=body.get("top_k", 0),  # extensions some clients send
+            repetition_penalty=body.get("repetition_penalty", 1.0),
+            seed=_seed(body.get("seed")),
+            stop_strings=tuple(stop),
+        )
+    except (OptionError, TypeError, ValueError) as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _seed(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"seed must be an integer, got {value!r}", param="seed")
+    return value % (1 << 63)
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{k}] needs a role", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: the text ones
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            if any(p.get("type") != "text" for p in content if isinstance(p, dict)):
+                raise ApiError(400, f"messages[{k}]: only text content is supported",
+                               param="messages")  # fmt: skip
+            content = "".join(t for t in texts if isinstance(t, str))
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{k}].content must be a string", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def create_app(served: dict[str, Served], api_key: str | None = None,
+               cors: list[str] | None = None, max_body: int = MAX_BODY_BYTES):  # fmt: skip
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="llamaonnx", docs_url=None, redoc_url=None, openapi_url=None)
+    state = {"closing": False}
+    if cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+
+    def error(e: Exception) -> JSONResponse:
+        api = _api_error(e)
+        return JSONResponse(api.body(), status_code=api.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc):
+        kind = "not_found" if exc.status_code == 404 else None
+        return error(ApiError(exc.status_code, str(exc.detail), code=kind))
+
+    @app.middleware("http")
+    async def _guard(request: HttpRequest, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return error(ApiError(413, f"the request body exceeds {max_body} bytes"))
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(ApiError(401, "incorrect API key provided", code="invalid_api_key"))
+        if state["closing"] and request.url.path.startswith("/v1/"):
+            return error(EngineClosedError("the server is shutting down"))
+        return await call_next(request)
+
+    @app.on_event("shutdown")
+    def _shutdown():
+        state["closing"] = True
+        for s in served.values():
+            s.engine.close()
+
+    async def body_of(request: HttpRequest) -> dict:
+        raw = await request.body()
+        if len(raw) > max_body:
+            raise ApiError(413, f"the request body exceeds {max_body} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def model_of(body: dict) -> Served:
+        name = body.get("model")
+        if name is None and len(served) == 1:
+            return next(iter(served.values()))
+        if name not in served:
+            known = ", ".join(served)
+            message = f"the model {name!r} does not exist; served: {known}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return served[name]
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": s.created, "owned_by": "llamaonnx"}
+            for s in served.values()]}  # fmt: skip
+
+    @app.get("/health")
+    async def health():
+        ok = not state["closing"]
+        body = {"status": "ok" if ok else "shutting down", "models": list(served)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_prometheus(served), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HttpRequest):
+        try:
+            body = await body_of(request)
+            s = model_of(body)
+            config = _config(body, s.engine)
+            prompt = s.engine.session.tokenizer.encode_chat(_messages(body))
+            handle = s.engine.submit(prompt, config)
+        except Exception as e:  # noqa: BLE001 (every error becomes an OpenAI error body)
+            return error(e)
+        return await _respond(request, s, handle, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        try:
+            body = await body_of(request)
+            s = model_of(body)
+            config = _config(body, s.engine)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+            handle = s.engine.submit(s.engine.session.tokenizer.encode(prompt), config)
+        except Exception as e:  # noqa: BLE001
+            return error(e)
+        return await _respond(request, s, handle, body, chat=False)
+
+    async def _respond(http: HttpRequest, s: Served, handle: Request, body: dict, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        events = iter(handle)
+        loop = asyncio.get_running_loop()
+
+        def usage() -> dict:
+            n = len(handle.tokens)
+            return {"prompt_tokens": len(handle.prompt), "completion_tokens": n,
+                    "total_tokens": len(handle.prompt) + n}  # fmt: skip
+
+        def finish() -> str:
+            return "length" if handle.finish_reason == "length" else "stop"
+
+        if not body.get("stream"):
+            waiter = loop.run_in_executor(None, handle.result)
+            while not waiter.done():
+                if await http.is_disconnected():
+                    handle.cancel()
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), 0.1)
+                except TimeoutError:
+                    pass
+            try:
+                waiter.result()
+            except Exception as e:  # noqa: BLE001
+                return error(e)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": handle.text},
+                          "finish_reason": finish(), "logprobs": None}  # fmt: skip
+                kind = "chat.completion"
+            else:
+                choice = {"index": 0, "text": handle.text, "finish_reason": finish(),
+                          "logprobs": None}  # fmt: skip
+                kind = "text_completion"
+            return {"id": rid, "object": kind, "created": created, "model": s.name,
+                    "choices": [choice], "usage": usage()}  # fmt: skip
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                if first:
+                    delta = {"role": "assistant", "content": ""}
+                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+                kind = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": reason,
+                          "logprobs": None}  # fmt: skip
+                kind = "text_completion"
+            data = {"id": rid, "object": kind, "created": created, "model": s.name,
+                    "choices": [choice]}  # fmt: skip
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def stream():
+            try:
+                if chat:
+                    yield chunk(None, None, first=True)
+                while True:
+                    event = await loop.run_in_executor(None, next, events, None)
+                    if event is None:
+                        break
+                    if event.text:
+                        yield chunk(event.text, None)
+                    if event.finish_reason is not None:
+                        if event.finish_reason == "error":
+                            api = _api_error(handle.error or RuntimeError("engine failed"))
+                            yield f"data: {json.dumps(api.body())}\n\n"
+                        else:
+                            yield chunk(None, finish())
+                        break
+                if include_usage:
+                    data = {"id": rid, "object": "chat.completion.chunk" if chat else
+                            "text_completion", "created": created, "model": s.name,
+                            "choices": [], "usage": usage()}  # fmt: skip
+                    yield f"data: {json.dumps(data)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or the reply is over): free the slot
+                handle.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+    return app
+
+
+def _prometheus(served: dict[str, Served]) -> str:
+    lines = []
+
+    def metric(name: str, kind: str, help_: str, values: list[tuple[dict, float]]):
+        lines.append(f"# HELP llamaonnx_{name} {help_}")
+        lines.append(f"# TYPE llamaonnx_{name} {kind}")
+        for labels, value in values:
+            tags = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"llamaonnx_{name}{{{tags}}} {value}")
+
+    def each(fn):
+        return [({"model": name}, fn(s.engine)) for name, s in served.items()]
+
+    metric("queue_depth", "gauge", "requests waiting for a slot", each(lambda e: e.queue_depth))
+    metric("active_slots", "gauge", "slots running a request", each(lambda e: e.active))
+    metric("slots", "gauge", "slots of the engine", each(lambda e: len(e.slots)))
+    metric("requests_total", "counter", "requests accepted", each(lambda e: e.metrics.requests))
+    metric("refused_total", "counter", "requests refused (queue full)",
+           each(lambda e: e.metrics.refused))  # fmt: skip
+    metric("prompt_tokens_total", "counter", "prompt tokens prefilled",
+           each(lambda e: e.metrics.prompt_tokens))  # fmt: skip
+    metric("generated_tokens_total", "counter", "tokens generated",
+           each(lambda e: e.metrics.generated_tokens))  # fmt: skip
+    metric("tokens_per_second", "gauge", "tokens generated per second, last 10 s",
+           each(lambda e: e.metrics.tokens_per_second()))  # fmt: skip
+    finished = []
+    for name, s in served.items():
+        for reason, n in sorted(s.engine.metrics.finished.items()):
+            finished.append(({"model": name, "reason": reason}, n))
+    metric("finished_total", "counter", "requests finished, by reason", finished)
+    quantiles = []
+    for name, s in served.items():
+        ttft = sorted(s.engine.metrics.time_to_first_token)
+        for q in (0.5, 0.95):
+            value = ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else 0.0
+            quantiles.append(({"model": name, "quantile": str(q)}, value))
+    metric("time_to_first_token_seconds", "summary", "time from submit to first token",
+           quantiles)  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def load(folders: list[Path], slots: int, queue_size: int, threads: int | None) -> dict:
+    from runtime.session import Session
+
+    served = {}
+    for folder in folders:
+        session = Session(folder, provider="cpu", threads=threads)
+        name = Path(folder).resolve().name
+        if name in served:
+            raise OptionError(f"two folders are named {name!r}: serve folders with distinct names")
+        served[name] = Served(name, Engine(session, slots=slots, queue_size=queue_size),
+                              int(time.time()))  # fmt: skip
+    return served
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    served = load(args.model_dirs, args.slots, args.queue_size, args.threads)
+    app = create_app(served, api_key=args.api_key, cors=args.cors)
+    names = ", ".join(served)
+    print(f"serving {names} at http://{args.host}:{args.port}/v1 ({args.slots} slots each)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,203 @@
+"""`llamaonnx serve`, served for real in a subprocess: the official `openai` client and plain HTTP
+against the OpenAI routes, errors in OpenAI's form with its status codes, the API key, the queue
+limit, a disconnect cancelling its request, /health and /metrics."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(tmp_path_factory, folders, *extra) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    code = "import sys; from runtime.cli import main; sys.exit(main())"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", *map(str, folders), "--port", str(port), *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"serve did not answer within 180 s:\n{log.read_text()}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(default_int4, tiny_folders, tmp_path_factory):
+    """The default int4 model and the tiny one, 4 slots, an API key."""
+    proc, url = _start(
+        tmp_path_factory, [default_int4, tiny_folders["ort"]], "--slots", "4", "--api-key", KEY
+    )
+    yield url, default_int4.name, tiny_folders["ort"].name
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def _post(url: str, path: str, body, key: str | None = KEY, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_streamed_and_not_give_the_same_reply(server):
+    url, model, _ = server
+    client = _client(url)
+    assert {m.id for m in client.models.list().data} >= {model}
+    whole = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=16, temperature=0
+    )
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("length", "stop")
+    assert whole.usage.completion_tokens <= 16 and whole.usage.prompt_tokens > 5
+    stream = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_and_seeded_sampling_repeat(server):
+    url, model, _ = server
+    client = _client(url)
+    a, b = (
+        client.completions.create(
+            model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7
+        )  # fmt: skip
+        for _ in range(2)
+    )
+    assert a.choices[0].text == b.choices[0].text != ""
+    stopped = client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7,
+        stop=[a.choices[0].text[4:7]],
+    )  # fmt: skip
+    assert stopped.choices[0].finish_reason == "stop"
+    assert a.choices[0].text.startswith(stopped.choices[0].text)
+
+
+def test_errors_come_in_openais_form_with_its_status_codes(server):
+    url, model, tiny = server
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, key="wrong").models.list()
+    client = _client(url)
+    with pytest.raises(openai.NotFoundError, match="does not exist") as e:
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=model, messages=MESSAGES, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="exceeds the engine's context") as e:
+        client.completions.create(model=tiny, prompt="x " * 2000, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+    status, body = _post(
+        url, "/v1/chat/completions", {"model": model, "messages": MESSAGES, "n": 2}
+    )
+    assert status == 400 and body["error"]["param"] == "n"
+    status, body = _post(url, "/v1/chat/completions", None, raw=b"{not json")
+    assert status == 400 and "JSON" in body["error"]["message"]
+    status, body = _post(url, "/v1/completions", None, raw=b"x" * (2 << 20))
+    assert status == 413 and body["error"]["type"] == "invalid_request_error"
+    status, body = _post(url, "/v1/chat/completions", {"model": model, "messages": MESSAGES},
+                         key=None)  # fmt: skip
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_a_disconnect_cancels_the_request(server):
+    url, model, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 400, "stream": True,
+            "temperature": 0}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    conn.close()  # gone, 399 tokens early
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        if f'llamaonnx_finished_total{{model="{model}",reason="cancelled"}}' in text:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the request was not cancelled after its client left:\n" + text)
+    assert f'llamaonnx_active_slots{{model="{model}"}} 0' in text or "active_slots" in text
+
+
+def test_health_and_metrics(server):
+    url, model, _ = server
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for name in ("queue_depth", "active_slots", "tokens_per_second", "requests_total",
+                 "time_to_first_token_seconds"):  # fmt: skip
+        assert f"# TYPE llamaonnx_{name}" in text and f'llamaonnx_{name}{{model="{model}"' in text
+
+
+def test_a_full_queue_answers_429(tiny_folders, default_int4, tmp_path_factory):
+    """One slot, one place in the queue: a third request is refused at once with 429."""
+    proc, url = _start(tmp_path_factory, [default_int4], "--slots", "1", "--queue-size", "1")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        body = {"messages": MESSAGES, "max_tokens": 300, "stream": True, "temperature": 0}
+        held = []
+        for _ in range(2):  # one running, one waiting
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                         {"Content-Type": "application/json"})  # fmt: skip
+            held.append(conn)
+            time.sleep(0.5)
+        start = time.time()
+        status, error = _post(url, "/v1/chat/completions", {"messages": MESSAGES}, key=None)
+        assert status == 429 and error["error"]["code"] == "queue_full"
+        assert time.time() - start < 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
