@@ -38,6 +38,26 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+def _llama3_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.generate_extra_tensors: 1 for short wavelengths, the
+    factor for long ones, a smooth blend between."""
+    import math
+
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (rope["rope_theta"] ** (-i / head_dim))
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
 def _name(hf_name: str, arch: str) -> str:
     if hf_name in HF_TO_GGUF:
         return HF_TO_GGUF[hf_name]
@@ -73,6 +93,8 @@ def write_gguf(path: Path, hf_model, arch: str, tokens: list[str]) -> Path:
     if arch == "gemma2":
         w.add_attn_logit_softcapping(c.attn_logit_softcapping)
         w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if rope.get("rope_type") == "llama3":  # the converter's divisor per frequency
+        w.add_tensor("rope_freqs.weight", _llama3_factors(rope, head_dim))
     if rope.get("rope_type") == "longrope":
         w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
         for kind in ("short", "long"):
@@ -142,6 +164,28 @@ def write_spm_gguf(path: Path, arch: str, add_space_prefix: bool = True) -> Path
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_bpe_gguf(path: Path, source: Path, pre: str) -> Path:
+    """The byte-level vocabulary and merges of GGUF `source`, declaring pre-tokenizer `pre`."""
+    import gguf
+
+    from export.sources.gguf import _open, metadata
+
+    meta = metadata(_open(source))
+    w = gguf.GGUFWriter(str(path), meta["general.architecture"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -153,3 +153,22 @@ def test_the_gguf_family_is_read_from_its_metadata(written):
         for key in ("short_factor", "long_factor"):
             config["rope_scaling"][key] = np.float32(config["rope_scaling"][key]).tolist()
     assert ours == theirs
+
+
+def test_a_llama3_gguf_carries_its_rope_scaling_as_rope_freqs(tmp_path):
+    """Llama 3.1+ GGUFs store llama3 rope scaling as a rope_freqs tensor (a divisor per
+    frequency), not as metadata: read as such, the export matches transformers' llama3 model."""
+    torch.manual_seed(2)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, rope_parameters=rope))
+    hf.eval()
+    vocab = byte_tokenizer_json()["model"]["vocab"]
+    path = write_gguf(tmp_path / "llama3.gguf", hf, "llama", sorted(vocab, key=vocab.get))
+    from export.sources import load_source
+
+    assert load_source(path).config.rope_scaling.type == "factors"
+    export_model(path, tmp_path / "ort", target="ort")
+    session = Session(tmp_path / "ort", provider="cpu")
+    got = session.forward(IDS, np.ones_like(IDS), np.arange(22)[None], session.new_cache(1, 22))
+    assert float(np.abs(got - _logits(hf, IDS)).max()) <= TOLERANCE

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from export.sources import default_gguf_path
 from export.sources.gguf import _open, metadata
 from export.sources.gguf_tokenizer import tokenizer_json_from_gguf
-from tests.gguf_writer import write_spm_gguf
+from tests.gguf_writer import write_bpe_gguf, write_spm_gguf
 
 TEXTS = [
     "Hello world! The theory of everything.",
@@ -63,3 +63,12 @@ def test_a_llama_vocabulary_without_a_space_prefix_gets_none(tmp_path):
 def test_byte_level_bpe_ids_match_transformers_on_the_default_model():
     path = default_gguf_path()
     _check(_ours(path), _theirs(path))
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "smollm", "gpt2"])
+def test_byte_level_pre_tokenizers_match_transformers(pre, tmp_path):
+    """The pre-tokenizer types the BPE families declare (Qwen2/2.5/3: qwen2, Llama 3: llama-bpe,
+    SmolLM2: smollm), on the default model's vocabulary and merges: digits, contractions and
+    whitespace split as transformers splits them."""
+    path = write_bpe_gguf(tmp_path / "bpe.gguf", default_gguf_path(), pre)
+    _check(_ours(path), _theirs(path), TEXTS + ["I'll say it's 2024-12-01: 1234567 apples!!"])

@@ -113,7 +113,7 @@ def test_config_validation_names_the_problem():
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=3, vocab_size=10, intermediate_size=8)
     with pytest.raises(ValueError, match="rope scaling type"):
-        RopeScaling(type="yarn")
+        RopeScaling(type="dynamic")
     with pytest.raises(ValueError, match="activation"):
         LlamaConfig(**_SMALL, activation="relu")
     with pytest.raises(ValueError, match="sliding_window is unset"):

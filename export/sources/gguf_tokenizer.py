@@ -27,6 +27,13 @@ _LLAMA3_REGEX = (
 )
 
 
+# Qwen2 / 2.5 / 3 (`qwen2`): like Llama 3's, but every digit on its own
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def _byte_level(use_regex: bool) -> dict:
     return {
         "type": "ByteLevel",
@@ -42,17 +49,17 @@ def _pre_tokenizer(pre: str) -> dict:
     if pre in ("smollm", "starcoder", "refact"):
         digits = {"type": "Digits", "individual_digits": True}
         return {"type": "Sequence", "pretokenizers": [digits, _byte_level(True)]}
-    if pre in ("llama-bpe", "llama3"):
+    if pre in ("llama-bpe", "llama3", "qwen2"):
         split = {
             "type": "Split",
-            "pattern": {"Regex": _LLAMA3_REGEX},
+            "pattern": {"Regex": _QWEN2_REGEX if pre == "qwen2" else _LLAMA3_REGEX},
             "behavior": "Isolated",
             "invert": False,
         }
         return {"type": "Sequence", "pretokenizers": [split, _byte_level(False)]}
     raise SourceError(
         f"GGUF tokenizer pre-type {pre!r} is not supported; supported: gpt2, smollm, starcoder, "
-        "refact, llama-bpe"
+        "refact, llama-bpe, qwen2"
     )
 
 
