@@ -81,7 +81,7 @@ def _api_error(e: Exception) -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")
 
 
-def _config(body: dict, engine: Engine) -> GenerationConfig:
+def _config(body: dict) -> GenerationConfig:
     for key in UNSUPPORTED:
         if body.get(key) not in (None, False, [], {}):
             raise ApiError(400, f"{key} is not supported by this server", param=key)
@@ -226,7 +226,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         try:
             body = await body_of(request)
             s = model_of(body)
-            config = _config(body, s.engine)
+            config = _config(body)
             prompt = s.engine.session.tokenizer.encode_chat(_messages(body))
             handle = s.engine.submit(prompt, config)
         except Exception as e:  # noqa: BLE001 (every error becomes an OpenAI error body)
@@ -238,7 +238,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         try:
             body = await body_of(request)
             s = model_of(body)
-            config = _config(body, s.engine)
+            config = _config(body)
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
