@@ -25,9 +25,9 @@ def _weights(info: ModelInfo) -> str:
 def quality_table(folders: list[Path]) -> str:
     """One row per folder and provider it was verified on (report.json), CPU first."""
     rows = [
-        "| model folder | precision | target | provider | size (MB) | perplexity "
-        "| ratio to fp32 reference | mean KL (nats) | greedy agreement | max \\|Δlogit\\| "
-        "| weights |",
+        "| model folder | precision | target | provider | size (MB) | perplexity (prose) "
+        "| ratio to fp32 reference (prose / chat / code) | mean KL, nats (prose / chat / code) "
+        "| greedy agreement | max \\|Δlogit\\| | weights |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for folder in map(Path, folders):
@@ -42,11 +42,14 @@ def quality_table(folders: list[Path]) -> str:
 
 def _row(folder: Path, info: ModelInfo, provider: str, r: dict) -> str:
     agree = r["greedy_agreement_per_prompt"]
+    # reports written before the chat and code texts have the prose figures only
+    texts = r.get("texts") or {"prose": r}
+    ratios = " / ".join(f"{t['perplexity_ratio']:.4f}" for t in texts.values())
+    kls = " / ".join(f"{t.get('kl_divergence', float('nan')):.1e}" for t in texts.values())
     return (
         f"| {folder.name} | {info.precision} | {info.target} | {provider} "
         f"| {model_size(folder) / 1e6:.1f} | {r['perplexity']:.3f} "
-        f"| {r['perplexity_ratio']:.4f} "
-        f"| {r.get('kl_divergence', float('nan')):.1e} "
+        f"| {ratios} | {kls} "
         f"| {sum(agree)}/{len(agree) * r['greedy_steps']} ({'/'.join(map(str, agree))}) "
         f"| {r['max_abs_logit_delta']:.2e} | {_weights(info)} |"
     )

@@ -3,9 +3,9 @@
 Measures, on every provider present: teacher-forced max |Δlogit| over a prefill and 32 cached
 decode steps; the same for a right-padded batch of two prompts of different lengths; greedy-token
 agreement (leading identical tokens) over the tolerance's number of steps on several prompts;
-perplexity and mean KL divergence from the reference on the evaluation text that ships with the
-runtime. Raises `ParityError` past the tolerance of the folder's precision
-(export/verify/tolerances.py).
+perplexity and mean KL divergence from the reference on the three texts that ship with the
+runtime (prose, chat, code; the tolerance holds on each). Raises `ParityError` past the
+tolerance of the folder's precision (export/verify/tolerances.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from export.errors import CorruptWeightsError, ParityError
 from export.verify.oracle import ORACLE_TOLERANCE, oracle_logits
 from export.verify.tolerances import tolerance, tolerance_key
-from runtime.texts import eval_text
+from runtime.texts import eval_texts
 
 log = logging.getLogger(__name__)
 PLAUSIBLE_PERPLEXITY_FACTOR = 4
@@ -136,21 +136,31 @@ def verify_folder(
     prompts = [
         tok.encode_chat(m) if tok.chat_template else tok.encode(m[0]["content"]) for m in PROMPTS
     ]
-    text_ids = tok.encode(eval_text())[: min(512, info.max_position)]
-    if len(text_ids) < 16:
+    texts = {
+        kind: tok.encode(text)[: min(1024, info.max_position)]
+        for kind, text in eval_texts().items()
+    }
+    text_ids = texts["prose"]
+    short = {kind: len(ids) for kind, ids in texts.items() if len(ids) < 16}
+    if short:
         raise ParityError(
-            f"the folder's tokenizer encodes the evaluation text to {len(text_ids)} tokens; "
-            "verification needs at least 16 to score it: is tokenizer.json the model's own?"
+            f"the folder's tokenizer encodes the evaluation texts to {short} tokens; "
+            "verification needs at least 16 to score one: is tokenizer.json the model's own?"
         )
-    ref_logits, _ = _ref_step(
-        model,
-        np.array([text_ids]),
-        np.ones((1, len(text_ids)), np.int64),
-        np.arange(len(text_ids))[None],
-        model.empty_cache(1),
-    )
+    ref_text_logits = {}
+    for kind, ids in texts.items():
+        ref_text_logits[kind], _ = _ref_step(
+            model,
+            np.array([ids]),
+            np.ones((1, len(ids)), np.int64),
+            np.arange(len(ids))[None],
+            model.empty_cache(1),
+        )
+        plausible_perplexity(
+            perplexity(ref_text_logits[kind][0], ids), info.vocab_size, "the reference model"
+        )
+    ref_logits = ref_text_logits["prose"]
     ref_ppl = perplexity(ref_logits[0], text_ids)
-    plausible_perplexity(ref_ppl, info.vocab_size, "the reference model")
     from export.model.generate import generate
 
     ref_greedy = [generate(model, [p], tol.greedy_steps, stop_ids=())[0] for p in prompts]
@@ -183,14 +193,29 @@ def verify_folder(
         )
         single = teacher_forced_delta(session, model, prompts[:1], DECODE_STEPS)
         batch = teacher_forced_delta(session, model, prompts, DECODE_STEPS)
-        cache = session.new_cache(1, len(text_ids))
-        ours = session.forward(
-            np.array([text_ids]),
-            np.ones((1, len(text_ids)), np.int64),
-            np.arange(len(text_ids))[None],
-            cache,
-        )
-        ppl = perplexity(ours[0], text_ids)
+        scored = {}
+        for kind, ids in texts.items():
+            logits = session.forward(
+                np.array([ids]),
+                np.ones((1, len(ids)), np.int64),
+                np.arange(len(ids))[None],
+                session.new_cache(1, len(ids)),
+            )
+            ref_kind = ref_text_logits[kind][0]
+            scored[kind] = {
+                "tokens": len(ids),
+                "perplexity": perplexity(logits[0], ids),
+                "reference_perplexity": perplexity(ref_kind, ids),
+                "kl_divergence": mean_kl(ref_kind[:-1], logits[0, :-1]),
+                "logits": logits,
+            }
+            scored[kind]["perplexity_ratio"] = (
+                scored[kind]["perplexity"] / scored[kind]["reference_perplexity"]
+            )
+        ours = scored["prose"].pop("logits")
+        for kind in scored:
+            scored[kind].pop("logits", None)
+        ppl = scored["prose"]["perplexity"]
         cfg = GenerationConfig(max_new_tokens=tol.greedy_steps, stop_token_ids=())
         gen = Generator(session)
         agree = [
@@ -207,8 +232,12 @@ def verify_folder(
             "perplexity": ppl,
             "reference_perplexity": ref_ppl,
             "perplexity_ratio": ppl / ref_ppl,
-            "kl_divergence": mean_kl(ref_logits[0, :-1], ours[0, :-1]),
+            "kl_divergence": scored["prose"]["kl_divergence"],
             "eval_tokens": len(text_ids),
+            # every kind of text (prose above, chat, code): the tolerance holds on each
+            "texts": scored,
+            "worst_perplexity_ratio": max(x["perplexity_ratio"] for x in scored.values()),
+            "worst_kl_divergence": max(x["kl_divergence"] for x in scored.values()),
         }
         if oracle is not None:
             result["oracle_max_abs_logit_delta"] = float(np.abs(ours[0] - oracle).max())
@@ -227,15 +256,17 @@ def verify_folder(
             failures.append(
                 f"{provider}: greedy tokens differ at step {min(agree)} of {tol.required_greedy}"
             )
-        if result["perplexity_ratio"] > tol.perplexity_ratio:
-            failures.append(
-                f"{provider}: perplexity ratio {result['perplexity_ratio']:.5f} "
-                f"> {tol.perplexity_ratio}"
-            )
-        if result["kl_divergence"] > tol.max_kl:
-            failures.append(
-                f"{provider}: mean KL divergence {result['kl_divergence']:.2e} > {tol.max_kl:.0e}"
-            )
+        for kind, x in scored.items():
+            if x["perplexity_ratio"] > tol.perplexity_ratio:
+                failures.append(
+                    f"{provider}: perplexity ratio {x['perplexity_ratio']:.5f} on the {kind} "
+                    f"text > {tol.perplexity_ratio}"
+                )
+            if x["kl_divergence"] > tol.max_kl:
+                failures.append(
+                    f"{provider}: mean KL divergence {x['kl_divergence']:.2e} on the {kind} "
+                    f"text > {tol.max_kl:.0e}"
+                )
     report["passed"] = not failures
     report["failures"] = failures
     return report
@@ -248,6 +279,12 @@ def summary(report: dict) -> str:
         f"greedy {r['greedy_agreement_per_prompt']}/{r['greedy_steps']}, "
         f"perplexity {r['perplexity']:.3f} vs {r['reference_perplexity']:.3f}"
         f" (×{r['perplexity_ratio']:.4f}), KL {r['kl_divergence']:.1e}"
+        + (
+            f", worst of {'/'.join(r['texts'])} ×{r['worst_perplexity_ratio']:.4f} "
+            f"KL {r['worst_kl_divergence']:.1e}"
+            if "texts" in r
+            else ""
+        )
         for p, r in report["providers"].items()
     )
     oracle = report.get("oracle") or {}
