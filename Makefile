@@ -113,7 +113,14 @@ $(CHROMIUM):
 	$(SUDO) apt-get install -y -q chromium || \
 		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
-test: lint $(EDGE)/.setup-done $(CHROMIUM)
+# The ARM NEON kernel's tests cross-compile it with Debian's aarch64 toolchain and run it under
+# qemu-user (tests/test_native_cross.py).
+CROSS_TOOLS := /usr/bin/aarch64-linux-gnu-gcc /usr/bin/qemu-aarch64
+$(CROSS_TOOLS):
+	$(SUDO) apt-get install -y -q gcc-aarch64-linux-gnu qemu-user || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q gcc-aarch64-linux-gnu qemu-user)
+
+test: lint $(EDGE)/.setup-done $(CHROMIUM) $(CROSS_TOOLS)
 	LLAMAONNX_EDGE_PYTHON=$(EDGE)/bin/python LLAMAONNX_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 clean:

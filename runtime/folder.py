@@ -79,6 +79,9 @@ class Quantization:
     max_abs_offset_error: float | None = None
     fused_projections: int | None = None
     from_folder: str | None = None
+    # GGUF tensors of a type not carried (Q2_K, Q3_K, IQ*), rounded again here: tensor →
+    # {"gguf_type", "quantized_to", "relative_rms_error"}
+    requantized_gguf_tensors: dict | None = None
 
     @property
     def requantized_bits(self) -> set[int]:
@@ -343,4 +346,5 @@ def _quantization(q: dict) -> Quantization:
         max_abs_offset_error=q.get("max_abs_offset_error"),
         fused_projections=q.get("fused_projections"),
         from_folder=q.get("from_folder"),
+        requantized_gguf_tensors=q.get("requantized_gguf_tensors"),
     )

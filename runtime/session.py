@@ -87,8 +87,9 @@ def register_custom_ops(opts, info: ModelInfo) -> None:
         opts.register_custom_ops_library(str(native.library_path()))
         if not native.fast_path():
             log.warning(
-                "%s runs llamaonnx's kernels, and this CPU lacks AVX-512 VNNI: their portable C "
-                "path is correct but slow; for this CPU quantize with --kernel nbits",
+                "%s runs llamaonnx's kernels, and this CPU has neither AVX2 nor AVX-512 VNNI: "
+                "their portable C path is correct but slow; for this CPU quantize with "
+                "--kernel nbits",
                 info.folder,
             )
 

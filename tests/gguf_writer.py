@@ -70,9 +70,14 @@ def _name(hf_name: str, arch: str) -> str:
     return f"blk.{layer}.{module}.{kind}"
 
 
-def write_gguf(path: Path, hf_model, arch: str, tokens: list[str]) -> Path:
+def write_gguf(
+    path: Path, hf_model, arch: str, tokens: list[str], types: dict[str, str] | None = None
+) -> Path:
+    """`types`: GGUF tensor name → block type (Q4_K, Q6_K, …; the rest F32), its weights written
+    as such blocks (`encode_blocks`; Q2_K: random blocks, there being no encoder for it here)."""
     import gguf
 
+    types = types or {}
     c = hf_model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
@@ -121,6 +126,12 @@ def write_gguf(path: Path, hf_model, arch: str, tokens: list[str]) -> Path:
             a = _permute(a, c.num_key_value_heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             a = a + np.float32(1.0)  # llama.cpp stores Gemma's (1 + w)
+        if name in types:
+            kind = types[name]
+            raw = random_blocks(kind, *a.shape) if kind == "Q2_K" else encode_blocks(a, kind)
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, raw, raw_dtype=qtype)
+            continue
         w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -191,3 +202,82 @@ def write_bpe_gguf(path: Path, source: Path, pre: str) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- GGUF blocks in GGML's byte layout (ggml-common.h), for the carry tests ----------------------
+# type → (weights a block, bytes a block, byte offsets of its fp16 fields)
+BLOCK_LAYOUT = {
+    "Q4_0": (32, 18, (0,)),
+    "Q4_1": (32, 20, (0, 2)),
+    "Q8_0": (32, 34, (0,)),
+    "Q5_0": (32, 22, (0,)),
+    "Q5_1": (32, 24, (0, 2)),
+    "Q4_K": (256, 144, (0, 2)),
+    "Q5_K": (256, 176, (0, 2)),
+    "Q6_K": (256, 210, (208,)),
+    "Q2_K": (256, 84, (80, 82)),  # not carried: for the test of what happens to it
+}
+
+
+def random_blocks(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Rows of random GGUF blocks, uint8 [N, K / per · bytes]: every code, scale and minimum bit
+    random, the fp16 fields (d, dmin / m) finite and of a weight's size."""
+    per, nbytes, halves = BLOCK_LAYOUT[type_name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, k // per, nbytes), dtype=np.uint8)
+    for i, at in enumerate(halves):
+        sign = -1 if i == 1 and type_name in ("Q4_1", "Q5_1") else 1  # Q4_1's m: a minimum
+        x = (sign * (rng.random((n, k // per, 1)) * 0.01 + 1e-4)).astype(np.float16)
+        raw[..., at : at + 2] = x.view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+def _k_scale_bytes(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and minimums [.., 8] → Q4_K / Q5_K's 12 bytes (get_scale_min_k4
+    reversed)."""
+    lo = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
+    mid = (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6)
+    hi = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+    return np.concatenate([lo, mid, hi], axis=-1).astype(np.uint8)
+
+
+def encode_blocks(w: np.ndarray, type_name: str) -> np.ndarray:
+    """W [N, K] float32 → GGUF blocks of `type_name`, uint8 [N, bytes]: gguf's own quantizer for
+    the types it has, a plain round-to-nearest one here for the K types (these tests need valid
+    blocks of real weights, not llama.cpp's best ones)."""
+    import gguf
+
+    if type_name not in ("Q4_K", "Q5_K", "Q6_K"):
+        return gguf.quants.quantize(w, gguf.GGMLQuantizationType[type_name])
+    n, k = w.shape
+    x = w.astype(np.float32).reshape(n, k // 256, -1, 32 if type_name != "Q6_K" else 16)
+    half = lambda v: v.astype(np.float16).astype(np.float32)  # noqa: E731
+    if type_name == "Q6_K":
+        s = np.abs(x).max(-1) / 31  # [n, nsb, 16]
+        d = half(s.max(-1) / 127)
+        sc = np.clip(np.rint(s / np.where(d == 0, 1, d)[..., None]), 1, 127)
+        step = d[..., None] * sc
+        q = np.clip(np.rint(x / np.where(step == 0, 1, step)[..., None]) + 32, 0, 63)
+        q = q.astype(np.uint8).reshape(n, k // 256, 2, 4, 32)  # halves of 128: 4 rows of 32
+        ql = (q[:, :, :, 0:2] & 15) | ((q[:, :, :, 2:4] & 15) << 4)  # [n, nsb, 2, 2, 32]
+        qh = sum(((q[:, :, :, t] >> 4) & 3) << (2 * t) for t in range(4))  # [n, nsb, 2, 32]
+        d16 = d.astype(np.float16)[..., None].view(np.uint8)
+        parts = [ql.reshape(n, -1, 128), qh.reshape(n, -1, 64), sc.astype(np.int8).view(np.uint8)]
+        parts.append(d16)
+        return np.concatenate(parts, axis=-1).reshape(n, -1)
+    top = 15 if type_name == "Q4_K" else 31
+    lo = np.minimum(x.min(-1), 0)
+    s, mins = (x.max(-1) - lo) / top, -lo  # [n, nsb, 8]
+    d, dmin = half(s.max(-1) / 63), half(mins.max(-1) / 63)
+    sc = np.clip(np.rint(s / np.where(d == 0, 1, d)[..., None]), 0, 63).astype(np.uint8)
+    mn = np.clip(np.rint(mins / np.where(dmin == 0, 1, dmin)[..., None]), 0, 63).astype(np.uint8)
+    step = d[..., None] * sc
+    q = np.rint((x + (dmin[..., None] * mn)[..., None]) / np.where(step == 0, 1, step)[..., None])
+    q = np.clip(q, 0, top).astype(np.uint8)  # [n, nsb, 8, 32]
+    qs = (q[:, :, 0::2] & 15) | ((q[:, :, 1::2] & 15) << 4)  # [n, nsb, 4, 32]
+    parts = [d.astype(np.float16)[..., None].view(np.uint8),
+             dmin.astype(np.float16)[..., None].view(np.uint8), _k_scale_bytes(sc, mn)]  # fmt: skip
+    if type_name == "Q5_K":
+        parts.append(sum((q[:, :, i] >> 4) << i for i in range(8)).astype(np.uint8))  # [n,nsb,32]
+    parts.append(qs.reshape(n, k // 256, 128))
+    return np.concatenate(parts, axis=-1).reshape(n, -1)

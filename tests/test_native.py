@@ -19,15 +19,23 @@ from export.quant.native import (
     ROWS,
     SWIGLU,
     TILE,
+    TILE4F,
     TILE8,
     pack,
     supports,
 )
 from runtime import native
+from runtime.errors import OptionError
+from tests.gguf_writer import random_blocks
+
+# every kernel path this CPU runs (the portable C one everywhere): each is checked against numpy
+PATHS = native.supported_paths()
 
 
 def test_the_packer_and_the_library_share_one_tile_layout():
-    assert native.layout() == {"rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8}
+    assert native.layout() == {
+        "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F
+    }  # fmt: skip
 
 
 # -- reading packed tiles back (test helpers) ----------------------------------------------------
@@ -53,9 +61,11 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
         x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
         return x.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb)
 
-    d = per_row(256, 2 * ROWS, np.float16).astype(np.float32)
-    m = per_row(288, 2 * ROWS, np.float16).astype(np.float32)
-    return q, d, m, per_row(320, ROWS, np.uint8)
+    size = 4 if packed.shape[-1] == TILE4F else 2  # fp32 or fp16 d and m
+    dtype = np.float32 if size == 4 else np.float16
+    d = per_row(256, size * ROWS, dtype).astype(np.float32)
+    m = per_row(256 + size * ROWS, size * ROWS, dtype).astype(np.float32)
+    return q, d, m, per_row(256 + 2 * size * ROWS, ROWS, np.uint8)
 
 
 def unpack(packed: np.ndarray) -> np.ndarray:
@@ -73,6 +83,11 @@ def q4_1(n: int, k: int, seed: int = 0) -> Blocks:
     raw[..., 2:4] = (-rng.random((n, nb, 1)) * 0.15).astype(np.float16).view(np.uint8)
     raw[..., 4:] = rng.integers(0, 256, (n, nb, 16), dtype=np.uint8)
     return from_gguf("Q4_1", raw.reshape(n, nb * 20), k)
+
+
+def q4_k(n: int, k: int, seed: int = 0) -> Blocks:
+    """Random GGUF Q4_K blocks: d·scale and dmin·min that fp16 cannot hold."""
+    return from_gguf("Q4_K", random_blocks("Q4_K", n, k, seed), k)
 
 
 def q8_0(n: int, k: int, seed: int = 0) -> Blocks:
@@ -116,29 +131,52 @@ def test_packed_tiles_hold_the_blocks():
         assert np.all(np.abs(unpack(pack(blocks)) - blocks.dequantize()) <= step / 50)
 
 
-@pytest.mark.parametrize("portable", [False, True])
+def test_q4_k_blocks_pack_exactly_in_fp32_tiles():
+    """Q4_K's per-32 d·scale and dmin·min (fp16 × 6 bits) go to the 400-byte tiles in fp32, and
+    read back to the gguf dequantizer's weights; Q4_1's stay in the 336-byte ones."""
+    import gguf
+
+    raw = random_blocks("Q4_K", 32, 512, seed=5)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(32, 512)
+    blocks = from_gguf("Q4_K", raw, 512)
+    assert supports(blocks)
+    packed = pack(blocks)
+    assert packed.shape == (2, 16, TILE4F) and pack(q4_1(32, 64)).shape[-1] == TILE
+    np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
+    # the 8-bit containers of Q6_K (blocks of 16), Q5_K and Q5_1 (offsets) stay on MatMulNBits;
+    # Q5_0's codes (d fp16, zero point 16) fit MatMulQ8's tiles exactly
+    for kind in ("Q6_K", "Q5_K", "Q5_1"):
+        assert not supports(from_gguf(kind, random_blocks(kind, 32, 512), 512))
+    q5 = from_gguf("Q5_0", random_blocks("Q5_0", 32, 512), 512)
+    assert supports(q5) and pack(q5).shape[-1] == TILE8
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 96, 3), (64, 576, 5), (960, 576, 1)])
-def test_kernel_matches_numpy(n, k, m, portable):
-    blocks = q4_1(n, k, seed=n + k)
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K"])
+def test_kernel_matches_numpy(n, k, m, path, kind):
+    if kind == "Q4_K" and k % 256:
+        k = 256 * (k // 256 + 1)
+    blocks = (q4_1 if kind == "Q4_1" else q4_k)(n, k, seed=n + k)
     packed = pack(blocks)
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = np.zeros((m, n), np.float32)
     lib = native.library()
-    try:
-        lib.llamaonnx_fast_path(int(portable))
+    with native.use_path(path):
         assert (
-            lib.llamaonnx_matmul(4, a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data) == 0
+            lib.llamaonnx_matmul(
+                packed.shape[-1], a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data
+            )
+            == 0
         )
-    finally:
-        lib.llamaonnx_fast_path(0)
     want = reference(a, packed)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     exact = a @ blocks.dequantize().T  # int8 activations: llama.cpp's Q4_1 error, no more
     assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 2e-2
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_8bit_head_kernel_and_its_gather_match_numpy(portable):
+@pytest.mark.parametrize("path", PATHS)
+def test_8bit_head_kernel_and_its_gather_match_numpy(path):
     """MatMulQ8 (the LM head) computes the centred codes times the rounded activations; GatherQ8
     (the tied embedding) returns the rows exactly."""
     blocks = q8_0(64, 96)
@@ -148,14 +186,11 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(portable):
     lib = native.library()
     a = np.random.default_rng(3).standard_normal((5, 96)).astype(np.float32)
     y = np.zeros((5, 64), np.float32)
-    try:
-        lib.llamaonnx_fast_path(int(portable))
+    with native.use_path(path):
         assert (
-            lib.llamaonnx_matmul(8, a.ctypes.data, 5, 96, packed.ctypes.data, 64, y.ctypes.data)
+            lib.llamaonnx_matmul(TILE8, a.ctypes.data, 5, 96, packed.ctypes.data, 64, y.ctypes.data)
             == 0
         )
-    finally:
-        lib.llamaonnx_fast_path(0)
     want = rounded(a) @ unpack8(packed).T.astype(np.float64)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     ids = np.array([0, 63, 17, -1], np.int64)
@@ -268,9 +303,35 @@ def test_missing_library_says_how_to_build_it(monkeypatch, tmp_path):
     assert not native.available()
 
 
-def test_this_machine_runs_the_fast_path_or_says_so():
-    """Not a speed test: records which code path CI's CPU takes (both are checked above)."""
-    assert native.fast_path() in (True, False)
+def test_the_kernel_path_is_the_best_this_cpu_has_unless_one_is_named(monkeypatch):
+    """Not a speed test: which path runs is chosen on the running machine; the variable names
+    another (tests and the benchmark), and a bad name is a clear error."""
+    assert "portable" in PATHS and native.path() == PATHS[-1]
+    monkeypatch.setenv(native.PATH_VARIABLE, "portable")
+    assert native.path() == PATHS[-1]  # (the library read its variable when it first ran)
+    monkeypatch.setenv(native.PATH_VARIABLE, "sse9")
+    with pytest.raises(OptionError, match="not a kernel path; choose from"):
+        native.path()
+    missing = [p for p in native.PATHS if p not in PATHS]
+    for name in missing:  # (none on an AVX-512 VNNI machine)
+        monkeypatch.setenv(native.PATH_VARIABLE, name)
+        with pytest.raises(OptionError, match="cannot run"):
+            native.path()
+        with pytest.raises(OptionError, match="cannot run"):
+            with native.use_path(name):
+                pass
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_the_variable_forces_a_path_in_a_new_process(name):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, native.PATH_VARIABLE: name}
+    code = "from runtime import native; print(native.path())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == name, out.stderr
 
 
 # -- attention -------------------------------------------------------------------------------------
@@ -330,16 +391,15 @@ def _gqa(ours: bool, qkv, key, value, seqlens, total, tables):
     return b.get_outputs()[0].numpy(), key, value
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_attention_matches_onnxruntime_group_query_attention(portable):
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_matches_onnxruntime_group_query_attention(path):
     """A padded two-row prompt, a decode step, then a second chunk of three tokens: the same
     outputs and cache as onnxruntime's kernel (on the rows' real tokens)."""
     pos = np.arange(LEN)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))[None]
     tables = (np.cos(pos).astype(np.float32), np.sin(pos).astype(np.float32))
     width = (H + 2 * HKV) * D
-    lib = native.library()
-    try:
-        lib.llamaonnx_fast_path(int(portable))
+    native.library()
+    with native.use_path(path):
         both = {}
         for ours in (False, True):
             cache = np.zeros((2, HKV, LEN, D), np.float32)
@@ -350,8 +410,6 @@ def test_attention_matches_onnxruntime_group_query_attention(portable):
             chunk = np.random.default_rng(3).standard_normal((1, 3, width)).astype(np.float32)
             o3, k3, _ = _gqa(ours, chunk, k[:1], v[:1], [40], 41, tables)
             both[ours] = (o1, o2, o3, k, v, k3)
-    finally:
-        lib.llamaonnx_fast_path(0)
     (a1, a2, a3, ak, av, ak3), (b1, b2, b3, bk, bv, bk3) = both[False], both[True]
     close = dict(rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(b1[0], a1[0], **close)

@@ -14,6 +14,7 @@ from export.quant import QuantSettings, quantize_folder
 from export.quant.blocks import (
     FINE,
     from_gguf,
+    gguf_bits,
     held_offsets,
     offset_rows,
     quantize,
@@ -21,6 +22,7 @@ from export.quant.blocks import (
 )
 from runtime import native
 from runtime.errors import OutputFolderError
+from tests.gguf_writer import encode_blocks, random_blocks
 
 L = 2  # layers of the tiny presets
 
@@ -79,41 +81,82 @@ def test_blocks_pack_as_matmul_nbits_reads_them(bits, symmetric, block_size):
     np.testing.assert_allclose(_matmul_nbits(blocks, a, level=0), a @ deq.T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+CARRIED = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("type_name", CARRIED)
 def test_gguf_blocks_are_read_exactly(type_name):
+    """Random codes, scales and minimums in GGML's byte layout: our reading dequantizes to what
+    the gguf package's own dequantizer gives, and MatMulNBits computes with exactly that (the
+    offsets of Q4_1 / Q5_1 / Q4_K / Q5_K to their 8-bit rows' rounding, bounded below)."""
     import gguf
 
+    k = 512
+    raw = random_blocks(type_name, 8, k, seed=len(type_name))
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(8, k)
+    blocks = from_gguf(type_name, raw, k)
+    assert blocks.carried and blocks.origin == f"gguf-{type_name}"
+    assert blocks.bits == (4 if type_name in ("Q4_0", "Q4_1", "Q4_K") else 8)
+    assert blocks.block_size == (16 if type_name == "Q6_K" else 32)
+    np.testing.assert_allclose(blocks.dequantize(), want, rtol=1e-6, atol=1e-7)
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((8, 96)).astype(np.float32) + 0.3
-    qtype = gguf.GGMLQuantizationType[type_name]
-    raw = gguf.quants.quantize(w, qtype)
-    want = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
-    blocks = from_gguf(type_name, raw, 96)
-    np.testing.assert_allclose(blocks.dequantize(), want, rtol=0, atol=1e-6)
-    a = rng.standard_normal((2, 96)).astype(np.float32)
-    if blocks.offsets is None:  # Q4_0, Q8_0: MatMulNBits alone holds the block exactly
-        np.testing.assert_allclose(_matmul_nbits(blocks, a, 0), a @ want.T, rtol=1e-4, atol=1e-4)
+    a = rng.standard_normal((2, k)).astype(np.float32)
+    if blocks.offsets is None:  # MatMulNBits alone holds the block exactly
+        np.testing.assert_allclose(
+            _matmul_nbits(blocks, a, 0), a @ want.T, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+        )
         return
-    # Q4_1: the offsets ride as two 4-bit digits on the block sums, [a, S_0, S_0/FINE, S_1, …]
-    merged, k = offset_rows(blocks)
-    assert k == 96 + 2 * 3
+    # the offsets ride as two 4-bit digits on the block sums, [a, S_0, S_0/FINE, S_1, …]
+    nb = k // 32
+    merged, wide_k = offset_rows(blocks)
+    assert wide_k == k + 2 * nb
     held = held_offsets(blocks.offsets)
     step = np.abs(blocks.offsets).max(1, keepdims=True) / 7
     assert np.all(np.abs(held - blocks.offsets) <= step / (2 * FINE) + 1e-7)
-    sums = a.reshape(2, 3, 32).sum(-1)
-    pairs = np.stack([sums, sums / FINE], axis=-1).reshape(2, 6)
+    sums = a.reshape(2, nb, 32).sum(-1)
+    pairs = np.stack([sums, sums / FINE], axis=-1).reshape(2, 2 * nb)
     wide = np.concatenate([a, pairs], axis=1)
     codes_part = (blocks.dequantize() - np.repeat(blocks.offsets, 32, axis=1)).T
     exact_held = a @ codes_part + sums @ held.T
-    np.testing.assert_allclose(_matmul_nbits(merged, wide, 0, k), exact_held, rtol=1e-4, atol=1e-4)
+    got = _matmul_nbits(merged, wide, 0, wide_k)
+    np.testing.assert_allclose(got, exact_held, rtol=1e-4, atol=1e-4 * np.abs(exact_held).max())
     bound = np.abs(sums).sum(1, keepdims=True) * step.T / (2 * FINE)  # [batch, N]
     assert np.all(np.abs(exact_held - a @ want.T) <= bound + 1e-5)
-    # for CUDA's K % 8 == 0: [S, S/FINE] 4 times (96 + 6 = 102 → 96 + 24), the copies weighted 0
+
+
+def test_q4_1_offset_rows_repeat_for_cuda():
+    """For CUDA's K % 8 == 0: [S, S/FINE] 4 times (96 + 6 = 102 → 96 + 24), the copies weighted
+    0, give what one copy gives."""
+    import gguf
+
+    raw = random_blocks("Q4_1", 8, 96, seed=3)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).reshape(8, 96)
+    blocks = from_gguf("Q4_1", raw, 96)
+    a = np.random.default_rng(2).standard_normal((2, 96)).astype(np.float32)
+    sums = a.reshape(2, 3, 32).sum(-1)
+    pairs = np.stack([sums, sums / FINE], axis=-1).reshape(2, 6)
     assert sum_repeats(96, 32, 8) == 4 and sum_repeats(96, 32, 1) == 1
-    merged, k = offset_rows(blocks, repeats=4)
-    assert k == 120
-    wide = np.concatenate([a] + [pairs] * 4, axis=1)
-    np.testing.assert_allclose(_matmul_nbits(merged, wide, 0, k), exact_held, rtol=1e-4, atol=1e-4)
+    one, k1 = offset_rows(blocks)
+    four, k4 = offset_rows(blocks, repeats=4)
+    assert (k1, k4) == (102, 120)
+    y1 = _matmul_nbits(one, np.concatenate([a, pairs], axis=1), 0, k1)
+    y4 = _matmul_nbits(four, np.concatenate([a] + [pairs] * 4, axis=1), 0, k4)
+    np.testing.assert_allclose(y4, y1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y1, a @ want.T, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("type_name", CARRIED)
+def test_the_test_encoder_writes_blocks_gguf_reads_back(type_name):
+    """The helper that writes real weights as GGUF blocks (the K types by a plain encoder): gguf's
+    dequantizer gets the weights back to that type's rounding."""
+    import gguf
+
+    w = np.random.default_rng(4).standard_normal((16, 512)).astype(np.float32)
+    raw = encode_blocks(w, type_name)
+    back = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(w.shape)
+    rms = np.sqrt(((back - w) ** 2).mean())
+    assert rms < {4: 0.1, 5: 0.05, 6: 0.025, 8: 0.01}[gguf_bits(type_name)]
+    np.testing.assert_array_equal(from_gguf(type_name, raw, 512).dequantize(), back)
 
 
 def test_block_sum_repeats_make_k_a_multiple_of_8():
@@ -378,25 +421,31 @@ def test_verify_cli_checks_the_asked_provider_and_table_has_a_row_per_provider(
         quality_table([folder])
 
 
-def test_auto_kernel_keeps_matmul_nbits_where_the_fast_kernel_cannot_run(
+def test_auto_kernel_writes_one_layout_whatever_the_exporting_cpu(
     tiny_folders, quantized, tmp_path, monkeypatch, caplog
 ):
-    """Without AVX-512 VNNI the native kernels would run their portable C path, slower than
-    MatMulNBits: auto writes MatMulNBits there (and says so), and a native folder opened on such a
-    CPU gets a warning."""
+    """The folder does not depend on the CPU that quantizes it: auto writes llamaonnx's tiles even
+    where this CPU has no vector path for them (the running machine picks its own path), and a
+    native folder opened on such a CPU gets a warning. Only without the kernel library at all
+    does auto write MatMulNBits, and it says so."""
     import logging
 
     from runtime.session import Session
 
     monkeypatch.setattr(native, "fast_path", lambda: False)
-    said = []
     out = tmp_path / "auto"
+    quantize_folder(tiny_folders["ort"], out, QuantSettings("int4"), verify=False)
+    _, ops = _ops(out)
+    assert ops["MatMulQ4"] + ops["MatMulQ4SwiGLU"] > 0 and ops["MatMulNBits"] <= 1
+    with caplog.at_level(logging.WARNING, logger="runtime.session"):
+        Session(quantized["ort", "int4"], provider="cpu")
+    assert "--kernel nbits" in caplog.text
+    monkeypatch.setattr(native, "available", lambda: False)
+    said = []
+    out = tmp_path / "no-library"
     quantize_folder(
         tiny_folders["ort"], out, QuantSettings("int4"), verify=False, progress=said.append
     )
     _, ops = _ops(out)
     assert ops["MatMulQ4"] == 0 and ops["MatMulNBits"] == PER_LAYER["ort"] * L + 1
-    assert any("lack AVX-512 VNNI" in line for line in said)
-    with caplog.at_level(logging.WARNING, logger="runtime.session"):
-        Session(quantized["ort", "int4"], provider="cpu")
-    assert "--kernel nbits" in caplog.text
+    assert any("kernel library is not built" in line for line in said)

@@ -3,12 +3,13 @@ a new folder whose graph holds quantized weights, verified against the same PyTo
 
 int4 / int8 are weight-only: MatMulNBits for every projection (the LM head included, at
 `head_bits`), GatherBlockQuantized for the token embedding. Where the folder was exported from a
-GGUF whose tensors are Q4_0, Q4_1 or Q8_0 and the layer's bits match, those blocks are carried into
-the graph as they are (the very values the fp32 reference computes with) instead of being quantized
-a second time; each carried weight is checked to dequantize exactly to the fp32 graph's weight.
-Q4_1's per-block offsets, which MatMulNBits cannot hold, ride along as 8-bit extra rows (see
-blocks.offset_rows). At accuracy level 0 such a model computes what the reference computes, to
-float rounding and that offset rounding (report.json: max_abs_offset_error).
+GGUF whose tensors are Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K (which are carried: see
+carry.py), those blocks go into the graph as they are (the very values the fp32 reference computes
+with) instead of being quantized a second time; each carried weight is checked to dequantize
+exactly to the fp32 graph's weight. The per-block offsets of Q4_1, Q5_1, Q4_K and Q5_K, which
+MatMulNBits cannot hold, ride along as 8-bit extra rows (see blocks.offset_rows). At accuracy
+level 0 such a model computes what the reference computes, to float rounding and that offset
+rounding (report.json: max_abs_offset_error).
 fp16 converts the whole graph (see quant/fp16.py) and may follow an int4/int8 step for CUDA.
 """
 
@@ -122,7 +123,7 @@ def quantize_folder(
     if settings.bits:
         kernel = "llamaonnx's kernels, " if native_ops else "MatMulNBits, "
         if settings.kernel == "auto" and settings.native_applies and not native_ops:
-            kernel = "MatMulNBits (llamaonnx's kernels are not built or lack AVX-512 VNNI here), "
+            kernel = "MatMulNBits (llamaonnx's kernel library is not built here), "
     progress(
         f"quantize {settings.precision}: {kernel}{len(layers)} weights "
         f"({dict(collections.Counter(b.origin for b in layers.values()))}) "
@@ -140,6 +141,7 @@ def quantize_folder(
         max_abs_offset_error=notes.get("max_abs_offset_error"),
         fused_projections=notes.get("fused_projections"),
         from_folder=str(in_dir.resolve()),
+        requantized_gguf_tensors=notes.get("requantized_gguf_tensors"),
     )
     new_info = dataclasses.replace(
         info,

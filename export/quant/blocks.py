@@ -1,4 +1,5 @@
-"""Block-wise weight quantization in numpy, and GGUF's Q4_0 / Q4_1 / Q8_0 blocks read as they are.
+"""Block-wise weight quantization in numpy, and GGUF's blocks (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K,
+Q5_K, Q6_K) read as they are.
 
 A `Blocks` holds a weight W [N, K] (N outputs, K inputs) as codes in blocks of `block_size` along K:
 
@@ -128,36 +129,126 @@ def quantize(
     return best
 
 
-# GGUF block layouts (ggml-common.h): fp16 scale d [, fp16 min m], then the codes.
-GGUF_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q8_0": (8, 34)}
+# GGUF block layouts (ggml-common.h): type → (bits of its codes, weights a block, bytes a block).
+# Codes of 5 and 6 bits are held in 8-bit containers (MatMulNBits has no 5- or 6-bit form): the
+# values stay exact; the container costs 8 / 5.5 (Q5_0), 8 / 6 (Q5_1), 8 / 5.5 (Q5_K) and
+# 8 / 6.56 (Q6_K) the file's bytes for those tensors.
+GGUF_TYPES = {
+    "Q4_0": (4, 32, 18),
+    "Q4_1": (4, 32, 20),
+    "Q8_0": (8, 32, 34),
+    "Q5_0": (5, 32, 22),
+    "Q5_1": (5, 32, 24),
+    "Q4_K": (4, 256, 144),
+    "Q5_K": (5, 256, 176),
+    "Q6_K": (6, 256, 210),
+}
+
+
+def gguf_bits(type_name: str) -> int:
+    """The width of a carried GGUF type's codes (4, 5, 6 or 8)."""
+    return GGUF_TYPES[type_name][0]
+
+
+def _half(b: np.ndarray) -> np.ndarray:
+    """fp16 little-endian byte pairs [..., 2] → float32 [...]."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGML's 4-bit packing of 32 weights in 16 bytes: byte j holds weight j in its low nibble
+    and weight j + 16 in its high nibble."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1's fifth bits: a little-endian uint32 [.., 4 bytes] → bit j of weight j."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 bytes → the 8 sub-blocks' 6-bit scales and minimums (get_scale_min_k4)."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _with_minimums(bits, bs, codes, d, minus, origin, top) -> Blocks:
+    """W = d·q − minus → d·(q − z) + (z·d − minus) with z the code nearest zero weight: the
+    codes are centred like the weights (smaller error from int8 activations at accuracy level
+    4) and the offset left is at most d/2."""
+    safe = np.where(d == 0, 1.0, d)
+    z = np.clip(np.rint(minus / safe), 0, top).astype(np.uint8)
+    return Blocks(bits, bs, codes, d, z, z * d - minus, origin, carried=True)
 
 
 def from_gguf(type_name: str, raw: np.ndarray, k: int) -> Blocks:
-    """GGUF rows raw uint8 [N, nb·block_bytes] → Blocks (block size 32), values unchanged:
-    Q4_0: d·(q − 8); Q4_1: d·q + m; Q8_0: d·q with q int8 (stored here as q + 128)."""
+    """GGUF rows raw uint8 [N, nb·block_bytes] → Blocks, values unchanged (to fp32 rounding of
+    the K types' d·scale products, which fp32 holds exactly: 11 × 8 bits):
+
+        Q4_0  d·(q − 8)                   blocks of 32, 4-bit
+        Q4_1  d·q + m                     blocks of 32, 4-bit + offsets
+        Q8_0  d·q, q int8 (held as q + 128) blocks of 32, 8-bit
+        Q5_0  d·(q − 16)                  blocks of 32, 8-bit container
+        Q5_1  d·q + m                     blocks of 32, 8-bit container + offsets
+        Q4_K  d·sc_b·q − dmin·m_b         blocks of 32 (8 a super-block of 256), 4-bit + offsets
+        Q5_K  d·sc_b·q − dmin·m_b         blocks of 32, 8-bit container + offsets
+        Q6_K  d·sc_b·(q − 32), sc_b int8  blocks of 16 (16 a super-block), 8-bit container
+    """
     if type_name not in GGUF_TYPES:
         raise QuantizationError(
-            f"GGUF type {type_name} has no MatMulNBits form; carried types: {sorted(GGUF_TYPES)}"
+            f"GGUF type {type_name} is not carried; carried types: {sorted(GGUF_TYPES)}"
         )
-    bits, block_bytes = GGUF_TYPES[type_name]
+    _, per, nbytes = GGUF_TYPES[type_name]
     n = raw.shape[0]
-    b = np.ascontiguousarray(raw).reshape(n, k // 32, block_bytes)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if k % per:
+        raise QuantizationError(f"a {type_name} row of {k} weights is not whole blocks of {per}")
+    b = np.ascontiguousarray(raw).reshape(n, k // per, nbytes)
+    origin = f"gguf-{type_name}"
     if type_name == "Q8_0":
         codes = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return Blocks(8, 32, codes, d, None, None, "gguf-Q8_0", carried=True)
-    qs = b[..., 4:] if type_name == "Q4_1" else b[..., 2:]
-    # byte j holds element j in its low nibble and element j + 16 in its high nibble
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+        return Blocks(8, 32, codes, _half(b[..., 0:2]), None, None, origin, carried=True)
     if type_name == "Q4_0":
-        return Blocks(4, 32, codes, d, None, None, "gguf-Q4_0", carried=True)
-    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    # d·q + m = d·(q − z) + (m + z·d) for any integer z: with z nearest −m/d the codes are centred
-    # like the weights themselves (smaller error from int8 activations at accuracy level 4) and
-    # the offset left for `offset_rows` is at most d/2.
-    safe = np.where(d == 0, 1.0, d)
-    z = np.clip(np.rint(-m / safe), 0, 15).astype(np.uint8)
-    return Blocks(4, 32, codes, d, z, m + z * d, "gguf-Q4_1", carried=True)
+        codes = _nibbles(b[..., 2:])
+        return Blocks(4, 32, codes, _half(b[..., 0:2]), None, None, origin, carried=True)
+    if type_name == "Q4_1":
+        d, m = _half(b[..., 0:2]), _half(b[..., 2:4])
+        return _with_minimums(4, 32, _nibbles(b[..., 4:]), d, -m, origin, 15)
+    if type_name == "Q5_0":
+        codes = _nibbles(b[..., 6:]) | (_high_bits(b[..., 2:6]) << 4)
+        zp = np.full((n, k // 32), 16, np.uint8)
+        return Blocks(8, 32, codes, _half(b[..., 0:2]), zp, None, origin, carried=True)
+    if type_name == "Q5_1":
+        d, m = _half(b[..., 0:2]), _half(b[..., 2:4])
+        codes = _nibbles(b[..., 8:]) | (_high_bits(b[..., 4:8]) << 4)
+        return _with_minimums(8, 32, codes, d, -m, origin, 31)
+    if type_name in ("Q4_K", "Q5_K"):
+        d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
+        sc, mn = _k_scales(b[..., 4:16])
+        scales = (d[..., None] * sc).reshape(n, -1)  # [N, nb·8]
+        minus = (dmin[..., None] * mn).reshape(n, -1)
+        # codes: 4 pairs of sub-blocks, each pair 32 bytes: low nibbles the first sub-block
+        qs = b[..., 16:144] if type_name == "Q4_K" else b[..., 48:176]
+        qs = qs.reshape(n, k // 256, 4, 1, 32)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, k // 256, 8, 32)
+        if type_name == "Q4_K":
+            return _with_minimums(4, 32, q.reshape(n, -1, 32), scales, minus, origin, 15)
+        # Q5_K: 32 bytes of fifth bits, bit i of byte j the fifth bit of sub-block i's weight j
+        qh = b[..., 16:48][:, :, None, :] >> np.arange(8, dtype=np.uint8)[:, None]
+        q = q | ((qh & 1) << 4)
+        return _with_minimums(8, 32, q.reshape(n, -1, 32), scales, minus, origin, 31)
+    # Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, fp16 d
+    ql, qh = b[..., 0:128], b[..., 128:192]
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)
+    d = _half(b[..., 208:210])
+    ql = ql.reshape(n, k // 256, 2, 1, 64)  # two halves of 128 weights, each 64 bytes
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=3).reshape(n, k // 256, 2, 4, 32)
+    qh = qh.reshape(n, k // 256, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    q = (low | ((qh & 3) << 4)).reshape(n, -1, 16)
+    scales = (d[..., None] * sc).reshape(n, -1)
+    zp = np.full(scales.shape, 32, np.uint8)
+    return Blocks(8, 16, q.astype(np.uint8), scales, zp, None, origin, carried=True)
 
 
 FINE = 16  # the second copy of the block sums is scaled by 1/FINE

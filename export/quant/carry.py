@@ -1,21 +1,39 @@
-"""Which blocks each weight gets: the source GGUF's own (Q4_0, Q4_1, Q8_0), carried as they are
-where their bits match and checked to dequantize exactly to the fp32 graph's weight, else
-quantized here (round to nearest, block by block). `plan` answers per module; the folder's
-report records the carry errors it measured."""
+"""Which blocks each weight gets: the source GGUF's own, carried as they are and checked to
+dequantize exactly to the fp32 graph's weight, else quantized here (round to nearest, block by
+block). `plan` answers per module; the folder's report records the carry errors it measured and
+the GGUF tensors it could not carry.
+
+Which GGUF types are carried: every type `blocks.from_gguf` reads whose codes are at most
+max(bits asked, 6) wide. So int4 carries Q4_0, Q4_1, Q4_K and the 5- and 6-bit types a
+Q4_K_M / Q5_K_M file mixes in (Q5_0, Q5_1, Q5_K, Q6_K, in 8-bit containers), each tensor keeping
+its own type, and rounds Q8_0 (and F16 / F32) tensors to 4 bits; int8 (and the 8-bit LM head)
+carries all of them. Types with no exact form here (Q2_K, Q3_K, IQ*) are quantized again from
+the dequantized weight, and said so."""
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from export.errors import QuantizationError
-from export.quant.blocks import Blocks, from_gguf, held_offsets, permute_rows, quantize
+from export.quant.blocks import (
+    GGUF_TYPES,
+    Blocks,
+    from_gguf,
+    gguf_bits,
+    held_offsets,
+    permute_rows,
+    quantize,
+)
 from export.quant.settings import QuantSettings
 
 if TYPE_CHECKING:
     from runtime.folder import ModelInfo
+
+log = logging.getLogger(__name__)
 
 
 def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int, int]]:
@@ -31,7 +49,6 @@ def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int, int]]
     )
     import gguf
 
-    from export.quant.blocks import GGUF_TYPES
     from export.sources.gguf import config_from_metadata, metadata, tensor_names
 
     reader = gguf.GGUFReader(path)
@@ -40,7 +57,7 @@ def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int, int]]
     out = {}
     for t in reader.tensors:
         parts = names.get(t.name, [])
-        if t.tensor_type.name in GGUF_TYPES and len(parts) == 1:
+        if len(parts) == 1 and t.tensor_type.name not in ("F32", "F16", "BF16"):
             name, _, heads = parts[0]
             out[name] = (t.tensor_type.name, t.data, int(t.shape[0]), heads)
     return out
@@ -56,9 +73,11 @@ def plan(settings: QuantSettings, info: ModelInfo):
         if tensor not in carried:
             return None
         type_name, raw, k, heads = carried[tensor]
-        blocks = from_gguf(type_name, raw, k)
-        if blocks.bits != bits:
+        if type_name not in GGUF_TYPES:  # Q2_K, Q3_K, IQ*: no exact form here
             return None
+        if gguf_bits(type_name) > max(bits, 6):
+            return None  # Q8_0 in an int4 folder: rounded to the bits asked
+        blocks = from_gguf(type_name, raw, k)
         if heads:  # llama.cpp permuted the rows of a llama GGUF's q and k
             from export.sources.gguf import unpermute
 
@@ -76,7 +95,27 @@ def plan(settings: QuantSettings, info: ModelInfo):
         return blocks
 
     def blocks_for(tensor: str, w: np.ndarray, bits: int) -> Blocks:
-        return carry(tensor, w, bits) or quantize(w, bits, settings.block_size, settings.symmetric)
+        blocks = carry(tensor, w, bits)
+        if blocks is not None:
+            return blocks
+        blocks = quantize(w, bits, settings.block_size, settings.symmetric)
+        type_name = carried.get(tensor, ("",))[0]
+        if type_name and type_name not in GGUF_TYPES:
+            # a second rounding of an already quantized weight: said, with what it cost
+            err = float(
+                np.sqrt(((blocks.dequantize() - w) ** 2).mean() / max((w**2).mean(), 1e-30))
+            )
+            notes.setdefault("requantized_gguf_tensors", {})[tensor] = {
+                "gguf_type": type_name,
+                "quantized_to": f"{bits}-bit blocks of {settings.block_size}",
+                "relative_rms_error": round(err, 5),
+            }
+            log.warning(
+                "%s is %s in the GGUF, a type that is not carried (carried: %s): quantized again "
+                "to %d bits from its dequantized weight (relative RMS error %.2e)",
+                tensor, type_name, ", ".join(GGUF_TYPES), bits, err,
+            )  # fmt: skip
+        return blocks
 
     def choose(module: str, w: np.ndarray) -> Blocks | None:
         if any(fnmatch.fnmatchcase(module, p) for p in settings.keep):

@@ -120,6 +120,7 @@ def concat(parts: list[Blocks]) -> Blocks:
             [np.zeros_like(b.scales) if o is None else o for b, o in zip(parts, offs, strict=True)]
         ),
         "+".join(sorted({b.origin for b in parts})),
+        carried=all(b.carried for b in parts),
     )
 
 

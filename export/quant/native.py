@@ -3,7 +3,8 @@
 The kernel reads W[n, b·32 + j] = d[n, b]·q[n, b, j] + m[n, b] — GGUF's Q4_1 as it is, and any
 4-bit `Blocks` with m = offsets − d·zero_point — from tiles of 16 rows × one 32-wide block: 256
 bytes of codes laid out for AVX-512 VNNI's dot product, then the 16 rows' d and m as fp16 (Q4_1's
-own precision: exact for GGUF blocks) and their zero points z (the kernel centres the codes on z
+own precision: exact for its GGUF blocks; fp32, in a 400-byte tile, for Q4_K's d·scale products)
+and their zero points z (the kernel centres the codes on z
 to keep the int8 activations' error small). The layout is documented in runtime/native/tiles.h;
 the constants below are its shape, and `pack` checks them against the built library's
 (`llamaonnx_layout`) before it writes a tile, so the two can never drift apart silently.
@@ -19,21 +20,42 @@ from export.errors import QuantizationError
 from export.quant.blocks import Blocks
 from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers the library for
 
-ROWS, BLOCK, TILE, TILE8 = 16, 32, 336, 560  # rows a tile, block width, bytes of a 4 / 8-bit tile
+# rows a tile, block width, bytes of a 4-bit / 8-bit tile, of a 4-bit tile with fp32 d and m
+ROWS, BLOCK, TILE, TILE8, TILE4F = 16, 32, 336, 560, 400
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
 
 
 def supports(blocks: Blocks) -> bool:
-    """Whether MatMulQ4 (4-bit, offsets allowed) or MatMulQ8 (8-bit, no offsets) holds them."""
+    """Whether MatMulQ4 (4-bit, offsets allowed) or MatMulQ8 (8-bit, no offsets) holds them —
+    exactly, for a GGUF's carried blocks: 4-bit tiles keep d and m in fp16 where that holds them
+    (Q4_0, Q4_1) and in fp32 where it does not (Q4_K's d·scale products); 8-bit tiles keep d in
+    fp16, which holds Q8_0 and Q5_0, not the 8-bit containers of Q5_1 / Q5_K / Q6_K (offsets,
+    fp32 scales, blocks of 16: those go to MatMulNBits)."""
     n, k = blocks.shape
-    return (
+    fits = (
         (blocks.bits == 4 or (blocks.bits == 8 and blocks.offsets is None))
         and blocks.block_size == BLOCK
         and n % ROWS == 0
         and k % BLOCK == 0
     )
+    if not fits or not blocks.carried or blocks.bits == 4:
+        return fits
+    return _fp16_exact(blocks)
+
+
+def _fp16_exact(blocks: Blocks) -> bool:
+    d, m, _ = scale_min_zero(blocks)
+    return all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in (d, m))
+
+
+def tile_bytes(blocks: Blocks) -> int:
+    """The tile a weight's blocks are packed in: TILE8, TILE, or TILE4F for carried 4-bit blocks
+    whose d or m fp16 cannot hold."""
+    if blocks.bits == 8:
+        return TILE8
+    return TILE4F if blocks.carried and not _fp16_exact(blocks) else TILE
 
 
 def op_for(blocks: Blocks) -> str:
@@ -51,7 +73,8 @@ def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack(blocks: Blocks) -> np.ndarray:
-    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks, [N/16, K/32, 560] for 8-bit."""
+    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 400] with fp32 d and m,
+    see `tile_bytes`), [N/16, K/32, 560] for 8-bit."""
     if not supports(blocks):
         n, k = blocks.shape
         raise QuantizationError(
@@ -67,9 +90,12 @@ def pack(blocks: Blocks) -> np.ndarray:
     codes = (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)
     d, m, z = scale_min_zero(blocks)
 
+    wide = tile_bytes(blocks) == TILE4F
+    dtype = np.float32 if wide else np.float16
+
     def halves(x: np.ndarray) -> np.ndarray:
-        h = x.astype(np.float16).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
-        return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, 2 * ROWS)
+        h = x.astype(dtype).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
+        return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, -1)
 
     zeros = z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
     return np.ascontiguousarray(np.concatenate([codes, halves(d), halves(m), zeros], axis=2))
@@ -94,7 +120,7 @@ def _check_layout() -> None:
     from runtime import native
 
     built = native.layout()
-    ours = {"rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8}
+    ours = {"rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F}
     if built != ours:
         raise QuantizationError(
             f"the kernel library was built with the tile layout {built}, this packer writes "

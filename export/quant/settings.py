@@ -74,16 +74,17 @@ class QuantSettings:
 
     @property
     def native(self) -> bool:
-        """Whether 4-bit blocks of 32 go to llamaonnx's own kernel (`export/quant/native.py`)."""
+        """Whether 4-bit blocks of 32 go to llamaonnx's own kernel (`export/quant/native.py`).
+        auto: wherever the kernel library is built, whatever the exporting CPU has: the tiles are
+        the same for every path, and the machine that runs the folder picks its best one (AVX-512
+        VNNI, AVX2, else portable C, which the session warns is slow)."""
         if self.kernel == "nbits" or not self.native_applies:
             return False
         if self.kernel == "native":
             return True
         from runtime import native
 
-        # auto: only where the AVX-512 VNNI kernel runs (the portable C path is correct but
-        # slower than MatMulNBits)
-        return native.available() and native.fast_path()
+        return native.available()
 
     @property
     def bits(self) -> int:

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.machinery
+import os
 import sys
 from functools import cache
 from pathlib import Path
 
-from runtime.errors import ModelFolderError
+from runtime.errors import ModelFolderError, OptionError
 
 DOMAIN = "ai.llamaonnx"
 HERE = Path(__file__).parent
@@ -46,7 +48,8 @@ def library() -> ctypes.CDLL:
     lib.llamaonnx_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.llamaonnx_gather_q8.argtypes = [ptr, i64, i64, ptr, i64, ptr]
     lib.llamaonnx_gather_q8.restype = i64
-    lib.llamaonnx_fast_path.argtypes = [ctypes.c_int]
+    lib.llamaonnx_kernel_path.argtypes = [ctypes.c_int]
+    lib.llamaonnx_path_supported.argtypes = [ctypes.c_int]
     lib.llamaonnx_layout.argtypes = [ctypes.c_int]
     lib.llamaonnx_layout.restype = i64
     return lib
@@ -55,13 +58,56 @@ def library() -> ctypes.CDLL:
 @cache
 def layout() -> dict[str, int]:
     """The packed tile layout the library was built with (tiles.h): rows a tile, block width,
-    bytes of a 4-bit and of an 8-bit tile."""
+    bytes of a 4-bit and of an 8-bit tile, and of a 4-bit tile with fp32 d and m."""
     lib = library()
     return {
-        k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(("rows", "block", "tile", "tile8"))
+        k: int(lib.llamaonnx_layout(i))
+        for i, k in enumerate(("rows", "block", "tile", "tile8", "tile4f"))
     }
 
 
+# the kernel library's code paths, by the numbers tiles.h gives them
+PATHS = ("portable", "avx2", "avx512", "neon")
+PATH_VARIABLE = "LLAMAONNX_KERNEL_PATH"
+
+
+def supported_paths() -> tuple[str, ...]:
+    """The paths this CPU can run (the portable one first)."""
+    lib = library()
+    return tuple(p for i, p in enumerate(PATHS) if lib.llamaonnx_path_supported(i))
+
+
+def path() -> str:
+    """The path the kernels take on this machine: the best it has, or the one
+    LLAMAONNX_KERNEL_PATH names. A name that is not a path, or one this CPU lacks, is an
+    OptionError (the library itself then runs the best path)."""
+    asked = os.environ.get(PATH_VARIABLE)
+    if asked:
+        if asked not in PATHS:
+            raise OptionError(
+                f"{PATH_VARIABLE}={asked!r} is not a kernel path; choose from {PATHS}"
+            )
+        if asked not in supported_paths():
+            raise OptionError(
+                f"{PATH_VARIABLE}={asked} asks for a path this CPU cannot run; it has "
+                f"{supported_paths()}"
+            )
+    return PATHS[library().llamaonnx_kernel_path(-1)]
+
+
 def fast_path() -> bool:
-    """Whether this CPU runs the AVX-512 VNNI kernel (else the portable C one: correct, slow)."""
-    return bool(library().llamaonnx_fast_path(0))
+    """Whether the kernels run a vector path here (AVX2 or AVX-512 VNNI), not the portable C one
+    (correct, but slower than onnxruntime's MatMulNBits)."""
+    return path() != "portable"
+
+
+@contextlib.contextmanager
+def use_path(name: str):
+    """Runs the block on kernel path `name` (tests and the benchmark), then back to the default."""
+    lib = library()
+    if lib.llamaonnx_kernel_path(PATHS.index(name)) < 0:
+        raise OptionError(f"this CPU cannot run the {name} path; it has {supported_paths()}")
+    try:
+        yield
+    finally:
+        lib.llamaonnx_kernel_path(-2)

@@ -107,6 +107,79 @@ AVX512 static void attend_avx512(const float* q, const float* k, const float* v,
     else weigh_values(sc, v + i0, n, d, (int)((d - i0) / 16), inv, out + i0);
   }
 }
+/* ---- AVX2 + FMA: the same steps 8 lanes wide ------------------------------------------------ */
+AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n built in the exponent */
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2 static inline float hsum256(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* out[0:d] = softmax(scale · q·K[0:n]) · V[0:n], d a multiple of 8. */
+AVX2 static void attend_avx2(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                             float scale, float* sc, float* out) {
+  float mx = -INFINITY;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) { /* 4 keys at a time: 4 independent chains */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const float *k0 = k + j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+    for (int64_t i = 0; i < d; i += 8) {
+      __m256 qi = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + i), a0);
+      a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k1 + i), a1);
+      a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k2 + i), a2);
+      a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k3 + i), a3);
+    }
+    sc[j] = hsum256(a0) * scale, sc[j + 1] = hsum256(a1) * scale;
+    sc[j + 2] = hsum256(a2) * scale, sc[j + 3] = hsum256(a3) * scale;
+    for (int c = 0; c < 4; c++) mx = sc[j + c] > mx ? sc[j + c] : mx;
+  }
+  for (; j < n; j++) {
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8)
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + j * d + i), a0);
+    sc[j] = hsum256(a0) * scale;
+    mx = sc[j] > mx ? sc[j] : mx;
+  }
+  __m256 sum = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
+  float tail = 0.f;
+  for (j = 0; j + 8 <= n; j += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), m));
+    _mm256_storeu_ps(sc + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  for (; j < n; j++) tail += sc[j] = expf(sc[j] - mx);
+  float inv = 1.f / (hsum256(sum) + tail);
+  for (int64_t i0 = 0; i0 < d; i0 += 64) { /* 64 columns: 8 accumulators */
+    int w = d - i0 >= 64 ? 8 : (int)((d - i0) / 8);
+    __m256 acc[8];
+    for (int c = 0; c < w; c++) acc[c] = _mm256_setzero_ps();
+    for (j = 0; j < n; j++) {
+      __m256 pj = _mm256_set1_ps(sc[j]);
+      const float* vj = v + j * d + i0;
+      for (int c = 0; c < w; c++) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < w; c++)
+      _mm256_storeu_ps(out + i0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+  }
+}
 #endif
 
 static void attend_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t d,
@@ -167,8 +240,13 @@ void attn_heads(void* data, size_t task) {
     }
     rope(a->qkv + (b * a->s + s) * w + h * a->d, a->cos + rp * half, a->sin + rp * half, half, q);
 #if defined(__x86_64__)
-    if (fast_path() && a->d % 16 == 0) {
+    int path = kernel_path();
+    if (path == PATH_AVX512 && a->d % 16 == 0) {
       attend_avx512(q, k, v, n, a->d, a->scale, sc, o);
+      continue;
+    }
+    if (path == PATH_AVX2 && a->d % 8 == 0) {
+      attend_avx2(q, k, v, n, a->d, a->scale, sc, o);
       continue;
     }
 #endif

@@ -1,7 +1,12 @@
 /* matmul.c: Y = A · Wᵀ from the packed tiles of tiles.h — MatMulQ4, MatMulQ8, the SwiGLU of a
- * fused gate/up projection, and GatherQ8 — on AVX-512 VNNI where the CPU has it, else in
- * portable C with the same arithmetic. */
+ * fused gate/up projection, and GatherQ8 — on AVX-512 VNNI or AVX2 where the CPU has them (the
+ * choice is made when the library is first used, on the machine that runs it), else in portable
+ * C, all with the same arithmetic. */
 #include "tiles.h"
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
                    float* e) {
@@ -35,9 +40,10 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
     for (int64_t t = 0; t < j->m; t++) {
       float acc[ROWS] = {0}, off[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
-        const uint8_t* p = j->w + (g * j->nb + b) * TILE;
+        const uint8_t* p = j->w + (g * j->nb + b) * j->tile;
         const int8_t* a = j->aq + t * j->k + b * BLOCK;
         float da = j->ad[t * j->nb + b], sa = j->as[t * j->nb + b], ea = j->ae[t * j->nb + b];
+        int f32 = j->tile == TILE4F, zat = f32 ? 384 : 320;
         for (int r = 0; r < ROWS; r++) {
           int32_t dot = 0;
           for (int v = 0; v < 4; v++)
@@ -45,11 +51,18 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
               uint8_t byte = p[v * 64 + r * 4 + i];
               dot += (byte & 15) * a[8 * v + i] + (byte >> 4) * a[8 * v + 4 + i];
             }
-          uint16_t dh, mh;
-          memcpy(&dh, p + 256 + 2 * r, 2);
-          memcpy(&mh, p + 288 + 2 * r, 2);
-          acc[r] += (float)dot * (half_to_float(dh) * da);
-          off[r] += half_to_float(mh) * sa + (float)p[320 + r] * half_to_float(dh) * ea;
+          float dr, mr;
+          if (f32) {
+            memcpy(&dr, p + 256 + 4 * r, 4);
+            memcpy(&mr, p + 320 + 4 * r, 4);
+          } else {
+            uint16_t dh, mh;
+            memcpy(&dh, p + 256 + 2 * r, 2);
+            memcpy(&mh, p + 288 + 2 * r, 2);
+            dr = half_to_float(dh), mr = half_to_float(mh);
+          }
+          acc[r] += (float)dot * (dr * da);
+          off[r] += mr * sa + (float)p[zat + r] * dr * ea;
         }
       }
       for (int r = 0; r < ROWS; r++) j->y[t * j->n + g * ROWS + r] = acc[r] + off[r];
@@ -87,18 +100,22 @@ AVX512 static inline void tile_tokens(const Job* j, int64_t g, int64_t t0, int T
   const __m512i lo = _mm512_set1_epi8(0x0F);
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE) {
+  const int64_t stride = j->tile;
+  const int f32 = stride == TILE4F;
+  const uint8_t* p = j->w + g * j->nb * stride;
+  for (int64_t b = 0; b < j->nb; b++, p += stride) {
     __m512i c[8];
     for (int v = 0; v < 4; v++) {
       __m512i x = _mm512_loadu_si512((const void*)(p + v * 64));
       c[2 * v] = _mm512_and_si512(x, lo);
       c[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
     }
-    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 256)));
-    __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 288)));
+    __m512 d = f32 ? _mm512_loadu_ps((const float*)(p + 256))
+                   : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 256)));
+    __m512 m = f32 ? _mm512_loadu_ps((const float*)(p + 320))
+                   : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 288)));
     __m512 zd = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 320)))), d);
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + (f32 ? 384 : 320))))), d);
     for (int t = 0; t < T; t++) {
       const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
       __m512i s = _mm512_setzero_si512();
@@ -154,21 +171,223 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
     }
   }
 }
-#endif
 
-static int use_avx512 = -1;
+/* ---- AVX2 (with FMA and F16C): Intel Haswell and later, AMD Zen; no VNNI --------------------
+ * The same tiles, read as two halves of 8 rows (each 64-byte chunk: rows 0..7 in its first 32
+ * bytes, rows 8..15 in its second). vpmaddubsw multiplies the unsigned codes by the int8
+ * activations and adds pairs into int16: 4-bit codes (≤ 15·127·2 per pair, ≤ 30480 over a
+ * block's 8 products) are summed in int16 and widened once; 8-bit codes are made signed
+ * (c − 128), and their magnitude (≤ 128, unsigned) multiplies a with their sign moved onto it
+ * (|a| ≤ 127: no overflow, unlike moving a's sign onto the codes, which breaks at −128); each
+ * pair is widened at once (128·127·2 ≤ 32512). */
 
-int fast_path(void) {
-#if defined(__x86_64__)
-  if (use_avx512 < 0) {
-    use_avx512 = __builtin_cpu_supports("avx512f") &&
-                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                 __builtin_cpu_supports("avx512vnni");
+AVX2 static inline __m256i dot_u4_avx2(const __m256i c[8], const int32_t* a) {
+  __m256i s = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(a[0]));
+  for (int v = 1; v < 8; v++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[v], _mm256_set1_epi32(a[v])));
+  return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+}
+
+/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. */
+AVX2 static inline void half_tile_tokens_avx2(const Job* j, int64_t g, int h, int64_t t0, int T) {
+  const __m256i lo = _mm256_set1_epi8(0x0F);
+  __m256 acc[4];
+  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+  const int64_t stride = j->tile;
+  const int f32 = stride == TILE4F;
+  const uint8_t* p = j->w + g * j->nb * stride;
+  for (int64_t b = 0; b < j->nb; b++, p += stride) {
+    __m256i c[8];
+    for (int v = 0; v < 4; v++) {
+      /* c[2v]: codes 8v..8v+3 (low nibbles), c[2v+1]: 8v+4..8v+7 — a's int32 words 2v, 2v+1 */
+      __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
+      c[2 * v] = _mm256_and_si256(x, lo);
+      c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+    }
+    __m256 d = f32 ? _mm256_loadu_ps((const float*)(p + 256 + 32 * h))
+                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 256 + 16 * h)));
+    __m256 m = f32 ? _mm256_loadu_ps((const float*)(p + 320 + 32 * h))
+                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 288 + 16 * h)));
+    const uint8_t* zp = p + (f32 ? 384 : 320) + 8 * h;
+    __m256 zd = _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)zp))), d);
+    for (int t = 0; t < T; t++) {
+      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+      __m256i s = dot_u4_avx2(c, a);
+      int64_t ib = (t0 + t) * j->nb + b;
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(j->ad[ib])),
+                               acc[t]);
+      acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(j->as[ib]), acc[t]);
+      acc[t] = _mm256_fmadd_ps(zd, _mm256_set1_ps(j->ae[ib]), acc[t]);
+    }
   }
-  return use_avx512;
-#else
-  return 0;
+  for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+}
+
+AVX2 static inline void half_tile_tokens_q8_avx2(const Job* j, int64_t g, int h, int64_t t0,
+                                                 int T) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+  __m256 acc[4];
+  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+  const uint8_t* p = j->w + g * j->nb * TILE8;
+  for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
+    __m256i c[8], u[8];
+    for (int v = 0; v < 8; v++) { /* c − 128 as int8, and its magnitude (≤ 128) as uint8 */
+      c[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h)), flip);
+      u[v] = _mm256_abs_epi8(c[v]);
+    }
+    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 512 + 16 * h)));
+    __m256 z = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 544 + 8 * h))));
+    __m256 shift = _mm256_sub_ps(_mm256_set1_ps(128.f), z); /* Σ c·a = Σ (c − 128)·a + 128·Σ a */
+    for (int t = 0; t < T; t++) {
+      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+      __m256i s = _mm256_setzero_si256();
+      for (int v = 0; v < 8; v++) {
+        __m256i av = _mm256_set1_epi32(a[v]);
+        __m256i prod = _mm256_maddubs_epi16(u[v], _mm256_sign_epi8(av, c[v]));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(prod, ones));
+      }
+      int64_t ib = (t0 + t) * j->nb + b;
+      __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(j->as[ib] - j->ae[ib]),
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(j->ad[ib])));
+      acc[t] = _mm256_fmadd_ps(d, x, acc[t]);
+    }
+  }
+  for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+}
+
+AVX2 static inline void tile_avx2(const Job* j, int64_t g, int64_t t0, int T) {
+  for (int h = 0; h < 2; h++) {
+    if (j->bits == 8) half_tile_tokens_q8_avx2(j, g, h, t0, T);
+    else half_tile_tokens_avx2(j, g, h, t0, T);
+  }
+}
+
+AVX2 static void rows_avx2(const Job* j, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; g++) {
+    int64_t t = 0;
+    for (; t + 4 <= j->m; t += 4) tile_avx2(j, g, t, 4);
+    switch (j->m - t) {
+      case 3: tile_avx2(j, g, t, 3); break;
+      case 2: tile_avx2(j, g, t, 2); break;
+      case 1: tile_avx2(j, g, t, 1); break;
+      default: break;
+    }
+  }
+}
 #endif
+
+#if defined(__aarch64__)
+/* ---- NEON with dotprod: sdot multiplies 4 int8 pairs into each int32 lane, signed × signed, so
+ * 4-bit codes (0..15) go in as they are and 8-bit codes as c − 128 (Σ c·a = Σ (c − 128)·a +
+ * 128·Σ a). A 16-byte load is 4 rows × 4 codes of a tile's 64-byte chunk: a tile is 4 quarters.
+ * T tokens (1..4) share each quarter's codes. */
+NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_t t0, int T) {
+  float32x4_t acc[4];
+  for (int t = 0; t < T; t++) acc[t] = vdupq_n_f32(0.f);
+  const int64_t stride = j->tile;
+  const int f32 = stride == TILE4F, q8 = j->bits == 8;
+  const uint8_t* p = j->w + g * j->nb * stride;
+  for (int64_t b = 0; b < j->nb; b++, p += stride) {
+    int8x16_t c[8];
+    float32x4_t d, m = vdupq_n_f32(0.f), z;
+    uint8_t zb[4];
+    if (q8) {
+      for (int v = 0; v < 8; v++)
+        c[v] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + v * 64 + 16 * q4), vdupq_n_u8(0x80)));
+      d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 512 + 8 * q4)));
+      memcpy(zb, p + 544 + 4 * q4, 4);
+    } else {
+      for (int v = 0; v < 4; v++) {
+        uint8x16_t x = vld1q_u8(p + v * 64 + 16 * q4);
+        c[2 * v] = vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0x0F)));
+        c[2 * v + 1] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
+      }
+      if (f32) {
+        d = vld1q_f32((const float*)(p + 256) + 4 * q4);
+        m = vld1q_f32((const float*)(p + 320) + 4 * q4);
+      } else {
+        d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 256 + 8 * q4)));
+        m = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 288 + 8 * q4)));
+      }
+      memcpy(zb, p + (f32 ? 384 : 320) + 4 * q4, 4);
+    }
+    float zf[4] = {zb[0], zb[1], zb[2], zb[3]};
+    z = vld1q_f32(zf);
+    for (int t = 0; t < T; t++) {
+      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+      int32x4_t s = vdupq_n_s32(0);
+      for (int v = 0; v < 8; v++) s = vdotq_s32(s, c[v], vreinterpretq_s8_s32(vdupq_n_s32(a[v])));
+      int64_t ib = (t0 + t) * j->nb + b;
+      float da = j->ad[ib], sa = j->as[ib], ea = j->ae[ib];
+      if (q8) { /* d·(da·Σ (c−128)·â + (128 − z)·da·Σ â) */
+        float32x4_t x = vmulq_n_f32(vcvtq_f32_s32(s), da);
+        x = vfmaq_n_f32(x, vsubq_f32(vdupq_n_f32(128.f), z), sa - ea);
+        acc[t] = vfmaq_f32(acc[t], d, x);
+      } else {
+        acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(s), vmulq_n_f32(d, da));
+        acc[t] = vfmaq_n_f32(acc[t], m, sa);
+        acc[t] = vfmaq_n_f32(acc[t], vmulq_f32(z, d), ea);
+      }
+    }
+  }
+  for (int t = 0; t < T; t++) vst1q_f32(j->y + (t0 + t) * j->n + g * ROWS + 4 * q4, acc[t]);
+}
+
+NEON_DOT static void rows_neon(const Job* j, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; g++)
+    for (int q4 = 0; q4 < 4; q4++)
+      for (int64_t t = 0; t < j->m; t += 4)
+        quarter_tokens_neon(j, g, q4, t, j->m - t < 4 ? (int)(j->m - t) : 4);
+}
+#endif
+
+/* ---- which path runs ----------------------------------------------------------------------
+ * The best this CPU has, unless LLAMAONNX_KERNEL_PATH names one (portable, avx2, avx512: what
+ * tests and the benchmark use to cover every path on one machine; neon on ARM). A named path the CPU lacks
+ * is not taken (it would fault): the best one is, and the Python side says so. */
+
+static int current_path = -1;
+
+int path_supported(int p) {
+  switch (p) {
+    case PATH_PORTABLE: return 1;
+#if defined(__aarch64__)
+    case PATH_NEON: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#endif
+#if defined(__x86_64__)
+    case PATH_AVX2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case PATH_AVX512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+    default: return 0;
+  }
+}
+
+static int best_path(void) {
+  for (int p = PATH_NEON; p > PATH_PORTABLE; p--)
+    if (path_supported(p)) return p;
+  return PATH_PORTABLE;
+}
+
+int path_from_name(const char* name) {
+  if (!name || !*name) return -1;
+  if (!strcmp(name, "portable")) return PATH_PORTABLE;
+  if (!strcmp(name, "avx2")) return PATH_AVX2;
+  if (!strcmp(name, "avx512")) return PATH_AVX512;
+  if (!strcmp(name, "neon")) return PATH_NEON;
+  return -2;
+}
+
+int kernel_path(void) {
+  if (current_path < 0) {
+    int asked = path_from_name(getenv("LLAMAONNX_KERNEL_PATH"));
+    current_path = asked >= 0 && path_supported(asked) ? asked : best_path();
+  }
+  return current_path;
 }
 
 static void rows(const Job* j, int64_t g0, int64_t g1);
@@ -198,8 +417,15 @@ void run_chunk(void* data, size_t i) {
 
 static void rows(const Job* j, int64_t g0, int64_t g1) {
 #if defined(__x86_64__)
-  if (fast_path()) {
-    rows_avx512(j, g0, g1);
+  switch (kernel_path()) {
+    case PATH_AVX512: rows_avx512(j, g0, g1); return;
+    case PATH_AVX2: rows_avx2(j, g0, g1); return;
+    default: break;
+  }
+#endif
+#if defined(__aarch64__)
+  if (kernel_path() == PATH_NEON) {
+    rows_neon(j, g0, g1);
     return;
   }
 #endif
@@ -207,24 +433,24 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
   else rows_scalar(j, g0, g1);
 }
 
-/* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread (bits 4: MatMulQ4 tiles,
-   8: MatMulQ8 tiles). Returns 0 on success. */
-int llamaonnx_matmul(int bits, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
+/* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
+   (TILE or TILE4F: MatMulQ4, TILE8: MatMulQ8). Returns 0 on success. */
+int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
-  if (k % BLOCK || n % ROWS || (bits != 4 && bits != 8)) return 1;
+  if (k % BLOCK || n % ROWS || (tile != TILE && tile != TILE4F && tile != TILE8)) return 1;
+  int bits = tile == TILE8 ? 8 : 4;
   int64_t nb = k / BLOCK;
   int8_t* q = malloc((size_t)(m * k) + 64);
   float* d = malloc(sizeof(float) * (size_t)(m * nb) * 3 + 64);
   if (!q || !d) return free(q), free(d), 2;
   float *s = d + m * nb, *e = s + m * nb;
   quantize_rows(a, m, k, q, d, s, e);
-  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, 0, NULL};
+  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, tile, 0, NULL};
   run_chunk(&j, 0);
   free(q), free(d);
   return 0;
 }
 
-/* 1 when the AVX-512 VNNI kernel runs here. `portable` 1 forces the portable one (tests). */
 /* Rows `ids` of a MatMulQ8 weight, dequantized: out [count, K]. Returns the first bad id's
    position + 1, or 0. */
 int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
@@ -248,20 +474,30 @@ int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_
   return 0;
 }
 
-int llamaonnx_fast_path(int portable) {
-  if (portable) use_avx512 = 0;
-  else use_avx512 = -1;
-  return fast_path();
+/* The path that runs (0 portable, 1 AVX2, 2 AVX-512 VNNI, 3 NEON). `set`: -1 leaves it, -2 returns to
+   the default (the environment's, else the best), 0..2 takes that path if this CPU has it (else
+   returns -1 and changes nothing). */
+int llamaonnx_kernel_path(int set) {
+  if (set == -2) current_path = -1;
+  else if (set >= 0) {
+    if (!path_supported(set)) return -1;
+    current_path = set;
+  }
+  return kernel_path();
 }
 
+int llamaonnx_path_supported(int p) { return path_supported(p); }
+
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
-   2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile; -1 for anything else. */
+   2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m;
+   -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
     case 1: return BLOCK;
     case 2: return TILE;
     case 3: return TILE8;
+    case 4: return TILE4F;
     default: return -1;
   }
 }

@@ -101,15 +101,17 @@ static const Kind q4_kind = {4, 0}, q8_kind = {8, 0}, swiglu_kind = {4, 1};
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const Kind* kind = (const Kind*)kernel;
-  int bits = kind->bits, tile = bits == 8 ? TILE8 : TILE;
+  int bits = kind->bits;
   Input a, b;
   TRY(input(ctx, 0, &a));
   TRY(input(ctx, 1, &b));
   const int64_t *adims = a.dims, *bdims = b.dims;
   size_t arank = a.rank;
-  if (b.rank != 3 || bdims[2] != tile)
-    return error(ORT_INVALID_ARGUMENT, bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560]"
-                                                 : "MatMulQ4: B must be uint8 [N/16, K/32, 336]");
+  int tile = b.rank == 3 ? (int)bdims[2] : 0;
+  if (bits == 8 ? tile != TILE8 : tile != TILE && tile != TILE4F)
+    return error(ORT_INVALID_ARGUMENT, bits == 8
+                                           ? "MatMulQ8: B must be uint8 [N/16, K/32, 560]"
+                                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336 or 400]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: A's last dimension must be K = 32 · B.shape[1]");
   if (kind->swiglu && bdims[0] % 2)
@@ -140,7 +142,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (m > 1) chunk = (groups + 15) / 16; /* prefill: more, smaller chunks */
   if (chunk < 1) chunk = 1;                /* (B with no rows) */
   Job j = {(const uint8_t*)b.data, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
-           bits, kind->swiglu, e + m * nb};
+           bits, tile, kind->swiglu, e + m * nb};
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
   OrtStatus* st = chunks > 1
                       ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)

@@ -3,8 +3,8 @@
  * The layouts are the contract with export/quant/native.py, which packs the tiles and reads
  * these constants back from the built library (`llamaonnx_layout`), so they are written once.
  *
- * The files: matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI and
- * portable C), attention.c (GroupQueryAttention), ort_binding.c (onnxruntime's C API by its
+ * The files: matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI, AVX2 and
+ * portable C, and which of them runs), attention.c (GroupQueryAttention), ort_binding.c (onnxruntime's C API by its
  * function table, the custom-op domain).
  *
  * llamaonnx's CPU kernel library for onnxruntime: ops `MatMulQ4`, `MatMulQ8` and `GatherQ8` of
@@ -33,6 +33,10 @@
  *   bytes 288..319  m of the 16 rows, fp16;
  *   bytes 320..335  z of the 16 rows, uint8.
  *
+ * B uint8 [N/16, K/32, 400] is the same tile with d and m in fp32 (bytes 256..319 d, 320..383 m,
+ * 384..399 z): GGUF's Q4_K, whose d·scale and dmin·min products fp16 cannot hold (11 + 6 bits),
+ * carried exactly. The kernel tells the two apart by B's last dimension.
+ *
  * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
  * tiles of [G; U] stacked along N (output N/2): the Split, Sigmoid and two Muls that would follow
  * cost more per token than the arithmetic itself.
@@ -59,15 +63,29 @@
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
-/* the fast path's functions are compiled for AVX-512 VNNI and called only where it runs */
+/* each fast path's functions are compiled for its instructions and called only where they run */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
+
+#if defined(__aarch64__)
+#include <arm_neon.h>
+/* ARM's int8 dot product (ARMv8.2 dotprod: Apple M1 and later, Graviton 2+, Cortex-A76+) */
+#define NEON_DOT __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+/* the kernel paths (x86: the best is the highest number; ARM: NEON with dotprod, else portable) */
+#define PATH_PORTABLE 0
+#define PATH_AVX2 1
+#define PATH_AVX512 2
+#define PATH_NEON 3
 
 /* the tile layouts (see above) */
 #define TILE 336
 #define ROWS 16
 #define BLOCK 32
 #define TILE8 560
+#define TILE4F 400
 
 /* functions one file calls in another: kept out of the library's exported symbols */
 #if defined(__GNUC__)
@@ -85,6 +103,7 @@ typedef struct {
   float* y;             /* [M, N] */
   int64_t m, k, n, nb, groups, chunk;
   int bits;       /* 4: MatMulQ4 tiles, 8: MatMulQ8 tiles */
+  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m) or TILE8 */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
 } Job;
@@ -128,7 +147,9 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
-LLAMAONNX_INTERNAL int fast_path(void);
+LLAMAONNX_INTERNAL int kernel_path(void);
+LLAMAONNX_INTERNAL int path_supported(int p);
+LLAMAONNX_INTERNAL int path_from_name(const char* name);
 LLAMAONNX_INTERNAL void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
                             float* e);
 LLAMAONNX_INTERNAL void run_chunk(void* data, size_t i);
@@ -136,11 +157,12 @@ LLAMAONNX_INTERNAL void attn_store(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_heads(void* data, size_t task);
 
 /* the library's plain C entry points (runtime/native/__init__.py calls them through ctypes) */
-int llamaonnx_matmul(int bits, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
+int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y);
 int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
                             int64_t count, float* out);
-int llamaonnx_fast_path(int portable);
+int llamaonnx_kernel_path(int set);
+int llamaonnx_path_supported(int p);
 int64_t llamaonnx_layout(int what);
 
 #endif

@@ -1,0 +1,220 @@
+"""GGUF files as users download them (Q4_0 … Q6_K, Q4_K_M), each run three ways on the same
+token ids: our fp32 folder of the file (the reference: the file's own dequantized weights), our
+quantized folder with the file's blocks carried, and llama.cpp on the file itself (through
+llama-cpp-python, the `bench` extra). Scored on the project's three texts (prose, chat, code):
+perplexity, its ratio to the fp32 reference, mean KL from the reference, and the ratio of our
+perplexity to llama.cpp's. `make quality` runs it and writes docs/gguf_quality.md.
+
+    python -m export.verify.gguf_quality [--models models] [--out docs/gguf_quality.md]
+        [--types Q4_0,Q4_1,...] [--extra NAME=FILE.gguf:PRECISION ...]
+
+Files other than the shipped Q4_1 are made with llama.cpp's own quantizer
+(`llama_model_quantize`, allow_requantize: it dequantizes the shipped Q4_1 blocks to fp32, the
+reference weights, and quantizes those). llama.cpp's logits come from one batch of all the ids
+with every position's logits kept, the same teacher forcing as ours (llama-perplexity scores only
+the second half of each window, so its figure would not be on the same tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# llama.cpp file type → the precision our folder is quantized at: the 4-bit mixes at int4
+# (their 5- and 6-bit tensors are carried in 8-bit containers), files whose tensors are 6 or 8
+# bits at int8 (int4 would round their Q8_0 tensors to 4 bits)
+FILE_TYPES = {
+    "Q4_0": (2, "int4"),
+    "Q4_1": (3, "int4"),
+    "Q8_0": (7, "int8"),
+    "Q4_K_M": (15, "int4"),
+    "Q5_K_M": (17, "int4"),
+    "Q6_K": (18, "int8"),
+}
+
+
+def make_file(source: Path, out: Path, type_name: str) -> Path:
+    """llama.cpp's quantizer: `source` → `out` as `type_name` (skipped when `out` exists)."""
+    if out.exists():
+        return out
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FILE_TYPES[type_name][0]
+    params.allow_requantize = True
+    params.nthread = 2
+    tmp = out.with_suffix(".part")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {type_name}")
+    tmp.rename(out)
+    return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def perplexity(logp: np.ndarray, ids: list[int]) -> float:
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def folder_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    from runtime.session import Session
+
+    session = Session(folder, provider="cpu")
+    batch = np.array([ids], np.int64)
+    n = len(ids)
+    cache = session.new_cache(1, n)
+    return session.forward(batch, np.ones_like(batch), np.arange(n)[None], cache)[0]
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=1024,
+        n_batch=1024,
+        n_ubatch=1024,
+        n_threads=2,
+        logits_all=True,
+        verbose=False,
+    )
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], np.float32)
+    llm.close()
+    return out
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many weight tensors (2-D) the file holds of each type."""
+    import collections
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return dict(
+        collections.Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2)
+    )
+
+
+def score(name: str, path: Path, precision: str, models: Path, progress) -> dict:
+    from export.pipeline import export_model
+    from export.quant import QuantSettings, quantize_folder
+    from runtime.texts import eval_texts
+    from runtime.tokenizer import Tokenizer
+
+    fp32 = models / f"{name}-fp32"
+    quant = models / f"{name}-{precision}"
+    t = time.perf_counter()
+    if not (fp32 / "report.json").is_file():
+        export_model(path, fp32, target="ort", force=True, progress=progress)
+    if not (quant / "report.json").is_file():
+        quantize_folder(fp32, quant, QuantSettings(precision), force=True, progress=progress)
+    info = json.loads((quant / "llamaonnx.json").read_text())["quantization"]
+    tok = Tokenizer.from_folder(fp32)
+    row = {
+        "file": path.name,
+        "tensor_types": tensor_types(path),
+        "precision": precision,
+        "kernel": info.get("kernel"),
+        "origins": info.get("origins"),
+        "requantized_gguf_tensors": info.get("requantized_gguf_tensors"),
+        "texts": {},
+    }
+    for kind, text in eval_texts().items():
+        ids = tok.encode(text)[:1024]
+        ref = log_softmax(folder_logits(fp32, ids))
+        ours = log_softmax(folder_logits(quant, ids))
+        theirs = log_softmax(llama_cpp_logits(path, ids))
+        p_ref, p_ours, p_cpp = (perplexity(x, ids) for x in (ref, ours, theirs))
+        kl = float((np.exp(ref[:-1]) * (ref[:-1] - ours[:-1])).sum(-1).mean())
+        row["texts"][kind] = {
+            "tokens": len(ids),
+            "reference_perplexity": p_ref,
+            "perplexity": p_ours,
+            "llama_cpp_perplexity": p_cpp,
+            "ratio_to_reference": p_ours / p_ref,
+            "ratio_to_llama_cpp": p_ours / p_cpp,
+            "llama_cpp_ratio_to_reference": p_cpp / p_ref,
+            "kl_divergence": kl,
+        }
+    progress(f"{name}: scored ({time.perf_counter() - t:.0f}s)")
+    return row
+
+
+def markdown(rows: list[dict], cpu: str) -> str:
+    lines = [
+        "# GGUF files: our carried blocks beside llama.cpp on the same file",
+        "",
+        "Generated by `make quality` (`python -m export.verify.gguf_quality`). Reference: our fp32",
+        "folder of the same file (its dequantized weights). Ours: the quantized folder with the",
+        "file's blocks carried, on onnxruntime's CPU provider (`native`: llamaonnx's kernels, with",
+        "MatMulNBits for the blocks their tiles do not hold; `nbits`: MatMulNBits; both with int8",
+        "activations). llama.cpp: llama-cpp-python on the file, same token ids, every position's",
+        f"logits. CPU: {cpu}.",
+        "",
+        "| file | tensors | ours | text | tokens | reference ppl | ours ppl | ×ref | KL | "
+        "llama.cpp ppl | llama.cpp ×ref | ours ÷ llama.cpp |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        types = ", ".join(f"{n}× {t}" for t, n in sorted(r["tensor_types"].items()))
+        for kind, s in r["texts"].items():
+            lines.append(
+                f"| {r['file']} | {types} | {r['precision']} {r.get('kernel') or ''} | {kind} | "
+                f"{s['tokens']} | "
+                f"{s['reference_perplexity']:.3f} | {s['perplexity']:.3f} | "
+                f"{s['ratio_to_reference']:.4f} | {s['kl_divergence']:.1e} | "
+                f"{s['llama_cpp_perplexity']:.3f} | {s['llama_cpp_ratio_to_reference']:.4f} | "
+                f"{s['ratio_to_llama_cpp']:.4f} |"
+            )
+            types = ""
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.verify.gguf_quality", description=__doc__)
+    p.add_argument("--models", type=Path, default=Path("models"))
+    p.add_argument("--out", type=Path, default=Path("docs/gguf_quality.md"))
+    p.add_argument("--types", default=",".join(FILE_TYPES))
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="NAME=FILE.gguf:PRECISION, another file to score (e.g. Gemma 3's Q4_K_M)",
+    )
+    a = p.parse_args(argv)
+    from export.sources import default_gguf_path
+    from runtime.bench.harness import machine
+
+    a.models.mkdir(parents=True, exist_ok=True)
+    shipped = default_gguf_path()
+    jobs = []
+    for type_name in a.types.split(","):
+        name = f"smollm2-135m-{type_name.lower()}"
+        if type_name == "Q4_1":
+            path = shipped
+        else:
+            path = make_file(shipped, a.models / f"{name}.gguf", type_name)
+        jobs.append((name, path, FILE_TYPES[type_name][1]))
+    for extra in a.extra:
+        name, rest = extra.split("=", 1)
+        file, precision = rest.rsplit(":", 1)
+        jobs.append((name, Path(file), precision))
+    rows = [score(n, f, prec, a.models, lambda m: print(m, flush=True)) for n, f, prec in jobs]
+    a.out.write_text(markdown(rows, machine()["cpu"]))
+    a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(a.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+/* driver.c: the matmul kernels (runtime/native/matmul.c) without onnxruntime or Python, for
+ * running another architecture's build under qemu-user (tests/test_native_cross.py).
+ *
+ *   driver TILE M K N PATH < tiles, then M·K float32 activations  > M·N float32 outputs
+ *
+ * PATH: 0 portable, 3 NEON (tiles.h). Exit status 2: the path is not available here. */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "tiles.h"
+
+int main(int argc, char** argv) {
+  if (argc != 6) return fprintf(stderr, "usage: driver TILE M K N PATH\n"), 1;
+  int tile = atoi(argv[1]), path = atoi(argv[5]);
+  long m = atol(argv[2]), k = atol(argv[3]), n = atol(argv[4]);
+  size_t wbytes = (size_t)(n / ROWS) * (size_t)(k / BLOCK) * (size_t)tile;
+  uint8_t* w = malloc(wbytes);
+  float* a = malloc(sizeof(float) * (size_t)(m * k));
+  float* y = malloc(sizeof(float) * (size_t)(m * n));
+  if (!w || !a || !y) return 1;
+  if (fread(w, 1, wbytes, stdin) != wbytes) return fprintf(stderr, "short tiles\n"), 1;
+  if (fread(a, sizeof(float), (size_t)(m * k), stdin) != (size_t)(m * k))
+    return fprintf(stderr, "short activations\n"), 1;
+  if (llamaonnx_kernel_path(path) != path) return 2;
+  if (llamaonnx_matmul(tile, a, m, k, w, n, y)) return fprintf(stderr, "bad shapes\n"), 1;
+  fwrite(y, sizeof(float), (size_t)(m * n), stdout);
+  return 0;
+}

@@ -1,0 +1,137 @@
+"""A GGUF that mixes block types the way Q4_K_M / Q5_K_M files do (Q4_K and Q5_K with Q6_K for
+some tensors, Q5_0 / Q5_1 / Q4_0 / Q4_1 where a width is not a multiple of 256) exports and
+quantizes with every tensor keeping its own type: carried exactly, on MatMulNBits and on the
+native kernel alike, verified against the reference computed from the same dequantized file. A
+type with no exact form (Q2_K) is quantized again, said so on the terminal and in report.json."""
+
+import json
+import logging
+
+import onnx
+import pytest
+import torch
+import transformers
+
+from export.pipeline import export_model
+from export.quant import QuantSettings, quantize_folder
+from runtime.folder import read_model_folder
+from tests.gguf_writer import write_gguf
+from tests.tiny import byte_tokenizer_json
+
+TYPES = {  # what a Q4_K_M file looks like, one of each type somewhere
+    "blk.0.attn_q.weight": "Q4_K",
+    "blk.0.attn_k.weight": "Q4_K",
+    "blk.0.attn_v.weight": "Q6_K",
+    "blk.0.attn_output.weight": "Q4_K",
+    "blk.0.ffn_gate.weight": "Q4_K",
+    "blk.0.ffn_up.weight": "Q4_K",
+    "blk.0.ffn_down.weight": "Q6_K",
+    "blk.1.attn_q.weight": "Q5_K",
+    "blk.1.attn_k.weight": "Q5_K",
+    "blk.1.attn_v.weight": "Q5_1",
+    "blk.1.attn_output.weight": "Q5_0",
+    "blk.1.ffn_gate.weight": "Q4_1",
+    "blk.1.ffn_up.weight": "Q4_0",
+    "blk.1.ffn_down.weight": "Q5_K",
+    "token_embd.weight": "Q4_K",
+    "output.weight": "Q6_K",
+}
+MODULES = {  # GGUF name → our module
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+}
+
+
+def _module(gguf_name: str) -> str:
+    if gguf_name.startswith("blk."):
+        _, layer, kind, _ = gguf_name.split(".")
+        return f"layers.{layer}.{MODULES[kind]}"
+    return {"token_embd.weight": "tok_embeddings", "output.weight": "output"}[gguf_name]
+
+
+def _write(root, types: dict[str, str]):
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(  # widths of 256 and 512: whole K super-blocks
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.08)
+    vocab = byte_tokenizer_json()["model"]["vocab"]
+    root.mkdir(parents=True, exist_ok=True)
+    return write_gguf(root / "mixed.gguf", hf, "llama", sorted(vocab, key=vocab.get), types)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """The mixed file's fp32 `ort` folder (its reference: the file's own dequantized weights)."""
+    root = tmp_path_factory.mktemp("gguf-mixed")
+    path = _write(root, TYPES)
+    export_model(path, root / "fp32", target="ort")
+    return root
+
+
+@pytest.mark.parametrize("kernel", ["nbits", "native"])
+def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
+    out = mixed / f"int4-{kernel}"
+    result = quantize_folder(mixed / "fp32", out, QuantSettings("int4", kernel=kernel))
+    assert result["report"]["passed"]
+    q = read_model_folder(out).quantization
+    for name, kind in TYPES.items():
+        record = q.weights[_module(name)]
+        assert record.origin == f"gguf-{kind}" and record.carried, (name, record)
+        assert record.bits == (4 if kind in ("Q4_0", "Q4_1", "Q4_K") else 8), (name, record)
+        assert record.block_size == (16 if kind == "Q6_K" else 32)
+    assert q.max_abs_carry_error < 1e-6 and not q.requantized_gguf_tensors
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["origins"]["gguf-Q6_K 8-bit"] == 3
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    # Q6_K's blocks of 16 (and Q5_K / Q5_1's offsets in 8-bit containers): MatMulNBits
+    assert ops["/model/layers.0/attention/wv/MatMulNBits"] == "MatMulNBits"
+    assert ops["/model/layers.1/feed_forward/w2/MatMulNBits"] == "MatMulNBits"
+    if kernel == "nbits":
+        assert ops["/model/layers.0/feed_forward/w13/MatMulNBits"] == "MatMulNBits"
+    else:  # Q4_K (fp32 d and m), Q4_0 / Q4_1 (fp16) and Q5_0 (MatMulQ8) on the native tiles
+        tiles = {i.name: i.dims for i in graph.initializer if i.name.endswith(".tiles")}
+        assert tiles["model.layers.0.feed_forward.w13.tiles"][-1] == 400  # Q4_K
+        assert tiles["model.layers.1.feed_forward.w13.tiles"][-1] == 336  # Q4_1 + Q4_0
+        assert tiles["model.layers.1.attention.wo.tiles"][-1] == 560  # Q5_0
+        assert "/model/layers.0/feed_forward/w13/MatMulQ4SwiGLU" in ops
+
+
+def test_int8_carries_the_4_bit_blocks_too(mixed):
+    out = mixed / "int8"
+    result = quantize_folder(mixed / "fp32", out, QuantSettings("int8"))
+    assert result["report"]["passed"]
+    q = read_model_folder(out).quantization
+    assert all(r.carried for r in q.weights.values())
+    assert q.weights["layers.0.attention.wq"].origin == "gguf-Q4_K"
+
+
+def test_a_type_with_no_exact_form_is_requantized_and_said_so(tmp_path, caplog):
+    path = _write(tmp_path, {**TYPES, "blk.1.ffn_up.weight": "Q2_K"})
+    export_model(path, tmp_path / "fp32", target="ort")
+    with caplog.at_level(logging.WARNING):
+        quantize_folder(tmp_path / "fp32", tmp_path / "int4", QuantSettings("int4"), verify=False)
+    assert "layers.1.feed_forward.w3.weight is Q2_K in the GGUF" in caplog.text
+    q = read_model_folder(tmp_path / "int4").quantization
+    note = q.requantized_gguf_tensors["layers.1.feed_forward.w3.weight"]
+    assert note["gguf_type"] == "Q2_K" and 0 < note["relative_rms_error"] < 0.5
+    assert q.weights["layers.1.feed_forward.w3"].origin.startswith("rtn")
+    assert q.weights["layers.0.feed_forward.w3"].origin == "gguf-Q4_K"

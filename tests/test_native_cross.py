@@ -1,0 +1,62 @@
+"""The kernels' ARM NEON path, for correctness only: runtime/native/matmul.c cross-compiled with
+Debian's aarch64 toolchain (gcc-aarch64-linux-gnu) into a static driver (tests/native/driver.c)
+that runs under qemu-user (qemu-aarch64), against the same numpy reference as the x86 paths.
+`make test` installs both tools (apt); the test says how when they are
+missing. No speed is claimed for this path: qemu emulates it."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.quant.native import TILE, TILE4F, TILE8, pack
+from tests.test_native import q4_1, q4_k, q8_0, reference, rounded, unpack8
+
+ROOT = Path(__file__).resolve().parents[1]
+CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
+PATHS = {"portable": 0, "neon": 3}  # tiles.h's PATH_PORTABLE, PATH_NEON
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory) -> Path:
+    missing = [tool for tool in (CC, QEMU) if shutil.which(tool) is None]
+    assert not missing, (
+        f"{missing} not found: the NEON kernel is tested by cross-compiling it; install them "
+        "with `apt-get install gcc-aarch64-linux-gnu qemu-user` (make setup does, as root)"
+    )
+    out = tmp_path_factory.mktemp("neon") / "driver"
+    native = ROOT / "runtime" / "native"
+    subprocess.run(
+        [CC, "-O2", "-static", "-std=gnu11", f"-I{native}", str(ROOT / "tests/native/driver.c"),
+         str(native / "matmul.c"), "-lm", "-o", str(out)],
+        check=True,
+    )  # fmt: skip
+    return out
+
+
+def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str) -> np.ndarray:
+    m, k = a.shape
+    args = [QEMU, str(driver), str(packed.shape[-1]), str(m), str(k), str(n), str(PATHS[path])]
+    data = np.ascontiguousarray(packed).tobytes() + a.astype(np.float32).tobytes()
+    out = subprocess.run(args, input=data, capture_output=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr.decode())
+    return np.frombuffer(out.stdout, np.float32).reshape(m, n)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_arm_kernel_matches_numpy(driver, path, kind, m):
+    n, k = 48, 512
+    blocks = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0}[kind](n, k, seed=m)
+    packed = pack(blocks)
+    assert packed.shape[-1] == {"Q4_1": TILE, "Q4_K": TILE4F, "Q8_0": TILE8}[kind]
+    a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    y = _run(driver, packed, a, n, path)
+    if kind == "Q8_0":
+        want = rounded(a) @ unpack8(packed).T.astype(np.float64)
+    else:
+        want = reference(a, packed)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
