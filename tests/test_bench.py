@@ -63,3 +63,28 @@ def test_prompt_has_exactly_the_asked_number_of_tokens(tiny_folders):
         ids = prompt_ids(tiny_folders["ort"], n)
         assert len(ids) == n
     assert tok.decode(prompt_ids(tiny_folders["ort"], 100)).startswith("<user>")
+
+
+def test_bench_runs_a_native_folder_on_each_kernel_path_asked(tiny_folders, tmp_path):
+    """Every x86 path on one machine: one row per path, each worker forced to it (the worker
+    reports the path it took), and the CPU's vector extensions in the record."""
+    from export.quant import QuantSettings, quantize_folder
+    from runtime import native
+    from runtime.bench import bench
+
+    folder = tmp_path / "int4"
+    quantize_folder(
+        tiny_folders["ort"], folder, QuantSettings("int4", kernel="native"), verify=False
+    )
+    paths = native.supported_paths()
+    data = bench([folder], prompt_tokens=16, new_tokens=4, runs=1, warmup=0, threads=1,
+                 kernel_paths=paths)  # fmt: skip
+    rows = data["results"]
+    assert [r.get("kernel_path") for r in rows] == list(paths)
+    assert all(r["decode_tok_s"]["median"] > 0 for r in rows)
+    assert data["machine"]["kernel_path"] == paths[-1]
+    assert (
+        "avx2" in data["machine"]["flags"]
+        or "asimd" in data["machine"]["flags"]
+        or paths == ("portable",)
+    )

@@ -22,7 +22,7 @@ TYPES = {  # what a Q4_K_M file looks like, one of each type somewhere
     "blk.0.attn_q.weight": "Q4_K",
     "blk.0.attn_k.weight": "Q4_K",
     "blk.0.attn_v.weight": "Q6_K",
-    "blk.0.attn_output.weight": "Q4_K",
+    "blk.0.attn_output.weight": "Q8_0",  # (llama.cpp's fallback for Q6_K in a narrow row)
     "blk.0.ffn_gate.weight": "Q4_K",
     "blk.0.ffn_up.weight": "Q4_K",
     "blk.0.ffn_down.weight": "Q6_K",
@@ -100,6 +100,7 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
     assert q.max_abs_carry_error < 1e-6 and not q.requantized_gguf_tensors
     report = json.loads((out / "report.json").read_text())
     assert report["quantization"]["origins"]["gguf-Q6_K 8-bit"] == 3
+    assert report["quantization"]["origins"]["gguf-Q8_0 8-bit"] == 1
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     ops = {n.name: n.op_type for n in graph.node}
     # Q6_K's blocks of 16 (and Q5_K / Q5_1's offsets in 8-bit containers): MatMulNBits
@@ -135,3 +136,16 @@ def test_a_type_with_no_exact_form_is_requantized_and_said_so(tmp_path, caplog):
     assert note["gguf_type"] == "Q2_K" and 0 < note["relative_rms_error"] < 0.5
     assert q.weights["layers.1.feed_forward.w3"].origin.startswith("rtn")
     assert q.weights["layers.0.feed_forward.w3"].origin == "gguf-Q4_K"
+
+
+def test_a_q8_0_file_quantized_to_int4_is_4_bit(tmp_path):
+    """When the file's main type is wider than asked (a Q8_0 file, int4), its layers are rounded
+    to 4 bits as asked; the 8-bit LM head keeps its Q8_0 blocks."""
+    types = {name: "Q8_0" for name in TYPES}
+    path = _write(tmp_path, types)
+    export_model(path, tmp_path / "fp32", target="ort")
+    quantize_folder(tmp_path / "fp32", tmp_path / "int4", QuantSettings("int4"), verify=False)
+    q = read_model_folder(tmp_path / "int4").quantization
+    assert q.weights["layers.0.attention.wq"].origin.startswith("rtn")
+    assert q.weights["layers.0.attention.wq"].bits == 4
+    assert q.weights["output"].origin == "gguf-Q8_0" and q.weights["output"].carried

@@ -3,12 +3,13 @@ dequantize exactly to the fp32 graph's weight, else quantized here (round to nea
 block). `plan` answers per module; the folder's report records the carry errors it measured and
 the GGUF tensors it could not carry.
 
-Which GGUF types are carried: every type `blocks.from_gguf` reads whose codes are at most
-max(bits asked, 6) wide. So int4 carries Q4_0, Q4_1, Q4_K and the 5- and 6-bit types a
-Q4_K_M / Q5_K_M file mixes in (Q5_0, Q5_1, Q5_K, Q6_K, in 8-bit containers), each tensor keeping
-its own type, and rounds Q8_0 (and F16 / F32) tensors to 4 bits; int8 (and the 8-bit LM head)
-carries all of them. Types with no exact form here (Q2_K, Q3_K, IQ*) are quantized again from
-the dequantized weight, and said so."""
+Which GGUF types are carried: every type `blocks.from_gguf` reads, each tensor keeping its own
+type — a Q4_K_M file's Q4_K, and the Q6_K, Q5_0 and Q8_0 it mixes in (5- to 8-bit codes in 8-bit
+containers). One exception: when the file's main type (the one most of its weights are in) is
+wider than max(bits asked, 6) — a Q8_0 file, or a Q6_K one whose narrow tensors fell back to
+Q8_0 — an int4 folder rounds those wider tensors to 4 bits, since 4 bits is what was asked; int8
+(and the 8-bit LM head) carries everything. Types with no exact form here (Q2_K, Q3_K, IQ*) are
+quantized again from the dequantized weight, and said so."""
 
 from __future__ import annotations
 
@@ -63,9 +64,19 @@ def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int, int]]
     return out
 
 
+def _main_type(carried: dict) -> str:
+    """The carried type holding most of the file's weights ("" when none is carried)."""
+    weights: dict[str, int] = {}
+    for type_name, raw, k, _ in carried.values():
+        if type_name in GGUF_TYPES:
+            weights[type_name] = weights.get(type_name, 0) + raw.shape[0] * k
+    return max(weights, key=weights.get) if weights else ""
+
+
 def plan(settings: QuantSettings, info: ModelInfo):
     """→ (choose(module, W), embedding_blocks(table, head)) closures and the carry log."""
     carried = _gguf_blocks(info) if settings.gguf_blocks else {}
+    main_type = _main_type(carried)
     arch = info.architecture
     notes: dict = {"max_abs_carry_error": 0.0}
 
@@ -75,8 +86,9 @@ def plan(settings: QuantSettings, info: ModelInfo):
         type_name, raw, k, heads = carried[tensor]
         if type_name not in GGUF_TYPES:  # Q2_K, Q3_K, IQ*: no exact form here
             return None
-        if gguf_bits(type_name) > max(bits, 6):
-            return None  # Q8_0 in an int4 folder: rounded to the bits asked
+        wide = max(bits, 6)
+        if gguf_bits(type_name) > wide and gguf_bits(main_type) > wide:
+            return None  # a Q8_0 file in an int4 folder: rounded to the bits asked
         blocks = from_gguf(type_name, raw, k)
         if heads:  # llama.cpp permuted the rows of a llama GGUF's q and k
             from export.sources.gguf import unpermute

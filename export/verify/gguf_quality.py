@@ -6,7 +6,7 @@ perplexity, its ratio to the fp32 reference, mean KL from the reference, and the
 perplexity to llama.cpp's. `make quality` runs it and writes docs/gguf_quality.md.
 
     python -m export.verify.gguf_quality [--models models] [--out docs/gguf_quality.md]
-        [--types Q4_0,Q4_1,...] [--extra NAME=FILE.gguf:PRECISION ...]
+        [--types Q4_0,Q4_1,...] [--extra NAME=FILE.gguf:PRECISION ...] [--append]
 
 Files other than the shipped Q4_1 are made with llama.cpp's own quantizer
 (`llama_model_quantize`, allow_requantize: it dequantizes the shipped Q4_1 blocks to fp32, the
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="NAME=FILE.gguf:PRECISION, another file to score (e.g. Gemma 3's Q4_K_M)",
     )
+    p.add_argument("--append", action="store_true", help="keep the rows of other files")
     a = p.parse_args(argv)
     from export.sources import default_gguf_path
     from runtime.bench.harness import machine
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     a.models.mkdir(parents=True, exist_ok=True)
     shipped = default_gguf_path()
     jobs = []
-    for type_name in a.types.split(","):
+    for type_name in filter(None, a.types.split(",")):
+        if type_name not in FILE_TYPES:
+            p.error(f"--types: {type_name!r} is not one of {', '.join(FILE_TYPES)}")
         name = f"smollm2-135m-{type_name.lower()}"
         if type_name == "Q4_1":
             path = shipped
@@ -210,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         file, precision = rest.rsplit(":", 1)
         jobs.append((name, Path(file), precision))
     rows = [score(n, f, prec, a.models, lambda m: print(m, flush=True)) for n, f, prec in jobs]
+    if a.append and a.out.with_suffix(".json").is_file():  # earlier rows of other files stay
+        done = {r["file"] for r in rows}
+        old = json.loads(a.out.with_suffix(".json").read_text())
+        rows = [r for r in old if r["file"] not in done] + rows
     a.out.write_text(markdown(rows, machine()["cpu"]))
     a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(a.out.read_text())

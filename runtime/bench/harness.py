@@ -36,6 +36,7 @@ class Case:
     sweep: list[dict] = dataclasses.field(default_factory=list)
     load_rss_mb: float = 0.0
     error: str | None = None
+    kernel_path: str | None = None  # LLAMAONNX_KERNEL_PATH for this worker (llamaonnx's kernels)
 
     def start(self, threads: int, provider: str) -> None:
         self.proc = subprocess.Popen(
@@ -52,11 +53,17 @@ class Case:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": str(threads),
+                **({"LLAMAONNX_KERNEL_PATH": self.kernel_path} if self.kernel_path else {}),
+            },
         )
         msg = json.loads(self.proc.stdout.readline() or '{"error": "worker died"}')
         self.error = msg.get("error")
         self.load_rss_mb = msg.get("rss_mb", 0.0)
+        if not self.error and self.kernel_path and msg.get("kernel_path") != self.kernel_path:
+            self.error = f"asked for kernel path {self.kernel_path}, ran {msg.get('kernel_path')}"
 
     def run(self, ids: list[int], new: int) -> dict:
         self.proc.stdin.write(json.dumps({"ids": ids, "new": new}) + "\n")
@@ -81,14 +88,23 @@ def _size(path: Path) -> int:
 
 
 def cases(
-    models: list[Path], peers: list[str], genai_dirs: list[Path], gguf: Path | None
+    models: list[Path],
+    peers: list[str],
+    genai_dirs: list[Path],
+    gguf: Path | None,
+    kernel_paths: tuple[str, ...] = (),
 ) -> list[Case]:
+    """The engines to run. `kernel_paths`: a folder on llamaonnx's kernels runs once per path
+    named (AVX-512, AVX2, …: every x86 path on one machine), else on the best one."""
     from runtime.folder import read_model_folder
 
     out = []
     for m in models:
         info = read_model_folder(m)
-        out.append(Case(f"llamaonnx {m.name}", "llamaonnx", str(m), _size(m)))
+        native_ops = bool(info.custom_ops)
+        for p in kernel_paths if native_ops and kernel_paths else (None,):
+            name = f"llamaonnx {m.name}" + (f" [{p}]" if p else "")
+            out.append(Case(name, "llamaonnx", str(m), _size(m), kernel_path=p))
         if "genai" in peers and info.target == "ort":
             out.append(Case(f"genai on {m.name}", "genai", str(m), _size(m)))
     for d in genai_dirs:
@@ -135,6 +151,7 @@ def bench(
     sweep_runs: int = 3,
     progress=lambda msg: None,
     check_files: bool = True,
+    kernel_paths: tuple[str, ...] = (),
 ) -> dict:
     """Runs every engine and returns the results; an engine that could not start has an
     "error" instead of figures (the CLI then exits non-zero). `check_files`: compare each
@@ -163,7 +180,14 @@ def bench(
             f"context of {context} tokens; ask for at most {context - new_tokens} prompt tokens"
         )
     ids = prompt_ids(models[0], prompt_tokens)
-    todo = cases(models, list(peers), [Path(d) for d in genai_dirs], gguf)
+    if kernel_paths:
+        from runtime import native
+
+        have = native.supported_paths()
+        for p in kernel_paths:
+            if p not in have:
+                raise OptionError(f"--kernel-path {p}: this CPU runs {have}")
+    todo = cases(models, list(peers), [Path(d) for d in genai_dirs], gguf, tuple(kernel_paths))
     for c in todo:
         progress(f"start   {c.name}")
         c.start(threads, provider)
@@ -203,6 +227,8 @@ def bench(
     results = []
     for c in todo:
         row = {"name": c.name, "engine": c.engine, "path": c.path, "size_mb": c.size_bytes / 1e6}
+        if c.kernel_path:
+            row["kernel_path"] = c.kernel_path
         if c.error:
             results.append({**row, "error": c.error})
             continue
@@ -246,6 +272,13 @@ def machine(gpu: bool = False) -> dict:
     except OSError:
         pass
     out = {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+    out["flags"] = _vector_flags()
+    try:
+        from runtime import native
+
+        out["kernel_path"] = native.path()  # what llamaonnx's kernels take here by default
+    except Exception:  # noqa: BLE001 — the library not built: the figure says so
+        out["kernel_path"] = "not built"
     if gpu:  # the card and driver, as nvidia-smi names them
         try:
             smi = subprocess.run(
@@ -259,6 +292,21 @@ def machine(gpu: bool = False) -> dict:
         except (OSError, IndexError, ValueError, subprocess.SubprocessError):
             out["gpu"] = "unknown"
     return out
+
+
+def _vector_flags() -> list[str]:
+    """The CPU's vector extensions that decide a kernel's speed (x86 /proc/cpuinfo `flags`, ARM
+    `Features`)."""
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx_vnni", "amx_int8", "amx_tile", "asimd", "asimddp", "sve", "i8mm")  # fmt: skip
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def versions() -> dict:

@@ -22,7 +22,12 @@ def worker(name: str, path: str, threads: int, provider: str) -> None:
     sys.stdout = sys.stderr  # engines that print must not break the protocol
     try:
         eng = engines.load(name)(path, threads, provider)
-        out.write(json.dumps({"ready": True, "rss_mb": _peak_rss_mb()}) + "\n")
+        ready = {"ready": True, "rss_mb": _peak_rss_mb()}
+        if name == "llamaonnx":
+            from runtime import native
+
+            ready["kernel_path"] = native.path() if native.available() else None
+        out.write(json.dumps(ready) + "\n")
     except Exception as e:  # reported to the parent, which says which peer could not start
         out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
         out.flush()
