@@ -65,12 +65,14 @@ def _gguf_blocks(info: ModelInfo) -> dict[str, tuple[str, np.ndarray, int, int]]
 
 
 def _main_type(carried: dict) -> str:
-    """The carried type holding most of the file's weights ("" when none is carried)."""
-    weights: dict[str, int] = {}
-    for type_name, raw, k, _ in carried.values():
-        if type_name in GGUF_TYPES:
-            weights[type_name] = weights.get(type_name, 0) + raw.shape[0] * k
-    return max(weights, key=weights.get) if weights else ""
+    """The carried type most of the file's layer tensors are in ("" when none is carried). By
+    count, and without the embedding and head, which llama.cpp quantizes on rules of their own
+    (Gemma 3 270M's Q4_K_M has a Q8_0 embedding bigger than all its layers together)."""
+    counts: dict[str, int] = {}
+    for name, (type_name, _, _, _) in carried.items():
+        if type_name in GGUF_TYPES and name.startswith("layers."):
+            counts[type_name] = counts.get(type_name, 0) + 1
+    return max(counts, key=counts.get) if counts else ""
 
 
 def plan(settings: QuantSettings, info: ModelInfo):
