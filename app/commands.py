@@ -21,7 +21,21 @@ def _app(args) -> int:
 
 
 def _serve(args) -> int:
-    from app.openai_server import serve
+    from runtime.errors import OptionError
+
+    if not args.ray:
+        if args.replicas != 1 or args.max_replicas or args.ray_address:
+            raise OptionError("--replicas, --max-replicas and --ray-address need --ray")
+        from app.openai_server import serve
+
+        return serve(args)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise OptionError(
+            "--ray needs Ray Serve: pip install 'llamaonnx[ray]' (or pip install 'ray[serve]')"
+        ) from None
+    from app.ray_serve import serve
 
     return serve(args)
 
@@ -41,4 +55,17 @@ def _serve_arguments(p) -> None:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="allow this browser origin (repeatable); none by default")  # fmt: skip
-    p.add_argument("--threads", type=argparse_type(threads), default=None)
+    p.add_argument(
+        "--threads",
+        type=argparse_type(lambda name, text: threads(integer(name, text, 1))),
+        default=None,
+        help="1 to 4× the core count (default: all)",
+    )
+    r = p.add_argument_group("scale-out on Ray Serve (the `ray` extra)")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas")
+    r.add_argument("--replicas", type=argparse_type(integer, 1, 1024), default=1,
+                   help="replicas, each with its own engines (with --ray)")  # fmt: skip
+    r.add_argument("--max-replicas", type=argparse_type(integer, 1, 1024), default=None,
+                   help="let Ray's autoscaler grow to this many replicas (with --ray)")  # fmt: skip
+    r.add_argument("--ray-address", default=None,
+                   help="a Ray cluster to join (default: start a local Ray)")  # fmt: skip

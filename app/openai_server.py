@@ -18,6 +18,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -214,7 +215,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
     @app.get("/health")
     async def health():
         ok = not state["closing"]
-        body = {"status": "ok" if ok else "shutting down", "models": list(served)}
+        body = {"status": "ok" if ok else "shutting down", "models": list(served),
+                "process": os.getpid()}  # (which replica answered, behind Ray Serve)  # fmt: skip
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -4,9 +4,11 @@ Serving existing folders imports only `runtime`, gradio and the drawing helpers 
 graph, matplotlib for pictures), never torch. With no folder given, the default int4 model is used,
 exported first (through `export`, which needs the export extra) with a visible progress message.
 
-Concurrency: one `Session` per (folder, provider) is shared by all users (onnxruntime's Run is
-thread-safe); every reply gets its own `Generator` and so its own KV cache. Requests queue, at
-most `concurrency` at a time.
+Concurrency: one `Session` per (folder, provider) is shared by all users. On the CPU, an `ort`
+folder's replies go through one continuous-batching `Engine` (runtime/engine.py) with
+`concurrency` slots: concurrent chats are decoded together in one batch, a new one joins at the
+next step, and a chat whose page is closed is cancelled (its slot frees at once). Elsewhere (CUDA,
+the other targets) every reply gets its own `Generator` and KV cache, `concurrency` at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from runtime import options
@@ -38,12 +41,14 @@ footer {display: none !important}
 
 
 class Models:
-    """Sessions per (folder, provider), opened on first use and kept."""
+    """Sessions per (folder, provider), and a batching engine per CPU session that can have one,
+    opened on first use and kept."""
 
-    def __init__(self, folders: list[Path], threads: int | None = None):
+    def __init__(self, folders: list[Path], threads: int | None = None, slots: int = 4):
         self.folders = {self.label(f): Path(f) for f in folders}
-        self.threads = threads
+        self.threads, self.slots = threads, slots
         self._sessions: dict = {}
+        self._engines: dict = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -65,6 +70,24 @@ class Models:
                     self.folders[label], provider=provider, threads=self.threads
                 )
             return self._sessions[key]
+
+    def engine(self, label: str, provider: str):
+        """The continuous-batching engine for this folder on the CPU, or None where it does not
+        apply (CUDA, or a graph without the `ort` target's shared cache buffer)."""
+        from runtime.engine import Engine
+
+        session = self.session(label, provider)
+        if session.device != "cpu" or not session.info.shared_kv_buffer:
+            return None
+        key = (label, session.device)
+        with self._lock:
+            if key not in self._engines:
+                self._engines[key] = Engine(session, slots=self.slots, queue_size=64)
+            return self._engines[key]
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
 
 
 def providers() -> list[str]:
@@ -128,14 +151,38 @@ def model_markdown(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def build(folders: list[Path], bench: Path | None = None, threads: int | None = None):
+def _engine_reply(engine, ids, config, reply, history):
+    """Streams one reply through the batching engine: yields after each text piece, and returns
+    the figures line. A closed page (the generator closed) cancels the request."""
+    from runtime.generator import Stats
+
+    request = engine.submit(ids, config)
+    try:
+        for event in request:
+            if event.text:
+                if not reply["content"]:
+                    history.append(reply)
+                reply["content"] += event.text
+                yield
+        tokens, _ = request.result()
+    finally:
+        request.cancel()  # (a no-op once it has finished)
+    end = time.monotonic()
+    first = request.first_token_at or end
+    stats = Stats(len(ids), len(tokens), first - request.submitted, end - first)
+    return stats_line(stats) + f" · batched with up to {len(engine.slots)} chats"
+
+
+def build(
+    folders: list[Path], bench: Path | None = None, threads: int | None = None, slots: int = 4
+):
     import gradio as gr
 
     from app.graph_view import layer_picture
     from runtime.errors import ContextLengthError, LlamaonnxError
     from runtime.generator import GenerationConfig, Generator
 
-    models = Models(folders, threads=threads)
+    models = Models(folders, threads=threads, slots=slots)
     labels = list(models.folders)
 
     def respond(
@@ -169,7 +216,6 @@ def build(folders: list[Path], bench: Path | None = None, threads: int | None = 
             raise gr.Error("Type a message first.", title="Empty message")
         history = list(history or [])
         session = models.session(label, provider)
-        gen = Generator(session)
         messages = [{"role": "system", "content": system}] if system and system.strip() else []
         messages += [{"role": m["role"], "content": _text(m["content"])} for m in history]
         messages.append({"role": "user", "content": message})
@@ -193,6 +239,20 @@ def build(folders: list[Path], bench: Path | None = None, threads: int | None = 
         history.append({"role": "user", "content": message})
         yield history, "reading the prompt…"  # the user's message shows at once
         reply = {"role": "assistant", "content": ""}
+        engine = models.engine(label, provider)
+        if engine is not None:
+            replying = _engine_reply(engine, ids, config, reply, history)
+            try:
+                while True:
+                    try:
+                        next(replying)
+                    except StopIteration as done:
+                        yield history, done.value
+                        return
+                    yield history, "generating…"
+            finally:  # the page went away: the request is cancelled, its slot freed
+                replying.close()
+        gen = Generator(session)
         for piece in gen.stream(ids, config):
             if not reply["content"]:
                 history.append(reply)
@@ -340,7 +400,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def serve(args) -> int:
     folders = list(args.model_dirs) or [ensure_default_model()]
-    demo = build(folders, bench=args.bench, threads=args.threads)
+    demo = build(folders, bench=args.bench, threads=args.threads, slots=args.concurrency)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     print(f"serving {', '.join(map(str, folders))} on http://{args.host}:{args.port}", flush=True)
     demo.launch(

@@ -200,6 +200,43 @@ def _add_bench(sub) -> None:
     b.add_argument("--png", type=Path, default=None)
     b.add_argument("--markdown", type=Path, default=None, help="a report like docs/benchmarks.md")
     b.set_defaults(fn=_bench)
+    from runtime.bench import load
+
+    lo = sub.add_parser(
+        "load", help="concurrent clients against OpenAI-compatible servers (serving benchmark)"
+    )
+    load.main_args(lo)
+    lo.set_defaults(fn=_load)
+
+
+def _load(args) -> int:
+    from runtime.bench import load
+    from runtime.files import write_atomic
+
+    data = load.run(
+        args.targets,
+        levels=load.levels_arg(args.clients),
+        per_client=args.requests,
+        max_tokens=args.max_tokens,
+        threads=args.threads,
+        api_key=args.api_key,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        prompt_words=args.prompt_words,
+    )
+    png = None
+    if args.png:
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        load.chart(data, args.png)
+        if args.markdown:
+            png = os.path.relpath(args.png.absolute(), args.markdown.absolute().parent)
+    text = load.markdown(data, "llamaonnx " + shlex.join(args.argv), png)
+    print(text)
+    for path, body in ((args.json, json.dumps(data, indent=2) + "\n"), (args.markdown, text)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, body)
+    failed = sum(r["errors"] for t in data["targets"] for r in t["levels"])
+    return 0 if not failed else 1
 
 
 def _bench(args) -> int:
@@ -227,12 +264,19 @@ def _bench(args) -> int:
     outputs = []
     if args.json:
         outputs.append((args.json, json.dumps(data, indent=2) + "\n"))
+    if args.png and args.markdown:  # one chart per machine, beside its section
+        from runtime.bench.report import cpu_key, slug
+
+        args.png = args.png.with_name(f"{args.png.stem}-{slug(cpu_key(data['machine']))}.png")
     if args.markdown:
+        from runtime.bench.report import merge_sections
+
         png = None
         if args.png:
             png = os.path.relpath(args.png.absolute(), args.markdown.absolute().parent)
         command = "llamaonnx " + shlex.join(args.argv)
-        outputs.append((args.markdown, report_markdown(data, command, png)))
+        old = args.markdown.read_text() if args.markdown.is_file() else ""
+        outputs.append((args.markdown, merge_sections(old, report_markdown(data, command, png))))
     for path, text in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text)

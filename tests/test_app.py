@@ -125,10 +125,12 @@ def test_client_reply_is_the_runtime_greedy_reply_with_figures(app_url, tiny_fol
     assert history[0]["role"] == "user"
     assert _reply(history) == _expected(tiny_folders["ort"], "Hello there", 16)
     assert "time to first token" in figures and "tok/s" in figures and "16 new tokens" in figures
+    assert "batched with up to 2 chats" in figures  # the CPU `ort` folder runs on the engine
 
 
 def test_two_users_at_once_get_their_own_replies(app_url, default_int4):
-    """Both replies run at the same time (concurrency 2) and each equals its one-by-one run."""
+    """Both replies run at the same time, decoded together in one batch by the engine (2 slots),
+    and each equals its one-by-one run through the runtime's Generator."""
     from gradio_client import Client
 
     label = _label(default_int4)

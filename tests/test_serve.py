@@ -201,3 +201,60 @@ def test_a_full_queue_answers_429(tiny_folders, default_int4, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, tmp_path):
+    """`llamaonnx load`: the server started and stopped by the command itself, clients at each
+    level streaming the same prompts; figures per level, JSON, markdown and chart (no speed is
+    asserted)."""
+    from runtime.cli import main
+
+    out = tmp_path / "load"
+    rc = main(["load", f"ours=llamaonnx:{tiny_folders['ort']}:2", "--clients", "1,2",
+               "--requests", "2", "--max-tokens", "6", "--prompt-words", "10", "--threads", "1",
+               "--json", str(out / "load.json"), "--markdown", str(out / "load.md"),
+               "--png", str(out / "load.png")])  # fmt: skip
+    assert rc == 0
+    data = json.loads((out / "load.json").read_text())
+    levels = data["targets"][0]["levels"]
+    assert [lv["clients"] for lv in levels] == [1, 2]
+    assert [lv["requests"] for lv in levels] == [2, 4]
+    assert all(lv["errors"] == 0 and lv["output_tokens"] > 0 for lv in levels)
+    assert all(lv["tokens_per_second"] > 0 for lv in levels)
+    assert "| ours | 2 | 4 | 0 |" in (out / "load.md").read_text()
+    assert (out / "load.png").stat().st_size > 1000
+
+
+def test_ray_serve_spreads_requests_over_two_replicas(tiny_folders, tmp_path_factory):
+    """`llamaonnx serve --ray --replicas 2` on a local Ray instance: the same OpenAI routes, both
+    replicas answering (each /health names its process), streaming and not, and the replies equal
+    the plain server's (greedy)."""
+    proc, url = _start(tmp_path_factory, [tiny_folders["ort"]], "--ray", "--replicas", "2",
+                       "--threads", "1", "--slots", "2")  # fmt: skip
+    try:
+        name = tiny_folders["ort"].name
+        client = _client(url, key="unused")
+        assert [m.id for m in client.models.list().data] == [name]
+        processes = set()
+        for _ in range(40):
+            with urllib.request.urlopen(url + "/health", timeout=10) as r:
+                processes.add(json.loads(r.read())["process"])
+            if len(processes) == 2:
+                break
+        assert len(processes) == 2
+        ask = {"model": name, "max_tokens": 8, "temperature": 0,
+               "messages": [{"role": "user", "content": "Hello"}]}  # fmt: skip
+        whole = client.chat.completions.create(**ask).choices[0].message.content
+        chunks = client.chat.completions.create(**ask, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert whole == streamed
+        from runtime.generator import GenerationConfig, Generator
+        from runtime.session import Session
+
+        want = Generator(Session(tiny_folders["ort"], provider="cpu")).generate(
+            ask["messages"], GenerationConfig(max_new_tokens=8)
+        )
+        assert whole == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)

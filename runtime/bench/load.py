@@ -1,0 +1,355 @@
+"""`llamaonnx load TARGET…`: the serving benchmark. N concurrent clients (1, 2, 4, 8, 16 by
+default) each send the same set of chat prompts, one after another, to an OpenAI-compatible
+server, streaming; per level: aggregate output tokens/s (all clients' tokens over the level's wall
+time), p50/p95 time to first token and inter-token latency, requests, errors. JSON, markdown and
+a chart.
+
+A TARGET is `NAME=URL` (a server already running, e.g. http://127.0.0.1:8000), or one this
+command starts and stops itself:
+
+    NAME=llamaonnx:MODEL_DIR[:SLOTS]            `llamaonnx serve MODEL_DIR --slots SLOTS`
+    NAME=llama-server:BINARY:GGUF[:SLOTS]       llama.cpp's server with -np SLOTS (continuous
+                                                batching, a context of 2048 per slot)
+
+Every target gets the same prompts, max_tokens and greedy sampling; targets run one after
+another, each level after the previous one, so they never compete for the CPU. Tokens are counted
+from the server's `usage` (stream_options.include_usage) where it sends one, else one per content
+chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from runtime.errors import OptionError
+
+LEVELS = (1, 2, 4, 8, 16)
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    url: str = ""
+    command: list[str] | None = None  # a server to start (and stop) for the run
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+
+def parse_target(spec: str, workdir: Path, threads: int) -> Target:
+    """NAME=URL, NAME=llamaonnx:DIR[:SLOTS] or NAME=llama-server:BIN:GGUF[:SLOTS]."""
+    if "=" not in spec:
+        raise OptionError(f"target {spec!r}: write NAME=URL, NAME=llamaonnx:DIR[:SLOTS] or "
+                          "NAME=llama-server:BINARY:GGUF[:SLOTS]")  # fmt: skip
+    name, rest = spec.split("=", 1)
+    if rest.startswith(("http://", "https://")):
+        return Target(name, rest.rstrip("/"))
+    kind, _, args = rest.partition(":")
+    parts = args.split(":")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    if kind == "llamaonnx" and 1 <= len(parts) <= 2:
+        slots = parts[1] if len(parts) == 2 else "8"
+        code = "import sys; from runtime.cli import main; sys.exit(main())"
+        cmd = [sys.executable, "-c", code, "serve", parts[0], "--port", str(port),
+               "--slots", slots, "--threads", str(threads)]  # fmt: skip
+    elif kind == "llama-server" and 2 <= len(parts) <= 3:
+        slots = int(parts[2]) if len(parts) == 3 else 8
+        cmd = [parts[0], "-m", parts[1], "--port", str(port), "-np", str(slots),
+               "-c", str(2048 * slots), "-t", str(threads), "-tb", str(threads),
+               "--cont-batching", "--log-disable"]  # fmt: skip
+    else:
+        raise OptionError(f"target {spec!r}: unknown kind {kind!r} or wrong parts")
+    return Target(name, url, cmd, log=workdir / f"{name}.log")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(t: Target, timeout: float = 300) -> None:
+    if t.command is None:
+        return
+    t.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(t.log, "w") as out:
+        t.proc = subprocess.Popen(t.command, stdout=out, stderr=subprocess.STDOUT)
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if t.proc.poll() is not None:
+            raise OptionError(f"{t.name} exited with {t.proc.returncode}: see {t.log}")
+        try:
+            if httpx.get(f"{t.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    _stop(t)
+    raise OptionError(f"{t.name} did not answer /health within {timeout:.0f} s: see {t.log}")
+
+
+def _stop(t: Target) -> None:
+    if t.proc is not None:
+        t.proc.terminate()
+        try:
+            t.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            t.proc.kill()
+        t.proc = None
+
+
+def prompts(n: int = 4, words: int = 100) -> list[str]:
+    """The shared prompts: the first `words` words of the shipped texts (prose, chat, code) and
+    of the prose's second half, each with an instruction (~130 tokens with SmolLM2's tokenizer)."""
+    from runtime.texts import eval_texts
+
+    texts = list(eval_texts().values())
+    prose = texts[0].split()
+    pieces = [t.split()[:words] for t in texts] + [prose[len(prose) // 2 :][:words]]
+    asks = ["Summarize this text in two sentences:", "What happens next? Reply briefly:",
+            "Explain what this code does:", "Give this passage a title and say why:"]  # fmt: skip
+    return [f"{asks[i % 4]}\n\n{' '.join(pieces[i % len(pieces)])}" for i in range(n)]
+
+
+def _model(url: str, api_key: str | None) -> str:
+    import httpx
+
+    r = httpx.get(f"{url}/v1/models", headers=_headers(api_key), timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def one_request(url, model, prompt, max_tokens, api_key=None, timeout=600.0) -> dict:
+    """One streamed chat completion: {"ttft", "itl": [...], "tokens", "seconds"} or {"error"}."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.monotonic()
+    stamps: list[float] = []
+    usage = None
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                          headers=_headers(api_key), timeout=timeout) as r:  # fmt: skip
+            if r.status_code != 200:
+                r.read()
+                return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        stamps.append(time.monotonic())
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    end = time.monotonic()
+    tokens = (usage or {}).get("completion_tokens") or len(stamps)
+    return {  # (no content at all: a reply of only an end token, or of incomplete characters)
+        "ttft": stamps[0] - t0 if stamps else None,
+        "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "tokens": tokens,
+        "seconds": end - t0,
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def level(url, model, texts, clients, per_client, max_tokens, api_key=None) -> dict:
+    """`clients` threads, each sending `per_client` requests in turn (client c starts at prompt
+    c, so every level sends the same mix)."""
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for j in range(per_client):
+            r = one_request(url, model, texts[(c + j) % len(texts)], max_tokens, api_key)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    ok = [r for r in results if "error" not in r]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "error_examples": sorted({r["error"] for r in results if "error" in r})[:3],
+        "output_tokens": sum(r["tokens"] for r in ok),
+        "wall_s": wall,
+        "tokens_per_second": sum(r["tokens"] for r in ok) / wall,
+        "ttft_p50_ms": _ms(_pct(ttft, 0.5)),
+        "ttft_p95_ms": _ms(_pct(ttft, 0.95)),
+        "itl_p50_ms": _ms(_pct(itl, 0.5)),
+        "itl_p95_ms": _ms(_pct(itl, 0.95)),
+        "single_stream_tok_s": statistics.median(
+            [(len(r["itl"])) / sum(r["itl"]) for r in ok if r["itl"] and sum(r["itl"]) > 0]
+        )
+        if any(r["itl"] and sum(r["itl"]) > 0 for r in ok)
+        else None,
+    }
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else x * 1000
+
+
+def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 64,
+        threads: int = 2, api_key: str | None = None, workdir: Path = Path("build/load"),
+        progress=lambda m: None, prompt_words: int = 100) -> dict:  # fmt: skip
+    from runtime.bench.harness import machine, versions
+
+    targets = [parse_target(s, workdir, threads) for s in specs]
+    texts = prompts(words=prompt_words)
+    out = []
+    for t in targets:
+        progress(f"start   {t.name}")
+        _start(t)
+        try:
+            model = _model(t.url, api_key)
+            one_request(t.url, model, texts[0], 8, api_key)  # warm-up
+            rows = []
+            for n in levels:
+                rows.append(level(t.url, model, texts, n, per_client, max_tokens, api_key))
+                r = rows[-1]
+                progress(
+                    f"{t.name}: {n} clients, {r['tokens_per_second']:.1f} tok/s, "
+                    f"TTFT p95 {r['ttft_p95_ms'] or 0:.0f} ms, {r['errors']} errors"
+                )
+            out.append({"name": t.name, "url": t.url, "command": t.command, "levels": rows})
+        finally:
+            _stop(t)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "versions": versions(),
+        "settings": {
+            "levels": list(levels),
+            "requests_per_client": per_client,
+            "max_tokens": max_tokens,
+            "threads": threads,
+            "prompts": len(texts),
+            "prompt_words": prompt_words,
+            "sampling": "greedy (temperature 0)",
+        },  # fmt: skip
+        "targets": out,
+    }
+
+
+def markdown(data: dict, command: str, png: str | None = None) -> str:
+    s, m = data["settings"], data["machine"]
+    lines = [
+        "# Serving: concurrent clients against OpenAI-compatible servers",
+        "",
+        f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores); {s['threads']} threads per "
+        f"server, {s['prompts']} chat prompts of {s['prompt_words']} words of text, "
+        f"{s['max_tokens']} new tokens each "
+        f"({s['sampling']}), {s['requests_per_client']} requests per client in turn, streamed.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "| server | clients | requests | errors | output tok/s | TTFT p50 ms | TTFT p95 ms "
+        "| ITL p50 ms | ITL p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(x, digits=0):
+        return "—" if x is None else f"{x:.{digits}f}"
+
+    for t in data["targets"]:
+        for r in t["levels"]:
+            lines.append(
+                f"| {t['name']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+                f"{f(r['tokens_per_second'], 1)} | {f(r['ttft_p50_ms'])} | {f(r['ttft_p95_ms'])} "
+                f"| {f(r['itl_p50_ms'], 1)} | {f(r['itl_p95_ms'], 1)} |"
+            )
+    if png:
+        lines += ["", f"![serving benchmark]({png})"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    for t in data["targets"]:
+        x = [r["clients"] for r in t["levels"]]
+        axes[0].plot(x, [r["tokens_per_second"] for r in t["levels"]], marker="o", label=t["name"])
+        axes[1].plot(x, [r["ttft_p95_ms"] or 0 for r in t["levels"]], marker="o", label=t["name"])
+    for ax, title in zip(axes, ("aggregate output tok/s", "time to first token p95 (ms)"),
+                         strict=True):  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(data["machine"]["cpu"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main_args(p) -> None:
+    from runtime.options import argparse_type, integer
+
+    p.add_argument("targets", nargs="+", help="NAME=URL | NAME=llamaonnx:DIR[:SLOTS] | "
+                   "NAME=llama-server:BINARY:GGUF[:SLOTS]")  # fmt: skip
+    p.add_argument("--clients", default=",".join(map(str, LEVELS)),
+                   help="concurrency levels, comma-separated (default 1,2,4,8,16)")  # fmt: skip
+    p.add_argument("--requests", type=argparse_type(integer, 1, 1000), default=4,
+                   help="requests per client at each level")  # fmt: skip
+    p.add_argument("--max-tokens", type=argparse_type(integer, 1, 4096), default=64)
+    p.add_argument("--prompt-words", type=argparse_type(integer, 1, 100_000), default=100,
+                   help="words of text in each prompt (100: ~130 tokens)")  # fmt: skip
+    p.add_argument("--threads", type=argparse_type(integer, 1, 256), default=os.cpu_count() or 2)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--png", type=Path, default=None)
+
+
+def levels_arg(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or any(n < 1 or n > 1024 for n in levels):
+        raise OptionError(f"--clients {text!r}: comma-separated integers from 1 to 1024")
+    return levels
