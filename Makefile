@@ -121,8 +121,7 @@ bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.j
 	$(VENV)/bin/llamaonnx bench $(QKM)-int4 --peer llama.cpp --genai-dir models/genai-int4 \
 		--prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
 		--json docs/benchmarks-q4_k_m.json --markdown docs/benchmarks-q4_k_m.md
-	# the GPU figures come from tests/gpu/run.sh on a GPU machine (docs/gpu/), not from this run
-	printf '\n' >> docs/benchmarks.md && cat docs/gpu/README.md >> docs/benchmarks.md
+	# (the GPU section comes from tests/gpu/run.sh on a GPU machine, docs/gpu/; it is kept)
 
 app: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx app $(MODEL)

@@ -47,9 +47,15 @@ def test_bench_cli_writes_table_json_chart_and_report(tiny_folders, tmp_path, ca
         (point,) = r["sweep"]
         assert len(point["runs"]) == 2 and point["decode_tok_s"] == statistics.median(point["runs"])
     assert data["settings"]["prompt_tokens"] == 24
-    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    # one section and one chart per CPU: this machine's, named after it
+    from runtime.bench.report import cpu_key, slug
+
+    key = cpu_key(data["machine"])
+    png = f"bench-{slug(key)}.png"
+    assert (out / png).read_bytes()[:4] == b"\x89PNG"
     report = (out / "bench.md").read_text()
-    assert "llamaonnx bench" in report and "![benchmark chart](bench.png)" in report
+    assert f"## {key}" in report and "llamaonnx bench" in report
+    assert f"![benchmark chart]({png})" in report
     table = capsys.readouterr().out
     assert "decode tok/s" in table and "PyTorch reference" in table
 
@@ -88,3 +94,18 @@ def test_bench_runs_a_native_folder_on_each_kernel_path_asked(tiny_folders, tmp_
         or "asimd" in data["machine"]["flags"]
         or paths == ("portable",)
     )
+
+
+def test_the_report_keeps_one_section_per_cpu():
+    """A run replaces its own machine's section of docs/benchmarks.md and keeps the others."""
+    from runtime.bench.report import cpu_key, merge_sections
+
+    zen2 = {"cpu": "AMD EPYC", "cores": 2, "flags": ["avx2", "fma"]}
+    zen4 = {**zen2, "flags": ["avx2", "avx512f", "avx512_vnni"]}
+    assert cpu_key(zen2) == "AMD EPYC, AVX2, 2 cores" != cpu_key(zen4)
+    text = merge_sections("", f"## {cpu_key(zen4)}\n\nold zen4\n")
+    text = merge_sections(text, f"## {cpu_key(zen2)}\n\nzen2\n")
+    text = merge_sections(text, f"## {cpu_key(zen4)}\n\nnew zen4\n")
+    assert text.startswith("# Benchmarks")
+    assert "zen2" in text and "new zen4" in text and "old zen4" not in text
+    assert text.count("## AMD EPYC") == 2

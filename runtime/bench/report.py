@@ -41,11 +41,50 @@ def table(data: dict, markdown: bool = False) -> str:
     return "\n".join(fmt.format(*row) for row in [head, *rows])
 
 
+def cpu_key(machine: dict) -> str:
+    """What a figure depends on: the CPU model and its best vector extension for our kernels
+    (a VM's "AMD EPYC" is a Zen 2 with AVX2 on one host and a Zen 4 with AVX-512 on another)."""
+    flags = set(machine.get("flags") or ())
+    best = next(
+        (name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                 ("avx2", "AVX2"), ("asimddp", "NEON dotprod"), ("asimd", "NEON"))
+         if flag in flags),
+        "no vector extension found",
+    )  # fmt: skip
+    gpu = f", {machine['gpu']}" if machine.get("gpu") else ""
+    return f"{machine['cpu']}, {best}, {machine['cores']} cores{gpu}"
+
+
+def slug(key: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
+
+
+SECTIONS_HEADER = (
+    "# Benchmarks\n\nOne section per CPU (model and vector extensions) this benchmark has run "
+    "on; `make bench` replaces its own machine's section and keeps the others. Speed depends on "
+    "the CPU: never read one section as another machine's figure.\n"
+)
+
+
+def merge_sections(old: str, section: str) -> str:
+    """The report with `section` (starting "## KEY") in place of the one with the same KEY, or
+    added; the other machines' sections are kept as they are."""
+    key = section.splitlines()[0]
+    parts = (
+        [p for p in ("\n" + old).split("\n## ")[1:] if p.strip()] if "\n## " in "\n" + old else []
+    )
+    kept = ["## " + p.rstrip("\n") + "\n" for p in parts if "## " + p.splitlines()[0] != key]
+    return SECTIONS_HEADER + "\n" + "\n".join([section.rstrip("\n") + "\n", *kept])
+
+
 def report_markdown(data: dict, command: str, png: str | None = None) -> str:
-    """docs/benchmarks.md: the machine, versions, exact command, table, sweep and chart."""
+    """This machine's section of docs/benchmarks.md: the machine, versions, exact command,
+    table, sweep and chart (merge_sections puts it beside the other machines')."""
     s, m = data["settings"], data["machine"]
     lines = [
-        "# Benchmarks",
+        f"## {cpu_key(m)}",
         "",
         f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores, {m['system']})"
         + (f", GPU {m['gpu']}, provider {s['provider']}" if "gpu" in m else "")
