@@ -8,9 +8,11 @@ is cancelled or passes its deadline, so a long reply never blocks a short one.
 Each turn of the loop (one background thread):
 1. admit queued requests into free slots;
 2. prefill one chunk (`prefill_chunk` tokens) of one joining request, on its slot's rows alone;
-3. one decode step for every slot at once: the running requests feed their last token, the
-   others a pad token whose key/value lands in a cache column that slot does not count (its next
-   prefill chunk overwrites it), so no request waits for another's prefill.
+3. one decode step for the first k slots at once, k the highest running slot + 1 (a request
+   takes the lowest free slot, so a lone stream runs a batch of one): the running requests feed
+   their last token, the others a pad token whose key/value lands in a cache column that slot
+   does not count (its next prefill chunk overwrites it), so no request waits for another's
+   prefill.
 
 It needs a folder whose graph shares past and present (the `ort` target): onnxruntime's
 GroupQueryAttention takes each row's own length (mask sum) and writes that row's new key/value at
@@ -312,11 +314,13 @@ class Engine:
         running = [s is not None and not s.pending and s.last is not None for s in self.slots]
         if not any(running):
             return
+        k = max(i for i, run in enumerate(running) if run) + 1
+        running = running[:k]
         tokens = [
             s.last if run else self.info.pad_token_id
-            for s, run in zip(self.slots, running, strict=True)
+            for s, run in zip(self.slots[:k], running, strict=True)
         ]
-        lengths = [s.length if s is not None else 0 for s in self.slots]
+        lengths = [s.length if s is not None else 0 for s in self.slots[:k]]
         logits = self._buffers.decode(tokens, lengths)
         self.metrics.decode_steps += 1
         for i, run in enumerate(running):
@@ -382,8 +386,14 @@ class _Buffers:
         self.kv = [np.zeros(shape, info.kv_dtype) for _ in range(2 * info.n_layers)]
         self.mask = np.zeros((slots, max_length), np.int64)
         self.logits = np.empty((slots, 1, info.vocab_size), np.float32)
-        self.all = self._binding([ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv])
-        self.all.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        # decode runs over the first k slots only, k the highest running one + 1 (slots are
+        # taken lowest first): one stream alone does not pay for eight rows
+        self.first = [None]
+        for k in range(1, slots + 1):
+            binding = self._binding([ort.OrtValue.ortvalue_from_numpy(a[:k]) for a in self.kv])
+            logits = ort.OrtValue.ortvalue_from_numpy(self.logits[:k])
+            binding.bind_ortvalue_output("logits", logits)
+            self.first.append(binding)
         self.one = [
             self._binding([ort.OrtValue.ortvalue_from_numpy(a[i : i + 1]) for a in self.kv])
             for i in range(slots)
@@ -425,18 +435,20 @@ class _Buffers:
         return logits
 
     def decode(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
-        """One token for every slot, each after its own cached length → (slots, 1, V) logits,
-        a view valid until the next decode."""
+        """One token for each of the first len(tokens) slots, each after its own cached length →
+        (k, 1, V) logits, a view valid until the next decode."""
+        k = len(tokens)
         width = max(lengths) + 1
-        mask = self.mask[:, :width]
+        mask = self.mask[:k, :width]
         mask[:] = 0
         for i, n in enumerate(lengths):
             mask[i, : n + 1] = 1
+        binding = self.first[k]
         self._feed(
-            self.all,
+            binding,
             np.array(tokens, np.int64)[:, None],
             np.ascontiguousarray(mask),
             np.array(lengths, np.int64)[:, None],
         )
-        self.session.session.run_with_iobinding(self.all)
-        return self.logits
+        self.session.session.run_with_iobinding(binding)
+        return self.logits[:k]
