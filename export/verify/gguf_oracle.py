@@ -24,6 +24,7 @@ def compare(folder: Path, gguf: Path) -> dict:
     import torch
     import transformers
 
+    from export.verify.parity import perplexity
     from runtime.session import Session
     from runtime.texts import eval_text
     from runtime.tokenizer import Tokenizer
@@ -46,16 +47,9 @@ def compare(folder: Path, gguf: Path) -> dict:
         "tokens": n,
         "same_token_ids": ours == ids,
         "max_abs_logit_delta": float(np.abs(got - want).max()),
-        "perplexity": _perplexity(got, ids),
-        "oracle_perplexity": _perplexity(want, ids),
+        "perplexity": perplexity(got[0], ids),
+        "oracle_perplexity": perplexity(want[0], ids),
     }
-
-
-def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    x = logits[0, :-1].astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
-    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,16 +55,6 @@ def make_file(source: Path, out: Path, type_name: str) -> Path:
     return out
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def perplexity(logp: np.ndarray, ids: list[int]) -> float:
-    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
-
-
 def folder_logits(folder: Path, ids: list[int]) -> np.ndarray:
     from runtime.session import Session
 
@@ -108,6 +98,7 @@ def tensor_types(path: Path) -> dict[str, int]:
 def score(name: str, path: Path, precision: str, models: Path, progress) -> dict:
     from export.pipeline import export_model
     from export.quant import QuantSettings, quantize_folder
+    from export.verify.parity import mean_kl, perplexity
     from runtime.texts import eval_texts
     from runtime.tokenizer import Tokenizer
 
@@ -134,11 +125,10 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
     }
     for kind, text in eval_texts().items():
         ids = tok.encode(text)[:1024]
-        ref = log_softmax(folder_logits(fp32, ids))
-        ours = log_softmax(folder_logits(quant, ids))
-        theirs = log_softmax(llama_cpp_logits(path, ids))
+        ref, ours = folder_logits(fp32, ids), folder_logits(quant, ids)
+        theirs = llama_cpp_logits(path, ids)
         p_ref, p_ours, p_cpp = (perplexity(x, ids) for x in (ref, ours, theirs))
-        kl = float((np.exp(ref[:-1]) * (ref[:-1] - ours[:-1])).sum(-1).mean())
+        kl = mean_kl(ref[:-1], ours[:-1])
         row["texts"][kind] = {
             "tokens": len(ids),
             "reference_perplexity": p_ref,
