@@ -140,7 +140,9 @@ def _export_fp32(source, model, out_dir: Path, target, force, verify, progress, 
     with atomic_folder(out_dir, MODEL_FOLDER, force, protected) as tmp:
         t = time.perf_counter()
         save_onnx(proto, tmp)
-        inputs = [i.name for i in proto.graph.input]
+        # an overridable initializer (logits_to_keep) is optional: not one the runtime must feed
+        weights = {i.name for i in proto.graph.initializer}
+        inputs = [i.name for i in proto.graph.input if i.name not in weights]
         outputs = [o.name for o in proto.graph.output]
         info = model_info(source, target, inputs, outputs)
         write_model_info(tmp, info)

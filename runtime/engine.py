@@ -418,7 +418,8 @@ class _Buffers:
                 )
 
     def prefill(self, slot: int, chunk: list[int], past: int) -> np.ndarray:
-        """Slot `slot`'s next prompt chunk after its `past` cached tokens → (1, S, V) logits."""
+        """Slot `slot`'s next prompt chunk after its `past` cached tokens → logits (1, S, V), or
+        (1, 1, V) for the chunk's last position alone where the graph can (`keeps_logits`)."""
         import onnxruntime as ort
 
         s = len(chunk)
@@ -429,7 +430,10 @@ class _Buffers:
             np.ones((1, past + s), np.int64),
             np.arange(past, past + s)[None],
         )
-        logits = np.empty((1, s, self.info.vocab_size), np.float32)
+        keep = self.session.keeps_logits
+        if keep:
+            binding.bind_ortvalue_input("logits_to_keep", self.session.logits_to_keep[1])
+        logits = np.empty((1, 1 if keep else s, self.info.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.session.run_with_iobinding(binding)
         return logits

@@ -140,8 +140,12 @@ class Generator:
         done = [False] * b
         self.stats = Stats(prompt_tokens=int(lengths.sum()))
         start = time.perf_counter()
-        logits = self.session.forward(ids, mask, positions, cache)
-        last = logits[np.arange(b), lengths - 1]  # (B, V)
+        # rows of one length (one prompt, mostly) need the last position's logits alone
+        if (lengths == lengths[0]).all():
+            last = self.session.forward(ids, mask, positions, cache, last=True)[:, -1]
+        else:
+            logits = self.session.forward(ids, mask, positions, cache)
+            last = logits[np.arange(b), lengths - 1]  # (B, V)
         # the mask grows by a column a step: one buffer for all of them
         width = mask.shape[1]
         full = np.zeros((b, width + config.max_new_tokens), np.int64)

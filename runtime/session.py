@@ -150,6 +150,9 @@ class Session:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # errors only: onnxruntime warns at every load that `logits_to_keep` (an initializer
+        # that is also an input, so callers may override it) "will not be treated as constant"
+        opts.log_severity_level = 3
         register_custom_ops(opts, self.info)
         providers = (
             [
@@ -178,6 +181,14 @@ class Session:
             self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")
         self.tokenizer = Tokenizer.from_folder(self.info.folder)
         self.input_names = {i.name for i in self.session.get_inputs()}
+        # `logits_to_keep` (export/passes/logits.py): the LM head on the last positions only;
+        # folders exported before it compute every position's logits
+        optional = {i.name for i in self.session.get_overridable_initializers()}
+        self.keeps_logits = "logits_to_keep" in optional
+        self.logits_to_keep = {
+            n: ort.OrtValue.ortvalue_from_numpy(np.array([n], np.int64), self.device, 0)
+            for n in (0, 1)
+        }
         self._kept: dict[tuple[int, int], KVCache] = {}  # static decode: (batch, length) → cache
 
     def _check_io(self) -> None:
@@ -213,11 +224,13 @@ class Session:
         position_ids: np.ndarray,
         cache: KVCache,
         copy: bool = True,
+        last: bool = False,
     ) -> np.ndarray:
         """One step: (B, S) new tokens, (B, T) mask over cache + new → logits (B, S, V) on the
         host. `copy` False: a decode step's logits may come back as a view of the cache's
         output buffer, valid until its next step (the generator reads them before; it saves
-        copying 200 kB a token)."""
+        copying 200 kB a token). `last`: only the last position's logits are wanted; where the
+        graph can (`keeps_logits`) it computes only those and returns (B, 1, V)."""
         import onnxruntime as ort
 
         s = input_ids.shape[1]
@@ -246,11 +259,14 @@ class Session:
                         np.ascontiguousarray(arr, np.int64), self.device, 0
                     ),
                 )
+        last = last and self.keeps_logits and s > 1
+        if self.keeps_logits:
+            binding.bind_ortvalue_input("logits_to_keep", self.logits_to_keep[int(last)])
         if cache.shared:
             # logits land in a host array: for decode steps one (B, 1, V) array bound once and
             # copied out; a prefill's (B, S, V) array (25 MB for 130 tokens) is new and handed
             # over as it is, not copied
-            shape = (input_ids.shape[0], s, self.info.vocab_size)
+            shape = (input_ids.shape[0], 1 if last else s, self.info.vocab_size)
             if cache.logits is None or cache.logits.shape != shape or s > 1:
                 cache.logits = np.empty(shape, np.float32)
                 binding.bind_ortvalue_output(

@@ -176,3 +176,31 @@ def test_verify_compares_with_transformers_and_catches_a_misread_config(
     with pytest.raises(ParityError, match="differs from transformers .* misread"):
         export_model(src, tmp_path / "bad", target="ort")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+def test_logits_to_keep_gives_the_last_positions_and_defaults_to_all(tiny_folders, target):
+    """The optional `logits_to_keep` input: unfed, every position's logits (verify's view);
+    1, the last position's alone, equal to the full run's last row; not a required input."""
+    import numpy as np
+
+    from runtime.session import Session
+
+    session = Session(tiny_folders[target])
+    assert session.keeps_logits and "logits_to_keep" not in session.input_names
+    info = json.loads((tiny_folders[target] / "llamaonnx.json").read_text())
+    assert "logits_to_keep" not in info["io"]["inputs"]
+    ids = np.array([[5, 9, 17, 3, 11, 8, 2]])
+    mask, pos = np.ones_like(ids), np.arange(7)[None]
+    full = session.forward(ids, mask, pos, session.new_cache(1, 8))
+    last = session.forward(ids, mask, pos, session.new_cache(1, 8), last=True)
+    assert full.shape[1] == 7 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    # the cache after a last-only prefill is the same: the next step agrees
+    cache_a, cache_b = session.new_cache(1, 8), session.new_cache(1, 8)
+    session.forward(ids, mask, pos, cache_a)
+    session.forward(ids, mask, pos, cache_b, last=True)
+    step = np.array([[4]])
+    a = session.forward(step, np.ones((1, 8), np.int64), np.array([[7]]), cache_a)
+    b = session.forward(step, np.ones((1, 8), np.int64), np.array([[7]]), cache_b)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
