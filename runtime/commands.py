@@ -222,9 +222,11 @@ def _load(args) -> int:
         api_key=args.api_key,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
         prompt_words=args.prompt_words,
+        ramp=args.ramp,
+        soak_seconds=args.soak,
     )
     png = None
-    if args.png:
+    if args.png and not args.soak:
         args.png.parent.mkdir(parents=True, exist_ok=True)
         load.chart(data, args.png)
         if args.markdown:
@@ -235,7 +237,10 @@ def _load(args) -> int:
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, body)
-    failed = sum(r["errors"] for t in data["targets"] for r in t["levels"])
+    if args.soak:
+        failed = sum(t["soak"]["failed"] + t["soak"]["garbled"] for t in data["targets"])
+    else:
+        failed = sum(r["errors"] for t in data["targets"] for r in t["levels"])
     return 0 if not failed else 1
 
 

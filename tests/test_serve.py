@@ -217,24 +217,50 @@ def test_a_full_queue_answers_429(tiny_folders, default_int4, tmp_path_factory):
 
 def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, tmp_path):
     """`llamaonnx load`: the server started and stopped by the command itself, clients at each
-    level streaming the same prompts; figures per level, JSON, markdown and chart (no speed is
-    asserted)."""
+    level streaming the same prompts, clients spread over a ramp; figures per level, JSON,
+    markdown and chart (no speed is asserted). The genai peer (its Engine behind the adapter)
+    serves the same folder; only our server reports its engine's decode rate."""
     from runtime.cli import main
 
     out = tmp_path / "load"
-    rc = main(["load", f"ours=llamaonnx:{tiny_folders['ort']}:2", "--clients", "1,2",
+    rc = main(["load", f"ours=llamaonnx:{tiny_folders['ort']}:2",
+               f"genai=genai:{tiny_folders['ort']}:2", "--clients", "1,2",
                "--requests", "2", "--max-tokens", "6", "--prompt-words", "10", "--threads", "1",
-               "--json", str(out / "load.json"), "--markdown", str(out / "load.md"),
-               "--png", str(out / "load.png")])  # fmt: skip
+               "--ramp", "0.2", "--json", str(out / "load.json"),
+               "--markdown", str(out / "load.md"), "--png", str(out / "load.png")])  # fmt: skip
     assert rc == 0
     data = json.loads((out / "load.json").read_text())
-    levels = data["targets"][0]["levels"]
-    assert [lv["clients"] for lv in levels] == [1, 2]
-    assert [lv["requests"] for lv in levels] == [2, 4]
-    assert all(lv["errors"] == 0 and lv["output_tokens"] > 0 for lv in levels)
-    assert all(lv["tokens_per_second"] > 0 for lv in levels)
-    assert "| ours | 2 | 4 | 0 |" in (out / "load.md").read_text()
+    ours, genai = (t["levels"] for t in data["targets"])
+    for levels in (ours, genai):
+        assert [lv["clients"] for lv in levels] == [1, 2]
+        assert [lv["requests"] for lv in levels] == [2, 4]
+        assert all(lv["errors"] == 0 and lv["output_tokens"] > 0 for lv in levels)
+        assert all(lv["tokens_per_second"] > 0 for lv in levels)
+    assert all(lv["engine_decode_tok_s"] > 0 for lv in ours)
+    assert all(lv["engine_decode_tok_s"] is None for lv in genai)
+    text = (out / "load.md").read_text()
+    assert "| ours | 2 | 4 | 0 |" in text and "| genai | 2 | 4 | 0 |" in text
+    assert "spread over 0.2 s" in text
     assert (out / "load.png").stat().st_size > 1000
+
+
+def test_soak_checks_every_reply_and_leaves_no_slot_behind(tiny_folders, tmp_path):
+    """`llamaonnx load --soak`: clients that hang up mid-stream among ones that read to the end;
+    every answered reply equals the prompt's reply alone, nothing fails, the server's memory is
+    sampled, and no slot or queue entry is left once the clients are gone."""
+    from runtime.cli import main
+
+    out = tmp_path / "soak"
+    rc = main(["load", f"ours=llamaonnx:{tiny_folders['ort']}:2", "--clients", "3",
+               "--soak", "8", "--max-tokens", "12", "--prompt-words", "10", "--threads", "1",
+               "--json", str(out / "soak.json"), "--markdown", str(out / "soak.md")])  # fmt: skip
+    assert rc == 0
+    r = json.loads((out / "soak.json").read_text())["targets"][0]["soak"]
+    assert r["failed"] == 0 and r["garbled"] == 0, r["failure_examples"]
+    assert r["answered"] > 0 and r["requests"] == r["answered"] + r["dropped"] + r["refused"]
+    assert r["left_after"] == {"active_slots": 0.0, "queue_depth": 0.0}
+    assert r["rss_mb"]["samples"] and r["rss_mb"]["samples"][0][1] > 10
+    assert "| ours | 3 | 8 |" in (out / "soak.md").read_text()
 
 
 def test_ray_serve_spreads_requests_over_two_replicas(tiny_folders, tmp_path_factory):

@@ -10,6 +10,13 @@ command starts and stops itself:
     NAME=llamaonnx:MODEL_DIR[:SLOTS]            `llamaonnx serve MODEL_DIR --slots SLOTS`
     NAME=llama-server:BINARY:GGUF[:SLOTS]       llama.cpp's server with -np SLOTS (continuous
                                                 batching, a context of 2048 per slot)
+    NAME=genai:DIR[:SLOTS]                      onnxruntime-genai's Engine behind a thin
+                                                adapter (runtime/bench/genai_server.py)
+
+Clients start together (a burst: the worst case for time to first token), or spread evenly over
+`ramp` seconds. Per level also: each stream's own decode rate (median over requests of tokens
+after the first / time from first to last), and for our server its engine's decode rate (tokens
+of decode steps / seconds in them, from /metrics): what batching buys with prompt work left out.
 
 Every target gets the same prompts, max_tokens and greedy sampling; targets run one after
 another, each level after the previous one, so they never compete for the CPU. Tokens are counted
@@ -47,8 +54,10 @@ class Target:
 def parse_target(spec: str, workdir: Path, threads: int) -> Target:
     """NAME=URL, NAME=llamaonnx:DIR[:SLOTS] or NAME=llama-server:BIN:GGUF[:SLOTS]."""
     if "=" not in spec:
-        raise OptionError(f"target {spec!r}: write NAME=URL, NAME=llamaonnx:DIR[:SLOTS] or "
-                          "NAME=llama-server:BINARY:GGUF[:SLOTS]")  # fmt: skip
+        raise OptionError(
+            f"target {spec!r}: write NAME=URL, NAME=llamaonnx:DIR[:SLOTS], NAME=genai:DIR[:SLOTS]"
+            " or NAME=llama-server:BINARY:GGUF[:SLOTS]"
+        )
     name, rest = spec.split("=", 1)
     if rest.startswith(("http://", "https://")):
         return Target(name, rest.rstrip("/"))
@@ -60,6 +69,10 @@ def parse_target(spec: str, workdir: Path, threads: int) -> Target:
         slots = parts[1] if len(parts) == 2 else "8"
         code = "import sys; from runtime.cli import main; sys.exit(main())"
         cmd = [sys.executable, "-c", code, "serve", parts[0], "--port", str(port),
+               "--slots", slots, "--threads", str(threads)]  # fmt: skip
+    elif kind == "genai" and 1 <= len(parts) <= 2:
+        slots = parts[1] if len(parts) == 2 else "8"
+        cmd = [sys.executable, "-m", "runtime.bench.genai_server", parts[0], "--port", str(port),
                "--slots", slots, "--threads", str(threads)]  # fmt: skip
     elif kind == "llama-server" and 2 <= len(parts) <= 3:
         slots = int(parts[2]) if len(parts) == 3 else 8
@@ -181,13 +194,34 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def level(url, model, texts, clients, per_client, max_tokens, api_key=None) -> dict:
+def engine_counters(url: str, api_key: str | None = None) -> tuple[float, float] | None:
+    """(decode tokens, decode seconds) summed over our server's models, from /metrics; None
+    for a server without them."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", headers=_headers(api_key), timeout=10).text
+    except httpx.HTTPError:
+        return None
+    sums = {"llamaonnx_decode_tokens_total": 0.0, "llamaonnx_decode_seconds_total": 0.0}
+    seen = False
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+            seen = True
+    return tuple(sums.values()) if seen else None
+
+
+def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp=0.0) -> dict:
     """`clients` threads, each sending `per_client` requests in turn (client c starts at prompt
-    c, so every level sends the same mix)."""
+    c, so every level sends the same mix), client c starting at c · ramp / clients seconds."""
     results: list[dict] = []
     lock = threading.Lock()
+    before = engine_counters(url, api_key)
 
     def client(c: int) -> None:
+        time.sleep(c * ramp / clients)
         for j in range(per_client):
             r = one_request(url, model, texts[(c + j) % len(texts)], max_tokens, api_key)
             with lock:
@@ -203,6 +237,10 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None) -> d
     ok = [r for r in results if "error" not in r]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [x for r in ok for x in r["itl"]]
+    after = engine_counters(url, api_key)
+    engine_decode = None
+    if before is not None and after is not None and after[1] > before[1]:
+        engine_decode = (after[0] - before[0]) / (after[1] - before[1])
     return {
         "clients": clients,
         "requests": len(results),
@@ -220,7 +258,168 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None) -> d
         )
         if any(r["itl"] and sum(r["itl"]) > 0 for r in ok)
         else None,
+        "engine_decode_tok_s": engine_decode,
     }
+
+
+def _rss_mb(pid: int | None) -> float | None:
+    """Resident memory of a process in MB (Linux /proc), None where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, TypeError):
+        return None
+    return None
+
+
+def _chat(url, model, prompt, max_tokens, api_key, stream, drop_after=None) -> dict:
+    """One greedy chat request: {"text", "finish"} when answered, {"refused": status} for an
+    OpenAI-style error (429 queue full, 503 shutting down), {"dropped": True} when this client
+    hung up after `drop_after` content chunks, {"failed": why} for anything else."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream}  # fmt: skip
+    try:
+        if not stream:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=_headers(api_key),
+                           timeout=600)  # fmt: skip
+            if r.status_code != 200:
+                return _refusal(r.status_code, r.text)
+            choice = r.json()["choices"][0]
+            return {"text": choice["message"]["content"], "finish": choice["finish_reason"]}
+        text, finish, chunks, done = "", None, 0, False
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                          headers=_headers(api_key), timeout=600) as r:  # fmt: skip
+            if r.status_code != 200:
+                r.read()
+                return _refusal(r.status_code, r.text)
+            for line in r.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                for choice in json.loads(data).get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        text += piece
+                        chunks += 1
+                    finish = choice.get("finish_reason") or finish
+                if drop_after is not None and chunks >= drop_after:
+                    return {"dropped": True}  # leaving the `with` closes the connection
+        if not done or finish is None:
+            return {"failed": f"stream ended without [DONE] or a finish reason ({chunks} chunks)"}
+        return {"text": text, "finish": finish}
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, IndexError) as e:
+        return {"failed": f"{type(e).__name__}: {e}"}
+
+
+def _refusal(status: int, text: str) -> dict:
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return {"failed": f"HTTP {status} without an OpenAI error body: {text[:120]}"}
+    if status in (429, 503):
+        return {"refused": status, "message": message}
+    return {"failed": f"HTTP {status}: {message[:120]}"}
+
+
+def soak(url, model, texts, clients, seconds, max_tokens, api_key=None, pid=None,
+         progress=lambda m: None, seed=0) -> dict:  # fmt: skip
+    """`clients` clients for `seconds`, each request one of: streamed to the end (half), hung
+    up after 1–8 chunks (a quarter: the server must cancel it), or not streamed. Every answered
+    reply must equal the prompt's reply alone (greedy: batching must not change it); anything
+    else but a refusal with an OpenAI error counts as failed. The server's resident memory is
+    sampled every 5 s; afterwards its /metrics must show no slot or queue entry left behind."""
+    import random
+
+    import httpx
+
+    reference = {p: _chat(url, model, p, max_tokens, api_key, stream=False) for p in texts}
+    if any("text" not in r for r in reference.values()):
+        raise OptionError(f"soak: the reference replies failed: {list(reference.values())}")
+    counts = {"answered": 0, "dropped": 0, "refused": 0, "failed": 0, "garbled": 0}
+    examples: list[str] = []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+    rss: list[tuple[float, float]] = []
+    t0 = time.monotonic()
+
+    def client(c: int) -> None:
+        rng = random.Random(seed * 1000 + c)
+        while time.monotonic() < end:
+            prompt = texts[rng.randrange(len(texts))]
+            roll = rng.random()
+            if roll < 0.5:
+                r = _chat(url, model, prompt, max_tokens, api_key, stream=True)
+            elif roll < 0.75:
+                r = _chat(url, model, prompt, max_tokens, api_key, stream=True,
+                          drop_after=rng.randint(1, 8))  # fmt: skip
+            else:
+                r = _chat(url, model, prompt, max_tokens, api_key, stream=False)
+            with lock:
+                if "dropped" in r:
+                    counts["dropped"] += 1
+                elif "refused" in r:
+                    counts["refused"] += 1
+                elif "failed" in r:
+                    counts["failed"] += 1
+                    examples.append(r["failed"])
+                elif r["text"] != reference[prompt]["text"]:
+                    counts["garbled"] += 1
+                    examples.append(f"reply differs from the reference: {r['text'][:80]!r}")
+                else:
+                    counts["answered"] += 1
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        mb = _rss_mb(pid)
+        if mb is not None:
+            rss.append((time.monotonic() - t0, mb))
+        done = sum(counts.values())
+        progress(f"soak: {time.monotonic() - t0:.0f} s, {done} requests, {counts}, "
+                 f"RSS {mb or 0:.0f} MB")  # fmt: skip
+        for t in threads:
+            t.join(timeout=5 / len(threads))
+    time.sleep(1.0)  # the last hang-ups reach the engine at its next step
+    left = engine_state(url, api_key)
+    warm = [m for s, m in rss if s >= min(60.0, seconds / 4)]
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "requests": sum(counts.values()),
+        **counts,
+        "failure_examples": sorted(set(examples))[:5],
+        "rss_mb": {
+            "first": warm[0] if warm else None,
+            "last": warm[-1] if warm else None,
+            "max": max(warm) if warm else None,
+            "samples": rss,
+        },
+        "left_after": left,
+        "httpx": httpx.__version__,
+    }
+
+
+def engine_state(url: str, api_key: str | None = None) -> dict | None:
+    """Our server's active slots and queue depth (summed over models), from /metrics."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", headers=_headers(api_key), timeout=10).text
+    except httpx.HTTPError:
+        return None
+    out = {"active_slots": 0.0, "queue_depth": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("llamaonnx_")
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _ms(x: float | None) -> float | None:
@@ -229,7 +428,8 @@ def _ms(x: float | None) -> float | None:
 
 def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 64,
         threads: int = 2, api_key: str | None = None, workdir: Path = Path("build/load"),
-        progress=lambda m: None, prompt_words: int = 100) -> dict:  # fmt: skip
+        progress=lambda m: None, prompt_words: int = 100, ramp: float = 0.0,
+        soak_seconds: float = 0.0) -> dict:  # fmt: skip
     from runtime.bench.harness import machine, versions
 
     targets = [parse_target(s, workdir, threads) for s in specs]
@@ -241,9 +441,16 @@ def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 
         try:
             model = _model(t.url, api_key)
             one_request(t.url, model, texts[0], 8, api_key)  # warm-up
+            if soak_seconds:
+                pid = t.proc.pid if t.proc is not None else None
+                result = soak(t.url, model, texts, max(levels), soak_seconds, max_tokens,
+                              api_key, pid, progress)  # fmt: skip
+                out.append({"name": t.name, "url": t.url, "command": t.command, "soak": result})
+                continue
             rows = []
             for n in levels:
-                rows.append(level(t.url, model, texts, n, per_client, max_tokens, api_key))
+                rows.append(level(t.url, model, texts, n, per_client, max_tokens, api_key,
+                                  ramp))  # fmt: skip
                 r = rows[-1]
                 progress(
                     f"{t.name}: {n} clients, {r['tokens_per_second']:.1f} tok/s, "
@@ -263,13 +470,50 @@ def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 
             "threads": threads,
             "prompts": len(texts),
             "prompt_words": prompt_words,
+            "ramp_s": ramp,
             "sampling": "greedy (temperature 0)",
-        },  # fmt: skip
+        },
         "targets": out,
     }
 
 
+def soak_markdown(data: dict, command: str) -> str:
+    m, s = data["machine"], data["settings"]
+    lines = [
+        "# Serving soak: clients that hang up, for minutes",
+        "",
+        f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores); {s['threads']} threads per "
+        f"server; greedy, {s['max_tokens']} new tokens at most. Each client loops: a streamed "
+        "request read to the end (half), one it hangs up on after 1–8 chunks (a quarter), or "
+        "a non-streamed one. An answered reply must equal that prompt's reply alone.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "| server | clients | seconds | requests | answered | hung up | refused | failed "
+        "| garbled | RSS after warm-up → end (max) MB | left in slots / queue |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for t in data["targets"]:
+        r = t["soak"]
+        rss, left = r["rss_mb"], r["left_after"] or {}
+        mem = ("—" if rss["first"] is None
+               else f"{rss['first']:.0f} → {rss['last']:.0f} ({rss['max']:.0f})")  # fmt: skip
+        lines.append(
+            f"| {t['name']} | {r['clients']} | {r['seconds']:.0f} | {r['requests']} | "
+            f"{r['answered']} | {r['dropped']} | {r['refused']} | {r['failed']} | "
+            f"{r['garbled']} | {mem} | {left.get('active_slots', '—')} / "
+            f"{left.get('queue_depth', '—')} |"
+        )
+        for e in r["failure_examples"]:
+            lines.append(f"\n- {t['name']}: {e}")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(data: dict, command: str, png: str | None = None) -> str:
+    if data["targets"] and "soak" in data["targets"][0]:
+        return soak_markdown(data, command)
     s, m = data["settings"], data["machine"]
     lines = [
         "# Serving: concurrent clients against OpenAI-compatible servers",
@@ -277,15 +521,25 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores); {s['threads']} threads per "
         f"server, {s['prompts']} chat prompts of {s['prompt_words']} words of text, "
         f"{s['max_tokens']} new tokens each "
-        f"({s['sampling']}), {s['requests_per_client']} requests per client in turn, streamed.",
+        f"({s['sampling']}), {s['requests_per_client']} requests per client in turn, streamed; "
+        + (
+            f"clients start spread over {s['ramp_s']:g} s."
+            if s.get("ramp_s")
+            else "clients start together."
+        ),
+        "",
+        "*stream tok/s*: one stream's decode rate (median over requests of tokens after the "
+        "first / time from first to last token). *engine decode tok/s*: our engine's tokens "
+        "of decode steps / seconds in them (its /metrics), i.e. the batch's rate with prompt "
+        "work left out; — for servers that do not report it.",
         "",
         "```bash",
         command,
         "```",
         "",
-        "| server | clients | requests | errors | output tok/s | TTFT p50 ms | TTFT p95 ms "
-        "| ITL p50 ms | ITL p95 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | clients | requests | errors | output tok/s | stream tok/s "
+        "| engine decode tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def f(x, digits=0):
@@ -295,7 +549,9 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         for r in t["levels"]:
             lines.append(
                 f"| {t['name']} | {r['clients']} | {r['requests']} | {r['errors']} | "
-                f"{f(r['tokens_per_second'], 1)} | {f(r['ttft_p50_ms'])} | {f(r['ttft_p95_ms'])} "
+                f"{f(r['tokens_per_second'], 1)} | {f(r.get('single_stream_tok_s'), 1)} | "
+                f"{f(r.get('engine_decode_tok_s'), 1)} | {f(r['ttft_p50_ms'])} | "
+                f"{f(r['ttft_p95_ms'])} "
                 f"| {f(r['itl_p50_ms'], 1)} | {f(r['itl_p95_ms'], 1)} |"
             )
     if png:
@@ -327,7 +583,7 @@ def chart(data: dict, path: Path) -> None:
 
 
 def main_args(p) -> None:
-    from runtime.options import argparse_type, integer
+    from runtime.options import argparse_type, integer, number
 
     p.add_argument("targets", nargs="+", help="NAME=URL | NAME=llamaonnx:DIR[:SLOTS] | "
                    "NAME=llama-server:BINARY:GGUF[:SLOTS]")  # fmt: skip
@@ -338,6 +594,11 @@ def main_args(p) -> None:
     p.add_argument("--max-tokens", type=argparse_type(integer, 1, 4096), default=64)
     p.add_argument("--prompt-words", type=argparse_type(integer, 1, 100_000), default=100,
                    help="words of text in each prompt (100: ~130 tokens)")  # fmt: skip
+    p.add_argument("--soak", type=argparse_type(number, 0, 86400), default=0.0,
+                   help="instead of the levels: SECONDS of the highest --clients level with "
+                   "random hang-ups; checks every reply and the server's memory")  # fmt: skip
+    p.add_argument("--ramp", type=argparse_type(number, 0, 3600), default=0.0,
+                   help="seconds over which a level's clients start (0: a burst)")  # fmt: skip
     p.add_argument("--threads", type=argparse_type(integer, 1, 256), default=os.cpu_count() or 2)
     p.add_argument("--api-key", default=None)
     p.add_argument("--json", type=Path, default=None)

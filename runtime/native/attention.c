@@ -108,23 +108,6 @@ AVX512 static void attend_avx512(const float* q, const float* k, const float* v,
   }
 }
 /* ---- AVX2 + FMA: the same steps 8 lanes wide ------------------------------------------------ */
-AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n built in the exponent */
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 AVX2 static inline float hsum256(__m256 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -137,19 +120,30 @@ AVX2 static void attend_avx2(const float* q, const float* k, const float* v, int
                              float scale, float* sc, float* out) {
   float mx = -INFINITY;
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) { /* 4 keys at a time: 4 independent chains */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const float *k0 = k + j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= n; j += 8) { /* 8 keys: 8 independent chains, summed as one transpose */
+    __m256 a[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) {
       __m256 qi = _mm256_loadu_ps(q + i);
-      a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + i), a0);
-      a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k1 + i), a1);
-      a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k2 + i), a2);
-      a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k3 + i), a3);
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + (j + c) * d + i), a[c]);
     }
-    sc[j] = hsum256(a0) * scale, sc[j + 1] = hsum256(a1) * scale;
-    sc[j + 2] = hsum256(a2) * scale, sc[j + 3] = hsum256(a3) * scale;
-    for (int c = 0; c < 4; c++) mx = sc[j + c] > mx ? sc[j + c] : mx;
+    /* hadd pairs twice: each 128-bit half holds 4 keys' partial sums; the halves added */
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                             _mm256_permute2f128_ps(u0, u1, 0x31));
+    r = _mm256_mul_ps(r, _mm256_set1_ps(scale));
+    _mm256_storeu_ps(sc + j, r);
+    best = _mm256_max_ps(best, r);
+  }
+  {
+    float b8[8];
+    _mm256_storeu_ps(b8, best);
+    for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
   }
   for (; j < n; j++) {
     __m256 a0 = _mm256_setzero_ps();

@@ -8,30 +8,92 @@
 #include <sys/auxv.h>
 #endif
 
-void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
-                   float* e) {
+/* Each 32-block of a row: int8 codes at 127/amax, the scale, the block's sum and its rounding
+   error (sum − scale·Σcodes). The sum is taken in one fixed order on every path (8 partial
+   sums, lane l = x[l] + x[l+8] + x[l+16] + x[l+24], then lanes 0..7 in turn), so the paths agree
+   to the bit. */
+static void quantize_block(const float* x, float amax, const float part[8], int8_t* q, float* d,
+                           float* s, float* e) {
+  float sum = 0.f;
+  for (int l = 0; l < 8; l++) sum += part[l];
+  float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t qsum = 0;
+  for (int j = 0; j < BLOCK; j++) {
+    int8_t v = (int8_t)nearbyintf(x[j] * inv);
+    q[j] = v;
+    qsum += v;
+  }
+  *d = scale, *s = sum, *e = sum - scale * (float)qsum;
+}
+
+static void quantize_rows_scalar(const float* a, int64_t m, int64_t k, int8_t* q, float* d,
+                                 float* s, float* e) {
   int64_t nb = k / BLOCK;
-  for (int64_t r = 0; r < m; r++) {
+  for (int64_t r = 0; r < m; r++)
     for (int64_t b = 0; b < nb; b++) {
       const float* x = a + r * k + b * BLOCK;
-      float amax = 0.f, sum = 0.f;
+      float amax = 0.f, part[8] = {0.f};
       for (int j = 0; j < BLOCK; j++) {
         float v = fabsf(x[j]);
         amax = v > amax ? v : amax;
-        sum += x[j];
+        part[j % 8] += x[j];
       }
-      float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t qsum = 0;
-      for (int j = 0; j < BLOCK; j++) {
-        int8_t v = (int8_t)nearbyintf(x[j] * inv);
-        q[r * k + b * BLOCK + j] = v;
-        qsum += v;
-      }
-      d[r * nb + b] = scale;
-      s[r * nb + b] = sum;
-      e[r * nb + b] = sum - scale * (float)qsum;
+      int64_t i = r * nb + b;
+      quantize_block(x, amax, part, q + r * k + b * BLOCK, d + i, s + i, e + i);
     }
+}
+
+#if defined(__x86_64__)
+/* The same block by block, 8 lanes wide (AVX2; the AVX-512 path uses it too). */
+AVX2 static void quantize_rows_avx2(const float* a, int64_t m, int64_t k, int8_t* q, float* d,
+                                    float* s, float* e) {
+  int64_t nb = k / BLOCK;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t r = 0; r < m; r++)
+    for (int64_t b = 0; b < nb; b++) {
+      const float* x = a + r * k + b * BLOCK;
+      __m256 v[4], mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int c = 0; c < 4; c++) {
+        v[c] = _mm256_loadu_ps(x + 8 * c);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[c]));
+        sum = _mm256_add_ps(sum, v[c]);
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      float amax = _mm_cvtss_f32(m4), part[8], acc = 0.f;
+      _mm256_storeu_ps(part, sum);
+      for (int l = 0; l < 8; l++) acc += part[l];
+      float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      __m256 vi = _mm256_set1_ps(inv);
+      __m256i ci[4];
+      for (int c = 0; c < 4; c++)
+        ci[c] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[c], vi),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      /* int32 → int8 (|code| ≤ 127: the packs saturate nothing), back in element order */
+      __m256i w16 = _mm256_packs_epi32(ci[0], ci[1]), x16 = _mm256_packs_epi32(ci[2], ci[3]);
+      __m256i b8 = _mm256_packs_epi16(w16, x16);
+      b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256((__m256i*)(q + r * k + b * BLOCK), b8);
+      __m256i t = _mm256_add_epi32(_mm256_add_epi32(ci[0], ci[1]), _mm256_add_epi32(ci[2], ci[3]));
+      __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+      int64_t i = r * nb + b;
+      d[i] = scale, s[i] = acc, e[i] = acc - scale * (float)_mm_cvtsi128_si32(t4);
+    }
+}
+#endif
+
+void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
+                   float* e) {
+#if defined(__x86_64__)
+  if (kernel_path() != PATH_PORTABLE) {
+    quantize_rows_avx2(a, m, k, q, d, s, e);
+    return;
   }
+#endif
+  quantize_rows_scalar(a, m, k, q, d, s, e);
 }
 
 /* Portable path: the same arithmetic, one row at a time (machines without AVX-512 VNNI). */
@@ -392,6 +454,20 @@ int kernel_path(void) {
 
 static void rows(const Job* j, int64_t g0, int64_t g1);
 
+#if defined(__x86_64__)
+/* silu(gate) · up for row groups g0..g1, 8 columns at a time (exp256: Cephes' expf, ~1 ulp). */
+AVX2 static void silu_mul_avx2(const Job* j, int64_t g0, int64_t g1, int64_t half) {
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (int64_t t = 0; t < j->m; t++)
+    for (int64_t c = g0 * ROWS; c < g1 * ROWS; c += 8) {
+      __m256 g = _mm256_loadu_ps(j->scratch + t * j->n + c);
+      __m256 u = _mm256_loadu_ps(j->scratch + t * j->n + half + c);
+      __m256 den = _mm256_add_ps(one, exp256(_mm256_xor_ps(g, sign)));
+      _mm256_storeu_ps(j->y + t * half + c, _mm256_mul_ps(_mm256_div_ps(g, den), u));
+    }
+}
+#endif
+
 /* Chunk i of the row groups (of the gate's groups for SwiGLU: each with its up group). */
 void run_chunk(void* data, size_t i) {
   const Job* j = (const Job*)data;
@@ -408,6 +484,12 @@ void run_chunk(void* data, size_t i) {
   rows(&into, g0, g1);
   rows(&into, g0 + groups, g1 + groups);
   int64_t half = j->n / 2;
+#if defined(__x86_64__)
+  if (kernel_path() != PATH_PORTABLE) {
+    silu_mul_avx2(j, g0, g1, half);
+    return;
+  }
+#endif
   for (int64_t t = 0; t < j->m; t++)
     for (int64_t c = g0 * ROWS; c < g1 * ROWS; c++) {
       float g = j->scratch[t * j->n + c], u = j->scratch[t * j->n + half + c];

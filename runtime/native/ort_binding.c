@@ -222,12 +222,17 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
       memset(to + (r * present + len) * d, 0, sizeof(float) * (size_t)((present - len) * d));
     }
   }
-  float* scores = malloc(sizeof(float) * (size_t)(b * h * present) + 64);
+  /* scores: one row per (b, head) as long as the longest row attends over (not the whole
+     buffer: 8 rows × 9 heads of a 1024-long cache would be 288 kB, which malloc maps fresh and
+     the kernel faults in page by page on every call) */
+  int64_t t_max = 1;
+  for (int64_t i = 0; i < b; i++) t_max = seqlens[i] + 1 > t_max ? seqlens[i] + 1 : t_max;
+  float* scores = malloc(sizeof(float) * (size_t)(b * h * t_max) + 64);
   if (!scores) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
   float scale = kern->scale != 0.f ? kern->scale : 1.f / sqrtf((float)d);
   Attn a = {(const float*)in[0].data, (const float*)in[5].data, (const float*)in[6].data,
             (float*)pkp, (float*)pvp,
-            (float*)op, scores, seqlens, b, s, h, hkv, d, present, cd[0], present, scale, first};
+            (float*)op, scores, seqlens, b, s, h, hkv, d, present, cd[0], t_max, scale, first};
   for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
   OrtStatus* st = NULL;
   /* At decode the step is a read of the rows' cache (from memory: the weights streamed since
