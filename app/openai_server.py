@@ -230,10 +230,11 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
             s = model_of(body)
             config = _config(body)
             prompt = s.engine.session.tokenizer.encode_chat(_messages(body))
-            handle = s.engine.submit(prompt, config)
+            events, listener = _listener()
+            handle = s.engine.submit(prompt, config, listener=listener)
         except Exception as e:  # noqa: BLE001 (every error becomes an OpenAI error body)
             return error(e)
-        return await _respond(request, s, handle, body, chat=True)
+        return await _respond(request, s, handle, events, body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
@@ -246,16 +247,24 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-            handle = s.engine.submit(s.engine.session.tokenizer.encode(prompt), config)
+            events, listener = _listener()
+            ids = s.engine.session.tokenizer.encode(prompt)
+            handle = s.engine.submit(ids, config, listener=listener)
         except Exception as e:  # noqa: BLE001
             return error(e)
-        return await _respond(request, s, handle, body, chat=False)
+        return await _respond(request, s, handle, events, body, chat=False)
 
-    async def _respond(http: HttpRequest, s: Served, handle: Request, body: dict, chat: bool):
+    def _listener():
+        """An asyncio queue and the engine-side callback that fills it: one wake-up of the
+        loop per event, no thread parked per request (a thread pool has ~cores + 4 of them,
+        fewer than the streams a server holds)."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        return events, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+
+    async def _respond(http: HttpRequest, s: Served, handle: Request, events: asyncio.Queue,
+                       body: dict, chat: bool):  # fmt: skip
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        events = iter(handle)
-        loop = asyncio.get_running_loop()
 
         def usage() -> dict:
             n = len(handle.tokens)
@@ -266,16 +275,21 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
             return "length" if handle.finish_reason == "length" else "stop"
 
         if not body.get("stream"):
-            waiter = loop.run_in_executor(None, handle.result)
-            while not waiter.done():
-                if await http.is_disconnected():
-                    handle.cancel()
+            loop = asyncio.get_running_loop()
+            checked = loop.time()
+            while True:
                 try:
-                    await asyncio.wait_for(asyncio.shield(waiter), 0.1)
+                    event = await asyncio.wait_for(events.get(), 0.1)
                 except TimeoutError:
-                    pass
+                    event = None
+                if loop.time() - checked >= 0.1:  # a client gone: free the slot
+                    checked = loop.time()
+                    if await http.is_disconnected():
+                        handle.cancel()
+                if event is not None and event.finish_reason is not None:
+                    break
             try:
-                waiter.result()
+                handle.result(timeout=0)
             except Exception as e:  # noqa: BLE001
                 return error(e)
             if chat:
@@ -311,9 +325,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
                 if chat:
                     yield chunk(None, None, first=True)
                 while True:
-                    event = await loop.run_in_executor(None, next, events, None)
-                    if event is None:
-                        break
+                    event = await events.get()
                     if event.text:
                         yield chunk(event.text, None)
                     if event.finish_reason is not None:

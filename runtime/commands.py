@@ -191,7 +191,8 @@ def _add_bench(sub) -> None:
         choices=("portable", "avx2", "avx512", "neon"),
         help="run native folders on this kernel path (repeatable; default: the CPU's best)",
     )
-    b.add_argument("--sweep", action="store_true", help="decode speed at context 128 to 4096")
+    b.add_argument("--sweep", action="store_true",
+                   help="decode speed and the prompt's prefill at context 128 to 8192")  # fmt: skip
     b.add_argument(
         "--sweep-runs", type=int_arg(1, 100), default=3, help="runs per sweep context (median)"
     )

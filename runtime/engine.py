@@ -36,7 +36,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -71,8 +71,10 @@ class Request:
 
     _ids = itertools.count(1)
 
-    def __init__(self, prompt: list[int], config: GenerationConfig, deadline: float | None):
+    def __init__(self, prompt: list[int], config: GenerationConfig, deadline: float | None,
+                 listener: Callable[[Event], None] | None = None):  # fmt: skip
         self.id = next(self._ids)
+        self.listener = listener
         self.prompt = prompt
         self.config = config
         self.deadline = deadline  # time.monotonic() value, or None
@@ -95,6 +97,8 @@ class Request:
         return self._cancelled.is_set()
 
     def __iter__(self) -> Iterator[Event]:
+        if self.listener is not None:
+            raise RuntimeError("this request's events go to its listener")
         while True:
             event = self._events.get()
             yield event
@@ -114,10 +118,14 @@ class Request:
         if token is not None and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.text += text
-        self._events.put(Event(token, text, reason))
-        if reason is not None:
+        if reason is not None:  # done before the last event is seen: result() then holds
             self.finish_reason = reason
             self._done.set()
+        event = Event(token, text, reason)
+        if self.listener is not None:  # an asyncio server: no thread waits on the queue
+            self.listener(event)
+        else:
+            self._events.put(event)
 
 
 @dataclasses.dataclass
@@ -202,10 +210,13 @@ class Engine:
         prompt: list[int],
         config: GenerationConfig | None = None,
         timeout: float | None = None,
+        listener: Callable[[Event], None] | None = None,
     ) -> Request:
         """Queue a request (prompt token ids); its handle streams its events. Raises at once:
         ContextLengthError if it cannot fit, QueueFullError if the queue is full,
-        EngineClosedError when shutting down."""
+        EngineClosedError when shutting down. `listener`: called with each event on the
+        engine's thread instead (it must not block: an asyncio server hands the event to its
+        loop with call_soon_threadsafe), and the handle is not iterated."""
         if not prompt:
             raise ValueError("the prompt needs at least one token")
         config = config or GenerationConfig()
@@ -220,7 +231,7 @@ class Engine:
         if timeout is not None and not (timeout > 0):
             raise OptionError(f"timeout must be > 0 seconds, got {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = Request(list(prompt), config, deadline)
+        request = Request(list(prompt), config, deadline, listener)
         with self._wake:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down: no new requests")

@@ -4,6 +4,8 @@ peer. No speed is asserted anywhere (speed targets live in docs/benchmarks.md)."
 import json
 import statistics
 
+import pytest
+
 from runtime.cli import main
 
 
@@ -46,6 +48,7 @@ def test_bench_cli_writes_table_json_chart_and_report(tiny_folders, tmp_path, ca
         assert [p["context"] for p in r["sweep"]] == [128]  # the tiny model holds 256 tokens
         (point,) = r["sweep"]
         assert len(point["runs"]) == 2 and point["decode_tok_s"] == statistics.median(point["runs"])
+        assert point["prefill_tok_s"] == pytest.approx(128 / point["ttft_s"])
     assert data["settings"]["prompt_tokens"] == 24
     # one section and one chart per CPU: this machine's, named after it
     from runtime.bench.report import cpu_key, slug
@@ -55,6 +58,7 @@ def test_bench_cli_writes_table_json_chart_and_report(tiny_folders, tmp_path, ca
     assert (out / png).read_bytes()[:4] == b"\x89PNG"
     report = (out / "bench.md").read_text()
     assert f"## {key}" in report and "llamaonnx bench" in report
+    assert "Prefill of the whole prompt at those lengths" in report
     assert f"![benchmark chart]({png})" in report
     table = capsys.readouterr().out
     assert "decode tok/s" in table and "PyTorch reference" in table

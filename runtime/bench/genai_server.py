@@ -18,11 +18,14 @@ sampled, `max_tokens`, `usage`). A client that disconnects cancels its turn.
 import argparse
 import asyncio
 import json
+import logging
 import queue
 import threading
 import time
 import uuid
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class GenaiEngine:
@@ -44,6 +47,7 @@ class GenaiEngine:
 
         self.chat = Tokenizer.from_folder(folder)
         self.name = folder.name
+        self.failed: BaseException | None = None
         self._submit: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         threading.Thread(target=self._loop, name="genai-engine", daemon=True).start()
@@ -51,6 +55,8 @@ class GenaiEngine:
     def submit(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, sink):
         """`sink(token | None, finish_reason | None)` is called from the engine thread; returns
         a cancel function."""
+        if self.failed is not None:
+            raise RuntimeError(f"the genai engine failed: {self.failed}")
         handle = {"cancel": False}
         self._submit.put((ids, max_tokens, temperature, top_p, sink, handle))
         self._wake.set()
@@ -62,12 +68,21 @@ class GenaiEngine:
         return cancel
 
     def _loop(self) -> None:
+        live: dict[int, tuple] = {}  # id(request) → (request, turn, sink, handle)
+        try:
+            self._run(live)
+        except Exception as e:  # the thread is gone: end every request rather than hang it
+            log.exception("genai engine loop failed")
+            self.failed = e
+            for _, _, sink, _ in live.values():
+                sink(None, "error")
+
+    def _run(self, live: dict) -> None:
         import numpy as np
 
         og = self.og
         engine = og.Engine(self.model)
         buffer = engine.create_event_buffer(1024)
-        live: dict[int, tuple] = {}  # id(request) → (request, turn, sink, handle)
         while True:
             if not live and self._submit.empty():
                 self._wake.wait()
@@ -98,7 +113,8 @@ class GenaiEngine:
                 request, _, sink, _ = entry
                 reason = event.finish_reason
                 done = reason != og.FinishReason.NONE
-                sink(int(event.token), None)
+                if event.token is not None:  # a turn's last event may carry none
+                    sink(int(event.token), None)
                 if done:
                     request.close()
                     del live[id(event.request)]

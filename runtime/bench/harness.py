@@ -18,7 +18,7 @@ from runtime.bench import engines
 from runtime.bench.prompt import prompt_ids
 from runtime.errors import ContextLengthError, LlamaonnxError, OptionError
 
-SWEEP = (128, 512, 1024, 2048, 4096)
+SWEEP = (128, 512, 1024, 2048, 4096, 8192)
 
 
 class PeerError(LlamaonnxError, RuntimeError):
@@ -203,21 +203,27 @@ def bench(
                 c.runs.append(c.run(ids, new_tokens))
             progress(f"run     {r + 1}/{runs}")
         for length in sweep:
-            if length + sweep_new_tokens > context:
+            if length > context:
                 progress(f"sweep   context {length} skipped: the models hold {context} tokens")
                 continue
+            length = min(length, context - sweep_new_tokens)  # 8192 → 8160 in an 8k model
             long_ids = prompt_ids(models[0], length)
             speeds: dict[str, list[float]] = {c.name: [] for c in live}
+            ttfts: dict[str, list[float]] = {c.name: [] for c in live}
             for _ in range(sweep_runs):  # interleaved like the main runs
                 for c in live:
                     res = c.run(long_ids, sweep_new_tokens)
                     speeds[c.name].append((res["new"] - 1) / res["decode_s"])
+                    ttfts[c.name].append(res["ttft"])
             for c in live:
+                ttft = statistics.median(ttfts[c.name])
                 c.sweep.append(
                     {
                         "context": length,
                         "decode_tok_s": statistics.median(speeds[c.name]),
                         "runs": speeds[c.name],
+                        "ttft_s": ttft,  # the whole prompt's prefill and the first token
+                        "prefill_tok_s": length / ttft,
                     }
                 )
             progress(f"sweep   context {length}")

@@ -122,9 +122,10 @@ def _stop(t: Target) -> None:
         t.proc = None
 
 
-def prompts(n: int = 4, words: int = 100) -> list[str]:
+def prompts(n: int = 4, words: int = 65) -> list[str]:
     """The shared prompts: the first `words` words of the shipped texts (prose, chat, code) and
-    of the prose's second half, each with an instruction (~130 tokens with SmolLM2's tokenizer)."""
+    of the prose's second half, each with an instruction. 65 words: 113–172 tokens with
+    SmolLM2's tokenizer and chat template (code is dense), 131 on average."""
     from runtime.texts import eval_texts
 
     texts = list(eval_texts().values())
@@ -147,7 +148,7 @@ def _headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def one_request(url, model, prompt, max_tokens, api_key=None, timeout=600.0) -> dict:
+def one_request(url, model, prompt, max_tokens, api_key=None, timeout=180.0) -> dict:
     """One streamed chat completion: {"ttft", "itl": [...], "tokens", "seconds"} or {"error"}."""
     import httpx
 
@@ -180,6 +181,7 @@ def one_request(url, model, prompt, max_tokens, api_key=None, timeout=600.0) -> 
     end = time.monotonic()
     tokens = (usage or {}).get("completion_tokens") or len(stamps)
     return {  # (no content at all: a reply of only an end token, or of incomplete characters)
+        "prompt_tokens": (usage or {}).get("prompt_tokens"),
         "ttft": stamps[0] - t0 if stamps else None,
         "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
         "tokens": tokens,
@@ -259,6 +261,7 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         if any(r["itl"] and sum(r["itl"]) > 0 for r in ok)
         else None,
         "engine_decode_tok_s": engine_decode,
+        "prompt_tokens": sorted({r["prompt_tokens"] for r in ok if r.get("prompt_tokens")}),
     }
 
 
@@ -428,7 +431,7 @@ def _ms(x: float | None) -> float | None:
 
 def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 64,
         threads: int = 2, api_key: str | None = None, workdir: Path = Path("build/load"),
-        progress=lambda m: None, prompt_words: int = 100, ramp: float = 0.0,
+        progress=lambda m: None, prompt_words: int = 65, ramp: float = 0.0,
         soak_seconds: float = 0.0) -> dict:  # fmt: skip
     from runtime.bench.harness import machine, versions
 
@@ -515,11 +518,14 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
     if data["targets"] and "soak" in data["targets"][0]:
         return soak_markdown(data, command)
     s, m = data["settings"], data["machine"]
+    counts = sorted({n for t in data["targets"] for r in t["levels"]
+                     for n in r.get("prompt_tokens") or ()})  # fmt: skip
+    sizes = f" ({counts[0]}–{counts[-1]} tokens as the servers count them)" if counts else ""
     lines = [
         "# Serving: concurrent clients against OpenAI-compatible servers",
         "",
         f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores); {s['threads']} threads per "
-        f"server, {s['prompts']} chat prompts of {s['prompt_words']} words of text, "
+        f"server, {s['prompts']} chat prompts of {s['prompt_words']} words of text{sizes}, "
         f"{s['max_tokens']} new tokens each "
         f"({s['sampling']}), {s['requests_per_client']} requests per client in turn, streamed; "
         + (
@@ -592,8 +598,8 @@ def main_args(p) -> None:
     p.add_argument("--requests", type=argparse_type(integer, 1, 1000), default=4,
                    help="requests per client at each level")  # fmt: skip
     p.add_argument("--max-tokens", type=argparse_type(integer, 1, 4096), default=64)
-    p.add_argument("--prompt-words", type=argparse_type(integer, 1, 100_000), default=100,
-                   help="words of text in each prompt (100: ~130 tokens)")  # fmt: skip
+    p.add_argument("--prompt-words", type=argparse_type(integer, 1, 100_000), default=65,
+                   help="words of text in each prompt (65: ~130 tokens)")  # fmt: skip
     p.add_argument("--soak", type=argparse_type(number, 0, 86400), default=0.0,
                    help="instead of the levels: SECONDS of the highest --clients level with "
                    "random hang-ups; checks every reply and the server's memory")  # fmt: skip

@@ -123,6 +123,22 @@ def report_markdown(data: dict, command: str, png: str | None = None) -> str:
                 + " | ".join(f"{p['decode_tok_s']:.1f}" for p in r["sweep"])
                 + " |"
             )
+        if all("prefill_tok_s" in p for r in sweeps for p in r["sweep"]):
+            lines += [
+                "",
+                "Prefill of the whole prompt at those lengths, tokens/s (time to first token, s):",
+                "",
+                "| engine | " + " | ".join(str(c) for c in contexts) + " |",
+                "|---|" + "---:|" * len(contexts),
+            ]
+            for r in sweeps:
+                lines.append(
+                    f"| {r['name']} | "
+                    + " | ".join(
+                        f"{p['prefill_tok_s']:.0f} ({p['ttft_s']:.1f})" for p in r["sweep"]
+                    )
+                    + " |"
+                )
     if png:
         lines += ["", f"![benchmark chart]({png})"]
     return "\n".join(lines) + "\n"
