@@ -425,3 +425,29 @@ def test_attention_matches_onnxruntime_group_query_attention(path):
     np.testing.assert_allclose(bk[0, :, :38], ak[0, :, :38], **close)
     np.testing.assert_allclose(bv[1, :, :22], av[1, :, :22], **close)
     np.testing.assert_allclose(bk3[0, :, :41], ak3[0, :, :41], **close)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_gives_a_position_the_same_result_in_any_chunk(path):
+    """A 70-token prompt prefilled whole, in two chunks, and token by token: each position's
+    output is the same to the bit (a position's scores, softmax and sums depend on its own keys
+    alone, in one fixed order), so chunked prefill and batching cannot change a request's tokens
+    through attention."""
+    length = 96
+    pos = np.arange(length)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))[None]
+    tables = (np.cos(pos).astype(np.float32), np.sin(pos).astype(np.float32))
+    qkv = np.random.default_rng(4).standard_normal((1, 70, (H + 2 * HKV) * D)).astype(np.float32)
+    native.library()
+    with native.use_path(path):
+        cache = np.zeros((1, HKV, length, D), np.float32)
+        whole, _, _ = _gqa(True, qkv, cache, cache, [69], 70, tables)
+        pieces, k, v = [], cache, cache
+        for lo, hi in ((0, 29), (29, 70)):
+            o, k, v = _gqa(True, qkv[:, lo:hi], k, v, [hi - 1], hi, tables)
+            pieces.append(o)
+        steps, k, v = [], cache, cache
+        for t in range(70):
+            o, k, v = _gqa(True, qkv[:, t : t + 1], k, v, [t], t + 1, tables)
+            steps.append(o)
+    np.testing.assert_array_equal(np.concatenate(pieces, 1), whole)
+    np.testing.assert_array_equal(np.concatenate(steps, 1), whole)
