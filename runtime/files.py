@@ -183,13 +183,17 @@ def check_disk(out_dir: Path, need_bytes: int) -> None:
 
 
 # -- temporary folders -----------------------------------------------------------------------------
-def temporary_sibling(out_dir: Path, kind: str = "tmp") -> Path:
-    """A new hidden folder beside `out_dir`, marked as ours and as in progress."""
+def sibling_name(out_dir: Path, kind: str = "tmp") -> Path:
+    """The path of a new hidden folder beside `out_dir` (nothing is created)."""
     out = Path(out_dir).absolute()
-    tmp = out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def make_temporary(tmp: Path) -> None:
+    """Creates `tmp`, marked as ours and as in progress. Callers name it first and create it
+    inside the `try` that deletes it, so a signal at any moment leaves nothing behind."""
     tmp.mkdir(mode=0o700)
     (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid()}) + "\n")
-    return tmp
 
 
 def _alive(pid: int) -> bool:
@@ -272,8 +276,9 @@ def atomic_folder(
     check_replaceable(out, kind, force, protected)
     check_writable(out)
     clean_stale(out.parent, kind)
-    tmp = temporary_sibling(out)
+    tmp = sibling_name(out)
     try:
+        make_temporary(tmp)
         yield tmp
         (tmp / PARTIAL_MARKER).unlink()
         if kind.finish is not None:
@@ -291,8 +296,9 @@ def scratch_folder(near: Path) -> Iterator[Path]:
     """A temporary working folder beside `near`, removed however the block ends."""
     check_writable(near)
     clean_stale(Path(near).absolute().parent)
-    tmp = temporary_sibling(near, "scratch")
+    tmp = sibling_name(near, "scratch")
     try:
+        make_temporary(tmp)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -190,10 +190,13 @@ def test_unwritable_output_is_not_reported_as_a_full_disk(tiny_folders, tmp_path
 # -- every exit path removes its temporary files --
 _KILLABLE = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from runtime.files import atomic_folder, signals_raise
     from runtime.folder import MODEL_FOLDER
+    # as in a terminal: a shell's background job inherits SIGINT ignored, and Python then keeps
+    # it ignored instead of raising KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out = Path(sys.argv[1])
     with signals_raise(), atomic_folder(out, MODEL_FOLDER) as tmp:
         (tmp / "model.onnx.data").write_bytes(b"x" * 1_000_000)
