@@ -196,23 +196,29 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def engine_counters(url: str, api_key: str | None = None) -> tuple[float, float] | None:
-    """(decode tokens, decode seconds) summed over our server's models, from /metrics; None
-    for a server without them."""
+def _metric_sums(url: str, names: tuple[str, ...], api_key: str | None = None) -> dict | None:
+    """Our server's /metrics values `llamaonnx_<name>`, each summed over its models; None where
+    the server cannot be asked or reports none of them."""
     import httpx
 
     try:
         text = httpx.get(f"{url}/metrics", headers=_headers(api_key), timeout=10).text
     except httpx.HTTPError:
         return None
-    sums = {"llamaonnx_decode_tokens_total": 0.0, "llamaonnx_decode_seconds_total": 0.0}
-    seen = False
+    sums, seen = dict.fromkeys(names, 0.0), False
     for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
+        name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("llamaonnx_")
         if name in sums:
             sums[name] += float(line.rsplit(" ", 1)[1])
             seen = True
-    return tuple(sums.values()) if seen else None
+    return sums if seen else None
+
+
+def engine_counters(url: str, api_key: str | None = None) -> tuple[float, float] | None:
+    """(decode tokens, decode seconds) summed over our server's models, from /metrics; None
+    for a server without them."""
+    sums = _metric_sums(url, ("decode_tokens_total", "decode_seconds_total"), api_key)
+    return None if sums is None else tuple(sums.values())
 
 
 def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp=0.0) -> dict:
@@ -411,18 +417,7 @@ def soak(url, model, texts, clients, seconds, max_tokens, api_key=None, pid=None
 
 def engine_state(url: str, api_key: str | None = None) -> dict | None:
     """Our server's active slots and queue depth (summed over models), from /metrics."""
-    import httpx
-
-    try:
-        text = httpx.get(f"{url}/metrics", headers=_headers(api_key), timeout=10).text
-    except httpx.HTTPError:
-        return None
-    out = {"active_slots": 0.0, "queue_depth": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("llamaonnx_")
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
-    return out
+    return _metric_sums(url, ("active_slots", "queue_depth"), api_key)
 
 
 def _ms(x: float | None) -> float | None:

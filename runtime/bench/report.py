@@ -108,37 +108,25 @@ def report_markdown(data: dict, command: str, png: str | None = None) -> str:
     sweeps = [r for r in data["results"] if r.get("sweep")]
     if sweeps:
         contexts = [p["context"] for p in sweeps[0]["sweep"]]
-        lines += [
-            "",
+
+        def sweep_table(title: str, cell) -> list[str]:
+            out = ["", title, "", "| engine | " + " | ".join(map(str, contexts)) + " |",
+                   "|---|" + "---:|" * len(contexts)]  # fmt: skip
+            for r in sweeps:
+                out.append(f"| {r['name']} | " + " | ".join(map(cell, r["sweep"])) + " |")
+            return out
+
+        lines += sweep_table(
             "Decode tokens/s as the context grows (median of "
             f"{data['settings'].get('sweep_runs', 1)} interleaved runs of "
             f"{data['settings'].get('sweep_new_tokens', 32)} new tokens):",
-            "",
-            "| engine | " + " | ".join(str(c) for c in contexts) + " |",
-            "|---|" + "---:|" * len(contexts),
-        ]
-        for r in sweeps:
-            lines.append(
-                f"| {r['name']} | "
-                + " | ".join(f"{p['decode_tok_s']:.1f}" for p in r["sweep"])
-                + " |"
-            )
+            lambda p: f"{p['decode_tok_s']:.1f}",
+        )
         if all("prefill_tok_s" in p for r in sweeps for p in r["sweep"]):
-            lines += [
-                "",
+            lines += sweep_table(
                 "Prefill of the whole prompt at those lengths, tokens/s (time to first token, s):",
-                "",
-                "| engine | " + " | ".join(str(c) for c in contexts) + " |",
-                "|---|" + "---:|" * len(contexts),
-            ]
-            for r in sweeps:
-                lines.append(
-                    f"| {r['name']} | "
-                    + " | ".join(
-                        f"{p['prefill_tok_s']:.0f} ({p['ttft_s']:.1f})" for p in r["sweep"]
-                    )
-                    + " |"
-                )
+                lambda p: f"{p['prefill_tok_s']:.0f} ({p['ttft_s']:.1f})",
+            )
     if png:
         lines += ["", f"![benchmark chart]({png})"]
     return "\n".join(lines) + "\n"
