@@ -110,18 +110,34 @@ $(QKM).gguf: | $(VENV)/.bench-done
 $(QKM)-int4/report.json: $(QKM).gguf
 	$(VENV)/bin/llamaonnx export $(QKM).gguf $(QKM)-int4 --target ort --precision int4 --force
 
-# llama.cpp's llama-server, the serving peer: built with CMake from the llama.cpp source inside the
-# sdist of the llama-cpp-python version installed (the same code as the bench peer), same flags.
-LLAMA_SERVER := build/llama-server/bin/llama-server
-$(LLAMA_SERVER): | $(VENV)/.bench-done
+# llama.cpp's source: the sdist of the llama-cpp-python version installed (the same code as the
+# bench peer), unpacked once for the builds below
+LLAMA_SDIST := build/llama-sdist/.unpacked
+LLAMA_SRC    = build/llama-sdist/llama_cpp_python-*/vendor/llama.cpp
+$(LLAMA_SDIST): | $(VENV)/.bench-done
 	rm -rf build/llama-sdist && mkdir -p build/llama-sdist
 	$(PY) -m pip download -q --no-deps --no-binary :all: -d build/llama-sdist \
 		"llama-cpp-python==$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')"
 	tar -xzf build/llama-sdist/llama_cpp_python-*.tar.gz -C build/llama-sdist
-	CFLAGS="$(AMX_OFF)" CXXFLAGS="$(AMX_OFF)" cmake -S build/llama-sdist/llama_cpp_python-*/vendor/llama.cpp \
+	touch $@
+
+# llama.cpp's llama-server, the serving peer, with the bench peer's flags
+LLAMA_SERVER := build/llama-server/bin/llama-server
+$(LLAMA_SERVER): $(LLAMA_SDIST)
+	CFLAGS="$(AMX_OFF)" CXXFLAGS="$(AMX_OFF)" cmake -S $(LLAMA_SRC) \
 		-B build/llama-server -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
 		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 	cmake --build build/llama-server --target llama-server -j$$(nproc)
+
+# The same llama.cpp built for AVX2 only (no AVX-512, no VNNI): the peer of our AVX2 and
+# AVX-VNNI paths on a CPU that has more; `bench --llama-lib avx2=DIR` runs the bench peer from it
+LLAMA_AVX2 := build/llama-avx2/bin
+$(LLAMA_AVX2)/libllama.so: $(LLAMA_SDIST)
+	cmake -S $(LLAMA_SRC) -B build/llama-avx2 -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+		-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+		-DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+	cmake --build build/llama-avx2 --target llama -j$$(nproc)
 
 # The serving benchmark: 1..16 concurrent streaming clients against our server, llama-server
 # (-np 8, the same GGUF) and genai's Engine (its default int4 build), docs/load.md
@@ -138,13 +154,15 @@ soak: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx load ours=llamaonnx:$(MODEL):8 --clients 16 --soak 600 --max-tokens 64 \
 		--threads 2 --json docs/soak.json --markdown docs/soak.md
 
-# Every vector path of llamaonnx's kernels this CPU has (AVX-512 VNNI, AVX2), each forced in turn
+# Every vector path of llamaonnx's kernels this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2), each forced
+# in turn, beside llama.cpp built for this CPU and for AVX2 only
 KERNEL_PATHS = $(shell $(PY) -c "from runtime import native; \
 	print(' '.join('--kernel-path ' + p for p in native.supported_paths() if p != 'portable'))")
 
 bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.json \
-		$(QKM)-int4/report.json
+		$(QKM)-int4/report.json $(LLAMA_AVX2)/libllama.so
 	$(VENV)/bin/llamaonnx bench $(MODEL) --peer llama.cpp --peer genai $(KERNEL_PATHS) \
+		--llama-lib avx2=$(LLAMA_AVX2) \
 		--genai-dir models/genai-int4 --prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
 		--sweep --json docs/benchmarks.json --png docs/benchmarks.png --markdown docs/benchmarks.md
 	# the files users download: Q4_K_M, against llama.cpp on the same file and genai's int4

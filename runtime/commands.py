@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from runtime.cli import float_arg, int_arg, text_arg
-from runtime.errors import LlamaonnxError
+from runtime.errors import LlamaonnxError, OptionError
 
 
 def register(sub) -> None:
@@ -188,8 +188,16 @@ def _add_bench(sub) -> None:
         "--kernel-path",
         action="append",
         default=[],
-        choices=("portable", "avx2", "avx512", "neon"),
+        choices=("portable", "avx2", "avxvnni", "avx512", "neon"),
         help="run native folders on this kernel path (repeatable; default: the CPU's best)",
+    )
+    b.add_argument(
+        "--llama-lib",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="with --peer llama.cpp, also run it from the libllama built in DIR (another build "
+        "of the same llama.cpp, e.g. AVX2 only), labelled LABEL (repeatable)",
     )
     b.add_argument("--sweep", action="store_true",
                    help="decode speed and the prompt's prefill at context 128 to 8192")  # fmt: skip
@@ -245,6 +253,13 @@ def _load(args) -> int:
     return 0 if not failed else 1
 
 
+def _label_dir(text: str, option: str) -> tuple[str, Path]:
+    label, sep, folder = text.partition("=")
+    if not sep or not label or not folder:
+        raise OptionError(f"{option} {text!r}: write LABEL=DIR, e.g. avx2=build/llama-avx2/bin")
+    return label, Path(folder)
+
+
 def _bench(args) -> int:
     from runtime.bench import SWEEP, PeerError, bench, chart, report_markdown, table
     from runtime.files import write_atomic
@@ -265,6 +280,7 @@ def _bench(args) -> int:
         progress=lambda m: print(m, file=sys.stderr, flush=True),
         check_files=not args.skip_checksums,
         kernel_paths=tuple(args.kernel_path),
+        llama_libs=dict(_label_dir(x, "--llama-lib") for x in args.llama_lib),
     )
     print(table(data))
     outputs = []

@@ -207,6 +207,28 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(path):
     )
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0"])
+def test_every_path_gives_the_same_answer(kind):
+    """A folder answers the same on every CPU: the paths differ only in float summation order,
+    and AVX-VNNI's one-instruction dot product and AVX2's pairwise one sum the same integers in
+    the same order, so those two agree to the bit (where this CPU has both)."""
+    n, k = 64, 512
+    packed = pack({"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0}[kind](n, k, seed=5))
+    a = np.random.default_rng(5).standard_normal((7, k)).astype(np.float32) * 3
+    ys = {}
+    for path in PATHS:
+        ys[path] = np.zeros((7, n), np.float32)
+        with native.use_path(path):
+            assert native.library().llamaonnx_matmul(
+                packed.shape[-1], a.ctypes.data, 7, k, packed.ctypes.data, n, ys[path].ctypes.data
+            ) == 0  # fmt: skip
+    assert np.abs(ys["portable"]).max() > 1
+    for path in PATHS:
+        np.testing.assert_allclose(ys[path], ys["portable"], rtol=1e-5, atol=1e-5)
+    if "avxvnni" in PATHS:
+        np.testing.assert_array_equal(ys["avxvnni"], ys["avx2"])
+
+
 def test_gather_op_in_onnxruntime_and_its_error():
     packed = pack(q8_0(32, 64))
     node = helper.make_node(GATHER8, ["b", "ids"], ["rows"], domain=DOMAIN)

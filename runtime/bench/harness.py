@@ -37,6 +37,8 @@ class Case:
     load_rss_mb: float = 0.0
     error: str | None = None
     kernel_path: str | None = None  # LLAMAONNX_KERNEL_PATH for this worker (llamaonnx's kernels)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # more for this worker
+    system_info: str | None = None  # llama.cpp's: the instruction sets its build uses
 
     def start(self, threads: int, provider: str) -> None:
         self.proc = subprocess.Popen(
@@ -57,11 +59,13 @@ class Case:
                 **os.environ,
                 "OMP_NUM_THREADS": str(threads),
                 **({"LLAMAONNX_KERNEL_PATH": self.kernel_path} if self.kernel_path else {}),
+                **self.env,
             },
         )
         msg = json.loads(self.proc.stdout.readline() or '{"error": "worker died"}')
         self.error = msg.get("error")
         self.load_rss_mb = msg.get("rss_mb", 0.0)
+        self.system_info = msg.get("system_info")
         if not self.error and self.kernel_path and msg.get("kernel_path") != self.kernel_path:
             self.error = f"asked for kernel path {self.kernel_path}, ran {msg.get('kernel_path')}"
 
@@ -93,9 +97,12 @@ def cases(
     genai_dirs: list[Path],
     gguf: Path | None,
     kernel_paths: tuple[str, ...] = (),
+    llama_libs: dict[str, Path] | None = None,
 ) -> list[Case]:
     """The engines to run. `kernel_paths`: a folder on llamaonnx's kernels runs once per path
-    named (AVX-512, AVX2, …: every x86 path on one machine), else on the best one."""
+    named (AVX-512, AVX2, …: every x86 path on one machine), else on the best one.
+    `llama_libs`: label → a folder holding another build of llama.cpp's libllama, which the
+    llama.cpp peer also runs from (llama-cpp-python's LLAMA_CPP_LIB_PATH)."""
     from runtime.folder import read_model_folder
 
     out = []
@@ -119,6 +126,14 @@ def cases(
         if not path.is_file():
             raise OptionError(f"llama.cpp's GGUF {path} is not a file")
         out.append(Case(f"llama.cpp {path.name}", "llama.cpp", str(path), _size(path)))
+        for label, folder in (llama_libs or {}).items():
+            if not any(folder.glob("libllama.*")):
+                raise OptionError(f"--llama-lib {label}={folder}: no libllama in that folder")
+            env = {"LLAMA_CPP_LIB_PATH": str(folder.absolute())}
+            name = f"llama.cpp {path.name} [{label}]"
+            out.append(Case(name, "llama.cpp", str(path), _size(path), env=env))
+    elif llama_libs:
+        raise OptionError("--llama-lib runs the llama.cpp peer: add --peer llama.cpp")
     if "torch" in peers:
         src = Path(first.source)
         out.append(Case("PyTorch reference (fp32)", "torch", str(src), _size(src)))
@@ -152,6 +167,7 @@ def bench(
     progress=lambda msg: None,
     check_files: bool = True,
     kernel_paths: tuple[str, ...] = (),
+    llama_libs: dict[str, Path] | None = None,
 ) -> dict:
     """Runs every engine and returns the results; an engine that could not start has an
     "error" instead of figures (the CLI then exits non-zero). `check_files`: compare each
@@ -187,7 +203,9 @@ def bench(
         for p in kernel_paths:
             if p not in have:
                 raise OptionError(f"--kernel-path {p}: this CPU runs {have}")
-    todo = cases(models, list(peers), [Path(d) for d in genai_dirs], gguf, tuple(kernel_paths))
+    todo = cases(
+        models, list(peers), [Path(d) for d in genai_dirs], gguf, tuple(kernel_paths), llama_libs
+    )
     for c in todo:
         progress(f"start   {c.name}")
         c.start(threads, provider)
@@ -235,6 +253,8 @@ def bench(
         row = {"name": c.name, "engine": c.engine, "path": c.path, "size_mb": c.size_bytes / 1e6}
         if c.kernel_path:
             row["kernel_path"] = c.kernel_path
+        if c.system_info:
+            row["system_info"] = c.system_info
         if c.error:
             results.append({**row, "error": c.error})
             continue

@@ -105,6 +105,10 @@ def report_markdown(data: dict, command: str, png: str | None = None) -> str:
         "",
         table(data, markdown=True),
     ]
+    builds = [r for r in data["results"] if r.get("system_info")]
+    if builds:
+        lines += ["", "llama.cpp's builds, as each reports itself (`llama_print_system_info`):", ""]
+        lines += [f"- {r['name']}: `{r['system_info']}`" for r in builds]
     sweeps = [r for r in data["results"] if r.get("sweep")]
     if sweeps:
         contexts = [p["context"] for p in sweeps[0]["sweep"]]

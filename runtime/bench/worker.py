@@ -27,6 +27,10 @@ def worker(name: str, path: str, threads: int, provider: str) -> None:
             from runtime import native
 
             ready["kernel_path"] = native.path() if native.available() else None
+        if name == "llama.cpp":  # which build ran: its instruction sets ("AVX512 = 1 | …")
+            import llama_cpp
+
+            ready["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
         out.write(json.dumps(ready) + "\n")
     except Exception as e:  # reported to the parent, which says which peer could not start
         out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")

@@ -67,14 +67,15 @@ def layout() -> dict[str, int]:
 
 
 # the kernel library's code paths, by the numbers tiles.h gives them
-PATHS = ("portable", "avx2", "avx512", "neon")
+PATHS = ("portable", "avx2", "avx512", "neon", "avxvnni")
 PATH_VARIABLE = "LLAMAONNX_KERNEL_PATH"
 
 
 def supported_paths() -> tuple[str, ...]:
-    """The paths this CPU can run (the portable one first)."""
+    """The paths this CPU can run, slowest first (the portable one first)."""
     lib = library()
-    return tuple(p for i, p in enumerate(PATHS) if lib.llamaonnx_path_supported(i))
+    order = ("portable", "avx2", "avxvnni", "avx512", "neon")
+    return tuple(p for p in order if lib.llamaonnx_path_supported(PATHS.index(p)))
 
 
 def path() -> str:
@@ -96,8 +97,8 @@ def path() -> str:
 
 
 def fast_path() -> bool:
-    """Whether the kernels run a vector path here (AVX2 or AVX-512 VNNI), not the portable C one
-    (correct, but slower than onnxruntime's MatMulNBits)."""
+    """Whether the kernels run a vector path here (AVX2, AVX-VNNI, AVX-512 VNNI or NEON), not the
+    portable C one (correct, but slower than onnxruntime's MatMulNBits)."""
     return path() != "portable"
 
 

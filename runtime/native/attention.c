@@ -239,7 +239,7 @@ void attn_heads(void* data, size_t task) {
       attend_avx512(q, k, v, n, a->d, a->scale, sc, o);
       continue;
     }
-    if (path == PATH_AVX2 && a->d % 8 == 0) {
+    if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && a->d % 8 == 0) { /* fp32: no VNNI */
       attend_avx2(q, k, v, n, a->d, a->scale, sc, o);
       continue;
     }

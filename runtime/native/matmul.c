@@ -1,5 +1,5 @@
 /* matmul.c: Y = A · Wᵀ from the packed tiles of tiles.h — MatMulQ4, MatMulQ8, the SwiGLU of a
- * fused gate/up projection, and GatherQ8 — on AVX-512 VNNI or AVX2 where the CPU has them (the
+ * fused gate/up projection, and GatherQ8 — on AVX-512 VNNI, AVX-VNNI, AVX2 or NEON where the CPU has them (the
  * choice is made when the library is first used, on the machine that runs it), else in portable
  * C, all with the same arithmetic. */
 #include "tiles.h"
@@ -234,14 +234,20 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
   }
 }
 
-/* ---- AVX2 (with FMA and F16C): Intel Haswell and later, AMD Zen; no VNNI --------------------
+/* ---- the 256-bit paths: AVX2 (with FMA and F16C; Intel Haswell and later, AMD Zen), and
+ * AVX-VNNI (Intel Alder Lake and later, AMD Zen 5) -------------------------------------------
  * The same tiles, read as two halves of 8 rows (each 64-byte chunk: rows 0..7 in its first 32
- * bytes, rows 8..15 in its second). vpmaddubsw multiplies the unsigned codes by the int8
- * activations and adds pairs into int16: 4-bit codes (≤ 15·127·2 per pair, ≤ 30480 over a
+ * bytes, rows 8..15 in its second); tiles256.h holds the kernels, compiled once per path with
+ * its own integer dot products (below). Both give the same integer sums, so the paths agree to
+ * the bit.
+ *
+ * AVX2 has no int8 dot product: vpmaddubsw multiplies the unsigned codes by the int8
+ * activations and adds pairs into int16. 4-bit codes (≤ 15·127·2 per pair, ≤ 30480 over a
  * block's 8 products) are summed in int16 and widened once; 8-bit codes are made signed
  * (c − 128), and their magnitude (≤ 128, unsigned) multiplies a with their sign moved onto it
  * (|a| ≤ 127: no overflow, unlike moving a's sign onto the codes, which breaks at −128); each
- * pair is widened at once (128·127·2 ≤ 32512). */
+ * pair is widened at once (128·127·2 ≤ 32512). VNNI's vpdpbusd does the multiply, the pair and
+ * quad sums and the int32 accumulation in one instruction, on the same operands. */
 
 AVX2 static inline __m256i dot_u4_avx2(const __m256i c[8], const int32_t* a) {
   __m256i s = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(a[0]));
@@ -249,94 +255,45 @@ AVX2 static inline __m256i dot_u4_avx2(const __m256i c[8], const int32_t* a) {
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
-/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. */
-AVX2 static inline void half_tile_tokens_avx2(const Job* j, int64_t g, int h, int64_t t0, int T) {
-  const __m256i lo = _mm256_set1_epi8(0x0F);
-  __m256 acc[4];
-  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-  const int64_t stride = j->tile;
-  const int f32 = stride == TILE4F;
-  const uint8_t* p = j->w + g * j->nb * stride;
-  for (int64_t b = 0; b < j->nb; b++, p += stride) {
-    __m256i c[8];
-    for (int v = 0; v < 4; v++) {
-      /* c[2v]: codes 8v..8v+3 (low nibbles), c[2v+1]: 8v+4..8v+7 — a's int32 words 2v, 2v+1 */
-      __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
-      c[2 * v] = _mm256_and_si256(x, lo);
-      c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
-    }
-    __m256 d = f32 ? _mm256_loadu_ps((const float*)(p + 256 + 32 * h))
-                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 256 + 16 * h)));
-    __m256 m = f32 ? _mm256_loadu_ps((const float*)(p + 320 + 32 * h))
-                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 288 + 16 * h)));
-    const uint8_t* zp = p + (f32 ? 384 : 320) + 8 * h;
-    __m256 zd = _mm256_mul_ps(
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)zp))), d);
-    for (int t = 0; t < T; t++) {
-      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
-      __m256i s = dot_u4_avx2(c, a);
-      int64_t ib = (t0 + t) * j->nb + b;
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(j->ad[ib])),
-                               acc[t]);
-      acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(j->as[ib]), acc[t]);
-      acc[t] = _mm256_fmadd_ps(zd, _mm256_set1_ps(j->ae[ib]), acc[t]);
-    }
+AVX2 static inline __m256i dot_s8_avx2(const __m256i u[8], const __m256i c[8], const int32_t* a) {
+  __m256i s = _mm256_setzero_si256();
+  for (int v = 0; v < 8; v++) {
+    __m256i prod = _mm256_maddubs_epi16(u[v], _mm256_sign_epi8(_mm256_set1_epi32(a[v]), c[v]));
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
   }
-  for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+  return s;
 }
 
-AVX2 static inline void half_tile_tokens_q8_avx2(const Job* j, int64_t g, int h, int64_t t0,
-                                                 int T) {
-  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-  __m256 acc[4];
-  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE8;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
-    __m256i c[8], u[8];
-    for (int v = 0; v < 8; v++) { /* c − 128 as int8, and its magnitude (≤ 128) as uint8 */
-      c[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h)), flip);
-      u[v] = _mm256_abs_epi8(c[v]);
-    }
-    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 512 + 16 * h)));
-    __m256 z = _mm256_cvtepi32_ps(
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 544 + 8 * h))));
-    __m256 shift = _mm256_sub_ps(_mm256_set1_ps(128.f), z); /* Σ c·a = Σ (c − 128)·a + 128·Σ a */
-    for (int t = 0; t < T; t++) {
-      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
-      __m256i s = _mm256_setzero_si256();
-      for (int v = 0; v < 8; v++) {
-        __m256i av = _mm256_set1_epi32(a[v]);
-        __m256i prod = _mm256_maddubs_epi16(u[v], _mm256_sign_epi8(av, c[v]));
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(prod, ones));
-      }
-      int64_t ib = (t0 + t) * j->nb + b;
-      __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(j->as[ib] - j->ae[ib]),
-                                 _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(j->ad[ib])));
-      acc[t] = _mm256_fmadd_ps(d, x, acc[t]);
-    }
-  }
-  for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
-}
+#define TARGET256 AVX2
+#define NAME256(x) x##_avx2
+#include "tiles256.h"
 
-AVX2 static inline void tile_avx2(const Job* j, int64_t g, int64_t t0, int T) {
-  for (int h = 0; h < 2; h++) {
-    if (j->bits == 8) half_tile_tokens_q8_avx2(j, g, h, t0, T);
-    else half_tile_tokens_avx2(j, g, h, t0, T);
+/* AVX-VNNI's vpdpbusd (VEX-encoded). On a CPU with AVX-512 VNNI but not AVX-VNNI (AMD Zen 4,
+ * Intel Ice Lake to Sapphire Rapids) the same instruction exists EVEX-encoded on 256-bit
+ * registers (AVX512VL): the path runs that form there, so it is tested and measured on such
+ * machines too. */
+#define DOT256(TARGET, SUFFIX, DPBUSD)                                                            \
+  TARGET static inline __m256i dot_u4_##SUFFIX(const __m256i c[8], const int32_t* a) {           \
+    __m256i s = _mm256_setzero_si256();                                                          \
+    for (int v = 0; v < 8; v++) s = DPBUSD(s, c[v], _mm256_set1_epi32(a[v]));                    \
+    return s;                                                                                    \
+  }                                                                                              \
+  TARGET static inline __m256i dot_s8_##SUFFIX(const __m256i u[8], const __m256i c[8],           \
+                                               const int32_t* a) {                               \
+    __m256i s = _mm256_setzero_si256();                                                          \
+    for (int v = 0; v < 8; v++) s = DPBUSD(s, u[v], _mm256_sign_epi8(_mm256_set1_epi32(a[v]), c[v])); \
+    return s;                                                                                    \
   }
-}
 
-AVX2 static void rows_avx2(const Job* j, int64_t g0, int64_t g1) {
-  for (int64_t g = g0; g < g1; g++) {
-    int64_t t = 0;
-    for (; t + 4 <= j->m; t += 4) tile_avx2(j, g, t, 4);
-    switch (j->m - t) {
-      case 3: tile_avx2(j, g, t, 3); break;
-      case 2: tile_avx2(j, g, t, 2); break;
-      case 1: tile_avx2(j, g, t, 1); break;
-      default: break;
-    }
-  }
-}
+DOT256(AVXVNNI, avxvnni, _mm256_dpbusd_avx_epi32)
+#define TARGET256 AVXVNNI
+#define NAME256(x) x##_avxvnni
+#include "tiles256.h"
+
+DOT256(AVX512VL256, vnni256, _mm256_dpbusd_epi32)
+#define TARGET256 AVX512VL256
+#define NAME256(x) x##_vnni256
+#include "tiles256.h"
 #endif
 
 #if defined(__aarch64__)
@@ -405,9 +362,9 @@ NEON_DOT static void rows_neon(const Job* j, int64_t g0, int64_t g1) {
 #endif
 
 /* ---- which path runs ----------------------------------------------------------------------
- * The best this CPU has, unless LLAMAONNX_KERNEL_PATH names one (portable, avx2, avx512: what
- * tests and the benchmark use to cover every path on one machine; neon on ARM). A named path the CPU lacks
- * is not taken (it would fault): the best one is, and the Python side says so. */
+ * The best this CPU has, unless LLAMAONNX_KERNEL_PATH names one (portable, avx2, avxvnni, avx512:
+ * what tests and the benchmark use to cover every path on one machine; neon on ARM). A named path
+ * the CPU lacks is not taken (it would fault): the best one is, and the Python side says so. */
 
 static int current_path = -1;
 
@@ -424,14 +381,19 @@ int path_supported(int p) {
     case PATH_AVX512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case PATH_AVXVNNI: /* VEX-encoded, or EVEX on 256-bit registers (rows below) */
+      return path_supported(PATH_AVX2) &&
+             (__builtin_cpu_supports("avxvnni") ||
+              (__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")));
 #endif
     default: return 0;
   }
 }
 
 static int best_path(void) {
-  for (int p = PATH_NEON; p > PATH_PORTABLE; p--)
-    if (path_supported(p)) return p;
+  static const int order[] = {PATH_AVX512, PATH_AVXVNNI, PATH_AVX2, PATH_NEON};
+  for (size_t i = 0; i < sizeof order / sizeof *order; i++)
+    if (path_supported(order[i])) return order[i];
   return PATH_PORTABLE;
 }
 
@@ -440,6 +402,7 @@ int path_from_name(const char* name) {
   if (!strcmp(name, "portable")) return PATH_PORTABLE;
   if (!strcmp(name, "avx2")) return PATH_AVX2;
   if (!strcmp(name, "avx512")) return PATH_AVX512;
+  if (!strcmp(name, "avxvnni")) return PATH_AVXVNNI;
   if (!strcmp(name, "neon")) return PATH_NEON;
   return -2;
 }
@@ -502,6 +465,10 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
   switch (kernel_path()) {
     case PATH_AVX512: rows_avx512(j, g0, g1); return;
     case PATH_AVX2: rows_avx2(j, g0, g1); return;
+    case PATH_AVXVNNI:
+      if (__builtin_cpu_supports("avxvnni")) rows_avxvnni(j, g0, g1);
+      else rows_vnni256(j, g0, g1);
+      return;
     default: break;
   }
 #endif
@@ -556,9 +523,9 @@ int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_
   return 0;
 }
 
-/* The path that runs (0 portable, 1 AVX2, 2 AVX-512 VNNI, 3 NEON). `set`: -1 leaves it, -2 returns to
-   the default (the environment's, else the best), 0..2 takes that path if this CPU has it (else
-   returns -1 and changes nothing). */
+/* The path that runs (0 portable, 1 AVX2, 2 AVX-512 VNNI, 3 NEON, 4 AVX-VNNI). `set`: -1 leaves it,
+   -2 returns to the default (the environment's, else the best), 0..4 takes that path if this CPU
+   has it (else returns -1 and changes nothing). */
 int llamaonnx_kernel_path(int set) {
   if (set == -2) current_path = -1;
   else if (set >= 0) {

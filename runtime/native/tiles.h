@@ -3,8 +3,8 @@
  * The layouts are the contract with export/quant/native.py, which packs the tiles and reads
  * these constants back from the built library (`llamaonnx_layout`), so they are written once.
  *
- * The files: matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI, AVX2 and
- * portable C, and which of them runs), attention.c (GroupQueryAttention), ort_binding.c (onnxruntime's C API by its
+ * The files: matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI, AVX-VNNI,
+ * AVX2, NEON and portable C, and which of them runs; tiles256.h the 256-bit ones), attention.c (GroupQueryAttention), ort_binding.c (onnxruntime's C API by its
  * function table, the custom-op domain).
  *
  * llamaonnx's CPU kernel library for onnxruntime: ops `MatMulQ4`, `MatMulQ8` and `GatherQ8` of
@@ -66,6 +66,10 @@
 /* each fast path's functions are compiled for its instructions and called only where they run */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+/* AVX-VNNI: AVX2 with the int8 dot product, VEX-encoded; and the same on 256-bit registers,
+   EVEX-encoded, where a CPU has AVX-512 VNNI instead */
+#define AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define AVX512VL256 __attribute__((target("avx2,fma,f16c,avx512vl,avx512vnni")))
 AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n built in the exponent */
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f)); /* e^88 < FLT_MAX */
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -90,11 +94,13 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define NEON_DOT __attribute__((target("arch=armv8.2-a+dotprod")))
 #endif
 
-/* the kernel paths (x86: the best is the highest number; ARM: NEON with dotprod, else portable) */
+/* the kernel paths (x86, best first: AVX-512 VNNI, AVX-VNNI, AVX2; ARM: NEON with dotprod; else
+   portable). The numbers are the library's interface (runtime/native/__init__.py's PATHS). */
 #define PATH_PORTABLE 0
 #define PATH_AVX2 1
 #define PATH_AVX512 2
 #define PATH_NEON 3
+#define PATH_AVXVNNI 4
 
 /* the tile layouts (see above) */
 #define TILE 336

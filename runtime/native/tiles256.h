@@ -1,0 +1,90 @@
+/* tiles256.h: the 8-row half-tile kernels of the 256-bit paths, included by matmul.c once per
+ * path, after it defines TARGET256 (the path's target attribute), NAME256(x) (x with the path's
+ * suffix) and the path's integer dot products NAME256(dot_u4) (4-bit codes) and NAME256(dot_s8)
+ * (8-bit codes made signed, with their magnitudes). Not a header of its own: no include guard. */
+
+/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. */
+TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T) {
+  const __m256i lo = _mm256_set1_epi8(0x0F);
+  __m256 acc[4];
+  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+  const int64_t stride = j->tile;
+  const int f32 = stride == TILE4F;
+  const uint8_t* p = j->w + g * j->nb * stride;
+  for (int64_t b = 0; b < j->nb; b++, p += stride) {
+    __m256i c[8];
+    for (int v = 0; v < 4; v++) {
+      /* c[2v]: codes 8v..8v+3 (low nibbles), c[2v+1]: 8v+4..8v+7 — a's int32 words 2v, 2v+1 */
+      __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
+      c[2 * v] = _mm256_and_si256(x, lo);
+      c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+    }
+    __m256 d = f32 ? _mm256_loadu_ps((const float*)(p + 256 + 32 * h))
+                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 256 + 16 * h)));
+    __m256 m = f32 ? _mm256_loadu_ps((const float*)(p + 320 + 32 * h))
+                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 288 + 16 * h)));
+    const uint8_t* zp = p + (f32 ? 384 : 320) + 8 * h;
+    __m256 zd = _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)zp))), d);
+    for (int t = 0; t < T; t++) {
+      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+      __m256i s = NAME256(dot_u4)(c, a);
+      int64_t ib = (t0 + t) * j->nb + b;
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(j->ad[ib])),
+                               acc[t]);
+      acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(j->as[ib]), acc[t]);
+      acc[t] = _mm256_fmadd_ps(zd, _mm256_set1_ps(j->ae[ib]), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+}
+
+TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  __m256 acc[4];
+  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+  const uint8_t* p = j->w + g * j->nb * TILE8;
+  for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
+    __m256i c[8], u[8];
+    for (int v = 0; v < 8; v++) { /* c − 128 as int8, and its magnitude (≤ 128) as uint8 */
+      c[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h)), flip);
+      u[v] = _mm256_abs_epi8(c[v]);
+    }
+    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 512 + 16 * h)));
+    __m256 z = _mm256_cvtepi32_ps(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 544 + 8 * h))));
+    __m256 shift = _mm256_sub_ps(_mm256_set1_ps(128.f), z); /* Σ c·a = Σ (c − 128)·a + 128·Σ a */
+    for (int t = 0; t < T; t++) {
+      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+      __m256i s = NAME256(dot_s8)(u, c, a);
+      int64_t ib = (t0 + t) * j->nb + b;
+      __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(j->as[ib] - j->ae[ib]),
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(j->ad[ib])));
+      acc[t] = _mm256_fmadd_ps(d, x, acc[t]);
+    }
+  }
+  for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+}
+
+TARGET256 static inline void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
+  for (int h = 0; h < 2; h++) {
+    if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T);
+    else NAME256(half_tile_tokens)(j, g, h, t0, T);
+  }
+}
+
+TARGET256 static void NAME256(rows)(const Job* j, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; g++) {
+    int64_t t = 0;
+    for (; t + 4 <= j->m; t += 4) NAME256(tile)(j, g, t, 4);
+    switch (j->m - t) {
+      case 3: NAME256(tile)(j, g, t, 3); break;
+      case 2: NAME256(tile)(j, g, t, 2); break;
+      case 1: NAME256(tile)(j, g, t, 1); break;
+      default: break;
+    }
+  }
+}
+
+#undef TARGET256
+#undef NAME256
