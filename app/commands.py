@@ -62,10 +62,11 @@ def _serve_arguments(p) -> None:
         help="1 to 4× the core count (default: all)",
     )
     r = p.add_argument_group("scale-out on Ray Serve (the `ray` extra)")
-    r.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas")
+    r.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: one deployment per model folder")  # fmt: skip
     r.add_argument("--replicas", type=argparse_type(integer, 1, 1024), default=1,
-                   help="replicas, each with its own engines (with --ray)")  # fmt: skip
+                   help="replicas per model, each its own engine (with --ray)")  # fmt: skip
     r.add_argument("--max-replicas", type=argparse_type(integer, 1, 1024), default=None,
-                   help="let Ray's autoscaler grow to this many replicas (with --ray)")  # fmt: skip
+                   help="let Ray's autoscaler grow each model to this (with --ray)")  # fmt: skip
     r.add_argument("--ray-address", default=None,
                    help="a Ray cluster to join (default: start a local Ray)")  # fmt: skip

@@ -141,24 +141,40 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def create_app(served: dict[str, Served], api_key: str | None = None,
-               cors: list[str] | None = None, max_body: int = MAX_BODY_BYTES):  # fmt: skip
+def error(e: Exception):
+    """Any exception as OpenAI's JSON error response."""
+    from fastapi.responses import JSONResponse
+
+    api = _api_error(e)
+    return JSONResponse(api.body(), status_code=api.status)
+
+
+def parse_body(raw: bytes, max_body: int = MAX_BODY_BYTES) -> dict:
+    if len(raw) > max_body:
+        raise ApiError(413, f"the request body exceeds {max_body} bytes")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def base_app(api_key: str | None, cors: list[str] | None, max_body: int, closing=lambda: False):
+    """A FastAPI app with what every front of the OpenAI routes checks before a route runs:
+    the body's size, the API key on /v1/, CORS only for the origins given, OpenAI error bodies
+    for unknown routes, and 503 once `closing()` says so."""
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="llamaonnx", docs_url=None, redoc_url=None, openapi_url=None)
-    state = {"closing": False}
     if cors:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
-
-    def error(e: Exception) -> JSONResponse:
-        api = _api_error(e)
-        return JSONResponse(api.body(), status_code=api.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc):
@@ -174,9 +190,25 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error(ApiError(401, "incorrect API key provided", code="invalid_api_key"))
-        if state["closing"] and request.url.path.startswith("/v1/"):
+        if closing() and request.url.path.startswith("/v1/"):
             return error(EngineClosedError("the server is shutting down"))
         return await call_next(request)
+
+    return app
+
+
+def unknown_model(name, served) -> ApiError:
+    message = f"the model {name!r} does not exist; served: {', '.join(served)}"
+    return ApiError(404, message, param="model", code="model_not_found")
+
+
+def create_app(served: dict[str, Served], api_key: str | None = None,
+               cors: list[str] | None = None, max_body: int = MAX_BODY_BYTES):  # fmt: skip
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    state = {"closing": False}
+    app = base_app(api_key, cors, max_body, closing=lambda: state["closing"])
 
     @app.on_event("shutdown")
     def _shutdown():
@@ -185,25 +217,14 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
             s.engine.close()
 
     async def body_of(request: HttpRequest) -> dict:
-        raw = await request.body()
-        if len(raw) > max_body:
-            raise ApiError(413, f"the request body exceeds {max_body} bytes")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return body
+        return parse_body(await request.body(), max_body)
 
     def model_of(body: dict) -> Served:
         name = body.get("model")
         if name is None and len(served) == 1:
             return next(iter(served.values()))
         if name not in served:
-            known = ", ".join(served)
-            message = f"the model {name!r} does not exist; served: {known}"
-            raise ApiError(404, message, param="model", code="model_not_found")
+            raise unknown_model(name, served)
         return served[name]
 
     @app.get("/v1/models")

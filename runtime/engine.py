@@ -167,6 +167,15 @@ class Metrics:
         return sum(1 for t in self.token_times if t >= since) / window
 
 
+def check_servable(info) -> None:
+    """ModelFolderError unless the engine can serve this folder (its ModelInfo)."""
+    if not info.shared_kv_buffer:
+        raise ModelFolderError(
+            f"{info.folder}: the serving engine needs a graph whose past and present share "
+            f"one buffer (export with --target ort); this folder's target is {info.target!r}"
+        )
+
+
 class Engine:
     def __init__(
         self,
@@ -178,12 +187,7 @@ class Engine:
         busy_chunk: int = 64,
     ):
         info = session.info
-        if not info.shared_kv_buffer:
-            raise ModelFolderError(
-                f"{info.folder}: the serving engine needs a graph whose past and present share "
-                "one buffer (export with --target ort); this folder's target is "
-                f"{info.target!r}"
-            )
+        check_servable(info)
         if session.device != "cpu":
             raise OptionError("the serving engine runs on the CPU provider only, for now")
         for name, value, low in (("slots", slots, 1), ("queue_size", queue_size, 1),

@@ -661,6 +661,32 @@ def test_bench_exits_non_zero_when_a_requested_peer_fails(tiny_folders, tmp_path
     assert b"llamaonnx ort" in r.stdout  # the engines that ran are still in the table
 
 
+@pytest.mark.parametrize("extra", [[], ["--ray"]])
+def test_serve_refuses_a_folder_the_engine_cannot_run_before_starting(tiny_folders, extra):
+    """A portable folder (past and present not one buffer) is refused with the reason, by the
+    plain server and before Ray or any replica starts."""
+    r = _cli("serve", str(tiny_folders["portable"]), "--port", "1", *extra, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert b"ModelFolderError" in r.stderr and b"export with --target ort" in r.stderr
+
+
+def test_bench_llama_lib_names_what_is_wrong(tiny_folders, tmp_path, capsys):
+    """--llama-lib LABEL=DIR: a malformed value, a folder without libllama, and the option without
+    the llama.cpp peer are each refused before any engine starts."""
+    from runtime.bench import bench
+    from runtime.cli import main
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    rc = main(["bench", str(tiny_folders["ort"]), "--peer", "llama.cpp", "--llama-lib", "avx2"])
+    assert rc == 2 and "write LABEL=DIR" in capsys.readouterr().err
+    with pytest.raises(OptionError, match="no libllama in that folder"):
+        bench([tiny_folders["ort"]], peers=["llama.cpp"], gguf=gguf,
+              llama_libs={"avx2": tmp_path}, runs=1)  # fmt: skip
+    with pytest.raises(OptionError, match="add --peer llama.cpp"):
+        bench([tiny_folders["ort"]], llama_libs={"avx2": tmp_path}, runs=1)
+
+
 # -- a folder copied anywhere opens in llamaonnx and onnxruntime-genai --
 _GENAI_GREEDY = textwrap.dedent(
     """

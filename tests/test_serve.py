@@ -263,36 +263,78 @@ def test_soak_checks_every_reply_and_leaves_no_slot_behind(tiny_folders, tmp_pat
     assert "| ours | 3 | 8 |" in (out / "soak.md").read_text()
 
 
-def test_ray_serve_spreads_requests_over_two_replicas(tiny_folders, tmp_path_factory):
-    """`llamaonnx serve --ray --replicas 2` on a local Ray instance: the same OpenAI routes, both
-    replicas answering (each /health names its process), streaming and not, and the replies equal
-    the plain server's (greedy)."""
-    proc, url = _start(tmp_path_factory, [tiny_folders["ort"]], "--ray", "--replicas", "2",
-                       "--threads", "1", "--slots", "2")  # fmt: skip
+def test_ray_serve_runs_each_model_as_its_own_deployment_of_two_replicas(
+    tiny_folders, default_int4, tmp_path_factory
+):
+    """`llamaonnx serve A B --ray --replicas 2` on a local Ray instance: one deployment per model
+    folder, two replicas each (the router's /health names the replica that answered for each
+    model), the same OpenAI routes through the router, streaming and not, the replies equal the
+    plain generator's (greedy), an unknown model a 404 from the router, the API key checked,
+    /metrics one Prometheus text for both models, and a client that hangs up cancels its request
+    on the replica that ran it."""
+    folders = [tiny_folders["ort"], default_int4]
+    proc, url = _start(tmp_path_factory, folders, "--ray", "--replicas", "2", "--threads", "1",
+                       "--slots", "2", "--api-key", "k")  # fmt: skip
     try:
-        name = tiny_folders["ort"].name
-        client = _client(url, key="unused")
-        assert [m.id for m in client.models.list().data] == [name]
-        processes = set()
-        for _ in range(40):
+        names = [f.name for f in folders]
+        client = _client(url, key="k")
+        assert [m.id for m in client.models.list().data] == names
+        processes = {n: set() for n in names}
+        for _ in range(60):
             with urllib.request.urlopen(url + "/health", timeout=10) as r:
-                processes.add(json.loads(r.read())["process"])
-            if len(processes) == 2:
+                for name, pid in json.loads(r.read())["replicas"].items():
+                    processes[name].add(pid)
+            if all(len(p) == 2 for p in processes.values()):
                 break
-        assert len(processes) == 2
-        ask = {"model": name, "max_tokens": 8, "temperature": 0,
-               "messages": [{"role": "user", "content": "Hello"}]}  # fmt: skip
-        whole = client.chat.completions.create(**ask).choices[0].message.content
-        chunks = client.chat.completions.create(**ask, stream=True)
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert whole == streamed
+        assert all(len(p) == 2 for p in processes.values()), processes
+        assert not processes[names[0]] & processes[names[1]]  # a replica serves one model
         from runtime.generator import GenerationConfig, Generator
         from runtime.session import Session
 
-        want = Generator(Session(tiny_folders["ort"], provider="cpu")).generate(
-            ask["messages"], GenerationConfig(max_new_tokens=8)
-        )
-        assert whole == want
+        for folder in folders:
+            ask = {"model": folder.name, "max_tokens": 8, "temperature": 0,
+                   "messages": [{"role": "user", "content": "Hello"}]}  # fmt: skip
+            whole = client.chat.completions.create(**ask).choices[0].message.content
+            chunks = client.chat.completions.create(**ask, stream=True)
+            streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert whole == streamed
+            want = Generator(Session(folder, provider="cpu")).generate(
+                ask["messages"], GenerationConfig(max_new_tokens=8)
+            )
+            assert whole == want
+        with pytest.raises(openai.NotFoundError, match="does not exist") as e:
+            client.chat.completions.create(model="nope", messages=MESSAGES)
+        assert e.value.code == "model_not_found"
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, key="wrong").models.list()
+        with pytest.raises(openai.BadRequestError, match="temperature"):  # from the replica
+            client.chat.completions.create(model=names[1], messages=MESSAGES, temperature=-1)
+        with pytest.raises(openai.BadRequestError, match="exceeds the engine's context") as e:
+            client.completions.create(model=names[0], prompt="x " * 2000, max_tokens=4)
+        assert e.value.code == "context_length_exceeded"
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert text.count("# TYPE llamaonnx_requests_total counter") == 1
+        for name in names:
+            assert f'llamaonnx_requests_total{{model="{name}"}}' in text
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = {"model": names[1], "messages": MESSAGES, "max_tokens": 400, "stream": True,
+                "temperature": 0}  # fmt: skip
+        headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        conn.close()  # gone, 399 tokens early
+        cancelled = f'llamaonnx_finished_total{{model="{names[1]}",reason="cancelled"}}'
+        deadline = time.time() + 60
+        while time.time() < deadline:  # (each /metrics: one replica's figures)
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                if cancelled in r.read().decode():
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the request was not cancelled on its replica after its client left")
     finally:
         proc.terminate()
         proc.wait(timeout=120)
