@@ -199,6 +199,8 @@ def _add_bench(sub) -> None:
         help="with --peer llama.cpp, also run it from the libllama built in DIR (another build "
         "of the same llama.cpp, e.g. AVX2 only), labelled LABEL (repeatable)",
     )
+    b.add_argument("--profile", action="store_true",
+                   help="after the runs: where a step goes per op (ORT's profiler)")  # fmt: skip
     b.add_argument("--sweep", action="store_true",
                    help="decode speed and the prompt's prefill at context 128 to 8192")  # fmt: skip
     b.add_argument(
@@ -281,6 +283,7 @@ def _bench(args) -> int:
         check_files=not args.skip_checksums,
         kernel_paths=tuple(args.kernel_path),
         llama_libs=dict(_label_dir(x, "--llama-lib") for x in args.llama_lib),
+        profile=args.profile,
     )
     print(table(data))
     outputs = []

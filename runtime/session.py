@@ -118,7 +118,9 @@ class Session:
     `check_files`: compare every file with the sha256 recorded when the folder was written
     (llamaonnx.json `files`) before loading, so corrupt weights are an IntegrityError naming the
     file rather than silent garbage. It reads the whole folder once (README: "Integrity").
-    `threads`: onnxruntime's intra-op threads, 1 to 4× the core count (None: its own choice)."""
+    `threads`: onnxruntime's intra-op threads, 1 to 4× the core count (None: its own choice).
+    `profile`: a file prefix; onnxruntime's profiler records every run until
+    `self.session.end_profiling()` writes its JSON (runtime/bench/profile.py reads it)."""
 
     def __init__(
         self,
@@ -128,6 +130,7 @@ class Session:
         static_decode: bool = False,
         cuda_graph: bool = False,
         check_files: bool = True,
+        profile: str | None = None,
     ):
         import onnxruntime as ort
 
@@ -153,6 +156,9 @@ class Session:
         # errors only: onnxruntime warns at every load that `logits_to_keep` (an initializer
         # that is also an input, so callers may override it) "will not be treated as constant"
         opts.log_severity_level = 3
+        if profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile
         register_custom_ops(opts, self.info)
         providers = (
             [

@@ -88,10 +88,19 @@ def test_bench_runs_a_native_folder_on_each_kernel_path_asked(tiny_folders, tmp_
     )
     paths = native.supported_paths()
     data = bench([folder], prompt_tokens=16, new_tokens=4, runs=1, warmup=0, threads=1,
-                 kernel_paths=paths)  # fmt: skip
+                 kernel_paths=paths, profile=True)  # fmt: skip
     rows = data["results"]
     assert [r.get("kernel_path") for r in rows] == list(paths)
     assert all(r["decode_tok_s"]["median"] > 0 for r in rows)
+    for r in rows:  # --profile: where each path's decode step goes, per op type
+        step = r["profile"]["decode"]
+        assert step["steps"] == 3 and 0 < step["kernels_us"] <= step["wall_us"]
+        assert step["ops"]["MatMulQ4"]["calls"] > 0 and step["ops"]["MatMulQ4"]["us"] > 0
+        assert r["profile"]["prefill"]["ops"]["GroupQueryAttention"]["calls"] == 2  # 2 layers
+    from runtime.bench.report import report_markdown
+
+    report = report_markdown(data, "llamaonnx bench …")
+    assert "Where a decode step goes" in report and "| MatMulQ4 |" in report
     assert data["machine"]["kernel_path"] == paths[-1]
     assert (
         "avx2" in data["machine"]["flags"]

@@ -22,6 +22,7 @@ class _Ours:
         from runtime.session import Session
 
         graph = provider == "cuda-graph"
+        self.threads = threads
         self.session = Session(  # the parent checked the folder's files once
             path,
             provider="cuda" if graph else provider,
@@ -37,6 +38,11 @@ class _Ours:
         gen.generate_ids([ids], GenerationConfig(max_new_tokens=new, stop_token_ids=()))
         s = gen.stats
         return s.time_to_first_token, s.decode_seconds, s.new_tokens
+
+    def profile(self, ids: list[int], new: int) -> dict:
+        from runtime.bench.profile import profile
+
+        return profile(self.session.info.folder, ids, new, self.threads)
 
 
 class _Genai:

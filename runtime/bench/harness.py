@@ -39,6 +39,7 @@ class Case:
     kernel_path: str | None = None  # LLAMAONNX_KERNEL_PATH for this worker (llamaonnx's kernels)
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # more for this worker
     system_info: str | None = None  # llama.cpp's: the instruction sets its build uses
+    profiled: dict | None = None  # where its steps go (runtime/bench/profile.py)
 
     def start(self, threads: int, provider: str) -> None:
         self.proc = subprocess.Popen(
@@ -78,6 +79,14 @@ class Case:
         r = json.loads(line)
         r["prompt"] = len(ids)
         return r
+
+    def profile(self, ids: list[int], new: int) -> dict:
+        self.proc.stdin.write(json.dumps({"profile": True, "ids": ids, "new": new}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: the benchmark worker died while profiling")
+        return json.loads(line)["profile"]
 
     def stop(self) -> None:
         if self.proc:
@@ -168,6 +177,7 @@ def bench(
     check_files: bool = True,
     kernel_paths: tuple[str, ...] = (),
     llama_libs: dict[str, Path] | None = None,
+    profile: bool = False,
 ) -> dict:
     """Runs every engine and returns the results; an engine that could not start has an
     "error" instead of figures (the CLI then exits non-zero). `check_files`: compare each
@@ -220,6 +230,11 @@ def bench(
             for c in live:  # interleaved: drift hits every engine alike
                 c.runs.append(c.run(ids, new_tokens))
             progress(f"run     {r + 1}/{runs}")
+        if profile:  # after the timed runs: the profiler slows what it watches
+            for c in live:
+                if c.engine == "llamaonnx":
+                    c.profiled = c.profile(ids, new_tokens)
+                    progress(f"profile {c.name}")
         for length in sweep:
             if length > context:
                 progress(f"sweep   context {length} skipped: the models hold {context} tokens")
@@ -266,6 +281,7 @@ def bench(
                 "decode_tok_s": _summary([(r["new"] - 1) / r["decode_s"] for r in c.runs]),
                 "peak_rss_mb": max(r["rss_mb"] for r in c.runs),
                 "sweep": c.sweep,
+                **({"profile": c.profiled} if c.profiled else {}),
             }
         )
     return {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.bench.profile import markdown as profile_markdown
+
 
 def table(data: dict, markdown: bool = False) -> str:
     head = [
@@ -109,6 +111,7 @@ def report_markdown(data: dict, command: str, png: str | None = None) -> str:
     if builds:
         lines += ["", "llama.cpp's builds, as each reports itself (`llama_print_system_info`):", ""]
         lines += [f"- {r['name']}: `{r['system_info']}`" for r in builds]
+    lines += profile_markdown(data["results"])
     sweeps = [r for r in data["results"] if r.get("sweep")]
     if sweeps:
         contexts = [p["context"] for p in sweeps[0]["sweep"]]

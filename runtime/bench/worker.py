@@ -1,6 +1,7 @@
 """The worker process: `python -m runtime.bench.worker ENGINE PATH THREADS PROVIDER` loads one
 engine and serves runs as JSON lines, {"ids": […], "new": n} → {"ttft", "decode_s", "new",
-"rss_mb"}. It answers {"error": …} instead of {"ready": true} when its engine cannot start."""
+"rss_mb"}, and {"profile": true, "ids", "new"} → {"profile": …} (runtime/bench/profile.py). It
+answers {"error": …} instead of {"ready": true} when its engine cannot start."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def worker(name: str, path: str, threads: int, provider: str) -> None:
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)
+        if req.get("profile"):  # where the steps go (engines that can say: llamaonnx)
+            out.write(json.dumps({"profile": eng.profile(req["ids"], req["new"])}) + "\n")
+            out.flush()
+            continue
         ttft, decode_s, n = eng.run(req["ids"], req["new"])
         out.write(
             json.dumps({"ttft": ttft, "decode_s": decode_s, "new": n, "rss_mb": _peak_rss_mb()})
