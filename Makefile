@@ -164,7 +164,10 @@ bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.j
 	$(VENV)/bin/llamaonnx bench $(MODEL) --peer llama.cpp --peer genai $(KERNEL_PATHS) \
 		--llama-lib avx2=$(LLAMA_AVX2) \
 		--genai-dir models/genai-int4 --prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
-		--sweep --profile --json docs/benchmarks.json --png docs/benchmarks.png --markdown docs/benchmarks.md
+		--sweep --json docs/benchmarks.json --png docs/benchmarks.png --markdown docs/benchmarks.md
+	# where a decode step goes on each kernel path, per op type (onnxruntime's profiler)
+	$(VENV)/bin/llamaonnx bench $(MODEL) $(KERNEL_PATHS) --prompt-tokens 130 --new-tokens 128 \
+		--runs 3 --threads 2 --profile --markdown docs/benchmarks-profile.md
 	# the files users download: Q4_K_M, against llama.cpp on the same file and genai's int4
 	$(VENV)/bin/llamaonnx bench $(QKM)-int4 --peer llama.cpp --genai-dir models/genai-int4 \
 		--prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
