@@ -155,8 +155,8 @@ def router_app(names: list[str], models: list, api_key, cors, max_body: int):
         raw = await request.body()
         try:
             name = parse_body(raw, max_body).get("model")
-        except Exception:  # noqa: BLE001 — a bad body: the (first) model's routes say what
-            name = None
+        except Exception as e:  # noqa: BLE001 — too big, not JSON, not an object
+            return error(e)
         if name is None and len(names) == 1:
             name = names[0]
         if name not in handles:

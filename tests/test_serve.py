@@ -312,6 +312,11 @@ def test_ray_serve_runs_each_model_as_its_own_deployment_of_two_replicas(
         with pytest.raises(openai.BadRequestError, match="exceeds the engine's context") as e:
             client.completions.create(model=names[0], prompt="x " * 2000, max_tokens=4)
         assert e.value.code == "context_length_exceeded"
+        bad = urllib.request.Request(url + "/v1/chat/completions", data=b"{not json",
+                                     headers={"Authorization": "Bearer k"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=10)
+        assert e.value.code == 400 and b"not valid JSON" in e.value.read()
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             text = r.read().decode()
         assert text.count("# TYPE llamaonnx_requests_total counter") == 1
