@@ -424,14 +424,22 @@ def load(folders: list[Path], slots: int, queue_size: int, threads: int | None) 
     from runtime.session import Session
 
     served = {}
-    for folder in folders:
+    for folder, name in zip(folders, model_names(folders), strict=True):
         session = Session(folder, provider="cpu", threads=threads)
-        name = Path(folder).resolve().name
-        if name in served:
-            raise OptionError(f"two folders are named {name!r}: serve folders with distinct names")
         served[name] = Served(name, Engine(session, slots=slots, queue_size=queue_size),
                               int(time.time()))  # fmt: skip
     return served
+
+
+def model_names(folders) -> list[str]:
+    """The name each folder is served under (its folder's name); OptionError for a repeat."""
+    names = []
+    for folder in folders:
+        name = Path(folder).resolve().name
+        if name in names:
+            raise OptionError(f"two folders are named {name!r}: serve folders with distinct names")
+        names.append(name)
+    return names
 
 
 def serve(args) -> int:

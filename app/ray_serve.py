@@ -204,12 +204,10 @@ def application(folders, slots=8, queue_size=64, threads=None, replicas=1, max_r
     router in front."""
     from ray import serve
 
-    from runtime.errors import OptionError
+    from app.openai_server import model_names
 
     paths = [str(Path(f).resolve()) for f in folders]
-    names = [Path(p).name for p in paths]
-    if len(set(names)) != len(names):
-        raise OptionError("two folders have the same name: serve folders with distinct names")
+    names = model_names(paths)
     cores = os.cpu_count() or 2
     per_replica = threads or max(1, cores // (replicas * len(paths)))
     cpus = min(1.0, cores / (replicas * len(paths)))

@@ -661,6 +661,16 @@ def test_bench_exits_non_zero_when_a_requested_peer_fails(tiny_folders, tmp_path
     assert b"llamaonnx ort" in r.stdout  # the engines that ran are still in the table
 
 
+def test_serve_refuses_two_folders_of_one_name(tmp_path):
+    """Models are named after their folders, so two folders of one name would be one model;
+    the plain server and the Ray application share the check."""
+    from app.openai_server import model_names
+
+    assert model_names([tmp_path / "a" / "m", tmp_path / "n"]) == ["m", "n"]
+    with pytest.raises(OptionError, match="two folders are named 'm'"):
+        model_names([tmp_path / "a" / "m", tmp_path / "b" / "m"])
+
+
 @pytest.mark.parametrize("extra", [[], ["--ray"]])
 def test_serve_refuses_a_folder_the_engine_cannot_run_before_starting(tiny_folders, extra):
     """A portable folder (past and present not one buffer) is refused with the reason, by the
