@@ -21,7 +21,11 @@ ROLES = {  # op type → (role, colour)
     "Attention": ("GQA", "#54a24b"),
     "MatMul": ("projection", "#bab0ac"),
     "MatMulNBits": ("projection (n-bit)", "#bab0ac"),
+    "MatMulQ4": ("projection (llamaonnx 4-bit)", "#bab0ac"),
+    "MatMulQ4SwiGLU": ("gate/up + SwiGLU (llamaonnx 4-bit)", "#bab0ac"),
+    "MatMulQ8": ("projection (llamaonnx 8-bit)", "#bab0ac"),
 }
+NATIVE_MATMULS = ("MatMulQ4", "MatMulQ4SwiGLU", "MatMulQ8")
 
 
 def layer_nodes(model_path: Path, layer: int) -> list[tuple[str, str, list[str], list[str]]]:
@@ -41,6 +45,8 @@ def layer_nodes(model_path: Path, layer: int) -> list[tuple[str, str, list[str],
                 a.name == "do_rotary" and a.i for a in n.attribute
             ):
                 op = "GroupQueryAttention+RoPE"
+            elif op in NATIVE_MATMULS and len(n.input) > 2 and n.input[2]:
+                op = f"{op}+RMSNorm"  # the norm in front, folded in (export/quant/norm.py)
             out.append((n.name, op, list(n.input), list(n.output)))
     return out
 
@@ -49,6 +55,8 @@ def _label(name: str, op: str, layer: int) -> str:
     role = ROLES.get(op.split("+")[0], (None,))[0]
     if op.endswith("+RoPE"):
         role = "GQA + RoPE, fused"
+    elif op.endswith("+RMSNorm"):
+        role = f"RMSNorm + residual + {role}, fused"
     short = name.removeprefix(f"/model/layers.{layer}/")
     return f"{op}\n{short}" if role is None else f"{op}\n{short}\n[{role}]"
 

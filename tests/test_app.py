@@ -217,6 +217,22 @@ def test_model_tab_draws_a_decoder_layer_from_the_onnx_file(tiny_folders, target
     assert "Verification against the PyTorch reference" in md and "GQA" in md
 
 
+def test_model_tab_names_a_norm_folded_into_a_projection(tiny_folders, tmp_path):
+    """An int4 folder on llamaonnx's kernels folds each residual RMSNorm into the projection that
+    reads it: the picture says so rather than dropping the norm."""
+    from app.graph_view import _label, layer_nodes
+    from export.quant import QuantSettings, quantize_folder
+
+    out = tmp_path / "int4"
+    quantize_folder(tiny_folders["ort"], out, QuantSettings("int4", kernel="native"), verify=False)
+    nodes = layer_nodes(out / "model.onnx", 1)
+    folded = {op: name for name, op, _, _ in nodes if op.endswith("+RMSNorm")}
+    assert set(folded) == {"MatMulQ4+RMSNorm", "MatMulQ4SwiGLU+RMSNorm"}
+    assert "[RMSNorm + residual + gate/up + SwiGLU" in _label(
+        folded["MatMulQ4SwiGLU+RMSNorm"], "MatMulQ4SwiGLU+RMSNorm", 1
+    )
+
+
 def test_benchmarks_tab_reads_a_results_file(tmp_path, tiny_folders):
     from app.server import _bench_view
     from runtime.bench import bench

@@ -312,6 +312,108 @@ def test_swiglu_op_is_silu_of_the_gate_times_the_up_rows(path, scale):
             np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def _norm_then(op: str, packed: np.ndarray, k: int, folded: bool, eps: float = 1e-5):
+    """onnxruntime's SkipSimplifiedLayerNormalization and projection `op` (two nodes), or the one
+    node export/quant/norm.py folds them into; outputs y and the residual sum x + h."""
+    w = numpy_helper.from_array(np.linspace(0.5, 1.5, k, dtype=np.float32), "w")
+    if folded:
+        nodes = [
+            helper.make_node(op, ["x", "b", "w", "h"], ["y", "sum"], domain=DOMAIN, epsilon=eps)
+        ]
+    else:
+        nodes = [
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                ["x", "h", "w"],
+                ["normed", "", "", "sum"],
+                domain="com.microsoft",
+                epsilon=eps,
+            ),
+            helper.make_node(op, ["normed", "b"], ["y"], domain=DOMAIN),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, ["batch", "seq", k]) for v in "xh"],
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in ("y", "sum")],
+        [numpy_helper.from_array(packed, "b"), w],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 21),
+            helper.make_opsetid(DOMAIN, 1),
+            helper.make_opsetid("com.microsoft", 1),
+        ],
+    )
+    return model
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "SwiGLU"])
+def test_a_folded_norm_gives_onnxruntimes_skip_norm_to_the_bit(path, kind):
+    """The norm a projection folds in computes onnxruntime's SkipSimplifiedLayerNormalization in
+    its own float order: the folded graph's output and residual sum equal the two-node graph's
+    exactly, at decode (one row) and for a prompt (rows spread over the threads)."""
+    blocks = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0, "SwiGLU": q4_1}[kind](128, 256, seed=3)
+    op = {"Q8_0": OP8, "SwiGLU": SWIGLU}.get(kind, OP)
+    packed = pack(blocks)
+    rng = np.random.default_rng(11)
+    native.library()
+    with native.use_path(path):
+        for threads in (1, 2):
+            two, one = (_run(_norm_then(op, packed, 256, f), threads) for f in (False, True))
+            for shape in [(1, 1), (2, 5), (1, 37)]:
+                x, h = (3 * rng.standard_normal((*shape, 256)).astype(np.float32) for _ in "xh")
+                want = two.run(None, {"x": x, "h": h})
+                got = one.run(None, {"x": x, "h": h})
+                assert got[0].shape == want[0].shape and got[1].shape == x.shape
+                np.testing.assert_array_equal(got[1], want[1])
+                np.testing.assert_array_equal(got[0], want[0])
+
+
+def _run(model, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.register_custom_ops_library(str(native.library_path()))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def test_a_norm_without_skip_and_bad_norm_inputs():
+    """op(A, B, gamma) normalises A alone: what a zero skip gives, to the bit. A skip without
+    gamma, a gamma of the wrong width or a gamma without epsilon are clear errors."""
+    packed = pack(q4_1(64, 96, seed=4))
+    x = np.random.default_rng(2).standard_normal((1, 3, 96)).astype(np.float32)
+    with_skip = _run(_norm_then(OP, packed, 96, True), 2)
+    want = with_skip.run(None, {"x": x, "h": np.zeros_like(x)})[0]
+    alone = _norm_then(OP, packed, 96, True)
+    del alone.graph.node[0].input[3], alone.graph.node[0].output[1], alone.graph.output[1]
+    del alone.graph.input[1]
+    np.testing.assert_array_equal(_run(alone, 2).run(None, {"x": x})[0], want)
+
+    def broken(edit) -> ort.InferenceSession:
+        model = _norm_then(OP, packed, 96, True)
+        edit(model.graph)
+        return _run(model, 1)
+
+    def no_gamma(g):
+        g.node[0].input[2] = ""
+
+    def short_gamma(g):
+        g.initializer[1].CopyFrom(numpy_helper.from_array(np.ones(32, np.float32), "w"))
+
+    def no_epsilon(g):
+        del g.node[0].attribute[:]
+
+    for edit, says in [
+        (no_gamma, "needs the norm weight"),
+        (short_gamma, "must be \\[K\\]"),
+        (no_epsilon, "epsilon attribute"),
+    ]:
+        with pytest.raises(Exception, match=says):
+            broken(edit).run(None, {"x": x, "h": x})
+
+
 def test_wrong_inputs_get_clear_errors():
     packed = pack(q4_1(32, 64))
     sess = _session(packed[:, :1], 64)  # B says K = 32, the graph says 64

@@ -231,6 +231,11 @@ def test_int4_on_cpu_runs_the_native_kernel_with_the_head_on_matmul_nbits(quanti
         gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
         assert len(gqa) == L and {n.domain for n in gqa} == {"ai.llamaonnx"}
         assert all(len(n.input) == 7 and all(n.input) for n in gqa)
+        # each residual norm is folded into the projection that reads it (export/quant/norm.py):
+        # all but the last, whose output the head reads through logits_to_keep's Slice
+        folded = [n for n in model.graph.node if n.domain == "ai.llamaonnx" and len(n.input) == 4]
+        assert len(folded) == 2 * L - 1 and ops["SkipSimplifiedLayerNormalization"] == 1
+        assert {n.op_type for n in folded} == {"MatMulQ4", "MatMulQ4SwiGLU"}
         genai = json.loads((quantized[target, "int4"] / "genai_config.json").read_text())
         library = genai["model"]["decoder"]["session_options"]["custom_ops_library"]
         folder = quantized[target, "int4"]  # a copy inside the folder, named relatively

@@ -1,7 +1,8 @@
 """Weight-only quantization of the ONNX graph, in order: the projections that share an input
 fused (fuse_projections.py), every projection written for its blocks (linear.py), the token
-embedding (embedding.py), then on llamaonnx's kernels the SwiGLU (swiglu.py) and the attention
-(attention.py). One rewrite per file; each says why it left a candidate alone.
+embedding (embedding.py), then on llamaonnx's kernels the SwiGLU (swiglu.py), the attention
+(attention.py) and the RMSNorms folded into the projections that read them (norm.py). One rewrite
+per file; each says why it left a candidate alone.
 
 `choose(module, W)` decides each weight's blocks (carried from the GGUF, or quantized here;
 export/quant/carry.py) or None to keep it in float.
@@ -23,6 +24,7 @@ from export.quant.fuse_projections import concat, fusable, fused_names, rewire
 from export.quant.graph import Edit, consumers, embedding, linear_weights
 from export.quant.linear import LinearWriter
 from export.quant.native import DOMAIN, supports
+from export.quant.norm import fold_norms
 from export.quant.swiglu import fuse_swiglu
 
 
@@ -95,5 +97,6 @@ def quantize_graph(
     if native:  # (they add no initializers: one commit after them prunes what they replaced)
         fuse_swiglu(g)
         native_attention(g)
+        fold_norms(g)
     edit.commit()
     return done

@@ -96,6 +96,56 @@ void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, fl
   quantize_rows_scalar(a, m, k, q, d, s, e);
 }
 
+/* The RMSNorm in front of a projection (export/quant/norm.py folds onnxruntime's
+   SkipSimplifiedLayerNormalization into the projection's node): row by row, r = x + skip (written
+   to `sum` where asked), y = r / sqrt(mean(r²) + eps) · gamma, in onnxruntime's own float order
+   (one running sum of squares, then divide, then scale), so that the folded graph computes what
+   the unfolded one did, to the bit. Four rows at a time: each row's sum keeps its order, and the
+   four chains of additions overlap. No contraction: an FMA would round the sum differently. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void skip_rms_norm(const float* x, const float* skip, const float* gamma, int64_t m, int64_t k,
+                   float eps, float* sum, float* y) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  for (int64_t r0 = 0; r0 < m; r0 += 4) {
+    int n = m - r0 < 4 ? (int)(m - r0) : 4;
+    float squares[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t h = 0; h < k; h++)
+      for (int i = 0; i < n; i++) {
+        int64_t at = (r0 + i) * k + h;
+        float v = skip ? x[at] + skip[at] : x[at];
+        if (sum) sum[at] = v;
+        y[at] = v;
+        squares[i] += v * v;
+      }
+    for (int i = 0; i < n; i++) {
+      float rms = sqrtf(squares[i] / (float)k + eps);
+      float* yr = y + (r0 + i) * k;
+      for (int64_t h = 0; h < k; h++) yr[h] = yr[h] / rms * gamma[h];
+    }
+  }
+}
+
+/* Task i of a matmul's activation rows: their norm (where one is folded in), then their int8
+   blocks. */
+void prepare_rows(void* data, size_t i) {
+  const Prep* p = (const Prep*)data;
+  int64_t r0 = (int64_t)i * p->rows, r1 = r0 + p->rows < p->m ? r0 + p->rows : p->m;
+  if (r0 >= r1) return;
+  int64_t nb = p->k / BLOCK;
+  const float* a = p->a + r0 * p->k;
+  if (p->gamma) {
+    skip_rms_norm(a, p->skip ? p->skip + r0 * p->k : NULL, p->gamma, r1 - r0, p->k, p->eps,
+                  p->sum ? p->sum + r0 * p->k : NULL, p->normed + r0 * p->k);
+    a = p->normed + r0 * p->k;
+  }
+  quantize_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, p->s + r0 * nb,
+                p->e + r0 * nb);
+}
+
 /* Portable path: the same arithmetic, one row at a time (machines without AVX-512 VNNI). */
 static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; g++) {

@@ -28,6 +28,8 @@ enum {
   GET_TENSOR_TYPE_AND_SHAPE = 65,
   KERNEL_INFO_GET_ATTRIBUTE_FLOAT = 85,
   KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
+  KERNEL_CONTEXT_GET_INPUT_COUNT = 88,
+  KERNEL_CONTEXT_GET_OUTPUT_COUNT = 89,
   KERNEL_CONTEXT_GET_INPUT = 90,
   KERNEL_CONTEXT_GET_OUTPUT = 91,
   RELEASE_STATUS = 93,
@@ -43,6 +45,7 @@ static const void* const* api; /* the OrtApi table */
 #define CALL(index, type) ((type)api[index])
 
 typedef OrtStatus* (*create_status_fn)(int, const char*);
+typedef OrtStatus* (*count_fn)(const OrtKernelContext*, size_t*);
 typedef OrtStatus* (*get_input_fn)(const OrtKernelContext*, size_t, const OrtValue**);
 typedef OrtStatus* (*get_output_fn)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
 typedef OrtStatus* (*type_and_shape_fn)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
@@ -94,17 +97,31 @@ static OrtStatus* input(OrtKernelContext* ctx, size_t i, Input* in) {
   return CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in->value, &in->data);
 }
 
+/* Input i where the node may leave it out (or give it no name): value NULL when absent. */
+static OrtStatus* optional_input(OrtKernelContext* ctx, size_t i, Input* in) {
+  size_t count;
+  in->value = NULL, in->data = NULL, in->rank = 0;
+  TRY(CALL(KERNEL_CONTEXT_GET_INPUT_COUNT, count_fn)(ctx, &count));
+  if (i >= count) return NULL;
+  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &in->value));
+  return in->value ? input(ctx, i, in) : NULL;
+}
+
+/* A matmul node's kernel: its weight format, and the epsilon of the RMSNorm it may fold in (< 0:
+   the node has no epsilon attribute). */
 typedef struct {
   int bits, swiglu;
+  float eps;
 } Kind;
-static const Kind q4_kind = {4, 0}, q8_kind = {8, 0}, swiglu_kind = {4, 1};
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const Kind* kind = (const Kind*)kernel;
   int bits = kind->bits;
-  Input a, b;
+  Input a, b, gamma, skip;
   TRY(input(ctx, 0, &a));
   TRY(input(ctx, 1, &b));
+  TRY(optional_input(ctx, 2, &gamma));
+  TRY(optional_input(ctx, 3, &skip));
   const int64_t *adims = a.dims, *bdims = b.dims;
   size_t arank = a.rank;
   int tile = b.rank == 3 ? (int)bdims[2] : 0;
@@ -118,6 +135,22 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4SwiGLU: B needs as many up rows as gate rows");
   int64_t k = adims[arank - 1], n = bdims[0] * ROWS, m = 1, nb = bdims[1];
   for (size_t i = 0; i + 1 < arank; i++) m *= adims[i];
+  if (skip.value && !gamma.value)
+    return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: a skip input (3) needs the norm weight (2)");
+  if (gamma.value && (gamma.rank != 1 || gamma.dims[0] != k))
+    return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: the norm weight (input 2) must be [K]");
+  if (gamma.value && kind->eps < 0.f)
+    return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: a norm weight needs the epsilon attribute");
+  if (skip.value && (skip.rank != arank || memcmp(skip.dims, adims, sizeof(int64_t) * arank)))
+    return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: the skip input (3) must have A's shape");
+  float* sum = NULL; /* output 1, A + skip, where the node names it */
+  size_t outputs = 1;
+  TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT_COUNT, count_fn)(ctx, &outputs));
+  if (skip.value && outputs > 1) {
+    OrtValue* sv = NULL;
+    TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 1, adims, arank, &sv));
+    if (sv) TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(sv, (void**)&sum));
+  }
   int64_t ydims[8];
   memcpy(ydims, adims, sizeof(int64_t) * arank);
   ydims[arank - 1] = kind->swiglu ? n / 2 : n;
@@ -128,12 +161,21 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (m == 0) return NULL;
   int8_t* q = malloc((size_t)(m * k) + 64);
   float* d = malloc(sizeof(float) * (size_t)(m * nb * 3 + (kind->swiglu ? m * n : 0)) + 64);
-  if (!q || !d) {
-    free(q), free(d);
+  float* normed = gamma.value ? malloc(sizeof(float) * (size_t)(m * k) + 64) : NULL;
+  if (!q || !d || (gamma.value && !normed)) {
+    free(q), free(d), free(normed);
     return error(ORT_FAIL, "MatMulQ4: out of memory");
   }
   float *s = d + m * nb, *e = s + m * nb;
-  quantize_rows((const float*)a.data, m, k, q, d, s, e);
+  /* the rows' norm and int8 blocks: on this thread at decode, over the threads for a prompt */
+  Prep p = {(const float*)a.data, (const float*)skip.data, (const float*)gamma.data, sum, normed,
+            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps};
+  size_t tasks = (size_t)((m + p.rows - 1) / p.rows);
+  OrtStatus* st = tasks > 1
+                      ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, prepare_rows, tasks, 0, &p)
+                      : (prepare_rows(&p, 0), NULL);
+  free(normed);
+  if (st) return free(q), free(d), st;
   /* Chunks of row groups (for SwiGLU, of gate groups, each with its up group), spread over
      onnxruntime's intra-op threads: a few per thread so that an uneven one evens out, and at
      least 4 groups each so a chunk outweighs its dispatch. */
@@ -144,9 +186,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   Job j = {(const uint8_t*)b.data, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
            bits, tile, kind->swiglu, e + m * nb};
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
-  OrtStatus* st = chunks > 1
-                      ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
-                      : (run_chunk(&j, 0), NULL);
+  st = chunks > 1 ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
+                  : (run_chunk(&j, 0), NULL);
   free(q), free(d);
   return st;
 }
@@ -272,33 +313,41 @@ typedef struct OrtCustomOp {
 
 enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT32 = 6, TYPE_INT64 = 7 };
 
-static void* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info);
 static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* i,
-                                   void** out) {
-  *out = create_kernel(op, a, i);
-  return NULL;
+                                   void** out);
+static void* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info) {
+  void* k = NULL;
+  OrtStatus* st = create_kernel_v2(op, a, info, &k);
+  if (st) CALL(RELEASE_STATUS, release_status_fn)(st);
+  return k;
 }
 static const char* name_q4(const OrtCustomOp* op) { (void)op; return "MatMulQ4"; }
 static const char* name_q8(const OrtCustomOp* op) { (void)op; return "MatMulQ8"; }
 static const char* name_swiglu(const OrtCustomOp* op) { (void)op; return "MatMulQ4SwiGLU"; }
 static const char* name_gather(const OrtCustomOp* op) { (void)op; return "GatherQ8"; }
 static const char* op_ep(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int matmul_input(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? TYPE_FLOAT : TYPE_UINT8; }
+static int matmul_input(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
 static int gather_input(const OrtCustomOp* op, size_t i) { (void)op; return i == 0 ? TYPE_UINT8 : TYPE_INT64; }
 static size_t two(const OrtCustomOp* op) { (void)op; return 2; }
 static int output_type(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return TYPE_FLOAT; }
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
 static void compute_v1(void* k, OrtKernelContext* ctx) { (void)compute(k, ctx); }
 static void gather_v1(void* k, OrtKernelContext* ctx) { (void)compute_gather(k, ctx); }
-static void destroy(void* k) { (void)k; }
+static void destroy_kernel(void* k) { free(k); }
 static int required(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
+/* inputs A, B required; gamma, skip optional; output 1 (A + skip) optional */
+static size_t four(const OrtCustomOp* op) { (void)op; return 4; }
+static size_t two_outputs(const OrtCustomOp* op) { (void)op; return 2; }
+static int optional_from_2(const OrtCustomOp* op, size_t i) { (void)op; return i >= 2; }
+static int optional_from_1(const OrtCustomOp* op, size_t i) { (void)op; return i >= 1; }
 static int default_memory(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
 static int one(const OrtCustomOp* op) { (void)op; return 1; }
 
-#define MATMUL_OP(name)                                                                     \
-  {16,     create_kernel, name,           op_ep, matmul_input, two,      output_type,       \
-   output_count, compute_v1, destroy,     required, required,  default_memory, one, one, one, \
-   one,    create_kernel_v2, compute}
+#define MATMUL_OP(name)                                                                      \
+  {16,          create_kernel, name,           op_ep,           matmul_input,    four,       \
+   output_type, two_outputs,   compute_v1,     destroy_kernel,  optional_from_2, optional_from_1, \
+   default_memory, one,        one,            one,             one,             create_kernel_v2, \
+   compute}
 static const OrtCustomOp matmul_q4 = MATMUL_OP(name_q4);
 static const OrtCustomOp matmul_q8 = MATMUL_OP(name_q8);
 static const OrtCustomOp matmul_q4_swiglu = MATMUL_OP(name_swiglu);
@@ -342,15 +391,26 @@ static const OrtCustomOp attention = {
 
 static const OrtCustomOp gather_q8 = {
     16,           create_kernel, name_gather,   op_ep,    gather_input,   two,
-    output_type,  output_count,  gather_v1,     destroy,  required,       required,
+    output_type,  output_count,  gather_v1,     destroy_kernel, required, required,
     default_memory, one,         one,           one,      one,            create_kernel_v2,
     compute_gather,
 };
 
-/* The kernel state is the op's weight format. */
-static void* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info) {
-  (void)a, (void)info;
-  return (void*)(op == &matmul_q4 ? &q4_kind : op == &matmul_q8 ? &q8_kind : &swiglu_kind);
+/* The kernel state: the op's weight format, and for the matmul ops their RMSNorm's epsilon. */
+static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info,
+                                   void** out) {
+  (void)a;
+  Kind* k = calloc(1, sizeof(Kind));
+  if (!k) return error(ORT_FAIL, "MatMulQ4: out of memory");
+  k->bits = op == &matmul_q8 ? 8 : 4;
+  k->swiglu = op == &matmul_q4_swiglu;
+  k->eps = -1.f;
+  if (op != &gather_q8) {
+    OrtStatus* none = CALL(KERNEL_INFO_GET_ATTRIBUTE_FLOAT, attr_float_fn)(info, "epsilon", &k->eps);
+    if (none) CALL(RELEASE_STATUS, release_status_fn)(none), k->eps = -1.f; /* no norm folded in */
+  }
+  *out = k;
+  return NULL;
 }
 
 static const char* check_api(const OrtApiBase* base) {
