@@ -521,56 +521,67 @@ def _gqa(ours: bool, qkv, key, value, seqlens, total, tables):
     return b.get_outputs()[0].numpy(), key, value
 
 
+def _tables(length: int) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.arange(length)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))[None]
+    return np.cos(pos).astype(np.float32), np.sin(pos).astype(np.float32)
+
+
+# prompts within one chunk of keys, and over three (tiles.h: ATTN_CHUNK = 128), where a decode
+# step shares the chunks out over the threads and merges them after
+@pytest.mark.parametrize("n", [37, 300])
 @pytest.mark.parametrize("path", PATHS)
-def test_attention_matches_onnxruntime_group_query_attention(path):
+def test_attention_matches_onnxruntime_group_query_attention(path, n):
     """A padded two-row prompt, a decode step, then a second chunk of three tokens: the same
     outputs and cache as onnxruntime's kernel (on the rows' real tokens)."""
-    pos = np.arange(LEN)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))[None]
-    tables = (np.cos(pos).astype(np.float32), np.sin(pos).astype(np.float32))
+    length, short = n + 27, n // 2 + 2  # the cache; row 1's real tokens
+    tables = _tables(length)
     width = (H + 2 * HKV) * D
     native.library()
     with native.use_path(path):
         both = {}
         for ours in (False, True):
-            cache = np.zeros((2, HKV, LEN, D), np.float32)
-            prompt = np.random.default_rng(1).standard_normal((2, 37, width)).astype(np.float32)
-            o1, k, v = _gqa(ours, prompt, cache, cache, [36, 20], 37, tables)
+            cache = np.zeros((2, HKV, length, D), np.float32)
+            prompt = np.random.default_rng(1).standard_normal((2, n, width)).astype(np.float32)
+            o1, k, v = _gqa(ours, prompt, cache, cache, [n - 1, short - 1], n, tables)
             step = np.random.default_rng(2).standard_normal((2, 1, width)).astype(np.float32)
-            o2, k, v = _gqa(ours, step, k, v, [37, 21], 38, tables)
+            o2, k, v = _gqa(ours, step, k, v, [n, short], n + 1, tables)
             chunk = np.random.default_rng(3).standard_normal((1, 3, width)).astype(np.float32)
-            o3, k3, _ = _gqa(ours, chunk, k[:1], v[:1], [40], 41, tables)
+            o3, k3, _ = _gqa(ours, chunk, k[:1], v[:1], [n + 3], n + 4, tables)
             both[ours] = (o1, o2, o3, k, v, k3)
     (a1, a2, a3, ak, av, ak3), (b1, b2, b3, bk, bv, bk3) = both[False], both[True]
     close = dict(rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(b1[0], a1[0], **close)
-    np.testing.assert_allclose(b1[1, :21], a1[1, :21], **close)  # row 1: 21 real tokens
+    np.testing.assert_allclose(b1[1, :short], a1[1, :short], **close)
     np.testing.assert_allclose(b2, a2, **close)
     np.testing.assert_allclose(b3, a3, **close)
-    np.testing.assert_allclose(bk[0, :, :38], ak[0, :, :38], **close)
-    np.testing.assert_allclose(bv[1, :, :22], av[1, :, :22], **close)
-    np.testing.assert_allclose(bk3[0, :, :41], ak3[0, :, :41], **close)
+    np.testing.assert_allclose(bk[0, :, : n + 1], ak[0, :, : n + 1], **close)
+    np.testing.assert_allclose(bv[1, :, : short + 1], av[1, :, : short + 1], **close)
+    np.testing.assert_allclose(bk3[0, :, : n + 4], ak3[0, :, : n + 4], **close)
 
 
+@pytest.mark.parametrize("n, cuts", [(70, (29,)), (300, (29, 170))])
 @pytest.mark.parametrize("path", PATHS)
-def test_attention_gives_a_position_the_same_result_in_any_chunk(path):
-    """A 70-token prompt prefilled whole, in two chunks, and token by token: each position's
-    output is the same to the bit (a position's scores, softmax and sums depend on its own keys
-    alone, in one fixed order), so chunked prefill and batching cannot change a request's tokens
-    through attention."""
-    length = 96
-    pos = np.arange(length)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))[None]
-    tables = (np.cos(pos).astype(np.float32), np.sin(pos).astype(np.float32))
-    qkv = np.random.default_rng(4).standard_normal((1, 70, (H + 2 * HKV) * D)).astype(np.float32)
+def test_attention_gives_a_position_the_same_result_in_any_chunk(path, n, cuts):
+    """A prompt prefilled whole, in pieces, and its last 40 tokens one by one: each position's
+    output is the same to the bit (a position's keys are taken in the same chunks, each chunk's
+    scores, softmax and sums in one fixed order, the chunks merged in order, whether a decode
+    step spreads them over the threads or a prompt's queries run them in turn), so chunked
+    prefill and batching cannot change a request's tokens through attention."""
+    length = n + 26
+    tables = _tables(length)
+    qkv = np.random.default_rng(4).standard_normal((1, n, (H + 2 * HKV) * D)).astype(np.float32)
     native.library()
     with native.use_path(path):
         cache = np.zeros((1, HKV, length, D), np.float32)
-        whole, _, _ = _gqa(True, qkv, cache, cache, [69], 70, tables)
+        whole, _, _ = _gqa(True, qkv, cache, cache, [n - 1], n, tables)
         pieces, k, v = [], cache, cache
-        for lo, hi in ((0, 29), (29, 70)):
+        for lo, hi in zip((0, *cuts), (*cuts, n), strict=True):
             o, k, v = _gqa(True, qkv[:, lo:hi], k, v, [hi - 1], hi, tables)
             pieces.append(o)
-        steps, k, v = [], cache, cache
-        for t in range(70):
+        start = n - 40
+        first, k, v = _gqa(True, qkv[:, :start], cache, cache, [start - 1], start, tables)
+        steps = [first]
+        for t in range(start, n):
             o, k, v = _gqa(True, qkv[:, t : t + 1], k, v, [t], t + 1, tables)
             steps.append(o)
     np.testing.assert_array_equal(np.concatenate(pieces, 1), whole)

@@ -48,9 +48,11 @@ AVX512 static inline void weigh_values(const float* p, const float* v, int64_t n
     _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), inv));
 }
 
-/* out[0:d] = softmax(scale · q·K[0:n]) · V[0:n], d a multiple of 16. */
-AVX512 static void attend_avx512(const float* q, const float* k, const float* v, int64_t n,
-                                 int64_t d, float scale, float* sc, float* out) {
+/* One chunk of n keys (see tiles.h): m = max of scale · q·K[0:n], l = Σ e^(score − m),
+   acc[0:d] = Σ e^(score − m) · V[j] (not yet divided by l); d a multiple of 16. */
+AVX512 static void chunk_avx512(const float* q, const float* k, const float* v, int64_t n,
+                                int64_t d, float scale, float* sc, float* m_out, float* l_out,
+                                float* out) {
   __m512 best = _mm512_set1_ps(-INFINITY);
   int64_t j0 = 0;
   for (; j0 + 16 <= n; j0 += 16) { /* 16 keys, their 16 dot products summed as one transpose */
@@ -101,10 +103,11 @@ AVX512 static void attend_avx512(const float* q, const float* k, const float* v,
     _mm512_mask_storeu_ps(sc + j, tail, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
   }
-  __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  *m_out = mx, *l_out = _mm512_reduce_add_ps(sum);
+  __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i0 = 0; i0 < d; i0 += 64) {
-    if (d - i0 >= 64) weigh_values(sc, v + i0, n, d, 4, inv, out + i0);
-    else weigh_values(sc, v + i0, n, d, (int)((d - i0) / 16), inv, out + i0);
+    if (d - i0 >= 64) weigh_values(sc, v + i0, n, d, 4, one, out + i0);
+    else weigh_values(sc, v + i0, n, d, (int)((d - i0) / 16), one, out + i0);
   }
 }
 /* ---- AVX2 + FMA: the same steps 8 lanes wide ------------------------------------------------ */
@@ -115,9 +118,9 @@ AVX2 static inline float hsum256(__m256 x) {
   return _mm_cvtss_f32(s);
 }
 
-/* out[0:d] = softmax(scale · q·K[0:n]) · V[0:n], d a multiple of 8. */
-AVX2 static void attend_avx2(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                             float scale, float* sc, float* out) {
+/* chunk_avx512's chunk 8 lanes wide; d a multiple of 8. */
+AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                            float scale, float* sc, float* m_out, float* l_out, float* out) {
   float mx = -INFINITY;
   int64_t j = 0;
   __m256 best = _mm256_set1_ps(-INFINITY);
@@ -160,7 +163,7 @@ AVX2 static void attend_avx2(const float* q, const float* k, const float* v, int
     sum = _mm256_add_ps(sum, e);
   }
   for (; j < n; j++) tail += sc[j] = expf(sc[j] - mx);
-  float inv = 1.f / (hsum256(sum) + tail);
+  *m_out = mx, *l_out = hsum256(sum) + tail;
   for (int64_t i0 = 0; i0 < d; i0 += 64) { /* 64 columns: 8 accumulators */
     int w = d - i0 >= 64 ? 8 : (int)((d - i0) / 8);
     __m256 acc[8];
@@ -170,14 +173,13 @@ AVX2 static void attend_avx2(const float* q, const float* k, const float* v, int
       const float* vj = v + j * d + i0;
       for (int c = 0; c < w; c++) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
     }
-    for (int c = 0; c < w; c++)
-      _mm256_storeu_ps(out + i0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+    for (int c = 0; c < w; c++) _mm256_storeu_ps(out + i0 + 8 * c, acc[c]);
   }
 }
 #endif
 
-static void attend_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                          float scale, float* sc, float* out) {
+static void chunk_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                         float scale, float* sc, float* m_out, float* l_out, float* out) {
   float mx = -INFINITY, sum = 0.f;
   for (int64_t j = 0; j < n; j++) {
     float acc = 0.f;
@@ -189,12 +191,65 @@ static void attend_scalar(const float* q, const float* k, const float* v, int64_
   for (int64_t i = 0; i < d; i++) {
     float acc = 0.f;
     for (int64_t j = 0; j < n; j++) acc += sc[j] * v[j * d + i];
-    out[i] = acc / sum;
+    out[i] = acc;
   }
+  *m_out = mx, *l_out = sum;
+}
+
+/* One chunk of keys for one query head, on this machine's path: into part = [m, l, acc[0:d]]. */
+static void chunk(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                  float scale, float* sc, float* part) {
+#if defined(__x86_64__)
+  int path = kernel_path();
+  if (path == PATH_AVX512 && d % 16 == 0) {
+    chunk_avx512(q, k, v, n, d, scale, sc, part, part + 1, part + 2);
+    return;
+  }
+  if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0) { /* fp32: no VNNI */
+    chunk_avx2(q, k, v, n, d, scale, sc, part, part + 1, part + 2);
+    return;
+  }
+#endif
+  chunk_scalar(q, k, v, n, d, scale, sc, part, part + 1, part + 2);
+}
+
+/* state = [m, l, acc[0:d]] merged with the next chunk's `part` (the first chunk: taken as it
+   is). One function for both schedules, so that they round alike. */
+static void merge(float* state, const float* part, int64_t d, int first) {
+  if (first) {
+    memcpy(state, part, sizeof(float) * (size_t)(d + 2));
+    return;
+  }
+  float m = state[0] > part[0] ? state[0] : part[0];
+  float x = expf(state[0] - m), y = expf(part[0] - m);
+  state[0] = m;
+  state[1] = state[1] * x + part[1] * y;
+  for (int64_t i = 0; i < d; i++) state[2 + i] = state[2 + i] * x + part[2 + i] * y;
+}
+
+static void finish(const float* state, int64_t d, float* out) {
+  float inv = 1.f / state[1];
+  for (int64_t i = 0; i < d; i++) out[i] = state[2 + i] * inv;
 }
 
 static int64_t past_of(const Attn* a, int64_t b) {
   return a->first ? 0 : (int64_t)a->seqlens[b] + 1 - a->s;
+}
+
+/* Keys query s of row b attends over (causal, and within the row's length). */
+static int64_t keys_of(const Attn* a, int64_t b, int64_t s) {
+  int64_t pos = past_of(a, b) + s, total = (int64_t)a->seqlens[b] + 1;
+  int64_t n = pos + 1 < total ? pos + 1 : total;
+  return n > a->len ? a->len : n;
+}
+
+/* The rotated queries of the heads that read kv head g, for query s of row b: q [G, D]. */
+static void rotated_queries(const Attn* a, int64_t b, int64_t g, int64_t s, float* q) {
+  int64_t w = (a->h + 2 * a->hkv) * a->d, group = a->h / a->hkv, half = a->d / 2;
+  int64_t pos = past_of(a, b) + s, rp = pos < a->rot_len ? pos : a->rot_len - 1;
+  for (int64_t i = 0; i < group; i++)
+    rope(a->qkv + (b * a->s + s) * w + (g * group + i) * a->d, a->cos + rp * half,
+         a->sin + rp * half, half, q + i * a->d);
 }
 
 /* Step 1, per (b, kv head): rotate the new keys and write keys and values into the cache. */
@@ -214,36 +269,70 @@ void attn_store(void* data, size_t task) {
   }
 }
 
-/* Step 2, per (b, query head): rotate each new query and attend over the row's cache. */
-void attn_heads(void* data, size_t task) {
+/* Step 2 for a prompt, per (b, kv head, block of ATTN_QUERIES queries): each query of the block,
+   for each head of the group, chunk by chunk, merged as it goes. Each chunk of keys is read from
+   memory once for the group's heads. */
+void attn_rows(void* data, size_t task) {
   const Attn* a = (const Attn*)data;
-  int64_t b = (int64_t)task / a->h, h = (int64_t)task % a->h, w = (a->h + 2 * a->hkv) * a->d;
-  int64_t g = h / (a->h / a->hkv), past = past_of(a, b), total = (int64_t)a->seqlens[b] + 1;
-  int64_t half = a->d / 2;
-  float q[512], *sc = a->scores + task * a->t_max;
-  const float* k = a->key + (b * a->hkv + g) * a->len * a->d;
-  const float* v = a->value + (b * a->hkv + g) * a->len * a->d;
-  for (int64_t s = 0; s < a->s; s++) {
-    int64_t pos = past + s, rp = pos < a->rot_len ? pos : a->rot_len - 1;
-    int64_t n = pos + 1 < total ? pos + 1 : total; /* causal, and within the row's length */
-    if (n > a->len) n = a->len;
-    float* o = a->out + (b * a->s + s) * a->h * a->d + h * a->d;
+  int64_t bg = (int64_t)task / a->qblocks, s0 = (int64_t)task % a->qblocks * ATTN_QUERIES;
+  int64_t b = bg / a->hkv, g = bg % a->hkv, d = a->d, group = a->h / a->hkv;
+  int64_t s1 = s0 + ATTN_QUERIES < a->s ? s0 + ATTN_QUERIES : a->s;
+  float *sc = a->scratch + (int64_t)task * a->per_task, *q = sc + ATTN_CHUNK;
+  float *part = q + group * d, *state = part + d + 2;
+  const float* k = a->key + (b * a->hkv + g) * a->len * d;
+  const float* v = a->value + (b * a->hkv + g) * a->len * d;
+  for (int64_t s = s0; s < s1; s++) {
+    int64_t n = keys_of(a, b, s);
+    float* o = a->out + ((b * a->s + s) * a->h + g * group) * d;
     if (n <= 0) {
-      memset(o, 0, sizeof(float) * (size_t)a->d);
+      memset(o, 0, sizeof(float) * (size_t)(group * d));
       continue;
     }
-    rope(a->qkv + (b * a->s + s) * w + h * a->d, a->cos + rp * half, a->sin + rp * half, half, q);
-#if defined(__x86_64__)
-    int path = kernel_path();
-    if (path == PATH_AVX512 && a->d % 16 == 0) {
-      attend_avx512(q, k, v, n, a->d, a->scale, sc, o);
-      continue;
+    rotated_queries(a, b, g, s, q);
+    for (int64_t c0 = 0; c0 < n; c0 += ATTN_CHUNK) {
+      int64_t nk = n - c0 < ATTN_CHUNK ? n - c0 : ATTN_CHUNK;
+      for (int64_t i = 0; i < group; i++) {
+        chunk(q + i * d, k + c0 * d, v + c0 * d, nk, d, a->scale, sc, part);
+        merge(state + i * (d + 2), part, d, c0 == 0);
+      }
     }
-    if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && a->d % 8 == 0) { /* fp32: no VNNI */
-      attend_avx2(q, k, v, n, a->d, a->scale, sc, o);
-      continue;
+    for (int64_t i = 0; i < group; i++) finish(state + i * (d + 2), d, o + i * d);
+  }
+}
+
+/* Step 2 for a decode step (one query a row), per (b, kv head, chunk): the chunk's part for each
+   head of the group, into `partial`; attn_combine merges them. */
+void attn_split(void* data, size_t task) {
+  const Attn* a = (const Attn*)data;
+  int64_t bg = (int64_t)task / a->chunks, c = (int64_t)task % a->chunks;
+  int64_t b = bg / a->hkv, g = bg % a->hkv, d = a->d, group = a->h / a->hkv;
+  int64_t n = keys_of(a, b, 0), c0 = c * ATTN_CHUNK;
+  if (c0 >= n) return;
+  int64_t nk = n - c0 < ATTN_CHUNK ? n - c0 : ATTN_CHUNK;
+  float *sc = a->scratch + (int64_t)task * a->per_task, *q = sc + ATTN_CHUNK;
+  const float* k = a->key + ((b * a->hkv + g) * a->len + c0) * d;
+  const float* v = a->value + ((b * a->hkv + g) * a->len + c0) * d;
+  rotated_queries(a, b, g, 0, q);
+  for (int64_t i = 0; i < group; i++)
+    chunk(q + i * d, k, v, nk, d, a->scale, sc, a->partial + ((bg * a->chunks + c) * group + i) * (d + 2));
+}
+
+void attn_combine(const Attn* a) {
+  int64_t d = a->d, group = a->h / a->hkv;
+  for (int64_t b = 0; b < a->b; b++) {
+    int64_t n = keys_of(a, b, 0);
+    for (int64_t h = 0; h < a->h; h++) {
+      float* o = a->out + (b * a->h + h) * d;
+      if (n <= 0) {
+        memset(o, 0, sizeof(float) * (size_t)d);
+        continue;
+      }
+      int64_t g = h / group, i = h % group, bg = b * a->hkv + g;
+      const float* first = a->partial + (bg * a->chunks * group + i) * (d + 2);
+      float* state = (float*)first; /* merged in place into chunk 0's part */
+      for (int64_t c = 1; c * ATTN_CHUNK < n; c++)
+        merge(state, a->partial + ((bg * a->chunks + c) * group + i) * (d + 2), d, 0);
+      finish(state, d, o);
     }
-#endif
-    attend_scalar(q, k, v, n, a->d, a->scale, sc, o);
   }
 }

@@ -263,27 +263,35 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
       memset(to + (r * present + len) * d, 0, sizeof(float) * (size_t)((present - len) * d));
     }
   }
-  /* scores: one row per (b, head) as long as the longest row attends over (not the whole
-     buffer: 8 rows × 9 heads of a 1024-long cache would be 288 kB, which malloc maps fresh and
-     the kernel faults in page by page on every call) */
-  int64_t t_max = 1;
+  int64_t t_max = 1, group = h / hkv;
   for (int64_t i = 0; i < b; i++) t_max = seqlens[i] + 1 > t_max ? seqlens[i] + 1 : t_max;
-  float* scores = malloc(sizeof(float) * (size_t)(b * h * t_max) + 64);
-  if (!scores) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
+  if (t_max > present) t_max = present;
   float scale = kern->scale != 0.f ? kern->scale : 1.f / sqrtf((float)d);
   Attn a = {(const float*)in[0].data, (const float*)in[5].data, (const float*)in[6].data,
-            (float*)pkp, (float*)pvp,
-            (float*)op, scores, seqlens, b, s, h, hkv, d, present, cd[0], t_max, scale, first};
+            (float*)pkp, (float*)pvp, (float*)op, NULL, NULL, seqlens, b, s, h, hkv, d, present,
+            cd[0], t_max, 0, (t_max + ATTN_CHUNK - 1) / ATTN_CHUNK,
+            (s + ATTN_QUERIES - 1) / ATTN_QUERIES, scale, first};
   for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
-  OrtStatus* st = NULL;
   /* At decode the step is a read of the rows' cache (from memory: the weights streamed since
      evicted it), which two threads do at nearly twice one's bandwidth; a short cache or tiny
-     model is not worth waking the other threads for. */
-  if (b * hkv * total * d * 8 >= (128 << 10) || b * h * s * total * d >= (1 << 18))
-    st = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, attn_heads, (size_t)(b * h), 0, &a);
+     model is not worth waking the other threads for. A decode step with more than one chunk of
+     keys shares the chunks out (tiles.h); a prompt, its blocks of queries. */
+  int wide = b * hkv * t_max * d * 8 >= (128 << 10) || b * h * s * t_max * d >= (1 << 18);
+  int split = wide && s == 1 && a.chunks > 1;
+  size_t tasks = (size_t)(b * hkv * (split ? a.chunks : a.qblocks));
+  a.per_task = ATTN_CHUNK + group * d + (split ? 0 : (group + 1) * (d + 2));
+  size_t floats = tasks * (size_t)a.per_task + (split ? tasks * (size_t)(group * (d + 2)) : 0);
+  a.scratch = malloc(sizeof(float) * floats + 64);
+  if (!a.scratch) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
+  a.partial = a.scratch + tasks * (size_t)a.per_task;
+  void (*run)(void*, size_t) = split ? attn_split : attn_rows;
+  OrtStatus* st = NULL;
+  if (wide)
+    st = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run, tasks, 0, &a);
   else
-    for (int64_t t = 0; t < b * h; t++) attn_heads(&a, (size_t)t);
-  free(scores);
+    for (size_t t = 0; t < tasks; t++) run(&a, t);
+  if (!st && split) attn_combine(&a);
+  free(a.scratch);
   return st;
 }
 

@@ -156,13 +156,28 @@ typedef struct {
  * length. A first prompt (total_sequence_length == S) starts at position 0; otherwise row b's new
  * tokens start at seqlens_k[b] + 1 − S. Query head h reads kv head h / (H / Hkv).
  * onnxruntime's CPU kernel spends ~40 µs a layer on a decode step of this model, mostly outside
- * the arithmetic; this one streams each row's cache once per query head. */
+ * the arithmetic.
+ *
+ * This one reads each kv head's cache once for all the query heads that share it (GQA's whole
+ * point: a 4k-token cache is ~6 MB a layer here, read from memory). The keys of a row are taken
+ * in fixed chunks of ATTN_CHUNK: each chunk gives its scores' max, their exponentials' sum and
+ * the exponential-weighted sum of its values, and the chunks are merged in order (the online
+ * softmax). A decode step spreads the chunks over the threads and merges them after (one query
+ * row per head, too few heads to share out evenly); a prompt spreads blocks of queries and merges
+ * as it goes. The same chunks merged in the same order either way: a position's output does not
+ * depend on how it was scheduled (chunked prefill, batching). */
+
+#define ATTN_CHUNK 128 /* keys a softmax chunk */
+#define ATTN_QUERIES 16 /* queries a task, for a prompt */
 
 typedef struct {
   const float *qkv, *cos, *sin;
-  float *key, *value, *out, *scores; /* scores: a T-float row per task */
+  float *key, *value, *out;
+  float* scratch;  /* per task: `per_task` floats */
+  float* partial;  /* a decode step's chunks: [B, Hkv, chunks, G, D + 2] (m, l, weighted values) */
   const int32_t* seqlens;
   int64_t b, s, h, hkv, d, len, rot_len, t_max;
+  int64_t per_task, chunks, qblocks; /* chunks of the longest row; query blocks a (row, kv head) */
   float scale;
   int first;
 } Attn;
@@ -197,7 +212,9 @@ LLAMAONNX_INTERNAL void skip_rms_norm(const float* x, const float* skip, const f
 LLAMAONNX_INTERNAL void prepare_rows(void* data, size_t i);
 LLAMAONNX_INTERNAL void run_chunk(void* data, size_t i);
 LLAMAONNX_INTERNAL void attn_store(void* data, size_t task);
-LLAMAONNX_INTERNAL void attn_heads(void* data, size_t task);
+LLAMAONNX_INTERNAL void attn_rows(void* data, size_t task);
+LLAMAONNX_INTERNAL void attn_split(void* data, size_t task);
+LLAMAONNX_INTERNAL void attn_combine(const Attn* a);
 
 /* the library's plain C entry points (runtime/native/__init__.py calls them through ctypes) */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
