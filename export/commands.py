@@ -94,6 +94,7 @@ def _quant_settings(args):
         accuracy_level=args.accuracy_level,
         fp16_activations=args.fp16_activations,
         kernel=args.kernel,
+        kv_cache=args.kv_cache,
     )
 
 
@@ -193,6 +194,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         "as they are, about twice MatMulNBits' decode speed; needs runtime/native built) or "
         "onnxruntime's MatMulNBits (nbits: runs on any onnxruntime); auto: native where it "
         "applies and is built",
+    )
+    q.add_argument(
+        "--kv-cache",
+        default="float32",
+        choices=("float32", "float16"),
+        help="the KV cache's type with llamaonnx's CPU attention (int4, native kernel): float16 "
+        "halves what a decode step reads from it, for long contexts and batches (llama.cpp's "
+        "default f16 cache)",
     )
 
 

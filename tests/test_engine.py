@@ -25,6 +25,9 @@ def folders(tiny_folders, tmp_path_factory):
         quantize_folder(
             tiny_folders["ort"], out[f"int4-{kernel}"], QuantSettings("int4", kernel=kernel)
         )
+    out["int4-kv16"] = root / "kv16"  # our attention on an fp16 cache
+    settings = QuantSettings("int4", kernel="native", kv_cache="float16")
+    quantize_folder(tiny_folders["ort"], out["int4-kv16"], settings)
     return out
 
 
@@ -36,7 +39,7 @@ def _alone(session: Session, prompt: list[int], config: GenerationConfig) -> lis
     return Generator(session).generate_ids([prompt], config)[0]
 
 
-@pytest.mark.parametrize("which", ["fp32", "int4-native", "int4-nbits"])
+@pytest.mark.parametrize("which", ["fp32", "int4-native", "int4-nbits", "int4-kv16"])
 def test_batching_does_not_change_a_requests_tokens(folders, which):
     """7 requests of 3 to 27 tokens, in 3 slots, prompts prefilled 4 tokens at a time: each
     joins as another leaves, and each gets the tokens it gets alone (greedy, and sampled with

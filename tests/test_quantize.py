@@ -332,6 +332,33 @@ def test_quantized_model_generates_with_the_runtime(quantized):
         assert [len(x) for x in ids] == [5, 5]
 
 
+def test_an_fp16_kv_cache_on_our_attention(tiny_folders, quantized, tmp_path):
+    """--kv-cache float16: the folder's past/present are fp16 (our attention rounds each new key
+    and value once), it verifies, the runtime and genai's config agree, and it decodes what the
+    fp32-cache folder decodes on the tiny model. Where our attention does not run, a clear
+    error."""
+    from runtime.generator import GenerationConfig, Generator
+    from runtime.session import Session
+
+    out = tmp_path / "kv16"
+    info = quantize_folder(tiny_folders["ort"], out, _settings("int4", kv_cache="float16"))
+    assert info["kv_dtype"] == "float16" and info["report"]["passed"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    cache = [v for v in (*model.graph.input, *model.graph.output) if v.name.startswith("p")]
+    assert {v.name.split(".")[0] for v in cache} == {"past_key_values", "present"}
+    assert len(cache) == 4 * L  # past and present, keys and values
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in cache)
+    ids = {}
+    for name, folder in (("fp32", quantized["ort", "int4"]), ("fp16", out)):
+        gen = Generator(Session(folder, provider="cpu"))
+        ids[name] = gen.generate_ids([[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=8))
+    assert ids["fp16"] == ids["fp32"]
+    with pytest.raises(QuantizationError, match="needs llamaonnx's CPU attention kernel"):
+        QuantSettings("int4", kernel="nbits", kv_cache="float16")
+    with pytest.raises(QuantizationError, match="choose one of"):
+        QuantSettings("int4", kv_cache="int8")
+
+
 def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
     out = tmp_path / "kept"
     quantize_folder(

@@ -109,6 +109,10 @@ def quantize_folder(
         layers = quantize_graph(
             proto, choose, settings.level, embedding_blocks, k_multiple, settings.native
         )
+        if settings.kv_dtype == "float16" and settings.float_type == "float32":
+            from export.quant.attention import fp16_cache
+
+            fp16_cache(proto.graph)
     if settings.float_type == "float16":
         from export.quant.fp16 import convert_fp16
         from export.quant.fuse_projections import fuse_float_projections
@@ -147,7 +151,7 @@ def quantize_folder(
         info,
         custom_ops=(native_domain,) if native_ops else info.custom_ops,
         precision=settings.precision,
-        kv_dtype=settings.float_type,
+        kv_dtype=settings.kv_dtype,
         quantization=quant,
         files=None,
         folder=None,

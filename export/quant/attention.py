@@ -14,6 +14,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from export.errors import QuantizationError
 from export.passes.graph import MS, replace_nodes, skip
 from export.quant.native import ATTENTION, DOMAIN
 
@@ -57,3 +58,35 @@ def native_attention(g: onnx.GraphProto) -> int:
         replace_nodes(g, [n], [new])
         done += 1
     return done
+
+
+def fp16_cache(g: onnx.GraphProto) -> int:
+    """The KV cache in fp16: every layer's past/present key and value, which only our attention
+    reads and writes (it rounds each new key and value to fp16 once, and reads them back
+    exactly). Returns how many cache tensors were retyped; QuantizationError where a layer's
+    attention is not ours (a sliding window or soft-cap keeps onnxruntime's, whose float32
+    graph cannot take an fp16 cache)."""
+    attention = [n for n in g.node if n.op_type == ATTENTION]
+    theirs = [n.name for n in attention if n.domain != DOMAIN]
+    if not attention or theirs:
+        raise QuantizationError(
+            "--kv-cache float16 needs llamaonnx's attention kernel on every layer; "
+            + (
+                f"{len(theirs)} layers keep onnxruntime's ({theirs[0]}, ...)"
+                if theirs
+                else "this graph has none"
+            )
+            + ": quantize with --kv-cache float32"
+        )
+    cache = {x for n in attention for x in (*n.input[1:3], *n.output[1:3])}
+    retyped = 0
+    for value in (*g.input, *g.output):
+        if value.name in cache:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+            retyped += 1
+    if retyped != 4 * len(attention):
+        raise QuantizationError(
+            f"--kv-cache float16: {retyped} of the {4 * len(attention)} cache tensors are graph "
+            "inputs and outputs; the cache must be the graph's own past/present"
+        )
+    return retyped

@@ -15,6 +15,7 @@ PROVIDERS = ("cpu", "cuda")
 # 0 = activations in their own type (CUDA ignores the level).
 ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
 KERNELS = ("auto", "native", "nbits")
+KV_CACHES = ("float32", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class QuantSettings:
     fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
     # int4 on CPU: "native" (ai.llamaonnx ops), "nbits" (MatMulNBits), "auto" (native where fast)
     kernel: str = "auto"
+    # the KV cache's type on llamaonnx's CPU attention: float16 halves the bytes a decode step
+    # reads from it (what bounds long contexts and batches), as llama.cpp's default f16 cache does
+    kv_cache: str = "float32"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -50,6 +54,17 @@ class QuantSettings:
             raise QuantizationError(
                 "--kernel native is llamaonnx's CPU int4 kernel (int8 activations): it needs "
                 "--precision int4, --for-provider cpu, accuracy level 4 and float32 activations"
+            )
+        if self.kv_cache not in KV_CACHES:
+            raise QuantizationError(
+                f"unknown KV cache type {self.kv_cache!r}; choose one of {KV_CACHES}"
+            )
+        if self.kv_cache == "float16" and self.float_type == "float32" and not self.native:
+            raise QuantizationError(
+                "--kv-cache float16 on a float32 graph needs llamaonnx's CPU attention kernel, "
+                "which reads an fp16 cache: --precision int4 with --kernel native (or auto where "
+                "runtime/native is built); an fp16 model (--precision fp16) has an fp16 cache "
+                "already"
             )
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise QuantizationError(
@@ -93,3 +108,8 @@ class QuantSettings:
     @property
     def float_type(self) -> str:
         return "float16" if self.precision == "fp16" or self.fp16_activations else "float32"
+
+    @property
+    def kv_dtype(self) -> str:
+        """The type of the folder's past/present tensors."""
+        return "float16" if self.float_type == "float16" else self.kv_cache

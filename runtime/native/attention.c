@@ -176,6 +176,13 @@ AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int6
     for (int c = 0; c < w; c++) _mm256_storeu_ps(out + i0 + 8 * c, acc[c]);
   }
 }
+/* fp16 → fp32, 8 at a time (exact: every half is a float) */
+AVX2 static void half_rows_f16c(const uint16_t* h, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+  for (; i < count; i++) out[i] = half_to_float(h[i]);
+}
 #endif
 
 static void chunk_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t d,
@@ -232,6 +239,41 @@ static void finish(const float* state, int64_t d, float* out) {
   for (int64_t i = 0; i < d; i++) out[i] = state[2 + i] * inv;
 }
 
+/* float → IEEE half, rounded to nearest even (what F16C's vcvtps2ph does), on every path. */
+static uint16_t float_to_half(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u, abs = x & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0));
+  if (abs >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: infinity */
+  if (abs < 0x38800000u) { /* a half subnormal (or zero): shift the mantissa into place */
+    if (abs < 0x33000000u) return (uint16_t)sign;
+    uint32_t man = (abs & 0x7fffffu) | 0x800000u, shift = 126 - (abs >> 23);
+    uint32_t half = man >> shift, rest = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rest > mid || (rest == mid && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+  }
+  uint32_t h = ((abs >> 13) - (112u << 10)), rest = abs & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) h++;
+  return (uint16_t)(sign | h);
+}
+
+/* Rows [j0, j0 + n) of one kv head's cache as fp32: the cache itself, or (an fp16 cache) those
+   rows converted into `into` [n, d]. */
+static const float* cache_rows(const Attn* a, const void* base, int64_t j0, int64_t n, float* into) {
+  if (!a->kv16) return (const float*)base + j0 * a->d;
+  const uint16_t* h = (const uint16_t*)base + j0 * a->d;
+  int64_t count = n * a->d, i = 0;
+#if defined(__x86_64__)
+  if (kernel_path() != PATH_PORTABLE) {
+    half_rows_f16c(h, count, into);
+    return into;
+  }
+#endif
+  for (; i < count; i++) into[i] = half_to_float(h[i]);
+  return into;
+}
+
 static int64_t past_of(const Attn* a, int64_t b) {
   return a->first ? 0 : (int64_t)a->seqlens[b] + 1 - a->s;
 }
@@ -252,52 +294,83 @@ static void rotated_queries(const Attn* a, int64_t b, int64_t g, int64_t s, floa
          a->sin + rp * half, half, q + i * a->d);
 }
 
-/* Step 1, per (b, kv head): rotate the new keys and write keys and values into the cache. */
+/* Step 1, per (b, kv head): rotate the new keys and write keys and values into the cache (as
+   fp16, rounded to nearest, for an fp16 cache). */
 void attn_store(void* data, size_t task) {
   const Attn* a = (const Attn*)data;
   int64_t b = (int64_t)task / a->hkv, g = (int64_t)task % a->hkv, w = (a->h + 2 * a->hkv) * a->d;
-  int64_t past = past_of(a, b), half = a->d / 2;
+  int64_t past = past_of(a, b), half = a->d / 2, d = a->d;
+  float rotated[512];
   for (int64_t s = 0; s < a->s; s++) {
     int64_t pos = past + s;
     if (pos >= a->len) break;
     const float* x = a->qkv + (b * a->s + s) * w;
-    float* kd = a->key + ((b * a->hkv + g) * a->len + pos) * a->d;
-    float* vd = a->value + ((b * a->hkv + g) * a->len + pos) * a->d;
+    int64_t at = ((b * a->hkv + g) * a->len + pos) * d;
     int64_t rp = pos < a->rot_len ? pos : a->rot_len - 1;
-    rope(x + (a->h + g) * a->d, a->cos + rp * half, a->sin + rp * half, half, kd);
-    memcpy(vd, x + (a->h + a->hkv + g) * a->d, sizeof(float) * (size_t)a->d);
+    const float* v = x + (a->h + a->hkv + g) * d;
+    if (!a->kv16) {
+      rope(x + (a->h + g) * d, a->cos + rp * half, a->sin + rp * half, half, (float*)a->key + at);
+      memcpy((float*)a->value + at, v, sizeof(float) * (size_t)d);
+      continue;
+    }
+    rope(x + (a->h + g) * d, a->cos + rp * half, a->sin + rp * half, half, rotated);
+    uint16_t *kd = (uint16_t*)a->key + at, *vd = (uint16_t*)a->value + at;
+    for (int64_t i = 0; i < d; i++) kd[i] = float_to_half(rotated[i]), vd[i] = float_to_half(v[i]);
   }
 }
 
-/* Step 2 for a prompt, per (b, kv head, block of ATTN_QUERIES queries): each query of the block,
-   for each head of the group, chunk by chunk, merged as it goes. Each chunk of keys is read from
-   memory once for the group's heads. */
+/* The cache of kv head g of row b (float or uint16 elements). */
+static const void* head_cache(const Attn* a, const void* cache, int64_t b, int64_t g) {
+  size_t at = (size_t)((b * a->hkv + g) * a->len * a->d);
+  return a->kv16 ? (const void*)((const uint16_t*)cache + at) : (const void*)((const float*)cache + at);
+}
+
+/* Step 2 for a prompt, per (b, kv head, block of ATTN_QUERIES queries): chunk by chunk of keys
+   (read from memory, and converted from fp16, once for the block), each query of the block and
+   each head of the group takes the chunk's part and merges it into its own state, in chunk
+   order. */
 void attn_rows(void* data, size_t task) {
   const Attn* a = (const Attn*)data;
   int64_t bg = (int64_t)task / a->qblocks, s0 = (int64_t)task % a->qblocks * ATTN_QUERIES;
   int64_t b = bg / a->hkv, g = bg % a->hkv, d = a->d, group = a->h / a->hkv;
-  int64_t s1 = s0 + ATTN_QUERIES < a->s ? s0 + ATTN_QUERIES : a->s;
-  float *sc = a->scratch + (int64_t)task * a->per_task, *q = sc + ATTN_CHUNK;
-  float *part = q + group * d, *state = part + d + 2;
-  const float* k = a->key + (b * a->hkv + g) * a->len * d;
-  const float* v = a->value + (b * a->hkv + g) * a->len * d;
+  int64_t s1 = s0 + ATTN_QUERIES < a->s ? s0 + ATTN_QUERIES : a->s, rows = s1 - s0;
+  int64_t n[ATTN_QUERIES], n_max = 0;
   for (int64_t s = s0; s < s1; s++) {
-    int64_t n = keys_of(a, b, s);
-    float* o = a->out + ((b * a->s + s) * a->h + g * group) * d;
-    if (n <= 0) {
-      memset(o, 0, sizeof(float) * (size_t)(group * d));
-      continue;
-    }
-    rotated_queries(a, b, g, s, q);
-    for (int64_t c0 = 0; c0 < n; c0 += ATTN_CHUNK) {
-      int64_t nk = n - c0 < ATTN_CHUNK ? n - c0 : ATTN_CHUNK;
+    n[s - s0] = keys_of(a, b, s);
+    n_max = n[s - s0] > n_max ? n[s - s0] : n_max;
+  }
+  size_t floats = ATTN_CHUNK + (size_t)(rows * group * d + (rows * group + 1) * (d + 2)) +
+                  (a->kv16 ? 2 * ATTN_CHUNK * (size_t)d : 0);
+  float* sc = malloc(sizeof(float) * floats + 64);
+  if (!sc) {
+    *a->failed = 1; /* the op returns an error */
+    return;
+  }
+  float *q = sc + ATTN_CHUNK, *part = q + rows * group * d, *state = part + d + 2;
+  float *kbuf = state + rows * group * (d + 2), *vbuf = kbuf + ATTN_CHUNK * d;
+  const void *kc = head_cache(a, a->key, b, g), *vc = head_cache(a, a->value, b, g);
+  for (int64_t s = s0; s < s1; s++)
+    if (n[s - s0] > 0) rotated_queries(a, b, g, s, q + (s - s0) * group * d);
+  for (int64_t c0 = 0; c0 < n_max; c0 += ATTN_CHUNK) {
+    int64_t width = n_max - c0 < ATTN_CHUNK ? n_max - c0 : ATTN_CHUNK;
+    const float *k = cache_rows(a, kc, c0, width, kbuf), *v = cache_rows(a, vc, c0, width, vbuf);
+    for (int64_t r = 0; r < rows; r++) {
+      if (n[r] <= c0) continue;
+      int64_t nk = n[r] - c0 < ATTN_CHUNK ? n[r] - c0 : ATTN_CHUNK;
       for (int64_t i = 0; i < group; i++) {
-        chunk(q + i * d, k + c0 * d, v + c0 * d, nk, d, a->scale, sc, part);
-        merge(state + i * (d + 2), part, d, c0 == 0);
+        chunk(q + (r * group + i) * d, k, v, nk, d, a->scale, sc, part);
+        merge(state + (r * group + i) * (d + 2), part, d, c0 == 0);
       }
     }
-    for (int64_t i = 0; i < group; i++) finish(state + i * (d + 2), d, o + i * d);
   }
+  for (int64_t r = 0; r < rows; r++) {
+    float* o = a->out + ((b * a->s + s0 + r) * a->h + g * group) * d;
+    for (int64_t i = 0; i < group; i++) {
+      if (n[r] <= 0) memset(o + i * d, 0, sizeof(float) * (size_t)d);
+      else finish(state + (r * group + i) * (d + 2), d, o + i * d);
+    }
+  }
+  free(sc);
 }
 
 /* Step 2 for a decode step (one query a row), per (b, kv head, chunk): the chunk's part for each
@@ -309,12 +382,19 @@ void attn_split(void* data, size_t task) {
   int64_t n = keys_of(a, b, 0), c0 = c * ATTN_CHUNK;
   if (c0 >= n) return;
   int64_t nk = n - c0 < ATTN_CHUNK ? n - c0 : ATTN_CHUNK;
-  float *sc = a->scratch + (int64_t)task * a->per_task, *q = sc + ATTN_CHUNK;
-  const float* k = a->key + ((b * a->hkv + g) * a->len + c0) * d;
-  const float* v = a->value + ((b * a->hkv + g) * a->len + c0) * d;
+  float* part0 = a->partial + (bg * a->chunks + c) * group * (d + 2);
+  size_t floats = ATTN_CHUNK + (size_t)(group * d) + (a->kv16 ? 2 * ATTN_CHUNK * (size_t)d : 0);
+  float* sc = malloc(sizeof(float) * floats + 64);
+  if (!sc) {
+    *a->failed = 1;
+    return;
+  }
+  float *q = sc + ATTN_CHUNK, *kbuf = q + group * d, *vbuf = kbuf + ATTN_CHUNK * d;
+  const float* k = cache_rows(a, head_cache(a, a->key, b, g), c0, nk, kbuf);
+  const float* v = cache_rows(a, head_cache(a, a->value, b, g), c0, nk, vbuf);
   rotated_queries(a, b, g, 0, q);
-  for (int64_t i = 0; i < group; i++)
-    chunk(q + i * d, k, v, nk, d, a->scale, sc, a->partial + ((bg * a->chunks + c) * group + i) * (d + 2));
+  for (int64_t i = 0; i < group; i++) chunk(q + i * d, k, v, nk, d, a->scale, sc, part0 + i * (d + 2));
+  free(sc);
 }
 
 void attn_combine(const Attn* a) {

@@ -217,6 +217,7 @@ static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
 typedef struct {
   int64_t heads, kv_heads;
   float scale; /* 0: 1/sqrt(head size) */
+  int kv16;    /* the cache is fp16 (the op registered for float16 past/present) */
 } AttnKernel;
 
 static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
@@ -254,23 +255,25 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(pv, &pvp));
   /* present is past's own buffer when the caller binds them together (the runtime does); else
      past's rows are copied over first */
+  size_t item = kern->kv16 ? 2 : 4;
   for (int pass = 0; pass < 2; pass++) {
-    const float* from = (const float*)(pass ? vp : kp);
-    float* to = (float*)(pass ? pvp : pkp);
+    const char* from = (const char*)(pass ? vp : kp);
+    char* to = (char*)(pass ? pvp : pkp);
     if (from == to) continue;
     for (int64_t r = 0; r < b * hkv; r++) {
-      memcpy(to + r * present * d, from + r * len * d, sizeof(float) * (size_t)(len * d));
-      memset(to + (r * present + len) * d, 0, sizeof(float) * (size_t)((present - len) * d));
+      memcpy(to + r * present * d * item, from + r * len * d * item, item * (size_t)(len * d));
+      memset(to + (r * present + len) * d * item, 0, item * (size_t)((present - len) * d));
     }
   }
   int64_t t_max = 1, group = h / hkv;
   for (int64_t i = 0; i < b; i++) t_max = seqlens[i] + 1 > t_max ? seqlens[i] + 1 : t_max;
   if (t_max > present) t_max = present;
   float scale = kern->scale != 0.f ? kern->scale : 1.f / sqrtf((float)d);
+  volatile int failed = 0;
   Attn a = {(const float*)in[0].data, (const float*)in[5].data, (const float*)in[6].data,
-            (float*)pkp, (float*)pvp, (float*)op, NULL, NULL, seqlens, b, s, h, hkv, d, present,
-            cd[0], t_max, 0, (t_max + ATTN_CHUNK - 1) / ATTN_CHUNK,
-            (s + ATTN_QUERIES - 1) / ATTN_QUERIES, scale, first};
+            pkp, pvp, (float*)op, NULL, seqlens, b, s, h, hkv, d, present, cd[0], t_max,
+            (t_max + ATTN_CHUNK - 1) / ATTN_CHUNK, (s + ATTN_QUERIES - 1) / ATTN_QUERIES, scale,
+            first, kern->kv16, &failed};
   for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
   /* At decode the step is a read of the rows' cache (from memory: the weights streamed since
      evicted it), which two threads do at nearly twice one's bandwidth; a short cache or tiny
@@ -279,19 +282,19 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
   int wide = b * hkv * t_max * d * 8 >= (128 << 10) || b * h * s * t_max * d >= (1 << 18);
   int split = wide && s == 1 && a.chunks > 1;
   size_t tasks = (size_t)(b * hkv * (split ? a.chunks : a.qblocks));
-  a.per_task = ATTN_CHUNK + group * d + (split ? 0 : (group + 1) * (d + 2));
-  size_t floats = tasks * (size_t)a.per_task + (split ? tasks * (size_t)(group * (d + 2)) : 0);
-  a.scratch = malloc(sizeof(float) * floats + 64);
-  if (!a.scratch) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
-  a.partial = a.scratch + tasks * (size_t)a.per_task;
+  if (split) {
+    a.partial = malloc(sizeof(float) * tasks * (size_t)(group * (d + 2)) + 64);
+    if (!a.partial) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
+  }
   void (*run)(void*, size_t) = split ? attn_split : attn_rows;
   OrtStatus* st = NULL;
   if (wide)
     st = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run, tasks, 0, &a);
   else
     for (size_t t = 0; t < tasks; t++) run(&a, t);
+  if (!st && failed) st = error(ORT_FAIL, "GroupQueryAttention: out of memory");
   if (!st && split) attn_combine(&a);
-  free(a.scratch);
+  free(a.partial);
   return st;
 }
 
@@ -319,7 +322,7 @@ typedef struct OrtCustomOp {
   OrtStatus* (*KernelComputeV2)(void*, OrtKernelContext*);
 } OrtCustomOp;
 
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT32 = 6, TYPE_INT64 = 7 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT32 = 6, TYPE_INT64 = 7, TYPE_FLOAT16 = 10 };
 
 static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* i,
                                    void** out);
@@ -360,9 +363,14 @@ static const OrtCustomOp matmul_q4 = MATMUL_OP(name_q4);
 static const OrtCustomOp matmul_q8 = MATMUL_OP(name_q8);
 static const OrtCustomOp matmul_q4_swiglu = MATMUL_OP(name_swiglu);
 static const char* name_attention(const OrtCustomOp* op) { (void)op; return "GroupQueryAttention"; }
+static const OrtCustomOp attention16;
+/* the cache (inputs 1, 2 and outputs 1, 2) is float, or float16 for the op's second registration */
 static int attention_input(const OrtCustomOp* op, size_t i) {
-  (void)op;
-  return i == 3 || i == 4 ? TYPE_INT32 : TYPE_FLOAT;
+  if (i == 3 || i == 4) return TYPE_INT32;
+  return (i == 1 || i == 2) && op == &attention16 ? TYPE_FLOAT16 : TYPE_FLOAT;
+}
+static int attention_output(const OrtCustomOp* op, size_t i) {
+  return i > 0 && op == &attention16 ? TYPE_FLOAT16 : TYPE_FLOAT;
 }
 static size_t seven(const OrtCustomOp* op) { (void)op; return 7; }
 static size_t three(const OrtCustomOp* op) { (void)op; return 3; }
@@ -370,9 +378,10 @@ static void attention_v1(void* k, OrtKernelContext* ctx) { (void)compute_attenti
 static void destroy_attention(void* k) { free(k); }
 static OrtStatus* create_attention(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info,
                                    void** out) {
-  (void)op, (void)a;
+  (void)a;
   AttnKernel* k = calloc(1, sizeof(AttnKernel));
   if (!k) return error(ORT_FAIL, "GroupQueryAttention: out of memory");
+  k->kv16 = op == &attention16;
   OrtStatus* st = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int_fn)(info, "num_heads", &k->heads);
   if (!st) st = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int_fn)(info, "kv_num_heads", &k->kv_heads);
   if (st) return free(k), st;
@@ -390,12 +399,14 @@ static void* create_attention_v1(const OrtCustomOp* op, const OrtApi* a, const O
   if (st) CALL(RELEASE_STATUS, release_status_fn)(st);
   return k;
 }
-static const OrtCustomOp attention = {
-    16,           create_attention_v1, name_attention, op_ep,    attention_input, seven,
-    output_type,  three,               attention_v1,   destroy_attention, required, required,
-    default_memory, one,               one,            one,      one,             create_attention,
-    compute_attention,
-};
+#define ATTENTION_OP                                                                       \
+  {16,            create_attention_v1, name_attention, op_ep,    attention_input, seven,     \
+   attention_output, three,            attention_v1,   destroy_attention, required, required, \
+   default_memory, one,                one,            one,      one,             create_attention, \
+   compute_attention}
+/* one op, registered twice: onnxruntime picks the kernel whose types the node's inputs have */
+static const OrtCustomOp attention = ATTENTION_OP;
+static const OrtCustomOp attention16 = ATTENTION_OP;
 
 static const OrtCustomOp gather_q8 = {
     16,           create_kernel, name_gather,   op_ep,    gather_input,   two,
@@ -444,6 +455,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q8));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q4_swiglu));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &attention));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &attention16));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &gather_q8));
   return CALL(ADD_CUSTOM_OP_DOMAIN, add_domain_fn)(options, domain);
 }

@@ -165,21 +165,25 @@ typedef struct {
  * softmax). A decode step spreads the chunks over the threads and merges them after (one query
  * row per head, too few heads to share out evenly); a prompt spreads blocks of queries and merges
  * as it goes. The same chunks merged in the same order either way: a position's output does not
- * depend on how it was scheduled (chunked prefill, batching). */
+ * depend on how it was scheduled (chunked prefill, batching).
+ * The cache may be fp16 (the op is registered a second time with float16 past/present): each new
+ * key and value is rounded to fp16 once, and each chunk is converted back to fp32 (exactly) before
+ * the same arithmetic runs on it. */
 
 #define ATTN_CHUNK 128 /* keys a softmax chunk */
 #define ATTN_QUERIES 16 /* queries a task, for a prompt */
 
 typedef struct {
   const float *qkv, *cos, *sin;
-  float *key, *value, *out;
-  float* scratch;  /* per task: `per_task` floats */
+  void *key, *value; /* the cache: float, or (kv16) IEEE half */
+  float* out;
   float* partial;  /* a decode step's chunks: [B, Hkv, chunks, G, D + 2] (m, l, weighted values) */
   const int32_t* seqlens;
   int64_t b, s, h, hkv, d, len, rot_len, t_max;
-  int64_t per_task, chunks, qblocks; /* chunks of the longest row; query blocks a (row, kv head) */
+  int64_t chunks, qblocks; /* chunks of the longest row; query blocks a (row, kv head) */
   float scale;
-  int first;
+  int first, kv16;
+  volatile int* failed; /* set by a task that could not get its scratch */
 } Attn;
 
 static inline float half_to_float(uint16_t h) {
