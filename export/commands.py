@@ -200,8 +200,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         default="float32",
         choices=("float32", "float16"),
         help="the KV cache's type with llamaonnx's CPU attention (int4, native kernel): float16 "
-        "halves what a decode step reads from it, for long contexts and batches (llama.cpp's "
-        "default f16 cache)",
+        "halves its memory (llama.cpp's default f16 cache), for long contexts and many slots",
     )
 
 

@@ -247,14 +247,20 @@ def test_gather_op_in_onnxruntime_and_its_error():
         sess.run(None, {"ids": np.array([[32]], np.int64)})
 
 
+def _run(model, threads: int | None = None) -> ort.InferenceSession:
+    """A session of `model` with the kernel library registered (`threads`: None, onnxruntime's)."""
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    opts.register_custom_ops_library(str(native.library_path()))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def _load(graph, threads: int = 2) -> ort.InferenceSession:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
     )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.register_custom_ops_library(str(native.library_path()))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return _run(model, threads)
 
 
 def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSession:
@@ -370,13 +376,6 @@ def test_a_folded_norm_gives_onnxruntimes_skip_norm_to_the_bit(path, kind):
                 assert got[0].shape == want[0].shape and got[1].shape == x.shape
                 np.testing.assert_array_equal(got[1], want[1])
                 np.testing.assert_array_equal(got[0], want[0])
-
-
-def _run(model, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.register_custom_ops_library(str(native.library_path()))
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def test_a_norm_without_skip_and_bad_norm_inputs():
@@ -506,9 +505,7 @@ def _gqa(ours: bool, qkv, key, value, seqlens, total, tables):
             helper.make_opsetid(DOMAIN, 1),
         ],
     )
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(native.library_path()))
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = _run(model)
     key, value = key.copy(), value.copy()  # bound as past and present: written in place
     k, v = ort.OrtValue.ortvalue_from_numpy(key), ort.OrtValue.ortvalue_from_numpy(value)
     b = sess.io_binding()

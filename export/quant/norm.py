@@ -9,7 +9,8 @@ Contract:
 becomes `op(x, B, W, h) → (y, x + h)` with the norm's `epsilon`: the kernel sums, normalises and
 quantizes the row itself (runtime/native/tiles.h), in onnxruntime's float order, so the output is
 the unfolded graph's to the bit (tests/test_native.py). A decode step of a 30-layer model then
-runs 60 nodes fewer, each of which cost more in onnxruntime's dispatch than in arithmetic.
+runs 59 nodes fewer (all its norms but the last, which the head reads through logits_to_keep's
+Slice), each of which cost more in onnxruntime's dispatch than in arithmetic.
 Only where the normalised value has that one reader, as the projection's A, and the norm has no
 beta, bias or mean/inv-std outputs; else `skip` says why.
 """

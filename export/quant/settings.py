@@ -32,8 +32,8 @@ class QuantSettings:
     fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
     # int4 on CPU: "native" (ai.llamaonnx ops), "nbits" (MatMulNBits), "auto" (native where fast)
     kernel: str = "auto"
-    # the KV cache's type on llamaonnx's CPU attention: float16 halves the bytes a decode step
-    # reads from it (what bounds long contexts and batches), as llama.cpp's default f16 cache does
+    # the KV cache's type on llamaonnx's CPU attention: float16 halves its memory, as llama.cpp's
+    # default f16 cache does; not its speed, on the Zen 4 measured (README, `--kv-cache`)
     kv_cache: str = "float32"
 
     def __post_init__(self):

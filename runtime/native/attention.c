@@ -308,12 +308,12 @@ void attn_store(void* data, size_t task) {
     int64_t at = ((b * a->hkv + g) * a->len + pos) * d;
     int64_t rp = pos < a->rot_len ? pos : a->rot_len - 1;
     const float* v = x + (a->h + a->hkv + g) * d;
+    float* k = a->kv16 ? rotated : (float*)a->key + at; /* an fp32 cache takes it in place */
+    rope(x + (a->h + g) * d, a->cos + rp * half, a->sin + rp * half, half, k);
     if (!a->kv16) {
-      rope(x + (a->h + g) * d, a->cos + rp * half, a->sin + rp * half, half, (float*)a->key + at);
       memcpy((float*)a->value + at, v, sizeof(float) * (size_t)d);
       continue;
     }
-    rope(x + (a->h + g) * d, a->cos + rp * half, a->sin + rp * half, half, rotated);
     uint16_t *kd = (uint16_t*)a->key + at, *vd = (uint16_t*)a->value + at;
     for (int64_t i = 0; i < d; i++) kd[i] = float_to_half(rotated[i]), vd[i] = float_to_half(v[i]);
   }
@@ -373,6 +373,11 @@ void attn_rows(void* data, size_t task) {
   free(sc);
 }
 
+/* Where head i of the group of (row, kv head) bg keeps chunk c's part: [m, l, acc[0:d]]. */
+static float* part_of(const Attn* a, int64_t bg, int64_t c, int64_t i) {
+  return a->partial + ((bg * a->chunks + c) * (a->h / a->hkv) + i) * (a->d + 2);
+}
+
 /* Step 2 for a decode step (one query a row), per (b, kv head, chunk): the chunk's part for each
    head of the group, into `partial`; attn_combine merges them. */
 void attn_split(void* data, size_t task) {
@@ -382,7 +387,6 @@ void attn_split(void* data, size_t task) {
   int64_t n = keys_of(a, b, 0), c0 = c * ATTN_CHUNK;
   if (c0 >= n) return;
   int64_t nk = n - c0 < ATTN_CHUNK ? n - c0 : ATTN_CHUNK;
-  float* part0 = a->partial + (bg * a->chunks + c) * group * (d + 2);
   size_t floats = ATTN_CHUNK + (size_t)(group * d) + (a->kv16 ? 2 * ATTN_CHUNK * (size_t)d : 0);
   float* sc = malloc(sizeof(float) * floats + 64);
   if (!sc) {
@@ -393,7 +397,7 @@ void attn_split(void* data, size_t task) {
   const float* k = cache_rows(a, head_cache(a, a->key, b, g), c0, nk, kbuf);
   const float* v = cache_rows(a, head_cache(a, a->value, b, g), c0, nk, vbuf);
   rotated_queries(a, b, g, 0, q);
-  for (int64_t i = 0; i < group; i++) chunk(q + i * d, k, v, nk, d, a->scale, sc, part0 + i * (d + 2));
+  for (int64_t i = 0; i < group; i++) chunk(q + i * d, k, v, nk, d, a->scale, sc, part_of(a, bg, c, i));
   free(sc);
 }
 
@@ -408,10 +412,8 @@ void attn_combine(const Attn* a) {
         continue;
       }
       int64_t g = h / group, i = h % group, bg = b * a->hkv + g;
-      const float* first = a->partial + (bg * a->chunks * group + i) * (d + 2);
-      float* state = (float*)first; /* merged in place into chunk 0's part */
-      for (int64_t c = 1; c * ATTN_CHUNK < n; c++)
-        merge(state, a->partial + ((bg * a->chunks + c) * group + i) * (d + 2), d, 0);
+      float* state = part_of(a, bg, 0, i); /* the later chunks merged into chunk 0's part */
+      for (int64_t c = 1; c * ATTN_CHUNK < n; c++) merge(state, part_of(a, bg, c, i), d, 0);
       finish(state, d, o);
     }
   }
