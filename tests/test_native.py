@@ -20,6 +20,8 @@ from export.quant.native import (
     SWIGLU,
     TILE,
     TILE4F,
+    TILE5,
+    TILE5F,
     TILE8,
     pack,
     supports,
@@ -34,7 +36,8 @@ PATHS = native.supported_paths()
 
 def test_the_packer_and_the_library_share_one_tile_layout():
     assert native.layout() == {
-        "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F
+        "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
+        "tile5": TILE5, "tile5f": TILE5F,
     }  # fmt: skip
 
 
@@ -52,20 +55,28 @@ def unpack8(packed: np.ndarray) -> np.ndarray:
 
 def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
-    g, nb, _ = packed.shape
+    g, nb, size = packed.shape
     codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
+    five = size in (TILE5, TILE5F)
+    if five:  # mask u = 2v + half, bit r·4 + i
+        bits = np.unpackbits(packed[..., 256:320], axis=-1, bitorder="little")
+        high = bits.reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3)
+        q = q | (high << 4)
     q = q.transpose(0, 3, 1, 2, 5, 4).reshape(g * ROWS, nb * BLOCK)
 
     def per_row(lo: int, width: int, dtype) -> np.ndarray:
         x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
         return x.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb)
 
-    size = 4 if packed.shape[-1] == TILE4F else 2  # fp32 or fp16 d and m
-    dtype = np.float32 if size == 4 else np.float16
-    d = per_row(256, size * ROWS, dtype).astype(np.float32)
-    m = per_row(256 + size * ROWS, size * ROWS, dtype).astype(np.float32)
-    return q, d, m, per_row(256 + 2 * size * ROWS, ROWS, np.uint8)
+    wide = 4 if size in (TILE4F, TILE5F) else 2  # fp32 or fp16 d and m
+    dtype = np.float32 if wide == 4 else np.float16
+    at = 320 if five else 256
+    d = per_row(at, wide * ROWS, dtype).astype(np.float32)
+    m = per_row(at + wide * ROWS, wide * ROWS, dtype).astype(np.float32)
+    if five:
+        return q, d, m, np.full(d.shape, 16, np.uint8)
+    return q, d, m, per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
 
 
 def unpack(packed: np.ndarray) -> np.ndarray:
@@ -97,6 +108,17 @@ def q8_0(n: int, k: int, seed: int = 0) -> Blocks:
     raw[..., 0:2] = (rng.random((n, k // 32, 1)) * 0.01).astype(np.float16).view(np.uint8)
     raw[..., 2:] = rng.integers(0, 256, (n, k // 32, 32), dtype=np.uint8)
     return from_gguf("Q8_0", raw.reshape(n, -1), k)
+
+
+def gguf_blocks(kind: str, n: int, k: int, seed: int = 0) -> Blocks:
+    """Random GGUF blocks of `kind` (every code, scale and minimum bit random), as read."""
+    return from_gguf(kind, random_blocks(kind, n, k, seed), k)
+
+
+BLOCKS = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0} | {
+    kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
+    for kind in ("Q5_0", "Q5_1", "Q5_K")
+}
 
 
 def rounded(a: np.ndarray) -> np.ndarray:
@@ -143,21 +165,35 @@ def test_q4_k_blocks_pack_exactly_in_fp32_tiles():
     packed = pack(blocks)
     assert packed.shape == (2, 16, TILE4F) and pack(q4_1(32, 64)).shape[-1] == TILE
     np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
-    # the 8-bit containers of Q6_K (blocks of 16), Q5_K and Q5_1 (offsets) stay on MatMulNBits;
-    # Q5_0's codes (d fp16, zero point 16) fit MatMulQ8's tiles exactly
-    for kind in ("Q6_K", "Q5_K", "Q5_1"):
-        assert not supports(from_gguf(kind, random_blocks(kind, 32, 512), 512))
-    q5 = from_gguf("Q5_0", random_blocks("Q5_0", 32, 512), 512)
-    assert supports(q5) and pack(q5).shape[-1] == TILE8
+    # Q6_K's 8-bit containers (blocks of 16) stay on MatMulNBits
+    assert not supports(from_gguf("Q6_K", random_blocks("Q6_K", 32, 512), 512))
+
+
+@pytest.mark.parametrize("kind,size", [("Q5_0", TILE5), ("Q5_1", TILE5), ("Q5_K", TILE5F)])
+def test_5bit_blocks_pack_exactly(kind, size):
+    """Q5_0 and Q5_1 (fp16 d and m) in the 384-byte tiles, Q5_K's d·scale and dmin·min products
+    in the 448-byte ones: codes, fifth bits, d and m read back to the gguf dequantizer's weights."""
+    import gguf
+
+    raw = random_blocks(kind, 48, 512, seed=6)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(48, 512)
+    blocks = from_gguf(kind, raw, 512)
+    assert blocks.bits == 8 and supports(blocks)  # an 8-bit container, 5-bit codes
+    packed = pack(blocks)
+    assert packed.shape == (3, 16, size)
+    np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
+    q, _, _, _ = fields(packed)
+    np.testing.assert_array_equal(q, blocks.codes.reshape(48, 512))
+    assert q.max() == 31  # (the fifth bits are there)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 96, 3), (64, 576, 5), (960, 576, 1)])
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K"])
 def test_kernel_matches_numpy(n, k, m, path, kind):
-    if kind == "Q4_K" and k % 256:
+    if kind.endswith("_K") and k % 256:
         k = 256 * (k // 256 + 1)
-    blocks = (q4_1 if kind == "Q4_1" else q4_k)(n, k, seed=n + k)
+    blocks = BLOCKS[kind](n, k, seed=n + k)
     packed = pack(blocks)
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = np.zeros((m, n), np.float32)
@@ -207,13 +243,13 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(path):
     )
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_K"])
 def test_every_path_gives_the_same_answer(kind):
     """A folder answers the same on every CPU: the paths differ only in float summation order,
     and AVX-VNNI's one-instruction dot product and AVX2's pairwise one sum the same integers in
     the same order, so those two agree to the bit (where this CPU has both)."""
     n, k = 64, 512
-    packed = pack({"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0}[kind](n, k, seed=5))
+    packed = pack(BLOCKS[kind](n, k, seed=5))
     a = np.random.default_rng(5).standard_normal((7, k)).astype(np.float32) * 3
     ys = {}
     for path in PATHS:
@@ -227,6 +263,25 @@ def test_every_path_gives_the_same_answer(kind):
         np.testing.assert_allclose(ys[path], ys["portable"], rtol=1e-5, atol=1e-5)
     if "avxvnni" in PATHS:
         np.testing.assert_array_equal(ys["avxvnni"], ys["avx2"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_largest_5bit_codes_times_largest_activations(path):
+    """Every code 31 against activations that all round to ±127: the sums AVX2 builds in int16
+    (4 products at a time for 5-bit codes) would overflow if taken 8 at a time."""
+    blocks = gguf_blocks("Q5_1", 32, 256, seed=2)
+    blocks.codes[:] = 31
+    packed = pack(blocks)
+    a = np.ones((3, 256), np.float32)
+    a[1] = -1
+    a[2, ::2] = -1
+    y = np.zeros((3, 32), np.float32)
+    with native.use_path(path):
+        assert native.library().llamaonnx_matmul(
+            packed.shape[-1], a.ctypes.data, 3, 256, packed.ctypes.data, 32, y.ctypes.data
+        ) == 0  # fmt: skip
+    want = a.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_gather_op_in_onnxruntime_and_its_error():
@@ -264,7 +319,7 @@ def _load(graph, threads: int = 2) -> ort.InferenceSession:
 
 
 def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSession:
-    node = helper.make_node(OP if packed.shape[2] == 336 else OP8, ["a", "b"], ["y"], domain=DOMAIN)
+    node = helper.make_node(OP if packed.shape[2] != TILE8 else OP8, ["a", "b"], ["y"], domain=DOMAIN)
     graph = helper.make_graph(
         [node],
         "g",
@@ -277,18 +332,18 @@ def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSessi
 
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (1, 130)])
 def test_onnxruntime_op_matches_numpy_across_threads(shape):
-    blocks = q4_1(1024, 192)
-    packed = pack(blocks)
-    a = np.random.default_rng(7).standard_normal((*shape, 192)).astype(np.float32)
-    want = reference(a, packed)
-    head = pack(q8_0(512, 192))
+    a = np.random.default_rng(7).standard_normal((*shape, 256)).astype(np.float32)
+    head = pack(q8_0(512, 256))
     want8 = rounded(a) @ unpack8(head).T.astype(np.float64)
     for threads in (1, 2):
-        (y,) = _session(head, 192, threads).run(None, {"a": a})
+        (y,) = _session(head, 256, threads).run(None, {"a": a})
         np.testing.assert_allclose(y, want8, rtol=1e-4, atol=1e-4 * np.abs(want8).max())
-        (y,) = _session(packed, 192, threads).run(None, {"a": a})
-        assert y.shape == (*shape, 1024)
-        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        for kind in ("Q4_1", "Q5_0", "Q5_K"):
+            packed = pack(BLOCKS[kind](1024, 256))
+            want = reference(a, packed)
+            (y,) = _session(packed, 256, threads).run(None, {"a": a})
+            assert y.shape == (*shape, 1024)
+            np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -356,13 +411,14 @@ def _norm_then(op: str, packed: np.ndarray, k: int, folded: bool, eps: float = 1
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "SwiGLU"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_1", "SwiGLU", "SwiGLU5"])
 def test_a_folded_norm_gives_onnxruntimes_skip_norm_to_the_bit(path, kind):
     """The norm a projection folds in computes onnxruntime's SkipSimplifiedLayerNormalization in
     its own float order: the folded graph's output and residual sum equal the two-node graph's
     exactly, at decode (one row) and for a prompt (rows spread over the threads)."""
-    blocks = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0, "SwiGLU": q4_1}[kind](128, 256, seed=3)
-    op = {"Q8_0": OP8, "SwiGLU": SWIGLU}.get(kind, OP)
+    make = BLOCKS | {"SwiGLU": q4_1, "SwiGLU5": BLOCKS["Q5_0"]}
+    blocks = make[kind](128, 256, seed=3)
+    op = {"Q8_0": OP8, "SwiGLU": SWIGLU, "SwiGLU5": SWIGLU}.get(kind, OP)
     packed = pack(blocks)
     rng = np.random.default_rng(11)
     native.library()

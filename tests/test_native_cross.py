@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.quant.native import TILE, TILE4F, TILE8, pack
-from tests.test_native import q4_1, q4_k, q8_0, reference, rounded, unpack8
+from export.quant.native import TILE, TILE4F, TILE5, TILE5F, TILE8, pack
+from tests.test_native import BLOCKS, reference, rounded, unpack8
 
 ROOT = Path(__file__).resolve().parents[1]
 CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
@@ -46,13 +46,14 @@ def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str) -> 
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K"])
 @pytest.mark.parametrize("m", [1, 3, 6])
 def test_arm_kernel_matches_numpy(driver, path, kind, m):
     n, k = 48, 512
-    blocks = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0}[kind](n, k, seed=m)
+    blocks = BLOCKS[kind](n, k, seed=m)
     packed = pack(blocks)
-    assert packed.shape[-1] == {"Q4_1": TILE, "Q4_K": TILE4F, "Q8_0": TILE8}[kind]
+    tiles = {"Q4_1": TILE, "Q4_K": TILE4F, "Q8_0": TILE8, "Q5_0": TILE5, "Q5_1": TILE5}
+    assert packed.shape[-1] == tiles.get(kind, TILE5F)
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = _run(driver, packed, a, n, path)
     if kind == "Q8_0":

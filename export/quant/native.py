@@ -5,7 +5,10 @@ The kernel reads W[n, b·32 + j] = d[n, b]·q[n, b, j] + m[n, b] — GGUF's Q4_1
 bytes of codes laid out for AVX-512 VNNI's dot product, then the 16 rows' d and m as fp16 (Q4_1's
 own precision: exact for its GGUF blocks; fp32, in a 400-byte tile, for Q4_K's d·scale products)
 and their zero points z (the kernel centres the codes on z
-to keep the int8 activations' error small). The layout is documented in runtime/native/tiles.h;
+to keep the int8 activations' error small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which
+arrive in 8-bit containers) get the 4-bit tile's low nibbles plus a plane of fifth bits, no z
+(centred on 16), in 384 bytes (fp16 d and m) or 448 (fp32). The layout is documented in
+runtime/native/tiles.h;
 the constants below are its shape, and `pack` checks them against the built library's
 (`llamaonnx_layout`) before it writes a tile, so the two can never drift apart silently.
 """
@@ -20,29 +23,34 @@ from export.errors import QuantizationError
 from export.quant.blocks import Blocks
 from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers the library for
 
-# rows a tile, block width, bytes of a 4-bit / 8-bit tile, of a 4-bit tile with fp32 d and m
-ROWS, BLOCK, TILE, TILE8, TILE4F = 16, 32, 336, 560, 400
+# rows a tile, block width, bytes of a 4-bit / 8-bit tile, of a 4-bit tile with fp32 d and m,
+# of a 5-bit tile with fp16 / fp32 d and m
+ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F = 16, 32, 336, 560, 400, 384, 448
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
 
 
+def code_bits(blocks: Blocks) -> int:
+    """The tile width that holds the codes: 4, 5 (an 8-bit container whose codes are all below
+    32: GGUF's Q5_0 / Q5_1 / Q5_K) or 8."""
+    if blocks.bits == 4:
+        return 4
+    return 5 if blocks.codes.size and int(blocks.codes.max()) < 32 else 8
+
+
 def supports(blocks: Blocks) -> bool:
-    """Whether MatMulQ4 (4-bit, offsets allowed) or MatMulQ8 (8-bit, no offsets) holds them —
-    exactly, for a GGUF's carried blocks: 4-bit tiles keep d and m in fp16 where that holds them
-    (Q4_0, Q4_1) and in fp32 where it does not (Q4_K's d·scale products); 8-bit tiles keep d in
-    fp16, which holds Q8_0 and Q5_0, not the 8-bit containers of Q5_1 / Q5_K / Q6_K (offsets,
-    fp32 scales, blocks of 16: those go to MatMulNBits)."""
+    """Whether MatMulQ4 (4- or 5-bit codes, offsets allowed) or MatMulQ8 (8-bit, no offsets) holds
+    them — exactly, for a GGUF's carried blocks: 4- and 5-bit tiles keep d and m in fp16 where
+    that holds them (Q4_0, Q4_1, Q5_0, Q5_1) and in fp32 where it does not (Q4_K's and Q5_K's
+    d·scale products); 8-bit tiles keep d in fp16, which holds Q8_0, not Q6_K's blocks of 16
+    (those go to MatMulNBits)."""
     n, k = blocks.shape
-    fits = (
-        (blocks.bits == 4 or (blocks.bits == 8 and blocks.offsets is None))
-        and blocks.block_size == BLOCK
-        and n % ROWS == 0
-        and k % BLOCK == 0
-    )
-    if not fits or not blocks.carried or blocks.bits == 4:
-        return fits
-    return _fp16_exact(blocks)
+    if blocks.block_size != BLOCK or n % ROWS or k % BLOCK:
+        return False
+    if code_bits(blocks) < 8:
+        return True
+    return blocks.offsets is None and (not blocks.carried or _fp16_exact(blocks))
 
 
 def _fp16_exact(blocks: Blocks) -> bool:
@@ -51,15 +59,17 @@ def _fp16_exact(blocks: Blocks) -> bool:
 
 
 def tile_bytes(blocks: Blocks) -> int:
-    """The tile a weight's blocks are packed in: TILE8, TILE, or TILE4F for carried 4-bit blocks
-    whose d or m fp16 cannot hold."""
-    if blocks.bits == 8:
+    """The tile a weight's blocks are packed in: TILE8; TILE or TILE5, or TILE4F / TILE5F for
+    carried blocks whose d or m fp16 cannot hold."""
+    bits = code_bits(blocks)
+    if bits == 8:
         return TILE8
-    return TILE4F if blocks.carried and not _fp16_exact(blocks) else TILE
+    wide = blocks.carried and not _fp16_exact(blocks)
+    return {(4, False): TILE, (4, True): TILE4F, (5, False): TILE5, (5, True): TILE5F}[bits, wide]
 
 
 def op_for(blocks: Blocks) -> str:
-    return OP if blocks.bits == 4 else OP8
+    return OP8 if code_bits(blocks) == 8 else OP
 
 
 def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,32 +83,41 @@ def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack(blocks: Blocks) -> np.ndarray:
-    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 400] with fp32 d and m,
-    see `tile_bytes`), [N/16, K/32, 560] for 8-bit."""
+    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 400] with fp32 d and m),
+    [.., 384] / [.., 448] for 5-bit ones, [.., 560] for 8-bit (see `tile_bytes`)."""
     if not supports(blocks):
         n, k = blocks.shape
         raise QuantizationError(
-            f"MatMulQ4/Q8 take 4-bit (or offset-free 8-bit) blocks of {BLOCK} with N a multiple "
-            f"of {ROWS}; got {blocks.bits}-bit blocks of {blocks.block_size}, N={n}, K={k}"
+            f"MatMulQ4/Q8 take 4- or 5-bit (or offset-free 8-bit) blocks of {BLOCK} with N a "
+            f"multiple of {ROWS}; got {blocks.bits}-bit blocks of {blocks.block_size}, N={n}, "
+            f"K={k}"
         )
     _check_layout()
     n, nb, _ = blocks.codes.shape
-    if blocks.bits == 8:
+    size = tile_bytes(blocks)
+    if size == TILE8:
         return _pack8(blocks)
     q = blocks.codes.reshape(n // ROWS, ROWS, nb, 4, 2, 4)  # g, r, b, v, half, i
     q = q.transpose(0, 2, 3, 1, 5, 4)  # g, b, v, r, i, half
-    codes = (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)
+    low = q & 15
+    parts = [(low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)]
+    if size in (TILE5, TILE5F):
+        # register u = 2v + half holds byte r·4 + i; its fifth bits, one 64-bit mask (LSB first)
+        high = (q >> 4).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
+        parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
     d, m, z = scale_min_zero(blocks)
-
-    wide = tile_bytes(blocks) == TILE4F
-    dtype = np.float32 if wide else np.float16
+    dtype = np.float32 if size in (TILE4F, TILE5F) else np.float16
 
     def halves(x: np.ndarray) -> np.ndarray:
         h = x.astype(dtype).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
         return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, -1)
 
-    zeros = z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
-    return np.ascontiguousarray(np.concatenate([codes, halves(d), halves(m), zeros], axis=2))
+    parts += [halves(d), halves(m)]
+    if size in (TILE, TILE4F):
+        parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
+    packed = np.ascontiguousarray(np.concatenate(parts, axis=2))
+    assert packed.shape[-1] == size
+    return packed
 
 
 def _pack8(blocks: Blocks) -> np.ndarray:
@@ -120,7 +139,10 @@ def _check_layout() -> None:
     from runtime import native
 
     built = native.layout()
-    ours = {"rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F}
+    ours = {
+        "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
+        "tile5": TILE5, "tile5f": TILE5F,
+    }  # fmt: skip
     if built != ours:
         raise QuantizationError(
             f"the kernel library was built with the tile layout {built}, this packer writes "

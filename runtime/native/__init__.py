@@ -58,12 +58,11 @@ def library() -> ctypes.CDLL:
 @cache
 def layout() -> dict[str, int]:
     """The packed tile layout the library was built with (tiles.h): rows a tile, block width,
-    bytes of a 4-bit and of an 8-bit tile, and of a 4-bit tile with fp32 d and m."""
+    bytes of a 4-bit and of an 8-bit tile, of a 4-bit tile with fp32 d and m, and of 5-bit
+    tiles with fp16 and fp32 d and m."""
     lib = library()
-    return {
-        k: int(lib.llamaonnx_layout(i))
-        for i, k in enumerate(("rows", "block", "tile", "tile8", "tile4f"))
-    }
+    names = ("rows", "block", "tile", "tile8", "tile4f", "tile5", "tile5f")
+    return {k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(names)}
 
 
 # the kernel library's code paths, by the numbers tiles.h gives them

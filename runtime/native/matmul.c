@@ -1,4 +1,4 @@
-/* matmul.c: Y = A · Wᵀ from the packed tiles of tiles.h — MatMulQ4, MatMulQ8, the SwiGLU of a
+/* matmul.c: Y = A · Wᵀ from the packed tiles of tiles.h — MatMulQ4 (4- and 5-bit), MatMulQ8, the SwiGLU of a
  * fused gate/up projection, and GatherQ8 — on AVX-512 VNNI, AVX-VNNI, AVX2 or NEON where the CPU has them (the
  * choice is made when the library is first used, on the machine that runs it), else in portable
  * C, all with the same arithmetic. */
@@ -148,6 +148,7 @@ void prepare_rows(void* data, size_t i) {
 
 /* Portable path: the same arithmetic, one row at a time (machines without AVX-512 VNNI). */
 static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
+  const Layout l = layout_of(j->tile);
   for (int64_t g = g0; g < g1; g++) {
     for (int64_t t = 0; t < j->m; t++) {
       float acc[ROWS] = {0}, off[ROWS] = {0};
@@ -155,26 +156,30 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
         const uint8_t* p = j->w + (g * j->nb + b) * j->tile;
         const int8_t* a = j->aq + t * j->k + b * BLOCK;
         float da = j->ad[t * j->nb + b], sa = j->as[t * j->nb + b], ea = j->ae[t * j->nb + b];
-        int f32 = j->tile == TILE4F, zat = f32 ? 384 : 320;
+        uint64_t fifth[8] = {0};
+        if (l.five) memcpy(fifth, p + FIFTH, sizeof fifth);
         for (int r = 0; r < ROWS; r++) {
           int32_t dot = 0;
           for (int v = 0; v < 4; v++)
             for (int i = 0; i < 4; i++) {
               uint8_t byte = p[v * 64 + r * 4 + i];
-              dot += (byte & 15) * a[8 * v + i] + (byte >> 4) * a[8 * v + 4 + i];
+              int lo = (byte & 15) | (int)((fifth[2 * v] >> (r * 4 + i)) & 1) << 4;
+              int hi = (byte >> 4) | (int)((fifth[2 * v + 1] >> (r * 4 + i)) & 1) << 4;
+              dot += lo * a[8 * v + i] + hi * a[8 * v + 4 + i];
             }
           float dr, mr;
-          if (f32) {
-            memcpy(&dr, p + 256 + 4 * r, 4);
-            memcpy(&mr, p + 320 + 4 * r, 4);
+          if (l.f32) {
+            memcpy(&dr, p + l.d + 4 * r, 4);
+            memcpy(&mr, p + l.m + 4 * r, 4);
           } else {
             uint16_t dh, mh;
-            memcpy(&dh, p + 256 + 2 * r, 2);
-            memcpy(&mh, p + 288 + 2 * r, 2);
+            memcpy(&dh, p + l.d + 2 * r, 2);
+            memcpy(&mh, p + l.m + 2 * r, 2);
             dr = half_to_float(dh), mr = half_to_float(mh);
           }
+          float z = l.five ? 16.f : (float)p[l.z + r];
           acc[r] += (float)dot * (dr * da);
-          off[r] += mr * sa + (float)p[zat + r] * dr * ea;
+          off[r] += mr * sa + z * dr * ea;
         }
       }
       for (int r = 0; r < ROWS; r++) j->y[t * j->n + g * ROWS + r] = acc[r] + off[r];
@@ -207,13 +212,14 @@ static void rows_scalar_q8(const Job* j, int64_t g0, int64_t g1) {
 
 #if defined(__x86_64__)
 
-/* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. */
-AVX512 static inline void tile_tokens(const Job* j, int64_t g, int64_t t0, int T) {
-  const __m512i lo = _mm512_set1_epi8(0x0F);
+/* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `five`: a 5-bit
+   tile (a constant wherever this is inlined). */
+AVX512 static inline void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five) {
+  const __m512i lo = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
   const int64_t stride = j->tile;
-  const int f32 = stride == TILE4F;
+  const Layout l = layout_of(stride);
   const uint8_t* p = j->w + g * j->nb * stride;
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     __m512i c[8];
@@ -222,12 +228,20 @@ AVX512 static inline void tile_tokens(const Job* j, int64_t g, int64_t t0, int T
       c[2 * v] = _mm512_and_si512(x, lo);
       c[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
     }
-    __m512 d = f32 ? _mm512_loadu_ps((const float*)(p + 256))
-                   : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 256)));
-    __m512 m = f32 ? _mm512_loadu_ps((const float*)(p + 320))
-                   : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 288)));
-    __m512 zd = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + (f32 ? 384 : 320))))), d);
+    if (five)
+      for (int u = 0; u < 8; u++) {
+        uint64_t bits;
+        memcpy(&bits, p + FIFTH + 8 * u, 8);
+        c[u] = _mm512_mask_add_epi8(c[u], _cvtu64_mask64(bits), c[u], sixteen);
+      }
+    __m512 d = l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
+                     : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
+    __m512 m = l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
+                     : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
+    __m512 zd = five ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
+                     : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                         _mm_loadu_si128((const __m128i*)(p + l.z)))),
+                                     d);
     for (int t = 0; t < T; t++) {
       const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
       __m512i s = _mm512_setzero_si512();
@@ -268,7 +282,8 @@ AVX512 static inline void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, in
 /* One tile of either format; T is a constant wherever this is inlined. */
 AVX512 static inline void tile(const Job* j, int64_t g, int64_t t0, int T) {
   if (j->bits == 8) tile_tokens_q8(j, g, t0, T);
-  else tile_tokens(j, g, t0, T);
+  else if (j->tile == TILE5 || j->tile == TILE5F) tile_tokens(j, g, t0, T, 1);
+  else tile_tokens(j, g, t0, T, 0);
 }
 
 AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
@@ -314,6 +329,18 @@ AVX2 static inline __m256i dot_s8_avx2(const __m256i u[8], const __m256i c[8], c
   return s;
 }
 
+/* 5-bit codes (≤ 31·127·2 a pair) overflow int16 over 8 products: summed 4 at a time */
+AVX2 static inline __m256i dot_u5_avx2(const __m256i c[8], const int32_t* a) {
+  __m256i s[2];
+  for (int h = 0; h < 2; h++) {
+    s[h] = _mm256_maddubs_epi16(c[4 * h], _mm256_set1_epi32(a[4 * h]));
+    for (int v = 4 * h + 1; v < 4 * h + 4; v++)
+      s[h] = _mm256_add_epi16(s[h], _mm256_maddubs_epi16(c[v], _mm256_set1_epi32(a[v])));
+  }
+  const __m256i one = _mm256_set1_epi16(1);
+  return _mm256_add_epi32(_mm256_madd_epi16(s[0], one), _mm256_madd_epi16(s[1], one));
+}
+
 #define TARGET256 AVX2
 #define NAME256(x) x##_avx2
 #include "tiles256.h"
@@ -333,6 +360,9 @@ AVX2 static inline __m256i dot_s8_avx2(const __m256i u[8], const __m256i c[8], c
     __m256i s = _mm256_setzero_si256();                                                          \
     for (int v = 0; v < 8; v++) s = DPBUSD(s, u[v], _mm256_sign_epi8(_mm256_set1_epi32(a[v]), c[v])); \
     return s;                                                                                    \
+  }                                                                                              \
+  TARGET static inline __m256i dot_u5_##SUFFIX(const __m256i c[8], const int32_t* a) {           \
+    return dot_u4_##SUFFIX(c, a); /* (int32 sums: no overflow) */                                \
   }
 
 DOT256(AVXVNNI, avxvnni, _mm256_dpbusd_avx_epi32)
@@ -355,12 +385,14 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
   float32x4_t acc[4];
   for (int t = 0; t < T; t++) acc[t] = vdupq_n_f32(0.f);
   const int64_t stride = j->tile;
-  const int f32 = stride == TILE4F, q8 = j->bits == 8;
+  const int q8 = j->bits == 8;
+  const Layout l = layout_of(stride);
   const uint8_t* p = j->w + g * j->nb * stride;
+  const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     int8x16_t c[8];
     float32x4_t d, m = vdupq_n_f32(0.f), z;
-    uint8_t zb[4];
+    uint8_t zb[4] = {16, 16, 16, 16}; /* (a 5-bit tile's) */
     if (q8) {
       for (int v = 0; v < 8; v++)
         c[v] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + v * 64 + 16 * q4), vdupq_n_u8(0x80)));
@@ -372,14 +404,22 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
         c[2 * v] = vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0x0F)));
         c[2 * v + 1] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
       }
-      if (f32) {
-        d = vld1q_f32((const float*)(p + 256) + 4 * q4);
-        m = vld1q_f32((const float*)(p + 320) + 4 * q4);
+      if (l.five) /* bit i of the quarter's 16 → 16 in byte i */
+        for (int u = 0; u < 8; u++) {
+          uint16_t bits;
+          memcpy(&bits, p + FIFTH + 8 * u + 2 * q4, 2);
+          uint8x16_t x = vcombine_u8(vdup_n_u8((uint8_t)bits), vdup_n_u8((uint8_t)(bits >> 8)));
+          x = vandq_u8(vtstq_u8(x, bit), vdupq_n_u8(16));
+          c[u] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(c[u]), x));
+        }
+      if (l.f32) {
+        d = vld1q_f32((const float*)(p + l.d) + 4 * q4);
+        m = vld1q_f32((const float*)(p + l.m) + 4 * q4);
       } else {
-        d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 256 + 8 * q4)));
-        m = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 288 + 8 * q4)));
+        d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.d + 8 * q4)));
+        m = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.m + 8 * q4)));
       }
-      memcpy(zb, p + (f32 ? 384 : 320) + 4 * q4, 4);
+      if (!l.five) memcpy(zb, p + l.z + 4 * q4, 4);
     }
     float zf[4] = {zb[0], zb[1], zb[2], zb[3]};
     z = vld1q_f32(zf);
@@ -533,10 +573,12 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE or TILE4F: MatMulQ4, TILE8: MatMulQ8). Returns 0 on success. */
+   (TILE, TILE4F, TILE5 or TILE5F: MatMulQ4, TILE8: MatMulQ8). Returns 0 on success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
-  if (k % BLOCK || n % ROWS || (tile != TILE && tile != TILE4F && tile != TILE8)) return 1;
+  if (k % BLOCK || n % ROWS ||
+      (tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE8))
+    return 1;
   int bits = tile == TILE8 ? 8 : 4;
   int64_t nb = k / BLOCK;
   int8_t* q = malloc((size_t)(m * k) + 64);
@@ -588,8 +630,8 @@ int llamaonnx_kernel_path(int set) {
 int llamaonnx_path_supported(int p) { return path_supported(p); }
 
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
-   2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m;
-   -1 for anything else. */
+   2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
+   5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -597,6 +639,8 @@ int64_t llamaonnx_layout(int what) {
     case 2: return TILE;
     case 3: return TILE8;
     case 4: return TILE4F;
+    case 5: return TILE5;
+    case 6: return TILE5F;
     default: return -1;
   }
 }

@@ -125,10 +125,12 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const int64_t *adims = a.dims, *bdims = b.dims;
   size_t arank = a.rank;
   int tile = b.rank == 3 ? (int)bdims[2] : 0;
-  if (bits == 8 ? tile != TILE8 : tile != TILE && tile != TILE4F)
-    return error(ORT_INVALID_ARGUMENT, bits == 8
-                                           ? "MatMulQ8: B must be uint8 [N/16, K/32, 560]"
-                                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336 or 400]");
+  if (bits == 8 ? tile != TILE8
+                : tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F)
+    return error(ORT_INVALID_ARGUMENT,
+                 bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560]"
+                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 400 (4-bit) or 384, "
+                             "448 (5-bit)]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: A's last dimension must be K = 32 · B.shape[1]");
   if (kind->swiglu && bdims[0] % 2)

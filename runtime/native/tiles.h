@@ -35,7 +35,22 @@
  *
  * B uint8 [N/16, K/32, 400] is the same tile with d and m in fp32 (bytes 256..319 d, 320..383 m,
  * 384..399 z): GGUF's Q4_K, whose d·scale and dmin·min products fp16 cannot hold (11 + 6 bits),
- * carried exactly. The kernel tells the two apart by B's last dimension.
+ * carried exactly.
+ *
+ * 5-bit codes (q in 0..31: GGUF's Q5_0, Q5_1 and Q5_K, which llama.cpp's Q4_K_M and Q5_K_M files
+ * use for every tensor whose width is not a multiple of 256) go to the same op in two more tiles:
+ * B uint8 [N/16, K/32, 384]: bytes 0..255 the codes' low four bits as above; 256..319 their
+ *                   fifth bits, eight little-endian 64-bit masks, mask u (u = 2v + half) holding
+ *                   in bit r·4 + i the fifth bit of the code in the low (half 0) or high (half 1)
+ *                   nibble of byte v·64 + r·4 + i — one bit per byte of the register that nibble
+ *                   is unpacked into, so AVX-512BW adds 16 under the mask; 320..351 d and
+ *                   352..383 m of the 16 rows, fp16 (Q5_0: m = −16·d; Q5_1: its own d and m);
+ * B uint8 [N/16, K/32, 448]: the same with d (320..383) and m (384..447) in fp32 (Q5_K's d·scale
+ *                   and dmin·min products).
+ * A 5-bit tile has no z: its codes are centred on 16 (Q5_0's own zero, the middle of the range),
+ * so the kernel computes y = d·da·Σ q·â_int + m·S + 16·d·(S − da·Σ â_int). 6 and 7 bits a weight
+ * where the 8-bit tile spends 8.75.
+ * The kernel tells the four apart by B's last dimension.
  *
  * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
  * tiles of [G; U] stacked along N (output N/2): the Split, Sigmoid and two Muls that would follow
@@ -115,6 +130,21 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define BLOCK 32
 #define TILE8 560
 #define TILE4F 400
+#define TILE5 384
+#define TILE5F 448
+#define FIFTH 256 /* where a 5-bit tile's fifth bits start */
+
+/* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m and z (-1: a 5-bit tile, z 16). */
+typedef struct {
+  int five, f32, d, m, z;
+} Layout;
+
+static inline Layout layout_of(int64_t tile) {
+  int five = tile == TILE5 || tile == TILE5F, f32 = tile == TILE4F || tile == TILE5F;
+  int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;
+  Layout l = {five, f32, d, d + size, five ? -1 : d + 2 * size};
+  return l;
+}
 
 /* functions one file calls in another: kept out of the library's exported symbols */
 #if defined(__GNUC__)
@@ -132,7 +162,7 @@ typedef struct {
   float* y;             /* [M, N] */
   int64_t m, k, n, nb, groups, chunk;
   int bits;       /* 4: MatMulQ4 tiles, 8: MatMulQ8 tiles */
-  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m) or TILE8 */
+  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE5, TILE5F or TILE8 */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
 } Job;

@@ -1,15 +1,27 @@
 /* tiles256.h: the 8-row half-tile kernels of the 256-bit paths, included by matmul.c once per
  * path, after it defines TARGET256 (the path's target attribute), NAME256(x) (x with the path's
- * suffix) and the path's integer dot products NAME256(dot_u4) (4-bit codes) and NAME256(dot_s8)
- * (8-bit codes made signed, with their magnitudes). Not a header of its own: no include guard. */
+ * suffix) and the path's integer dot products NAME256(dot_u4) (4-bit codes), NAME256(dot_u5)
+ * (5-bit codes) and NAME256(dot_s8) (8-bit codes made signed, with their magnitudes). Not a
+ * header of its own: no include guard. */
 
-/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. */
-TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T) {
+/* A 5-bit tile's fifth bits for half h of register u: bit i of `bits` → 16 in byte i. */
+TARGET256 static inline __m256i NAME256(fifth)(uint32_t bits) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  __m256i x = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(x, bit), _mm256_set1_epi8(16));
+}
+
+/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile
+   (a constant wherever this is inlined). */
+TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five) {
   const __m256i lo = _mm256_set1_epi8(0x0F);
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const int64_t stride = j->tile;
-  const int f32 = stride == TILE4F;
+  const Layout l = layout_of(stride);
+  const int dsize = l.f32 ? 4 : 2;
   const uint8_t* p = j->w + g * j->nb * stride;
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     __m256i c[8];
@@ -19,16 +31,23 @@ TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, 
       c[2 * v] = _mm256_and_si256(x, lo);
       c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
     }
-    __m256 d = f32 ? _mm256_loadu_ps((const float*)(p + 256 + 32 * h))
-                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 256 + 16 * h)));
-    __m256 m = f32 ? _mm256_loadu_ps((const float*)(p + 320 + 32 * h))
-                   : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 288 + 16 * h)));
-    const uint8_t* zp = p + (f32 ? 384 : 320) + 8 * h;
-    __m256 zd = _mm256_mul_ps(
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)zp))), d);
+    if (five)
+      for (int u = 0; u < 8; u++) {
+        uint32_t bits;
+        memcpy(&bits, p + FIFTH + 8 * u + 4 * h, 4);
+        c[u] = _mm256_or_si256(c[u], NAME256(fifth)(bits));
+      }
+    __m256 d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
+                     : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
+    __m256 m = l.f32 ? _mm256_loadu_ps((const float*)(p + l.m) + 8 * h)
+                     : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.m + 8 * dsize * h)));
+    __m256 zd = five ? _mm256_mul_ps(_mm256_set1_ps(16.f), d)
+                     : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                         _mm_loadl_epi64((const __m128i*)(p + l.z + 8 * h)))),
+                                     d);
     for (int t = 0; t < T; t++) {
       const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
-      __m256i s = NAME256(dot_u4)(c, a);
+      __m256i s = five ? NAME256(dot_u5)(c, a) : NAME256(dot_u4)(c, a);
       int64_t ib = (t0 + t) * j->nb + b;
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(j->ad[ib])),
                                acc[t]);
@@ -69,7 +88,8 @@ TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t 
 TARGET256 static inline void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
   for (int h = 0; h < 2; h++) {
     if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T);
-    else NAME256(half_tile_tokens)(j, g, h, t0, T);
+    else if (j->tile == TILE5 || j->tile == TILE5F) NAME256(half_tile_tokens)(j, g, h, t0, T, 1);
+    else NAME256(half_tile_tokens)(j, g, h, t0, T, 0);
   }
 }
 
