@@ -103,18 +103,21 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
     assert report["quantization"]["origins"]["gguf-Q8_0 8-bit"] == 1
     graph = onnx.load(out / "model.onnx", load_external_data=False).graph
     ops = {n.name: n.op_type for n in graph.node}
-    # Q6_K's blocks of 16: MatMulNBits on either kernel
-    assert ops["/model/layers.0/attention/wv/MatMulNBits"] == "MatMulNBits"
     if kernel == "nbits":
+        assert ops["/model/layers.0/attention/wv/MatMulNBits"] == "MatMulNBits"
         assert ops["/model/layers.0/feed_forward/w13/MatMulNBits"] == "MatMulNBits"
         assert ops["/model/layers.1/feed_forward/w2/MatMulNBits"] == "MatMulNBits"
-    else:  # the 4- and 5-bit codes on the native tiles, fp32 d and m where fp16 cannot hold them
+    else:  # every type on the native tiles, fp32 d and m where fp16 cannot hold them
+        assert "MatMulNBits" not in ops.values()
         tiles = {i.name: i.dims for i in graph.initializer if i.name.endswith(".tiles")}
         assert tiles["model.layers.0.feed_forward.w13.tiles"][-1] == 400  # Q4_K
         assert tiles["model.layers.1.feed_forward.w13.tiles"][-1] == 336  # Q4_1 + Q4_0
         assert tiles["model.layers.1.attention.wo.tiles"][-1] == 384  # Q5_0
         assert tiles["model.layers.1.attention.qkv.tiles"][-1] == 448  # Q5_K + Q5_K + Q5_1
         assert tiles["model.layers.1.feed_forward.w2.tiles"][-1] == 448  # Q5_K
+        assert tiles["model.layers.0.attention.wv.tiles"][-1] == 512  # Q6_K
+        assert tiles["model.layers.0.feed_forward.w2.tiles"][-1] == 512  # Q6_K
+        assert tiles["model.output.tiles"][-1] == 512  # Q6_K
         assert "/model/layers.0/feed_forward/w13/MatMulQ4SwiGLU" in ops
 
 

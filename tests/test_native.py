@@ -22,7 +22,9 @@ from export.quant.native import (
     TILE4F,
     TILE5,
     TILE5F,
+    TILE6,
     TILE8,
+    op_for,
     pack,
     supports,
 )
@@ -37,7 +39,7 @@ PATHS = native.supported_paths()
 def test_the_packer_and_the_library_share_one_tile_layout():
     assert native.layout() == {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
-        "tile5": TILE5, "tile5f": TILE5F,
+        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6,
     }  # fmt: skip
 
 
@@ -53,17 +55,22 @@ def unpack8(packed: np.ndarray) -> np.ndarray:
     return (d * (c - z.astype(np.float32))).reshape(g * ROWS, nb * BLOCK)
 
 
-def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
-    """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
+def codes_of(packed: np.ndarray) -> np.ndarray:
+    """The codes q [N, K] of a packed MatMulQ4 or 6-bit MatMulQ8 B: low nibbles, then the fifth
+    (5- and 6-bit tiles) and sixth (6-bit) bit planes (for tests)."""
     g, nb, size = packed.shape
     codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
-    five = size in (TILE5, TILE5F)
-    if five:  # mask u = 2v + half, bit r·4 + i
-        bits = np.unpackbits(packed[..., 256:320], axis=-1, bitorder="little")
-        high = bits.reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3)
-        q = q | (high << 4)
-    q = q.transpose(0, 3, 1, 2, 5, 4).reshape(g * ROWS, nb * BLOCK)
+    planes = {TILE5: 1, TILE5F: 1, TILE6: 2}.get(size, 0)
+    for p in range(planes):  # mask u = 2v + half, bit r·4 + i
+        bits = np.unpackbits(packed[..., 256 + 64 * p : 320 + 64 * p], axis=-1, bitorder="little")
+        q = q | (bits.reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3) << (4 + p))
+    return q.transpose(0, 3, 1, 2, 5, 4).reshape(g * ROWS, nb * BLOCK)
+
+
+def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
+    """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
+    g, nb, size = packed.shape
 
     def per_row(lo: int, width: int, dtype) -> np.ndarray:
         x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
@@ -71,12 +78,20 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
 
     wide = 4 if size in (TILE4F, TILE5F) else 2  # fp32 or fp16 d and m
     dtype = np.float32 if wide == 4 else np.float16
+    five = size in (TILE5, TILE5F)
     at = 320 if five else 256
     d = per_row(at, wide * ROWS, dtype).astype(np.float32)
     m = per_row(at + wide * ROWS, wide * ROWS, dtype).astype(np.float32)
-    if five:
-        return q, d, m, np.full(d.shape, 16, np.uint8)
-    return q, d, m, per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
+    z = np.full(d.shape, 16, np.uint8) if five else per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
+    return codes_of(packed), d, m, z
+
+
+def unpack6(packed: np.ndarray) -> np.ndarray:
+    """W [N, K] float32 from a packed 6-bit MatMulQ8 B: s·(q − 32), one s per 16 (for tests)."""
+    g, nb, _ = packed.shape
+    s = np.ascontiguousarray(packed[..., 384:512]).view(np.float32)  # g, b, half·16 + r
+    s = s.reshape(g, nb, 2, ROWS).transpose(0, 3, 1, 2).reshape(g * ROWS, nb * 2)
+    return np.repeat(s, 16, axis=1) * (codes_of(packed).astype(np.float32) - 32)
 
 
 def unpack(packed: np.ndarray) -> np.ndarray:
@@ -117,7 +132,7 @@ def gguf_blocks(kind: str, n: int, k: int, seed: int = 0) -> Blocks:
 
 BLOCKS = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0} | {
     kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
-    for kind in ("Q5_0", "Q5_1", "Q5_K")
+    for kind in ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 }
 
 
@@ -132,7 +147,10 @@ def rounded(a: np.ndarray) -> np.ndarray:
 
 def reference(a: np.ndarray, packed: np.ndarray) -> np.ndarray:
     """What the kernel computes: the codes centred on z times the activations rounded to int8 per
-    block of 32, plus the rest of each weight, (m + z·d), times the exact block sums."""
+    block of 32, plus the rest of each weight, (m + z·d), times the exact block sums. (A 6-bit
+    tile: its weights times the rounded activations.)"""
+    if packed.shape[-1] == TILE6:
+        return (rounded(a) @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
     q, d, m, z = (x.astype(np.float64) for x in fields(packed))
     centred = np.repeat(d, 32, axis=1) * (q - np.repeat(z, 32, axis=1))
     rest = np.repeat(m + z * d, 32, axis=1)
@@ -165,8 +183,23 @@ def test_q4_k_blocks_pack_exactly_in_fp32_tiles():
     packed = pack(blocks)
     assert packed.shape == (2, 16, TILE4F) and pack(q4_1(32, 64)).shape[-1] == TILE
     np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
-    # Q6_K's 8-bit containers (blocks of 16) stay on MatMulNBits
-    assert not supports(from_gguf("Q6_K", random_blocks("Q6_K", 32, 512), 512))
+
+
+def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
+    """Q6_K's blocks of 16 (d·scale in fp32, codes 0..63 centred on 32) in MatMulQ8's 512-byte
+    tiles read back to the gguf dequantizer's weights."""
+    import gguf
+
+    raw = random_blocks("Q6_K", 48, 512, seed=8)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).reshape(48, 512)
+    blocks = from_gguf("Q6_K", raw, 512)
+    assert supports(blocks) and op_for(blocks) == OP8
+    packed = pack(blocks)
+    assert packed.shape == (3, 16, TILE6)
+    np.testing.assert_allclose(unpack6(packed), want, rtol=1e-6, atol=1e-7)
+    assert codes_of(packed).max() == 63
+    # blocks of 16 that are not Q6_K's (8-bit codes) have no native tile
+    assert not supports(quantize(np.ones((16, 64), np.float32), 8, 16, True))
 
 
 @pytest.mark.parametrize("kind,size", [("Q5_0", TILE5), ("Q5_1", TILE5), ("Q5_K", TILE5F)])
@@ -189,7 +222,7 @@ def test_5bit_blocks_pack_exactly(kind, size):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 96, 3), (64, 576, 5), (960, 576, 1)])
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_kernel_matches_numpy(n, k, m, path, kind):
     if kind.endswith("_K") and k % 256:
         k = 256 * (k // 256 + 1)
@@ -243,7 +276,7 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(path):
     )
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_K", "Q6_K"])
 def test_every_path_gives_the_same_answer(kind):
     """A folder answers the same on every CPU: the paths differ only in float summation order,
     and AVX-VNNI's one-instruction dot product and AVX2's pairwise one sum the same integers in
@@ -271,6 +304,26 @@ def test_largest_5bit_codes_times_largest_activations(path):
     (4 products at a time for 5-bit codes) would overflow if taken 8 at a time."""
     blocks = gguf_blocks("Q5_1", 32, 256, seed=2)
     blocks.codes[:] = 31
+    packed = pack(blocks)
+    a = np.ones((3, 256), np.float32)
+    a[1] = -1
+    a[2, ::2] = -1
+    y = np.zeros((3, 32), np.float32)
+    with native.use_path(path):
+        assert native.library().llamaonnx_matmul(
+            packed.shape[-1], a.ctypes.data, 3, 256, packed.ctypes.data, 32, y.ctypes.data
+        ) == 0  # fmt: skip
+    want = a.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_largest_6bit_codes_times_largest_activations(path):
+    """Q6_K codes 63 (and 0) against ±127 activations: AVX2 sums two pairs in int16 (32004 at
+    most); more would overflow."""
+    blocks = gguf_blocks("Q6_K", 32, 256, seed=2)
+    blocks.codes[:] = 63
+    blocks.codes[:, ::3] = 0
     packed = pack(blocks)
     a = np.ones((3, 256), np.float32)
     a[1] = -1
@@ -319,7 +372,8 @@ def _load(graph, threads: int = 2) -> ort.InferenceSession:
 
 
 def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSession:
-    node = helper.make_node(OP if packed.shape[2] != TILE8 else OP8, ["a", "b"], ["y"], domain=DOMAIN)
+    op = OP8 if packed.shape[2] in (TILE8, TILE6) else OP
+    node = helper.make_node(op, ["a", "b"], ["y"], domain=DOMAIN)
     graph = helper.make_graph(
         [node],
         "g",
@@ -338,7 +392,7 @@ def test_onnxruntime_op_matches_numpy_across_threads(shape):
     for threads in (1, 2):
         (y,) = _session(head, 256, threads).run(None, {"a": a})
         np.testing.assert_allclose(y, want8, rtol=1e-4, atol=1e-4 * np.abs(want8).max())
-        for kind in ("Q4_1", "Q5_0", "Q5_K"):
+        for kind in ("Q4_1", "Q5_0", "Q5_K", "Q6_K"):
             packed = pack(BLOCKS[kind](1024, 256))
             want = reference(a, packed)
             (y,) = _session(packed, 256, threads).run(None, {"a": a})
@@ -411,14 +465,14 @@ def _norm_then(op: str, packed: np.ndarray, k: int, folded: bool, eps: float = 1
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_1", "SwiGLU", "SwiGLU5"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_1", "Q6_K", "SwiGLU", "SwiGLU5"])
 def test_a_folded_norm_gives_onnxruntimes_skip_norm_to_the_bit(path, kind):
     """The norm a projection folds in computes onnxruntime's SkipSimplifiedLayerNormalization in
     its own float order: the folded graph's output and residual sum equal the two-node graph's
     exactly, at decode (one row) and for a prompt (rows spread over the threads)."""
     make = BLOCKS | {"SwiGLU": q4_1, "SwiGLU5": BLOCKS["Q5_0"]}
     blocks = make[kind](128, 256, seed=3)
-    op = {"Q8_0": OP8, "SwiGLU": SWIGLU, "SwiGLU5": SWIGLU}.get(kind, OP)
+    op = {"Q8_0": OP8, "Q6_K": OP8, "SwiGLU": SWIGLU, "SwiGLU5": SWIGLU}.get(kind, OP)
     packed = pack(blocks)
     rng = np.random.default_rng(11)
     native.library()

@@ -7,8 +7,9 @@ own precision: exact for its GGUF blocks; fp32, in a 400-byte tile, for Q4_K's d
 and their zero points z (the kernel centres the codes on z
 to keep the int8 activations' error small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which
 arrive in 8-bit containers) get the 4-bit tile's low nibbles plus a plane of fifth bits, no z
-(centred on 16), in 384 bytes (fp16 d and m) or 448 (fp32). The layout is documented in
-runtime/native/tiles.h;
+(centred on 16), in 384 bytes (fp16 d and m) or 448 (fp32). GGUF's Q6_K (blocks of 16,
+z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit planes, and the
+two halves' fp32 scales. The layout is documented in runtime/native/tiles.h;
 the constants below are its shape, and `pack` checks them against the built library's
 (`llamaonnx_layout`) before it writes a tile, so the two can never drift apart silently.
 """
@@ -24,8 +25,8 @@ from export.quant.blocks import Blocks
 from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers the library for
 
 # rows a tile, block width, bytes of a 4-bit / 8-bit tile, of a 4-bit tile with fp32 d and m,
-# of a 5-bit tile with fp16 / fp32 d and m
-ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F = 16, 32, 336, 560, 400, 384, 448
+# of a 5-bit tile with fp16 / fp32 d and m, of a 6-bit tile (blocks of 16)
+ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
@@ -33,22 +34,33 @@ ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + 
 
 def code_bits(blocks: Blocks) -> int:
     """The tile width that holds the codes: 4, 5 (an 8-bit container whose codes are all below
-    32: GGUF's Q5_0 / Q5_1 / Q5_K) or 8."""
+    32: GGUF's Q5_0 / Q5_1 / Q5_K), 6 (blocks of 16 with codes below 64 centred on 32, no
+    offsets: GGUF's Q6_K) or 8."""
     if blocks.bits == 4:
         return 4
-    return 5 if blocks.codes.size and int(blocks.codes.max()) < 32 else 8
+    top = int(blocks.codes.max()) if blocks.codes.size else 0
+    if blocks.block_size == BLOCK // 2:
+        z = blocks.zero_points
+        six = top < 64 and blocks.offsets is None and z is not None and bool(np.all(z == 32))
+        return 6 if six else 8
+    return 5 if top < 32 else 8
 
 
 def supports(blocks: Blocks) -> bool:
-    """Whether MatMulQ4 (4- or 5-bit codes, offsets allowed) or MatMulQ8 (8-bit, no offsets) holds
-    them — exactly, for a GGUF's carried blocks: 4- and 5-bit tiles keep d and m in fp16 where
-    that holds them (Q4_0, Q4_1, Q5_0, Q5_1) and in fp32 where it does not (Q4_K's and Q5_K's
-    d·scale products); 8-bit tiles keep d in fp16, which holds Q8_0, not Q6_K's blocks of 16
-    (those go to MatMulNBits)."""
+    """Whether MatMulQ4 (4- or 5-bit codes, offsets allowed) or MatMulQ8 (8-bit, no offsets; or
+    Q6_K's 6-bit blocks of 16) holds them — exactly, for a GGUF's carried blocks: 4- and 5-bit
+    tiles keep d and m in fp16 where that holds them (Q4_0, Q4_1, Q5_0, Q5_1) and in fp32 where
+    it does not (Q4_K's and Q5_K's d·scale products); 8-bit tiles keep d in fp16, which holds
+    Q8_0; 6-bit tiles keep Q6_K's d·scale in fp32."""
     n, k = blocks.shape
-    if blocks.block_size != BLOCK or n % ROWS or k % BLOCK:
+    if n % ROWS or k % BLOCK:
         return False
-    if code_bits(blocks) < 8:
+    bits = code_bits(blocks)
+    if bits == 6:
+        return True
+    if blocks.block_size != BLOCK:
+        return False
+    if bits < 8:
         return True
     return blocks.offsets is None and (not blocks.carried or _fp16_exact(blocks))
 
@@ -62,14 +74,14 @@ def tile_bytes(blocks: Blocks) -> int:
     """The tile a weight's blocks are packed in: TILE8; TILE or TILE5, or TILE4F / TILE5F for
     carried blocks whose d or m fp16 cannot hold."""
     bits = code_bits(blocks)
-    if bits == 8:
-        return TILE8
+    if bits >= 6:
+        return TILE6 if bits == 6 else TILE8
     wide = blocks.carried and not _fp16_exact(blocks)
     return {(4, False): TILE, (4, True): TILE4F, (5, False): TILE5, (5, True): TILE5F}[bits, wide]
 
 
 def op_for(blocks: Blocks) -> str:
-    return OP8 if code_bits(blocks) == 8 else OP
+    return OP8 if code_bits(blocks) >= 6 else OP
 
 
 def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,40 +96,57 @@ def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def pack(blocks: Blocks) -> np.ndarray:
     """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 400] with fp32 d and m),
-    [.., 384] / [.., 448] for 5-bit ones, [.., 560] for 8-bit (see `tile_bytes`)."""
+    [.., 384] / [.., 448] for 5-bit ones, [.., 560] for 8-bit, [.., 512] for Q6_K's 6-bit blocks
+    of 16 (see `tile_bytes`)."""
     if not supports(blocks):
         n, k = blocks.shape
         raise QuantizationError(
-            f"MatMulQ4/Q8 take 4- or 5-bit (or offset-free 8-bit) blocks of {BLOCK} with N a "
-            f"multiple of {ROWS}; got {blocks.bits}-bit blocks of {blocks.block_size}, N={n}, "
-            f"K={k}"
+            f"MatMulQ4/Q8 take 4- or 5-bit (or offset-free 8-bit) blocks of {BLOCK}, or 6-bit "
+            f"blocks of {BLOCK // 2} centred on 32, with N a multiple of {ROWS} and K of "
+            f"{BLOCK}; got {blocks.bits}-bit blocks of {blocks.block_size}, N={n}, K={k}"
         )
     _check_layout()
     n, nb, _ = blocks.codes.shape
     size = tile_bytes(blocks)
     if size == TILE8:
         return _pack8(blocks)
+    if size == TILE6:
+        blocks = _halves_as_blocks_of_32(blocks)
+        nb //= 2
     q = blocks.codes.reshape(n // ROWS, ROWS, nb, 4, 2, 4)  # g, r, b, v, half, i
     q = q.transpose(0, 2, 3, 1, 5, 4)  # g, b, v, r, i, half
     low = q & 15
     parts = [(low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)]
-    if size in (TILE5, TILE5F):
-        # register u = 2v + half holds byte r·4 + i; its fifth bits, one 64-bit mask (LSB first)
-        high = (q >> 4).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
+    for plane in {TILE5: (4,), TILE5F: (4,), TILE6: (4, 5)}.get(size, ()):
+        # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
+        high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
-    d, m, z = scale_min_zero(blocks)
-    dtype = np.float32 if size in (TILE4F, TILE5F) else np.float16
+    if size == TILE6:  # the scales of each half (16 weights) of the block, fp32
+        s = blocks.scales.astype(np.float32).reshape(n // ROWS, ROWS, nb, 2).transpose(0, 2, 3, 1)
+        parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(n // ROWS, nb, 128))
+    else:
+        d, m, z = scale_min_zero(blocks)
+        dtype = np.float32 if size in (TILE4F, TILE5F) else np.float16
 
-    def halves(x: np.ndarray) -> np.ndarray:
-        h = x.astype(dtype).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
-        return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, -1)
+        def per_row(x: np.ndarray) -> np.ndarray:
+            h = x.astype(dtype).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
+            return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, -1)
 
-    parts += [halves(d), halves(m)]
-    if size in (TILE, TILE4F):
-        parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
+        parts += [per_row(d), per_row(m)]
+        if size in (TILE, TILE4F):
+            parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
     packed = np.ascontiguousarray(np.concatenate(parts, axis=2))
     assert packed.shape[-1] == size
     return packed
+
+
+def _halves_as_blocks_of_32(blocks: Blocks) -> Blocks:
+    """Blocks of 16 seen as blocks of 32 for the code layout (the scales stay per half)."""
+    n, nb, _ = blocks.codes.shape
+    return Blocks(
+        blocks.bits, BLOCK, blocks.codes.reshape(n, nb // 2, BLOCK), blocks.scales.reshape(n, -1),
+        None, None, blocks.origin, blocks.carried,
+    )  # fmt: skip
 
 
 def _pack8(blocks: Blocks) -> np.ndarray:
@@ -141,7 +170,7 @@ def _check_layout() -> None:
     built = native.layout()
     ours = {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
-        "tile5": TILE5, "tile5f": TILE5F,
+        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

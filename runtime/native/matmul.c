@@ -187,6 +187,49 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
   }
 }
 
+/* The int8 activations' sums over each half (16) of a 32-block: what a 6-bit tile's z = 32 takes
+   off each half's dot product. */
+static inline void half_sums_scalar(const int8_t* a, int32_t h[2]) {
+  h[0] = h[1] = 0;
+  for (int i = 0; i < BLOCK; i++) h[i / 16] += a[i];
+}
+
+static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; g++) {
+    for (int64_t t = 0; t < j->m; t++) {
+      float acc[ROWS] = {0};
+      for (int64_t b = 0; b < j->nb; b++) {
+        const uint8_t* p = j->w + (g * j->nb + b) * TILE6;
+        const int8_t* a = j->aq + t * j->k + b * BLOCK;
+        float da = j->ad[t * j->nb + b];
+        uint64_t fifth[8], sixth[8];
+        memcpy(fifth, p + FIFTH, sizeof fifth);
+        memcpy(sixth, p + SIXTH, sizeof sixth);
+        int32_t h[2];
+        half_sums_scalar(a, h);
+        for (int r = 0; r < ROWS; r++) {
+          int32_t dot[2] = {0, 0}; /* v 0..1: the first 16 codes, v 2..3 the last */
+          for (int v = 0; v < 4; v++)
+            for (int i = 0; i < 4; i++) {
+              uint8_t byte = p[v * 64 + r * 4 + i];
+              int at = r * 4 + i;
+              int lo = (byte & 15) | (int)((fifth[2 * v] >> at) & 1) << 4 |
+                       (int)((sixth[2 * v] >> at) & 1) << 5;
+              int hi = (byte >> 4) | (int)((fifth[2 * v + 1] >> at) & 1) << 4 |
+                       (int)((sixth[2 * v + 1] >> at) & 1) << 5;
+              dot[v / 2] += lo * a[8 * v + i] + hi * a[8 * v + 4 + i];
+            }
+          float s0, s1;
+          memcpy(&s0, p + HALVES + 4 * r, 4);
+          memcpy(&s1, p + HALVES + 64 + 4 * r, 4);
+          acc[r] += da * (s0 * (float)(dot[0] - 32 * h[0]) + s1 * (float)(dot[1] - 32 * h[1]));
+        }
+      }
+      for (int r = 0; r < ROWS; r++) j->y[t * j->n + g * ROWS + r] = acc[r];
+    }
+  }
+}
+
 static void rows_scalar_q8(const Job* j, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; g++) {
     for (int64_t t = 0; t < j->m; t++) {
@@ -279,9 +322,54 @@ AVX512 static inline void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, in
   for (int t = 0; t < T; t++) _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t]);
 }
 
+/* The halves' activation sums, as half_sums_scalar: (â + 128) summed 8 bytes at a time. */
+AVX2 static inline void half_sums_avx2(const int8_t* a, int32_t h[2]) {
+  __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)a), _mm256_set1_epi8((char)0x80));
+  __m256i s = _mm256_sad_epu8(x, _mm256_setzero_si256());
+  h[0] = (int32_t)(_mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1)) - 16 * 128;
+  h[1] = (int32_t)(_mm256_extract_epi64(s, 2) + _mm256_extract_epi64(s, 3)) - 16 * 128;
+}
+
+AVX512 static inline void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
+  const __m512i lo = _mm512_set1_epi8(0x0F), v16 = _mm512_set1_epi8(16), v32 = _mm512_set1_epi8(32);
+  __m512 acc[4];
+  for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+  const uint8_t* p = j->w + g * j->nb * TILE6;
+  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+    __m512i c[8];
+    for (int v = 0; v < 4; v++) {
+      __m512i x = _mm512_loadu_si512((const void*)(p + v * 64));
+      c[2 * v] = _mm512_and_si512(x, lo);
+      c[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+    }
+    for (int u = 0; u < 8; u++) {
+      uint64_t b5, b6;
+      memcpy(&b5, p + FIFTH + 8 * u, 8);
+      memcpy(&b6, p + SIXTH + 8 * u, 8);
+      c[u] = _mm512_mask_add_epi8(c[u], _cvtu64_mask64(b5), c[u], v16);
+      c[u] = _mm512_mask_add_epi8(c[u], _cvtu64_mask64(b6), c[u], v32);
+    }
+    __m512 s0 = _mm512_loadu_ps((const float*)(p + HALVES));
+    __m512 s1 = _mm512_loadu_ps((const float*)(p + HALVES + 64));
+    for (int t = 0; t < T; t++) {
+      const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
+      const int32_t* a = (const int32_t*)aq;
+      int32_t h[2];
+      half_sums_avx2(aq, h);
+      __m512i x0 = _mm512_set1_epi32(-32 * h[0]), x1 = _mm512_set1_epi32(-32 * h[1]);
+      for (int v = 0; v < 4; v++) x0 = _mm512_dpbusd_epi32(x0, c[v], _mm512_set1_epi32(a[v]));
+      for (int v = 4; v < 8; v++) x1 = _mm512_dpbusd_epi32(x1, c[v], _mm512_set1_epi32(a[v]));
+      __m512 x = _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(x1), _mm512_mul_ps(s0, _mm512_cvtepi32_ps(x0)));
+      acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(j->ad[(t0 + t) * j->nb + b]), x, acc[t]);
+    }
+  }
+  for (int t = 0; t < T; t++) _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t]);
+}
+
 /* One tile of either format; T is a constant wherever this is inlined. */
 AVX512 static inline void tile(const Job* j, int64_t g, int64_t t0, int T) {
-  if (j->bits == 8) tile_tokens_q8(j, g, t0, T);
+  if (j->tile == TILE6) tile_tokens_q6(j, g, t0, T);
+  else if (j->bits == 8) tile_tokens_q8(j, g, t0, T);
   else if (j->tile == TILE5 || j->tile == TILE5F) tile_tokens(j, g, t0, T, 1);
   else tile_tokens(j, g, t0, T, 0);
 }
@@ -341,6 +429,20 @@ AVX2 static inline __m256i dot_u5_avx2(const __m256i c[8], const int32_t* a) {
   return _mm256_add_epi32(_mm256_madd_epi16(s[0], one), _mm256_madd_epi16(s[1], one));
 }
 
+/* 6-bit codes (≤ 63·127·2 a pair): two pairs at a time; one sum per half of the block */
+AVX2 static inline void dot_u6_avx2(const __m256i c[8], const int32_t* a, __m256i x[2]) {
+  const __m256i one = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; h++) {
+    __m256i s = _mm256_setzero_si256();
+    for (int v = 4 * h; v < 4 * h + 4; v += 2) {
+      __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(c[v], _mm256_set1_epi32(a[v])),
+                                      _mm256_maddubs_epi16(c[v + 1], _mm256_set1_epi32(a[v + 1])));
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(pair, one));
+    }
+    x[h] = _mm256_add_epi32(x[h], s);
+  }
+}
+
 #define TARGET256 AVX2
 #define NAME256(x) x##_avx2
 #include "tiles256.h"
@@ -363,6 +465,9 @@ AVX2 static inline __m256i dot_u5_avx2(const __m256i c[8], const int32_t* a) {
   }                                                                                              \
   TARGET static inline __m256i dot_u5_##SUFFIX(const __m256i c[8], const int32_t* a) {           \
     return dot_u4_##SUFFIX(c, a); /* (int32 sums: no overflow) */                                \
+  }                                                                                              \
+  TARGET static inline void dot_u6_##SUFFIX(const __m256i c[8], const int32_t* a, __m256i x[2]) { \
+    for (int v = 0; v < 8; v++) x[v / 4] = DPBUSD(x[v / 4], c[v], _mm256_set1_epi32(a[v]));     \
   }
 
 DOT256(AVXVNNI, avxvnni, _mm256_dpbusd_avx_epi32)
@@ -443,11 +548,54 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
   for (int t = 0; t < T; t++) vst1q_f32(j->y + (t0 + t) * j->n + g * ROWS + 4 * q4, acc[t]);
 }
 
+/* A 6-bit tile's quarter: codes 0..63 go to sdot as they are; each half block its own sum. */
+NEON_DOT static void quarter_tokens_neon_q6(const Job* j, int64_t g, int q4, int64_t t0, int T) {
+  float32x4_t acc[4];
+  for (int t = 0; t < T; t++) acc[t] = vdupq_n_f32(0.f);
+  const uint8_t* p = j->w + g * j->nb * TILE6;
+  const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+    int8x16_t c[8];
+    for (int v = 0; v < 4; v++) {
+      uint8x16_t x = vld1q_u8(p + v * 64 + 16 * q4);
+      c[2 * v] = vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0x0F)));
+      c[2 * v + 1] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
+    }
+    for (int u = 0; u < 8; u++) {
+      uint16_t b5, b6;
+      memcpy(&b5, p + FIFTH + 8 * u + 2 * q4, 2);
+      memcpy(&b6, p + SIXTH + 8 * u + 2 * q4, 2);
+      uint8x16_t x5 = vcombine_u8(vdup_n_u8((uint8_t)b5), vdup_n_u8((uint8_t)(b5 >> 8)));
+      uint8x16_t x6 = vcombine_u8(vdup_n_u8((uint8_t)b6), vdup_n_u8((uint8_t)(b6 >> 8)));
+      uint8x16_t high = vorrq_u8(vandq_u8(vtstq_u8(x5, bit), vdupq_n_u8(16)),
+                                 vandq_u8(vtstq_u8(x6, bit), vdupq_n_u8(32)));
+      c[u] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(c[u]), high));
+    }
+    float32x4_t s0 = vld1q_f32((const float*)(p + HALVES) + 4 * q4);
+    float32x4_t s1 = vld1q_f32((const float*)(p + HALVES + 64) + 4 * q4);
+    for (int t = 0; t < T; t++) {
+      const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
+      const int32_t* a = (const int32_t*)aq;
+      int32_t h[2];
+      half_sums_scalar(aq, h);
+      int32x4_t x0 = vdupq_n_s32(-32 * h[0]), x1 = vdupq_n_s32(-32 * h[1]);
+      for (int v = 0; v < 4; v++) x0 = vdotq_s32(x0, c[v], vreinterpretq_s8_s32(vdupq_n_s32(a[v])));
+      for (int v = 4; v < 8; v++) x1 = vdotq_s32(x1, c[v], vreinterpretq_s8_s32(vdupq_n_s32(a[v])));
+      float32x4_t y = vfmaq_f32(vmulq_f32(s0, vcvtq_f32_s32(x0)), s1, vcvtq_f32_s32(x1));
+      acc[t] = vfmaq_n_f32(acc[t], y, j->ad[(t0 + t) * j->nb + b]);
+    }
+  }
+  for (int t = 0; t < T; t++) vst1q_f32(j->y + (t0 + t) * j->n + g * ROWS + 4 * q4, acc[t]);
+}
+
 NEON_DOT static void rows_neon(const Job* j, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; g++)
     for (int q4 = 0; q4 < 4; q4++)
-      for (int64_t t = 0; t < j->m; t += 4)
-        quarter_tokens_neon(j, g, q4, t, j->m - t < 4 ? (int)(j->m - t) : 4);
+      for (int64_t t = 0; t < j->m; t += 4) {
+        int T = j->m - t < 4 ? (int)(j->m - t) : 4;
+        if (j->tile == TILE6) quarter_tokens_neon_q6(j, g, q4, t, T);
+        else quarter_tokens_neon(j, g, q4, t, T);
+      }
 }
 #endif
 
@@ -568,18 +716,20 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
     return;
   }
 #endif
-  if (j->bits == 8) rows_scalar_q8(j, g0, g1);
+  if (j->tile == TILE6) rows_scalar_q6(j, g0, g1);
+  else if (j->bits == 8) rows_scalar_q8(j, g0, g1);
   else rows_scalar(j, g0, g1);
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4F, TILE5 or TILE5F: MatMulQ4, TILE8: MatMulQ8). Returns 0 on success. */
+   (TILE, TILE4F, TILE5 or TILE5F: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
   if (k % BLOCK || n % ROWS ||
-      (tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE8))
+      (tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE8 &&
+       tile != TILE6))
     return 1;
-  int bits = tile == TILE8 ? 8 : 4;
+  int bits = tile == TILE8 || tile == TILE6 ? 8 : 4;
   int64_t nb = k / BLOCK;
   int8_t* q = malloc((size_t)(m * k) + 64);
   float* d = malloc(sizeof(float) * (size_t)(m * nb) * 3 + 64);
@@ -631,7 +781,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
 
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
-   5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m; -1 for anything else. */
+   5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile; -1 for
+   anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -641,6 +792,7 @@ int64_t llamaonnx_layout(int what) {
     case 4: return TILE4F;
     case 5: return TILE5;
     case 6: return TILE5F;
+    case 7: return TILE6;
     default: return -1;
   }
 }

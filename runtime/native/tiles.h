@@ -61,6 +61,15 @@
  * c[r, 4v + i]; 512..543 d (fp16); 544..559 z. GatherQ8(B, ids) reads rows of the same tiles: the
  * token embedding when it is tied to the head (one copy of the codes for both).
  *
+ * MatMulQ8 also reads GGUF's Q6_K: W[n, h·16 + j] = s[n, h]·(q − 32), q in 0..63, one scale
+ * s = d·sc (fp16 × int8: exact in fp32) a block of 16. B uint8 [N/16, K/32, 512]: bytes 0..255
+ * the codes' low four bits as in MatMulQ4's tile, 256..319 their fifth and 320..383 their sixth
+ * bits (masks as in the 5-bit tile), 384..447 s of the 32-block's first 16 weights for the 16
+ * rows, 448..511 of its last 16 (fp32). The first half's codes are the registers of v 0..1, the
+ * second's of v 2..3: each half's integer dot product is taken apart, less 32 times the half's
+ * sum of int8 activations, and scaled by its own s: y = da·Σ s_h·(Σ q·â_int − 32·Σ â_int), the
+ * error llama.cpp's Q6_K × Q8 dot product has.
+ *
  * The three matmul ops take two optional inputs, an RMSNorm in front of the projection:
  * op(A, B, gamma, skip) computes R = A + skip (output 1, the residual stream's next value) and
  * multiplies RMSNorm(R)·gamma (attribute `epsilon`) instead of A; op(A, B, gamma) normalises A
@@ -132,7 +141,10 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE4F 400
 #define TILE5 384
 #define TILE5F 448
-#define FIFTH 256 /* where a 5-bit tile's fifth bits start */
+#define TILE6 512
+#define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start */
+#define SIXTH 320 /* where a 6-bit tile's sixth bits start */
+#define HALVES 384 /* where a 6-bit tile's two scales a row start */
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m and z (-1: a 5-bit tile, z 16). */
 typedef struct {
@@ -161,8 +173,8 @@ typedef struct {
   const float* ae;      /* [M, nb] S − da·Σ â_int, what int8 rounding lost of S */
   float* y;             /* [M, N] */
   int64_t m, k, n, nb, groups, chunk;
-  int bits;       /* 4: MatMulQ4 tiles, 8: MatMulQ8 tiles */
-  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE5, TILE5F or TILE8 */
+  int bits;       /* 4: MatMulQ4 tiles (4- or 5-bit codes), 8: MatMulQ8 tiles (8- or 6-bit) */
+  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE5, TILE5F; TILE8, TILE6 */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
 } Job;

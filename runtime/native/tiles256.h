@@ -1,16 +1,16 @@
 /* tiles256.h: the 8-row half-tile kernels of the 256-bit paths, included by matmul.c once per
  * path, after it defines TARGET256 (the path's target attribute), NAME256(x) (x with the path's
  * suffix) and the path's integer dot products NAME256(dot_u4) (4-bit codes), NAME256(dot_u5)
- * (5-bit codes) and NAME256(dot_s8) (8-bit codes made signed, with their magnitudes). Not a
- * header of its own: no include guard. */
+ * (5-bit), NAME256(dot_u6) (6-bit, one sum per half block) and NAME256(dot_s8) (8-bit codes made
+ * signed, with their magnitudes). Not a header of its own: no include guard. */
 
-/* A 5-bit tile's fifth bits for half h of register u: bit i of `bits` → 16 in byte i. */
-TARGET256 static inline __m256i NAME256(fifth)(uint32_t bits) {
+/* A 5- or 6-bit tile's high bits for half h of register u: bit i of `bits` → `value` in byte i. */
+TARGET256 static inline __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
   __m256i x = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread), bit);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(x, bit), _mm256_set1_epi8(16));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(x, bit), _mm256_set1_epi8(value));
 }
 
 /* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile
@@ -35,7 +35,7 @@ TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, 
       for (int u = 0; u < 8; u++) {
         uint32_t bits;
         memcpy(&bits, p + FIFTH + 8 * u + 4 * h, 4);
-        c[u] = _mm256_or_si256(c[u], NAME256(fifth)(bits));
+        c[u] = _mm256_or_si256(c[u], NAME256(bit_bytes)(bits, 16));
       }
     __m256 d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
@@ -85,9 +85,44 @@ TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t 
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
+TARGET256 static inline void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int h, int64_t t0, int T) {
+  const __m256i lo = _mm256_set1_epi8(0x0F);
+  __m256 acc[4];
+  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+  const uint8_t* p = j->w + g * j->nb * TILE6;
+  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+    __m256i c[8];
+    for (int v = 0; v < 4; v++) {
+      __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
+      c[2 * v] = _mm256_and_si256(x, lo);
+      c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+    }
+    for (int u = 0; u < 8; u++) {
+      uint32_t b5, b6;
+      memcpy(&b5, p + FIFTH + 8 * u + 4 * h, 4);
+      memcpy(&b6, p + SIXTH + 8 * u + 4 * h, 4);
+      c[u] = _mm256_or_si256(_mm256_or_si256(c[u], NAME256(bit_bytes)(b5, 16)),
+                             NAME256(bit_bytes)(b6, 32));
+    }
+    __m256 s0 = _mm256_loadu_ps((const float*)(p + HALVES) + 8 * h);
+    __m256 s1 = _mm256_loadu_ps((const float*)(p + HALVES + 64) + 8 * h);
+    for (int t = 0; t < T; t++) {
+      const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
+      int32_t hs[2];
+      half_sums_avx2(aq, hs);
+      __m256i x[2] = {_mm256_set1_epi32(-32 * hs[0]), _mm256_set1_epi32(-32 * hs[1])};
+      NAME256(dot_u6)(c, (const int32_t*)aq, x);
+      __m256 y = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(x[1]), _mm256_mul_ps(s0, _mm256_cvtepi32_ps(x[0])));
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(j->ad[(t0 + t) * j->nb + b]), y, acc[t]);
+    }
+  }
+  for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+}
+
 TARGET256 static inline void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
   for (int h = 0; h < 2; h++) {
-    if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T);
+    if (j->tile == TILE6) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
+    else if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T);
     else if (j->tile == TILE5 || j->tile == TILE5F) NAME256(half_tile_tokens)(j, g, h, t0, T, 1);
     else NAME256(half_tile_tokens)(j, g, h, t0, T, 0);
   }
