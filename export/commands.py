@@ -190,10 +190,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         "--kernel",
         default="auto",
         choices=("auto", "native", "nbits"),
-        help="int4 on CPU at accuracy level 4: llamaonnx's own kernel (native: reads Q4_1 blocks "
-        "as they are, about twice MatMulNBits' decode speed; needs runtime/native built) or "
-        "onnxruntime's MatMulNBits (nbits: runs on any onnxruntime); auto: native where it "
-        "applies and is built",
+        help="int4/int8 on CPU at accuracy level 4: llamaonnx's own kernels (native: read GGUF "
+        "blocks as they are, Q4_0 to Q8_0 and the K-quants, about twice MatMulNBits' decode "
+        "speed; needs runtime/native built) or onnxruntime's MatMulNBits (nbits: runs on any "
+        "onnxruntime); auto: native where it applies and is built",
     )
     q.add_argument(
         "--kv-cache",

@@ -191,19 +191,22 @@ def quantized(tiny_folders, tmp_path_factory):
         for precision in ("int4", "int8", "fp16"):
             out[target, precision] = root / f"{target}-{precision}"
             quantize_folder(folder, out[target, precision], _settings(precision))
-    # int4 on the CPU runs llamaonnx's own kernel (asked for by name: `auto` picks it only on
-    # AVX-512 VNNI CPUs, and the portable C path runs it anywhere); the MatMulNBits form that any
-    # onnxruntime runs stays one flag away
+    # int4 and int8 on the CPU run llamaonnx's own kernels (asked for by name, though `auto` picks
+    # them wherever the library is built: the portable C path runs them anywhere); the MatMulNBits
+    # form that any onnxruntime runs stays one flag away
     out["ort", "int4-nbits"] = root / "ort-int4-nbits"
     quantize_folder(
         tiny_folders["ort"], out["ort", "int4-nbits"], QuantSettings("int4", kernel="nbits")
     )
+    for target, folder in tiny_folders.items():
+        out[target, "int8-nbits"] = root / f"{target}-int8-nbits"
+        quantize_folder(folder, out[target, "int8-nbits"], QuantSettings("int8", kernel="nbits"))
     return out
 
 
 def _settings(precision: str, **kw) -> QuantSettings:
-    """llamaonnx's own CPU kernel for int4, whatever the CPU of this machine (not `auto`)."""
-    return QuantSettings(precision, kernel="native" if precision == "int4" else "auto", **kw)
+    """llamaonnx's own CPU kernels for int4 and int8, whatever the CPU of this machine."""
+    return QuantSettings(precision, kernel="native" if precision != "fp16" else "auto", **kw)
 
 
 def _ops(folder):
@@ -244,12 +247,26 @@ def test_int4_on_cpu_runs_the_native_kernel_with_the_head_on_matmul_nbits(quanti
 
 
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
+def test_int8_on_cpu_runs_the_native_8bit_kernel(quantized, target):
+    """Every projection and the head on MatMulQ8 tiles (gate/up one of them, then Split and the
+    SwiGLU in onnxruntime: no 8-bit SwiGLU op); on `ort` our attention and folded norms too."""
+    model, ops = _ops(quantized[target, "int8"])
+    assert ops["MatMulQ8"] == PER_LAYER[target] * L + 1 and ops["MatMulNBits"] == 0
+    assert ops["MatMulQ4"] == ops["MatMul"] == 0 and ops["Split"] == L
+    info = json.loads((quantized[target, "int8"] / "llamaonnx.json").read_text())
+    assert info["quantization"]["kernel"] == "native"
+    if target == "ort":
+        gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert {n.domain for n in gqa} == {"ai.llamaonnx"}
+        assert ops["SkipSimplifiedLayerNormalization"] == 1
+
+
+@pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
 def test_weight_only_precisions_use_matmul_nbits_everywhere(quantized, target):
     for precision, bits in (("int4", 4), ("int8", 8)):
-        if precision == "int4":
-            if target != "ort":
-                continue
-            precision = "int4-nbits"
+        if precision == "int4" and target != "ort":
+            continue
+        precision += "-nbits"
         model, ops = _ops(quantized[target, precision])
         assert ops["MatMulNBits"] == PER_LAYER[target] * L + 1  # + the LM head
         assert ops["GatherBlockQuantized"] == 1
@@ -304,7 +321,7 @@ def test_fp16_keeps_norms_in_fp32_and_logits_float32(quantized, target):
 @pytest.mark.parametrize(
     "target,precision",
     [(t, p) for t in ("portable", "onnx23", "ort") for p in ("int4", "int8", "fp16")]
-    + [("ort", "int4-nbits")],
+    + [("ort", "int4-nbits"), ("ort", "int8-nbits")],
 )
 def test_each_precision_round_trips_within_its_tolerance(quantized, target, precision):
     folder = quantized[target, precision]
@@ -326,7 +343,7 @@ def test_quantized_model_generates_with_the_runtime(quantized):
     from runtime.generator import GenerationConfig, Generator
     from runtime.session import Session
 
-    for precision in ("int4", "int4-nbits", "fp16"):
+    for precision in ("int4", "int4-nbits", "int8", "fp16"):
         gen = Generator(Session(quantized["ort", precision], provider="cpu"))
         ids = gen.generate_ids([[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=5))
         assert [len(x) for x in ids] == [5, 5]

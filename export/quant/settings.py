@@ -52,8 +52,9 @@ class QuantSettings:
             raise QuantizationError(f"unknown kernel {self.kernel!r}; choose one of {KERNELS}")
         if self.kernel == "native" and not self.native_applies:
             raise QuantizationError(
-                "--kernel native is llamaonnx's CPU int4 kernel (int8 activations): it needs "
-                "--precision int4, --for-provider cpu, accuracy level 4 and float32 activations"
+                "--kernel native is llamaonnx's CPU kernels (int8 activations): they need "
+                "--precision int4 or int8, --for-provider cpu, accuracy level 4 and float32 "
+                "activations"
             )
         if self.kv_cache not in KV_CACHES:
             raise QuantizationError(
@@ -81,7 +82,7 @@ class QuantSettings:
     @property
     def native_applies(self) -> bool:
         return (
-            self.bits == 4
+            self.bits in (4, 8)
             and self.provider == "cpu"
             and self.level == 4
             and not self.fp16_activations
@@ -89,7 +90,8 @@ class QuantSettings:
 
     @property
     def native(self) -> bool:
-        """Whether 4-bit blocks of 32 go to llamaonnx's own kernel (`export/quant/native.py`).
+        """Whether the blocks go to llamaonnx's own kernels (`export/quant/native.py`: 4-, 5-, 6-
+        and 8-bit tiles; what they do not hold stays on MatMulNBits).
         auto: wherever the kernel library is built, whatever the exporting CPU has: the tiles are
         the same for every path, and the machine that runs the folder picks its best one (AVX-512
         VNNI, AVX2, else portable C, which the session warns is slow)."""

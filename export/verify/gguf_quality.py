@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 # llama.cpp file type → the precision our folder is quantized at: the 4-bit mixes at int4
-# (their 5- and 6-bit tensors are carried in 8-bit containers), files whose tensors are 6 or 8
+# (their 5- and 6-bit tensors carried in tiles of their own), files whose tensors are 6 or 8
 # bits at int8 (int4 would round their Q8_0 tensors to 4 bits)
 FILE_TYPES = {
     "Q4_0": (2, "int4"),

@@ -231,9 +231,10 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
     def client(c: int) -> None:
         time.sleep(c * ramp / clients)
         for j in range(per_client):
+            start = time.monotonic() - t0
             r = one_request(url, model, texts[(c + j) % len(texts)], max_tokens, api_key)
             with lock:
-                results.append(r)
+                results.append({**r, "client": c, "start": start})
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     t0 = time.monotonic()
@@ -268,6 +269,12 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         else None,
         "engine_decode_tok_s": engine_decode,
         "prompt_tokens": sorted({r["prompt_tokens"] for r in ok if r.get("prompt_tokens")}),
+        # each request as sent: which client, when (s after the level began), its first token
+        "timeline": [
+            {"client": r["client"], "start_s": round(r["start"], 3),
+             "ttft_ms": _ms(r.get("ttft")), "tokens": r.get("tokens"), "error": r.get("error")}
+            for r in sorted(results, key=lambda r: r["start"])
+        ],  # fmt: skip
     }
 
 
