@@ -71,8 +71,8 @@ def _fp16_exact(blocks: Blocks) -> bool:
 
 
 def tile_bytes(blocks: Blocks) -> int:
-    """The tile a weight's blocks are packed in: TILE8; TILE or TILE5, or TILE4F / TILE5F for
-    carried blocks whose d or m fp16 cannot hold."""
+    """The tile a weight's blocks are packed in: TILE8 or TILE6 (MatMulQ8); TILE or TILE5, or
+    TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold (MatMulQ4)."""
     bits = code_bits(blocks)
     if bits >= 6:
         return TILE6 if bits == 6 else TILE8
