@@ -271,10 +271,15 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         "prompt_tokens": sorted({r["prompt_tokens"] for r in ok if r.get("prompt_tokens")}),
         # each request as sent: which client, when (s after the level began), its first token
         "timeline": [
-            {"client": r["client"], "start_s": round(r["start"], 3),
-             "ttft_ms": _ms(r.get("ttft")), "tokens": r.get("tokens"), "error": r.get("error")}
+            {
+                "client": r["client"],
+                "start_s": round(r["start"], 3),
+                "ttft_ms": _ms(r.get("ttft")),
+                "tokens": r.get("tokens"),
+                "error": r.get("error"),
+            }
             for r in sorted(results, key=lambda r: r["start"])
-        ],  # fmt: skip
+        ],
     }
 
 
