@@ -130,9 +130,9 @@ def quantize(
 
 
 # GGUF block layouts (ggml-common.h): type → (bits of its codes, weights a block, bytes a block).
-# Codes of 5 and 6 bits are held in 8-bit containers (MatMulNBits has no 5- or 6-bit form): the
-# values stay exact; the container costs 8 / 5.5 (Q5_0), 8 / 6 (Q5_1), 8 / 5.5 (Q5_K) and
-# 8 / 6.56 (Q6_K) the file's bytes for those tensors.
+# Codes of 5 and 6 bits are held in 8-bit containers here (MatMulNBits has no 5- or 6-bit form:
+# there the container costs 8 / 5.5 (Q5_0), 8 / 6 (Q5_1), 8 / 5.5 (Q5_K) and 8 / 6.56 (Q6_K) the
+# file's bytes); the native kernels pack them into 5- and 6-bit tiles (export/quant/native.py).
 GGUF_TYPES = {
     "Q4_0": (4, 32, 18),
     "Q4_1": (4, 32, 20),

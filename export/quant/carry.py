@@ -5,11 +5,12 @@ the GGUF tensors it could not carry.
 
 Which GGUF types are carried: every type `blocks.from_gguf` reads, each tensor keeping its own
 type — a Q4_K_M file's Q4_K, and the Q6_K, Q5_0 and Q8_0 it mixes in (5- to 8-bit codes in 8-bit
-containers). One exception: when the file's main type (the one most of its weights are in) is
-wider than max(bits asked, 6) — a Q8_0 file, or a Q6_K one whose narrow tensors fell back to
-Q8_0 — an int4 folder rounds those wider tensors to 4 bits, since 4 bits is what was asked; int8
-(and the 8-bit LM head) carries everything. Types with no exact form here (Q2_K, Q3_K, IQ*) are
-quantized again from the dequantized weight, and said so."""
+containers, which the native kernels pack into 5-, 6- and 8-bit tiles). One exception: when the
+file's main type (the one most of its weights are in) is wider than max(bits asked, 6) — a Q8_0
+file, or a Q6_K one whose narrow tensors fell back to Q8_0 — an int4 folder rounds those wider
+tensors to 4 bits, since 4 bits is what was asked; int8 (and the 8-bit LM head) carries
+everything. Types with no exact form here (Q2_K, Q3_K, IQ*) are quantized again from the
+dequantized weight, and said so."""
 
 from __future__ import annotations
 
