@@ -22,6 +22,7 @@ from export.quant.native import (
     TILE4F,
     TILE5,
     TILE5F,
+    TILE5Z,
     TILE6,
     TILE8,
     op_for,
@@ -39,7 +40,7 @@ PATHS = native.supported_paths()
 def test_the_packer_and_the_library_share_one_tile_layout():
     assert native.layout() == {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
-        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6,
+        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z,
     }  # fmt: skip
 
 
@@ -61,7 +62,7 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
     g, nb, size = packed.shape
     codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
-    planes = {TILE5: 1, TILE5F: 1, TILE6: 2}.get(size, 0)
+    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE6: 2}.get(size, 0)
     for p in range(planes):  # mask u = 2v + half, bit r·4 + i
         bits = np.unpackbits(packed[..., 256 + 64 * p : 320 + 64 * p], axis=-1, bitorder="little")
         q = q | (bits.reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3) << (4 + p))
@@ -78,12 +79,12 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
 
     wide = 4 if size in (TILE4F, TILE5F) else 2  # fp32 or fp16 d and m
     dtype = np.float32 if wide == 4 else np.float16
-    five = size in (TILE5, TILE5F)
+    five = size in (TILE5, TILE5F, TILE5Z)
     at = 320 if five else 256
     d = per_row(at, wide * ROWS, dtype).astype(np.float32)
-    m = per_row(at + wide * ROWS, wide * ROWS, dtype).astype(np.float32)
+    m = -16 * d if size == TILE5Z else per_row(at + wide * ROWS, wide * ROWS, dtype)
     z = np.full(d.shape, 16, np.uint8) if five else per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
-    return codes_of(packed), d, m, z
+    return codes_of(packed), d, m.astype(np.float32), z
 
 
 def unpack6(packed: np.ndarray) -> np.ndarray:
@@ -202,10 +203,11 @@ def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
     assert not supports(quantize(np.ones((16, 64), np.float32), 8, 16, True))
 
 
-@pytest.mark.parametrize("kind,size", [("Q5_0", TILE5), ("Q5_1", TILE5), ("Q5_K", TILE5F)])
+@pytest.mark.parametrize("kind,size", [("Q5_0", TILE5Z), ("Q5_1", TILE5), ("Q5_K", TILE5F)])
 def test_5bit_blocks_pack_exactly(kind, size):
-    """Q5_0 and Q5_1 (fp16 d and m) in the 384-byte tiles, Q5_K's d·scale and dmin·min products
-    in the 448-byte ones: codes, fifth bits, d and m read back to the gguf dequantizer's weights."""
+    """Q5_1 (fp16 d and m) in the 384-byte tiles, Q5_0 (m = −16·d, left to the kernel) in the
+    352-byte ones, Q5_K's d·scale and dmin·min products in the 448-byte ones: codes, fifth bits,
+    d and m read back to the gguf dequantizer's weights."""
     import gguf
 
     raw = random_blocks(kind, 48, 512, seed=6)

@@ -7,7 +7,8 @@ own precision: exact for its GGUF blocks; fp32, in a 400-byte tile, for Q4_K's d
 and their zero points z (the kernel centres the codes on z
 to keep the int8 activations' error small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which
 arrive in 8-bit containers) get the 4-bit tile's low nibbles plus a plane of fifth bits, no z
-(centred on 16), in 384 bytes (fp16 d and m) or 448 (fp32). GGUF's Q6_K (blocks of 16,
+(centred on 16), in 384 bytes (fp16 d and m) or 448 (fp32), or 352 where m is −16·d (Q5_0:
+its 5.5 bits a weight). GGUF's Q6_K (blocks of 16,
 z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit planes, and the
 two halves' fp32 scales. The layout is documented in runtime/native/tiles.h;
 the constants below are its shape, and `pack` checks them against the built library's
@@ -25,8 +26,10 @@ from export.quant.blocks import Blocks
 from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers the library for
 
 # rows a tile, block width, bytes of a 4-bit / 8-bit tile, of a 4-bit tile with fp32 d and m,
-# of a 5-bit tile with fp16 / fp32 d and m, of a 6-bit tile (blocks of 16)
+# of a 5-bit tile with fp16 / fp32 d and m, of a 6-bit tile (blocks of 16), of a 5-bit tile
+# without m (Q5_0: m = −16·d)
 ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
+TILE5Z = 352
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
@@ -71,12 +74,17 @@ def _fp16_exact(blocks: Blocks) -> bool:
 
 
 def tile_bytes(blocks: Blocks) -> int:
-    """The tile a weight's blocks are packed in: TILE8 or TILE6 (MatMulQ8); TILE or TILE5, or
-    TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold (MatMulQ4)."""
+    """The tile a weight's blocks are packed in: TILE8 or TILE6 (MatMulQ8); TILE or TILE5 (TILE5Z
+    for Q5_0's m = −16·d), or TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold
+    (MatMulQ4)."""
     bits = code_bits(blocks)
     if bits >= 6:
         return TILE6 if bits == 6 else TILE8
     wide = blocks.carried and not _fp16_exact(blocks)
+    if bits == 5 and not wide and blocks.offsets is None:
+        z = blocks.zero_points
+        if z is not None and bool(np.all(z == 16)):
+            return TILE5Z  # m = −16·d: the kernel makes it
     return {(4, False): TILE, (4, True): TILE4F, (5, False): TILE5, (5, True): TILE5F}[bits, wide]
 
 
@@ -117,7 +125,7 @@ def pack(blocks: Blocks) -> np.ndarray:
     q = q.transpose(0, 2, 3, 1, 5, 4)  # g, b, v, r, i, half
     low = q & 15
     parts = [(low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)]
-    for plane in {TILE5: (4,), TILE5F: (4,), TILE6: (4, 5)}.get(size, ()):
+    for plane in {TILE5: (4,), TILE5F: (4,), TILE5Z: (4,), TILE6: (4, 5)}.get(size, ()):
         # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
         high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
@@ -132,7 +140,7 @@ def pack(blocks: Blocks) -> np.ndarray:
             h = x.astype(dtype).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
             return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, -1)
 
-        parts += [per_row(d), per_row(m)]
+        parts += [per_row(d)] if size == TILE5Z else [per_row(d), per_row(m)]
         if size in (TILE, TILE4F):
             parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
     packed = np.ascontiguousarray(np.concatenate(parts, axis=2))
@@ -170,7 +178,7 @@ def _check_layout() -> None:
     built = native.layout()
     ours = {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
-        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6,
+        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

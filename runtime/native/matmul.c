@@ -174,8 +174,13 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
           } else {
             uint16_t dh, mh;
             memcpy(&dh, p + l.d + 2 * r, 2);
-            memcpy(&mh, p + l.m + 2 * r, 2);
-            dr = half_to_float(dh), mr = half_to_float(mh);
+            dr = half_to_float(dh);
+            if (l.m < 0) {
+              mr = -16.f * dr;
+            } else {
+              memcpy(&mh, p + l.m + 2 * r, 2);
+              mr = half_to_float(mh);
+            }
           }
           float z = l.five ? 16.f : (float)p[l.z + r];
           acc[r] += (float)dot * (dr * da);
@@ -279,8 +284,9 @@ AVX512 static inline void tile_tokens(const Job* j, int64_t g, int64_t t0, int T
       }
     __m512 d = l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
-    __m512 m = l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
-                     : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
+    __m512 m = l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
+               : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
+                       : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
     __m512 zd = five ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
                      : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
                                          _mm_loadu_si128((const __m128i*)(p + l.z)))),
@@ -370,7 +376,7 @@ AVX512 static inline void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, in
 AVX512 static inline void tile(const Job* j, int64_t g, int64_t t0, int T) {
   if (j->tile == TILE6) tile_tokens_q6(j, g, t0, T);
   else if (j->bits == 8) tile_tokens_q8(j, g, t0, T);
-  else if (j->tile == TILE5 || j->tile == TILE5F) tile_tokens(j, g, t0, T, 1);
+  else if (j->tile == TILE5 || j->tile == TILE5F || j->tile == TILE5Z) tile_tokens(j, g, t0, T, 1);
   else tile_tokens(j, g, t0, T, 0);
 }
 
@@ -522,7 +528,8 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
         m = vld1q_f32((const float*)(p + l.m) + 4 * q4);
       } else {
         d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.d + 8 * q4)));
-        m = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.m + 8 * q4)));
+        m = l.m < 0 ? vmulq_n_f32(d, -16.f)
+                    : vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.m + 8 * q4)));
       }
       if (!l.five) memcpy(zb, p + l.z + 4 * q4, 4);
     }
@@ -722,12 +729,13 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4F, TILE5 or TILE5F: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on success. */
+   (TILE, TILE4F, TILE5, TILE5F or TILE5Z: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on
+   success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
   if (k % BLOCK || n % ROWS ||
-      (tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE8 &&
-       tile != TILE6))
+      (tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE5Z &&
+       tile != TILE8 && tile != TILE6))
     return 1;
   int bits = tile == TILE8 || tile == TILE6 ? 8 : 4;
   int64_t nb = k / BLOCK;
@@ -781,8 +789,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
 
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
-   5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile; -1 for
-   anything else. */
+   5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
+   of a 5-bit tile without m; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -793,6 +801,7 @@ int64_t llamaonnx_layout(int what) {
     case 5: return TILE5;
     case 6: return TILE5F;
     case 7: return TILE6;
+    case 8: return TILE5Z;
     default: return -1;
   }
 }

@@ -126,11 +126,11 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   size_t arank = a.rank;
   int tile = b.rank == 3 ? (int)bdims[2] : 0;
   if (bits == 8 ? tile != TILE8 && tile != TILE6
-                : tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F)
+                : tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE5Z)
     return error(ORT_INVALID_ARGUMENT,
                  bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560 (8-bit) or 512 (6-bit)]"
-                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 400 (4-bit) or 384, "
-                             "448 (5-bit)]");
+                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 400 (4-bit) or 352, "
+                             "384, 448 (5-bit)]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: A's last dimension must be K = 32 · B.shape[1]");
   if (kind->swiglu && bdims[0] % 2)

@@ -46,7 +46,9 @@
  *                   is unpacked into, so AVX-512BW adds 16 under the mask; 320..351 d and
  *                   352..383 m of the 16 rows, fp16 (Q5_0: m = −16·d; Q5_1: its own d and m);
  * B uint8 [N/16, K/32, 448]: the same with d (320..383) and m (384..447) in fp32 (Q5_K's d·scale
- *                   and dmin·min products).
+ *                   and dmin·min products);
+ * B uint8 [N/16, K/32, 352]: the 384-byte tile without m, which is −16·d (Q5_0: 5.5 bits a weight,
+ *                   the file's own size).
  * A 5-bit tile has no z: its codes are centred on 16 (Q5_0's own zero, the middle of the range),
  * so the kernel computes y = d·da·Σ q·â_int + m·S + 16·d·(S − da·Σ â_int). 6 and 7 bits a weight
  * where the 8-bit tile spends 8.75.
@@ -142,19 +144,22 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE5 384
 #define TILE5F 448
 #define TILE6 512
+#define TILE5Z 352 /* a 5-bit tile without m: Q5_0, whose m is −16·d */
 #define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start */
 #define SIXTH 320 /* where a 6-bit tile's sixth bits start */
 #define HALVES 384 /* where a 6-bit tile's two scales a row start */
 
-/* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m and z (-1: a 5-bit tile, z 16). */
+/* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
+   (-1: a 5-bit tile, z 16). */
 typedef struct {
   int five, f32, d, m, z;
 } Layout;
 
 static inline Layout layout_of(int64_t tile) {
-  int five = tile == TILE5 || tile == TILE5F, f32 = tile == TILE4F || tile == TILE5F;
+  int five = tile == TILE5 || tile == TILE5F || tile == TILE5Z;
+  int f32 = tile == TILE4F || tile == TILE5F;
   int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;
-  Layout l = {five, f32, d, d + size, five ? -1 : d + 2 * size};
+  Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five ? -1 : d + 2 * size};
   return l;
 }
 

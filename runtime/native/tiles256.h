@@ -39,8 +39,9 @@ TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, 
       }
     __m256 d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
-    __m256 m = l.f32 ? _mm256_loadu_ps((const float*)(p + l.m) + 8 * h)
-                     : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.m + 8 * dsize * h)));
+    __m256 m = l.m < 0 ? _mm256_mul_ps(_mm256_set1_ps(-16.f), d)
+               : l.f32 ? _mm256_loadu_ps((const float*)(p + l.m) + 8 * h)
+                       : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.m + 8 * dsize * h)));
     __m256 zd = five ? _mm256_mul_ps(_mm256_set1_ps(16.f), d)
                      : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                          _mm_loadl_epi64((const __m128i*)(p + l.z + 8 * h)))),
@@ -123,7 +124,8 @@ TARGET256 static inline void NAME256(tile)(const Job* j, int64_t g, int64_t t0, 
   for (int h = 0; h < 2; h++) {
     if (j->tile == TILE6) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
     else if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T);
-    else if (j->tile == TILE5 || j->tile == TILE5F) NAME256(half_tile_tokens)(j, g, h, t0, T, 1);
+    else if (j->tile == TILE5 || j->tile == TILE5F || j->tile == TILE5Z)
+      NAME256(half_tile_tokens)(j, g, h, t0, T, 1);
     else NAME256(half_tile_tokens)(j, g, h, t0, T, 0);
   }
 }
