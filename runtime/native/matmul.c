@@ -146,6 +146,26 @@ void prepare_rows(void* data, size_t i) {
                 p->e + r0 * nb);
 }
 
+/* Row r's 32 codes of a MatMulQ4 or 6-bit tile, in order (code 8v + i in the low nibble of byte
+   v·64 + r·4 + i, 8v + 4 + i in its high one), with `planes` high-bit planes added (a 5-bit
+   tile's fifth bits; a 6-bit tile's fifth and sixth). */
+static void row_codes(const uint8_t* p, int r, int planes, int q[BLOCK]) {
+  for (int v = 0; v < 4; v++)
+    for (int i = 0; i < 4; i++) {
+      uint8_t byte = p[v * 64 + r * 4 + i];
+      q[8 * v + i] = byte & 15, q[8 * v + 4 + i] = byte >> 4;
+    }
+  for (int k = 0; k < planes; k++) {
+    uint64_t mask[8];
+    memcpy(mask, p + FIFTH + 64 * k, sizeof mask);
+    for (int v = 0; v < 4; v++)
+      for (int i = 0; i < 4; i++) {
+        q[8 * v + i] |= (int)((mask[2 * v] >> (r * 4 + i)) & 1) << (4 + k);
+        q[8 * v + 4 + i] |= (int)((mask[2 * v + 1] >> (r * 4 + i)) & 1) << (4 + k);
+      }
+  }
+}
+
 /* Portable path: the same arithmetic, one row at a time (machines without AVX-512 VNNI). */
 static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
   const Layout l = layout_of(j->tile);
@@ -156,17 +176,11 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
         const uint8_t* p = j->w + (g * j->nb + b) * j->tile;
         const int8_t* a = j->aq + t * j->k + b * BLOCK;
         float da = j->ad[t * j->nb + b], sa = j->as[t * j->nb + b], ea = j->ae[t * j->nb + b];
-        uint64_t fifth[8] = {0};
-        if (l.five) memcpy(fifth, p + FIFTH, sizeof fifth);
         for (int r = 0; r < ROWS; r++) {
+          int q[BLOCK];
           int32_t dot = 0;
-          for (int v = 0; v < 4; v++)
-            for (int i = 0; i < 4; i++) {
-              uint8_t byte = p[v * 64 + r * 4 + i];
-              int lo = (byte & 15) | (int)((fifth[2 * v] >> (r * 4 + i)) & 1) << 4;
-              int hi = (byte >> 4) | (int)((fifth[2 * v + 1] >> (r * 4 + i)) & 1) << 4;
-              dot += lo * a[8 * v + i] + hi * a[8 * v + 4 + i];
-            }
+          row_codes(p, r, l.five, q);
+          for (int i = 0; i < BLOCK; i++) dot += q[i] * a[i];
           float dr, mr;
           if (l.f32) {
             memcpy(&dr, p + l.d + 4 * r, 4);
@@ -207,23 +221,13 @@ static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
         const uint8_t* p = j->w + (g * j->nb + b) * TILE6;
         const int8_t* a = j->aq + t * j->k + b * BLOCK;
         float da = j->ad[t * j->nb + b];
-        uint64_t fifth[8], sixth[8];
-        memcpy(fifth, p + FIFTH, sizeof fifth);
-        memcpy(sixth, p + SIXTH, sizeof sixth);
         int32_t h[2];
         half_sums_scalar(a, h);
         for (int r = 0; r < ROWS; r++) {
-          int32_t dot[2] = {0, 0}; /* v 0..1: the first 16 codes, v 2..3 the last */
-          for (int v = 0; v < 4; v++)
-            for (int i = 0; i < 4; i++) {
-              uint8_t byte = p[v * 64 + r * 4 + i];
-              int at = r * 4 + i;
-              int lo = (byte & 15) | (int)((fifth[2 * v] >> at) & 1) << 4 |
-                       (int)((sixth[2 * v] >> at) & 1) << 5;
-              int hi = (byte >> 4) | (int)((fifth[2 * v + 1] >> at) & 1) << 4 |
-                       (int)((sixth[2 * v + 1] >> at) & 1) << 5;
-              dot[v / 2] += lo * a[8 * v + i] + hi * a[8 * v + 4 + i];
-            }
+          int q[BLOCK];
+          int32_t dot[2] = {0, 0}; /* the first 16 codes, the last 16 */
+          row_codes(p, r, 2, q);
+          for (int i = 0; i < BLOCK; i++) dot[i / 16] += q[i] * a[i];
           float s0, s1;
           memcpy(&s0, p + HALVES + 4 * r, 4);
           memcpy(&s1, p + HALVES + 64 + 4 * r, 4);
@@ -260,10 +264,29 @@ static void rows_scalar_q8(const Job* j, int64_t g0, int64_t g1) {
 
 #if defined(__x86_64__)
 
+/* A tile's codes for its 16 rows in 8 registers (c[2v]: the low nibbles of bytes v·64.., c[2v+1]:
+   their high nibbles), with `planes` high-bit planes added under their masks (a 5-bit tile's
+   fifth bits; a 6-bit tile's fifth and sixth). */
+AVX512 static inline void codes512(const uint8_t* p, int planes, __m512i c[8]) {
+  const __m512i lo = _mm512_set1_epi8(0x0F);
+  for (int v = 0; v < 4; v++) {
+    __m512i x = _mm512_loadu_si512((const void*)(p + v * 64));
+    c[2 * v] = _mm512_and_si512(x, lo);
+    c[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+  }
+  for (int k = 0; k < planes; k++) {
+    const __m512i add = _mm512_set1_epi8((char)(16 << k));
+    for (int u = 0; u < 8; u++) {
+      uint64_t bits;
+      memcpy(&bits, p + FIFTH + 64 * k + 8 * u, 8);
+      c[u] = _mm512_mask_add_epi8(c[u], _cvtu64_mask64(bits), c[u], add);
+    }
+  }
+}
+
 /* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `five`: a 5-bit
    tile (a constant wherever this is inlined). */
 AVX512 static inline void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five) {
-  const __m512i lo = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
   const int64_t stride = j->tile;
@@ -271,17 +294,7 @@ AVX512 static inline void tile_tokens(const Job* j, int64_t g, int64_t t0, int T
   const uint8_t* p = j->w + g * j->nb * stride;
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     __m512i c[8];
-    for (int v = 0; v < 4; v++) {
-      __m512i x = _mm512_loadu_si512((const void*)(p + v * 64));
-      c[2 * v] = _mm512_and_si512(x, lo);
-      c[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
-    }
-    if (five)
-      for (int u = 0; u < 8; u++) {
-        uint64_t bits;
-        memcpy(&bits, p + FIFTH + 8 * u, 8);
-        c[u] = _mm512_mask_add_epi8(c[u], _cvtu64_mask64(bits), c[u], sixteen);
-      }
+    codes512(p, five, c);
     __m512 d = l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
     __m512 m = l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
@@ -337,24 +350,12 @@ AVX2 static inline void half_sums_avx2(const int8_t* a, int32_t h[2]) {
 }
 
 AVX512 static inline void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
-  const __m512i lo = _mm512_set1_epi8(0x0F), v16 = _mm512_set1_epi8(16), v32 = _mm512_set1_epi8(32);
   __m512 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE6;
   for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
     __m512i c[8];
-    for (int v = 0; v < 4; v++) {
-      __m512i x = _mm512_loadu_si512((const void*)(p + v * 64));
-      c[2 * v] = _mm512_and_si512(x, lo);
-      c[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
-    }
-    for (int u = 0; u < 8; u++) {
-      uint64_t b5, b6;
-      memcpy(&b5, p + FIFTH + 8 * u, 8);
-      memcpy(&b6, p + SIXTH + 8 * u, 8);
-      c[u] = _mm512_mask_add_epi8(c[u], _cvtu64_mask64(b5), c[u], v16);
-      c[u] = _mm512_mask_add_epi8(c[u], _cvtu64_mask64(b6), c[u], v32);
-    }
+    codes512(p, 2, c);
     __m512 s0 = _mm512_loadu_ps((const float*)(p + HALVES));
     __m512 s1 = _mm512_loadu_ps((const float*)(p + HALVES + 64));
     for (int t = 0; t < T; t++) {
@@ -376,7 +377,7 @@ AVX512 static inline void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, in
 AVX512 static inline void tile(const Job* j, int64_t g, int64_t t0, int T) {
   if (j->tile == TILE6) tile_tokens_q6(j, g, t0, T);
   else if (j->bits == 8) tile_tokens_q8(j, g, t0, T);
-  else if (j->tile == TILE5 || j->tile == TILE5F || j->tile == TILE5Z) tile_tokens(j, g, t0, T, 1);
+  else if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1);
   else tile_tokens(j, g, t0, T, 0);
 }
 
@@ -492,6 +493,25 @@ DOT256(AVX512VL256, vnni256, _mm256_dpbusd_epi32)
  * 4-bit codes (0..15) go in as they are and 8-bit codes as c − 128 (Σ c·a = Σ (c − 128)·a +
  * 128·Σ a). A 16-byte load is 4 rows × 4 codes of a tile's 64-byte chunk: a tile is 4 quarters.
  * T tokens (1..4) share each quarter's codes. */
+/* A 4-bit-family tile's codes for quarter q4 (rows 4q4..4q4+3) in 8 registers, as codes512 lays
+   them out, with `planes` high-bit planes added (bit i of the quarter's 16 → 16 << k in byte i). */
+NEON_DOT static void codes_neon(const uint8_t* p, int q4, int planes, int8x16_t c[8]) {
+  const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+  for (int v = 0; v < 4; v++) {
+    uint8x16_t x = vld1q_u8(p + v * 64 + 16 * q4);
+    c[2 * v] = vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0x0F)));
+    c[2 * v + 1] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
+  }
+  for (int k = 0; k < planes; k++)
+    for (int u = 0; u < 8; u++) {
+      uint16_t bits;
+      memcpy(&bits, p + FIFTH + 64 * k + 8 * u + 2 * q4, 2);
+      uint8x16_t x = vcombine_u8(vdup_n_u8((uint8_t)bits), vdup_n_u8((uint8_t)(bits >> 8)));
+      x = vandq_u8(vtstq_u8(x, bit), vdupq_n_u8((uint8_t)(16 << k)));
+      c[u] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(c[u]), x));
+    }
+}
+
 NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_t t0, int T) {
   float32x4_t acc[4];
   for (int t = 0; t < T; t++) acc[t] = vdupq_n_f32(0.f);
@@ -499,7 +519,6 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
   const int q8 = j->bits == 8;
   const Layout l = layout_of(stride);
   const uint8_t* p = j->w + g * j->nb * stride;
-  const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     int8x16_t c[8];
     float32x4_t d, m = vdupq_n_f32(0.f), z;
@@ -510,19 +529,7 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
       d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 512 + 8 * q4)));
       memcpy(zb, p + 544 + 4 * q4, 4);
     } else {
-      for (int v = 0; v < 4; v++) {
-        uint8x16_t x = vld1q_u8(p + v * 64 + 16 * q4);
-        c[2 * v] = vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0x0F)));
-        c[2 * v + 1] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
-      }
-      if (l.five) /* bit i of the quarter's 16 → 16 in byte i */
-        for (int u = 0; u < 8; u++) {
-          uint16_t bits;
-          memcpy(&bits, p + FIFTH + 8 * u + 2 * q4, 2);
-          uint8x16_t x = vcombine_u8(vdup_n_u8((uint8_t)bits), vdup_n_u8((uint8_t)(bits >> 8)));
-          x = vandq_u8(vtstq_u8(x, bit), vdupq_n_u8(16));
-          c[u] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(c[u]), x));
-        }
+      codes_neon(p, q4, l.five, c);
       if (l.f32) {
         d = vld1q_f32((const float*)(p + l.d) + 4 * q4);
         m = vld1q_f32((const float*)(p + l.m) + 4 * q4);
@@ -560,24 +567,9 @@ NEON_DOT static void quarter_tokens_neon_q6(const Job* j, int64_t g, int q4, int
   float32x4_t acc[4];
   for (int t = 0; t < T; t++) acc[t] = vdupq_n_f32(0.f);
   const uint8_t* p = j->w + g * j->nb * TILE6;
-  const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
   for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
     int8x16_t c[8];
-    for (int v = 0; v < 4; v++) {
-      uint8x16_t x = vld1q_u8(p + v * 64 + 16 * q4);
-      c[2 * v] = vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0x0F)));
-      c[2 * v + 1] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
-    }
-    for (int u = 0; u < 8; u++) {
-      uint16_t b5, b6;
-      memcpy(&b5, p + FIFTH + 8 * u + 2 * q4, 2);
-      memcpy(&b6, p + SIXTH + 8 * u + 2 * q4, 2);
-      uint8x16_t x5 = vcombine_u8(vdup_n_u8((uint8_t)b5), vdup_n_u8((uint8_t)(b5 >> 8)));
-      uint8x16_t x6 = vcombine_u8(vdup_n_u8((uint8_t)b6), vdup_n_u8((uint8_t)(b6 >> 8)));
-      uint8x16_t high = vorrq_u8(vandq_u8(vtstq_u8(x5, bit), vdupq_n_u8(16)),
-                                 vandq_u8(vtstq_u8(x6, bit), vdupq_n_u8(32)));
-      c[u] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(c[u]), high));
-    }
+    codes_neon(p, q4, 2, c);
     float32x4_t s0 = vld1q_f32((const float*)(p + HALVES) + 4 * q4);
     float32x4_t s1 = vld1q_f32((const float*)(p + HALVES + 64) + 4 * q4);
     for (int t = 0; t < T; t++) {
@@ -733,11 +725,8 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
    success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
-  if (k % BLOCK || n % ROWS ||
-      (tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE5Z &&
-       tile != TILE8 && tile != TILE6))
-    return 1;
-  int bits = tile == TILE8 || tile == TILE6 ? 8 : 4;
+  int bits = tile_bits(tile);
+  if (k % BLOCK || n % ROWS || !bits) return 1;
   int64_t nb = k / BLOCK;
   int8_t* q = malloc((size_t)(m * k) + 64);
   float* d = malloc(sizeof(float) * (size_t)(m * nb) * 3 + 64);

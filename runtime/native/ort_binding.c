@@ -125,8 +125,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const int64_t *adims = a.dims, *bdims = b.dims;
   size_t arank = a.rank;
   int tile = b.rank == 3 ? (int)bdims[2] : 0;
-  if (bits == 8 ? tile != TILE8 && tile != TILE6
-                : tile != TILE && tile != TILE4F && tile != TILE5 && tile != TILE5F && tile != TILE5Z)
+  if (tile_bits(tile) != bits)
     return error(ORT_INVALID_ARGUMENT,
                  bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560 (8-bit) or 512 (6-bit)]"
                            : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 400 (4-bit) or 352, "

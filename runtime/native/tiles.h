@@ -145,8 +145,7 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE5F 448
 #define TILE6 512
 #define TILE5Z 352 /* a 5-bit tile without m: Q5_0, whose m is −16·d */
-#define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start */
-#define SIXTH 320 /* where a 6-bit tile's sixth bits start */
+#define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start (a 6-bit tile's sixth: + 64) */
 #define HALVES 384 /* where a 6-bit tile's two scales a row start */
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
@@ -161,6 +160,13 @@ static inline Layout layout_of(int64_t tile) {
   int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;
   Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five ? -1 : d + 2 * size};
   return l;
+}
+
+/* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
+   codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
+static inline int tile_bits(int64_t tile) {
+  if (tile == TILE || tile == TILE4F || tile == TILE5 || tile == TILE5F || tile == TILE5Z) return 4;
+  return tile == TILE8 || tile == TILE6 ? 8 : 0;
 }
 
 /* functions one file calls in another: kept out of the library's exported symbols */

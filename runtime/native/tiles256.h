@@ -13,10 +13,26 @@ TARGET256 static inline __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(x, bit), _mm256_set1_epi8(value));
 }
 
+/* Half h (rows 8h..8h+7) of a tile's codes in 8 registers, as codes512 lays them out (c[2v]: codes
+   8v..8v+3, c[2v+1]: 8v+4..8v+7 — a's int32 words 2v, 2v+1), with `planes` high-bit planes. */
+TARGET256 static inline void NAME256(codes)(const uint8_t* p, int h, int planes, __m256i c[8]) {
+  const __m256i lo = _mm256_set1_epi8(0x0F);
+  for (int v = 0; v < 4; v++) {
+    __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
+    c[2 * v] = _mm256_and_si256(x, lo);
+    c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+  }
+  for (int k = 0; k < planes; k++)
+    for (int u = 0; u < 8; u++) {
+      uint32_t bits;
+      memcpy(&bits, p + FIFTH + 64 * k + 8 * u + 4 * h, 4);
+      c[u] = _mm256_or_si256(c[u], NAME256(bit_bytes)(bits, (char)(16 << k)));
+    }
+}
+
 /* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile
    (a constant wherever this is inlined). */
 TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five) {
-  const __m256i lo = _mm256_set1_epi8(0x0F);
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const int64_t stride = j->tile;
@@ -25,18 +41,7 @@ TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, 
   const uint8_t* p = j->w + g * j->nb * stride;
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     __m256i c[8];
-    for (int v = 0; v < 4; v++) {
-      /* c[2v]: codes 8v..8v+3 (low nibbles), c[2v+1]: 8v+4..8v+7 — a's int32 words 2v, 2v+1 */
-      __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
-      c[2 * v] = _mm256_and_si256(x, lo);
-      c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
-    }
-    if (five)
-      for (int u = 0; u < 8; u++) {
-        uint32_t bits;
-        memcpy(&bits, p + FIFTH + 8 * u + 4 * h, 4);
-        c[u] = _mm256_or_si256(c[u], NAME256(bit_bytes)(bits, 16));
-      }
+    NAME256(codes)(p, h, five, c);
     __m256 d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
     __m256 m = l.m < 0 ? _mm256_mul_ps(_mm256_set1_ps(-16.f), d)
@@ -87,24 +92,12 @@ TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t 
 }
 
 TARGET256 static inline void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int h, int64_t t0, int T) {
-  const __m256i lo = _mm256_set1_epi8(0x0F);
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE6;
   for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
     __m256i c[8];
-    for (int v = 0; v < 4; v++) {
-      __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
-      c[2 * v] = _mm256_and_si256(x, lo);
-      c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
-    }
-    for (int u = 0; u < 8; u++) {
-      uint32_t b5, b6;
-      memcpy(&b5, p + FIFTH + 8 * u + 4 * h, 4);
-      memcpy(&b6, p + SIXTH + 8 * u + 4 * h, 4);
-      c[u] = _mm256_or_si256(_mm256_or_si256(c[u], NAME256(bit_bytes)(b5, 16)),
-                             NAME256(bit_bytes)(b6, 32));
-    }
+    NAME256(codes)(p, h, 2, c);
     __m256 s0 = _mm256_loadu_ps((const float*)(p + HALVES) + 8 * h);
     __m256 s1 = _mm256_loadu_ps((const float*)(p + HALVES + 64) + 8 * h);
     for (int t = 0; t < T; t++) {
@@ -124,8 +117,7 @@ TARGET256 static inline void NAME256(tile)(const Job* j, int64_t g, int64_t t0, 
   for (int h = 0; h < 2; h++) {
     if (j->tile == TILE6) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
     else if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T);
-    else if (j->tile == TILE5 || j->tile == TILE5F || j->tile == TILE5Z)
-      NAME256(half_tile_tokens)(j, g, h, t0, T, 1);
+    else if (layout_of(j->tile).five) NAME256(half_tile_tokens)(j, g, h, t0, T, 1);
     else NAME256(half_tile_tokens)(j, g, h, t0, T, 0);
   }
 }
