@@ -158,6 +158,17 @@ def reference(a: np.ndarray, packed: np.ndarray) -> np.ndarray:
     return (rounded(a) @ centred.T + a.astype(np.float64) @ rest.T).astype(np.float32)
 
 
+def matmul(packed: np.ndarray, a: np.ndarray, path: str) -> np.ndarray:
+    """y = a · Wᵀ through the library's plain C entry point, on kernel path `path`."""
+    (m, k), n = a.shape, packed.shape[0] * ROWS
+    y = np.zeros((m, n), np.float32)
+    with native.use_path(path):
+        assert native.library().llamaonnx_matmul(
+            packed.shape[-1], a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data
+        ) == 0  # fmt: skip
+    return y
+
+
 def test_packed_tiles_hold_the_blocks():
     """GGUF's Q4_1 exactly (its d and m are fp16); blocks quantized here from floats to fp16's
     precision in d and m, a few hundredths of a quantization step."""
@@ -231,15 +242,7 @@ def test_kernel_matches_numpy(n, k, m, path, kind):
     blocks = BLOCKS[kind](n, k, seed=n + k)
     packed = pack(blocks)
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
-    y = np.zeros((m, n), np.float32)
-    lib = native.library()
-    with native.use_path(path):
-        assert (
-            lib.llamaonnx_matmul(
-                packed.shape[-1], a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data
-            )
-            == 0
-        )
+    y = matmul(packed, a, path)
     want = reference(a, packed)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     exact = a @ blocks.dequantize().T  # int8 activations: llama.cpp's Q4_1 error, no more
@@ -256,12 +259,7 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(path):
     np.testing.assert_array_equal(unpack8(packed), blocks.dequantize())
     lib = native.library()
     a = np.random.default_rng(3).standard_normal((5, 96)).astype(np.float32)
-    y = np.zeros((5, 64), np.float32)
-    with native.use_path(path):
-        assert (
-            lib.llamaonnx_matmul(TILE8, a.ctypes.data, 5, 96, packed.ctypes.data, 64, y.ctypes.data)
-            == 0
-        )
+    y = matmul(packed, a, path)
     want = rounded(a) @ unpack8(packed).T.astype(np.float64)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     ids = np.array([0, 63, 17, -1], np.int64)
@@ -286,13 +284,7 @@ def test_every_path_gives_the_same_answer(kind):
     n, k = 64, 512
     packed = pack(BLOCKS[kind](n, k, seed=5))
     a = np.random.default_rng(5).standard_normal((7, k)).astype(np.float32) * 3
-    ys = {}
-    for path in PATHS:
-        ys[path] = np.zeros((7, n), np.float32)
-        with native.use_path(path):
-            assert native.library().llamaonnx_matmul(
-                packed.shape[-1], a.ctypes.data, 7, k, packed.ctypes.data, n, ys[path].ctypes.data
-            ) == 0  # fmt: skip
+    ys = {path: matmul(packed, a, path) for path in PATHS}
     assert np.abs(ys["portable"]).max() > 1
     for path in PATHS:
         np.testing.assert_allclose(ys[path], ys["portable"], rtol=1e-5, atol=1e-5)
@@ -301,40 +293,19 @@ def test_every_path_gives_the_same_answer(kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_largest_5bit_codes_times_largest_activations(path):
-    """Every code 31 against activations that all round to ±127: the sums AVX2 builds in int16
-    (4 products at a time for 5-bit codes) would overflow if taken 8 at a time."""
-    blocks = gguf_blocks("Q5_1", 32, 256, seed=2)
-    blocks.codes[:] = 31
-    packed = pack(blocks)
+@pytest.mark.parametrize("kind,top", [("Q5_1", 31), ("Q6_K", 63)])
+def test_largest_codes_times_largest_activations(path, kind, top):
+    """Every code at its largest (Q6_K: with every third 0) against activations that all round to
+    ±127: the sums AVX2 builds in int16 — 4 products at a time for 5-bit codes, two pairs for
+    6-bit ones (32004 at most) — would overflow if taken more at a time."""
+    blocks = gguf_blocks(kind, 32, 256, seed=2)
+    blocks.codes[:] = top
+    if kind == "Q6_K":
+        blocks.codes[:, ::3] = 0
     a = np.ones((3, 256), np.float32)
     a[1] = -1
     a[2, ::2] = -1
-    y = np.zeros((3, 32), np.float32)
-    with native.use_path(path):
-        assert native.library().llamaonnx_matmul(
-            packed.shape[-1], a.ctypes.data, 3, 256, packed.ctypes.data, 32, y.ctypes.data
-        ) == 0  # fmt: skip
-    want = a.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_largest_6bit_codes_times_largest_activations(path):
-    """Q6_K codes 63 (and 0) against ±127 activations: AVX2 sums two pairs in int16 (32004 at
-    most); more would overflow."""
-    blocks = gguf_blocks("Q6_K", 32, 256, seed=2)
-    blocks.codes[:] = 63
-    blocks.codes[:, ::3] = 0
-    packed = pack(blocks)
-    a = np.ones((3, 256), np.float32)
-    a[1] = -1
-    a[2, ::2] = -1
-    y = np.zeros((3, 32), np.float32)
-    with native.use_path(path):
-        assert native.library().llamaonnx_matmul(
-            packed.shape[-1], a.ctypes.data, 3, 256, packed.ctypes.data, 32, y.ctypes.data
-        ) == 0  # fmt: skip
+    y = matmul(pack(blocks), a, path)
     want = a.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

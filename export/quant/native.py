@@ -4,14 +4,13 @@ The kernel reads W[n, b·32 + j] = d[n, b]·q[n, b, j] + m[n, b] — GGUF's Q4_1
 4-bit `Blocks` with m = offsets − d·zero_point — from tiles of 16 rows × one 32-wide block: 256
 bytes of codes laid out for AVX-512 VNNI's dot product, then the 16 rows' d and m as fp16 (Q4_1's
 own precision: exact for its GGUF blocks; fp32, in a 400-byte tile, for Q4_K's d·scale products)
-and their zero points z (the kernel centres the codes on z
-to keep the int8 activations' error small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which
-arrive in 8-bit containers) get the 4-bit tile's low nibbles plus a plane of fifth bits, no z
-(centred on 16), in 384 bytes (fp16 d and m) or 448 (fp32), or 352 where m is −16·d (Q5_0:
-its 5.5 bits a weight). GGUF's Q6_K (blocks of 16,
-z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit planes, and the
-two halves' fp32 scales. The layout is documented in runtime/native/tiles.h;
-the constants below are its shape, and `pack` checks them against the built library's
+and their zero points z (the kernel centres the codes on z to keep the int8 activations' error
+small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which arrive in 8-bit containers) get the
+4-bit tile's low nibbles plus a plane of fifth bits, no z (centred on 16), in 384 bytes (fp16 d
+and m) or 448 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight). GGUF's Q6_K
+(blocks of 16, z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit
+planes, and the two halves' fp32 scales. The layout is documented in runtime/native/tiles.h; the
+constants below are its shape, and `pack` checks them against the built library's
 (`llamaonnx_layout`) before it writes a tile, so the two can never drift apart silently.
 """
 
@@ -43,10 +42,13 @@ def code_bits(blocks: Blocks) -> int:
         return 4
     top = int(blocks.codes.max()) if blocks.codes.size else 0
     if blocks.block_size == BLOCK // 2:
-        z = blocks.zero_points
-        six = top < 64 and blocks.offsets is None and z is not None and bool(np.all(z == 32))
-        return 6 if six else 8
+        return 6 if top < 64 and blocks.offsets is None and _centred_on(blocks, 32) else 8
     return 5 if top < 32 else 8
+
+
+def _centred_on(blocks: Blocks, z: int) -> bool:
+    """Whether every block's zero point is z (given, not the 2^(bits−1) a missing one means)."""
+    return blocks.zero_points is not None and bool(np.all(blocks.zero_points == z))
 
 
 def supports(blocks: Blocks) -> bool:
@@ -81,10 +83,8 @@ def tile_bytes(blocks: Blocks) -> int:
     if bits >= 6:
         return TILE6 if bits == 6 else TILE8
     wide = blocks.carried and not _fp16_exact(blocks)
-    if bits == 5 and not wide and blocks.offsets is None:
-        z = blocks.zero_points
-        if z is not None and bool(np.all(z == 16)):
-            return TILE5Z  # m = −16·d: the kernel makes it
+    if bits == 5 and not wide and blocks.offsets is None and _centred_on(blocks, 16):
+        return TILE5Z  # m = −16·d: the kernel makes it
     return {(4, False): TILE, (4, True): TILE4F, (5, False): TILE5, (5, True): TILE5F}[bits, wide]
 
 
