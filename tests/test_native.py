@@ -550,7 +550,7 @@ def test_the_variable_forces_a_path_in_a_new_process(name):
 H, HKV, D, LEN = 6, 2, 64, 64
 
 
-def _gqa(ours: bool, qkv, key, value, seqlens, total, tables):
+def _gqa(ours: bool, qkv, key, value, seqlens, total, tables, heads=(H, HKV)):
     """One attention node — onnxruntime's GroupQueryAttention or ours — run on a shared cache
     buffer as the runtime binds it; returns the output and the cache after."""
     cos, sin = tables
@@ -561,8 +561,9 @@ def _gqa(ours: bool, qkv, key, value, seqlens, total, tables):
         inputs = ["qkv", "", "", "pk", "pv", "sl", "tot", "cos", "sin"]
         attrs = {"domain": "com.microsoft", "do_rotary": 1, "rotary_interleaved": 0}
     node = helper.make_node(
-        ATTENTION, inputs, ["o", "k", "v"], num_heads=H, kv_num_heads=HKV, scale=0.125, **attrs
-    )
+        ATTENTION, inputs, ["o", "k", "v"], num_heads=heads[0], kv_num_heads=heads[1],
+        scale=0.125, **attrs
+    )  # fmt: skip
     info = helper.make_tensor_value_info
     graph = helper.make_graph(
         [node],
@@ -604,8 +605,8 @@ def _gqa(ours: bool, qkv, key, value, seqlens, total, tables):
     return b.get_outputs()[0].numpy(), key, value
 
 
-def _tables(length: int) -> tuple[np.ndarray, np.ndarray]:
-    pos = np.arange(length)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))[None]
+def _tables(length: int, d: int = D) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.arange(length)[:, None] * 10000.0 ** (-np.arange(d // 2) / (d // 2))[None]
     return np.cos(pos).astype(np.float32), np.sin(pos).astype(np.float32)
 
 
@@ -648,31 +649,89 @@ def test_attention_matches_onnxruntime_group_query_attention(path, n, kv):
     np.testing.assert_allclose(bk3[0, :, : n + 4], ak3[0, :, : n + 4], **cached)
 
 
+# the AVX-512 kernel takes up to three query heads of a group at a time (four: two and two)
+# and 64 columns of the values at a time: groups of 1, 2, 4 and 5, head sizes with a tail
+@pytest.mark.parametrize("kv", [np.float32, np.float16])
+@pytest.mark.parametrize("heads, d", [((4, 4), 64), ((6, 3), 32), ((8, 2), 64), ((10, 2), 80)])
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_of_other_groups_and_head_sizes(path, heads, d, kv):
+    """A 300-token prompt on two rows, then a decode step over its three chunks of keys: the
+    same outputs as onnxruntime's kernel."""
+    n, length, width = 300, 310, (heads[0] + 2 * heads[1]) * d
+    tables = _tables(length, d)
+    rng = np.random.default_rng(5)
+    prompt = rng.standard_normal((2, n, width)).astype(np.float32)
+    step = rng.standard_normal((2, 1, width)).astype(np.float32)
+    native.library()
+    with native.use_path(path):
+        out = {}
+        for ours in (False, True):
+            cache = np.zeros((2, heads[1], length, d), kv if ours else np.float32)
+            o1, k, v = _gqa(ours, prompt, cache, cache, [n - 1, n - 1], n, tables, heads)
+            o2, _, _ = _gqa(ours, step, k, v, [n, n], n + 1, tables, heads)
+            out[ours] = o1, o2
+    close = dict(rtol=1e-5, atol=2e-6) if kv == np.float32 else dict(rtol=0, atol=4e-3)
+    for theirs, mine in zip(out[False], out[True], strict=True):
+        np.testing.assert_allclose(mine, theirs, **close)
+
+
+def test_every_path_rounds_the_fp16_cache_alike():
+    """The portable path rounds new keys and values to fp16 in C, the x86 paths with F16C's
+    vcvtps2ph: the same halves, ties to even, subnormals and overflow included."""
+    width, n = (H + 2 * HKV) * D, 4
+    special = np.array(
+        [1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 2**-20, 3 * 2**-25, 2**-25, 65519.0,
+         65520.0, 70000.0, -70000.0, 2**-14 - 2**-25, 0.0, -0.0, 1e-9, 1 / 3, 2048 + 1],
+        np.float32,
+    )  # fmt: skip
+    qkv = np.random.default_rng(6).standard_normal((1, n, width)).astype(np.float32)
+    at = (H + HKV) * D  # token t's first values (kv head 0)
+    qkv[0, 0, at : at + special.size] = special
+    qkv[0, 1, at : at + special.size] = special * 1.5
+    tables = _tables(n + 2)
+    caches = {}
+    native.library()
+    for path in PATHS:
+        with native.use_path(path):
+            cache = np.zeros((1, HKV, n + 2, D), np.float16)
+            _, k, v = _gqa(True, qkv, cache, cache, [n - 1], n, tables)
+            caches[path] = k.view(np.uint16), v.view(np.uint16)
+    first = caches[PATHS[0]]
+    with np.errstate(over="ignore"):  # numpy rounds the same way too
+        np.testing.assert_array_equal(first[1][0, 0, 0, : special.size],
+                                      special.astype(np.float16).view(np.uint16))  # fmt: skip
+    for path in PATHS[1:]:
+        np.testing.assert_array_equal(caches[path][0], first[0], err_msg=path)
+        np.testing.assert_array_equal(caches[path][1], first[1], err_msg=path)
+
+
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
 @pytest.mark.parametrize("n, cuts", [(70, (29,)), (300, (29, 170))])
+@pytest.mark.parametrize("heads, d", [((H, HKV), D), ((8, 2), 80)])
 @pytest.mark.parametrize("path", PATHS)
-def test_attention_gives_a_position_the_same_result_in_any_chunk(path, n, cuts, kv):
+def test_attention_gives_a_position_the_same_result_in_any_chunk(path, n, cuts, kv, heads, d):
     """A prompt prefilled whole, in pieces, and its last 40 tokens one by one: each position's
     output is the same to the bit (a position's keys are taken in the same chunks, each chunk's
     scores, softmax and sums in one fixed order, the chunks merged in order, whether a decode
     step spreads them over the threads or a prompt's queries run them in turn), so chunked
     prefill and batching cannot change a request's tokens through attention."""
     length = n + 26
-    tables = _tables(length)
-    qkv = np.random.default_rng(4).standard_normal((1, n, (H + 2 * HKV) * D)).astype(np.float32)
+    tables = _tables(length, d)
+    qkv = np.random.default_rng(4).standard_normal((1, n, (heads[0] + 2 * heads[1]) * d))
+    qkv = qkv.astype(np.float32)
     native.library()
     with native.use_path(path):
-        cache = np.zeros((1, HKV, length, D), kv)
-        whole, _, _ = _gqa(True, qkv, cache, cache, [n - 1], n, tables)
+        cache = np.zeros((1, heads[1], length, d), kv)
+        whole, _, _ = _gqa(True, qkv, cache, cache, [n - 1], n, tables, heads)
         pieces, k, v = [], cache, cache
         for lo, hi in zip((0, *cuts), (*cuts, n), strict=True):
-            o, k, v = _gqa(True, qkv[:, lo:hi], k, v, [hi - 1], hi, tables)
+            o, k, v = _gqa(True, qkv[:, lo:hi], k, v, [hi - 1], hi, tables, heads)
             pieces.append(o)
         start = n - 40
-        first, k, v = _gqa(True, qkv[:, :start], cache, cache, [start - 1], start, tables)
+        first, k, v = _gqa(True, qkv[:, :start], cache, cache, [start - 1], start, tables, heads)
         steps = [first]
         for t in range(start, n):
-            o, k, v = _gqa(True, qkv[:, t : t + 1], k, v, [t], t + 1, tables)
+            o, k, v = _gqa(True, qkv[:, t : t + 1], k, v, [t], t + 1, tables, heads)
             steps.append(o)
     np.testing.assert_array_equal(np.concatenate(pieces, 1), whole)
     np.testing.assert_array_equal(np.concatenate(steps, 1), whole)

@@ -26,90 +26,126 @@ AVX512 static inline __m512 exp512(__m512 x) { /* Cephes' expf, as a vector: ~1 
   return _mm512_scalef_ps(p, n);
 }
 
-/* out[0:16w] = inv · Σ_j p_j · v[j, 0:16w]: w columns of 16 × even/odd keys, 2w chains. */
-AVX512 static inline void weigh_values(const float* p, const float* v, int64_t n, int64_t d,
-                                       int w, __m512 inv, float* out) {
-  __m512 even[4], odd[4];
-  for (int c = 0; c < 4; c++) even[c] = odd[c] = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
-    for (int c = 0; c < w; c++) {
-      even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * d + 16 * c), even[c]);
-      odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v + (j + 1) * d + 16 * c), odd[c]);
-    }
-  }
-  if (j < n) {
-    __m512 p0 = _mm512_set1_ps(p[j]);
-    for (int c = 0; c < w; c++)
-      even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * d + 16 * c), even[c]);
-  }
-  for (int c = 0; c < w; c++)
-    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), inv));
+/* 16 cache elements from element i of x as fp32: x float, or (half) IEEE half, converted in the
+   load (exactly). Every chunk function below takes `half` as a constant, so each is compiled
+   twice and both read the same numbers in the same order: a decode step reads an fp16 cache in
+   place, a prompt's block converts it once into fp32 rows, and the bits are the same. */
+#define INLINE static inline __attribute__((always_inline))
+AVX512 INLINE __m512 load512(const void* x, int64_t i, int half) {
+  if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i)));
+  return _mm512_loadu_ps((const float*)x + i);
 }
 
-/* One chunk of n keys (see tiles.h): m = max of scale · q·K[0:n], l = Σ e^(score − m),
-   acc[0:d] = Σ e^(score − m) · V[j] (not yet divided by l); d a multiple of 16. */
-AVX512 static void chunk_avx512(const float* q, const float* k, const float* v, int64_t n,
-                                int64_t d, float scale, float* sc, float* m_out, float* l_out,
-                                float* out) {
-  __m512 best = _mm512_set1_ps(-INFINITY);
-  int64_t j0 = 0;
-  for (; j0 + 16 <= n; j0 += 16) { /* 16 keys, their 16 dot products summed as one transpose */
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int jj = 0; jj < 16; jj++) acc[jj] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) { /* 16 independent chains */
-      __m512 qi = _mm512_loadu_ps(q + i);
-#pragma GCC unroll 16
-      for (int jj = 0; jj < 16; jj++)
-        acc[jj] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k + (j0 + jj) * d + i), acc[jj]);
+/* The sums of 8 registers' lanes, key jj's in lane jj of the result. */
+AVX512 INLINE __m256 lane_sums8(const __m512* acc) {
+  __m512 x[4], z[2];
+  for (int p = 0; p < 4; p++)
+    x[p] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * p], acc[2 * p + 1]),
+                         _mm512_unpackhi_ps(acc[2 * p], acc[2 * p + 1]));
+  for (int p = 0; p < 2; p++) /* each 128-bit lane: four keys' partial sums */
+    z[p] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0x44),
+                         _mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                           _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+  u = _mm512_add_ps(_mm512_shuffle_f32x4(u, u, 0x88), _mm512_shuffle_f32x4(u, u, 0xDD));
+  return _mm512_castps512_ps256(u);
+}
+
+/* Columns i0 .. i0 + 16w of the G heads' weighted values Σ_j p_hj · V[j] (p: sc's rows), into
+   their parts: 4·G chains along the keys, each value read once for the G heads. */
+AVX512 INLINE void weigh_values(const float* sc, const void* v, int half, int G, int64_t n,
+                                int64_t d, int64_t i0, int w, float* parts) {
+  __m512 acc[3][4];
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < w; c++) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j++) {
+    __m512 vj[4];
+    for (int c = 0; c < w; c++) vj[c] = load512(v, j * d + i0 + 16 * c, half);
+    for (int h = 0; h < G; h++) {
+      __m512 pj = _mm512_set1_ps(sc[h * ATTN_CHUNK + j]);
+      for (int c = 0; c < w; c++) acc[h][c] = _mm512_fmadd_ps(pj, vj[c], acc[h][c]);
     }
-    __m512 x[8], z[4];
-    for (int p = 0; p < 8; p++)
-      x[p] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * p], acc[2 * p + 1]),
-                           _mm512_unpackhi_ps(acc[2 * p], acc[2 * p + 1]));
-    for (int p = 0; p < 4; p++)
-      z[p] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0x44),
-                           _mm512_shuffle_ps(x[2 * p], x[2 * p + 1], 0xEE));
-    __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
-                               _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
-    __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88),
-                               _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
-    __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88),
-                             _mm512_shuffle_f32x4(u01, u23, 0xDD));
-    r = _mm512_mul_ps(r, _mm512_set1_ps(scale));
-    _mm512_storeu_ps(sc + j0, r);
-    best = _mm512_max_ps(best, r);
   }
-  float mx = _mm512_reduce_max_ps(best);
-  for (int64_t j = j0; j < n; j++) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + j * d + i), acc);
-    sc[j] = _mm512_reduce_add_ps(acc) * scale;
-    mx = sc[j] > mx ? sc[j] : mx;
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < w; c++) _mm512_storeu_ps(parts + h * (d + 2) + 2 + i0 + 16 * c, acc[h][c]);
+}
+
+/* One chunk of n keys for G ≤ 3 query heads that share a kv head (see tiles.h), reading each key
+   and value once for all G: for head h, m = max of scale · q_h·K[0:n], l = Σ e^(score − m) and
+   acc[0:d] = Σ e^(score − m) · V[j] (not yet divided by l), into parts + h·(d + 2) = [m, l, acc];
+   d a multiple of 16, sc G × ATTN_CHUNK floats. Scores 8 keys at a time (8·G chains, one per
+   key and head, each along d); the weighted values 64 columns at a time (4·G chains along the
+   keys). */
+AVX512 INLINE void chunk512(const float* q, const void* k, const void* v, int half, int G,
+                            int64_t n, int64_t d, float scale, float* sc, float* parts) {
+  __m512 best[3];
+  for (int h = 0; h < G; h++) best[h] = _mm512_set1_ps(-INFINITY);
+  int64_t j0 = 0;
+  for (; j0 + 8 <= n; j0 += 8) {
+    __m512 acc[3][8];
+    for (int h = 0; h < G; h++)
+      for (int jj = 0; jj < 8; jj++) acc[h][jj] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+#pragma GCC unroll 8
+      for (int jj = 0; jj < 8; jj++) {
+        __m512 kj = load512(k, (j0 + jj) * d + i, half);
+        for (int h = 0; h < G; h++)
+          acc[h][jj] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + i), kj, acc[h][jj]);
+      }
+    }
+    for (int h = 0; h < G; h++) {
+      __m256 r = _mm256_mul_ps(lane_sums8(acc[h]), _mm256_set1_ps(scale));
+      _mm256_storeu_ps(sc + h * ATTN_CHUNK + j0, r);
+      best[h] = _mm512_max_ps(best[h], _mm512_castps256_ps512(r));
+    }
   }
-  __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + j), m));
-    _mm512_storeu_ps(sc + j, e);
-    sum = _mm512_add_ps(sum, e);
+  float mx[3];
+  for (int h = 0; h < G; h++) {
+    mx[h] = -INFINITY;
+    if (j0) mx[h] = _mm512_mask_reduce_max_ps(0xff, best[h]);
   }
-  if (j < n) {
-    __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
-    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + j), m));
-    _mm512_mask_storeu_ps(sc + j, tail, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  for (int64_t j = j0; j < n; j++)
+    for (int h = 0; h < G; h++) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + i), load512(k, j * d + i, half), acc);
+      float x = sc[h * ATTN_CHUNK + j] = _mm512_reduce_add_ps(acc) * scale;
+      mx[h] = x > mx[h] ? x : mx[h];
+    }
+  for (int h = 0; h < G; h++) {
+    float* p = sc + h * ATTN_CHUNK;
+    __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx[h]);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
+      _mm512_storeu_ps(p + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (j < n) {
+      __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+      __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + j), m));
+      _mm512_mask_storeu_ps(p + j, tail, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    parts[h * (d + 2)] = mx[h], parts[h * (d + 2) + 1] = _mm512_reduce_add_ps(sum);
   }
-  *m_out = mx, *l_out = _mm512_reduce_add_ps(sum);
-  __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i0 = 0; i0 < d; i0 += 64) {
-    if (d - i0 >= 64) weigh_values(sc, v + i0, n, d, 4, one, out + i0);
-    else weigh_values(sc, v + i0, n, d, (int)((d - i0) / 16), one, out + i0);
+    if (d - i0 >= 64) weigh_values(sc, v, half, G, n, d, i0, 4, parts);
+    else weigh_values(sc, v, half, G, n, d, i0, (int)((d - i0) / 16), parts);
   }
 }
+/* chunk512 for each size of head group and both caches, G and half constants in each */
+#define CHUNK512(G, half, T)                                                                     \
+  AVX512 static void chunk512_##G##_##half(const float* q, const T* k, const T* v, int64_t n,    \
+                                           int64_t d, float scale, float* sc, float* parts) {   \
+    chunk512(q, k, v, half, G, n, d, scale, sc, parts);                                          \
+  }
+CHUNK512(1, 0, float)
+CHUNK512(2, 0, float)
+CHUNK512(3, 0, float)
+CHUNK512(1, 1, uint16_t)
+CHUNK512(2, 1, uint16_t)
+CHUNK512(3, 1, uint16_t)
 /* ---- AVX2 + FMA: the same steps 8 lanes wide ------------------------------------------------ */
 AVX2 static inline float hsum256(__m256 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -118,9 +154,15 @@ AVX2 static inline float hsum256(__m256 x) {
   return _mm_cvtss_f32(s);
 }
 
-/* chunk_avx512's chunk 8 lanes wide; d a multiple of 8. */
-AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                            float scale, float* sc, float* m_out, float* l_out, float* out) {
+AVX2 INLINE __m256 load256(const void* x, int64_t i, int half) {
+  if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
+  return _mm256_loadu_ps((const float*)x + i);
+}
+
+/* chunk512's chunk 8 lanes wide; d a multiple of 8. */
+AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half, int64_t n,
+                          int64_t d, float scale, float* sc, float* m_out, float* l_out,
+                          float* out) {
   float mx = -INFINITY;
   int64_t j = 0;
   __m256 best = _mm256_set1_ps(-INFINITY);
@@ -131,7 +173,7 @@ AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int6
     for (int64_t i = 0; i < d; i += 8) {
       __m256 qi = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + (j + c) * d + i), a[c]);
+      for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(qi, load256(k, (j + c) * d + i, half), a[c]);
     }
     /* hadd pairs twice: each 128-bit half holds 4 keys' partial sums; the halves added */
     __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
@@ -151,7 +193,7 @@ AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int6
   for (; j < n; j++) {
     __m256 a0 = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8)
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + j * d + i), a0);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load256(k, j * d + i, half), a0);
     sc[j] = hsum256(a0) * scale;
     mx = sc[j] > mx ? sc[j] : mx;
   }
@@ -170,11 +212,27 @@ AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int6
     for (int c = 0; c < w; c++) acc[c] = _mm256_setzero_ps();
     for (j = 0; j < n; j++) {
       __m256 pj = _mm256_set1_ps(sc[j]);
-      const float* vj = v + j * d + i0;
-      for (int c = 0; c < w; c++) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+      for (int c = 0; c < w; c++)
+        acc[c] = _mm256_fmadd_ps(pj, load256(v, j * d + i0 + 8 * c, half), acc[c]);
     }
     for (int c = 0; c < w; c++) _mm256_storeu_ps(out + i0 + 8 * c, acc[c]);
   }
+}
+AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                            float scale, float* sc, float* part) {
+  chunk256(q, k, v, 0, n, d, scale, sc, part, part + 1, part + 2);
+}
+AVX2 static void chunk_avx2_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t n,
+                                int64_t d, float scale, float* sc, float* part) {
+  chunk256(q, k, v, 1, n, d, scale, sc, part, part + 1, part + 2);
+}
+/* fp32 → fp16, 8 at a time, rounded to nearest even (float_to_half's rounding) */
+AVX2 static void float_rows_f16c(const float* x, int64_t count, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm_storeu_si128((__m128i*)(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < count; i++) out[i] = (uint16_t)_cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
 }
 /* fp16 → fp32, 8 at a time (exact: every half is a float) */
 AVX2 static void half_rows_f16c(const uint16_t* h, int64_t count, float* out) {
@@ -185,39 +243,60 @@ AVX2 static void half_rows_f16c(const uint16_t* h, int64_t count, float* out) {
 }
 #endif
 
-static void chunk_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                         float scale, float* sc, float* m_out, float* l_out, float* out) {
+static inline float cache_at(const void* x, int64_t i, int half) {
+  return half ? half_to_float(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+}
+
+static void chunk_scalar(const float* q, const void* k, const void* v, int half, int64_t n,
+                         int64_t d, float scale, float* sc, float* part) {
   float mx = -INFINITY, sum = 0.f;
   for (int64_t j = 0; j < n; j++) {
     float acc = 0.f;
-    for (int64_t i = 0; i < d; i++) acc += q[i] * k[j * d + i];
+    for (int64_t i = 0; i < d; i++) acc += q[i] * cache_at(k, j * d + i, half);
     sc[j] = acc * scale;
     mx = sc[j] > mx ? sc[j] : mx;
   }
   for (int64_t j = 0; j < n; j++) sum += sc[j] = expf(sc[j] - mx);
   for (int64_t i = 0; i < d; i++) {
     float acc = 0.f;
-    for (int64_t j = 0; j < n; j++) acc += sc[j] * v[j * d + i];
-    out[i] = acc;
+    for (int64_t j = 0; j < n; j++) acc += sc[j] * cache_at(v, j * d + i, half);
+    part[2 + i] = acc;
   }
-  *m_out = mx, *l_out = sum;
+  part[0] = mx, part[1] = sum;
 }
 
-/* One chunk of keys for one query head, on this machine's path: into part = [m, l, acc[0:d]]. */
-static void chunk(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                  float scale, float* sc, float* part) {
+/* One chunk of keys for the G query heads that share a kv head, on this machine's path: head h's
+   part into parts + h·(d + 2) = [m, l, acc[0:d]]. q: the G rotated queries [G, d]; k and v: n
+   rows of d, fp32 or (half) fp16, the same numbers either way; sc: 3·ATTN_CHUNK floats. */
+static void chunk(const float* q, const void* k, const void* v, int half, int64_t G, int64_t n,
+                  int64_t d, float scale, float* sc, float* parts) {
 #if defined(__x86_64__)
   int path = kernel_path();
   if (path == PATH_AVX512 && d % 16 == 0) {
-    chunk_avx512(q, k, v, n, d, scale, sc, part, part + 1, part + 2);
-    return;
-  }
-  if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0) { /* fp32: no VNNI */
-    chunk_avx2(q, k, v, n, d, scale, sc, part, part + 1, part + 2);
+    for (int64_t h = 0; h < G;) { /* up to three heads a pass (four: two and two) */
+      int64_t g = G - h == 4 ? 2 : G - h < 3 ? G - h : 3;
+      const float* qh = q + h * d;
+      float* ph = parts + h * (d + 2);
+      if (g == 3) half ? chunk512_3_1(qh, k, v, n, d, scale, sc, ph) : chunk512_3_0(qh, k, v, n, d, scale, sc, ph);
+      if (g == 2) half ? chunk512_2_1(qh, k, v, n, d, scale, sc, ph) : chunk512_2_0(qh, k, v, n, d, scale, sc, ph);
+      if (g == 1) half ? chunk512_1_1(qh, k, v, n, d, scale, sc, ph) : chunk512_1_0(qh, k, v, n, d, scale, sc, ph);
+      h += g;
+    }
     return;
   }
 #endif
-  chunk_scalar(q, k, v, n, d, scale, sc, part, part + 1, part + 2);
+  for (int64_t h = 0; h < G; h++) {
+    const float* qh = q + h * d;
+    float* ph = parts + h * (d + 2);
+#if defined(__x86_64__)
+    if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0) { /* fp32: no VNNI */
+      if (half) chunk_avx2_f16(qh, k, v, n, d, scale, sc, ph);
+      else chunk_avx2(qh, k, v, n, d, scale, sc, ph);
+      continue;
+    }
+#endif
+    chunk_scalar(qh, k, v, half, n, d, scale, sc, ph);
+  }
 }
 
 /* state = [m, l, acc[0:d]] merged with the next chunk's `part` (the first chunk: taken as it
@@ -239,7 +318,8 @@ static void finish(const float* state, int64_t d, float* out) {
   for (int64_t i = 0; i < d; i++) out[i] = state[2 + i] * inv;
 }
 
-/* float → IEEE half, rounded to nearest even (what F16C's vcvtps2ph does), on every path. */
+/* float → IEEE half, rounded to nearest even: the portable path's; the others use F16C's vcvtps2ph,
+   which rounds the same way (a test compares the caches the paths write). */
 static uint16_t float_to_half(float f) {
   uint32_t x;
   memcpy(&x, &f, 4);
@@ -315,6 +395,13 @@ void attn_store(void* data, size_t task) {
       continue;
     }
     uint16_t *kd = (uint16_t*)a->key + at, *vd = (uint16_t*)a->value + at;
+#if defined(__x86_64__)
+    if (kernel_path() != PATH_PORTABLE) {
+      float_rows_f16c(rotated, d, kd);
+      float_rows_f16c(v, d, vd);
+      continue;
+    }
+#endif
     for (int64_t i = 0; i < d; i++) kd[i] = float_to_half(rotated[i]), vd[i] = float_to_half(v[i]);
   }
 }
@@ -339,14 +426,14 @@ void attn_rows(void* data, size_t task) {
     n[s - s0] = keys_of(a, b, s);
     n_max = n[s - s0] > n_max ? n[s - s0] : n_max;
   }
-  size_t floats = ATTN_CHUNK + (size_t)(rows * group * d + (rows * group + 1) * (d + 2)) +
+  size_t floats = 3 * ATTN_CHUNK + (size_t)(rows * group * d + (rows + 1) * group * (d + 2)) +
                   (a->kv16 ? 2 * ATTN_CHUNK * (size_t)d : 0);
   float* sc = malloc(sizeof(float) * floats + 64);
   if (!sc) {
     *a->failed = 1; /* the op returns an error */
     return;
   }
-  float *q = sc + ATTN_CHUNK, *part = q + rows * group * d, *state = part + d + 2;
+  float *q = sc + 3 * ATTN_CHUNK, *part = q + rows * group * d, *state = part + group * (d + 2);
   float *kbuf = state + rows * group * (d + 2), *vbuf = kbuf + ATTN_CHUNK * d;
   const void *kc = head_cache(a, a->key, b, g), *vc = head_cache(a, a->value, b, g);
   for (int64_t s = s0; s < s1; s++)
@@ -357,10 +444,9 @@ void attn_rows(void* data, size_t task) {
     for (int64_t r = 0; r < rows; r++) {
       if (n[r] <= c0) continue;
       int64_t nk = n[r] - c0 < ATTN_CHUNK ? n[r] - c0 : ATTN_CHUNK;
-      for (int64_t i = 0; i < group; i++) {
-        chunk(q + (r * group + i) * d, k, v, nk, d, a->scale, sc, part);
-        merge(state + (r * group + i) * (d + 2), part, d, c0 == 0);
-      }
+      chunk(q + r * group * d, k, v, 0, group, nk, d, a->scale, sc, part);
+      for (int64_t i = 0; i < group; i++)
+        merge(state + (r * group + i) * (d + 2), part + i * (d + 2), d, c0 == 0);
     }
   }
   for (int64_t r = 0; r < rows; r++) {
@@ -387,17 +473,17 @@ void attn_split(void* data, size_t task) {
   int64_t n = keys_of(a, b, 0), c0 = c * ATTN_CHUNK;
   if (c0 >= n) return;
   int64_t nk = n - c0 < ATTN_CHUNK ? n - c0 : ATTN_CHUNK;
-  size_t floats = ATTN_CHUNK + (size_t)(group * d) + (a->kv16 ? 2 * ATTN_CHUNK * (size_t)d : 0);
-  float* sc = malloc(sizeof(float) * floats + 64);
+  float* sc = malloc(sizeof(float) * (3 * ATTN_CHUNK + (size_t)(group * d)) + 64);
   if (!sc) {
     *a->failed = 1;
     return;
   }
-  float *q = sc + ATTN_CHUNK, *kbuf = q + group * d, *vbuf = kbuf + ATTN_CHUNK * d;
-  const float* k = cache_rows(a, head_cache(a, a->key, b, g), c0, nk, kbuf);
-  const float* v = cache_rows(a, head_cache(a, a->value, b, g), c0, nk, vbuf);
+  float* q = sc + 3 * ATTN_CHUNK;
+  size_t at = (size_t)(c0 * d) * (a->kv16 ? 2 : 4); /* bytes: the cache read in place */
+  const char *k = (const char*)head_cache(a, a->key, b, g) + at;
+  const char *v = (const char*)head_cache(a, a->value, b, g) + at;
   rotated_queries(a, b, g, 0, q);
-  for (int64_t i = 0; i < group; i++) chunk(q + i * d, k, v, nk, d, a->scale, sc, part_of(a, bg, c, i));
+  chunk(q, k, v, a->kv16, group, nk, d, a->scale, sc, part_of(a, bg, c, 0));
   free(sc);
 }
 

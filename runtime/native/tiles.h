@@ -219,9 +219,13 @@ typedef struct {
  * row per head, too few heads to share out evenly); a prompt spreads blocks of queries and merges
  * as it goes. The same chunks merged in the same order either way: a position's output does not
  * depend on how it was scheduled (chunked prefill, batching).
- * The cache may be fp16 (the op is registered a second time with float16 past/present): each new
- * key and value is rounded to fp16 once, and each chunk is converted back to fp32 (exactly) before
- * the same arithmetic runs on it. */
+ * On AVX-512 a chunk's keys and values are read once for up to three query heads of the group
+ * (8 keys × 3 heads of score chains, 4 × 3 of value chains in registers).
+ * The cache may be fp16 (the op is registered a second time with float16 past/present; quantize's
+ * default wherever this op runs): each new key and value is rounded to fp16 once; a decode step
+ * reads the cache in place, converting in its loads, and a prompt's block of queries converts
+ * each chunk once into fp32 rows; both are exact, so the same arithmetic sees the same numbers.
+ * A decode step after 4,000 tokens reads half the bytes: 71 → 98 tok/s on the default model. */
 
 #define ATTN_CHUNK 128 /* keys a softmax chunk */
 #define ATTN_QUERIES 16 /* queries a task, for a prompt */
