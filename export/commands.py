@@ -197,10 +197,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     q.add_argument(
         "--kv-cache",
-        default="float32",
-        choices=("float32", "float16"),
-        help="the KV cache's type with llamaonnx's CPU attention (int4, native kernel): float16 "
-        "halves its memory (llama.cpp's default f16 cache), for long contexts and many slots",
+        default="auto",
+        choices=("auto", "float32", "float16"),
+        help="the KV cache's type with llamaonnx's CPU attention (int4/int8, native kernel): "
+        "float16 (llama.cpp's default f16 cache) halves its memory and what a decode step reads; "
+        "auto: float16 where that attention runs, else float32",
     )
 
 

@@ -20,14 +20,12 @@ from runtime.session import Session
 def folders(tiny_folders, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     out = {"fp32": tiny_folders["ort"]}
-    for kernel in ("native", "nbits"):
+    for kernel in ("native", "nbits"):  # our attention on an fp32 cache; onnxruntime's
         out[f"int4-{kernel}"] = root / kernel
-        quantize_folder(
-            tiny_folders["ort"], out[f"int4-{kernel}"], QuantSettings("int4", kernel=kernel)
-        )
-    out["int4-kv16"] = root / "kv16"  # our attention on an fp16 cache
-    settings = QuantSettings("int4", kernel="native", kv_cache="float16")
-    quantize_folder(tiny_folders["ort"], out["int4-kv16"], settings)
+        settings = QuantSettings("int4", kernel=kernel, kv_cache="float32")
+        quantize_folder(tiny_folders["ort"], out[f"int4-{kernel}"], settings)
+    out["int4-kv16"] = root / "kv16"  # our attention on an fp16 cache (the default)
+    quantize_folder(tiny_folders["ort"], out["int4-kv16"], QuantSettings("int4", kernel="native"))
     return out
 
 

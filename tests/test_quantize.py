@@ -350,23 +350,30 @@ def test_quantized_model_generates_with_the_runtime(quantized):
 
 
 def test_an_fp16_kv_cache_on_our_attention(tiny_folders, quantized, tmp_path):
-    """--kv-cache float16: the folder's past/present are fp16 (our attention rounds each new key
-    and value once), it verifies, the runtime and genai's config agree, and it decodes what the
-    fp32-cache folder decodes on the tiny model. Where our attention does not run, a clear
-    error."""
+    """--kv-cache float16, the default where our attention runs: the folder's past/present are
+    fp16 (our attention rounds each new key and value once), it verifies, the runtime and genai's
+    config agree, and it decodes what an fp32-cache folder decodes on the tiny model. Where our
+    attention does not run, float32 by default and a clear error if float16 is asked for."""
     from runtime.generator import GenerationConfig, Generator
     from runtime.session import Session
 
-    out = tmp_path / "kv16"
+    out, out32 = tmp_path / "kv16", tmp_path / "kv32"
     info = quantize_folder(tiny_folders["ort"], out, _settings("int4", kv_cache="float16"))
     assert info["kv_dtype"] == "float16" and info["report"]["passed"]
+    default = json.loads((quantized["ort", "int4"] / "llamaonnx.json").read_text())
+    assert default["kv_dtype"] == "float16"  # auto
+    info32 = quantize_folder(tiny_folders["ort"], out32, _settings("int4", kv_cache="float32"))
+    assert info32["kv_dtype"] == "float32" and info32["report"]["passed"]
+    assert QuantSettings("int4", kernel="nbits").kv_dtype == "float32"
+    assert QuantSettings("int4", kernel="native").kv_dtype == "float16"
+    assert QuantSettings("int4", provider="cuda").kv_dtype == "float32"
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     cache = [v for v in (*model.graph.input, *model.graph.output) if v.name.startswith("p")]
     assert {v.name.split(".")[0] for v in cache} == {"past_key_values", "present"}
     assert len(cache) == 4 * L  # past and present, keys and values
     assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in cache)
     ids = {}
-    for name, folder in (("fp32", quantized["ort", "int4"]), ("fp16", out)):
+    for name, folder in (("fp32", out32), ("fp16", out)):
         gen = Generator(Session(folder, provider="cpu"))
         ids[name] = gen.generate_ids([[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=8))
     assert ids["fp16"] == ids["fp32"]

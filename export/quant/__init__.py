@@ -99,6 +99,7 @@ def quantize_folder(
     check_disk(out_dir, proto.ByteSize() + (64 << 20))
     layers: dict[str, Blocks] = {}
     notes: dict = {}
+    kv_dtype = settings.kv_dtype
     if settings.bits:
         from export.quant.nbits import quantize_graph
 
@@ -109,10 +110,13 @@ def quantize_folder(
         layers = quantize_graph(
             proto, choose, settings.level, embedding_blocks, k_multiple, settings.native
         )
-        if settings.kv_dtype == "float16" and settings.float_type == "float32":
-            from export.quant.attention import fp16_cache
+        if kv_dtype == "float16" and settings.float_type == "float32":
+            from export.quant.attention import fp16_cache, ours_everywhere
 
-            fp16_cache(proto.graph)
+            if settings.kv_cache == "auto" and not ours_everywhere(proto.graph):
+                kv_dtype = "float32"  # a layer keeps onnxruntime's attention, or none is ours
+            else:
+                fp16_cache(proto.graph)
     if settings.float_type == "float16":
         from export.quant.fp16 import convert_fp16
         from export.quant.fuse_projections import fuse_float_projections
@@ -151,7 +155,7 @@ def quantize_folder(
         info,
         custom_ops=(native_domain,) if native_ops else info.custom_ops,
         precision=settings.precision,
-        kv_dtype=settings.kv_dtype,
+        kv_dtype=kv_dtype,
         quantization=quant,
         files=None,
         folder=None,

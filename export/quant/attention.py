@@ -60,6 +60,12 @@ def native_attention(g: onnx.GraphProto) -> int:
     return done
 
 
+def ours_everywhere(g: onnx.GraphProto) -> bool:
+    """Whether the graph has attention and every layer's is ours (an fp16 cache is possible)."""
+    attention = [n for n in g.node if n.op_type == ATTENTION]
+    return bool(attention) and all(n.domain == DOMAIN for n in attention)
+
+
 def fp16_cache(g: onnx.GraphProto) -> int:
     """The KV cache in fp16: every layer's past/present key and value, which only our attention
     reads and writes (it rounds each new key and value to fp16 once, and reads them back
@@ -68,7 +74,7 @@ def fp16_cache(g: onnx.GraphProto) -> int:
     graph cannot take an fp16 cache)."""
     attention = [n for n in g.node if n.op_type == ATTENTION]
     theirs = [n.name for n in attention if n.domain != DOMAIN]
-    if not attention or theirs:
+    if not ours_everywhere(g):
         raise QuantizationError(
             "--kv-cache float16 needs llamaonnx's attention kernel on every layer; "
             + (

@@ -15,7 +15,7 @@ PROVIDERS = ("cpu", "cuda")
 # 0 = activations in their own type (CUDA ignores the level).
 ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
 KERNELS = ("auto", "native", "nbits")
-KV_CACHES = ("float32", "float16")
+KV_CACHES = ("auto", "float32", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +32,10 @@ class QuantSettings:
     fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
     # int4 on CPU: "native" (ai.llamaonnx ops), "nbits" (MatMulNBits), "auto" (native where fast)
     kernel: str = "auto"
-    # the KV cache's type on llamaonnx's CPU attention: float16 halves its memory, as llama.cpp's
-    # default f16 cache does; not its speed, on the Zen 4 measured (README, `--kv-cache`)
-    kv_cache: str = "float32"
+    # the KV cache's type: float16 on llamaonnx's CPU attention (auto: wherever it runs) halves
+    # the cache's memory and the bytes a decode step reads, as llama.cpp's default f16 cache does
+    # (README, `--kv-cache`); float32 elsewhere
+    kv_cache: str = "auto"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -113,5 +114,11 @@ class QuantSettings:
 
     @property
     def kv_dtype(self) -> str:
-        """The type of the folder's past/present tensors."""
-        return "float16" if self.float_type == "float16" else self.kv_cache
+        """The type of the folder's past/present tensors: an fp16 graph's own; else, with auto,
+        float16 where llamaonnx's kernels run (quantize keeps float32 if a layer's attention
+        stays onnxruntime's), float32 where they do not."""
+        if self.float_type == "float16":
+            return "float16"
+        if self.kv_cache == "auto":
+            return "float16" if self.native else "float32"
+        return self.kv_cache
