@@ -98,6 +98,10 @@ def _config(body: dict) -> GenerationConfig:
         raise ApiError(400, "stop must be a string or a list of strings", param="stop")
     if len(stop) > 4:
         raise ApiError(400, "stop takes at most 4 strings", param="stop")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's and llama-server's extension
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, f"ignore_eos must be true or false, got {ignore_eos!r}",
+                       param="ignore_eos")  # fmt: skip
     try:
         return GenerationConfig(
             max_new_tokens=max_tokens,
@@ -107,6 +111,7 @@ def _config(body: dict) -> GenerationConfig:
             repetition_penalty=body.get("repetition_penalty", 1.0),
             seed=_seed(body.get("seed")),
             stop_strings=tuple(stop),
+            stop_token_ids=() if ignore_eos else None,
         )
     except (OptionError, TypeError, ValueError) as e:
         raise ApiError(400, str(e)) from None

@@ -119,6 +119,14 @@ def test_completions_and_seeded_sampling_repeat(server):
     )  # fmt: skip
     assert stopped.choices[0].finish_reason == "stop"
     assert a.choices[0].text.startswith(stopped.choices[0].text)
+    # ignore_eos (vLLM's and llama-server's extension): exactly max_tokens, end-of-text or not
+    prompt = "The capital of France is Paris.<|endoftext|>"
+    held = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True})  # fmt: skip
+    assert held.usage.completion_tokens == 40 and held.choices[0].finish_reason == "length"
+    status, body = _post(url, "/v1/completions",
+                         {"model": model, "prompt": prompt, "ignore_eos": "yes"})  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "ignore_eos"
 
 
 def test_errors_come_in_openais_form_with_its_status_codes(server):
@@ -198,7 +206,9 @@ def test_a_full_queue_answers_429(tiny_folders, default_int4, tmp_path_factory):
     proc, url = _start(tmp_path_factory, [default_int4], "--slots", "1", "--queue-size", "1")
     try:
         host, port = url.removeprefix("http://").split(":")
-        body = {"messages": MESSAGES, "max_tokens": 300, "stream": True, "temperature": 0}
+        # ignore_eos: a short reply would free the slot before the third request
+        body = {"messages": MESSAGES, "max_tokens": 300, "stream": True, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
         held = []
         for _ in range(2):  # one running, one waiting
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
