@@ -153,6 +153,7 @@ class Metrics:
     decode_steps: int = 0
     decode_tokens: int = 0  # tokens the decode steps produced (rows that were running)
     decode_seconds: float = 0.0  # time in decode steps: decode_tokens / it is the batch's rate
+    moves: int = 0  # running slots moved down past idle or prefilling ones (Engine._pack)
     prefill_seconds: float = 0.0  # time in prompt chunks (every decoding stream waits for them)
     time_to_first_token: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=1000)
@@ -338,8 +339,33 @@ class Engine:
         if not slot.pending:
             self._take(i, logits[0, -1])
 
+    def _running(self, i: int) -> bool:
+        s = self.slots[i]
+        return s is not None and not s.pending and s.last is not None
+
+    def _pack(self) -> None:
+        """The running slots first. A decode step runs the first k slots, k the highest running
+        one + 1, so an idle or prefilling slot below it costs a row (~1 ms a step on 2 cores at
+        8 rows) and makes no token. The highest running slot past the running count moves into
+        the lowest slot below it that is not running (swapping places with a prefilling one),
+        its cache rows copied: the same numbers at the same positions, so its tokens do not
+        change. A move copies ~23 kB a cached token on the default model, once; it saves a row
+        on every step after."""
+        running = [i for i in range(len(self.slots)) if self._running(i)]
+        below = (i for i in range(len(running)) if not self._running(i))
+        for j in reversed(running):
+            if j < len(running):
+                break
+            i = next(below)
+            other = self.slots[i]
+            self._buffers.swap(i, j, other.length if other is not None else 0,
+                               self.slots[j].length)  # fmt: skip
+            self.slots[i], self.slots[j] = self.slots[j], other
+            self.metrics.moves += 1
+
     def _decode_step(self) -> None:
-        running = [s is not None and not s.pending and s.last is not None for s in self.slots]
+        self._pack()
+        running = [self._running(i) for i in range(len(self.slots))]
         if not any(running):
             return
         k = max(i for i, run in enumerate(running) if run) + 1
@@ -439,6 +465,13 @@ class _Buffers:
         0.8 to 3 s with 8 clients, against 0.15 to 0.5 s after). The step writes position 0
         of each empty slot, which a request's prefill overwrites."""
         self.decode([self.info.pad_token_id] * self.slots, [0] * self.slots)
+
+    def swap(self, i: int, j: int, ni: int, nj: int) -> None:
+        """Slot j's first nj cached positions into slot i, and slot i's first ni into slot j."""
+        for a in self.kv:
+            kept = a[i, :, :ni].copy()
+            a[i, :, :nj] = a[j, :, :nj]
+            a[j, :, :ni] = kept
 
     def _binding(self, values):
         binding = self.session.session.io_binding()

@@ -56,6 +56,7 @@ def test_batching_does_not_change_a_requests_tokens(folders, which):
     finally:
         engine.close()
     assert got == want
+    assert engine.metrics.moves > 0  # running requests moved to other slots on the way
 
 
 def test_the_default_models_int4_folder_batches_exactly(default_int4):
