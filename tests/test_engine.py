@@ -60,11 +60,12 @@ def test_batching_does_not_change_a_requests_tokens(folders, which):
 
 
 def test_the_default_models_int4_folder_batches_exactly(default_int4):
-    """Alone in the engine or among three others, the same tokens. (Against the Generator's
-    one-row decode this folder can differ: onnxruntime's MatMulNBits picks its kernel by the
-    number of rows, and at accuracy level 4 a row's logits moved by up to 0.5 between a batch of
-    1 and of 4 on an AMD EPYC; the engine always decodes all its slots, so a request's result
-    does not depend on who else is running.)"""
+    """Alone in the engine or among three others, the same tokens: llamaonnx's kernels compute
+    each row of a batch as they compute it alone (int8 activations per row, the attention's
+    chunks per row), so a request's result does not depend on who else is running or which
+    slot it was moved to. (onnxruntime's MatMulNBits, which this folder ran on before, picks its
+    kernel by the number of rows: at accuracy level 4 a row's logits moved by up to 0.5 between
+    a batch of 1 and of 4 on an AMD EPYC.)"""
     session = Session(default_int4, provider="cpu")
     tok = session.tokenizer
     messages = ["What is the capital of France?", "Name a colour.", "Count to five.", "Hi!"]
