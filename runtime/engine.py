@@ -10,11 +10,10 @@ Each turn of the loop (one background thread):
 2. prefill one chunk of one joining request, on its slot's rows alone: `prefill_chunk` tokens
    when no stream is decoding, `busy_chunk` when some are (each chunk stalls them for its
    length: 64 tokens of the default model are ~0.13 s on 2 cores, against ~0.03 s a step);
-3. one decode step for the first k slots at once, k the highest running slot + 1 (a request
-   takes the lowest free slot, so a lone stream runs a batch of one): the running requests feed
-   their last token, the others a pad token whose key/value lands in a cache column that slot
-   does not count (its next prefill chunk overwrites it), so no request waits for another's
-   prefill.
+3. one decode step for the k running requests at once, in slots [0, k): before it, a running
+   request in a higher slot moves down into a lower one that is idle or prefilling (`_pack`,
+   its cache rows copied), so no row of the step is wasted and no request waits for another's
+   prefill; a lone stream runs a batch of one.
 
 It needs a folder whose graph shares past and present (the `ort` target): onnxruntime's
 GroupQueryAttention takes each row's own length (mask sum) and writes that row's new key/value at
@@ -343,14 +342,14 @@ class Engine:
         s = self.slots[i]
         return s is not None and not s.pending and s.last is not None
 
-    def _pack(self) -> None:
-        """The running slots first. A decode step runs the first k slots, k the highest running
-        one + 1, so an idle or prefilling slot below it costs a row (~1 ms a step on 2 cores at
-        8 rows) and makes no token. The highest running slot past the running count moves into
-        the lowest slot below it that is not running (swapping places with a prefilling one),
-        its cache rows copied: the same numbers at the same positions, so its tokens do not
-        change. A move copies ~23 kB a cached token on the default model, once; it saves a row
-        on every step after."""
+    def _pack(self) -> int:
+        """The running slots first; returns how many run (slots [0, k) after it). A decode step
+        runs the first k slots, so an idle or prefilling slot among them would cost a row (~1 ms
+        a step on 2 cores at 8 rows) and make no token. The highest running slot past the
+        running count moves into the lowest slot below it that is not running (swapping places
+        with a prefilling one), its cache rows copied: the same numbers at the same positions,
+        so its tokens do not change. A move copies ~23 kB a cached token on the default model,
+        once; it saves a row on every step after."""
         running = [i for i in range(len(self.slots)) if self._running(i)]
         below = (i for i in range(len(running)) if not self._running(i))
         for j in reversed(running):
@@ -362,28 +361,21 @@ class Engine:
                                self.slots[j].length)  # fmt: skip
             self.slots[i], self.slots[j] = self.slots[j], other
             self.metrics.moves += 1
+        return len(running)
 
     def _decode_step(self) -> None:
-        self._pack()
-        running = [self._running(i) for i in range(len(self.slots))]
-        if not any(running):
+        k = self._pack()
+        if not k:
             return
-        k = max(i for i, run in enumerate(running) if run) + 1
-        running = running[:k]
-        tokens = [
-            s.last if run else self.info.pad_token_id
-            for s, run in zip(self.slots[:k], running, strict=True)
-        ]
-        lengths = [s.length if s is not None else 0 for s in self.slots[:k]]
+        slots = self.slots[:k]  # every one running
         t = time.perf_counter()
-        logits = self._buffers.decode(tokens, lengths)
+        logits = self._buffers.decode([s.last for s in slots], [s.length for s in slots])
         self.metrics.decode_seconds += time.perf_counter() - t
         self.metrics.decode_steps += 1
-        self.metrics.decode_tokens += sum(running)
-        for i, run in enumerate(running):
-            if run:
-                self.slots[i].length += 1
-                self._take(i, logits[i, 0])
+        self.metrics.decode_tokens += k
+        for i, slot in enumerate(slots):
+            slot.length += 1
+            self._take(i, logits[i, 0])
 
     def _take(self, i: int, row: np.ndarray) -> None:
         """Sample slot i's next token from its logits row, emit it, and finish where it ends."""
@@ -443,8 +435,8 @@ class _Buffers:
         self.kv = [np.zeros(shape, info.kv_dtype) for _ in range(2 * info.n_layers)]
         self.mask = np.zeros((slots, max_length), np.int64)
         self.logits = np.empty((slots, 1, info.vocab_size), np.float32)
-        # decode runs over the first k slots only, k the highest running one + 1 (slots are
-        # taken lowest first): one stream alone does not pay for eight rows
+        # decode runs over the first k slots only, the k running ones (Engine._pack): one
+        # stream alone does not pay for eight rows
         self.first = [None]
         for k in range(1, slots + 1):
             binding = self._binding([ort.OrtValue.ortvalue_from_numpy(a[:k]) for a in self.kv])
