@@ -135,17 +135,23 @@ AVX512 INLINE void chunk512(const float* q, const void* k, const void* v, int ha
   }
 }
 /* chunk512 for each size of head group and both caches, G and half constants in each */
-#define CHUNK512(G, half, T)                                                                     \
-  AVX512 static void chunk512_##G##_##half(const float* q, const T* k, const T* v, int64_t n,    \
-                                           int64_t d, float scale, float* sc, float* parts) {   \
+typedef void ChunkFn(const float* q, const void* k, const void* v, int64_t n, int64_t d,
+                     float scale, float* sc, float* parts);
+#define CHUNK512(G, half)                                                                        \
+  AVX512 static void chunk512_##G##_##half(const float* q, const void* k, const void* v,         \
+                                           int64_t n, int64_t d, float scale, float* sc,        \
+                                           float* parts) {                                      \
     chunk512(q, k, v, half, G, n, d, scale, sc, parts);                                          \
   }
-CHUNK512(1, 0, float)
-CHUNK512(2, 0, float)
-CHUNK512(3, 0, float)
-CHUNK512(1, 1, uint16_t)
-CHUNK512(2, 1, uint16_t)
-CHUNK512(3, 1, uint16_t)
+CHUNK512(1, 0)
+CHUNK512(2, 0)
+CHUNK512(3, 0)
+CHUNK512(1, 1)
+CHUNK512(2, 1)
+CHUNK512(3, 1)
+static ChunkFn* const chunk512_of[2][3] = { /* [half][G - 1] */
+    {chunk512_1_0, chunk512_2_0, chunk512_3_0},
+    {chunk512_1_1, chunk512_2_1, chunk512_3_1}};
 /* ---- AVX2 + FMA: the same steps 8 lanes wide ------------------------------------------------ */
 AVX2 static inline float hsum256(__m256 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -277,9 +283,7 @@ static void chunk(const float* q, const void* k, const void* v, int half, int64_
       int64_t g = G - h == 4 ? 2 : G - h < 3 ? G - h : 3;
       const float* qh = q + h * d;
       float* ph = parts + h * (d + 2);
-      if (g == 3) half ? chunk512_3_1(qh, k, v, n, d, scale, sc, ph) : chunk512_3_0(qh, k, v, n, d, scale, sc, ph);
-      if (g == 2) half ? chunk512_2_1(qh, k, v, n, d, scale, sc, ph) : chunk512_2_0(qh, k, v, n, d, scale, sc, ph);
-      if (g == 1) half ? chunk512_1_1(qh, k, v, n, d, scale, sc, ph) : chunk512_1_0(qh, k, v, n, d, scale, sc, ph);
+      chunk512_of[half != 0][g - 1](qh, k, v, n, d, scale, sc, ph);
       h += g;
     }
     return;
