@@ -30,7 +30,6 @@ AVX512 static inline __m512 exp512(__m512 x) { /* Cephes' expf, as a vector: ~1 
    load (exactly). Every chunk function below takes `half` as a constant, so each is compiled
    twice and both read the same numbers in the same order: a decode step reads an fp16 cache in
    place, a prompt's block converts it once into fp32 rows, and the bits are the same. */
-#define INLINE static inline __attribute__((always_inline))
 AVX512 INLINE __m512 load512(const void* x, int64_t i, int half) {
   if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i)));
   return _mm512_loadu_ps((const float*)x + i);

@@ -94,6 +94,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+/* where a constant argument (a tile's token count, a flag) must reach the body: always inlined */
+#define INLINE static inline __attribute__((always_inline))
 #if defined(__x86_64__)
 #include <immintrin.h>
 /* each fast path's functions are compiled for its instructions and called only where they run */
