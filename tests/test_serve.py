@@ -247,7 +247,9 @@ def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, 
         assert all(lv["errors"] == 0 and lv["output_tokens"] > 0 for lv in levels)
         assert all(lv["tokens_per_second"] > 0 for lv in levels)
     assert all(lv["engine_decode_tok_s"] > 0 for lv in ours)
+    assert all(1 <= lv["engine_rows_per_step"] <= lv["clients"] for lv in ours)
     assert all(lv["engine_decode_tok_s"] is None for lv in genai)
+    assert all(lv["engine_rows_per_step"] is None for lv in genai)
     text = (out / "load.md").read_text()
     assert "| ours | 2 | 4 | 0 |" in text and "| genai | 2 | 4 | 0 |" in text
     assert "spread over 0.2 s" in text

@@ -214,10 +214,11 @@ def _metric_sums(url: str, names: tuple[str, ...], api_key: str | None = None) -
     return sums if seen else None
 
 
-def engine_counters(url: str, api_key: str | None = None) -> tuple[float, float] | None:
-    """(decode tokens, decode seconds) summed over our server's models, from /metrics; None
-    for a server without them."""
-    sums = _metric_sums(url, ("decode_tokens_total", "decode_seconds_total"), api_key)
+def engine_counters(url: str, api_key: str | None = None) -> tuple[float, float, float] | None:
+    """(decode tokens, decode seconds, decode steps) summed over our server's models, from
+    /metrics; None for a server without them."""
+    names = ("decode_tokens_total", "decode_seconds_total", "decode_steps_total")
+    sums = _metric_sums(url, names, api_key)
     return None if sums is None else tuple(sums.values())
 
 
@@ -247,9 +248,10 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [x for r in ok for x in r["itl"]]
     after = engine_counters(url, api_key)
-    engine_decode = None
+    engine_decode = rows_per_step = None
     if before is not None and after is not None and after[1] > before[1]:
         engine_decode = (after[0] - before[0]) / (after[1] - before[1])
+        rows_per_step = (after[0] - before[0]) / max(after[2] - before[2], 1)
     return {
         "clients": clients,
         "requests": len(results),
@@ -268,6 +270,9 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         if any(r["itl"] and sum(r["itl"]) > 0 for r in ok)
         else None,
         "engine_decode_tok_s": engine_decode,
+        # streams a decode step ran, on average: below `clients` while some start, prefill or
+        # finish (the ramp, a new request's prompt chunks, the last requests)
+        "engine_rows_per_step": rows_per_step,
         "prompt_tokens": sorted({r["prompt_tokens"] for r in ok if r.get("prompt_tokens")}),
         # each request as sent: which client, when (s after the level began), its first token
         "timeline": [
@@ -544,15 +549,17 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         "*stream tok/s*: one stream's decode rate (median over requests of tokens after the "
         "first / time from first to last token). *engine decode tok/s*: our engine's tokens "
         "of decode steps / seconds in them (its /metrics), i.e. the batch's rate with prompt "
-        "work left out; — for servers that do not report it.",
+        "work left out; *rows/step*: the streams its average decode step ran (fewer than the "
+        "clients while some start, take their prompt or finish); — for servers that do not "
+        "report them.",
         "",
         "```bash",
         command,
         "```",
         "",
         "| server | clients | requests | errors | output tok/s | stream tok/s "
-        "| engine decode tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine decode tok/s | rows/step | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def f(x, digits=0):
@@ -563,7 +570,8 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
             lines.append(
                 f"| {t['name']} | {r['clients']} | {r['requests']} | {r['errors']} | "
                 f"{f(r['tokens_per_second'], 1)} | {f(r.get('single_stream_tok_s'), 1)} | "
-                f"{f(r.get('engine_decode_tok_s'), 1)} | {f(r['ttft_p50_ms'])} | "
+                f"{f(r.get('engine_decode_tok_s'), 1)} | {f(r.get('engine_rows_per_step'), 2)} | "
+                f"{f(r['ttft_p50_ms'])} | "
                 f"{f(r['ttft_p95_ms'])} "
                 f"| {f(r['itl_p50_ms'], 1)} | {f(r['itl_p95_ms'], 1)} |"
             )
