@@ -409,6 +409,12 @@ def _prometheus(served: dict[str, Served]) -> str:
            each(lambda e: e.metrics.decode_seconds))  # fmt: skip
     metric("prefill_seconds_total", "counter", "seconds spent prefilling prompt chunks",
            each(lambda e: e.metrics.prefill_seconds))  # fmt: skip
+    for name, help_ in (("steps", "decode steps run"), ("seconds", "seconds in decode steps")):
+        rows = []
+        for model, s in served.items():
+            counts = getattr(s.engine.metrics, f"decode_{name}_by_rows")
+            rows += [({"model": model, "rows": k}, v) for k, v in sorted(counts.items())]
+        metric(f"decode_{name}_by_rows_total", "counter", f"{help_}, by the rows they ran", rows)
     finished = []
     for name, s in served.items():
         for reason, n in sorted(s.engine.metrics.finished.items()):

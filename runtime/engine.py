@@ -152,6 +152,14 @@ class Metrics:
     decode_steps: int = 0
     decode_tokens: int = 0  # tokens the decode steps produced (rows that were running)
     decode_seconds: float = 0.0  # time in decode steps: decode_tokens / it is the batch's rate
+    # the same by the rows a step ran: a full batch's own rate apart from the steps of fewer
+    # rows (streams starting, taking their prompt or finishing)
+    decode_steps_by_rows: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    decode_seconds_by_rows: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter
+    )
     moves: int = 0  # running slots moved down past idle or prefilling ones (Engine._pack)
     prefill_seconds: float = 0.0  # time in prompt chunks (every decoding stream waits for them)
     time_to_first_token: collections.deque = dataclasses.field(
@@ -370,9 +378,12 @@ class Engine:
         slots = self.slots[:k]  # every one running
         t = time.perf_counter()
         logits = self._buffers.decode([s.last for s in slots], [s.length for s in slots])
-        self.metrics.decode_seconds += time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        self.metrics.decode_seconds += seconds
         self.metrics.decode_steps += 1
         self.metrics.decode_tokens += k
+        self.metrics.decode_steps_by_rows[k] += 1
+        self.metrics.decode_seconds_by_rows[k] += seconds
         for i, slot in enumerate(slots):
             slot.length += 1
             self._take(i, logits[i, 0])

@@ -199,6 +199,20 @@ def test_health_and_metrics(server):
     for name in ("queue_depth", "active_slots", "tokens_per_second", "requests_total",
                  "time_to_first_token_seconds"):  # fmt: skip
         assert f"# TYPE llamaonnx_{name}" in text and f'llamaonnx_{name}{{model="{model}"' in text
+    # the decode steps by their rows add up to the totals (the server is idle here)
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("llamaonnx_decode_") and f'model="{model}"' in line:
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    by_rows = {k: v for k, v in values.items() if "_by_rows_total" in k}
+    steps = {int(k.split('rows="')[1].split('"')[0]): v for k, v in by_rows.items() if "steps" in k}
+    assert steps, "the earlier tests' requests ran decode steps"
+    assert sum(steps.values()) == values[f'llamaonnx_decode_steps_total{{model="{model}"}}']
+    assert (
+        sum(k * n for k, n in steps.items())
+        == values[f'llamaonnx_decode_tokens_total{{model="{model}"}}']
+    )
 
 
 def test_a_full_queue_answers_429(tiny_folders, default_int4, tmp_path_factory):
@@ -248,6 +262,9 @@ def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, 
         assert all(lv["tokens_per_second"] > 0 for lv in levels)
     assert all(lv["engine_decode_tok_s"] > 0 for lv in ours)
     assert all(1 <= lv["engine_rows_per_step"] <= lv["clients"] for lv in ours)
+    assert all(1 <= lv["engine_full_batch_rows"] <= lv["clients"] for lv in ours)
+    assert all(lv["engine_full_batch_tok_s"] > 0 for lv in ours)
+    assert all(lv["engine_full_batch_tok_s"] is None for lv in genai)
     assert all(lv["engine_decode_tok_s"] is None for lv in genai)
     assert all(lv["engine_rows_per_step"] is None for lv in genai)
     text = (out / "load.md").read_text()

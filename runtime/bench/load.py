@@ -196,14 +196,21 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def _metric_sums(url: str, names: tuple[str, ...], api_key: str | None = None) -> dict | None:
-    """Our server's /metrics values `llamaonnx_<name>`, each summed over its models; None where
-    the server cannot be asked or reports none of them."""
+def _metrics_text(url: str, api_key: str | None = None) -> str | None:
+    """The server's /metrics page, None where it cannot be asked."""
     import httpx
 
     try:
-        text = httpx.get(f"{url}/metrics", headers=_headers(api_key), timeout=10).text
+        return httpx.get(f"{url}/metrics", headers=_headers(api_key), timeout=10).text
     except httpx.HTTPError:
+        return None
+
+
+def _metric_sums(url: str, names: tuple[str, ...], api_key: str | None = None) -> dict | None:
+    """Our server's /metrics values `llamaonnx_<name>`, each summed over its models; None where
+    the server cannot be asked or reports none of them."""
+    text = _metrics_text(url, api_key)
+    if text is None:
         return None
     sums, seen = dict.fromkeys(names, 0.0), False
     for line in text.splitlines():
@@ -222,12 +229,47 @@ def engine_counters(url: str, api_key: str | None = None) -> tuple[float, float,
     return None if sums is None else tuple(sums.values())
 
 
+def steps_by_rows(url: str, api_key: str | None = None) -> dict[int, list[float]] | None:
+    """{rows: [decode steps, seconds in them]} summed over our server's models, from /metrics'
+    `decode_{steps,seconds}_by_rows_total`; None for a server without them."""
+    import re
+
+    text = _metrics_text(url, api_key)
+    if text is None:
+        return None
+    found: dict[int, list[float]] = {}
+    pattern = re.compile(
+        r'^llamaonnx_decode_(steps|seconds)_by_rows_total\{.*rows="(\d+)".*\} (\S+)$'
+    )
+    for line in text.splitlines():
+        m = pattern.match(line)
+        if m:
+            found.setdefault(int(m[2]), [0.0, 0.0])[m[1] == "seconds"] += float(m[3])
+    return found or None
+
+
+def fullest_batch(before: dict | None, after: dict | None) -> tuple[int, float] | None:
+    """(rows, tok/s) of the decode steps with the most rows that ran between two readings of
+    `steps_by_rows`: the batch's own rate, apart from the steps of fewer rows."""
+    if after is None:
+        return None
+    before = before or {}
+    ran = {k: (v[0] - before.get(k, [0, 0])[0], v[1] - before.get(k, [0, 0])[1])
+           for k, v in after.items()}  # fmt: skip
+    ran = {k: v for k, v in ran.items() if v[0] > 0 and v[1] > 0}
+    if not ran:
+        return None
+    rows = max(ran)
+    return rows, rows * ran[rows][0] / ran[rows][1]
+
+
 def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp=0.0) -> dict:
     """`clients` threads, each sending `per_client` requests in turn (client c starts at prompt
     c, so every level sends the same mix), client c starting at c · ramp / clients seconds."""
     results: list[dict] = []
     lock = threading.Lock()
     before = engine_counters(url, api_key)
+    before_rows = steps_by_rows(url, api_key)
 
     def client(c: int) -> None:
         time.sleep(c * ramp / clients)
@@ -252,6 +294,7 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
     if before is not None and after is not None and after[1] > before[1]:
         engine_decode = (after[0] - before[0]) / (after[1] - before[1])
         rows_per_step = (after[0] - before[0]) / max(after[2] - before[2], 1)
+    fullest = fullest_batch(before_rows, steps_by_rows(url, api_key))
     return {
         "clients": clients,
         "requests": len(results),
@@ -273,6 +316,10 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         # streams a decode step ran, on average: below `clients` while some start, prefill or
         # finish (the ramp, a new request's prompt chunks, the last requests)
         "engine_rows_per_step": rows_per_step,
+        # the decode rate of the steps that ran the most rows (all the clients, or every slot):
+        # what that many streams decoding together give, occupancy left out
+        "engine_full_batch_rows": fullest[0] if fullest else None,
+        "engine_full_batch_tok_s": fullest[1] if fullest else None,
         "prompt_tokens": sorted({r["prompt_tokens"] for r in ok if r.get("prompt_tokens")}),
         # each request as sent: which client, when (s after the level began), its first token
         "timeline": [
@@ -550,20 +597,26 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         "first / time from first to last token). *engine decode tok/s*: our engine's tokens "
         "of decode steps / seconds in them (its /metrics), i.e. the batch's rate with prompt "
         "work left out; *rows/step*: the streams its average decode step ran (fewer than the "
-        "clients while some start, take their prompt or finish); — for servers that do not "
-        "report them.",
+        "clients while some start, take their prompt or finish); *full batch tok/s (rows)*: the "
+        "rate of its steps that ran the most rows, occupancy left out; — for servers that do "
+        "not report them.",
         "",
         "```bash",
         command,
         "```",
         "",
         "| server | clients | requests | errors | output tok/s | stream tok/s "
-        "| engine decode tok/s | rows/step | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine decode tok/s | rows/step | full batch tok/s (rows) | TTFT p50 ms | TTFT p95 ms "
+        "| ITL p50 ms | ITL p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def f(x, digits=0):
         return "—" if x is None else f"{x:.{digits}f}"
+
+    def full(r):
+        rate = r.get("engine_full_batch_tok_s")
+        return "—" if rate is None else f"{rate:.1f} ({r['engine_full_batch_rows']})"
 
     for t in data["targets"]:
         for r in t["levels"]:
@@ -571,7 +624,7 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
                 f"| {t['name']} | {r['clients']} | {r['requests']} | {r['errors']} | "
                 f"{f(r['tokens_per_second'], 1)} | {f(r.get('single_stream_tok_s'), 1)} | "
                 f"{f(r.get('engine_decode_tok_s'), 1)} | {f(r.get('engine_rows_per_step'), 2)} | "
-                f"{f(r['ttft_p50_ms'])} | "
+                f"{full(r)} | {f(r['ttft_p50_ms'])} | "
                 f"{f(r['ttft_p95_ms'])} "
                 f"| {f(r['itl_p50_ms'], 1)} | {f(r['itl_p95_ms'], 1)} |"
             )
