@@ -192,6 +192,10 @@ def test_a_disconnect_cancels_the_request(server):
 
 def test_health_and_metrics(server):
     url, model, _ = server
+    # a request of its own, so that decode steps ran whichever tests ran before
+    request = {"model": model, "messages": MESSAGES, "max_tokens": 4, "ignore_eos": True}
+    status, body = _post(url, "/v1/chat/completions", request)
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -207,7 +211,7 @@ def test_health_and_metrics(server):
             values[key] = float(value)
     by_rows = {k: v for k, v in values.items() if "_by_rows_total" in k}
     steps = {int(k.split('rows="')[1].split('"')[0]): v for k, v in by_rows.items() if "steps" in k}
-    assert steps, "the earlier tests' requests ran decode steps"
+    assert steps, "the request above ran decode steps"
     assert sum(steps.values()) == values[f'llamaonnx_decode_steps_total{{model="{model}"}}']
     assert (
         sum(k * n for k, n in steps.items())
@@ -271,6 +275,22 @@ def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, 
     assert "| ours | 2 | 4 | 0 |" in text and "| genai | 2 | 4 | 0 |" in text
     assert "spread over 0.2 s" in text
     assert (out / "load.png").stat().st_size > 1000
+
+
+def test_engine_figures_come_from_the_steps_between_two_readings():
+    """The load benchmark's engine figures from two readings of /metrics' steps by rows: only
+    what ran between them counts; tokens are rows × steps."""
+    from runtime.bench.load import engine_figures
+
+    before = {1: [10.0, 1.0], 4: [5.0, 2.0]}
+    after = {1: [12.0, 1.2], 4: [5.0, 2.0], 8: [3.0, 0.5]}  # 2 one-row steps, 3 of 8 rows
+    got = engine_figures(before, after)
+    assert got["decode"] == pytest.approx((2 + 24) / 0.7)
+    assert got["rows_per_step"] == pytest.approx(26 / 5)
+    assert (got["full_rows"], got["full_rate"]) == (8, pytest.approx(24 / 0.5))
+    assert engine_figures(None, after)["full_rows"] == 8  # a first reading before any step
+    assert set(engine_figures(after, None).values()) == {None}  # a server without them
+    assert set(engine_figures(after, after).values()) == {None}  # nothing ran
 
 
 def test_soak_checks_every_reply_and_leaves_no_slot_behind(tiny_folders, tmp_path):

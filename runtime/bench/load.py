@@ -221,14 +221,6 @@ def _metric_sums(url: str, names: tuple[str, ...], api_key: str | None = None) -
     return sums if seen else None
 
 
-def engine_counters(url: str, api_key: str | None = None) -> tuple[float, float, float] | None:
-    """(decode tokens, decode seconds, decode steps) summed over our server's models, from
-    /metrics; None for a server without them."""
-    names = ("decode_tokens_total", "decode_seconds_total", "decode_steps_total")
-    sums = _metric_sums(url, names, api_key)
-    return None if sums is None else tuple(sums.values())
-
-
 def steps_by_rows(url: str, api_key: str | None = None) -> dict[int, list[float]] | None:
     """{rows: [decode steps, seconds in them]} summed over our server's models, from /metrics'
     `decode_{steps,seconds}_by_rows_total`; None for a server without them."""
@@ -248,19 +240,27 @@ def steps_by_rows(url: str, api_key: str | None = None) -> dict[int, list[float]
     return found or None
 
 
-def fullest_batch(before: dict | None, after: dict | None) -> tuple[int, float] | None:
-    """(rows, tok/s) of the decode steps with the most rows that ran between two readings of
-    `steps_by_rows`: the batch's own rate, apart from the steps of fewer rows."""
+def engine_figures(before: dict | None, after: dict | None) -> dict:
+    """What our engine's decode steps did between two readings of `steps_by_rows`: the batch's
+    decode rate (tokens over seconds in decode steps), the rows a step ran on average, and the
+    rows and rate of the steps that ran the most rows. Each None for a server without them."""
+    figures = dict.fromkeys(("decode", "rows_per_step", "full_rows", "full_rate"))
     if after is None:
-        return None
+        return figures
     before = before or {}
     ran = {k: (v[0] - before.get(k, [0, 0])[0], v[1] - before.get(k, [0, 0])[1])
            for k, v in after.items()}  # fmt: skip
     ran = {k: v for k, v in ran.items() if v[0] > 0 and v[1] > 0}
     if not ran:
-        return None
+        return figures
+    tokens = sum(k * steps for k, (steps, _) in ran.items())
     rows = max(ran)
-    return rows, rows * ran[rows][0] / ran[rows][1]
+    return {
+        "decode": tokens / sum(seconds for _, seconds in ran.values()),
+        "rows_per_step": tokens / sum(steps for steps, _ in ran.values()),
+        "full_rows": rows,
+        "full_rate": rows * ran[rows][0] / ran[rows][1],
+    }
 
 
 def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp=0.0) -> dict:
@@ -268,8 +268,7 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
     c, so every level sends the same mix), client c starting at c · ramp / clients seconds."""
     results: list[dict] = []
     lock = threading.Lock()
-    before = engine_counters(url, api_key)
-    before_rows = steps_by_rows(url, api_key)
+    before = steps_by_rows(url, api_key)
 
     def client(c: int) -> None:
         time.sleep(c * ramp / clients)
@@ -289,12 +288,7 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
     ok = [r for r in results if "error" not in r]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [x for r in ok for x in r["itl"]]
-    after = engine_counters(url, api_key)
-    engine_decode = rows_per_step = None
-    if before is not None and after is not None and after[1] > before[1]:
-        engine_decode = (after[0] - before[0]) / (after[1] - before[1])
-        rows_per_step = (after[0] - before[0]) / max(after[2] - before[2], 1)
-    fullest = fullest_batch(before_rows, steps_by_rows(url, api_key))
+    engine = engine_figures(before, steps_by_rows(url, api_key))
     return {
         "clients": clients,
         "requests": len(results),
@@ -312,14 +306,14 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         )
         if any(r["itl"] and sum(r["itl"]) > 0 for r in ok)
         else None,
-        "engine_decode_tok_s": engine_decode,
+        "engine_decode_tok_s": engine["decode"],
         # streams a decode step ran, on average: below `clients` while some start, prefill or
         # finish (the ramp, a new request's prompt chunks, the last requests)
-        "engine_rows_per_step": rows_per_step,
+        "engine_rows_per_step": engine["rows_per_step"],
         # the decode rate of the steps that ran the most rows (all the clients, or every slot):
         # what that many streams decoding together give, occupancy left out
-        "engine_full_batch_rows": fullest[0] if fullest else None,
-        "engine_full_batch_tok_s": fullest[1] if fullest else None,
+        "engine_full_batch_rows": engine["full_rows"],
+        "engine_full_batch_tok_s": engine["full_rate"],
         "prompt_tokens": sorted({r["prompt_tokens"] for r in ok if r.get("prompt_tokens")}),
         # each request as sent: which client, when (s after the level began), its first token
         "timeline": [
