@@ -236,14 +236,21 @@ def _load(args) -> int:
         ramp=args.ramp,
         soak_seconds=args.soak,
     )
+    from runtime.bench.report import cpu_key, merge_sections, slug
+
     png = None
     if args.png and not args.soak:
+        if args.markdown:  # one chart per machine, beside its section
+            args.png = args.png.with_name(f"{args.png.stem}-{slug(cpu_key(data['machine']))}.png")
         args.png.parent.mkdir(parents=True, exist_ok=True)
         load.chart(data, args.png)
         if args.markdown:
             png = os.path.relpath(args.png.absolute(), args.markdown.absolute().parent)
     text = load.markdown(data, "llamaonnx " + shlex.join(args.argv), png)
     print(text)
+    if args.markdown and not args.soak:
+        old = args.markdown.read_text() if args.markdown.is_file() else ""
+        text = merge_sections(old, text, load.HEADER)
     for path, body in ((args.json, json.dumps(data, indent=2) + "\n"), (args.markdown, text)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -251,6 +251,9 @@ def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, 
     from runtime.cli import main
 
     out = tmp_path / "load"
+    out.mkdir()
+    other = "## Another CPU, AVX2, 2 cores\n\nits own table\n"
+    (out / "load.md").write_text("# Serving\n\n" + other)  # another machine's run, kept
     rc = main(["load", f"ours=llamaonnx:{tiny_folders['ort']}:2",
                f"genai=genai:{tiny_folders['ort']}:2", "--clients", "1,2",
                "--requests", "2", "--max-tokens", "6", "--prompt-words", "10", "--threads", "1",
@@ -274,7 +277,9 @@ def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, 
     text = (out / "load.md").read_text()
     assert "| ours | 2 | 4 | 0 |" in text and "| genai | 2 | 4 | 0 |" in text
     assert "spread over 0.2 s" in text
-    assert (out / "load.png").stat().st_size > 1000
+    assert text.count("\n## ") == 2 and other in text  # this machine's section beside the other
+    (png,) = out.glob("load-*.png")  # one chart per machine, named after its section
+    assert png.stat().st_size > 1000 and f"]({png.name})" in text
 
 
 def test_engine_figures_come_from_the_steps_between_two_readings():

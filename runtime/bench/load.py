@@ -567,15 +567,26 @@ def soak_markdown(data: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# docs/load.md: one section per CPU, as docs/benchmarks.md (report.merge_sections)
+HEADER = (
+    "# Serving: concurrent clients against OpenAI-compatible servers\n\nOne section per CPU "
+    "this benchmark has run on; `make load` replaces its own machine's section and keeps the "
+    "others. Speed depends on the CPU: never read one section as another machine's figure.\n"
+)
+
+
 def markdown(data: dict, command: str, png: str | None = None) -> str:
+    """A soak's report, or this machine's section of a load report (starting "## CPU")."""
     if data["targets"] and "soak" in data["targets"][0]:
         return soak_markdown(data, command)
+    from runtime.bench.report import cpu_key
+
     s, m = data["settings"], data["machine"]
     counts = sorted({n for t in data["targets"] for r in t["levels"]
                      for n in r.get("prompt_tokens") or ()})  # fmt: skip
     sizes = f" ({counts[0]}–{counts[-1]} tokens as the servers count them)" if counts else ""
     lines = [
-        "# Serving: concurrent clients against OpenAI-compatible servers",
+        f"## {cpu_key(m)}",
         "",
         f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores); {s['threads']} threads per "
         f"server, {s['prompts']} chat prompts of {s['prompt_words']} words of text{sizes}, "

@@ -70,15 +70,15 @@ SECTIONS_HEADER = (
 )
 
 
-def merge_sections(old: str, section: str) -> str:
+def merge_sections(old: str, section: str, header: str = SECTIONS_HEADER) -> str:
     """The report with `section` (starting "## KEY") in place of the one with the same KEY, or
-    added; the other machines' sections are kept as they are."""
+    added; the other machines' sections are kept as they are, under `header`."""
     key = section.splitlines()[0]
     parts = (
         [p for p in ("\n" + old).split("\n## ")[1:] if p.strip()] if "\n## " in "\n" + old else []
     )
     kept = ["## " + p.rstrip("\n") + "\n" for p in parts if "## " + p.splitlines()[0] != key]
-    return SECTIONS_HEADER + "\n" + "\n".join([section.rstrip("\n") + "\n", *kept])
+    return header + "\n" + "\n".join([section.rstrip("\n") + "\n", *kept])
 
 
 def report_markdown(data: dict, command: str, png: str | None = None) -> str:
