@@ -236,12 +236,12 @@ def _load(args) -> int:
         ramp=args.ramp,
         soak_seconds=args.soak,
     )
-    from runtime.bench.report import cpu_key, merge_sections, slug
+    from runtime.bench.report import machine_chart, merged_report
 
     png = None
     if args.png and not args.soak:
         if args.markdown:  # one chart per machine, beside its section
-            args.png = args.png.with_name(f"{args.png.stem}-{slug(cpu_key(data['machine']))}.png")
+            args.png = machine_chart(args.png, data["machine"])
         args.png.parent.mkdir(parents=True, exist_ok=True)
         load.chart(data, args.png)
         if args.markdown:
@@ -249,8 +249,7 @@ def _load(args) -> int:
     text = load.markdown(data, "llamaonnx " + shlex.join(args.argv), png)
     print(text)
     if args.markdown and not args.soak:
-        old = args.markdown.read_text() if args.markdown.is_file() else ""
-        text = merge_sections(old, text, load.HEADER)
+        text = merged_report(args.markdown, text, load.HEADER)
     for path, body in ((args.json, json.dumps(data, indent=2) + "\n"), (args.markdown, text)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,19 +295,18 @@ def _bench(args) -> int:
     outputs = []
     if args.json:
         outputs.append((args.json, json.dumps(data, indent=2) + "\n"))
+    from runtime.bench.report import machine_chart, merged_report
+
     if args.png and args.markdown:  # one chart per machine, beside its section
-        from runtime.bench.report import cpu_key, slug
-
-        args.png = args.png.with_name(f"{args.png.stem}-{slug(cpu_key(data['machine']))}.png")
+        args.png = machine_chart(args.png, data["machine"])
     if args.markdown:
-        from runtime.bench.report import merge_sections
-
         png = None
         if args.png:
             png = os.path.relpath(args.png.absolute(), args.markdown.absolute().parent)
         command = "llamaonnx " + shlex.join(args.argv)
-        old = args.markdown.read_text() if args.markdown.is_file() else ""
-        outputs.append((args.markdown, merge_sections(old, report_markdown(data, command, png))))
+        outputs.append(
+            (args.markdown, merged_report(args.markdown, report_markdown(data, command, png)))
+        )
     for path, text in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text)

@@ -81,6 +81,17 @@ def merge_sections(old: str, section: str, header: str = SECTIONS_HEADER) -> str
     return header + "\n" + "\n".join([section.rstrip("\n") + "\n", *kept])
 
 
+def machine_chart(png: Path, machine: dict) -> Path:
+    """Where a per-machine report's chart goes: `png` named after the machine's section, so
+    each machine's section keeps its own chart."""
+    return png.with_name(f"{png.stem}-{slug(cpu_key(machine))}.png")
+
+
+def merged_report(path: Path, section: str, header: str = SECTIONS_HEADER) -> str:
+    """The report at `path` (none yet: empty) with this machine's `section` merged in."""
+    return merge_sections(path.read_text() if path.is_file() else "", section, header)
+
+
 def report_markdown(data: dict, command: str, png: str | None = None) -> str:
     """This machine's section of docs/benchmarks.md: the machine, versions, exact command,
     table, sweep and chart (merge_sections puts it beside the other machines')."""
