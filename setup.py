@@ -12,7 +12,9 @@ setup(
     ext_modules=[
         Extension(
             "runtime.native._q4ops",
-            sources=[f"runtime/native/{f}.c" for f in ("matmul", "attention", "ort_binding")],
+            sources=[
+                f"runtime/native/{f}.c" for f in ("matmul", "attention", "weights", "ort_binding")
+            ],
             depends=["runtime/native/tiles.h", "runtime/native/tiles256.h"],
             extra_compile_args=["-O3", "-std=gnu11"],
             libraries=["m"],

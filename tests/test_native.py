@@ -357,6 +357,93 @@ def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSessi
     return _load(graph, threads)
 
 
+# A process that runs a folder-like model (external data, which onnxruntime maps from its file):
+# the head's MatMulQ8 first, then the tied embedding's GatherQ8 on the same initializer. It
+# prints the bytes held in huge pages and how much of the data file is still resident.
+_HELD = """
+import sys, numpy as np, onnxruntime as ort
+from runtime import native
+opts = ort.SessionOptions()
+opts.register_custom_ops_library(str(native.library_path()))
+s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+y, rows = s.run(None, {"a": np.load(sys.argv[2]), "ids": np.array([[0, 5, 2047]], np.int64)})
+np.save(sys.argv[3], y), np.save(sys.argv[4], rows)
+resident, inside = 0, False
+for line in open("/proc/self/smaps"):
+    if line[0] in "0123456789abcdef" and " " in line and "-" in line.split()[0]:
+        inside = line.rstrip().endswith("m.data")
+    elif inside and line.startswith("Rss:"):
+        resident += int(line.split()[1]) * 1024
+print(native.held_bytes(), resident)
+"""
+
+
+def test_weights_held_in_huge_pages_answer_the_same(tmp_path):
+    """Where the kernel has transparent huge pages, a matmul node copies its weights into them at
+    its first run and drops the file's own pages, so resident memory does not double. The tied
+    embedding, which reads the same initializer after the head has copied it, still gets the
+    right rows (they read back from the file). LLAMAONNX_HUGE_PAGES=0 holds nothing, and the
+    answers are the same to the bit."""
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+
+    blocks = q8_0(2048, 512)
+    packed = pack(blocks)  # 1.1 MB: a tensor onnxruntime maps rather than reads
+    nodes = [
+        helper.make_node(OP8, ["a", "b"], ["y"], domain=DOMAIN),
+        helper.make_node(GATHER8, ["b", "ids"], ["rows"], domain=DOMAIN),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 512]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("rows", TensorProto.FLOAT, None),
+        ],
+        [numpy_helper.from_array(packed, "b")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
+    )
+    in_memory = _run(model)  # before saving, which moves the weights out to m.data
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data")
+    a = np.random.default_rng(4).standard_normal((1, 512)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    runs = {}
+    for held in ("default", "0"):
+        env = {k: v for k, v in os.environ.items() if k != native.HUGE_PAGES_VARIABLE}
+        if held == "0":
+            env[native.HUGE_PAGES_VARIABLE] = "0"
+        y, rows = tmp_path / f"y{held}.npy", tmp_path / f"rows{held}.npy"
+        args = [sys.executable, "-c", _HELD, tmp_path / "m.onnx", tmp_path / "a.npy", y, rows]
+        out = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        held_bytes, resident = map(int, out.stdout.split())
+        runs[held] = np.load(y), np.load(rows), held_bytes, resident
+    want = rounded(a) @ unpack8(packed).T.astype(np.float64)
+    for y, rows, _, _ in runs.values():
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        np.testing.assert_array_equal(rows, blocks.dequantize()[[[0, 5, 2047]]])
+    np.testing.assert_array_equal(runs["default"][0], runs["0"][0])
+    # an initializer onnxruntime holds in its own memory, not a file's, is copied but never dropped
+    y, rows = in_memory.run(None, {"a": a, "ids": np.array([[0, 5, 2047]], np.int64)})
+    np.testing.assert_array_equal(y, runs["0"][0])
+    np.testing.assert_array_equal(rows, runs["0"][1])
+    assert runs["0"][2] == 0 and runs["0"][3] >= packed.nbytes  # read in place, all resident
+    if native.huge_pages_possible():
+        assert runs["default"][2] == packed.nbytes
+        assert runs["default"][3] < packed.nbytes // 4  # only the gathered rows came back
+    else:
+        assert runs["default"][2] == 0
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (1, 130)])
 def test_onnxruntime_op_matches_numpy_across_threads(shape):
     a = np.random.default_rng(7).standard_normal((*shape, 256)).astype(np.float32)

@@ -1,5 +1,5 @@
-"""llamaonnx's own onnxruntime kernels (tiles.h, matmul.c, attention.c, ort_binding.c), built by
-`pip install` into this folder as one library."""
+"""llamaonnx's own onnxruntime kernels (tiles.h, matmul.c, attention.c, weights.c,
+ort_binding.c), built by `pip install` into this folder as one library."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def library() -> ctypes.CDLL:
     lib.llamaonnx_path_supported.argtypes = [ctypes.c_int]
     lib.llamaonnx_layout.argtypes = [ctypes.c_int]
     lib.llamaonnx_layout.restype = i64
+    lib.llamaonnx_held_bytes.restype = i64
     return lib
 
 
@@ -63,6 +64,25 @@ def layout() -> dict[str, int]:
     lib = library()
     names = ("rows", "block", "tile", "tile8", "tile4f", "tile5", "tile5f", "tile6", "tile5z")
     return {k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(names)}
+
+
+HUGE_PAGES_VARIABLE = "LLAMAONNX_HUGE_PAGES"
+
+
+def huge_pages_possible() -> bool:
+    """Whether this kernel backs an madvise'd mapping with transparent huge pages (Linux, THP
+    `always` or `madvise`), where the kernels copy their weights into them (weights.c)."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def held_bytes() -> int:
+    """Bytes of weights this process's kernels hold in huge pages (0 where they read onnxruntime's
+    own pages: no transparent huge pages, or LLAMAONNX_HUGE_PAGES=0)."""
+    return int(library().llamaonnx_held_bytes())
 
 
 # the kernel library's code paths, by the numbers tiles.h gives them

@@ -1,6 +1,7 @@
 /* ort_binding.c: the library as onnxruntime sees it — its C API reached through the OrtApi
  * function table by index, the four matmul ops and GroupQueryAttention of domain ai.llamaonnx,
- * and RegisterCustomOps. The kernels are in matmul.c and attention.c. */
+ * and RegisterCustomOps. The kernels are in matmul.c and attention.c; weights.c holds their
+ * weights in huge pages. */
 #include "tiles.h"
 
 typedef struct OrtStatus OrtStatus;
@@ -112,10 +113,11 @@ static OrtStatus* optional_input(OrtKernelContext* ctx, size_t i, Input* in) {
 typedef struct {
   int bits, swiglu;
   float eps;
+  Held* _Atomic held; /* its weights in huge pages (weights.c) */
 } Kind;
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
-  const Kind* kind = (const Kind*)kernel;
+  Kind* kind = (Kind*)kernel;
   int bits = kind->bits;
   Input a, b, gamma, skip;
   TRY(input(ctx, 0, &a));
@@ -184,7 +186,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (chunk < 4) chunk = 4;
   if (m > 1) chunk = (groups + 15) / 16; /* prefill: more, smaller chunks */
   if (chunk < 1) chunk = 1;                /* (B with no rows) */
-  Job j = {(const uint8_t*)b.data, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
+  const uint8_t* w = held_weights(&kind->held, b.data, (size_t)(bdims[0] * bdims[1] * tile));
+  Job j = {w, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
            bits, tile, kind->swiglu, e + m * nb};
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
   st = chunks > 1 ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
@@ -345,7 +348,10 @@ static int output_type(const OrtCustomOp* op, size_t i) { (void)op, (void)i; ret
 static size_t output_count(const OrtCustomOp* op) { (void)op; return 1; }
 static void compute_v1(void* k, OrtKernelContext* ctx) { (void)compute(k, ctx); }
 static void gather_v1(void* k, OrtKernelContext* ctx) { (void)compute_gather(k, ctx); }
-static void destroy_kernel(void* k) { free(k); }
+static void destroy_kernel(void* k) {
+  held_release(((Kind*)k)->held);
+  free(k);
+}
 static int required(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
 /* inputs A, B required; gamma, skip optional; output 1 (A + skip) optional */
 static size_t four(const OrtCustomOp* op) { (void)op; return 4; }

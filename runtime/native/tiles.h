@@ -90,6 +90,7 @@
 #define LLAMAONNX_TILES_H
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -265,6 +266,11 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
+/* weights.c: a node's weights copied once into huge pages (`slot`: the node's, NULL at first);
+   returns the bytes to read, src itself where no copy is made */
+typedef struct Held Held;
+LLAMAONNX_INTERNAL const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes);
+LLAMAONNX_INTERNAL void held_release(Held* h);
 LLAMAONNX_INTERNAL int kernel_path(void);
 LLAMAONNX_INTERNAL int path_supported(int p);
 LLAMAONNX_INTERNAL int path_from_name(const char* name);
@@ -287,5 +293,6 @@ int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_
 int llamaonnx_kernel_path(int set);
 int llamaonnx_path_supported(int p);
 int64_t llamaonnx_layout(int what);
+int64_t llamaonnx_held_bytes(void);
 
 #endif
