@@ -48,7 +48,7 @@ from runtime.errors import (
 )
 from runtime.generator import GenerationConfig, _first_stop, _held_back
 from runtime.sampler import apply_repetition_penalty, sample
-from runtime.session import Session
+from runtime.session import Session, kv_buffers
 from runtime.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -443,7 +443,7 @@ class _Buffers:
         info = session.info
         self.session, self.info, self.slots, self.max_length = session, info, slots, max_length
         shape = (slots, info.n_kv_heads, max_length, info.head_dim)
-        self.kv = [np.zeros(shape, info.kv_dtype) for _ in range(2 * info.n_layers)]
+        self.kv = kv_buffers(2 * info.n_layers, shape, info.kv_dtype)
         self.mask = np.zeros((slots, max_length), np.int64)
         self.logits = np.empty((slots, 1, info.vocab_size), np.float32)
         # decode runs over the first k slots only, the k running ones (Engine._pack): one
