@@ -93,13 +93,20 @@ static int file_backed(uintptr_t lo, uintptr_t hi) {
   return yes;
 }
 
-/* Drops the whole pages of src's file mapping that lie inside [src, src + bytes). */
-static void drop_source(const void* src, size_t bytes) {
+/* Copies bytes from src to dst a piece at a time; where src is a private file mapping, drops
+   each piece's whole pages once copied, so the two are never both resident for more than a
+   piece (peak memory, not only the steady state, stays that of one copy). */
+static void copy_and_drop(void* dst, const void* src, size_t bytes) {
+  const size_t piece = (size_t)1 << 20;
+  int drop = file_backed((uintptr_t)src, (uintptr_t)src + bytes);
   uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-  uintptr_t lo = ((uintptr_t)src + page - 1) & ~(page - 1);
-  uintptr_t hi = ((uintptr_t)src + bytes) & ~(page - 1);
-  if (hi > lo && file_backed((uintptr_t)src, (uintptr_t)src + bytes))
-    madvise((void*)lo, hi - lo, MADV_DONTNEED);
+  uintptr_t lo = ((uintptr_t)src + page - 1) & ~(page - 1); /* the first page not yet dropped */
+  for (size_t o = 0; o < bytes; o += piece) {
+    size_t n = bytes - o < piece ? bytes - o : piece;
+    memcpy((char*)dst + o, (const char*)src + o, n);
+    uintptr_t hi = ((uintptr_t)src + o + n) & ~(page - 1); /* pages wholly copied end here */
+    if (drop && hi > lo) madvise((void*)lo, hi - lo, MADV_DONTNEED), lo = hi;
+  }
 }
 
 const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes) {
@@ -121,9 +128,8 @@ const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes) 
     if (current && current->size - current->used >= need) {
       h->copy = current->base + current->used, h->slab = current, h->bytes = bytes;
       current->used += need, current->live++;
-      memcpy(h->copy, src, bytes);
+      copy_and_drop(h->copy, src, bytes);
       held_bytes += (int64_t)bytes;
-      drop_source(src, bytes);
     }
     atomic_store_explicit(slot, h, memory_order_release);
   }
