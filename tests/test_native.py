@@ -379,8 +379,9 @@ print(native.held_bytes(), resident)
 
 
 def test_weights_held_in_huge_pages_answer_the_same(tmp_path):
-    """Where the kernel has transparent huge pages, a matmul node copies its weights into them at
-    its first run and drops the file's own pages, so resident memory does not double. The tied
+    """Where the kernel has transparent huge pages, a matmul node copies the weights onnxruntime
+    maps from the folder's file into them at its first run and drops the file's own pages, so
+    resident memory does not double. The tied
     embedding, which reads the same initializer after the head has copied it, still gets the
     right rows (they read back from the file). LLAMAONNX_HUGE_PAGES=0 holds nothing, and the
     answers are the same to the bit."""
@@ -432,8 +433,10 @@ def test_weights_held_in_huge_pages_answer_the_same(tmp_path):
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         np.testing.assert_array_equal(rows, blocks.dequantize()[[[0, 5, 2047]]])
     np.testing.assert_array_equal(runs["default"][0], runs["0"][0])
-    # an initializer onnxruntime holds in its own memory, not a file's, is copied but never dropped
+    # an initializer onnxruntime holds in its own memory, not a file's, is read in place
+    before = native.held_bytes()
     y, rows = in_memory.run(None, {"a": a, "ids": np.array([[0, 5, 2047]], np.int64)})
+    assert native.held_bytes() == before
     np.testing.assert_array_equal(y, runs["0"][0])
     np.testing.assert_array_equal(rows, runs["0"][1])
     assert runs["0"][2] == 0 and runs["0"][3] >= packed.nbytes  # read in place, all resident

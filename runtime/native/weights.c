@@ -7,8 +7,10 @@
  * always), the same bytes decode 6–14 % faster on the 2-core Intel Xeon (README, "Huge pages").
  * The bytes are the same, so the results are too.
  *
- * The copies live in slabs of at least 32 MiB, 2-MiB aligned, handed out in order, so a layer's
- * weights lie together; a slab is unmapped when its last copy is released. The file's own pages
+ * Only initializers onnxruntime maps from the folder's file are held (a weight it holds in its own
+ * memory may be an input whose bytes change between runs). The copies live in slabs of at least
+ * 32 MiB, 2-MiB aligned, handed out in order, so a layer's weights lie together; a slab is
+ * unmapped when its last copy is released (the newest one is kept, emptied, for the next). The file's own pages
  * behind a copy are dropped (MADV_DONTNEED on a private file mapping: they read back from the
  * file if anything touches them again), so resident memory does not double. Off where the
  * kernel has no transparent huge pages, on other systems, or with LLAMAONNX_HUGE_PAGES=0. */
@@ -93,19 +95,18 @@ static int file_backed(uintptr_t lo, uintptr_t hi) {
   return yes;
 }
 
-/* Copies bytes from src to dst a piece at a time; where src is a private file mapping, drops
-   each piece's whole pages once copied, so the two are never both resident for more than a
-   piece (peak memory, not only the steady state, stays that of one copy). */
+/* Copies bytes from src (a private file mapping) to dst a piece at a time, dropping each piece's
+   whole pages once copied, so the two are never both resident for more than a piece (peak
+   memory, not only the steady state, stays that of one copy). */
 static void copy_and_drop(void* dst, const void* src, size_t bytes) {
   const size_t piece = (size_t)1 << 20;
-  int drop = file_backed((uintptr_t)src, (uintptr_t)src + bytes);
   uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
   uintptr_t lo = ((uintptr_t)src + page - 1) & ~(page - 1); /* the first page not yet dropped */
   for (size_t o = 0; o < bytes; o += piece) {
     size_t n = bytes - o < piece ? bytes - o : piece;
     memcpy((char*)dst + o, (const char*)src + o, n);
     uintptr_t hi = ((uintptr_t)src + o + n) & ~(page - 1); /* pages wholly copied end here */
-    if (drop && hi > lo) madvise((void*)lo, hi - lo, MADV_DONTNEED), lo = hi;
+    if (hi > lo) madvise((void*)lo, hi - lo, MADV_DONTNEED), lo = hi;
   }
 }
 
@@ -117,6 +118,10 @@ const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes) 
   h = atomic_load_explicit(slot, memory_order_relaxed);
   if (!h && (h = calloc(1, sizeof(Held)))) {
     h->src = src;
+    /* only an initializer onnxruntime maps from the folder's file: memory it owns (a weight
+       given inline, or one fed as an input, whose bytes may change between runs) is read in
+       place */
+    if (!file_backed((uintptr_t)src, (uintptr_t)src + bytes)) goto done;
     size_t need = (bytes + 63) & ~(size_t)63;
     if (!current || current->size - current->used < need) {
       Slab* s = new_slab(need);
@@ -131,6 +136,7 @@ const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes) 
       copy_and_drop(h->copy, src, bytes);
       held_bytes += (int64_t)bytes;
     }
+  done:
     atomic_store_explicit(slot, h, memory_order_release);
   }
   pthread_mutex_unlock(&lock);
@@ -142,9 +148,9 @@ void held_release(Held* h) {
   pthread_mutex_lock(&lock);
   if (h->slab) {
     held_bytes -= (int64_t)h->bytes;
-    if (--h->slab->live == 0 && h->slab != current) {
-      munmap(h->slab->base, h->slab->size);
-      free(h->slab);
+    if (--h->slab->live == 0) {
+      if (h->slab == current) current->used = 0; /* the next session's copies reuse it */
+      else munmap(h->slab->base, h->slab->size), free(h->slab);
     }
   }
   pthread_mutex_unlock(&lock);
