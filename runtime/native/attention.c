@@ -50,87 +50,229 @@ AVX512 INLINE __m256 lane_sums8(const __m512* acc) {
   return _mm512_castps512_ps256(u);
 }
 
-/* Columns i0 .. i0 + 16w of the G heads' weighted values Σ_j p_hj · V[j] (p: sc's rows), into
-   their parts: 4·G chains along the keys, each value read once for the G heads. */
-AVX512 INLINE void weigh_values(const float* sc, const void* v, int half, int G, int64_t n,
+/* Columns i0 .. i0 + 16w of R rows' weighted values Σ_j p_rj · V[j] (p: sc's rows, ATTN_CHUNK
+   apart), into their parts (d + 2 apart): 4·R chains along the keys, each value read once for
+   the R rows (a decode step: the heads of a group; a prompt's block: its queries' heads too). */
+AVX512 INLINE void weigh_values(const float* sc, const void* v, int half, int R, int64_t n,
                                 int64_t d, int64_t i0, int w, float* parts) {
-  __m512 acc[3][4];
-  for (int h = 0; h < G; h++)
+  __m512 acc[6][4];
+  for (int h = 0; h < R; h++)
     for (int c = 0; c < w; c++) acc[h][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j++) {
     __m512 vj[4];
     for (int c = 0; c < w; c++) vj[c] = load512(v, j * d + i0 + 16 * c, half);
-    for (int h = 0; h < G; h++) {
+    for (int h = 0; h < R; h++) {
       __m512 pj = _mm512_set1_ps(sc[h * ATTN_CHUNK + j]);
       for (int c = 0; c < w; c++) acc[h][c] = _mm512_fmadd_ps(pj, vj[c], acc[h][c]);
     }
   }
-  for (int h = 0; h < G; h++)
+  for (int h = 0; h < R; h++)
     for (int c = 0; c < w; c++) _mm512_storeu_ps(parts + h * (d + 2) + 2 + i0 + 16 * c, acc[h][c]);
+}
+
+/* weigh_values over all d columns, 64 at a time */
+AVX512 INLINE void weigh_all(const float* sc, const void* v, int half, int R, int64_t n,
+                             int64_t d, float* parts) {
+  for (int64_t i0 = 0; i0 < d; i0 += 64) {
+    if (d - i0 >= 64) weigh_values(sc, v, half, R, n, d, i0, 4, parts);
+    else weigh_values(sc, v, half, R, n, d, i0, (int)((d - i0) / 16), parts);
+  }
+}
+
+/* A row's softmax over its n scores p[0:n] (max mx): p[j] ← e^(p[j] − mx), 16 at a time from
+   j = 0, and part = [mx, Σ e] (the sum lane-wise, then _mm512_reduce_add_ps). Both schedules
+   call this one function, so they round alike. */
+AVX512 INLINE void softmax512(float* p, int64_t n, float mx, float* part) {
+  __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
+    _mm512_storeu_ps(p + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + j), m));
+    _mm512_mask_storeu_ps(p + j, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  part[0] = mx, part[1] = _mm512_reduce_add_ps(sum);
 }
 
 /* One chunk of n keys for G ≤ 3 query heads that share a kv head (see tiles.h), reading each key
    and value once for all G: for head h, m = max of scale · q_h·K[0:n], l = Σ e^(score − m) and
    acc[0:d] = Σ e^(score − m) · V[j] (not yet divided by l), into parts + h·(d + 2) = [m, l, acc];
    d a multiple of 16, sc G × ATTN_CHUNK floats. Scores 8 keys at a time (8·G chains, one per
-   key and head, each along d); the weighted values 64 columns at a time (4·G chains along the
-   keys). */
+   key and head, each along d, lane l summing dims l, l + 16, …; the lanes summed by lane_sums8's
+   tree, which scores_block512 reproduces for a prompt); the weighted values 64 columns at a time
+   (4·G chains along the keys). A last group of fewer than 8 keys repeats key n − 1 in the
+   missing places and keeps only the real keys' scores. */
 AVX512 INLINE void chunk512(const float* q, const void* k, const void* v, int half, int G,
                             int64_t n, int64_t d, float scale, float* sc, float* parts) {
   __m512 best[3];
   for (int h = 0; h < G; h++) best[h] = _mm512_set1_ps(-INFINITY);
-  int64_t j0 = 0;
-  for (; j0 + 8 <= n; j0 += 8) {
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    int64_t last = n - 1 - j0 < 7 ? n - 1 - j0 : 7; /* keys j0 .. j0 + last are real */
+    __mmask8 real = (__mmask8)((1u << (last + 1)) - 1);
     __m512 acc[3][8];
     for (int h = 0; h < G; h++)
       for (int jj = 0; jj < 8; jj++) acc[h][jj] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
 #pragma GCC unroll 8
       for (int jj = 0; jj < 8; jj++) {
-        __m512 kj = load512(k, (j0 + jj) * d + i, half);
+        __m512 kj = load512(k, (j0 + (jj < last ? jj : last)) * d + i, half);
         for (int h = 0; h < G; h++)
           acc[h][jj] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + i), kj, acc[h][jj]);
       }
     }
     for (int h = 0; h < G; h++) {
       __m256 r = _mm256_mul_ps(lane_sums8(acc[h]), _mm256_set1_ps(scale));
-      _mm256_storeu_ps(sc + h * ATTN_CHUNK + j0, r);
-      best[h] = _mm512_max_ps(best[h], _mm512_castps256_ps512(r));
+      _mm256_mask_storeu_ps(sc + h * ATTN_CHUNK + j0, real, r);
+      best[h] = _mm512_mask_max_ps(best[h], (__mmask16)real, best[h], _mm512_castps256_ps512(r));
     }
   }
-  float mx[3];
-  for (int h = 0; h < G; h++) {
-    mx[h] = -INFINITY;
-    if (j0) mx[h] = _mm512_mask_reduce_max_ps(0xff, best[h]);
+  for (int h = 0; h < G; h++)
+    softmax512(sc + h * ATTN_CHUNK, n, _mm512_mask_reduce_max_ps(0xff, best[h]),
+               parts + h * (d + 2));
+  weigh_all(sc, v, half, G, n, d, parts);
+}
+
+/* The 16 keys' scores of R rows of queries (q: R × d, rows d apart) for KB groups of 16 keys of
+   a transposed chunk (kt: d × ATTN_CHUNK, key j's dim i at kt[i·ATTN_CHUNK + j]), into sc (rows
+   ATTN_CHUNK apart), the same numbers as chunk512's: lane l of a key's chain sums dims l,
+   l + 16, … in order (here the key's lane in the register of dim-lane l), then the 16 lanes in
+   lane_sums8's tree: s_t = (P[4t] + P[4t+2]) + (P[4t+1] + P[4t+3]), score = (s0 + s1) + (s2 + s3),
+   times scale. The keys in the lanes make that tree 15 vertical adds instead of shuffles. Lanes
+   4t + e and 4t + e + 2 go together (2·R·KB chains along d); s0 + s1 and s2 wait in `hold`. */
+AVX512 INLINE void scores_block512(const float* q, int R, const float* kt, int KB, int64_t d,
+                                   float scale, float* sc) {
+  __m512 hold[2][4][2]; /* s0, then s0 + s1; s2 */
+  for (int t = 0; t < 4; t++) {
+    __m512 x[4][2];
+    for (int half = 0; half < 2; half++) { /* lanes (4t, 4t + 2), then (4t + 1, 4t + 3) */
+      __m512 p[2][4][2];
+      for (int u = 0; u < 2; u++)
+        for (int r = 0; r < R; r++)
+          for (int b = 0; b < KB; b++) p[u][r][b] = _mm512_setzero_ps();
+      for (int64_t i = 4 * t + half; i < d; i += 16)
+        for (int u = 0; u < 2; u++) {
+          __m512 kv[2];
+          for (int b = 0; b < KB; b++)
+            kv[b] = _mm512_loadu_ps(kt + (i + 2 * u) * ATTN_CHUNK + 16 * b);
+          for (int r = 0; r < R; r++) {
+            __m512 qi = _mm512_set1_ps(q[r * d + i + 2 * u]);
+            for (int b = 0; b < KB; b++) p[u][r][b] = _mm512_fmadd_ps(qi, kv[b], p[u][r][b]);
+          }
+        }
+      for (int r = 0; r < R; r++)
+        for (int b = 0; b < KB; b++) {
+          __m512 y = _mm512_add_ps(p[0][r][b], p[1][r][b]);
+          x[r][b] = half ? _mm512_add_ps(x[r][b], y) : y; /* s_t */
+        }
+    }
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < KB; b++) {
+        if (t == 0) hold[0][r][b] = x[r][b];
+        else if (t == 1) hold[0][r][b] = _mm512_add_ps(hold[0][r][b], x[r][b]);
+        else if (t == 2) hold[1][r][b] = x[r][b];
+        else {
+          __m512 score = _mm512_add_ps(hold[0][r][b], _mm512_add_ps(hold[1][r][b], x[r][b]));
+          score = _mm512_mul_ps(score, _mm512_set1_ps(scale));
+          _mm512_storeu_ps(sc + r * ATTN_CHUNK + 16 * b, score);
+        }
+      }
   }
-  for (int64_t j = j0; j < n; j++)
-    for (int h = 0; h < G; h++) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < d; i += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + i), load512(k, j * d + i, half), acc);
-      float x = sc[h * ATTN_CHUNK + j] = _mm512_reduce_add_ps(acc) * scale;
-      mx[h] = x > mx[h] ? x : mx[h];
+}
+
+/* Scores of `rows` rows of queries for keys 0 .. 16·groups of a transposed chunk: blocks of four
+   rows and two groups of keys (2·4·2 chains in registers, six loads for eight multiply-adds). */
+AVX512 static void scores512(const float* q, int64_t rows, const float* kt, int64_t groups,
+                             int64_t d, float scale, float* sc) {
+  for (int64_t g = 0; g < groups; g += 2)
+    for (int64_t r = 0; r < rows; r += 4) {
+      const float* qr = q + r * d;
+      float* out = sc + r * ATTN_CHUNK + 16 * g;
+      const float* kg = kt + 16 * g;
+      int few = rows - r < 4 ? (int)(rows - r) : 0, two = groups - g >= 2;
+      if (!few && two) scores_block512(qr, 4, kg, 2, d, scale, out); /* the common case */
+      else if (two) scores_block512(qr, few, kg, 2, d, scale, out);
+      else scores_block512(qr, few ? few : 4, kg, 1, d, scale, out);
     }
-  for (int h = 0; h < G; h++) {
-    float* p = sc + h * ATTN_CHUNK;
-    __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx[h]);
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
-      _mm512_storeu_ps(p + j, e);
-      sum = _mm512_add_ps(sum, e);
-    }
+}
+
+/* 16 rows of 16 floats (rows ≥ `real` read as zeros) transposed: dst[i·ds + j] = src[j·ss + i] */
+AVX512 static void transpose16(const float* src, int64_t ss, int real, float* dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; i++)
+    r[i] = i < real ? _mm512_loadu_ps(src + i * ss) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; i++) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+  for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ds, r[i]);
+}
+
+/* A chunk's n keys (k: n × d, fp32) as kt: d × ATTN_CHUNK, the keys past n up to a multiple of
+   16 zero. */
+AVX512 static void transpose_keys(const float* k, int64_t n, int64_t d, float* kt) {
+  for (int64_t j = 0; j < n; j += 16)
+    for (int64_t i = 0; i < d; i += 16)
+      transpose16(k + j * d + i, d, n - j < 16 ? (int)(n - j) : 16, kt + i * ATTN_CHUNK + j,
+                  ATTN_CHUNK);
+}
+
+/* A prompt block's step 2 for one chunk on AVX-512: `rows` rows of queries (query r's G heads
+   at rows r·G .. r·G + G − 1; q rows × d), row x taking nk[x] ≥ 1 keys of the chunk (k, v: fp32
+   rows; nk non-decreasing), each row's part into parts + x·(d + 2). The same numbers as chunk512
+   gives each row alone (a decode step): scores by scores512 on the transposed keys, then
+   softmax512 and weigh_values on runs of rows with the same nk, up to six rows a pass. */
+AVX512 static void block512(const float* q, int64_t rows, const int64_t* nk, const float* k,
+                            const float* v, int64_t d, float scale, float* kt, float* sc,
+                            float* parts) {
+  int64_t n_max = nk[rows - 1];
+  transpose_keys(k, n_max, d, kt);
+  scores512(q, rows, kt, (n_max + 15) / 16, d, scale, sc);
+  for (int64_t x = 0; x < rows; x++) {
+    float* p = sc + x * ATTN_CHUNK;
+    int64_t n = nk[x], j = 0;
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= n; j += 16) best = _mm512_max_ps(best, _mm512_loadu_ps(p + j));
     if (j < n) {
       __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
-      __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + j), m));
-      _mm512_mask_storeu_ps(p + j, tail, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+      best = _mm512_mask_max_ps(best, tail, best, _mm512_loadu_ps(p + j));
     }
-    parts[h * (d + 2)] = mx[h], parts[h * (d + 2) + 1] = _mm512_reduce_add_ps(sum);
+    softmax512(p, n, _mm512_reduce_max_ps(best), parts + x * (d + 2));
   }
-  for (int64_t i0 = 0; i0 < d; i0 += 64) {
-    if (d - i0 >= 64) weigh_values(sc, v, half, G, n, d, i0, 4, parts);
-    else weigh_values(sc, v, half, G, n, d, i0, (int)((d - i0) / 16), parts);
+  for (int64_t x = 0; x < rows;) {
+    int64_t y = x + 1;
+    while (y < rows && y - x < 6 && nk[y] == nk[x]) y++;
+    float* px = parts + x * (d + 2);
+    const float* sx = sc + x * ATTN_CHUNK;
+    switch (y - x) { /* the row count a constant in each, so the chains stay in registers */
+      case 6: weigh_all(sx, v, 0, 6, nk[x], d, px); break;
+      case 5: weigh_all(sx, v, 0, 5, nk[x], d, px); break;
+      case 4: weigh_all(sx, v, 0, 4, nk[x], d, px); break;
+      case 3: weigh_all(sx, v, 0, 3, nk[x], d, px); break;
+      case 2: weigh_all(sx, v, 0, 2, nk[x], d, px); break;
+      default: weigh_all(sx, v, 0, 1, nk[x], d, px); break;
+    }
+    x = y;
   }
 }
 /* chunk512 for each size of head group and both caches, G and half constants in each */
@@ -429,21 +571,46 @@ void attn_rows(void* data, size_t task) {
     n[s - s0] = keys_of(a, b, s);
     n_max = n[s - s0] > n_max ? n[s - s0] : n_max;
   }
-  size_t floats = 3 * ATTN_CHUNK + (size_t)(rows * group * d + (rows + 1) * group * (d + 2)) +
+  int wide = 0; /* AVX-512: the block's rows together (block512) */
+#if defined(__x86_64__)
+  wide = kernel_path() == PATH_AVX512 && d % 16 == 0;
+#endif
+  int64_t lines = wide ? rows * group : 3; /* score rows */
+  size_t floats = (size_t)(lines * ATTN_CHUNK) +
+                  (size_t)(rows * group * d + (rows + 1) * group * (d + 2)) +
+                  (size_t)(wide ? rows * group * (d + 2) + ATTN_CHUNK * d : 0) +
                   (a->kv16 ? 2 * ATTN_CHUNK * (size_t)d : 0);
   float* sc = malloc(sizeof(float) * floats + 64);
   if (!sc) {
     *a->failed = 1; /* the op returns an error */
     return;
   }
-  float *q = sc + 3 * ATTN_CHUNK, *part = q + rows * group * d, *state = part + group * (d + 2);
+  float *q = sc + lines * ATTN_CHUNK, *part = q + rows * group * d;
+  float* state = part + group * (d + 2);
   float *kbuf = state + rows * group * (d + 2), *vbuf = kbuf + ATTN_CHUNK * d;
+  float *parts = a->kv16 ? vbuf + ATTN_CHUNK * d : kbuf, *kt = parts + rows * group * (d + 2);
   const void *kc = head_cache(a, a->key, b, g), *vc = head_cache(a, a->value, b, g);
   for (int64_t s = s0; s < s1; s++)
     if (n[s - s0] > 0) rotated_queries(a, b, g, s, q + (s - s0) * group * d);
   for (int64_t c0 = 0; c0 < n_max; c0 += ATTN_CHUNK) {
     int64_t width = n_max - c0 < ATTN_CHUNK ? n_max - c0 : ATTN_CHUNK;
     const float *k = cache_rows(a, kc, c0, width, kbuf), *v = cache_rows(a, vc, c0, width, vbuf);
+#if defined(__x86_64__)
+    if (wide) {
+      int64_t first = 0, nk[ATTN_QUERIES * 8];
+      while (n[first] <= c0) first++; /* n non-decreasing: the rows with keys here, a suffix */
+      int64_t lines_here = (rows - first) * group;
+      for (int64_t r = first; r < rows; r++)
+        for (int64_t i = 0; i < group; i++)
+          nk[(r - first) * group + i] = n[r] - c0 < ATTN_CHUNK ? n[r] - c0 : ATTN_CHUNK;
+      if (group <= 8) {
+        block512(q + first * group * d, lines_here, nk, k, v, d, a->scale, kt, sc, parts);
+        for (int64_t x = 0; x < lines_here; x++)
+          merge(state + (first * group + x) * (d + 2), parts + x * (d + 2), d, c0 == 0);
+        continue;
+      }
+    }
+#endif
     for (int64_t r = 0; r < rows; r++) {
       if (n[r] <= c0) continue;
       int64_t nk = n[r] - c0 < ATTN_CHUNK ? n[r] - c0 : ATTN_CHUNK;

@@ -223,7 +223,11 @@ typedef struct {
  * as it goes. The same chunks merged in the same order either way: a position's output does not
  * depend on how it was scheduled (chunked prefill, batching).
  * On AVX-512 a chunk's keys and values are read once for up to three query heads of the group
- * (8 keys × 3 heads of score chains, 4 × 3 of value chains in registers).
+ * (8 keys × 3 heads of score chains, 4 × 3 of value chains in registers). A prompt's block
+ * transposes each chunk's keys once (keys along the register's lanes) and scores four rows of
+ * queries × 32 keys at a time: the same products in the same chains, and the lanes summed in the
+ * same tree, which is 15 vertical adds there instead of shuffles; its values go six rows at a
+ * time. 1.6× the attention of a 4096-token prompt.
  * The cache may be fp16 (the op is registered a second time with float16 past/present; quantize's
  * default wherever this op runs): each new key and value is rounded to fp16 once; a decode step
  * reads the cache in place, converting in its loads, and a prompt's block of queries converts
