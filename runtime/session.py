@@ -83,8 +83,9 @@ class KVCache:
             )
 
 
-def register_custom_ops(opts, info: ModelInfo) -> None:
-    """Loads the kernel libraries the folder's graph names (llamaonnx.json `custom_ops`)."""
+def register_custom_ops(opts, info: ModelInfo, library: str | Path | None = None) -> None:
+    """Loads the kernel libraries the folder's graph names (llamaonnx.json `custom_ops`):
+    the installed one, or `library` (another build of it, for an A/B in one process)."""
     from runtime import native
 
     for domain in info.custom_ops:
@@ -93,7 +94,10 @@ def register_custom_ops(opts, info: ModelInfo) -> None:
                 f"{info.folder} needs custom ops of domain {domain!r}; this runtime has only "
                 f"{native.DOMAIN!r}"
             )
-        opts.register_custom_ops_library(str(native.library_path()))
+        path = Path(library) if library else native.library_path()
+        if not path.is_file():
+            raise ModelFolderError(f"kernel library {path} does not exist")
+        opts.register_custom_ops_library(str(path))
         if not native.fast_path():
             log.warning(
                 "%s runs llamaonnx's kernels, and this CPU has neither AVX2 nor AVX-512 VNNI: "
@@ -129,7 +133,9 @@ class Session:
     file rather than silent garbage. It reads the whole folder once (README: "Integrity").
     `threads`: onnxruntime's intra-op threads, 1 to 4× the core count (None: its own choice).
     `profile`: a file prefix; onnxruntime's profiler records every run until
-    `self.session.end_profiling()` writes its JSON (runtime/bench/profile.py reads it)."""
+    `self.session.end_profiling()` writes its JSON (runtime/bench/profile.py reads it).
+    `kernel_library`: another build of llamaonnx's kernel library in place of the installed one
+    (runtime/bench/ab.py compares two in one process)."""
 
     def __init__(
         self,
@@ -140,6 +146,7 @@ class Session:
         cuda_graph: bool = False,
         check_files: bool = True,
         profile: str | None = None,
+        kernel_library: str | Path | None = None,
     ):
         import onnxruntime as ort
 
@@ -168,7 +175,7 @@ class Session:
         if profile:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile
-        register_custom_ops(opts, self.info)
+        register_custom_ops(opts, self.info, kernel_library)
         providers = (
             [
                 ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}),

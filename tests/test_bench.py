@@ -122,3 +122,45 @@ def test_the_report_keeps_one_section_per_cpu():
     assert text.startswith("# Benchmarks")
     assert "zen2" in text and "new zen4" in text and "old zen4" not in text
     assert text.count("## AMD EPYC") == 2
+
+
+def test_ab_compares_two_kernel_libraries_in_one_process(tiny_folders, tmp_path, capsys):
+    """`python -m runtime.bench.ab`: two builds of the kernel library (here the installed one and
+    a copy of it) on one folder, interleaved; each gets its own session, the report has every
+    length and library, a ratio of 1 for the first library, and the same greedy tokens from
+    the same bytes. Bad --lib arguments are refused with what was wrong."""
+    import shutil
+
+    from export.quant import QuantSettings, quantize_folder
+    from runtime import native
+    from runtime.bench import ab
+
+    folder = tmp_path / "int4"
+    quantize_folder(
+        tiny_folders["ort"], folder, QuantSettings("int4", kernel="native"), verify=False
+    )
+    copy = tmp_path / "copy.so"
+    shutil.copy(native.library_path(), copy)
+    out = tmp_path / "ab.json"
+    rc = ab.main([str(folder), "--lib", f"installed={native.library_path()}", "--lib",
+                  f"copy={copy}", "--prompt-tokens", "9,20", "--new-tokens", "5", "--rounds",
+                  "3", "--threads", "1", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [row["prompt_tokens"] for row in report["lengths"]] == [9, 20]
+    for row in report["lengths"]:
+        assert list(row["engines"]) == ["installed", "copy"]
+        first, second = row["engines"]["installed"], row["engines"]["copy"]
+        assert first["decode_ratio"] == 1.0 and first["prefill_ratio"] == 1.0
+        assert second["same_tokens"] and second["decode_tokens_per_second"] > 0
+    table = capsys.readouterr().out
+    assert "| 20 | copy |" in table and "decode ratio" in table
+    for bad, says in [
+        ([f"one={copy}"], "at least two"),
+        ([f"a={copy}", f"a={copy}"], "given twice"),
+        ([f"a={copy}", "b=/nonexistent.so"], "no such file"),
+        ([f"a={copy}", str(copy)], "NAME=PATH"),
+    ]:
+        with pytest.raises(SystemExit):
+            ab.main([str(folder), *sum((["--lib", b] for b in bad), [])])
+        assert says in capsys.readouterr().err
