@@ -154,3 +154,32 @@ def test_a_q8_0_file_quantized_to_int4_is_4_bit(tmp_path):
     assert q.weights["layers.0.attention.wq"].origin.startswith("rtn")
     assert q.weights["layers.0.attention.wq"].bits == 4
     assert q.weights["output"].origin == "gguf-Q8_0" and q.weights["output"].carried
+
+
+def test_gguf_quality_table_shows_both_divergences():
+    """docs/gguf_quality.md puts llama.cpp's KL from the reference beside ours (perplexity
+    ratios scatter by chance; KL only grows with the error); rows scored before it was measured
+    say so with a dash instead of a number."""
+    from export.verify.gguf_quality import markdown
+
+    def row(file, cpp_kl):
+        text = {
+            "tokens": 503, "reference_perplexity": 18.914, "perplexity": 18.875,
+            "llama_cpp_perplexity": 18.775, "ratio_to_reference": 0.9980,
+            "ratio_to_llama_cpp": 1.0053, "llama_cpp_ratio_to_reference": 0.9927,
+            "kl_divergence": 2.9e-3,
+        }  # fmt: skip
+        if cpp_kl is not None:
+            text["llama_cpp_kl_divergence"] = cpp_kl
+        return {"file": file, "tensor_types": {"Q4_1": 210}, "precision": "int4",
+                "kernel": "native", "texts": {"prose": text}}  # fmt: skip
+
+    table = markdown([row("new.gguf", 3.4e-3), row("old.gguf", None)], "test CPU").splitlines()
+    header = next(line for line in table if line.startswith("| file"))
+    new = next(line for line in table if line.startswith("| new.gguf"))
+    old = next(line for line in table if line.startswith("| old.gguf"))
+    cells = [c.strip() for c in header.split("|")]
+    at = cells.index("llama.cpp KL")
+    assert [c.strip() for c in new.split("|")][at] == "3.4e-03"
+    assert [c.strip() for c in old.split("|")][at] == "—"
+    assert [c.strip() for c in new.split("|")][cells.index("KL")] == "2.9e-03"

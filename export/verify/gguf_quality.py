@@ -2,8 +2,9 @@
 token ids: our fp32 folder of the file (the reference: the file's own dequantized weights), our
 quantized folder with the file's blocks carried, and llama.cpp on the file itself (through
 llama-cpp-python, the `bench` extra). Scored on the project's three texts (prose, chat, code):
-perplexity, its ratio to the fp32 reference, mean KL from the reference, and the ratio of our
-perplexity to llama.cpp's. `make quality` runs it and writes docs/gguf_quality.md.
+perplexity, its ratio to the fp32 reference, mean KL from the reference (ours and llama.cpp's:
+which of the two stays closer to the model the file holds), and the ratio of our perplexity to
+llama.cpp's. `make quality` runs it and writes docs/gguf_quality.md.
 
     python -m export.verify.gguf_quality [--models models] [--out docs/gguf_quality.md]
         [--types Q4_0,Q4_1,...] [--extra NAME=FILE.gguf:PRECISION ...] [--append]
@@ -128,7 +129,7 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
         ref, ours = folder_logits(fp32, ids), folder_logits(quant, ids)
         theirs = llama_cpp_logits(path, ids)
         p_ref, p_ours, p_cpp = (perplexity(x, ids) for x in (ref, ours, theirs))
-        kl = mean_kl(ref[:-1], ours[:-1])
+        kl, kl_cpp = mean_kl(ref[:-1], ours[:-1]), mean_kl(ref[:-1], theirs[:-1])
         row["texts"][kind] = {
             "tokens": len(ids),
             "reference_perplexity": p_ref,
@@ -138,6 +139,7 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
             "ratio_to_llama_cpp": p_ours / p_cpp,
             "llama_cpp_ratio_to_reference": p_cpp / p_ref,
             "kl_divergence": kl,
+            "llama_cpp_kl_divergence": kl_cpp,
         }
     progress(f"{name}: scored ({time.perf_counter() - t:.0f}s)")
     return row
@@ -152,22 +154,26 @@ def markdown(rows: list[dict], cpu: str) -> str:
         "file's blocks carried, on onnxruntime's CPU provider (`native`: llamaonnx's kernels, with",
         "MatMulNBits for the blocks their tiles do not hold; `nbits`: MatMulNBits; both with int8",
         "activations). llama.cpp: llama-cpp-python on the file, same token ids, every position's",
-        f"logits. CPU: {cpu}.",
+        f"logits. CPU: {cpu}. KL: mean KL divergence from the reference's next-token",
+        "distribution, nats (perplexity ratios move up and down by chance; KL only grows with the",
+        "error).",
         "",
         "| file | tensors | ours | text | tokens | reference ppl | ours ppl | ×ref | KL | "
-        "llama.cpp ppl | llama.cpp ×ref | ours ÷ llama.cpp |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "llama.cpp ppl | llama.cpp ×ref | llama.cpp KL | ours ÷ llama.cpp |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         types = ", ".join(f"{n}× {t}" for t, n in sorted(r["tensor_types"].items()))
         for kind, s in r["texts"].items():
+            kl = s.get("llama_cpp_kl_divergence")  # rows from before it was measured: none
+            cpp_kl = "—" if kl is None else f"{kl:.1e}"
             lines.append(
                 f"| {r['file']} | {types} | {r['precision']} {r.get('kernel') or ''} | {kind} | "
                 f"{s['tokens']} | "
                 f"{s['reference_perplexity']:.3f} | {s['perplexity']:.3f} | "
                 f"{s['ratio_to_reference']:.4f} | {s['kl_divergence']:.1e} | "
                 f"{s['llama_cpp_perplexity']:.3f} | {s['llama_cpp_ratio_to_reference']:.4f} | "
-                f"{s['ratio_to_llama_cpp']:.4f} |"
+                f"{cpp_kl} | {s['ratio_to_llama_cpp']:.4f} |"
             )
             types = ""
     return "\n".join(lines) + "\n"
