@@ -159,7 +159,7 @@ def test_a_q8_0_file_quantized_to_int4_is_4_bit(tmp_path):
 def test_gguf_quality_table_shows_both_divergences():
     """docs/gguf_quality.md puts llama.cpp's KL from the reference beside ours (perplexity
     ratios scatter by chance; KL only grows with the error); rows scored before it was measured
-    say so with a dash instead of a number."""
+    say so with a dash instead of a number, and each row's machine is named."""
     from export.verify.gguf_quality import markdown
 
     def row(file, cpp_kl):
@@ -183,3 +183,8 @@ def test_gguf_quality_table_shows_both_divergences():
     assert [c.strip() for c in new.split("|")][at] == "3.4e-03"
     assert [c.strip() for c in old.split("|")][at] == "—"
     assert [c.strip() for c in new.split("|")][cells.index("KL")] == "2.9e-03"
+    # rows kept from a run on another machine name theirs (`--append`)
+    assert "CPU: test CPU." in "\n".join(table)
+    elsewhere = {**row("new.gguf", 3.4e-3), "cpu": "Other CPU"}
+    text = markdown([elsewhere, row("old.gguf", None)], "test CPU")
+    assert "CPUs: Other CPU (new.gguf); test CPU (old.gguf)." in text

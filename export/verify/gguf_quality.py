@@ -146,6 +146,14 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
 
 
 def markdown(rows: list[dict], cpu: str) -> str:
+    """The table; `cpu` names the machine of rows that do not record their own."""
+    where: dict[str, list[str]] = {}
+    for r in rows:
+        where.setdefault(r.get("cpu") or cpu, []).append(r["file"])
+    if len(where) == 1:
+        machines = f"CPU: {next(iter(where))}."
+    else:
+        machines = "CPUs: " + "; ".join(f"{c} ({', '.join(f)})" for c, f in where.items()) + "."
     lines = [
         "# GGUF files: our carried blocks beside llama.cpp on the same file",
         "",
@@ -154,7 +162,7 @@ def markdown(rows: list[dict], cpu: str) -> str:
         "file's blocks carried, on onnxruntime's CPU provider (`native`: llamaonnx's kernels, with",
         "MatMulNBits for the blocks their tiles do not hold; `nbits`: MatMulNBits; both with int8",
         "activations). llama.cpp: llama-cpp-python on the file, same token ids, every position's",
-        f"logits. CPU: {cpu}. KL: mean KL divergence from the reference's next-token",
+        f"logits. {machines} KL: mean KL divergence from the reference's next-token",
         "distribution, nats (perplexity ratios move up and down by chance; KL only grows with the",
         "error).",
         "",
@@ -212,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         file, precision = rest.rsplit(":", 1)
         jobs.append((name, Path(file), precision))
     rows = [score(n, f, prec, a.models, lambda m: print(m, flush=True)) for n, f, prec in jobs]
+    for r in rows:
+        r["cpu"] = machine()["cpu"]
     if a.append and a.out.with_suffix(".json").is_file():  # earlier rows of other files stay
         done = {r["file"] for r in rows}
         old = json.loads(a.out.with_suffix(".json").read_text())
