@@ -740,9 +740,12 @@ def test_attention_matches_onnxruntime_group_query_attention(path, n, kv):
 
 
 # the AVX-512 kernel takes up to three query heads of a group at a time (four: two and two)
-# and 64 columns of the values at a time: groups of 1, 2, 4 and 5, head sizes with a tail
+# and 64 columns of the values at a time: groups of 1, 2, 4 and 5, head sizes with a tail; a
+# prompt's block holds groups of up to 8 heads (12: one query at a time, as the other paths)
 @pytest.mark.parametrize("kv", [np.float32, np.float16])
-@pytest.mark.parametrize("heads, d", [((4, 4), 64), ((6, 3), 32), ((8, 2), 64), ((10, 2), 80)])
+@pytest.mark.parametrize(
+    "heads, d", [((4, 4), 64), ((6, 3), 32), ((8, 2), 64), ((10, 2), 80), ((12, 1), 64)]
+)
 @pytest.mark.parametrize("path", PATHS)
 def test_attention_of_other_groups_and_head_sizes(path, heads, d, kv):
     """A 300-token prompt on two rows, then a decode step over its three chunks of keys: the

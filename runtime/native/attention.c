@@ -571,9 +571,9 @@ void attn_rows(void* data, size_t task) {
     n[s - s0] = keys_of(a, b, s);
     n_max = n[s - s0] > n_max ? n[s - s0] : n_max;
   }
-  int wide = 0; /* AVX-512: the block's rows together (block512) */
+  int wide = 0; /* AVX-512: the block's rows together (block512), up to 8 heads a group */
 #if defined(__x86_64__)
-  wide = kernel_path() == PATH_AVX512 && d % 16 == 0;
+  wide = kernel_path() == PATH_AVX512 && d % 16 == 0 && group <= 8;
 #endif
   int64_t lines = wide ? rows * group : 3; /* score rows */
   size_t floats = (size_t)(lines * ATTN_CHUNK) +
@@ -597,18 +597,16 @@ void attn_rows(void* data, size_t task) {
     const float *k = cache_rows(a, kc, c0, width, kbuf), *v = cache_rows(a, vc, c0, width, vbuf);
 #if defined(__x86_64__)
     if (wide) {
-      int64_t first = 0, nk[ATTN_QUERIES * 8];
+      int64_t first = 0, nk[ATTN_QUERIES * 8]; /* group ≤ 8 (wide) */
       while (n[first] <= c0) first++; /* n non-decreasing: the rows with keys here, a suffix */
       int64_t lines_here = (rows - first) * group;
       for (int64_t r = first; r < rows; r++)
         for (int64_t i = 0; i < group; i++)
           nk[(r - first) * group + i] = n[r] - c0 < ATTN_CHUNK ? n[r] - c0 : ATTN_CHUNK;
-      if (group <= 8) {
-        block512(q + first * group * d, lines_here, nk, k, v, d, a->scale, kt, sc, parts);
-        for (int64_t x = 0; x < lines_here; x++)
-          merge(state + (first * group + x) * (d + 2), parts + x * (d + 2), d, c0 == 0);
-        continue;
-      }
+      block512(q + first * group * d, lines_here, nk, k, v, d, a->scale, kt, sc, parts);
+      for (int64_t x = 0; x < lines_here; x++)
+        merge(state + (first * group + x) * (d + 2), parts + x * (d + 2), d, c0 == 0);
+      continue;
     }
 #endif
     for (int64_t r = 0; r < rows; r++) {
