@@ -71,12 +71,9 @@ HUGE_PAGES_VARIABLE = "LLAMAONNX_HUGE_PAGES"
 
 def huge_pages_possible() -> bool:
     """Whether this kernel backs an madvise'd mapping with transparent huge pages (Linux, THP
-    `always` or `madvise`), where the kernels copy their weights into them (weights.c)."""
-    try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    return "[always]" in mode or "[madvise]" in mode
+    `always` or `madvise`), where the kernels copy their weights into them unless
+    LLAMAONNX_HUGE_PAGES=0 (weights.c answers, so the two cannot disagree)."""
+    return bool(library().llamaonnx_huge_pages_possible())
 
 
 def held_bytes() -> int:

@@ -298,5 +298,6 @@ int llamaonnx_kernel_path(int set);
 int llamaonnx_path_supported(int p);
 int64_t llamaonnx_layout(int what);
 int64_t llamaonnx_held_bytes(void);
+int llamaonnx_huge_pages_possible(void);
 
 #endif

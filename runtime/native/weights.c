@@ -43,20 +43,25 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static Slab* current; /* the slab new copies go into */
 static int64_t held_bytes;
 
-/* 1 where transparent huge pages can back an madvise'd mapping, and the user has not said no
-   (asked once, under the lock). */
-static int wanted(void) {
-  static int answer = -1;
-  if (answer >= 0) return answer;
-  const char* env = getenv("LLAMAONNX_HUGE_PAGES");
-  if (env && strcmp(env, "0") == 0) return answer = 0;
+/* 1 where the kernel backs an madvise'd mapping with transparent huge pages (THP `always` or
+   `madvise`), whatever LLAMAONNX_HUGE_PAGES says (runtime.native.huge_pages_possible asks it). */
+int llamaonnx_huge_pages_possible(void) {
   FILE* f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
   char line[128] = {0};
   if (f) {
     if (!fgets(line, sizeof line, f)) line[0] = 0;
     fclose(f);
   }
-  return answer = strstr(line, "[always]") != NULL || strstr(line, "[madvise]") != NULL;
+  return strstr(line, "[always]") != NULL || strstr(line, "[madvise]") != NULL;
+}
+
+/* 1 where huge pages are possible and the user has not said no (asked once, under the lock). */
+static int wanted(void) {
+  static int answer = -1;
+  if (answer >= 0) return answer;
+  const char* env = getenv("LLAMAONNX_HUGE_PAGES");
+  if (env && strcmp(env, "0") == 0) return answer = 0;
+  return answer = llamaonnx_huge_pages_possible();
 }
 
 static Slab* new_slab(size_t bytes) {
@@ -112,9 +117,14 @@ static void copy_and_drop(void* dst, const void* src, size_t bytes) {
   }
 }
 
+/* What a node reads: its copy, if it has one of these very bytes, else src itself. */
+static const uint8_t* chosen(const Held* h, const void* src) {
+  return h && h->src == src && h->copy ? (const uint8_t*)h->copy : (const uint8_t*)src;
+}
+
 const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes) {
   Held* h = atomic_load_explicit(slot, memory_order_acquire);
-  if (h) return h->src == src && h->copy ? (const uint8_t*)h->copy : (const uint8_t*)src;
+  if (h) return chosen(h, src);
   pthread_mutex_lock(&lock);
   h = atomic_load_explicit(slot, memory_order_relaxed);
   if (!h && (h = calloc(1, sizeof(Held)))) {
@@ -141,7 +151,7 @@ const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes) 
     atomic_store_explicit(slot, h, memory_order_release);
   }
   pthread_mutex_unlock(&lock);
-  return h && h->src == src && h->copy ? (const uint8_t*)h->copy : (const uint8_t*)src;
+  return chosen(h, src);
 }
 
 void held_release(Held* h) {
@@ -175,4 +185,5 @@ const uint8_t* held_weights(Held* _Atomic* slot, const void* src, size_t bytes) 
 }
 void held_release(Held* h) { (void)h; }
 int64_t llamaonnx_held_bytes(void) { return 0; }
+int llamaonnx_huge_pages_possible(void) { return 0; }
 #endif
