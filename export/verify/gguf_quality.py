@@ -220,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         file, precision = rest.rsplit(":", 1)
         jobs.append((name, Path(file), precision))
     rows = [score(n, f, prec, a.models, lambda m: print(m, flush=True)) for n, f, prec in jobs]
+    cpu = machine()["cpu"]
     for r in rows:
-        r["cpu"] = machine()["cpu"]
+        r["cpu"] = cpu
     if a.append and a.out.with_suffix(".json").is_file():  # earlier rows of other files stay
         done = {r["file"] for r in rows}
         old = json.loads(a.out.with_suffix(".json").read_text())
         rows = [r for r in old if r["file"] not in done] + rows
-    a.out.write_text(markdown(rows, machine()["cpu"]))
+    a.out.write_text(markdown(rows, cpu))
     a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(a.out.read_text())
     return 0
