@@ -166,12 +166,42 @@ def parse_body(raw: bytes, max_body: int = MAX_BODY_BYTES) -> dict:
     return body
 
 
+class _Guard:
+    """What every request passes before a route runs: the body's size, the API key on /v1/,
+    and 503 once `closing()` says so. A plain ASGI middleware: Starlette's `@app.middleware`
+    (BaseHTTPMiddleware) would relay every chunk of a streamed reply through its own memory
+    stream and task, a cost paid per token."""
+
+    def __init__(self, app, api_key: str | None, max_body: int, closing):
+        self.app, self.api_key, self.max_body, self.closing = app, api_key, max_body, closing
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                return await error(refusal)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> Exception | None:
+        headers = dict(scope["headers"])  # lower-case byte names, as ASGI gives them
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if b"content-length" in headers and (not length.isdigit() or int(length) > self.max_body):
+            return ApiError(413, f"the request body exceeds {self.max_body} bytes")
+        v1 = scope["path"].startswith("/v1/")
+        if self.api_key and v1:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                return ApiError(401, "incorrect API key provided", code="invalid_api_key")
+        if self.closing() and v1:
+            return EngineClosedError("the server is shutting down")
+        return None
+
+
 def base_app(api_key: str | None, cors: list[str] | None, max_body: int, closing=lambda: False):
     """A FastAPI app with what every front of the OpenAI routes checks before a route runs:
     the body's size, the API key on /v1/, CORS only for the origins given, OpenAI error bodies
     for unknown routes, and 503 once `closing()` says so."""
     from fastapi import FastAPI
-    from fastapi import Request as HttpRequest
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="llamaonnx", docs_url=None, redoc_url=None, openapi_url=None)
@@ -180,24 +210,12 @@ def base_app(api_key: str | None, cors: list[str] | None, max_body: int, closing
 
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, closing=closing)  # outermost
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc):
         kind = "not_found" if exc.status_code == 404 else None
         return error(ApiError(exc.status_code, str(exc.detail), code=kind))
-
-    @app.middleware("http")
-    async def _guard(request: HttpRequest, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return error(ApiError(413, f"the request body exceeds {max_body} bytes"))
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(ApiError(401, "incorrect API key provided", code="invalid_api_key"))
-        if closing() and request.url.path.startswith("/v1/"):
-            return error(EngineClosedError("the server is shutting down"))
-        return await call_next(request)
 
     return app
 
