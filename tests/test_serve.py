@@ -274,6 +274,8 @@ def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, 
     assert all(lv["engine_full_batch_tok_s"] is None for lv in genai)
     assert all(lv["engine_decode_tok_s"] is None for lv in genai)
     assert all(lv["engine_rows_per_step"] is None for lv in genai)
+    for lv in ours + genai:  # a steady span where both clients took part, or none at all
+        assert lv["steady_s"] is None or lv["steady_tok_s"] > 0
     text = (out / "load.md").read_text()
     assert "| ours | 2 | 4 | 0 |" in text and "| genai | 2 | 4 | 0 |" in text
     assert "spread over 0.2 s" in text
@@ -296,6 +298,37 @@ def test_engine_figures_come_from_the_steps_between_two_readings():
     assert engine_figures(None, after)["full_rows"] == 8  # a first reading before any step
     assert set(engine_figures(after, None).values()) == {None}  # a server without them
     assert set(engine_figures(after, after).values()) == {None}  # nothing ran
+
+
+def test_steady_span_leaves_out_the_ramp_and_the_last_requests():
+    """The steady span runs from the last client's first request to the first client's end of
+    its last; output tokens and the engine's figures count only what fell inside it."""
+    from runtime.bench.load import steady_figures, steady_window
+
+    def request(client, began, ended, stamps, tokens=None):
+        return {"client": client, "began": began, "ended": ended, "stamps": stamps,
+                "tokens": tokens or len(stamps)}  # fmt: skip
+
+    results = [
+        request(0, 0.0, 4.0, [1.0, 2.0, 3.0]),
+        request(0, 4.0, 9.0, [5.0, 6.0, 7.0, 8.0], tokens=8),  # 2 tokens a chunk
+        request(1, 2.0, 6.0, [3.0, 4.0, 5.0]),
+        request(1, 6.0, 12.0, [7.0, 11.0]),
+        {"client": 1, "error": "HTTP 429"},  # a refusal carries no times
+    ]
+    assert steady_window(results, 2) == (2.0, 9.0)
+    assert steady_window(results, 3) is None  # a client that never ran: no steady span
+    assert steady_window([request(0, 0, 1, []), request(1, 2, 3, [])], 2) is None  # disjoint
+    samples = [(1.0, {8: [1.0, 0.1]}), (2.5, {8: [2.0, 0.2]}), (8.5, {8: [12.0, 1.2]}),
+               (10.0, {8: [20.0, 2.0]})]  # fmt: skip
+    got = steady_figures(results, (2.0, 9.0), samples)
+    # inside 2..9: stamps 2, 3 (client 0), 5, 6, 7, 8 at 2 tokens each, 3, 4, 5 and 7
+    assert got["steady_s"] == 7.0
+    assert got["steady_tok_s"] == pytest.approx((2 + 8 + 3 + 1) / 7.0)
+    assert got["steady_engine_decode_tok_s"] == pytest.approx(80 / 1.0)  # samples 2.5 and 8.5
+    assert got["steady_engine_rows_per_step"] == pytest.approx(8.0)
+    assert steady_figures(results, (2.0, 9.0), samples[:2])["steady_engine_decode_tok_s"] is None
+    assert set(steady_figures(results, None, samples).values()) == {None}
 
 
 def test_soak_checks_every_reply_and_leaves_no_slot_behind(tiny_folders, tmp_path):

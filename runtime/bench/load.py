@@ -149,35 +149,46 @@ def _headers(api_key: str | None) -> dict:
 
 
 def one_request(url, model, prompt, max_tokens, api_key=None, timeout=180.0) -> dict:
-    """One streamed chat completion: {"ttft", "itl": [...], "tokens", "seconds"} or {"error"}."""
-    import httpx
+    """One streamed chat completion: {"ttft", "itl": [...], "tokens", "seconds"} or {"error"}.
+
+    Plain `http.client` on one connection, the lines read by its buffered reader: the clients
+    share the machine with the server they measure, and httpx's streaming cost ~1 ms of CPU a
+    chunk (a quarter of a core at 8 clients on two cores), this a small fraction of that."""
+    import http.client
+    from urllib.parse import urlsplit
 
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
+    parts = urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    headers = {"Content-Type": "application/json", **_headers(api_key)}
     t0 = time.monotonic()
     stamps: list[float] = []
     usage = None
+    conn = kind(parts.hostname, parts.port, timeout=timeout)
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
-                          headers=_headers(api_key), timeout=timeout) as r:  # fmt: skip
-            if r.status_code != 200:
-                r.read()
-                return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
-                        stamps.append(time.monotonic())
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        conn.request("POST", f"{parts.path.rstrip('/')}/v1/chat/completions",
+                     json.dumps(body).encode(), headers)  # fmt: skip
+        r = conn.getresponse()
+        if r.status != 200:
+            return {"error": f"HTTP {r.status}: {r.read().decode(errors='replace')[:200]}"}
+        while line := r.readline():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    stamps.append(time.monotonic())
+    except (OSError, http.client.HTTPException, ValueError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        conn.close()
     end = time.monotonic()
     tokens = (usage or {}).get("completion_tokens") or len(stamps)
     return {  # (no content at all: a reply of only an end token, or of incomplete characters)
@@ -186,6 +197,9 @@ def one_request(url, model, prompt, max_tokens, api_key=None, timeout=180.0) -> 
         "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
         "tokens": tokens,
         "seconds": end - t0,
+        "stamps": stamps,  # monotonic times of the content chunks, and of the request's ends
+        "began": t0,
+        "ended": end,
     }
 
 
@@ -263,12 +277,63 @@ def engine_figures(before: dict | None, after: dict | None) -> dict:
     }
 
 
-def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp=0.0) -> dict:
+def steady_window(results: list[dict], clients: int) -> tuple[float, float] | None:
+    """The span in which every client had a request in flight or just answered, i.e. all
+    `clients` were taking part: from the last client's first request to the first client's end
+    of its last. None where some client never ran or the span is empty."""
+    spans: dict[int, list[float]] = {}
+    for r in results:
+        if "began" in r:
+            span = spans.setdefault(r["client"], [r["began"], r["ended"]])
+            span[0], span[1] = min(span[0], r["began"]), max(span[1], r["ended"])
+    if len(spans) < clients:
+        return None
+    start, end = max(s for s, _ in spans.values()), min(e for _, e in spans.values())
+    return (start, end) if end > start else None
+
+
+def steady_figures(results: list[dict], window, samples: list) -> dict:
+    """Output tokens/s within `window` (each content chunk counted as its request's tokens per
+    chunk), and our engine's figures between the first /metrics sample inside it and the last;
+    each None where the window or the samples do not allow it."""
+    figures = {"steady_s": None, "steady_tok_s": None, "steady_engine_decode_tok_s": None,
+               "steady_engine_rows_per_step": None}  # fmt: skip
+    if window is None:
+        return figures
+    start, end = window
+    tokens = 0.0
+    for r in results:
+        stamps = r.get("stamps") or ()
+        if stamps:
+            tokens += sum(start <= t <= end for t in stamps) * r["tokens"] / len(stamps)
+    figures["steady_s"] = end - start
+    figures["steady_tok_s"] = tokens / (end - start)
+    inside = [snap for t, snap in samples if start <= t <= end]
+    if len(inside) >= 2:
+        engine = engine_figures(inside[0], inside[-1])
+        figures["steady_engine_decode_tok_s"] = engine["decode"]
+        figures["steady_engine_rows_per_step"] = engine["rows_per_step"]
+    return figures
+
+
+def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp=0.0,
+          sample_every: float = 0.5) -> dict:  # fmt: skip
     """`clients` threads, each sending `per_client` requests in turn (client c starts at prompt
-    c, so every level sends the same mix), client c starting at c · ramp / clients seconds."""
+    c, so every level sends the same mix), client c starting at c · ramp / clients seconds.
+    Besides the whole level's figures, the same figures over its steady span (`steady_window`:
+    all clients taking part, the ramp and the last requests left out), for which our server's
+    /metrics is read every `sample_every` seconds."""
     results: list[dict] = []
     lock = threading.Lock()
     before = steps_by_rows(url, api_key)
+    samples: list[tuple[float, dict]] = []
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(sample_every):
+            snap = steps_by_rows(url, api_key)
+            if snap is not None:
+                samples.append((time.monotonic(), snap))
 
     def client(c: int) -> None:
         time.sleep(c * ramp / clients)
@@ -279,12 +344,17 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
                 results.append({**r, "client": c, "start": start})
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    watcher = threading.Thread(target=sampler) if before is not None else None
     t0 = time.monotonic()
-    for t in threads:
+    for t in threads + ([watcher] if watcher else []):
         t.start()
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
+    done.set()
+    if watcher:
+        watcher.join()
+    steady = steady_figures(results, steady_window(results, clients), samples)
     ok = [r for r in results if "error" not in r]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [x for r in ok for x in r["itl"]]
@@ -314,6 +384,7 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         # what that many streams decoding together give, occupancy left out
         "engine_full_batch_rows": engine["full_rows"],
         "engine_full_batch_tok_s": engine["full_rate"],
+        **steady,
         "prompt_tokens": sorted({r["prompt_tokens"] for r in ok if r.get("prompt_tokens")}),
         # each request as sent: which client, when (s after the level began), its first token
         "timeline": [
@@ -604,16 +675,20 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         "work left out; *rows/step*: the streams its average decode step ran (fewer than the "
         "clients while some start, take their prompt or finish); *full batch tok/s (rows)*: the "
         "rate of its steps that ran the most rows, occupancy left out; — for servers that do "
-        "not report them.",
+        "not report them. *steady*: the same over the level's steady span, from the last "
+        "client's first request to the first client's end of its last (all clients taking "
+        "part; the ramp and the last requests finishing alone left out), its length in "
+        "seconds; the engine's figures there from /metrics read every 0.5 s.",
         "",
         "```bash",
         command,
         "```",
         "",
         "| server | clients | requests | errors | output tok/s | stream tok/s "
-        "| engine decode tok/s | rows/step | full batch tok/s (rows) | TTFT p50 ms | TTFT p95 ms "
+        "| engine decode tok/s | rows/step | full batch tok/s (rows) | steady s | steady output "
+        "tok/s | steady engine decode tok/s (rows/step) | TTFT p50 ms | TTFT p95 ms "
         "| ITL p50 ms | ITL p95 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def f(x, digits=0):
@@ -623,13 +698,18 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         rate = r.get("engine_full_batch_tok_s")
         return "—" if rate is None else f"{rate:.1f} ({r['engine_full_batch_rows']})"
 
+    def steady_engine(r):
+        rate = r.get("steady_engine_decode_tok_s")
+        return "—" if rate is None else f"{rate:.1f} ({r['steady_engine_rows_per_step']:.2f})"
+
     for t in data["targets"]:
         for r in t["levels"]:
             lines.append(
                 f"| {t['name']} | {r['clients']} | {r['requests']} | {r['errors']} | "
                 f"{f(r['tokens_per_second'], 1)} | {f(r.get('single_stream_tok_s'), 1)} | "
                 f"{f(r.get('engine_decode_tok_s'), 1)} | {f(r.get('engine_rows_per_step'), 2)} | "
-                f"{full(r)} | {f(r['ttft_p50_ms'])} | "
+                f"{full(r)} | {f(r.get('steady_s'), 1)} | {f(r.get('steady_tok_s'), 1)} | "
+                f"{steady_engine(r)} | {f(r['ttft_p50_ms'])} | "
                 f"{f(r['ttft_p95_ms'])} "
                 f"| {f(r['itl_p50_ms'], 1)} | {f(r['itl_p95_ms'], 1)} |"
             )
