@@ -183,7 +183,9 @@ class _Guard:
         await self.app(scope, receive, send)
 
     def refusal(self, scope) -> Exception | None:
-        headers = dict(scope["headers"])  # lower-case byte names, as ASGI gives them
+        headers: dict[bytes, bytes] = {}  # lower-case byte names, as ASGI gives them
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # a repeated header: its first value, as Starlette
         length = headers.get(b"content-length", b"").decode("latin-1")
         if b"content-length" in headers and (not length.isdigit() or int(length) > self.max_body):
             return ApiError(413, f"the request body exceeds {self.max_body} bytes")
