@@ -331,6 +331,43 @@ def test_steady_span_leaves_out_the_ramp_and_the_last_requests():
     assert set(steady_figures(results, None, samples).values()) == {None}
 
 
+def test_load_report_gives_the_steady_decode_as_a_multiple_of_one_client():
+    """The markdown's steady engine column: the rate, the rows a step, and for more than one
+    client the rate over the same server's at 1 client (what the serving goal compares); a
+    server without engine figures gets a dash."""
+    from runtime.bench.load import markdown
+
+    def level(clients, rate, rows):
+        return {"clients": clients, "requests": clients, "errors": 0, "tokens_per_second": 1.0,
+                "ttft_p50_ms": 1.0, "ttft_p95_ms": 2.0, "itl_p50_ms": 1.0, "itl_p95_ms": 2.0,
+                "steady_engine_decode_tok_s": rate,
+                "steady_engine_rows_per_step": rows}  # fmt: skip
+
+    data = {
+        "date": "2026-12-02 23:00",
+        "machine": {"cpu": "Some CPU", "cores": 2, "flags": ["avx2"]},
+        "settings": {
+            "threads": 2,
+            "prompts": 4,
+            "prompt_words": 65,
+            "max_tokens": 128,
+            "sampling": "greedy",
+            "requests_per_client": 6,
+            "ramp_s": 2,
+        },  # fmt: skip
+        "targets": [
+            {"name": "ours", "levels": [level(1, 200.0, 1.0), level(8, 500.0, 7.5)]},
+            {"name": "peer", "levels": [level(1, None, None), level(8, None, None)]},
+        ],
+    }
+    lines = markdown(data, "llamaonnx load").splitlines()
+    rows = {"".join(cell.strip() for cell in line.split("|")[1:3]): line
+            for line in lines if line.startswith("| ")}  # fmt: skip
+    assert "| 200.0 (1.00) |" in rows["ours1"]  # no ratio against itself
+    assert "| 500.0 (7.50, 2.50× 1 client) |" in rows["ours8"]
+    assert "| — |" in rows["peer8"]
+
+
 def test_soak_checks_every_reply_and_leaves_no_slot_behind(tiny_folders, tmp_path):
     """`llamaonnx load --soak`: clients that hang up mid-stream among ones that read to the end;
     every answered reply equals the prompt's reply alone, nothing fails, the server's memory is

@@ -678,7 +678,8 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         "not report them. *steady*: the same over the level's steady span, from the last "
         "client's first request to the first client's end of its last (all clients taking "
         "part; the ramp and the last requests finishing alone left out), its length in "
-        "seconds; the engine's figures there from /metrics read every 0.5 s.",
+        "seconds; the engine's figures there from /metrics read every 0.5 s, and its decode rate "
+        "as a multiple of the same server's at 1 client.",
         "",
         "```bash",
         command,
@@ -698,18 +699,23 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         rate = r.get("engine_full_batch_tok_s")
         return "—" if rate is None else f"{rate:.1f} ({r['engine_full_batch_rows']})"
 
-    def steady_engine(r):
+    def steady_engine(r, one):
         rate = r.get("steady_engine_decode_tok_s")
-        return "—" if rate is None else f"{rate:.1f} ({r['steady_engine_rows_per_step']:.2f})"
+        if rate is None:
+            return "—"
+        ratio = f", {rate / one:.2f}× 1 client" if one and r["clients"] > 1 else ""
+        return f"{rate:.1f} ({r['steady_engine_rows_per_step']:.2f}{ratio})"
 
     for t in data["targets"]:
+        ones = [r.get("steady_engine_decode_tok_s") for r in t["levels"] if r["clients"] == 1]
+        one = ones[0] if ones else None  # what batching buys: against this server's one stream
         for r in t["levels"]:
             lines.append(
                 f"| {t['name']} | {r['clients']} | {r['requests']} | {r['errors']} | "
                 f"{f(r['tokens_per_second'], 1)} | {f(r.get('single_stream_tok_s'), 1)} | "
                 f"{f(r.get('engine_decode_tok_s'), 1)} | {f(r.get('engine_rows_per_step'), 2)} | "
                 f"{full(r)} | {f(r.get('steady_s'), 1)} | {f(r.get('steady_tok_s'), 1)} | "
-                f"{steady_engine(r)} | {f(r['ttft_p50_ms'])} | "
+                f"{steady_engine(r, one)} | {f(r['ttft_p50_ms'])} | "
                 f"{f(r['ttft_p95_ms'])} "
                 f"| {f(r['itl_p50_ms'], 1)} | {f(r['itl_p95_ms'], 1)} |"
             )
