@@ -90,6 +90,7 @@ def _quant_settings(args):
         head_bits=args.head_bits,
         embedding=not args.float_embedding,
         keep=tuple(args.keep),
+        precise=tuple(args.precise),
         provider=args.for_provider,
         accuracy_level=args.accuracy_level,
         fp16_activations=args.fp16_activations,
@@ -168,6 +169,16 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATTERN",
         help="keep matching modules in float, e.g. 'layers.0.*' or 'output' (repeatable)",
+    )
+    q.add_argument(
+        "--precise",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run matching projections' activations in two int8 digits on llamaonnx's kernels: "
+        "float activations' quality for twice their integer work, e.g. '*' (all), 'output', "
+        "'layers.*.feed_forward.w2' (the graph's names: layers.N.attention.qkv / .wo, "
+        "layers.N.feed_forward.w13 / .w2, output; repeatable)",
     )
     q.add_argument(
         "--for-provider",

@@ -82,6 +82,8 @@ class Quantization:
     # GGUF tensors of a type not carried (Q2_K, Q3_K, IQ*), rounded again here: tensor →
     # {"gguf_type", "quantized_to", "relative_rms_error"}
     requantized_gguf_tensors: dict | None = None
+    # projections whose activations run in two int8 digits (quantize --precise)
+    two_digit_modules: list[str] | None = None
 
     @property
     def requantized_bits(self) -> set[int]:
@@ -347,4 +349,5 @@ def _quantization(q: dict) -> Quantization:
         fused_projections=q.get("fused_projections"),
         from_folder=q.get("from_folder"),
         requantized_gguf_tensors=q.get("requantized_gguf_tensors"),
+        two_digit_modules=q.get("two_digit_modules"),
     )

@@ -19,7 +19,9 @@ def _weights(info: ModelInfo) -> str:
         return "float16"
     parts = [f"{n}× {origin}" for origin, n in sorted(q.origins.items())]
     block = q.settings.get("block_size")
-    return ", ".join(parts) + f"; block {block}, accuracy level {q.accuracy_level}"
+    two = len(q.two_digit_modules or ())
+    digits = f", two-digit activations in {two} projection{'s' * (two > 1)}" if two else ""
+    return ", ".join(parts) + f"; block {block}, accuracy level {q.accuracy_level}{digits}"
 
 
 def quality_table(folders: list[Path]) -> str:

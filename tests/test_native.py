@@ -137,34 +137,45 @@ BLOCKS = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0} | {
 }
 
 
-def rounded(a: np.ndarray) -> np.ndarray:
-    """a with each block of 32 rounded to int8 steps, in float32 as the kernel does it."""
+def rounded(a: np.ndarray, digits: int = 1) -> np.ndarray:
+    """a with each block of 32 rounded to int8 steps, in float32 as the kernel does it; with two
+    digits plus what that rounding left, rounded to int8 steps of 1/254 the block's scale."""
     blocks = a.reshape(*a.shape[:-1], -1, 32)
     amax = np.abs(blocks).max(-1, keepdims=True)
     inv = np.float32(127) / np.where(amax == 0, np.float32(1), amax)
-    codes = np.rint(blocks * inv).astype(np.float64)
-    return (codes * (amax / np.float32(127)).astype(np.float64)).reshape(a.shape)
+    codes = np.rint(blocks * inv)
+    da = amax / np.float32(127)
+    out = codes.astype(np.float64) * da.astype(np.float64)
+    if digits == 2:
+        left = blocks - da * codes  # float32, as the kernel computes it
+        inv2 = np.float32(254) / np.where(da == 0, np.float32(1), da)
+        second = np.clip(np.rint(left * inv2), -127, 127).astype(np.float64)
+        out += second * (da / np.float32(254)).astype(np.float64)
+    return out.reshape(a.shape)
 
 
-def reference(a: np.ndarray, packed: np.ndarray) -> np.ndarray:
+def reference(a: np.ndarray, packed: np.ndarray, digits: int = 1) -> np.ndarray:
     """What the kernel computes: the codes centred on z times the activations rounded to int8 per
     block of 32, plus the rest of each weight, (m + z·d), times the exact block sums. (A 6-bit
     tile: its weights times the rounded activations.)"""
     if packed.shape[-1] == TILE6:
-        return (rounded(a) @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
+        return (rounded(a, digits) @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
+    if packed.shape[-1] == TILE8:
+        return (rounded(a, digits) @ unpack8(packed).T.astype(np.float64)).astype(np.float32)
     q, d, m, z = (x.astype(np.float64) for x in fields(packed))
     centred = np.repeat(d, 32, axis=1) * (q - np.repeat(z, 32, axis=1))
     rest = np.repeat(m + z * d, 32, axis=1)
-    return (rounded(a) @ centred.T + a.astype(np.float64) @ rest.T).astype(np.float32)
+    return (rounded(a, digits) @ centred.T + a.astype(np.float64) @ rest.T).astype(np.float32)
 
 
-def matmul(packed: np.ndarray, a: np.ndarray, path: str) -> np.ndarray:
-    """y = a · Wᵀ through the library's plain C entry point, on kernel path `path`."""
+def matmul(packed: np.ndarray, a: np.ndarray, path: str, digits: int = 1) -> np.ndarray:
+    """y = a · Wᵀ through the library's plain C entry point, on kernel path `path`, with the
+    activations in `digits` int8 digits."""
     (m, k), n = a.shape, packed.shape[0] * ROWS
     y = np.zeros((m, n), np.float32)
     with native.use_path(path):
-        assert native.library().llamaonnx_matmul(
-            packed.shape[-1], a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data
+        assert native.library().llamaonnx_matmul_digits(
+            packed.shape[-1], a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data, digits
         ) == 0  # fmt: skip
     return y
 
@@ -290,6 +301,99 @@ def test_every_path_gives_the_same_answer(kind):
         np.testing.assert_allclose(ys[path], ys["portable"], rtol=1e-5, atol=1e-5)
     if "avxvnni" in PATHS:
         np.testing.assert_array_equal(ys["avxvnni"], ys["avx2"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_two_digits_match_numpy_and_float_activations(path, kind):
+    """With two digits the kernel also rounds what each activation's int8 rounding left, at 1/254
+    of its block's scale, and adds that product: numpy's model of it, and against the float
+    product an error two orders of magnitude below one digit's."""
+    n, k = 64, 512
+    blocks = BLOCKS[kind](n, k, seed=9)
+    packed = pack(blocks)
+    a = 3 * np.random.default_rng(9).standard_normal((5, k)).astype(np.float32)
+    a[:, 7] *= 30  # an outlier: its blocks' scale is coarse for the rest
+    one, two = matmul(packed, a, path), matmul(packed, a, path, digits=2)
+    want = reference(a, packed, digits=2)
+    np.testing.assert_allclose(two, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    exact = a.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
+    assert np.linalg.norm(two - exact) < np.linalg.norm(one - exact) / 50
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_two_digits_give_a_row_the_same_bits_alone_or_among_others(path):
+    """A row and its residual row are computed like any others: batching does not change them."""
+    packed = pack(q4_1(64, 256, seed=2))
+    a = np.random.default_rng(4).standard_normal((7, 256)).astype(np.float32)
+    together = matmul(packed, a, path, digits=2)
+    for i in (0, 3, 6):
+        np.testing.assert_array_equal(matmul(packed, a[i : i + 1], path, digits=2)[0], together[i])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_two_digit_nodes_in_onnxruntime_match_numpy(path):
+    """The `digits` attribute on each op: MatMulQ4 and MatMulQ8 over a prompt's rows spread over
+    the threads and at decode, SwiGLU on the summed gate and up rows, a folded norm's output
+    rounded in two digits; any other value of it is refused when the session is made."""
+    rng = np.random.default_rng(12)
+    native.library()
+    with native.use_path(path):
+        for kind in ("Q4_1", "Q8_0", "Q6_K"):
+            packed = pack(BLOCKS[kind](128, 256, seed=1))
+            op = OP8 if kind != "Q4_1" else OP
+            model = helper.make_model(
+                helper.make_graph(
+                    [helper.make_node(op, ["a", "b"], ["y"], domain=DOMAIN, digits=2)],
+                    "g",
+                    [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", "s", 256])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                    [numpy_helper.from_array(packed, "b")],
+                ),
+                opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
+            )
+            for threads in (1, 2):
+                session = _run(model, threads)
+                for shape in [(1, 1), (2, 3), (1, 37)]:
+                    a = 2 * rng.standard_normal((*shape, 256)).astype(np.float32)
+                    want = reference(a.reshape(-1, 256), packed, digits=2).reshape(*shape, 128)
+                    (y,) = session.run(None, {"a": a})
+                    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        gate_up = pack(q4_1(128, 96, seed=5))
+        node = helper.make_node(SWIGLU, ["a", "b"], ["h"], domain=DOMAIN, digits=2)
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq", 96])],
+            [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(gate_up, "b")],
+        )
+        a = rng.standard_normal((2, 19, 96)).astype(np.float32)
+        both = reference(a, gate_up, digits=2).astype(np.float64)
+        g, u = both[..., :64], both[..., 64:]
+        want = g / (1 + np.exp(-g)) * u
+        for threads in (1, 2):
+            (h,) = _load(graph, threads).run(None, {"a": a})
+            np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        packed = pack(q4_1(64, 256, seed=3))
+        normed = _norm_then(OP, packed, 256, True)
+        normed.graph.node[0].attribute.append(helper.make_attribute("digits", 2))
+        x, skip = (rng.standard_normal((1, 5, 256)).astype(np.float32) for _ in "xh")
+        y, total = _run(normed, 2).run(None, {"x": x, "h": skip})
+        r = (x + skip).astype(np.float64)
+        n = (r / np.sqrt((r**2).mean(-1, keepdims=True) + 1e-5)) * np.linspace(0.5, 1.5, 256)
+        want = reference(n.astype(np.float32).reshape(5, 256), packed, digits=2).reshape(y.shape)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        node = helper.make_node(OP, ["a", "b"], ["y"], domain=DOMAIN, digits=3)
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", 256])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(packed, "b")],
+        )
+        with pytest.raises(Exception, match="digits must be 1 or 2"):
+            _load(graph, 1).run(None, {"a": x[0]})
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -399,6 +399,65 @@ def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
     assert info["quantization"]["settings"]["keep"] == ["layers.0.*", "output"]
 
 
+def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, tmp_path):
+    """--precise marks the matching projections `digits` 2 (the kernel then rounds what each
+    activation's int8 rounding left too): with all of them the logits come ~10× closer to those
+    of the same blocks with float activations (MatMulNBits at accuracy level 0, whose own 8-bit
+    offset rows are most of what is left); the report names them; the table says so."""
+    from runtime.generator import right_pad
+    from runtime.quality import quality_table
+    from runtime.session import Session
+
+    out = tmp_path / "precise"
+    quantize_folder(
+        tiny_folders["ort"], out, _settings("int4", precise=("*",), kv_cache="float32"),
+        verify=False,
+    )  # fmt: skip
+    model, _ = _ops(out)
+    ours = [n for n in model.graph.node if n.domain == native.DOMAIN and "MatMul" in n.op_type]
+    assert ours and all({a.name: a.i for a in n.attribute}.get("digits") == 2 for n in ours)
+    info = json.loads((out / "llamaonnx.json").read_text())["quantization"]
+    assert len(info["two_digit_modules"]) == len(ours) and info["settings"]["precise"] == ["*"]
+    exact = tmp_path / "exact"
+    quantize_folder(
+        tiny_folders["ort"], exact, QuantSettings("int4", kernel="nbits", accuracy_level=0),
+        verify=False,
+    )  # fmt: skip
+    ids, mask, positions = right_pad([list(range(3, 40))], 0)
+
+    def logits(folder):
+        s = Session(folder, threads=1)
+        return s.forward(ids, mask, positions, s.new_cache(1, 64)).astype(np.float64)
+
+    one = tmp_path / "one"
+    quantize_folder(
+        tiny_folders["ort"], one, _settings("int4", kv_cache="float32"), verify=False
+    )  # fmt: skip
+    want = logits(exact)
+    assert np.abs(logits(out) - want).max() < np.abs(logits(one) - want).max() / 5
+    verified = quantized["ort", "int4"].parent / "ort-int4-precise"
+    quantize_folder(tiny_folders["ort"], verified, _settings("int4", precise=("output",)))
+    assert "two-digit activations in 1 projection |" in quality_table([verified])
+    some = tmp_path / "some"
+    quantize_folder(
+        tiny_folders["ort"], some, _settings("int4", precise=("output", "layers.1.*")), verify=False
+    )
+    model, _ = _ops(some)
+    marked = sorted(n.name for n in model.graph.node if "digits" in [a.name for a in n.attribute])
+    assert marked == sorted(
+        [f"/model/layers.1/{m}" for m in ("attention/qkv/MatMulQ4", "attention/wo/MatMulQ4",
+                                          "feed_forward/w13/MatMulQ4SwiGLU",
+                                          "feed_forward/w2/MatMulQ4")] + ["/model/output/MatMulQ8"]
+    )  # fmt: skip
+    with pytest.raises(QuantizationError, match="matches no projection.*layers.0.attention.qkv"):
+        quantize_folder(tiny_folders["ort"], tmp_path / "x", _settings("int4", precise=("wq",)))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(QuantizationError, match="--precise .* needs"):
+        QuantSettings("int4", kernel="nbits", precise=("*",))
+    with pytest.raises(QuantizationError, match="--precise .* needs"):
+        QuantSettings("fp16", precise=("*",))
+
+
 def test_tied_embedding_and_head_share_one_copy_of_the_codes(tmp_path):
     from export.pipeline import export_model
     from tests.tiny import write_tiny

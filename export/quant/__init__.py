@@ -127,18 +127,33 @@ def quantize_folder(
     from export.quant.native import DOMAIN as native_domain
 
     native_ops = any(n.domain == native_domain for n in proto.graph.node)
+    precise: list[str] = []
+    if settings.precise:
+        from export.quant.native import two_digits
+
+        if not native_ops:
+            raise QuantizationError(
+                "--precise needs llamaonnx's kernels, and this folder's projections are "
+                "MatMulNBits (is runtime/native built? `make setup` builds it)"
+            )
+        precise = two_digits(proto.graph, settings.precise)
     kernel = ""
     if settings.bits:
         kernel = "llamaonnx's kernels, " if native_ops else "MatMulNBits, "
         if settings.kernel == "auto" and settings.native_applies and not native_ops:
             kernel = "MatMulNBits (llamaonnx's kernel library is not built here), "
+    two = f", {len(precise)} of them with two-digit activations" if precise else ""
     progress(
         f"quantize {settings.precision}: {kernel}{len(layers)} weights "
-        f"({dict(collections.Counter(b.origin for b in layers.values()))}) "
+        f"({dict(collections.Counter(b.origin for b in layers.values()))}){two} "
         f"({time.perf_counter() - t:.1f}s)"
     )
     quant = Quantization(
-        settings={**dataclasses.asdict(settings), "keep": list(settings.keep)},
+        settings={
+            **dataclasses.asdict(settings),
+            "keep": list(settings.keep),
+            "precise": list(settings.precise),
+        },
         accuracy_level=settings.level if settings.bits else None,
         kernel="native" if native_ops else "nbits" if settings.bits else None,
         float_type=settings.float_type,
@@ -150,6 +165,7 @@ def quantize_folder(
         fused_projections=notes.get("fused_projections"),
         from_folder=str(in_dir.resolve()),
         requantized_gguf_tensors=notes.get("requantized_gguf_tensors"),
+        two_digit_modules=precise or None,
     )
     new_info = dataclasses.replace(
         info,

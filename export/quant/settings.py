@@ -27,6 +27,9 @@ class QuantSettings:
     head_bits: int = 8  # the LM head (and a tied embedding)
     embedding: bool = True  # the token embedding as GatherBlockQuantized
     keep: tuple[str, ...] = ()  # fnmatch patterns of modules kept in float (e.g. "layers.0.*")
+    # fnmatch patterns of llamaonnx-kernel projections whose activations go in two int8 digits
+    # (float activations' quality at twice the integer work; export/quant/native.py two_digits)
+    precise: tuple[str, ...] = ()
     provider: str = "cpu"  # picks the accuracy level
     accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
     fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
@@ -56,6 +59,12 @@ class QuantSettings:
                 "--kernel native is llamaonnx's CPU kernels (int8 activations): they need "
                 "--precision int4 or int8, --for-provider cpu, accuracy level 4 and float32 "
                 "activations"
+            )
+        if self.precise and not (self.native_applies and self.kernel != "nbits"):
+            raise QuantizationError(
+                "--precise runs activations in two int8 digits on llamaonnx's CPU kernels: it "
+                "needs --precision int4 or int8, --for-provider cpu, accuracy level 4 and "
+                "--kernel auto or native"
             )
         if self.kv_cache not in KV_CACHES:
             raise QuantizationError(

@@ -111,7 +111,7 @@ static OrtStatus* optional_input(OrtKernelContext* ctx, size_t i, Input* in) {
 /* A matmul node's kernel: its weight format, and the epsilon of the RMSNorm it may fold in (< 0:
    the node has no epsilon attribute). */
 typedef struct {
-  int bits, swiglu;
+  int bits, swiglu, digits; /* digits: the node's `digits` attribute, 1 (default) or 2 */
   float eps;
   Held* _Atomic held; /* its weights in huge pages (weights.c) */
 } Kind;
@@ -162,17 +162,21 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   void* yp;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(yv, &yp));
   if (m == 0) return NULL;
-  int8_t* q = malloc((size_t)(m * k) + 64);
-  float* d = malloc(sizeof(float) * (size_t)(m * nb * 3 + (kind->swiglu ? m * n : 0)) + 64);
+  /* two digits: twice the int8 rows (the second M, what the first M's rounding left), computed
+     into a scratch of 2M rows whose pairs are added */
+  int64_t digits = kind->digits, rows = digits * m;
+  int8_t* q = malloc((size_t)(rows * k) + 64);
+  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 +
+                                             (kind->swiglu || digits > 1 ? rows * n : 0)) + 64);
   float* normed = gamma.value ? malloc(sizeof(float) * (size_t)(m * k) + 64) : NULL;
   if (!q || !d || (gamma.value && !normed)) {
     free(q), free(d), free(normed);
     return error(ORT_FAIL, "MatMulQ4: out of memory");
   }
-  float *s = d + m * nb, *e = s + m * nb;
+  float *s = d + rows * nb, *e = s + rows * nb;
   /* the rows' norm and int8 blocks: on this thread at decode, over the threads for a prompt */
   Prep p = {(const float*)a.data, (const float*)skip.data, (const float*)gamma.data, sum, normed,
-            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps};
+            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps, digits > 1};
   size_t tasks = (size_t)((m + p.rows - 1) / p.rows);
   OrtStatus* st = tasks > 1
                       ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, prepare_rows, tasks, 0, &p)
@@ -188,7 +192,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (chunk < 1) chunk = 1;                /* (B with no rows) */
   const uint8_t* w = held_weights(&kind->held, b.data, (size_t)(bdims[0] * bdims[1] * tile));
   Job j = {w, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
-           bits, tile, kind->swiglu, e + m * nb};
+           bits, tile, kind->swiglu, e + rows * nb, (int)digits};
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
   st = chunks > 1 ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
                   : (run_chunk(&j, 0), NULL);
@@ -434,6 +438,14 @@ static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const
   if (op != &gather_q8) {
     OrtStatus* none = CALL(KERNEL_INFO_GET_ATTRIBUTE_FLOAT, attr_float_fn)(info, "epsilon", &k->eps);
     if (none) CALL(RELEASE_STATUS, release_status_fn)(none), k->eps = -1.f; /* no norm folded in */
+    int64_t digits = 1;
+    none = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int_fn)(info, "digits", &digits);
+    if (none) CALL(RELEASE_STATUS, release_status_fn)(none), digits = 1;
+    if (digits != 1 && digits != 2) {
+      free(k);
+      return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: attribute digits must be 1 or 2");
+    }
+    k->digits = (int)digits;
   }
   *out = k;
   return NULL;
