@@ -53,15 +53,20 @@ quality: setup $(M)-fp32/report.json $(VENV)/.bench-done $(GEMMA)
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4 --precision int4 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-exact --precision int4 \
 		--accuracy-level 0 --force
+	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-precise --precision int4 \
+		--precise '*' --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int8 --precision int8 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-fp16 --precision fp16 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-requantized --precision int4 \
 		--no-gguf-blocks --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int8-requantized --precision int8 \
 		--no-gguf-blocks --force
-	$(VENV)/bin/llamaonnx table $(M)-fp32 $(M)-int4 $(M)-int4-exact $(M)-int8 $(M)-fp16 \
+	$(VENV)/bin/llamaonnx table $(M)-fp32 $(M)-int4 $(M)-int4-exact $(M)-int4-precise \
+		$(M)-int8 $(M)-fp16 \
 		$(M)-int4-requantized $(M)-int8-requantized \
 		| tee docs/quality.md
+	# what int8 activations cost, layer by layer and projection by projection (two digits)
+	$(PY) -m export.verify.activation_cost $(M)-int4 $(M)-fp32 --out docs/activation_cost.md
 	# GGUF files as users download them, made by llama.cpp's quantizer, and Gemma 3's Q4_K_M:
 	# ours (the blocks carried) beside llama.cpp on the same file, three texts
 	$(PY) -m export.verify.gguf_quality --models models --out docs/gguf_quality.md \

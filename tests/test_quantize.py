@@ -404,6 +404,7 @@ def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, 
     activation's int8 rounding left too): with all of them the logits come ~10× closer to those
     of the same blocks with float activations (MatMulNBits at accuracy level 0, whose own 8-bit
     offset rows are most of what is left); the report names them; the table says so."""
+    from export.verify.activation_cost import markdown, measure
     from runtime.generator import right_pad
     from runtime.quality import quality_table
     from runtime.session import Session
@@ -435,6 +436,12 @@ def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, 
     )  # fmt: skip
     want = logits(exact)
     assert np.abs(logits(out) - want).max() < np.abs(logits(one) - want).max() / 5
+    # what each set costs, measured (export/verify/activation_cost.py): the same two, by KL
+    rows = measure(one, exact, ["none", "layers.1.*,output", "*"], progress=lambda msg: None)
+    kl = [np.mean(list(r["kl"].values())) for r in rows]
+    assert [r["projections"] for r in rows] == [0, 5, len(ours)] and kl[2] < kl[1] < kl[0]
+    assert kl[2] < kl[0] / 10 and "| `*` | 9 |" in markdown(rows)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".activation-cost")]
     verified = quantized["ort", "int4"].parent / "ort-int4-precise"
     quantize_folder(tiny_folders["ort"], verified, _settings("int4", precise=("output",)))
     assert "two-digit activations in 1 projection |" in quality_table([verified])

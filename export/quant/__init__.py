@@ -142,7 +142,7 @@ def quantize_folder(
         kernel = "llamaonnx's kernels, " if native_ops else "MatMulNBits, "
         if settings.kernel == "auto" and settings.native_applies and not native_ops:
             kernel = "MatMulNBits (llamaonnx's kernel library is not built here), "
-    two = f", {len(precise)} of them with two-digit activations" if precise else ""
+    two = f", two-digit activations in {len(precise)} projections" if precise else ""
     progress(
         f"quantize {settings.precision}: {kernel}{len(layers)} weights "
         f"({dict(collections.Counter(b.origin for b in layers.values()))}){two} "
