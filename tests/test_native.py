@@ -341,33 +341,16 @@ def test_two_digit_nodes_in_onnxruntime_match_numpy(path):
     with native.use_path(path):
         for kind in ("Q4_1", "Q8_0", "Q6_K"):
             packed = pack(BLOCKS[kind](128, 256, seed=1))
-            op = OP8 if kind != "Q4_1" else OP
-            model = helper.make_model(
-                helper.make_graph(
-                    [helper.make_node(op, ["a", "b"], ["y"], domain=DOMAIN, digits=2)],
-                    "g",
-                    [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", "s", 256])],
-                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                    [numpy_helper.from_array(packed, "b")],
-                ),
-                opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
-            )
+            graph = _one_node(OP8 if kind != "Q4_1" else OP, packed, 256, digits=2)
             for threads in (1, 2):
-                session = _run(model, threads)
+                session = _load(graph, threads)
                 for shape in [(1, 1), (2, 3), (1, 37)]:
                     a = 2 * rng.standard_normal((*shape, 256)).astype(np.float32)
                     want = reference(a.reshape(-1, 256), packed, digits=2).reshape(*shape, 128)
                     (y,) = session.run(None, {"a": a})
                     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         gate_up = pack(q4_1(128, 96, seed=5))
-        node = helper.make_node(SWIGLU, ["a", "b"], ["h"], domain=DOMAIN, digits=2)
-        graph = helper.make_graph(
-            [node],
-            "g",
-            [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq", 96])],
-            [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
-            [numpy_helper.from_array(gate_up, "b")],
-        )
+        graph = _one_node(SWIGLU, gate_up, 96, digits=2)
         a = rng.standard_normal((2, 19, 96)).astype(np.float32)
         both = reference(a, gate_up, digits=2).astype(np.float64)
         g, u = both[..., :64], both[..., 64:]
@@ -384,16 +367,8 @@ def test_two_digit_nodes_in_onnxruntime_match_numpy(path):
         n = (r / np.sqrt((r**2).mean(-1, keepdims=True) + 1e-5)) * np.linspace(0.5, 1.5, 256)
         want = reference(n.astype(np.float32).reshape(5, 256), packed, digits=2).reshape(y.shape)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-        node = helper.make_node(OP, ["a", "b"], ["y"], domain=DOMAIN, digits=3)
-        graph = helper.make_graph(
-            [node],
-            "g",
-            [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", 256])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            [numpy_helper.from_array(packed, "b")],
-        )
         with pytest.raises(Exception, match="digits must be 1 or 2"):
-            _load(graph, 1).run(None, {"a": x[0]})
+            _load(_one_node(OP, packed, 256, dims=("b",), digits=3), 1).run(None, {"a": x[0]})
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -448,17 +423,21 @@ def _load(graph, threads: int = 2) -> ort.InferenceSession:
     return _run(model, threads)
 
 
-def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSession:
-    op = OP8 if packed.shape[2] in (TILE8, TILE6) else OP
-    node = helper.make_node(op, ["a", "b"], ["y"], domain=DOMAIN)
-    graph = helper.make_graph(
+def _one_node(op: str, packed: np.ndarray, k: int, dims=("batch", "seq"), **attributes):
+    """A graph of one of our nodes, y = op(a, b), B = `packed`, A [*dims, k]."""
+    node = helper.make_node(op, ["a", "b"], ["y"], domain=DOMAIN, **attributes)
+    return helper.make_graph(
         [node],
         "g",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq", k])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [*dims, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(packed, "b")],
     )
-    return _load(graph, threads)
+
+
+def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSession:
+    op = OP8 if packed.shape[2] in (TILE8, TILE6) else OP
+    return _load(_one_node(op, packed, k), threads)
 
 
 # A process that runs a folder-like model (external data, which onnxruntime maps from its file):
@@ -572,14 +551,7 @@ def test_onnxruntime_op_matches_numpy_across_threads(shape):
 def test_swiglu_op_is_silu_of_the_gate_times_the_up_rows(path, scale):
     gate_up = q4_1(128, 96, seed=5)  # 64 gate rows, then 64 up rows
     packed = pack(gate_up)
-    node = helper.make_node(SWIGLU, ["a", "b"], ["h"], domain=DOMAIN)
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq", 96])],
-        [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(packed, "b")],
-    )
+    graph = _one_node(SWIGLU, packed, 96)
     a = (scale * np.random.default_rng(9).standard_normal((2, 5, 96))).astype(np.float32)
     both = reference(a, packed)
     g, u = both[..., :64].astype(np.float64), both[..., 64:]
