@@ -1,17 +1,18 @@
 /* driver.c: the matmul kernels (runtime/native/matmul.c) without onnxruntime or Python, for
  * running another architecture's build under qemu-user (tests/test_native_cross.py).
  *
- *   driver TILE M K N PATH < tiles, then M·K float32 activations  > M·N float32 outputs
+ *   driver TILE M K N PATH [DIGITS] < tiles, then M·K float32 activations  > M·N float32 outputs
  *
- * PATH: 0 portable, 3 NEON (tiles.h). Exit status 2: the path is not available here. */
+ * PATH: 0 portable, 3 NEON (tiles.h); DIGITS: the activations' int8 digits, 1 (default) or 2.
+ * Exit status 2: the path is not available here. */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "tiles.h"
 
 int main(int argc, char** argv) {
-  if (argc != 6) return fprintf(stderr, "usage: driver TILE M K N PATH\n"), 1;
-  int tile = atoi(argv[1]), path = atoi(argv[5]);
+  if (argc != 6 && argc != 7) return fprintf(stderr, "usage: driver TILE M K N PATH [DIGITS]\n"), 1;
+  int tile = atoi(argv[1]), path = atoi(argv[5]), digits = argc == 7 ? atoi(argv[6]) : 1;
   long m = atol(argv[2]), k = atol(argv[3]), n = atol(argv[4]);
   size_t wbytes = (size_t)(n / ROWS) * (size_t)(k / BLOCK) * (size_t)tile;
   uint8_t* w = malloc(wbytes);
@@ -22,7 +23,8 @@ int main(int argc, char** argv) {
   if (fread(a, sizeof(float), (size_t)(m * k), stdin) != (size_t)(m * k))
     return fprintf(stderr, "short activations\n"), 1;
   if (llamaonnx_kernel_path(path) != path) return 2;
-  if (llamaonnx_matmul(tile, a, m, k, w, n, y)) return fprintf(stderr, "bad shapes\n"), 1;
+  if (llamaonnx_matmul_digits(tile, a, m, k, w, n, y, digits))
+    return fprintf(stderr, "bad shapes or digits\n"), 1;
   fwrite(y, sizeof(float), (size_t)(m * n), stdout);
   return 0;
 }
