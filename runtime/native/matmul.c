@@ -402,8 +402,10 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int6
 }
 
 /* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `five`: a 5-bit
-   tile (a constant wherever this is inlined). */
-AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five) {
+   tile; `two`: two-digit activations, both read here (rows t and m + t of the int8 blocks), their
+   integer sums joined as 254·s + s_r, at the residual's scale da/254 (a constant wherever this
+   is inlined): the float work of one token, not two. */
+AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five, int two) {
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
   const int64_t stride = j->tile;
@@ -424,19 +426,27 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
                                      d);
     __m512i s[4];
     dots512(j, t0, T, b, c, s);
+    if (two) { /* |254·s| ≤ 254 · 32 · 31 · 127: no overflow */
+      __m512i r[4];
+      dots512(j, j->m + t0, T, b, c, r);
+      for (int t = 0; t < T; t++)
+        s[t] = _mm512_add_epi32(
+            _mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)), r[t]);
+    }
     for (int t = 0; t < T; t++) {
-      int64_t ib = (t0 + t) * j->nb + b;
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ib])),
+      int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ir])),
                                acc[t]);
       off[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(j->as[ib]), off[t]);
-      off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(j->ae[ib]), off[t]);
+      off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]), off[t]);
     }
   }
   for (int t = 0; t < T; t++)
     _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, _mm512_add_ps(acc[t], off[t]));
 }
 
-AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T) {
+/* The 8-bit head's tile; `two` as in tile_tokens (|254·s| ≤ 254 · 32 · 255 · 127 < 2³¹). */
+AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, int two) {
   __m512 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE8;
@@ -448,10 +458,19 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T) {
     __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
     __m512i s[4];
     dots512(j, t0, T, b, c, s);
+    if (two) {
+      __m512i r[4];
+      dots512(j, j->m + t0, T, b, c, r);
+      for (int t = 0; t < T; t++)
+        s[t] = _mm512_add_epi32(
+            _mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)), r[t]);
+    }
     for (int t = 0; t < T; t++) {
-      int64_t ib = (t0 + t) * j->nb + b;
-      __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(j->as[ib] - j->ae[ib]),
-                                  _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), _mm512_set1_ps(j->ad[ib])));
+      int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
+      float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int, both digits' */
+      if (two) qs += j->as[ir] - j->ae[ir];
+      __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(qs),
+                                  _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), _mm512_set1_ps(j->ad[ir])));
       acc[t] = _mm512_fmadd_ps(d, x, acc[t]);
     }
   }
@@ -494,9 +513,13 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
 /* One tile of either format; T is a constant wherever this is inlined. */
 AVX512 INLINE void tile(const Job* j, int64_t g, int64_t t0, int T) {
   if (j->tile == TILE6) tile_tokens_q6(j, g, t0, T);
-  else if (j->bits == 8) tile_tokens_q8(j, g, t0, T);
-  else if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1);
-  else tile_tokens(j, g, t0, T, 0);
+  else if (j->bits == 8 && j->digits == 2) tile_tokens_q8(j, g, t0, T, 1); /* fused_digits */
+  else if (j->bits == 8) tile_tokens_q8(j, g, t0, T, 0);
+  else if (j->digits == 2) { /* (see fused_digits) */
+    if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 1);
+    else tile_tokens(j, g, t0, T, 0, 1);
+  } else if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 0);
+  else tile_tokens(j, g, t0, T, 0, 0);
 }
 
 AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
@@ -786,6 +809,18 @@ AVX2 static void silu_mul_avx2(const Job* j, int64_t g0, int64_t g1, int64_t hal
 }
 #endif
 
+/* Whether the kernel itself reads both digits of two-digit activations (AVX-512, every tile but
+   Q6_K's: tile_tokens, tile_tokens_q8); elsewhere the residual rows are rows of their own, added
+   after. */
+static int fused_digits(const Job* j) {
+#if defined(__x86_64__)
+  return j->digits == 2 && j->tile != TILE6 && kernel_path() == PATH_AVX512;
+#else
+  (void)j;
+  return 0;
+#endif
+}
+
 /* Chunk i of the row groups (of the gate's groups for SwiGLU: each with its up group). */
 void run_chunk(void* data, size_t i) {
   const Job* j = (const Job*)data;
@@ -793,14 +828,14 @@ void run_chunk(void* data, size_t i) {
   int64_t g0 = (int64_t)i * j->chunk, g1 = g0 + j->chunk;
   if (g1 > groups) g1 = groups;
   if (g0 >= g1) return;
-  int two = j->digits == 2;
+  int two = j->digits == 2 && !fused_digits(j);
   if (!j->swiglu && !two) {
     rows(j, g0, g1);
     return;
   }
   Job into = *j;
   into.y = j->scratch;
-  if (two) into.m = 2 * j->m;
+  if (two) into.m = 2 * j->m, into.digits = 1; /* the residual rows as rows of their own */
   rows(&into, g0, g1);
   if (j->swiglu) rows(&into, g0 + groups, g1 + groups);
   if (two) { /* each row's residual row added to it: into y, or for SwiGLU in scratch (gate, up) */
