@@ -809,12 +809,12 @@ AVX2 static void silu_mul_avx2(const Job* j, int64_t g0, int64_t g1, int64_t hal
 }
 #endif
 
-/* Whether the kernel itself reads both digits of two-digit activations (AVX-512, every tile but
-   Q6_K's: tile_tokens, tile_tokens_q8); elsewhere the residual rows are rows of their own, added
-   after. */
+/* Whether the kernel itself reads both digits of two-digit activations (the x86 paths, every
+   tile but Q6_K's: tile_tokens, tile_tokens_q8, tiles256.h's); elsewhere (NEON, portable C,
+   Q6_K) the residual rows are rows of their own, added after. */
 static int fused_digits(const Job* j) {
 #if defined(__x86_64__)
-  return j->digits == 2 && j->tile != TILE6 && kernel_path() == PATH_AVX512;
+  return j->digits == 2 && j->tile != TILE6 && kernel_path() != PATH_PORTABLE;
 #else
   (void)j;
   return 0;

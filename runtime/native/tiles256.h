@@ -30,9 +30,16 @@ TARGET256 static inline void NAME256(codes)(const uint8_t* p, int h, int planes,
     }
 }
 
-/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile
-   (a constant wherever this is inlined). */
-TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five) {
+/* The integer sums of a token's two digits joined, 254·s + s_r (exact in int32: see
+   tile_tokens in matmul.c). */
+TARGET256 static inline __m256i NAME256(join)(__m256i s, __m256i r) {
+  return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(s, 8), _mm256_slli_epi32(s, 1)), r);
+}
+
+/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile;
+   `two`: two-digit activations read in one pass, as on AVX-512 (constants wherever this is
+   inlined). */
+TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five, int two) {
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const int64_t stride = j->tile;
@@ -54,17 +61,21 @@ TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, 
     for (int t = 0; t < T; t++) {
       const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
       __m256i s = five ? NAME256(dot_u5)(c, a) : NAME256(dot_u4)(c, a);
-      int64_t ib = (t0 + t) * j->nb + b;
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(j->ad[ib])),
+      int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
+      if (two) {
+        const int32_t* r = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
+        s = NAME256(join)(s, five ? NAME256(dot_u5)(c, r) : NAME256(dot_u4)(c, r));
+      }
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(j->ad[ir])),
                                acc[t]);
       acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(j->as[ib]), acc[t]);
-      acc[t] = _mm256_fmadd_ps(zd, _mm256_set1_ps(j->ae[ib]), acc[t]);
+      acc[t] = _mm256_fmadd_ps(zd, _mm256_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]), acc[t]);
     }
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
-TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T) {
+TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two) {
   const __m256i flip = _mm256_set1_epi8((char)0x80);
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -82,9 +93,15 @@ TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t 
     for (int t = 0; t < T; t++) {
       const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
       __m256i s = NAME256(dot_s8)(u, c, a);
-      int64_t ib = (t0 + t) * j->nb + b;
-      __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(j->as[ib] - j->ae[ib]),
-                                 _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(j->ad[ib])));
+      int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
+      float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int, both digits' */
+      if (two) {
+        const int32_t* r = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
+        s = NAME256(join)(s, NAME256(dot_s8)(u, c, r));
+        qs += j->as[ir] - j->ae[ir];
+      }
+      __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(qs),
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(j->ad[ir])));
       acc[t] = _mm256_fmadd_ps(d, x, acc[t]);
     }
   }
@@ -115,10 +132,14 @@ TARGET256 static inline void NAME256(half_tile_tokens_q6)(const Job* j, int64_t 
 
 TARGET256 static inline void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
   for (int h = 0; h < 2; h++) {
+    int two = j->digits == 2; /* (see fused_digits) */
     if (j->tile == TILE6) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
-    else if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T);
-    else if (layout_of(j->tile).five) NAME256(half_tile_tokens)(j, g, h, t0, T, 1);
-    else NAME256(half_tile_tokens)(j, g, h, t0, T, 0);
+    else if (j->bits == 8 && two) NAME256(half_tile_tokens_q8)(j, g, h, t0, T, 1);
+    else if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T, 0);
+    else if (layout_of(j->tile).five && two) NAME256(half_tile_tokens)(j, g, h, t0, T, 1, 1);
+    else if (layout_of(j->tile).five) NAME256(half_tile_tokens)(j, g, h, t0, T, 1, 0);
+    else if (two) NAME256(half_tile_tokens)(j, g, h, t0, T, 0, 1);
+    else NAME256(half_tile_tokens)(j, g, h, t0, T, 0, 0);
   }
 }
 
