@@ -82,9 +82,11 @@
  * Two digits (attribute `digits` 2 on any of the three; export's `--precise`): what each
  * activation's int8 rounding left, r = x − da·â, is rounded to int8 in its turn at da/254 (|r| ≤
  * da/2 keeps it within ±127) as a row of its own, with S = 0 and e = −(da/254)·Σ r̂ (its row's
- * offsets already hold the exact sums); the kernels compute both rows, and each row's two
- * outputs are added (before the SwiGLU). What is left is at most 1/508 of a block's scale: float
- * activations' quality (KL 5e-7 on the default model) for twice the integer work.
+ * offsets already hold the exact sums). The x86 kernels read both digits of a token in one
+ * pass and join their integer sums, 254·s + s_r (exact in int32), before the float work of one
+ * token; NEON, portable C and Q6_K's tiles compute the residual rows as rows of their own and
+ * add each row's two outputs (before the SwiGLU). What is left is at most 1/508 of a block's
+ * scale: float activations' quality (KL 5e-7 on the default model) for twice the dot products.
  *
  * export/quant/native.py writes both; tests/test_native.py checks this file against numpy.
  *
