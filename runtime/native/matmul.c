@@ -215,7 +215,7 @@ void prepare_rows(void* data, size_t i) {
   }
   quantize_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, p->s + r0 * nb,
                 p->e + r0 * nb);
-  if (!p->digits2) return;
+  if (p->digits != 2) return;
   int64_t at = (p->m + r0) * nb;
 #if defined(__x86_64__)
   if (kernel_path() != PATH_PORTABLE) {
@@ -389,6 +389,20 @@ AVX512 INLINE void dots512(const Job* j, int64_t t0, int T, int64_t b, const __m
     for (int t = 0; t < T; t++) s[t] = _mm512_dpbusd_epi32(s[t], c[v], _mm512_set1_epi32(a[t][v]));
 }
 
+/* dots512 for the tokens' int8 blocks and, for two digits (`two`, a constant wherever this is
+   inlined), for their residual rows m + t too, the two sums joined: 254·s + s_r, exact in int32
+   (|254·s| ≤ 254 · 32 · 255 · 127 < 2³¹ for 8-bit codes, the widest joined). */
+AVX512 INLINE void digits512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
+                             __m512i s[4], int two) {
+  dots512(j, t0, T, b, c, s);
+  if (!two) return;
+  __m512i r[4];
+  dots512(j, j->m + t0, T, b, c, r);
+  for (int t = 0; t < T; t++)
+    s[t] = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)),
+                            r[t]);
+}
+
 /* The next tile group's lines of block b, prefetched while this group computes (on its first
    token group only). Eight rows of a decode step make the AVX-512 path compute-heavy enough that
    the hardware prefetcher falls behind the weights' stream from memory: measured on the 2-core
@@ -425,14 +439,7 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
                                          _mm_loadu_si128((const __m128i*)(p + l.z)))),
                                      d);
     __m512i s[4];
-    dots512(j, t0, T, b, c, s);
-    if (two) { /* |254·s| ≤ 254 · 32 · 31 · 127: no overflow */
-      __m512i r[4];
-      dots512(j, j->m + t0, T, b, c, r);
-      for (int t = 0; t < T; t++)
-        s[t] = _mm512_add_epi32(
-            _mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)), r[t]);
-    }
+    digits512(j, t0, T, b, c, s, two);
     for (int t = 0; t < T; t++) {
       int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ir])),
@@ -445,7 +452,7 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
     _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, _mm512_add_ps(acc[t], off[t]));
 }
 
-/* The 8-bit head's tile; `two` as in tile_tokens (|254·s| ≤ 254 · 32 · 255 · 127 < 2³¹). */
+/* The 8-bit head's tile; `two` as in tile_tokens. */
 AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, int two) {
   __m512 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
@@ -457,14 +464,7 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, in
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
     __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
     __m512i s[4];
-    dots512(j, t0, T, b, c, s);
-    if (two) {
-      __m512i r[4];
-      dots512(j, j->m + t0, T, b, c, r);
-      for (int t = 0; t < T; t++)
-        s[t] = _mm512_add_epi32(
-            _mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)), r[t]);
-    }
+    digits512(j, t0, T, b, c, s, two);
     for (int t = 0; t < T; t++) {
       int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
       float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int, both digits' */
@@ -891,34 +891,23 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
    success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
-  int bits = tile_bits(tile);
-  if (k % BLOCK || n % ROWS || !bits) return 1;
-  int64_t nb = k / BLOCK;
-  int8_t* q = malloc((size_t)(m * k) + 64);
-  float* d = malloc(sizeof(float) * (size_t)(m * nb) * 3 + 64);
-  if (!q || !d) return free(q), free(d), 2;
-  float *s = d + m * nb, *e = s + m * nb;
-  quantize_rows(a, m, k, q, d, s, e);
-  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, tile, 0, NULL, 1};
-  run_chunk(&j, 0);
-  free(q), free(d);
-  return 0;
+  return llamaonnx_matmul_digits(tile, a, m, k, w, n, y, 1);
 }
 
-/* The same with `digits` 1 or 2 (two: each row's int8 rounding residual quantized and added). */
+/* The same with the activations in `digits` int8 digits, 1 or 2 (two: each row's int8 rounding
+   residual quantized and added). */
 int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w,
                             int64_t n, float* y, int digits) {
   int bits = tile_bits(tile);
   if (k % BLOCK || n % ROWS || !bits || (digits != 1 && digits != 2)) return 1;
-  if (digits == 1) return llamaonnx_matmul(tile, a, m, k, w, n, y);
-  int64_t nb = k / BLOCK;
-  int8_t* q = malloc((size_t)(2 * m * k) + 64);
-  float* d = malloc(sizeof(float) * (size_t)(2 * m * nb * 3 + 2 * m * n) + 64);
+  int64_t nb = k / BLOCK, rows = digits * m;
+  int8_t* q = malloc((size_t)(rows * k) + 64);
+  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + (digits > 1 ? rows * n : 0)) + 64);
   if (!q || !d) return free(q), free(d), 2;
-  float *s = d + 2 * m * nb, *e = s + 2 * m * nb, *scratch = e + 2 * m * nb;
-  Prep p = {a, NULL, NULL, NULL, NULL, q, d, s, e, m, k, m, 0.f, 1};
+  float *s = d + rows * nb, *e = s + rows * nb;
+  Prep p = {a, NULL, NULL, NULL, NULL, q, d, s, e, m, k, m, 0.f, digits};
   prepare_rows(&p, 0);
-  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, tile, 0, scratch, 2};
+  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, tile, 0, e + rows * nb, digits};
   run_chunk(&j, 0);
   free(q), free(d);
   return 0;

@@ -162,8 +162,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   void* yp;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(yv, &yp));
   if (m == 0) return NULL;
-  /* two digits: twice the int8 rows (the second M, what the first M's rounding left), computed
-     into a scratch of 2M rows whose pairs are added */
+  /* two digits: twice the int8 rows (the second M, what the first M's rounding left), and a
+     scratch of 2M rows for the paths that compute them as rows of their own (Job.digits) */
   int64_t digits = kind->digits, rows = digits * m;
   int8_t* q = malloc((size_t)(rows * k) + 64);
   float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 +
@@ -176,7 +176,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   float *s = d + rows * nb, *e = s + rows * nb;
   /* the rows' norm and int8 blocks: on this thread at decode, over the threads for a prompt */
   Prep p = {(const float*)a.data, (const float*)skip.data, (const float*)gamma.data, sum, normed,
-            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps, digits > 1};
+            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps, (int)digits};
   size_t tasks = (size_t)((m + p.rows - 1) / p.rows);
   OrtStatus* st = tasks > 1
                       ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, prepare_rows, tasks, 0, &p)

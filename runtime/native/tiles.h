@@ -201,8 +201,9 @@ typedef struct {
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
   int digits;     /* 2: aq, ad, as, ae hold 2M rows, M of the activations and M of what their int8
-                     rounding left (residual_rows); both are computed into `scratch` [2M, N] and
-                     each row's two added. Else 1. */
+                     rounding left (residual_rows): the x86 kernels read both a token (matmul.c,
+                     fused_digits), the others compute both into `scratch` [2M, N] and add each
+                     row's two. Else 1. */
 } Job;
 
 /* A matmul's activations made ready, `rows` rows a task: A (or RMSNorm(A + skip)·gamma, into
@@ -214,7 +215,7 @@ typedef struct {
   float *d, *s, *e;
   int64_t m, k, rows;
   float eps;
-  int digits2; /* two digits: what the int8 rounding left, quantized into rows M.. of q, d, s, e */
+  int digits; /* as Job's: 2, what the int8 rounding left quantized too, into rows M.. of q, d, s, e */
 } Prep;
 
 /* ---- attention ------------------------------------------------------------------------ */
