@@ -166,7 +166,7 @@ typedef struct {
   int five, f32, d, m, z;
 } Layout;
 
-static inline Layout layout_of(int64_t tile) {
+INLINE Layout layout_of(int64_t tile) {
   int five = tile == TILE5 || tile == TILE5F || tile == TILE5Z;
   int f32 = tile == TILE4F || tile == TILE5F;
   int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;

@@ -5,7 +5,7 @@
  * signed, with their magnitudes). Not a header of its own: no include guard. */
 
 /* A 5- or 6-bit tile's high bits for half h of register u: bit i of `bits` → `value` in byte i. */
-TARGET256 static inline __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
+TARGET256 INLINE __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
@@ -15,7 +15,7 @@ TARGET256 static inline __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
 
 /* Half h (rows 8h..8h+7) of a tile's codes in 8 registers, as codes512 lays them out (c[2v]: codes
    8v..8v+3, c[2v+1]: 8v+4..8v+7 — a's int32 words 2v, 2v+1), with `planes` high-bit planes. */
-TARGET256 static inline void NAME256(codes)(const uint8_t* p, int h, int planes, __m256i c[8]) {
+TARGET256 INLINE void NAME256(codes)(const uint8_t* p, int h, int planes, __m256i c[8]) {
   const __m256i lo = _mm256_set1_epi8(0x0F);
   for (int v = 0; v < 4; v++) {
     __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
@@ -32,14 +32,14 @@ TARGET256 static inline void NAME256(codes)(const uint8_t* p, int h, int planes,
 
 /* The integer sums of a token's two digits joined, 254·s + s_r (exact in int32: see
    tile_tokens in matmul.c). */
-TARGET256 static inline __m256i NAME256(join)(__m256i s, __m256i r) {
+TARGET256 INLINE __m256i NAME256(join)(__m256i s, __m256i r) {
   return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(s, 8), _mm256_slli_epi32(s, 1)), r);
 }
 
 /* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile;
    `two`: two-digit activations read in one pass, as on AVX-512 (constants wherever this is
    inlined). */
-TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five, int two) {
+TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five, int two) {
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const int64_t stride = j->tile;
@@ -75,7 +75,7 @@ TARGET256 static inline void NAME256(half_tile_tokens)(const Job* j, int64_t g, 
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
-TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two) {
+TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two) {
   const __m256i flip = _mm256_set1_epi8((char)0x80);
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -108,7 +108,7 @@ TARGET256 static inline void NAME256(half_tile_tokens_q8)(const Job* j, int64_t 
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
-TARGET256 static inline void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int h, int64_t t0, int T) {
+TARGET256 INLINE void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int h, int64_t t0, int T) {
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE6;
@@ -130,7 +130,7 @@ TARGET256 static inline void NAME256(half_tile_tokens_q6)(const Job* j, int64_t 
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
-TARGET256 static inline void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
+TARGET256 INLINE void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
   for (int h = 0; h < 2; h++) {
     int two = j->digits == 2; /* (see fused_digits) */
     if (j->tile == TILE6) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
