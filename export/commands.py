@@ -178,7 +178,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="run matching projections' activations in two int8 digits on llamaonnx's kernels: "
         "float activations' quality for twice their integer work, e.g. '*' (all), 'output', "
         "'layers.*.feed_forward.w2' (the graph's names: layers.N.attention.qkv / .wo, "
-        "layers.N.feed_forward.w13 / .w2, output; repeatable)",
+        "layers.N.feed_forward.w13 / .w2, output; repeatable, the last match wins); "
+        "PATTERN=B: the second digit on each activation row's B blocks of largest scale only "
+        "(most of the rounding error, for B/nb of the extra work), e.g. '*=2'",
     )
     q.add_argument(
         "--for-provider",

@@ -2,6 +2,8 @@
 against the blocks it holds, both code paths against numpy, the onnxruntime binding, and clear
 errors."""
 
+from itertools import product
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -137,45 +139,63 @@ BLOCKS = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0} | {
 }
 
 
-def rounded(a: np.ndarray, digits: int = 1) -> np.ndarray:
+def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
+    """[..., nb] bool: each row's `blocks` blocks of largest scale (the first of equals first),
+    where two digits on a few blocks (attribute `blocks`) keep the second; 0: all of them."""
+    amax = np.abs(a.reshape(*a.shape[:-1], -1, 32)).max(-1)
+    if blocks == 0:
+        return np.ones(amax.shape, bool)
+    order = np.argsort(-amax, axis=-1, kind="stable")[..., :blocks]
+    keep = np.zeros(amax.shape, bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return keep
+
+
+def rounded(a: np.ndarray, digits: int = 1, blocks: int = 0) -> np.ndarray:
     """a with each block of 32 rounded to int8 steps, in float32 as the kernel does it; with two
-    digits plus what that rounding left, rounded to int8 steps of 1/254 the block's scale."""
-    blocks = a.reshape(*a.shape[:-1], -1, 32)
-    amax = np.abs(blocks).max(-1, keepdims=True)
+    digits plus what that rounding left, rounded to int8 steps of 1/254 the block's scale (on
+    each row's `blocks` blocks of largest scale, 0: on all)."""
+    x = a.reshape(*a.shape[:-1], -1, 32)
+    amax = np.abs(x).max(-1, keepdims=True)
     inv = np.float32(127) / np.where(amax == 0, np.float32(1), amax)
-    codes = np.rint(blocks * inv)
+    codes = np.rint(x * inv)
     da = amax / np.float32(127)
     out = codes.astype(np.float64) * da.astype(np.float64)
     if digits == 2:
-        left = blocks - da * codes  # float32, as the kernel computes it
+        left = x - da * codes  # float32, as the kernel computes it
         inv2 = np.float32(254) / np.where(da == 0, np.float32(1), da)
         second = np.clip(np.rint(left * inv2), -127, 127).astype(np.float64)
+        second *= kept_blocks(a, blocks)[..., None]
         out += second * (da / np.float32(254)).astype(np.float64)
     return out.reshape(a.shape)
 
 
-def reference(a: np.ndarray, packed: np.ndarray, digits: int = 1) -> np.ndarray:
+def reference(a: np.ndarray, packed: np.ndarray, digits: int = 1, blocks: int = 0) -> np.ndarray:
     """What the kernel computes: the codes centred on z times the activations rounded to int8 per
     block of 32, plus the rest of each weight, (m + z·d), times the exact block sums. (A 6-bit
     tile: its weights times the rounded activations.)"""
+    r = rounded(a, digits, blocks)
     if packed.shape[-1] == TILE6:
-        return (rounded(a, digits) @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
+        return (r @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
     if packed.shape[-1] == TILE8:
-        return (rounded(a, digits) @ unpack8(packed).T.astype(np.float64)).astype(np.float32)
+        return (r @ unpack8(packed).T.astype(np.float64)).astype(np.float32)
     q, d, m, z = (x.astype(np.float64) for x in fields(packed))
     centred = np.repeat(d, 32, axis=1) * (q - np.repeat(z, 32, axis=1))
     rest = np.repeat(m + z * d, 32, axis=1)
-    return (rounded(a, digits) @ centred.T + a.astype(np.float64) @ rest.T).astype(np.float32)
+    return (r @ centred.T + a.astype(np.float64) @ rest.T).astype(np.float32)
 
 
-def matmul(packed: np.ndarray, a: np.ndarray, path: str, digits: int = 1) -> np.ndarray:
+def matmul(
+    packed: np.ndarray, a: np.ndarray, path: str, digits: int = 1, blocks: int = 0
+) -> np.ndarray:
     """y = a · Wᵀ through the library's plain C entry point, on kernel path `path`, with the
-    activations in `digits` int8 digits."""
+    activations in `digits` int8 digits (the second on each row's `blocks` largest, 0: all)."""
     (m, k), n = a.shape, packed.shape[0] * ROWS
     y = np.zeros((m, n), np.float32)
     with native.use_path(path):
         assert native.library().llamaonnx_matmul_digits(
-            packed.shape[-1], a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data, digits
+            packed.shape[-1], a.ctypes.data, m, k, packed.ctypes.data, n, y.ctypes.data, digits,
+            blocks,
         ) == 0  # fmt: skip
     return y
 
@@ -322,13 +342,55 @@ def test_two_digits_match_numpy_and_float_activations(path, kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_K", "Q8_0", "Q6_K"])
+def test_two_digits_on_a_few_blocks_match_numpy(path, kind):
+    """`blocks` B: the second digit on each row's B blocks of largest scale only (the x86 kernels
+    skip the others' dot products, the rest compute zeros): numpy's model of it, whose error
+    falls from one digit's towards two's as B grows; B ≥ nb is every block, bit for bit."""
+    n, k = 64, 512
+    blocks = BLOCKS[kind](n, k, seed=11)
+    packed = pack(blocks)
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((6, k)).astype(np.float32)
+    a[:, 40] *= 40  # block 1's scale is the largest in every row,
+    a[1, 300] *= 60  # and in row 1 block 9's larger still
+    a[4, :] = np.repeat(rng.standard_normal(16), 32).astype(np.float32)  # equal scales in pairs
+    exact = a.astype(np.float64) @ blocks.dequantize().T.astype(np.float64)
+    err = {}
+    for b in (0, 1, 2, 5):
+        y = matmul(packed, a, path, digits=2, blocks=b)
+        want = reference(a, packed, digits=2, blocks=b)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        err[b] = np.linalg.norm(y - exact)
+    one = np.linalg.norm(matmul(packed, a, path) - exact)
+    assert err[0] < err[5] < err[2] < err[1] < one
+    np.testing.assert_array_equal(
+        matmul(packed, a, path, digits=2, blocks=16), matmul(packed, a, path, digits=2)
+    )
+
+
+def test_blocks_keep_each_rows_largest_scales():
+    """The kept blocks, by the model the tests hold the kernel to: the largest scales, the
+    first of equals."""
+    a = np.zeros((2, 4 * 32), np.float32)
+    a[0, [5, 40, 70, 100]] = [1, 3, 2, 3]
+    a[1, [0, 33]] = [-4, 4]
+    np.testing.assert_array_equal(
+        kept_blocks(a, 2), [[False, True, False, True], [True, True, False, False]]
+    )
+    np.testing.assert_array_equal(kept_blocks(a, 1), [[0, 1, 0, 0], [1, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_two_digits_give_a_row_the_same_bits_alone_or_among_others(path):
     """A row and its residual row are computed like any others: batching does not change them."""
     packed = pack(q4_1(64, 256, seed=2))
     a = np.random.default_rng(4).standard_normal((7, 256)).astype(np.float32)
-    together = matmul(packed, a, path, digits=2)
-    for i in (0, 3, 6):
-        np.testing.assert_array_equal(matmul(packed, a[i : i + 1], path, digits=2)[0], together[i])
+    for blocks in (0, 2):
+        together = matmul(packed, a, path, digits=2, blocks=blocks)
+        for i in (0, 3, 6):
+            alone = matmul(packed, a[i : i + 1], path, digits=2, blocks=blocks)
+            np.testing.assert_array_equal(alone[0], together[i])
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -339,25 +401,27 @@ def test_two_digit_nodes_in_onnxruntime_match_numpy(path):
     rng = np.random.default_rng(12)
     native.library()
     with native.use_path(path):
-        for kind in ("Q4_1", "Q8_0", "Q6_K"):
+        for kind, blocks in product(("Q4_1", "Q8_0", "Q6_K"), (0, 3)):
             packed = pack(BLOCKS[kind](128, 256, seed=1))
-            graph = _one_node(OP8 if kind != "Q4_1" else OP, packed, 256, digits=2)
+            op = OP8 if kind != "Q4_1" else OP
+            graph = _one_node(op, packed, 256, digits=2, **({"blocks": blocks} if blocks else {}))
             for threads in (1, 2):
                 session = _load(graph, threads)
                 for shape in [(1, 1), (2, 3), (1, 37)]:
                     a = 2 * rng.standard_normal((*shape, 256)).astype(np.float32)
-                    want = reference(a.reshape(-1, 256), packed, digits=2).reshape(*shape, 128)
+                    want = reference(a.reshape(-1, 256), packed, 2, blocks).reshape(*shape, 128)
                     (y,) = session.run(None, {"a": a})
                     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         gate_up = pack(q4_1(128, 96, seed=5))
-        graph = _one_node(SWIGLU, gate_up, 96, digits=2)
         a = rng.standard_normal((2, 19, 96)).astype(np.float32)
-        both = reference(a, gate_up, digits=2).astype(np.float64)
-        g, u = both[..., :64], both[..., 64:]
-        want = g / (1 + np.exp(-g)) * u
-        for threads in (1, 2):
-            (h,) = _load(graph, threads).run(None, {"a": a})
-            np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        for blocks in (0, 1):
+            graph = _one_node(SWIGLU, gate_up, 96, digits=2, blocks=blocks)
+            both = reference(a, gate_up, 2, blocks).astype(np.float64)
+            g, u = both[..., :64], both[..., 64:]
+            want = g / (1 + np.exp(-g)) * u
+            for threads in (1, 2):
+                (h,) = _load(graph, threads).run(None, {"a": a})
+                np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         packed = pack(q4_1(64, 256, seed=3))
         normed = _norm_then(OP, packed, 256, True)
         normed.graph.node[0].attribute.append(helper.make_attribute("digits", 2))
@@ -369,6 +433,8 @@ def test_two_digit_nodes_in_onnxruntime_match_numpy(path):
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         with pytest.raises(Exception, match="digits must be 1 or 2"):
             _load(_one_node(OP, packed, 256, dims=("b",), digits=3), 1).run(None, {"a": x[0]})
+        with pytest.raises(Exception, match="blocks must be >= 0"):
+            _load(_one_node(OP, packed, 256, dims=("b",), digits=2, blocks=-1), 1)
 
 
 @pytest.mark.parametrize("path", PATHS)

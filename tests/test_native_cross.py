@@ -36,10 +36,10 @@ def driver(tmp_path_factory) -> Path:
     return out
 
 
-def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str, digits: int = 1):
+def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str, digits=1, keep=0):
     m, k = a.shape
     args = [QEMU, str(driver), str(packed.shape[-1]), str(m), str(k), str(n), str(PATHS[path])]
-    args.append(str(digits))
+    args += [str(digits), str(keep)]
     data = np.ascontiguousarray(packed).tobytes() + a.astype(np.float32).tobytes()
     out = subprocess.run(args, input=data, capture_output=True, timeout=120)
     assert out.returncode == 0, (out.returncode, out.stderr.decode())
@@ -49,14 +49,14 @@ def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str, dig
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 3, 6])
-@pytest.mark.parametrize("digits", [1, 2])
-def test_arm_kernel_matches_numpy(driver, path, kind, m, digits):
+@pytest.mark.parametrize("digits,keep", [(1, 0), (2, 0), (2, 3)])  # keep: the `blocks` attribute
+def test_arm_kernel_matches_numpy(driver, path, kind, m, digits, keep):
     n, k = 48, 512
     blocks = BLOCKS[kind](n, k, seed=m)
     packed = pack(blocks)
     tiles = {"Q4_1": TILE, "Q4_K": TILE4F, "Q8_0": TILE8, "Q5_0": TILE5Z, "Q5_1": TILE5}
     assert packed.shape[-1] == tiles.get(kind, TILE5F if kind == "Q5_K" else TILE6)
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
-    y = _run(driver, packed, a, n, path, digits)
-    want = reference(a, packed, digits)  # (two digits: what int8 rounding left rounded too)
+    y = _run(driver, packed, a, n, path, digits, keep)
+    want = reference(a, packed, digits, keep)  # (two digits: what int8 rounding left rounded too)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

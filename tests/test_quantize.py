@@ -440,7 +440,8 @@ def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, 
     rows = measure(one, exact, ["none", "layers.1.*,output", "*"], progress=lambda msg: None)
     kl = [np.mean(list(r["kl"].values())) for r in rows]
     assert [r["projections"] for r in rows] == [0, 5, len(ours)] and kl[2] < kl[1] < kl[0]
-    assert kl[2] < kl[0] / 10 and "| `*` | 9 |" in markdown(rows)
+    assert kl[2] < kl[0] / 10 and "| `*` | 9 | 100.0 % |" in markdown(rows)
+    assert 0 < rows[1]["extra"] < 1 and rows[0]["extra"] == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".activation-cost")]
     verified = quantized["ort", "int4"].parent / "ort-int4-precise"
     quantize_folder(tiny_folders["ort"], verified, _settings("int4", precise=("output",)))
@@ -456,6 +457,26 @@ def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, 
                                           "feed_forward/w13/MatMulQ4SwiGLU",
                                           "feed_forward/w2/MatMulQ4")] + ["/model/output/MatMulQ8"]
     )  # fmt: skip
+    # PATTERN=B: the second digit on each row's B blocks of largest scale; the last match wins
+    few = tmp_path / "few"
+    quantize_folder(
+        tiny_folders["ort"], few, _settings("int4", precise=("*=1", "output"), kv_cache="float32"),
+        verify=False,
+    )  # fmt: skip
+    model, _ = _ops(few)
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node}
+    assert attrs["/model/output/MatMulQ8"]["digits"] == 2
+    assert "blocks" not in attrs["/model/output/MatMulQ8"]
+    w2 = attrs["/model/layers.1/feed_forward/w2/MatMulQ4"]
+    assert (w2["digits"], w2["blocks"]) == (2, 1)
+    modules = json.loads((few / "llamaonnx.json").read_text())["quantization"]
+    assert "output" in modules["two_digit_modules"]
+    assert "layers.1.feed_forward.w2=1" in modules["two_digit_modules"]
+    err = {f: np.abs(logits(f) - want).max() for f in (one, few, out)}
+    assert err[out] < err[few] < err[one]
+    for bad in ("*=0", "*=x", "=2"):
+        with pytest.raises(QuantizationError, match="PATTERN=BLOCKS"):
+            QuantSettings("int4", precise=(bad,))
     with pytest.raises(QuantizationError, match="matches no projection.*layers.0.attention.qkv"):
         quantize_folder(tiny_folders["ort"], tmp_path / "x", _settings("int4", precise=("wq",)))
     assert not (tmp_path / "x").exists()

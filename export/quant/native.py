@@ -193,30 +193,50 @@ def module_of(node) -> str:
     return ".".join(node.name.split("/")[2:-1])
 
 
-def two_digits(graph, patterns: tuple[str, ...]) -> list[str]:
-    """Gives the kernels' projection nodes whose module matches one of `patterns` (fnmatch) the
-    attribute digits=2: the kernel then also rounds what each activation's int8 rounding left, at
-    1/254 of its block's scale, and adds that product too (runtime/native/matmul.c,
-    residual_rows). On the default model all of them bring the int8 activations' KL from 3e-3
-    to 5e-7, for twice the integer work (README, "Two digits"). Returns the modules marked."""
+def precise_pattern(spec: str) -> tuple[str, int]:
+    """'PATTERN' → (PATTERN, 0): two digits on every block; 'PATTERN=B' → (PATTERN, B): on each
+    activation row's B blocks of largest scale (B ≥ 1)."""
+    pattern, eq, blocks = spec.rpartition("=") if "=" in spec else (spec, "", "0")
+    if not pattern or not blocks.isdigit() or (eq and int(blocks) < 1):
+        raise QuantizationError(
+            f"--precise {spec!r}: expected PATTERN or PATTERN=BLOCKS with BLOCKS a whole number "
+            "≥ 1 (e.g. '*=2': two digits on each activation row's 2 blocks of largest scale)"
+        )
+    return pattern, int(blocks)
+
+
+def two_digits(graph, specs: tuple[str, ...]) -> list[str]:
+    """Gives the kernels' projection nodes whose module matches one of `specs` (fnmatch patterns,
+    each with an optional '=BLOCKS'; where several match, the last wins) the attribute digits=2:
+    the kernel then also rounds what each activation's int8 rounding left, at 1/254 of its
+    block's scale, and adds that product too (runtime/native/matmul.c, residual_rows). On the
+    default model all of them bring the int8 activations' KL from 3e-3 to 5e-7, for twice the
+    integer work (README, "Two digits"). With '=B', attribute blocks=B: only on each row's B
+    blocks of largest scale, where most of the rounding error is, for B/nb of that work.
+    Returns the modules marked, each as 'module' or 'module=B'."""
     import fnmatch
 
     import onnx
 
+    parsed = [precise_pattern(s) for s in specs]
     nodes = [n for n in graph.node if n.domain == DOMAIN and n.op_type in (OP, OP8, SWIGLU)]
     marked = []
     for node in nodes:
         module = module_of(node)
-        if any(fnmatch.fnmatchcase(module, p) for p in patterns):
-            kept = [a for a in node.attribute if a.name != "digits"]
-            del node.attribute[:]
-            node.attribute.extend([*kept, onnx.helper.make_attribute("digits", 2)])
-            marked.append(module)
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(m, p) for m in marked):
+        hits = [b for p, b in parsed if fnmatch.fnmatchcase(module, p)]
+        if not hits:
+            continue
+        kept = [a for a in node.attribute if a.name not in ("digits", "blocks")]
+        extra = [onnx.helper.make_attribute("blocks", hits[-1])] if hits[-1] else []
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("digits", 2), *extra])
+        marked.append(f"{module}={hits[-1]}" if hits[-1] else module)
+    modules = [m.partition("=")[0] for m in marked]
+    for spec, (p, _) in zip(specs, parsed, strict=True):
+        if not any(fnmatch.fnmatchcase(m, p) for m in modules):
             names = sorted({module_of(n) for n in nodes})
             raise QuantizationError(
-                f"--precise {p!r} matches no projection on llamaonnx's kernels; their names are "
-                f"{', '.join(names[:5])}, ... {names[-1]} ({len(names)} in all)"
+                f"--precise {spec!r} matches no projection on llamaonnx's kernels; their names "
+                f"are {', '.join(names[:5])}, ... {names[-1]} ({len(names)} in all)"
             )
     return marked

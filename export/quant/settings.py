@@ -28,7 +28,8 @@ class QuantSettings:
     embedding: bool = True  # the token embedding as GatherBlockQuantized
     keep: tuple[str, ...] = ()  # fnmatch patterns of modules kept in float (e.g. "layers.0.*")
     # fnmatch patterns of llamaonnx-kernel projections whose activations go in two int8 digits
-    # (float activations' quality at twice the integer work; export/quant/native.py two_digits)
+    # (float activations' quality at twice the integer work; export/quant/native.py two_digits),
+    # each with an optional '=B': the second digit on each row's B blocks of largest scale only
     precise: tuple[str, ...] = ()
     provider: str = "cpu"  # picks the accuracy level
     accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
@@ -60,6 +61,11 @@ class QuantSettings:
                 "--precision int4 or int8, --for-provider cpu, accuracy level 4 and float32 "
                 "activations"
             )
+        if self.precise:
+            from export.quant.native import precise_pattern
+
+            for spec in self.precise:
+                precise_pattern(spec)  # a QuantizationError before any work
         if self.precise and not (self.native_applies and self.kernel != "nbits"):
             raise QuantizationError(
                 "--precise runs activations in two int8 digits on llamaonnx's CPU kernels: it "

@@ -26,12 +26,34 @@ import numpy as np
 
 def default_sets(layers: int) -> list[str]:
     """One digit everywhere, each layer alone, each kind of projection, the last layer with the
-    head, that with every q/k/v projection, and everything."""
+    head, that with every q/k/v projection, each row's 1 or 2 blocks of largest scale
+    everywhere (with the whole head), and everything."""
     last = f"layers.{layers - 1}.*,output"
     kinds = [f"layers.*.{k}" for k in ("attention.qkv", "attention.wo", "feed_forward.w13",
                                        "feed_forward.w2")]  # fmt: skip
     return ["none", *(f"layers.{i}.*" for i in range(layers)), *kinds, "output", last,
-            f"layers.*.attention.qkv,{last}", "*"]  # fmt: skip
+            f"layers.*.attention.qkv,{last}", "*=1", "*=2", "*=2,output", "*"]  # fmt: skip
+
+
+def extra_work(graph) -> float:
+    """The second digit's dot products in a decode step, as a fraction of the first's: each
+    two-digit node's N·K (its B is [N/16, K/32, tile]), times B/nb where it has `blocks` B (the
+    x86 kernels add only those blocks' products; a prompt's rows in groups of 4 add the union of
+    theirs, so a prefill pays more), over every kernel node's N·K. Machine-independent, unlike
+    the speed it costs."""
+    from export.quant.native import DOMAIN, OP, OP8, SWIGLU
+
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    one = two = 0.0
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in (OP, OP8, SWIGLU):
+            continue
+        n16, nb = dims[node.input[1]][:2]
+        attrs = {a.name: a.i for a in node.attribute}
+        one += n16 * nb
+        if attrs.get("digits", 1) == 2:
+            two += n16 * nb * (min(attrs.get("blocks", 0), nb) / nb if attrs.get("blocks") else 1)
+    return two / one if one else 0.0
 
 
 def _scratch(folder: Path) -> Path:
@@ -80,6 +102,7 @@ def measure(quant_dir: Path, reference_dir: Path, sets: list[str], progress=prin
             row = {
                 "set": spec,
                 "projections": len(marked),
+                "extra": extra_work(model.graph),
                 "kl": {k: mean_kl(want[k], got[k]) for k in texts},
                 "ratio": {
                     k: perplexity(got[k], ids) / perplexity(want[k], ids)
@@ -96,15 +119,16 @@ def measure(quant_dir: Path, reference_dir: Path, sets: list[str], progress=prin
 def markdown(rows: list[dict]) -> str:
     one = np.mean(list(rows[0]["kl"].values())) if rows and rows[0]["set"] == "none" else None
     out = [
-        "| two-digit activations on | projections | mean KL (prose / chat / code) | mean "
-        "| of one digit's KL removed | perplexity ratio (prose / chat / code) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| two-digit activations on | projections | second digit's dot products (decode) "
+        "| mean KL (prose / chat / code) | mean | of one digit's KL removed "
+        "| perplexity ratio (prose / chat / code) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mean = np.mean(list(r["kl"].values()))
         removed = f"{(1 - mean / one) * 100:.0f} %" if one else ""
         out.append(
-            f"| `{r['set']}` | {r['projections']} | "
+            f"| `{r['set']}` | {r['projections']} | {r['extra'] * 100:.1f} % | "
             + " / ".join(f"{v:.2e}" for v in r["kl"].values())
             + f" | {mean:.2e} | {removed} | "
             + " / ".join(f"{v:.4f}" for v in r["ratio"].values())

@@ -47,7 +47,7 @@ def library() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.llamaonnx_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     digits = ctypes.c_int
-    lib.llamaonnx_matmul_digits.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, digits]
+    lib.llamaonnx_matmul_digits.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, digits, i64]
     lib.llamaonnx_gather_q8.argtypes = [ptr, i64, i64, ptr, i64, ptr]
     lib.llamaonnx_gather_q8.restype = i64
     lib.llamaonnx_kernel_path.argtypes = [ctypes.c_int]

@@ -140,7 +140,7 @@ void skip_rms_norm(const float* x, const float* skip, const float* gamma, int64_
 __attribute__((optimize("fp-contract=off")))
 #endif
 static void residual_rows(const float* x, int64_t m, int64_t k, const int8_t* q, const float* d,
-                          int8_t* q2, float* d2, float* s2, float* e2) {
+                          const uint8_t* keep, int8_t* q2, float* d2, float* s2, float* e2) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -149,6 +149,10 @@ static void residual_rows(const float* x, int64_t m, int64_t k, const int8_t* q,
     for (int64_t b = 0; b < nb; b++) {
       int64_t i = t * nb + b, at = t * k + b * BLOCK;
       float da = d[i], scale = da / 254.f, inv = da > 0.f ? 254.f / da : 0.f;
+      if (keep && !keep[i]) {
+        memset(q2 + at, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
+        continue;
+      }
       int32_t sum = 0;
       for (int j = 0; j < BLOCK; j++) {
         float v = nearbyintf((x[at + j] - da * (float)q[at + j]) * inv);
@@ -167,7 +171,8 @@ static void residual_rows(const float* x, int64_t m, int64_t k, const int8_t* q,
 __attribute__((optimize("fp-contract=off")))
 #endif
 AVX2 static void residual_rows_avx2(const float* x, int64_t m, int64_t k, const int8_t* q,
-                                    const float* d, int8_t* q2, float* d2, float* s2, float* e2) {
+                                    const float* d, const uint8_t* keep, int8_t* q2, float* d2,
+                                    float* s2, float* e2) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -177,6 +182,10 @@ AVX2 static void residual_rows_avx2(const float* x, int64_t m, int64_t k, const 
     for (int64_t b = 0; b < nb; b++) {
       int64_t i = t * nb + b, at = t * k + b * BLOCK;
       float da = d[i], scale = da / 254.f, inv = da > 0.f ? 254.f / da : 0.f;
+      if (keep && !keep[i]) {
+        memset(q2 + at, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
+        continue;
+      }
       __m256 vd = _mm256_set1_ps(da), vi = _mm256_set1_ps(inv);
       __m256i ci[4];
       for (int c = 0; c < 4; c++) {
@@ -200,6 +209,32 @@ AVX2 static void residual_rows_avx2(const float* x, int64_t m, int64_t k, const 
 }
 #endif
 
+/* Which blocks of rows with scales d [m, nb] keep their residual: each row's `blocks` (< nb) of
+   largest scale, the first of equals before the later (blocks passes over the row: few blocks,
+   few passes), as flags `keep` [m, nb]; and for each group of 4 rows (m a multiple of 4, or the
+   last rows), the blocks any of them keeps, in order, then -1 (`kept`, Job.kept). A norm's
+   outliers sit in the same channels token after token, so a group's are mostly one row's. */
+static void select_blocks(const float* d, int64_t m, int64_t nb, int64_t blocks, uint8_t* keep,
+                          int32_t* kept) {
+  memset(keep, 0, (size_t)(m * nb));
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t c = 0; c < blocks; c++) {
+      int64_t best = -1;
+      for (int64_t b = 0; b < nb; b++)
+        if (!keep[t * nb + b] && (best < 0 || d[t * nb + b] > d[t * nb + best])) best = b;
+      keep[t * nb + best] = 1;
+    }
+  for (int64_t t0 = 0; t0 < m; t0 += 4, kept += nb + 1) {
+    int64_t c = 0;
+    for (int64_t b = 0; b < nb; b++) {
+      int any = 0;
+      for (int64_t t = t0; t < t0 + 4 && t < m; t++) any |= keep[t * nb + b];
+      if (any) kept[c++] = (int32_t)b;
+    }
+    kept[c] = -1;
+  }
+}
+
 /* Task i of a matmul's activation rows: their norm (where one is folded in), then their int8
    blocks (and, for two digits, their residuals'). */
 void prepare_rows(void* data, size_t i) {
@@ -217,15 +252,17 @@ void prepare_rows(void* data, size_t i) {
                 p->e + r0 * nb);
   if (p->digits != 2) return;
   int64_t at = (p->m + r0) * nb;
+  uint8_t* keep = p->blocks > 0 ? p->keep + r0 * nb : NULL;
+  if (keep) select_blocks(p->d + r0 * nb, r1 - r0, nb, p->blocks, keep, p->kept + r0 / 4 * (nb + 1));
 #if defined(__x86_64__)
   if (kernel_path() != PATH_PORTABLE) {
-    residual_rows_avx2(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb,
+    residual_rows_avx2(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, keep,
                        p->q + (p->m + r0) * p->k, p->d + at, p->s + at, p->e + at);
     return;
   }
 #endif
-  residual_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, p->q + (p->m + r0) * p->k,
-                p->d + at, p->s + at, p->e + at);
+  residual_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, keep,
+                p->q + (p->m + r0) * p->k, p->d + at, p->s + at, p->e + at);
 }
 
 /* Row r's 32 codes of a MatMulQ4 or 6-bit tile, in order (code 8v + i in the low nibble of byte
@@ -419,32 +456,68 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int6
    tile; `two`: two-digit activations, both read here (rows t and m + t of the int8 blocks), their
    integer sums joined as 254·s + s_r, at the residual's scale da/254 (a constant wherever this
    is inlined): the float work of one token, not two. */
+/* A MatMulQ4 tile's scales d and the zero points' d·z (16·d for 5-bit codes). */
+AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l) {
+  return l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
+               : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
+}
+AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, int five, __m512 d) {
+  return five ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
+              : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                  _mm_loadu_si128((const __m128i*)(p + l.z)))),
+                              d);
+}
+
+/* Two digits on a few blocks (Job.kept, `two` 2 below): dots512 for the tokens, and on a block
+   any of them keeps a residual on (the next in `*u`, the group's list), their residuals' too,
+   joined into the sums of those that keep it (254·s + s_r, as digits512); `ad` gets each token's
+   scale for its sum: da/254 where joined, else da. A token's bits are the same whichever others
+   share its group. At decode the list is the token's own, the same for every tile group, so the
+   branch on it is predicted; a prompt's groups of 4 take the union of theirs. */
+AVX512 INLINE void few512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
+                          __m512i s[4], const int32_t** u, float ad[4]) {
+  dots512(j, t0, T, b, c, s);
+  for (int t = 0; t < T; t++) ad[t] = j->ad[(t0 + t) * j->nb + b];
+  if (**u != b) return;
+  ++*u;
+  __m512i r[4];
+  dots512(j, j->m + t0, T, b, c, r);
+  for (int t = 0; t < T; t++) {
+    int keep = j->keep[(t0 + t) * j->nb + b];
+    __m512i joined = _mm512_add_epi32(
+        _mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)), r[t]);
+    s[t] = _mm512_mask_mov_epi32(s[t], (__mmask16)-keep, joined);
+    ad[t] = keep ? j->ad[(j->m + t0 + t) * j->nb + b] : ad[t];
+  }
+}
+
 AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five, int two) {
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
   const int64_t stride = j->tile;
   const Layout l = layout_of(stride);
   const uint8_t* p = j->w + g * j->nb * stride;
+  const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     __m512i c[8];
     ahead512(j, p, stride, t0);
     codes512(p, five, c);
-    __m512 d = l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
-                     : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
+    __m512 d = scale512(p, l);
     __m512 m = l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
                : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
                        : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
-    __m512 zd = five ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
-                     : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                         _mm_loadu_si128((const __m128i*)(p + l.z)))),
-                                     d);
+    __m512 zd = zero512(p, l, five, d);
     __m512i s[4];
-    digits512(j, t0, T, b, c, s, two);
+    float ad[4];
+    if (two == 2) few512(j, t0, T, b, c, s, &u, ad);
+    else digits512(j, t0, T, b, c, s, two);
     for (int t = 0; t < T; t++) {
       int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ir])),
+      float scale = two == 2 ? ad[t] : j->ad[ir];
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(scale)),
                                acc[t]);
       off[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(j->as[ib]), off[t]);
+      /* (a residual's e is 0 on a block it does not keep) */
       off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]), off[t]);
     }
   }
@@ -457,6 +530,7 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, in
   __m512 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE8;
+  const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
     __m512i c[8];
     ahead512(j, p, TILE8, t0);
@@ -464,13 +538,16 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, in
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
     __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
     __m512i s[4];
-    digits512(j, t0, T, b, c, s, two);
+    float ad[4];
+    if (two == 2) few512(j, t0, T, b, c, s, &u, ad);
+    else digits512(j, t0, T, b, c, s, two);
     for (int t = 0; t < T; t++) {
       int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
       float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int, both digits' */
       if (two) qs += j->as[ir] - j->ae[ir];
+      float scale = two == 2 ? ad[t] : j->ad[ir];
       __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(qs),
-                                  _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), _mm512_set1_ps(j->ad[ir])));
+                                  _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), _mm512_set1_ps(scale)));
       acc[t] = _mm512_fmadd_ps(d, x, acc[t]);
     }
   }
@@ -512,10 +589,15 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
 
 /* One tile of either format; T is a constant wherever this is inlined. */
 AVX512 INLINE void tile(const Job* j, int64_t g, int64_t t0, int T) {
+  int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits */
   if (j->tile == TILE6) tile_tokens_q6(j, g, t0, T);
-  else if (j->bits == 8 && j->digits == 2) tile_tokens_q8(j, g, t0, T, 1); /* fused_digits */
+  else if (j->bits == 8 && two == 2) tile_tokens_q8(j, g, t0, T, 2);
+  else if (j->bits == 8 && two) tile_tokens_q8(j, g, t0, T, 1);
   else if (j->bits == 8) tile_tokens_q8(j, g, t0, T, 0);
-  else if (j->digits == 2) { /* (see fused_digits) */
+  else if (two == 2) {
+    if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 2);
+    else tile_tokens(j, g, t0, T, 0, 2);
+  } else if (two) {
     if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 1);
     else tile_tokens(j, g, t0, T, 0, 1);
   } else if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 0);
@@ -891,23 +973,28 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
    success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
-  return llamaonnx_matmul_digits(tile, a, m, k, w, n, y, 1);
+  return llamaonnx_matmul_digits(tile, a, m, k, w, n, y, 1, 0);
 }
 
 /* The same with the activations in `digits` int8 digits, 1 or 2 (two: each row's int8 rounding
-   residual quantized and added). */
+   residual quantized and added; on each row's `blocks` blocks of largest scale, 0: on all). */
 int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w,
-                            int64_t n, float* y, int digits) {
+                            int64_t n, float* y, int digits, int64_t blocks) {
   int bits = tile_bits(tile);
-  if (k % BLOCK || n % ROWS || !bits || (digits != 1 && digits != 2)) return 1;
+  if (k % BLOCK || n % ROWS || !bits || (digits != 1 && digits != 2) || blocks < 0) return 1;
   int64_t nb = k / BLOCK, rows = digits * m;
-  int8_t* q = malloc((size_t)(rows * k) + 64);
-  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + (digits > 1 ? rows * n : 0)) + 64);
+  if (digits == 1 || blocks >= nb) blocks = 0; /* (every block) */
+  int8_t* q = malloc((size_t)(rows * k + m * nb) + 64);
+  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + (digits > 1 ? rows * n : 0) +
+                                             (m + 3) / 4 * (nb + 1)) + 64);
   if (!q || !d) return free(q), free(d), 2;
-  float *s = d + rows * nb, *e = s + rows * nb;
-  Prep p = {a, NULL, NULL, NULL, NULL, q, d, s, e, m, k, m, 0.f, digits};
+  float *s = d + rows * nb, *e = s + rows * nb, *scratch = e + rows * nb;
+  int32_t* kept = blocks ? (int32_t*)(scratch + (digits > 1 ? rows * n : 0)) : NULL;
+  Prep p = {a, NULL, NULL, NULL, NULL, q, d, s, e, m, k, m, 0.f, digits,
+            blocks, (uint8_t*)q + rows * k, kept};
   prepare_rows(&p, 0);
-  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, tile, 0, e + rows * nb, digits};
+  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, tile, 0, scratch, digits,
+           kept, p.keep};
   run_chunk(&j, 0);
   free(q), free(d);
   return 0;

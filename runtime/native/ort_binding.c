@@ -112,6 +112,7 @@ static OrtStatus* optional_input(OrtKernelContext* ctx, size_t i, Input* in) {
    the node has no epsilon attribute). */
 typedef struct {
   int bits, swiglu, digits; /* digits: the node's `digits` attribute, 1 (default) or 2 */
+  int64_t blocks;           /* its `blocks` attribute: two digits on each row's B blocks (0: all) */
   float eps;
   Held* _Atomic held; /* its weights in huge pages (weights.c) */
 } Kind;
@@ -162,12 +163,15 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   void* yp;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(yv, &yp));
   if (m == 0) return NULL;
-  /* two digits: twice the int8 rows (the second M, what the first M's rounding left), and a
-     scratch of 2M rows for the paths that compute them as rows of their own (Job.digits) */
-  int64_t digits = kind->digits, rows = digits * m;
-  int8_t* q = malloc((size_t)(rows * k) + 64);
-  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 +
-                                             (kind->swiglu || digits > 1 ? rows * n : 0)) + 64);
+  /* two digits: twice the int8 rows (the second M, what the first M's rounding left), a scratch
+     of 2M rows for the paths that compute them as rows of their own (Job.digits), and on a few
+     blocks (`blocks`) which each row keeps and each group of 4 rows' union (Prep.keep, kept) */
+  int64_t digits = kind->digits, rows = digits * m, blocks = digits == 2 ? kind->blocks : 0;
+  if (blocks >= nb) blocks = 0; /* every block: the joined pass */
+  int64_t scratch = kind->swiglu || digits > 1 ? rows * n : 0; /* floats */
+  int8_t* q = malloc((size_t)(rows * k + (blocks ? m * nb : 0)) + 64);
+  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch +
+                                             (blocks ? (m + 3) / 4 * (nb + 1) : 0)) + 64);
   float* normed = gamma.value ? malloc(sizeof(float) * (size_t)(m * k) + 64) : NULL;
   if (!q || !d || (gamma.value && !normed)) {
     free(q), free(d), free(normed);
@@ -176,7 +180,9 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   float *s = d + rows * nb, *e = s + rows * nb;
   /* the rows' norm and int8 blocks: on this thread at decode, over the threads for a prompt */
   Prep p = {(const float*)a.data, (const float*)skip.data, (const float*)gamma.data, sum, normed,
-            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps, (int)digits};
+            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps, (int)digits,
+            blocks, blocks ? (uint8_t*)q + rows * k : NULL,
+            blocks ? (int32_t*)(e + rows * nb + scratch) : NULL};
   size_t tasks = (size_t)((m + p.rows - 1) / p.rows);
   OrtStatus* st = tasks > 1
                       ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, prepare_rows, tasks, 0, &p)
@@ -192,7 +198,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (chunk < 1) chunk = 1;                /* (B with no rows) */
   const uint8_t* w = held_weights(&kind->held, b.data, (size_t)(bdims[0] * bdims[1] * tile));
   Job j = {w, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
-           bits, tile, kind->swiglu, e + rows * nb, (int)digits};
+           bits, tile, kind->swiglu, e + rows * nb, (int)digits, p.kept, p.keep};
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
   st = chunks > 1 ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
                   : (run_chunk(&j, 0), NULL);
@@ -446,6 +452,12 @@ static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const
       return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: attribute digits must be 1 or 2");
     }
     k->digits = (int)digits;
+    none = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int_fn)(info, "blocks", &k->blocks);
+    if (none) CALL(RELEASE_STATUS, release_status_fn)(none), k->blocks = 0;
+    if (k->blocks < 0) {
+      free(k);
+      return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: attribute blocks must be >= 0 (0: all)");
+    }
   }
   *out = k;
   return NULL;

@@ -87,6 +87,11 @@
  * token; NEON, portable C and Q6_K's tiles compute the residual rows as rows of their own and
  * add each row's two outputs (before the SwiGLU). What is left is at most 1/508 of a block's
  * scale: float activations' quality (KL 5e-7 on the default model) for twice the dot products.
+ * Attribute `blocks` B > 0 spends the second digit only on each row's B blocks of largest scale,
+ * where the rounding error is largest (a block's error grows with da², and a norm's output puts
+ * most of it in a few blocks: README, "Two digits on a few blocks"): the others' residual is 0
+ * and the x86 kernels skip their dot products, B/nb of the second digit's at decode; a prompt's
+ * rows, 4 to a tile pass, pay for the union of their blocks.
  *
  * export/quant/native.py writes both; tests/test_native.py checks this file against numpy.
  *
@@ -204,6 +209,12 @@ typedef struct {
                      rounding left (residual_rows): the x86 kernels read both a token (matmul.c,
                      fused_digits), the others compute both into `scratch` [2M, N] and add each
                      row's two. Else 1. */
+  const int32_t* kept; /* two digits on a few blocks (Prep.blocks): for each group of 4 rows
+                          (the x86 kernels' token groups), [nb + 1], the blocks any of them keeps
+                          a residual on, in order, then -1. The others' residual codes are 0, so
+                          the x86 kernels add only these blocks' (few512), and the rest need not
+                          know. NULL: every block */
+  const uint8_t* keep; /* with kept: [M, nb], 1 where a row keeps its block's residual */
 } Job;
 
 /* A matmul's activations made ready, `rows` rows a task: A (or RMSNorm(A + skip)·gamma, into
@@ -216,6 +227,10 @@ typedef struct {
   int64_t m, k, rows;
   float eps;
   int digits; /* as Job's: 2, what the int8 rounding left quantized too, into rows M.. of q, d, s, e */
+  int64_t blocks; /* two digits: 0 on every block; else on each row's `blocks` (< nb) blocks of
+                     largest scale da (the first of equals), the rest of the residual 0 */
+  uint8_t* keep;  /* [M, nb] when blocks > 0: 1 on those blocks */
+  int32_t* kept;  /* when blocks > 0: Job.kept, [ceil(M / 4), nb + 1] */
 } Prep;
 
 /* ---- attention ------------------------------------------------------------------------ */
@@ -307,7 +322,7 @@ LLAMAONNX_INTERNAL void attn_combine(const Attn* a);
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y);
 int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w,
-                            int64_t n, float* y, int digits);
+                            int64_t n, float* y, int digits, int64_t blocks);
 int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
                             int64_t count, float* out);
 int llamaonnx_kernel_path(int set);

@@ -36,6 +36,16 @@ TARGET256 INLINE __m256i NAME256(join)(__m256i s, __m256i r) {
   return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(s, 8), _mm256_slli_epi32(s, 1)), r);
 }
 
+/* Two digits on a few blocks (`two` 2 below, as few512 in matmul.c): on a block the group keeps
+   a residual on (the next in `*u`), token t's sum s joined with its residual's r where it keeps
+   one, at the residual's scale; its sum and scale `*ad` unchanged where it does not. */
+TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, int here, __m256i s, __m256i r, float* ad) {
+  if (!here) return s;
+  int keep = j->keep[ib];
+  if (keep) *ad = j->ad[ib + j->m * j->nb];
+  return _mm256_blendv_epi8(s, NAME256(join)(s, r), _mm256_set1_epi32(-keep));
+}
+
 /* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile;
    `two`: two-digit activations read in one pass, as on AVX-512 (constants wherever this is
    inlined). */
@@ -46,9 +56,12 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
   const Layout l = layout_of(stride);
   const int dsize = l.f32 ? 4 : 2;
   const uint8_t* p = j->w + g * j->nb * stride;
+  const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
     __m256i c[8];
     NAME256(codes)(p, h, five, c);
+    int here = two == 2 && *u == b; /* (a block the group keeps a residual on) */
+    u += here;
     __m256 d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
     __m256 m = l.m < 0 ? _mm256_mul_ps(_mm256_set1_ps(-16.f), d)
@@ -62,12 +75,13 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
       const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
       __m256i s = five ? NAME256(dot_u5)(c, a) : NAME256(dot_u4)(c, a);
       int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
-      if (two) {
+      float ad = j->ad[two == 1 ? ir : ib];
+      if (two == 1 || here) {
         const int32_t* r = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
-        s = NAME256(join)(s, five ? NAME256(dot_u5)(c, r) : NAME256(dot_u4)(c, r));
+        __m256i sr = five ? NAME256(dot_u5)(c, r) : NAME256(dot_u4)(c, r);
+        s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, here, s, sr, &ad);
       }
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(j->ad[ir])),
-                               acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(ad)), acc[t]);
       acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(j->as[ib]), acc[t]);
       acc[t] = _mm256_fmadd_ps(zd, _mm256_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]), acc[t]);
     }
@@ -80,7 +94,10 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int 
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE8;
+  const int32_t* kb = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
+    int here = two == 2 && *kb == b; /* (a block the group keeps a residual on) */
+    kb += here;
     __m256i c[8], u[8];
     for (int v = 0; v < 8; v++) { /* c − 128 as int8, and its magnitude (≤ 128) as uint8 */
       c[v] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h)), flip);
@@ -94,14 +111,15 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int 
       const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
       __m256i s = NAME256(dot_s8)(u, c, a);
       int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
-      float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int, both digits' */
-      if (two) {
+      float qs = j->as[ib] - j->ae[ib], ad = j->ad[two == 1 ? ir : ib]; /* da·Σ â_int */
+      if (two) qs += j->as[ir] - j->ae[ir]; /* both digits' (0 on a block a row does not keep) */
+      if (two == 1 || here) {
         const int32_t* r = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
-        s = NAME256(join)(s, NAME256(dot_s8)(u, c, r));
-        qs += j->as[ir] - j->ae[ir];
+        __m256i sr = NAME256(dot_s8)(u, c, r);
+        s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, here, s, sr, &ad);
       }
       __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(qs),
-                                 _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(j->ad[ir])));
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ad)));
       acc[t] = _mm256_fmadd_ps(d, x, acc[t]);
     }
   }
@@ -132,9 +150,12 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int 
 
 TARGET256 INLINE void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
   for (int h = 0; h < 2; h++) {
-    int two = j->digits == 2; /* (see fused_digits) */
+    int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits; 2: on a few blocks */
     if (j->tile == TILE6) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
+    else if (j->bits == 8 && two == 2) NAME256(half_tile_tokens_q8)(j, g, h, t0, T, 2);
     else if (j->bits == 8 && two) NAME256(half_tile_tokens_q8)(j, g, h, t0, T, 1);
+    else if (layout_of(j->tile).five && two == 2) NAME256(half_tile_tokens)(j, g, h, t0, T, 1, 2);
+    else if (two == 2) NAME256(half_tile_tokens)(j, g, h, t0, T, 0, 2);
     else if (j->bits == 8) NAME256(half_tile_tokens_q8)(j, g, h, t0, T, 0);
     else if (layout_of(j->tile).five && two) NAME256(half_tile_tokens)(j, g, h, t0, T, 1, 1);
     else if (layout_of(j->tile).five) NAME256(half_tile_tokens)(j, g, h, t0, T, 1, 0);
