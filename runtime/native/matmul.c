@@ -426,6 +426,11 @@ AVX512 INLINE void dots512(const Job* j, int64_t t0, int T, int64_t b, const __m
     for (int t = 0; t < T; t++) s[t] = _mm512_dpbusd_epi32(s[t], c[v], _mm512_set1_epi32(a[t][v]));
 }
 
+/* The integer sums of a token's two digits joined, 254·s + s_r (as tiles256.h's join). */
+AVX512 INLINE __m512i join512(__m512i s, __m512i r) {
+  return _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(s, 8), _mm512_slli_epi32(s, 1)), r);
+}
+
 /* dots512 for the tokens' int8 blocks and, for two digits (`two`, a constant wherever this is
    inlined), for their residual rows m + t too, the two sums joined: 254·s + s_r, exact in int32
    (|254·s| ≤ 254 · 32 · 255 · 127 < 2³¹ for 8-bit codes, the widest joined). */
@@ -435,9 +440,7 @@ AVX512 INLINE void digits512(const Job* j, int64_t t0, int T, int64_t b, const _
   if (!two) return;
   __m512i r[4];
   dots512(j, j->m + t0, T, b, c, r);
-  for (int t = 0; t < T; t++)
-    s[t] = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)),
-                            r[t]);
+  for (int t = 0; t < T; t++) s[t] = join512(s[t], r[t]);
 }
 
 /* The next tile group's lines of block b, prefetched while this group computes (on its first
@@ -452,10 +455,6 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int6
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
 }
 
-/* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `five`: a 5-bit
-   tile; `two`: two-digit activations, both read here (rows t and m + t of the int8 blocks), their
-   integer sums joined as 254·s + s_r, at the residual's scale da/254 (a constant wherever this
-   is inlined): the float work of one token, not two. */
 /* A MatMulQ4 tile's scales d and the zero points' d·z (16·d for 5-bit codes). */
 AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l) {
   return l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
@@ -484,13 +483,15 @@ AVX512 INLINE void few512(const Job* j, int64_t t0, int T, int64_t b, const __m5
   dots512(j, j->m + t0, T, b, c, r);
   for (int t = 0; t < T; t++) {
     int keep = j->keep[(t0 + t) * j->nb + b];
-    __m512i joined = _mm512_add_epi32(
-        _mm512_sub_epi32(_mm512_slli_epi32(s[t], 8), _mm512_slli_epi32(s[t], 1)), r[t]);
-    s[t] = _mm512_mask_mov_epi32(s[t], (__mmask16)-keep, joined);
+    s[t] = _mm512_mask_mov_epi32(s[t], (__mmask16)-keep, join512(s[t], r[t]));
     ad[t] = keep ? j->ad[(j->m + t0 + t) * j->nb + b] : ad[t];
   }
 }
 
+/* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `five`: a 5-bit
+   tile; `two`: two-digit activations, both read here (rows t and m + t of the int8 blocks), their
+   integer sums joined as 254·s + s_r, at the residual's scale da/254 (a constant wherever this
+   is inlined): the float work of one token, not two; 2: on a few blocks only (few512). */
 AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five, int two) {
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();

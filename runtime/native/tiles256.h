@@ -37,12 +37,12 @@ TARGET256 INLINE __m256i NAME256(join)(__m256i s, __m256i r) {
 }
 
 /* Two digits on a few blocks (`two` 2 below, as few512 in matmul.c): on a block the group keeps
-   a residual on (the next in `*u`), token t's sum s joined with its residual's r where it keeps
-   one, at the residual's scale; its sum and scale `*ad` unchanged where it does not. */
-TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, int here, __m256i s, __m256i r, float* ad) {
-  if (!here) return s;
+   a residual on (the next in its list), token t's sum s (block ib) joined with its residual's r
+   (block ir) where it keeps one, at the residual's scale; its sum and scale `*ad` unchanged
+   where it does not. */
+TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, int64_t ir, __m256i s, __m256i r, float* ad) {
   int keep = j->keep[ib];
-  if (keep) *ad = j->ad[ib + j->m * j->nb];
+  if (keep) *ad = j->ad[ir];
   return _mm256_blendv_epi8(s, NAME256(join)(s, r), _mm256_set1_epi32(-keep));
 }
 
@@ -79,7 +79,7 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
       if (two == 1 || here) {
         const int32_t* r = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
         __m256i sr = five ? NAME256(dot_u5)(c, r) : NAME256(dot_u4)(c, r);
-        s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, here, s, sr, &ad);
+        s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
       }
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(ad)), acc[t]);
       acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(j->as[ib]), acc[t]);
@@ -116,7 +116,7 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int 
       if (two == 1 || here) {
         const int32_t* r = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
         __m256i sr = NAME256(dot_s8)(u, c, r);
-        s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, here, s, sr, &ad);
+        s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
       }
       __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(qs),
                                  _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ad)));
