@@ -13,7 +13,8 @@ setup(
         Extension(
             "runtime.native._q4ops",
             sources=[
-                f"runtime/native/{f}.c" for f in ("matmul", "attention", "weights", "ort_binding")
+                f"runtime/native/{f}.c"
+                for f in ("activations", "matmul", "attention", "weights", "ort_binding")
             ],
             depends=["runtime/native/tiles.h", "runtime/native/tiles256.h"],
             extra_compile_args=["-O3", "-std=gnu11"],

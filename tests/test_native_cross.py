@@ -1,8 +1,8 @@
-"""The kernels' ARM NEON path, for correctness only: runtime/native/matmul.c cross-compiled with
-Debian's aarch64 toolchain (gcc-aarch64-linux-gnu) into a static driver (tests/native/driver.c)
-that runs under qemu-user (qemu-aarch64), against the same numpy reference as the x86 paths.
-`make test` installs both tools (apt); the test says how when they are
-missing. No speed is claimed for this path: qemu emulates it."""
+"""The kernels' ARM NEON path, for correctness only: runtime/native/matmul.c and activations.c
+cross-compiled with Debian's aarch64 toolchain (gcc-aarch64-linux-gnu) into a static driver
+(tests/native/driver.c) that runs under qemu-user (qemu-aarch64), against the same numpy
+reference as the x86 paths. `make test` installs both tools (apt); the test says how when they
+are missing. No speed is claimed for this path: qemu emulates it."""
 
 import shutil
 import subprocess
@@ -30,7 +30,7 @@ def driver(tmp_path_factory) -> Path:
     native = ROOT / "runtime" / "native"
     subprocess.run(
         [CC, "-O2", "-static", "-std=gnu11", f"-I{native}", str(ROOT / "tests/native/driver.c"),
-         str(native / "matmul.c"), "-lm", "-o", str(out)],
+         str(native / "activations.c"), str(native / "matmul.c"), "-lm", "-o", str(out)],
         check=True,
     )  # fmt: skip
     return out

@@ -38,7 +38,7 @@ class QuantSettings:
     kernel: str = "auto"
     # the KV cache's type: float16 on llamaonnx's CPU attention (auto: wherever it runs) halves
     # the cache's memory and the bytes a decode step reads, as llama.cpp's default f16 cache does
-    # (README, `--kv-cache`); float32 elsewhere
+    # (docs/quantization.md, `--kv-cache`); float32 elsewhere
     kv_cache: str = "auto"
 
     def __post_init__(self):

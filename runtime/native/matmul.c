@@ -8,263 +8,6 @@
 #include <sys/auxv.h>
 #endif
 
-/* Each 32-block of a row: int8 codes at 127/amax, the scale, the block's sum and its rounding
-   error (sum − scale·Σcodes). The sum is taken in one fixed order on every path (8 partial
-   sums, lane l = x[l] + x[l+8] + x[l+16] + x[l+24], then lanes 0..7 in turn), so the paths agree
-   to the bit. */
-static void quantize_block(const float* x, float amax, const float part[8], int8_t* q, float* d,
-                           float* s, float* e) {
-  float sum = 0.f;
-  for (int l = 0; l < 8; l++) sum += part[l];
-  float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-  int32_t qsum = 0;
-  for (int j = 0; j < BLOCK; j++) {
-    int8_t v = (int8_t)nearbyintf(x[j] * inv);
-    q[j] = v;
-    qsum += v;
-  }
-  *d = scale, *s = sum, *e = sum - scale * (float)qsum;
-}
-
-static void quantize_rows_scalar(const float* a, int64_t m, int64_t k, int8_t* q, float* d,
-                                 float* s, float* e) {
-  int64_t nb = k / BLOCK;
-  for (int64_t r = 0; r < m; r++)
-    for (int64_t b = 0; b < nb; b++) {
-      const float* x = a + r * k + b * BLOCK;
-      float amax = 0.f, part[8] = {0.f};
-      for (int j = 0; j < BLOCK; j++) {
-        float v = fabsf(x[j]);
-        amax = v > amax ? v : amax;
-        part[j % 8] += x[j];
-      }
-      int64_t i = r * nb + b;
-      quantize_block(x, amax, part, q + r * k + b * BLOCK, d + i, s + i, e + i);
-    }
-}
-
-#if defined(__x86_64__)
-/* The same block by block, 8 lanes wide (AVX2; the AVX-512 path uses it too). */
-AVX2 static void quantize_rows_avx2(const float* a, int64_t m, int64_t k, int8_t* q, float* d,
-                                    float* s, float* e) {
-  int64_t nb = k / BLOCK;
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int64_t r = 0; r < m; r++)
-    for (int64_t b = 0; b < nb; b++) {
-      const float* x = a + r * k + b * BLOCK;
-      __m256 v[4], mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int c = 0; c < 4; c++) {
-        v[c] = _mm256_loadu_ps(x + 8 * c);
-        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[c]));
-        sum = _mm256_add_ps(sum, v[c]);
-      }
-      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-      float amax = _mm_cvtss_f32(m4), part[8], acc = 0.f;
-      _mm256_storeu_ps(part, sum);
-      for (int l = 0; l < 8; l++) acc += part[l];
-      float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      __m256 vi = _mm256_set1_ps(inv);
-      __m256i ci[4];
-      for (int c = 0; c < 4; c++)
-        ci[c] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[c], vi),
-                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      /* int32 → int8 (|code| ≤ 127: the packs saturate nothing), back in element order */
-      __m256i w16 = _mm256_packs_epi32(ci[0], ci[1]), x16 = _mm256_packs_epi32(ci[2], ci[3]);
-      __m256i b8 = _mm256_packs_epi16(w16, x16);
-      b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256((__m256i*)(q + r * k + b * BLOCK), b8);
-      __m256i t = _mm256_add_epi32(_mm256_add_epi32(ci[0], ci[1]), _mm256_add_epi32(ci[2], ci[3]));
-      __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
-      t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
-      int64_t i = r * nb + b;
-      d[i] = scale, s[i] = acc, e[i] = acc - scale * (float)_mm_cvtsi128_si32(t4);
-    }
-}
-#endif
-
-void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
-                   float* e) {
-#if defined(__x86_64__)
-  if (kernel_path() != PATH_PORTABLE) {
-    quantize_rows_avx2(a, m, k, q, d, s, e);
-    return;
-  }
-#endif
-  quantize_rows_scalar(a, m, k, q, d, s, e);
-}
-
-/* The RMSNorm in front of a projection (export/quant/norm.py folds onnxruntime's
-   SkipSimplifiedLayerNormalization into the projection's node): row by row, r = x + skip (written
-   to `sum` where asked), y = r / sqrt(mean(r²) + eps) · gamma, in onnxruntime's own float order
-   (one running sum of squares, then divide, then scale), so that the folded graph computes what
-   the unfolded one did, to the bit. Four rows at a time: each row's sum keeps its order, and the
-   four chains of additions overlap. No contraction: an FMA would round the sum differently. */
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("fp-contract=off")))
-#endif
-void skip_rms_norm(const float* x, const float* skip, const float* gamma, int64_t m, int64_t k,
-                   float eps, float* sum, float* y) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  for (int64_t r0 = 0; r0 < m; r0 += 4) {
-    int n = m - r0 < 4 ? (int)(m - r0) : 4;
-    float squares[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t h = 0; h < k; h++)
-      for (int i = 0; i < n; i++) {
-        int64_t at = (r0 + i) * k + h;
-        float v = skip ? x[at] + skip[at] : x[at];
-        if (sum) sum[at] = v;
-        y[at] = v;
-        squares[i] += v * v;
-      }
-    for (int i = 0; i < n; i++) {
-      float rms = sqrtf(squares[i] / (float)k + eps);
-      float* yr = y + (r0 + i) * k;
-      for (int64_t h = 0; h < k; h++) yr[h] = yr[h] / rms * gamma[h];
-    }
-  }
-}
-
-/* Two digits (a node's `digits` 2): what each row's int8 rounding left, r = x − da·â, rounded in
-   its turn to int8 at 1/254 of the block's scale (|r| ≤ da/2, so the codes stay within ±127), into
-   rows m.. of q, d, s, e. A residual row adds only Σ d_w·(q_w − z)·r̂ to its row's output: the
-   row's own offset term already holds the exact block sums, so its S is 0 and its e (S − da·Σ â)
-   is −da·Σ â. What is left of each activation is then at most 1/508 of its block's scale —
-   float activations' quality (KL ~1e-6 against ~3e-3 on the default model) for twice the
-   integer work. No contraction: every path computes the same digits. */
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("fp-contract=off")))
-#endif
-static void residual_rows(const float* x, int64_t m, int64_t k, const int8_t* q, const float* d,
-                          const uint8_t* keep, int8_t* q2, float* d2, float* s2, float* e2) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  int64_t nb = k / BLOCK;
-  for (int64_t t = 0; t < m; t++)
-    for (int64_t b = 0; b < nb; b++) {
-      int64_t i = t * nb + b, at = t * k + b * BLOCK;
-      float da = d[i], scale = da / 254.f, inv = da > 0.f ? 254.f / da : 0.f;
-      if (keep && !keep[i]) {
-        memset(q2 + at, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
-        continue;
-      }
-      int32_t sum = 0;
-      for (int j = 0; j < BLOCK; j++) {
-        float v = nearbyintf((x[at + j] - da * (float)q[at + j]) * inv);
-        int8_t c = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
-        q2[at + j] = c;
-        sum += c;
-      }
-      d2[i] = scale, s2[i] = 0.f, e2[i] = -(scale * (float)sum);
-    }
-}
-
-#if defined(__x86_64__)
-/* The same 8 lanes at a time (AVX2 and AVX-512 paths): the same operations in the same order, so
-   the same digits. (GCC would contract the multiply and subtract of these intrinsics too.) */
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("fp-contract=off")))
-#endif
-AVX2 static void residual_rows_avx2(const float* x, int64_t m, int64_t k, const int8_t* q,
-                                    const float* d, const uint8_t* keep, int8_t* q2, float* d2,
-                                    float* s2, float* e2) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  int64_t nb = k / BLOCK;
-  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
-  for (int64_t t = 0; t < m; t++)
-    for (int64_t b = 0; b < nb; b++) {
-      int64_t i = t * nb + b, at = t * k + b * BLOCK;
-      float da = d[i], scale = da / 254.f, inv = da > 0.f ? 254.f / da : 0.f;
-      if (keep && !keep[i]) {
-        memset(q2 + at, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
-        continue;
-      }
-      __m256 vd = _mm256_set1_ps(da), vi = _mm256_set1_ps(inv);
-      __m256i ci[4];
-      for (int c = 0; c < 4; c++) {
-        __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-            _mm_loadl_epi64((const __m128i*)(q + at + 8 * c))));
-        __m256 left = _mm256_sub_ps(_mm256_loadu_ps(x + at + 8 * c), _mm256_mul_ps(vd, code));
-        __m256 v = _mm256_round_ps(_mm256_mul_ps(left, vi),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        ci[c] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
-      }
-      __m256i w16 = _mm256_packs_epi32(ci[0], ci[1]), x16 = _mm256_packs_epi32(ci[2], ci[3]);
-      __m256i b8 = _mm256_packs_epi16(w16, x16);
-      b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256((__m256i*)(q2 + at), b8);
-      __m256i sum = _mm256_add_epi32(_mm256_add_epi32(ci[0], ci[1]), _mm256_add_epi32(ci[2], ci[3]));
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-      d2[i] = scale, s2[i] = 0.f, e2[i] = -(scale * (float)_mm_cvtsi128_si32(s4));
-    }
-}
-#endif
-
-/* Which blocks of rows with scales d [m, nb] keep their residual: each row's `blocks` (< nb) of
-   largest scale, the first of equals before the later (blocks passes over the row: few blocks,
-   few passes), as flags `keep` [m, nb]; and for each group of 4 rows (m a multiple of 4, or the
-   last rows), the blocks any of them keeps, in order, then -1 (`kept`, Job.kept). A norm's
-   outliers sit in the same channels token after token, so a group's are mostly one row's. */
-static void select_blocks(const float* d, int64_t m, int64_t nb, int64_t blocks, uint8_t* keep,
-                          int32_t* kept) {
-  memset(keep, 0, (size_t)(m * nb));
-  for (int64_t t = 0; t < m; t++)
-    for (int64_t c = 0; c < blocks; c++) {
-      int64_t best = -1;
-      for (int64_t b = 0; b < nb; b++)
-        if (!keep[t * nb + b] && (best < 0 || d[t * nb + b] > d[t * nb + best])) best = b;
-      keep[t * nb + best] = 1;
-    }
-  for (int64_t t0 = 0; t0 < m; t0 += 4, kept += nb + 1) {
-    int64_t c = 0;
-    for (int64_t b = 0; b < nb; b++) {
-      int any = 0;
-      for (int64_t t = t0; t < t0 + 4 && t < m; t++) any |= keep[t * nb + b];
-      if (any) kept[c++] = (int32_t)b;
-    }
-    kept[c] = -1;
-  }
-}
-
-/* Task i of a matmul's activation rows: their norm (where one is folded in), then their int8
-   blocks (and, for two digits, their residuals'). */
-void prepare_rows(void* data, size_t i) {
-  const Prep* p = (const Prep*)data;
-  int64_t r0 = (int64_t)i * p->rows, r1 = r0 + p->rows < p->m ? r0 + p->rows : p->m;
-  if (r0 >= r1) return;
-  int64_t nb = p->k / BLOCK;
-  const float* a = p->a + r0 * p->k;
-  if (p->gamma) {
-    skip_rms_norm(a, p->skip ? p->skip + r0 * p->k : NULL, p->gamma, r1 - r0, p->k, p->eps,
-                  p->sum ? p->sum + r0 * p->k : NULL, p->normed + r0 * p->k);
-    a = p->normed + r0 * p->k;
-  }
-  quantize_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, p->s + r0 * nb,
-                p->e + r0 * nb);
-  if (p->digits != 2) return;
-  int64_t at = (p->m + r0) * nb;
-  uint8_t* keep = p->blocks > 0 ? p->keep + r0 * nb : NULL;
-  if (keep) select_blocks(p->d + r0 * nb, r1 - r0, nb, p->blocks, keep, p->kept + r0 / 4 * (nb + 1));
-#if defined(__x86_64__)
-  if (kernel_path() != PATH_PORTABLE) {
-    residual_rows_avx2(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, keep,
-                       p->q + (p->m + r0) * p->k, p->d + at, p->s + at, p->e + at);
-    return;
-  }
-#endif
-  residual_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, keep,
-                p->q + (p->m + r0) * p->k, p->d + at, p->s + at, p->e + at);
-}
-
 /* Row r's 32 codes of a MatMulQ4 or 6-bit tile, in order (code 8v + i in the low nibble of byte
    v·64 + r·4 + i, 8v + 4 + i in its high one), with `planes` high-bit planes added (a 5-bit
    tile's fifth bits; a 6-bit tile's fifth and sixth). */
@@ -904,6 +647,30 @@ static int fused_digits(const Job* j) {
 #endif
 }
 
+/* A matmul's working memory, in two allocations that Prep's q and d start: the int8 rows, then
+   Prep.keep [M, nb]; the floats d, s, e [rows, nb], the scratch where run_chunk needs one (SwiGLU's
+   gate and up [M, N]; [2M, N] where the second digit's rows are computed as rows of their own),
+   then Prep.kept. Before: p's m, k, digits and blocks (0 for every block), j's n, tile, swiglu and
+   digits. Points p's buffers and j's at them; returns 0, or 1 out of memory (nothing held). */
+int alloc_work(Prep* p, Job* j) {
+  int64_t m = p->m, k = p->k, nb = k / BLOCK, rows = p->digits * m;
+  int apart = j->digits == 2 && !fused_digits(j);
+  int64_t scratch = j->swiglu || apart ? (apart ? rows : m) * j->n : 0; /* floats */
+  int64_t kept = p->blocks ? (m + 3) / 4 * (nb + 1) : 0;                /* int32s */
+  p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0)) + 64);
+  p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept) + 64);
+  if (!p->q || !p->d) return free(p->q), free(p->d), 1;
+  p->s = p->d + rows * nb, p->e = p->s + rows * nb;
+  p->keep = p->blocks ? (uint8_t*)p->q + rows * k : NULL;
+  p->kept = p->blocks ? (int32_t*)(p->e + rows * nb + scratch) : NULL;
+  j->aq = p->q, j->ad = p->d, j->as = p->s, j->ae = p->e;
+  j->scratch = scratch ? p->e + rows * nb : NULL;
+  j->kept = p->kept, j->keep = p->keep;
+  return 0;
+}
+
+void free_work(Prep* p) { free(p->q), free(p->d); }
+
 /* Chunk i of the row groups (of the gate's groups for SwiGLU: each with its up group). */
 void run_chunk(void* data, size_t i) {
   const Job* j = (const Job*)data;
@@ -983,21 +750,15 @@ int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, cons
                             int64_t n, float* y, int digits, int64_t blocks) {
   int bits = tile_bits(tile);
   if (k % BLOCK || n % ROWS || !bits || (digits != 1 && digits != 2) || blocks < 0) return 1;
-  int64_t nb = k / BLOCK, rows = digits * m;
+  int64_t nb = k / BLOCK;
   if (digits == 1 || blocks >= nb) blocks = 0; /* (every block) */
-  int8_t* q = malloc((size_t)(rows * k + m * nb) + 64);
-  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + (digits > 1 ? rows * n : 0) +
-                                             (m + 3) / 4 * (nb + 1)) + 64);
-  if (!q || !d) return free(q), free(d), 2;
-  float *s = d + rows * nb, *e = s + rows * nb, *scratch = e + rows * nb;
-  int32_t* kept = blocks ? (int32_t*)(scratch + (digits > 1 ? rows * n : 0)) : NULL;
-  Prep p = {a, NULL, NULL, NULL, NULL, q, d, s, e, m, k, m, 0.f, digits,
-            blocks, (uint8_t*)q + rows * k, kept};
+  Prep p = {.a = a, .m = m, .k = k, .rows = m, .digits = digits, .blocks = blocks};
+  Job j = {.w = w, .y = y, .m = m, .k = k, .n = n, .nb = nb, .groups = n / ROWS,
+           .chunk = n / ROWS, .bits = bits, .tile = tile, .digits = digits};
+  if (alloc_work(&p, &j)) return 2;
   prepare_rows(&p, 0);
-  Job j = {w, q, d, s, e, y, m, k, n, nb, n / ROWS, n / ROWS, bits, tile, 0, scratch, digits,
-           kept, p.keep};
   run_chunk(&j, 0);
-  free(q), free(d);
+  free_work(&p);
   return 0;
 }
 

@@ -1,7 +1,7 @@
 /* ort_binding.c: the library as onnxruntime sees it — its C API reached through the OrtApi
  * function table by index, the four matmul ops and GroupQueryAttention of domain ai.llamaonnx,
- * and RegisterCustomOps. The kernels are in matmul.c and attention.c; weights.c holds their
- * weights in huge pages. */
+ * and RegisterCustomOps. The kernels are in matmul.c (with activations.c) and attention.c;
+ * weights.c holds their weights in huge pages. */
 #include "tiles.h"
 
 typedef struct OrtStatus OrtStatus;
@@ -163,32 +163,10 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   void* yp;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(yv, &yp));
   if (m == 0) return NULL;
-  /* two digits: twice the int8 rows (the second M, what the first M's rounding left), a scratch
-     of 2M rows for the paths that compute them as rows of their own (Job.digits), and on a few
-     blocks (`blocks`) which each row keeps and each group of 4 rows' union (Prep.keep, kept) */
-  int64_t digits = kind->digits, rows = digits * m, blocks = digits == 2 ? kind->blocks : 0;
+  /* two digits: twice the int8 rows (the second M, what the first M's rounding left), and on a
+     few blocks (`blocks`) which each row keeps and each group of 4 rows' union (alloc_work) */
+  int64_t digits = kind->digits, blocks = digits == 2 ? kind->blocks : 0;
   if (blocks >= nb) blocks = 0; /* every block: the joined pass */
-  int64_t scratch = kind->swiglu || digits > 1 ? rows * n : 0; /* floats */
-  int8_t* q = malloc((size_t)(rows * k + (blocks ? m * nb : 0)) + 64);
-  float* d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch +
-                                             (blocks ? (m + 3) / 4 * (nb + 1) : 0)) + 64);
-  float* normed = gamma.value ? malloc(sizeof(float) * (size_t)(m * k) + 64) : NULL;
-  if (!q || !d || (gamma.value && !normed)) {
-    free(q), free(d), free(normed);
-    return error(ORT_FAIL, "MatMulQ4: out of memory");
-  }
-  float *s = d + rows * nb, *e = s + rows * nb;
-  /* the rows' norm and int8 blocks: on this thread at decode, over the threads for a prompt */
-  Prep p = {(const float*)a.data, (const float*)skip.data, (const float*)gamma.data, sum, normed,
-            q, d, s, e, m, k, m >= 16 ? 8 : m, kind->eps, (int)digits,
-            blocks, blocks ? (uint8_t*)q + rows * k : NULL,
-            blocks ? (int32_t*)(e + rows * nb + scratch) : NULL};
-  size_t tasks = (size_t)((m + p.rows - 1) / p.rows);
-  OrtStatus* st = tasks > 1
-                      ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, prepare_rows, tasks, 0, &p)
-                      : (prepare_rows(&p, 0), NULL);
-  free(normed);
-  if (st) return free(q), free(d), st;
   /* Chunks of row groups (for SwiGLU, of gate groups, each with its up group), spread over
      onnxruntime's intra-op threads: a few per thread so that an uneven one evens out, and at
      least 4 groups each so a chunk outweighs its dispatch. */
@@ -196,13 +174,28 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (chunk < 4) chunk = 4;
   if (m > 1) chunk = (groups + 15) / 16; /* prefill: more, smaller chunks */
   if (chunk < 1) chunk = 1;                /* (B with no rows) */
-  const uint8_t* w = held_weights(&kind->held, b.data, (size_t)(bdims[0] * bdims[1] * tile));
-  Job j = {w, q, d, s, e, (float*)yp, m, k, n, nb, groups, chunk,
-           bits, tile, kind->swiglu, e + rows * nb, (int)digits, p.kept, p.keep};
+  /* the rows' norm and int8 blocks: on this thread at decode, over the threads for a prompt */
+  Prep p = {.a = (const float*)a.data, .skip = (const float*)skip.data,
+            .gamma = (const float*)gamma.data, .sum = sum, .m = m, .k = k,
+            .rows = m >= 16 ? 8 : m, .eps = kind->eps, .digits = (int)digits, .blocks = blocks};
+  Job j = {.y = (float*)yp, .m = m, .k = k, .n = n, .nb = nb, .groups = groups, .chunk = chunk,
+           .bits = bits, .tile = tile, .swiglu = kind->swiglu, .digits = (int)digits};
+  p.normed = gamma.value ? malloc(sizeof(float) * (size_t)(m * k) + 64) : NULL;
+  if ((gamma.value && !p.normed) || alloc_work(&p, &j)) {
+    free(p.normed);
+    return error(ORT_FAIL, "MatMulQ4: out of memory");
+  }
+  size_t tasks = (size_t)((m + p.rows - 1) / p.rows);
+  OrtStatus* st = tasks > 1
+                      ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, prepare_rows, tasks, 0, &p)
+                      : (prepare_rows(&p, 0), NULL);
+  free(p.normed);
+  if (st) return free_work(&p), st;
+  j.w = held_weights(&kind->held, b.data, (size_t)(bdims[0] * bdims[1] * tile));
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
   st = chunks > 1 ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
                   : (run_chunk(&j, 0), NULL);
-  free(q), free(d);
+  free_work(&p);
   return st;
 }
 

@@ -3,9 +3,11 @@
  * The layouts are the contract with export/quant/native.py, which packs the tiles and reads
  * these constants back from the built library (`llamaonnx_layout`), so they are written once.
  *
- * The files: matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI, AVX-VNNI,
- * AVX2, NEON and portable C, and which of them runs; tiles256.h the 256-bit ones), attention.c (GroupQueryAttention), ort_binding.c (onnxruntime's C API by its
- * function table, the custom-op domain).
+ * The files: activations.c (a matmul's activation rows: the folded RMSNorm, int8 blocks, the
+ * second digit), matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI,
+ * AVX-VNNI, AVX2, NEON and portable C, and which of them runs; tiles256.h the 256-bit ones),
+ * attention.c (GroupQueryAttention), weights.c (the weights in huge pages), ort_binding.c
+ * (onnxruntime's C API by its function table, the custom-op domain).
  *
  * llamaonnx's CPU kernel library for onnxruntime: ops `MatMulQ4`, `MatMulQ8` and `GatherQ8` of
  * domain `ai.llamaonnx`.
@@ -89,8 +91,8 @@
  * scale: float activations' quality (KL 5e-7 on the default model) for twice the dot products.
  * Attribute `blocks` B > 0 spends the second digit only on each row's B blocks of largest scale,
  * where the rounding error is largest (a block's error grows with da², and a norm's output puts
- * most of it in a few blocks: README, "Two digits on a few blocks"): the others' residual is 0
- * and the x86 kernels skip their dot products, B/nb of the second digit's at decode; a prompt's
+ * most of it in a few blocks: docs/quantization.md, "Two digits on a few blocks"): the others'
+ * residual is 0 and the x86 kernels skip their dot products, B/nb of the second digit's at decode; a prompt's
  * rows, 4 to a tile pass, pay for the union of their blocks.
  *
  * export/quant/native.py writes both; tests/test_native.py checks this file against numpy.
@@ -206,7 +208,7 @@ typedef struct {
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
   int digits;     /* 2: aq, ad, as, ae hold 2M rows, M of the activations and M of what their int8
-                     rounding left (residual_rows): the x86 kernels read both a token (matmul.c,
+                     rounding left (activations.c): the x86 kernels read both a token (matmul.c,
                      fused_digits), the others compute both into `scratch` [2M, N] and add each
                      row's two. Else 1. */
   const int32_t* kept; /* two digits on a few blocks (Prep.blocks): for each group of 4 rows
@@ -313,6 +315,8 @@ LLAMAONNX_INTERNAL void skip_rms_norm(const float* x, const float* skip, const f
                                       int64_t m, int64_t k, float eps, float* sum, float* y);
 LLAMAONNX_INTERNAL void prepare_rows(void* data, size_t i);
 LLAMAONNX_INTERNAL void run_chunk(void* data, size_t i);
+LLAMAONNX_INTERNAL int alloc_work(Prep* p, Job* j);
+LLAMAONNX_INTERNAL void free_work(Prep* p);
 LLAMAONNX_INTERNAL void attn_store(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_rows(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_split(void* data, size_t task);

@@ -5,7 +5,8 @@
  * ~25,000 pages a step, and on a virtual machine each TLB miss is a two-level page walk. Copied
  * once, at a node's first run, into 2-MiB pages (Linux transparent huge pages, madvise mode or
  * always), the same bytes decode 1.073× as fast on the 2-core Intel Xeon (median of 40 pairs;
- * README, "The weights in huge pages"). The bytes are the same, so the results are too.
+ * docs/quantization.md, "The weights in huge pages"). The bytes are the same, so the results
+ * are too.
  *
  * Only initializers onnxruntime maps from the folder's file are held (a weight it holds in its
  * own memory may be an input whose bytes change between runs). The copies live in slabs of at

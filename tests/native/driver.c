@@ -1,4 +1,4 @@
-/* driver.c: the matmul kernels (runtime/native/matmul.c) without onnxruntime or Python, for
+/* driver.c: the matmul kernels (runtime/native/matmul.c, activations.c) without onnxruntime or Python, for
  * running another architecture's build under qemu-user (tests/test_native_cross.py).
  *
  *   driver TILE M K N PATH [DIGITS [BLOCKS]] < tiles, then M·K float32 activations
