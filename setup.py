@@ -17,7 +17,9 @@ setup(
                 for f in ("activations", "matmul", "attention", "weights", "ort_binding")
             ],
             depends=["runtime/native/tiles.h", "runtime/native/tiles256.h"],
-            extra_compile_args=["-O3", "-std=gnu11"],
+            # -g0: Python's CFLAGS ask for debug info, 10× the library's size, and every quantized
+            # folder carries a copy of it
+            extra_compile_args=["-O3", "-std=gnu11", "-g0"],
             libraries=["m"],
             optional=True,
         )

@@ -222,23 +222,37 @@ def test_health_and_metrics(server):
 def test_a_full_queue_answers_429(tiny_folders, default_int4, tmp_path_factory):
     """One slot, one place in the queue: a third request is refused at once with 429."""
     proc, url = _start(tmp_path_factory, [default_int4], "--slots", "1", "--queue-size", "1")
+    held = []
     try:
         host, port = url.removeprefix("http://").split(":")
-        # ignore_eos: a short reply would free the slot before the third request
-        body = {"messages": MESSAGES, "max_tokens": 300, "stream": True, "temperature": 0,
+        # ignore_eos and 2000 tokens (seconds on any CPU): the running reply must not free the
+        # slot before the third request; a fixed sleep raced a fast machine's 300 tokens
+        body = {"messages": MESSAGES, "max_tokens": 2000, "stream": True, "temperature": 0,
                 "ignore_eos": True}  # fmt: skip
-        held = []
         for _ in range(2):  # one running, one waiting
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
             conn.request("POST", "/v1/chat/completions", json.dumps(body),
                          {"Content-Type": "application/json"})  # fmt: skip
             held.append(conn)
-            time.sleep(0.5)
+        model = default_int4.name
+        busy = (f'llamaonnx_active_slots{{model="{model}"}} 1',
+                f'llamaonnx_queue_depth{{model="{model}"}} 1')  # fmt: skip
+        deadline = time.time() + 60
+        while time.time() < deadline:  # until the server holds one running and one waiting
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+            if all(line in text for line in busy):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the server never held one request running and one waiting:\n" + text)
         start = time.time()
         status, error = _post(url, "/v1/chat/completions", {"messages": MESSAGES}, key=None)
         assert status == 429 and error["error"]["code"] == "queue_full"
         assert time.time() - start < 5
     finally:
+        for conn in held:  # hanging up cancels both, so the server stops at once
+            conn.close()
         proc.terminate()
         proc.wait(timeout=30)
 
