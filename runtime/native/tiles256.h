@@ -224,7 +224,6 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int 
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE6;
   for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
-
     __m256i c[8];
     NAME256(codes)(p, h, 2, c);
     __m256 s0 = _mm256_loadu_ps((const float*)(p + HALVES) + 8 * h);
