@@ -327,16 +327,67 @@ AVX2 INLINE __m256 load256(const void* x, int64_t i, int half) {
   return _mm256_loadu_ps((const float*)x + i);
 }
 
-/* chunk512's chunk 8 lanes wide; d a multiple of 8. */
-AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half, int64_t n,
-                          int64_t d, float scale, float* sc, float* m_out, float* l_out,
-                          float* out) {
-  float mx = -INFINITY;
+/* The 8 keys' scores from their chains (lane l of key c's chain a[c] summing dims l, l + 8, …):
+   hadd pairs twice, each 128-bit half then holding 4 keys' partial sums, and the halves added,
+   so key c's score is ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) of its lanes, times scale.
+   scores_block256 reproduces this tree for a prompt. */
+AVX2 INLINE __m256 lane_sums256(const __m256* a, float scale) {
+  __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                           _mm256_permute2f128_ps(u0, u1, 0x31));
+  return _mm256_mul_ps(r, _mm256_set1_ps(scale));
+}
+
+/* A row's softmax over its n scores p[0:n] (max mx): p[j] ← e^(p[j] − mx), 8 at a time from
+   j = 0 (the last few with expf), and part = [mx, Σ e] (the sum lane-wise, then hsum256, then the
+   last few). Both schedules call this one function, so they round alike. */
+AVX2 INLINE void softmax256(float* p, int64_t n, float mx, float* part) {
+  __m256 sum = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
+  float tail = 0.f;
   int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), m));
+    _mm256_storeu_ps(p + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  for (; j < n; j++) tail += p[j] = expf(p[j] - mx);
+  part[0] = mx, part[1] = hsum256(sum) + tail;
+}
+
+/* Columns i0 .. i0 + 8w of R rows' weighted values Σ_j p_rj · V[j] (p: sc's rows, ATTN_CHUNK
+   apart), into their parts (d + 2 apart): R·w chains along the keys, each value read once for
+   the R rows (a decode step: one head; a prompt's block: its queries' heads). */
+AVX2 INLINE void weigh_values256(const float* sc, const void* v, int half, int R, int64_t n,
+                                 int64_t d, int64_t i0, int w, float* parts) {
+  __m256 acc[6][8];
+  for (int h = 0; h < R; h++)
+    for (int c = 0; c < w; c++) acc[h][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j++) {
+    __m256 vj[8];
+    for (int c = 0; c < w; c++) vj[c] = load256(v, j * d + i0 + 8 * c, half);
+    for (int h = 0; h < R; h++) {
+      __m256 pj = _mm256_set1_ps(sc[h * ATTN_CHUNK + j]);
+      for (int c = 0; c < w; c++) acc[h][c] = _mm256_fmadd_ps(pj, vj[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < R; h++)
+    for (int c = 0; c < w; c++) _mm256_storeu_ps(parts + h * (d + 2) + 2 + i0 + 8 * c, acc[h][c]);
+}
+
+/* chunk512's chunk 8 lanes wide, for one head; d a multiple of 8. Scores 8 keys at a time (8
+   chains, one a key, each along d; lane_sums256's tree); a last group of fewer than 8 keys
+   repeats key n − 1 in the missing places and keeps only the real keys' scores, so every key
+   is summed in the same tree. The weighted values 64 columns at a time (8 chains along the
+   keys). */
+AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half, int64_t n,
+                          int64_t d, float scale, float* sc, float* part) {
   __m256 best = _mm256_set1_ps(-INFINITY);
   int64_t row = d * (half ? 2 : 4); /* bytes a key */
   ask_first(k, row);
-  for (; j + 8 <= n; j += 8) { /* 8 keys: 8 independent chains, summed as one transpose */
+  for (int64_t j = 0; j < n; j += 8) {
+    int64_t last = n - 1 - j < 7 ? n - 1 - j : 7; /* keys j .. j + last are real */
     ask_ahead(k, v, row, j, n);
     __m256 a[8];
 #pragma GCC unroll 8
@@ -344,58 +395,170 @@ AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half
     for (int64_t i = 0; i < d; i += 8) {
       __m256 qi = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(qi, load256(k, (j + c) * d + i, half), a[c]);
+      for (int c = 0; c < 8; c++)
+        a[c] = _mm256_fmadd_ps(qi, load256(k, (j + (c < last ? c : last)) * d + i, half), a[c]);
     }
-    /* hadd pairs twice: each 128-bit half holds 4 keys' partial sums; the halves added */
-    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                             _mm256_permute2f128_ps(u0, u1, 0x31));
-    r = _mm256_mul_ps(r, _mm256_set1_ps(scale));
-    _mm256_storeu_ps(sc + j, r);
-    best = _mm256_max_ps(best, r);
+    __m256 r = lane_sums256(a, scale);
+    if (last == 7) _mm256_storeu_ps(sc + j, r);
+    else {
+      float r8[8];
+      _mm256_storeu_ps(r8, r);
+      memcpy(sc + j, r8, sizeof(float) * (size_t)(last + 1));
+    }
+    best = _mm256_max_ps(best, r); /* the repeats: key n − 1's own score */
   }
-  {
-    float b8[8];
-    _mm256_storeu_ps(b8, best);
-    for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
-  }
-  for (; j < n; j++) {
-    __m256 a0 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < d; i += 8)
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load256(k, j * d + i, half), a0);
-    sc[j] = hsum256(a0) * scale;
-    mx = sc[j] > mx ? sc[j] : mx;
-  }
-  __m256 sum = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
-  float tail = 0.f;
-  for (j = 0; j + 8 <= n; j += 8) {
-    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), m));
-    _mm256_storeu_ps(sc + j, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  for (; j < n; j++) tail += sc[j] = expf(sc[j] - mx);
-  *m_out = mx, *l_out = hsum256(sum) + tail;
+  float b8[8], mx = -INFINITY;
+  _mm256_storeu_ps(b8, best);
+  for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
+  softmax256(sc, n, mx, part);
   for (int64_t i0 = 0; i0 < d; i0 += 64) { /* 64 columns: 8 accumulators */
-    int w = d - i0 >= 64 ? 8 : (int)((d - i0) / 8);
-    __m256 acc[8];
-    for (int c = 0; c < w; c++) acc[c] = _mm256_setzero_ps();
-    for (j = 0; j < n; j++) {
-      __m256 pj = _mm256_set1_ps(sc[j]);
-      for (int c = 0; c < w; c++)
-        acc[c] = _mm256_fmadd_ps(pj, load256(v, j * d + i0 + 8 * c, half), acc[c]);
-    }
-    for (int c = 0; c < w; c++) _mm256_storeu_ps(out + i0 + 8 * c, acc[c]);
+    if (d - i0 >= 64) weigh_values256(sc, v, half, 1, n, d, i0, 8, part);
+    else weigh_values256(sc, v, half, 1, n, d, i0, (int)((d - i0) / 8), part);
   }
 }
 AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int64_t n, int64_t d,
                             float scale, float* sc, float* part) {
-  chunk256(q, k, v, 0, n, d, scale, sc, part, part + 1, part + 2);
+  chunk256(q, k, v, 0, n, d, scale, sc, part);
 }
 AVX2 static void chunk_avx2_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t n,
                                 int64_t d, float scale, float* sc, float* part) {
-  chunk256(q, k, v, 1, n, d, scale, sc, part, part + 1, part + 2);
+  chunk256(q, k, v, 1, n, d, scale, sc, part);
+}
+/* The scores of R rows of queries (q: R × d, rows d apart) for KB groups of 8 keys of a
+   transposed chunk (kt: d × ATTN_CHUNK, key j's dim i at kt[i·ATTN_CHUNK + j]), into sc (rows
+   ATTN_CHUNK apart), the same numbers as chunk256's: lane l of a key's chain sums dims l,
+   l + 8, … in order (here the key's lane in the register of dim-lane l: R·KB chains along d a
+   lane), then lane_sums256's tree ((P0 + P1) + (P2 + P3)) + ((P4 + P5) + (P6 + P7)), times
+   scale, as vertical adds, the partial sums waiting in `hold`. */
+AVX2 INLINE void scores_block256(const float* q, int R, const float* kt, int KB, int64_t d,
+                                 float scale, float* sc) {
+  __m256 hold[3][4][2];
+#pragma GCC unroll 8
+  for (int l = 0; l < 8; l++) { /* unrolled: the tree's step a constant in each copy */
+    __m256 p[4][2];
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < KB; b++) p[r][b] = _mm256_setzero_ps();
+    for (int64_t i = l; i < d; i += 8) {
+      __m256 kv[2];
+      for (int b = 0; b < KB; b++) kv[b] = _mm256_loadu_ps(kt + i * ATTN_CHUNK + 8 * b);
+      for (int r = 0; r < R; r++) {
+        __m256 qi = _mm256_broadcast_ss(q + r * d + i);
+        for (int b = 0; b < KB; b++) p[r][b] = _mm256_fmadd_ps(qi, kv[b], p[r][b]);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < KB; b++) {
+        __m256 x = p[r][b];
+        switch (l) {
+          case 0: hold[0][r][b] = x; break;                                 /* P0 */
+          case 1: hold[0][r][b] = _mm256_add_ps(hold[0][r][b], x); break;   /* P0 + P1 */
+          case 2: hold[1][r][b] = x; break;
+          case 3: /* s0123 */
+            hold[0][r][b] = _mm256_add_ps(hold[0][r][b], _mm256_add_ps(hold[1][r][b], x));
+            break;
+          case 4: hold[1][r][b] = x; break;
+          case 5: hold[1][r][b] = _mm256_add_ps(hold[1][r][b], x); break;   /* P4 + P5 */
+          case 6: hold[2][r][b] = x; break;
+          default: {
+            __m256 s67 = _mm256_add_ps(hold[2][r][b], x);
+            __m256 score = _mm256_add_ps(hold[0][r][b], _mm256_add_ps(hold[1][r][b], s67));
+            _mm256_storeu_ps(sc + r * ATTN_CHUNK + 8 * b, _mm256_mul_ps(score, _mm256_set1_ps(scale)));
+          }
+        }
+      }
+  }
+}
+
+/* Scores of `rows` rows of queries for keys 0 .. 8·groups of a transposed chunk: blocks of four
+   rows and two groups of keys (8 chains, two loads and four broadcasts for 8 multiply-adds). */
+AVX2 static void scores256(const float* q, int64_t rows, const float* kt, int64_t groups,
+                           int64_t d, float scale, float* sc) {
+  for (int64_t g = 0; g < groups; g += 2)
+    for (int64_t r = 0; r < rows; r += 4) {
+      const float* qr = q + r * d;
+      float* out = sc + r * ATTN_CHUNK + 8 * g;
+      const float* kg = kt + 8 * g;
+      int few = rows - r < 4 ? (int)(rows - r) : 0, two = groups - g >= 2;
+      if (!few && two) scores_block256(qr, 4, kg, 2, d, scale, out); /* the common case */
+      else if (two) scores_block256(qr, few, kg, 2, d, scale, out);
+      else scores_block256(qr, few ? few : 4, kg, 1, d, scale, out);
+    }
+}
+
+/* 8 rows of 8 floats (rows ≥ `real` read as zeros) transposed: dst[i·ds + j] = src[j·ss + i] */
+AVX2 static void transpose8(const float* src, int64_t ss, int real, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; i++) r[i] = i < real ? _mm256_loadu_ps(src + i * ss) : _mm256_setzero_ps();
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + i * ds, t[i]);
+}
+
+/* A chunk's n keys (k: n × d, fp32) as kt: d × ATTN_CHUNK, the keys past n up to a multiple of
+   8 zero. */
+AVX2 static void transpose_keys256(const float* k, int64_t n, int64_t d, float* kt) {
+  for (int64_t j = 0; j < n; j += 8)
+    for (int64_t i = 0; i < d; i += 8)
+      transpose8(k + j * d + i, d, n - j < 8 ? (int)(n - j) : 8, kt + i * ATTN_CHUNK + j, ATTN_CHUNK);
+}
+
+/* weigh_values256 over all d columns, 16 at a time (R ≤ 6: 2·R chains and two loads in the 16
+   registers) */
+AVX2 INLINE void weigh_all256(const float* sc, const void* v, int R, int64_t n, int64_t d,
+                              float* parts) {
+  for (int64_t i0 = 0; i0 < d; i0 += 16) {
+    if (d - i0 >= 16) weigh_values256(sc, v, 0, R, n, d, i0, 2, parts);
+    else weigh_values256(sc, v, 0, R, n, d, i0, 1, parts);
+  }
+}
+
+/* block512 8 lanes wide: a prompt block's step 2 for one chunk on AVX2, the same numbers as
+   chunk256 gives each row alone (a decode step): scores by scores256 on the transposed keys,
+   then softmax256 and weigh_values256 on runs of rows with the same nk, up to six rows a pass. */
+AVX2 static void block256(const float* q, int64_t rows, const int64_t* nk, const float* k,
+                          const float* v, int64_t d, float scale, float* kt, float* sc,
+                          float* parts) {
+  int64_t n_max = nk[rows - 1];
+  transpose_keys256(k, n_max, d, kt);
+  scores256(q, rows, kt, (n_max + 7) / 8, d, scale, sc);
+  for (int64_t x = 0; x < rows; x++) {
+    float* p = sc + x * ATTN_CHUNK;
+    int64_t n = nk[x], j = 0;
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(p + j));
+    float b8[8], mx = -INFINITY;
+    _mm256_storeu_ps(b8, best);
+    for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
+    for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
+    softmax256(p, n, mx, parts + x * (d + 2));
+  }
+  for (int64_t x = 0; x < rows;) {
+    int64_t y = x + 1;
+    while (y < rows && y - x < 6 && nk[y] == nk[x]) y++;
+    float* px = parts + x * (d + 2);
+    const float* sx = sc + x * ATTN_CHUNK;
+    switch (y - x) { /* the row count a constant in each, so the chains stay in registers */
+      case 6: weigh_all256(sx, v, 6, nk[x], d, px); break;
+      case 5: weigh_all256(sx, v, 5, nk[x], d, px); break;
+      case 4: weigh_all256(sx, v, 4, nk[x], d, px); break;
+      case 3: weigh_all256(sx, v, 3, nk[x], d, px); break;
+      case 2: weigh_all256(sx, v, 2, nk[x], d, px); break;
+      default: weigh_all256(sx, v, 1, nk[x], d, px); break;
+    }
+    x = y;
+  }
 }
 /* fp32 → fp16, 8 at a time, rounded to nearest even (float_to_half's rounding) */
 AVX2 static void float_rows_f16c(const float* x, int64_t count, uint16_t* out) {
@@ -595,9 +758,11 @@ void attn_rows(void* data, size_t task) {
     n[s - s0] = keys_of(a, b, s);
     n_max = n[s - s0] > n_max ? n[s - s0] : n_max;
   }
-  int wide = 0; /* AVX-512: the block's rows together (block512), up to 8 heads a group */
+  int wide = 0; /* the block's rows together (block512, block256), up to 8 heads a group */
 #if defined(__x86_64__)
-  wide = kernel_path() == PATH_AVX512 && d % 16 == 0 && group <= 8;
+  int path = kernel_path();
+  if (path == PATH_AVX512 && d % 16 == 0 && group <= 8) wide = 512;
+  else if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0 && group <= 8) wide = 256;
 #endif
   int64_t lines = wide ? rows * group : 3; /* score rows */
   size_t floats = (size_t)(lines * ATTN_CHUNK) +
@@ -627,7 +792,8 @@ void attn_rows(void* data, size_t task) {
       for (int64_t r = first; r < rows; r++)
         for (int64_t i = 0; i < group; i++)
           nk[(r - first) * group + i] = n[r] - c0 < ATTN_CHUNK ? n[r] - c0 : ATTN_CHUNK;
-      block512(q + first * group * d, lines_here, nk, k, v, d, a->scale, kt, sc, parts);
+      if (wide == 512) block512(q + first * group * d, lines_here, nk, k, v, d, a->scale, kt, sc, parts);
+      else block256(q + first * group * d, lines_here, nk, k, v, d, a->scale, kt, sc, parts);
       for (int64_t x = 0; x < lines_here; x++)
         merge(state + (first * group + x) * (d + 2), parts + x * (d + 2), d, c0 == 0);
       continue;
