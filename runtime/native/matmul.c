@@ -403,18 +403,15 @@ AVX2 static inline __m256i dot_u5_avx2(const __m256i c[8], const int32_t* a) {
   return _mm256_add_epi32(_mm256_madd_epi16(s[0], one), _mm256_madd_epi16(s[1], one));
 }
 
-/* 6-bit codes (≤ 63·127·2 a pair): two pairs at a time; one sum per half of the block */
-AVX2 static inline void dot_u6_avx2(const __m256i c[8], const int32_t* a, __m256i x[2]) {
-  const __m256i one = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; h++) {
-    __m256i s = _mm256_setzero_si256();
-    for (int v = 4 * h; v < 4 * h + 4; v += 2) {
-      __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(c[v], _mm256_set1_epi32(a[v])),
-                                      _mm256_maddubs_epi16(c[v + 1], _mm256_set1_epi32(a[v + 1])));
-      s = _mm256_add_epi32(s, _mm256_madd_epi16(pair, one));
-    }
-    x[h] = _mm256_add_epi32(x[h], s);
-  }
+/* The same products a code register at a time, for the passes that unpack each once for every
+   token (tiles256.h, tile_sums): two registers' products added to int16 sums w (widened to int32
+   by `widen` before they can overflow), and an 8-bit register's (magnitude u, sign c) to int32. */
+AVX2 static inline __m256i pair_add_avx2(__m256i w, __m256i c0, __m256i c1, __m256i a0, __m256i a1) {
+  return _mm256_add_epi16(w, _mm256_add_epi16(_mm256_maddubs_epi16(c0, a0), _mm256_maddubs_epi16(c1, a1)));
+}
+AVX2 static inline __m256i widen_avx2(__m256i w) { return _mm256_madd_epi16(w, _mm256_set1_epi16(1)); }
+AVX2 static inline __m256i add_s8_avx2(__m256i s, __m256i u, __m256i c, __m256i a) {
+  return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(a, c)), _mm256_set1_epi16(1)));
 }
 
 #define TARGET256 AVX2
@@ -440,8 +437,13 @@ AVX2 static inline void dot_u6_avx2(const __m256i c[8], const int32_t* a, __m256
   TARGET static inline __m256i dot_u5_##SUFFIX(const __m256i c[8], const int32_t* a) {           \
     return dot_u4_##SUFFIX(c, a); /* (int32 sums: no overflow) */                                \
   }                                                                                              \
-  TARGET static inline void dot_u6_##SUFFIX(const __m256i c[8], const int32_t* a, __m256i x[2]) { \
-    for (int v = 0; v < 8; v++) x[v / 4] = DPBUSD(x[v / 4], c[v], _mm256_set1_epi32(a[v]));     \
+  TARGET static inline __m256i pair_add_##SUFFIX(__m256i w, __m256i c0, __m256i c1, __m256i a0,  \
+                                                 __m256i a1) {                                   \
+    return DPBUSD(DPBUSD(w, c0, a0), c1, a1); /* int32 already */                               \
+  }                                                                                              \
+  TARGET static inline __m256i widen_##SUFFIX(__m256i w) { return w; }                           \
+  TARGET static inline __m256i add_s8_##SUFFIX(__m256i s, __m256i u, __m256i c, __m256i a) {     \
+    return DPBUSD(s, u, _mm256_sign_epi8(a, c));                                                 \
   }
 
 DOT256(AVXVNNI, avxvnni, _mm256_dpbusd_avx_epi32)

@@ -1,8 +1,9 @@
 /* tiles256.h: the kernels of the 256-bit paths (8 rows a register), included by matmul.c once per
  * path, after it defines TARGET256 (the path's target attribute), NAME256(x) (x with the path's
- * suffix) and the path's integer dot products NAME256(dot_u4) (4-bit codes), NAME256(dot_u5)
- * (5-bit), NAME256(dot_u6) (6-bit, one sum per half block) and NAME256(dot_s8) (8-bit codes made
- * signed, with their magnitudes). Not a header of its own: no include guard. */
+ * suffix) and the path's integer dot products: NAME256(dot_u4) (4-bit codes), NAME256(dot_u5)
+ * (5-bit) and NAME256(dot_s8) (8-bit codes made signed, with their magnitudes) on a half tile's
+ * 8 code registers, and NAME256(pair_add), NAME256(widen) and NAME256(add_s8), the same products
+ * a register at a time. Not a header of its own: no include guard. */
 
 /* A 5- or 6-bit tile's high bits for half h of register u: bit i of `bits` → `value` in byte i. */
 TARGET256 INLINE __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
@@ -72,26 +73,79 @@ TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int h, int fiv
                              *d);
 }
 
-/* Token t's block b on half a tile's codes c, added to acc. `here`: a block its group keeps a
-   residual on (two 2). */
-TARGET256 INLINE __m256 NAME256(token)(const Job* j, const __m256i c[8], __m256 d, __m256 m, __m256 zd, int64_t b, int64_t t, int five, int two, int here, __m256 acc) {
-  const int32_t* a = (const int32_t*)(j->aq + t * j->k + b * BLOCK);
-  __m256i s = five ? NAME256(dot_u5)(c, a) : NAME256(dot_u4)(c, a);
+/* Token t's integer sums s (and its residual's, sr, where it reads one: two 1, or `here`)
+   on block b of half a tile, times the scales, added to acc: the float work of a token, the same
+   in every pass. */
+TARGET256 INLINE __m256 NAME256(sums_to)(const Job* j, __m256i s, __m256i sr, __m256 d, __m256 m, __m256 zd, int64_t b, int64_t t, int two, int here, __m256 acc) {
   int64_t ib = t * j->nb + b, ir = two ? (j->m + t) * j->nb + b : ib;
   float ad = j->ad[two == 1 ? ir : ib];
-  if (two == 1 || here) {
-    const int32_t* r = (const int32_t*)(j->aq + (j->m + t) * j->k + b * BLOCK);
-    __m256i sr = five ? NAME256(dot_u5)(c, r) : NAME256(dot_u4)(c, r);
-    s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
-  }
+  if (two == 1 || here) s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
   acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(ad)), acc);
   acc = _mm256_fmadd_ps(m, _mm256_set1_ps(j->as[ib]), acc);
   return _mm256_fmadd_ps(zd, _mm256_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]), acc);
 }
 
-/* T tokens (1..4) share each half tile: 8 rows × 32 codes in 8 registers. `five`: a 5-bit tile;
-   `two`: two-digit activations read in one pass, as on AVX-512 (constants wherever this is
-   inlined). */
+/* Token t's block b on half a tile's codes c, added to acc. `here`: a block its group keeps a
+   residual on (two 2). */
+TARGET256 INLINE __m256 NAME256(token)(const Job* j, const __m256i c[8], __m256 d, __m256 m, __m256 zd, int64_t b, int64_t t, int five, int two, int here, __m256 acc) {
+  const int32_t* a = (const int32_t*)(j->aq + t * j->k + b * BLOCK);
+  __m256i s = five ? NAME256(dot_u5)(c, a) : NAME256(dot_u4)(c, a), sr = s;
+  if (two == 1 || here) {
+    const int32_t* r = (const int32_t*)(j->aq + (j->m + t) * j->k + b * BLOCK);
+    sr = five ? NAME256(dot_u5)(c, r) : NAME256(dot_u4)(c, r);
+  }
+  return NAME256(sums_to)(j, s, sr, d, m, zd, b, t, two, here, acc);
+}
+
+/* The integer sums of T tokens (rows t0.. of the activations, and their residuals' where `res`)
+   on block b, half h of a tile (p), each pair of code registers unpacked once and taken by every
+   token before the next (as codes lays them out): the same sums as dot_u4 / dot_u5 give on
+   codes' registers, integers in a different order (4-bit: ≤ 8 products a lane in int16, as
+   dot_u4; 5-bit: 4, as dot_u5), with T int16 accumulators live instead of 8 code registers. */
+TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, int five, int res, __m256i s[4], __m256i sr[4]) {
+  const __m256i lo = _mm256_set1_epi8(0x0F);
+  const int32_t *a[4], *r[4];
+  __m256i w[4], wr[4];
+  for (int t = 0; t < T; t++) {
+    a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+    r[t] = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
+    w[t] = wr[t] = s[t] = sr[t] = _mm256_setzero_si256();
+  }
+  for (int v = 0; v < 4; v++) {
+    __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
+    __m256i c0 = _mm256_and_si256(x, lo), c1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+    if (five) {
+      uint32_t bits0, bits1;
+      memcpy(&bits0, p + FIFTH + 8 * (2 * v) + 4 * h, 4);
+      memcpy(&bits1, p + FIFTH + 8 * (2 * v + 1) + 4 * h, 4);
+      c0 = _mm256_or_si256(c0, NAME256(bit_bytes)(bits0, 16));
+      c1 = _mm256_or_si256(c1, NAME256(bit_bytes)(bits1, 16));
+    }
+    for (int t = 0; t < T; t++) {
+      w[t] = NAME256(pair_add)(w[t], c0, c1, _mm256_set1_epi32(a[t][2 * v]), _mm256_set1_epi32(a[t][2 * v + 1]));
+      if (res) wr[t] = NAME256(pair_add)(wr[t], c0, c1, _mm256_set1_epi32(r[t][2 * v]), _mm256_set1_epi32(r[t][2 * v + 1]));
+      /* kept in its register here: else GCC reassociates the integer adds into a tree over all
+         32 products, which holds them all at once and spills */
+      __asm__("" : "+x"(w[t]));
+      if (res) __asm__("" : "+x"(wr[t]));
+    }
+    if (v == 3 || (five && v == 1)) /* widened: all 8 products (4-bit), or each 4 (5-bit) */
+      for (int t = 0; t < T; t++) {
+        s[t] = _mm256_add_epi32(s[t], NAME256(widen)(w[t]));
+        w[t] = _mm256_setzero_si256();
+        if (res) {
+          sr[t] = _mm256_add_epi32(sr[t], NAME256(widen)(wr[t]));
+          wr[t] = _mm256_setzero_si256();
+        }
+      }
+  }
+}
+
+/* T tokens (3 or 4) share each half tile (8 rows × 32 codes): tile_sums, then each token's
+   float work. `five`: a 5-bit tile; `two`: two-digit activations read in one pass, as on
+   AVX-512 (constants wherever this is inlined). Measured on a 2-core AMD EPYC (Zen 3, AVX2
+   only), one thread, against the 8 code registers every token read before (which spilled the
+   accumulators: 8 codes, 4 accumulators and 3 scales in 16 registers): see docs/speed.md. */
 TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five, int two) {
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
@@ -100,13 +154,14 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
   const uint8_t* p = j->w + g * j->nb * stride;
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; b++, p += stride) {
-    __m256i c[8];
-    NAME256(codes)(p, h, five, c);
     int here = two == 2 && *u == b; /* (a block the group keeps a residual on) */
     u += here;
+    __m256i s[4], sr[4];
+    if (two == 1 || here) NAME256(tile_sums)(j, p, h, b, t0, T, five, 1, s, sr);
+    else NAME256(tile_sums)(j, p, h, b, t0, T, five, 0, s, sr);
     __m256 d, m, zd;
     NAME256(scales)(p, l, h, five, &d, &m, &zd);
-    for (int t = 0; t < T; t++) acc[t] = NAME256(token)(j, c, d, m, zd, b, t0 + t, five, two, here, acc[t]);
+    for (int t = 0; t < T; t++) acc[t] = NAME256(sums_to)(j, s[t], sr[t], d, m, zd, b, t0 + t, two, here, acc[t]);
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
@@ -154,22 +209,48 @@ TARGET256 INLINE void NAME256(codes8)(const uint8_t* p, int h, __m256i c[8], __m
   }
 }
 
+/* Token t's integer sums s (and its residual's, sr: two 1, or `here`) on block b of half an
+   8-bit tile, times d and its shift 128 − z, added to acc: the float work of a token, the same
+   in every pass. */
+TARGET256 INLINE __m256 NAME256(sums8_to)(const Job* j, __m256i s, __m256i sr, __m256 d, __m256 shift, int64_t b, int64_t t, int two, int here, __m256 acc) {
+  int64_t ib = t * j->nb + b, ir = two ? (j->m + t) * j->nb + b : ib;
+  float qs = j->as[ib] - j->ae[ib], ad = j->ad[two == 1 ? ir : ib]; /* da·Σ â_int */
+  if (two) qs += j->as[ir] - j->ae[ir]; /* both digits' (0 on a block a row does not keep) */
+  if (two == 1 || here) s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
+  __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(qs),
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ad)));
+  return _mm256_fmadd_ps(d, x, acc);
+}
+
 /* Token t's block b on half an 8-bit tile (codes8), d its scales, shift 128 − z; `here` as in
    token. */
 TARGET256 INLINE __m256 NAME256(token8)(const Job* j, const __m256i u[8], const __m256i c[8], __m256 d, __m256 shift, int64_t b, int64_t t, int two, int here, __m256 acc) {
   const int32_t* a = (const int32_t*)(j->aq + t * j->k + b * BLOCK);
-  __m256i s = NAME256(dot_s8)(u, c, a);
-  int64_t ib = t * j->nb + b, ir = two ? (j->m + t) * j->nb + b : ib;
-  float qs = j->as[ib] - j->ae[ib], ad = j->ad[two == 1 ? ir : ib]; /* da·Σ â_int */
-  if (two) qs += j->as[ir] - j->ae[ir]; /* both digits' (0 on a block a row does not keep) */
-  if (two == 1 || here) {
-    const int32_t* r = (const int32_t*)(j->aq + (j->m + t) * j->k + b * BLOCK);
-    __m256i sr = NAME256(dot_s8)(u, c, r);
-    s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
+  __m256i s = NAME256(dot_s8)(u, c, a), sr = s;
+  if (two == 1 || here) sr = NAME256(dot_s8)(u, c, (const int32_t*)(j->aq + (j->m + t) * j->k + b * BLOCK));
+  return NAME256(sums8_to)(j, s, sr, d, shift, b, t, two, here, acc);
+}
+
+/* tile_sums for an 8-bit tile: each code register (c − 128, and its magnitude) made once and
+   taken by every token before the next, the same int32 sums as dot_s8's. */
+TARGET256 INLINE void NAME256(tile_sums8)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, int res, __m256i s[4], __m256i sr[4]) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  const int32_t *a[4], *r[4];
+  for (int t = 0; t < T; t++) {
+    a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+    r[t] = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
+    s[t] = sr[t] = _mm256_setzero_si256();
   }
-  __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(qs),
-                             _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ad)));
-  return _mm256_fmadd_ps(d, x, acc);
+  for (int v = 0; v < 8; v++) {
+    __m256i c = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h)), flip);
+    __m256i u = _mm256_abs_epi8(c);
+    for (int t = 0; t < T; t++) {
+      s[t] = NAME256(add_s8)(s[t], u, c, _mm256_set1_epi32(a[t][v]));
+      if (res) sr[t] = NAME256(add_s8)(sr[t], u, c, _mm256_set1_epi32(r[t][v]));
+      __asm__("" : "+x"(s[t])); /* (as in tile_sums) */
+      if (res) __asm__("" : "+x"(sr[t]));
+    }
+  }
 }
 
 /* Half h of an 8-bit tile's scales d and 128 − z (Σ c·a = Σ (c − 128)·a + 128·Σ a). */
@@ -187,11 +268,12 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int 
   for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
     int here = two == 2 && *kb == b; /* (a block the group keeps a residual on) */
     kb += here;
-    __m256i c[8], u[8];
-    NAME256(codes8)(p, h, c, u);
+    __m256i s[4], sr[4];
+    if (two == 1 || here) NAME256(tile_sums8)(j, p, h, b, t0, T, 1, s, sr);
+    else NAME256(tile_sums8)(j, p, h, b, t0, T, 0, s, sr);
     __m256 d, shift;
     NAME256(scales8)(p, h, &d, &shift);
-    for (int t = 0; t < T; t++) acc[t] = NAME256(token8)(j, u, c, d, shift, b, t0 + t, two, here, acc[t]);
+    for (int t = 0; t < T; t++) acc[t] = NAME256(sums8_to)(j, s[t], sr[t], d, shift, b, t0 + t, two, here, acc[t]);
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
@@ -218,33 +300,74 @@ TARGET256 INLINE void NAME256(pair_tokens_q8)(const Job* j, int64_t g, int64_t t
     for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
 }
 
+/* Block b (at p) of a 6-bit tile's half h for T tokens (1..4), added to acc: each pair of code
+   registers unpacked once and taken by every token before the next, into one int32 sum per half
+   block (x, from −32·Σ a of the half, as the scalar path), then the two halves' scales. */
+TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, __m256 acc[4]) {
+  const __m256i lo = _mm256_set1_epi8(0x0F);
+  const int32_t* a[4];
+  __m256i x[4][2];
+  for (int t = 0; t < T; t++) {
+    const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
+    int32_t hs[2];
+    half_sums_avx2(aq, hs);
+    a[t] = (const int32_t*)aq;
+    x[t][0] = _mm256_set1_epi32(-32 * hs[0]), x[t][1] = _mm256_set1_epi32(-32 * hs[1]);
+  }
+  for (int v = 0; v < 4; v++) {
+    __m256i y = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
+    __m256i c0 = _mm256_and_si256(y, lo), c1 = _mm256_and_si256(_mm256_srli_epi16(y, 4), lo);
+    for (int k = 0; k < 2; k++) {
+      uint32_t bits0, bits1;
+      memcpy(&bits0, p + FIFTH + 64 * k + 8 * (2 * v) + 4 * h, 4);
+      memcpy(&bits1, p + FIFTH + 64 * k + 8 * (2 * v + 1) + 4 * h, 4);
+      c0 = _mm256_or_si256(c0, NAME256(bit_bytes)(bits0, (char)(16 << k)));
+      c1 = _mm256_or_si256(c1, NAME256(bit_bytes)(bits1, (char)(16 << k)));
+    }
+    for (int t = 0; t < T; t++) { /* two registers' products at a time: ≤ 63·127·4 in int16 */
+      __m256i w = NAME256(pair_add)(_mm256_setzero_si256(), c0, c1, _mm256_set1_epi32(a[t][2 * v]),
+                                    _mm256_set1_epi32(a[t][2 * v + 1]));
+      x[t][v / 2] = _mm256_add_epi32(x[t][v / 2], NAME256(widen)(w));
+      __asm__("" : "+x"(x[t][v / 2])); /* (as in tile_sums) */
+    }
+  }
+  __m256 s0 = _mm256_loadu_ps((const float*)(p + HALVES) + 8 * h);
+  __m256 s1 = _mm256_loadu_ps((const float*)(p + HALVES + 64) + 8 * h);
+  for (int t = 0; t < T; t++) {
+    __m256 y = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(x[t][1]), _mm256_mul_ps(s0, _mm256_cvtepi32_ps(x[t][0])));
+    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(j->ad[(t0 + t) * j->nb + b]), y, acc[t]);
+  }
+}
+
 TARGET256 INLINE void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int h, int64_t t0, int T) {
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE6;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
-    __m256i c[8];
-    NAME256(codes)(p, h, 2, c);
-    __m256 s0 = _mm256_loadu_ps((const float*)(p + HALVES) + 8 * h);
-    __m256 s1 = _mm256_loadu_ps((const float*)(p + HALVES + 64) + 8 * h);
-    for (int t = 0; t < T; t++) {
-      const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
-      int32_t hs[2];
-      half_sums_avx2(aq, hs);
-      __m256i x[2] = {_mm256_set1_epi32(-32 * hs[0]), _mm256_set1_epi32(-32 * hs[1])};
-      NAME256(dot_u6)(c, (const int32_t*)aq, x);
-      __m256 y = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(x[1]), _mm256_mul_ps(s0, _mm256_cvtepi32_ps(x[0])));
-      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(j->ad[(t0 + t) * j->nb + b]), y, acc[t]);
-    }
-  }
+  for (int64_t b = 0; b < j->nb; b++, p += TILE6) NAME256(block_q6)(j, p, h, b, t0, T, acc);
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+}
+
+/* pair_tokens for a 6-bit tile: one or two tokens take both halves of each block in one pass,
+   prefetching ahead */
+TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t0, int T) {
+  __m256 acc[2][4];
+  for (int h = 0; h < 2; h++)
+    for (int t = 0; t < T; t++) acc[h][t] = _mm256_setzero_ps();
+  const uint8_t* p = j->w + g * j->nb * TILE6;
+  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+    if (t0 == 0) NAME256(ahead)(p, TILE6);
+    for (int h = 0; h < 2; h++) NAME256(block_q6)(j, p, h, b, t0, T, acc[h]);
+  }
+  for (int h = 0; h < 2; h++)
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
 }
 
 /* T (1 or 2, a constant) tokens of tile group g in one pass, by the tile's kind. */
 TARGET256 INLINE void NAME256(pair_kind)(const Job* j, int64_t g, int64_t t0, int T) {
   int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits; 2: on a few blocks */
   int five = layout_of(j->tile).five;
-  if (j->bits == 8 && two == 2) NAME256(pair_tokens_q8)(j, g, t0, T, 2);
+  if (j->tile == TILE6) NAME256(pair_tokens_q6)(j, g, t0, T);
+  else if (j->bits == 8 && two == 2) NAME256(pair_tokens_q8)(j, g, t0, T, 2);
   else if (j->bits == 8 && two) NAME256(pair_tokens_q8)(j, g, t0, T, 1);
   else if (j->bits == 8) NAME256(pair_tokens_q8)(j, g, t0, T, 0);
   else if (five && two == 2) NAME256(pair_tokens)(j, g, t0, T, 1, 2);
@@ -263,7 +386,7 @@ TARGET256 __attribute__((noinline)) static void NAME256(pair)(const Job* j, int6
 }
 
 TARGET256 INLINE void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) {
-  if (T <= 2 && j->tile != TILE6) { /* both halves in one pass */
+  if (T <= 2) { /* both halves in one pass */
     NAME256(pair)(j, g, t0, T);
     return;
   }
