@@ -376,54 +376,94 @@ AVX2 INLINE void weigh_values256(const float* sc, const void* v, int half, int R
     for (int c = 0; c < w; c++) _mm256_storeu_ps(parts + h * (d + 2) + 2 + i0 + 8 * c, acc[h][c]);
 }
 
-/* chunk512's chunk 8 lanes wide, for one head; d a multiple of 8. Scores 8 keys at a time (8
-   chains, one a key, each along d; lane_sums256's tree); a last group of fewer than 8 keys
-   repeats key n − 1 in the missing places and keeps only the real keys' scores, so every key
-   is summed in the same tree. The weighted values 64 columns at a time (8 chains along the
+/* 4 keys' scores from their chains a[0..3]: the first half of lane_sums256's tree (hadd pairs
+   twice), the halves added: the same numbers, 4 keys at a time. */
+AVX2 INLINE __m128 lane_sums4(const __m256* a, float scale) {
+  __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+  return _mm_mul_ps(r, _mm_set1_ps(scale));
+}
+
+/* chunk512's chunk 8 lanes wide for G ≤ 3 query heads that share a kv head (q: G × d), reading
+   each key and value once for all G; d a multiple of 8; sc G × ATTN_CHUNK floats, parts as
+   chunk512's. One head scores 8 keys at a time (8 chains along d, lane_sums256's tree), two or
+   three heads 4 keys each (8 or 12 chains, the same tree's first half, lane_sums4); a last group
+   short of keys repeats key n − 1 in the missing places and keeps only the real keys' scores,
+   so every key is summed in the same tree, as scores_block256 sums it for a prompt. The weighted
+   values 64 columns at a time for one head, 16 for two or three (8 or 6 chains along the
    keys). */
-AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half, int64_t n,
-                          int64_t d, float scale, float* sc, float* part) {
-  __m256 best = _mm256_set1_ps(-INFINITY);
+AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half, int G,
+                          int64_t n, int64_t d, float scale, float* sc, float* parts) {
+  const int K = G == 1 ? 8 : 4; /* keys a group */
+  __m256 best[3];
+  for (int h = 0; h < G; h++) best[h] = _mm256_set1_ps(-INFINITY);
   int64_t row = d * (half ? 2 : 4); /* bytes a key */
   ask_first(k, row);
-  for (int64_t j = 0; j < n; j += 8) {
-    int64_t last = n - 1 - j < 7 ? n - 1 - j : 7; /* keys j .. j + last are real */
-    ask_ahead(k, v, row, j, n);
-    __m256 a[8];
+  for (int64_t j = 0; j < n; j += K) {
+    int64_t last = n - 1 - j < K - 1 ? n - 1 - j : K - 1; /* keys j .. j + last are real */
+    if (K == 4 && j % 8 == 0) ask_ahead(k, v, row, j, n);
+    if (K == 8) ask_ahead(k, v, row, j, n);
+    __m256 a[3][8];
+    for (int h = 0; h < G; h++)
 #pragma GCC unroll 8
-    for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
+      for (int c = 0; c < K; c++) a[h][c] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d; i += 8) {
-      __m256 qi = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; c++)
-        a[c] = _mm256_fmadd_ps(qi, load256(k, (j + (c < last ? c : last)) * d + i, half), a[c]);
+      for (int c = 0; c < K; c++) {
+        __m256 kc = load256(k, (j + (c < last ? c : last)) * d + i, half);
+        for (int h = 0; h < G; h++) a[h][c] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + i), kc, a[h][c]);
+      }
     }
-    __m256 r = lane_sums256(a, scale);
-    if (last == 7) _mm256_storeu_ps(sc + j, r);
-    else {
-      float r8[8];
-      _mm256_storeu_ps(r8, r);
-      memcpy(sc + j, r8, sizeof(float) * (size_t)(last + 1));
+    for (int h = 0; h < G; h++) {
+      float* out = sc + h * ATTN_CHUNK + j;
+      __m256 r;
+      if (K == 8) r = lane_sums256(a[h], scale);
+      else r = _mm256_castps128_ps256(lane_sums4(a[h], scale));
+      if (last == K - 1 && K == 8) _mm256_storeu_ps(out, r);
+      else if (last == K - 1) _mm_storeu_ps(out, _mm256_castps256_ps128(r));
+      else {
+        float r8[8];
+        _mm256_storeu_ps(r8, r);
+        memcpy(out, r8, sizeof(float) * (size_t)(last + 1));
+      }
+      if (K == 4) r = _mm256_insertf128_ps(r, _mm256_castps256_ps128(r), 1); /* (no stray lanes) */
+      best[h] = _mm256_max_ps(best[h], r); /* the repeats: key n − 1's own score */
     }
-    best = _mm256_max_ps(best, r); /* the repeats: key n − 1's own score */
   }
-  float b8[8], mx = -INFINITY;
-  _mm256_storeu_ps(b8, best);
-  for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
-  softmax256(sc, n, mx, part);
-  for (int64_t i0 = 0; i0 < d; i0 += 64) { /* 64 columns: 8 accumulators */
-    if (d - i0 >= 64) weigh_values256(sc, v, half, 1, n, d, i0, 8, part);
-    else weigh_values256(sc, v, half, 1, n, d, i0, (int)((d - i0) / 8), part);
+  for (int h = 0; h < G; h++) {
+    float b8[8], mx = -INFINITY;
+    _mm256_storeu_ps(b8, best[h]);
+    for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
+    softmax256(sc + h * ATTN_CHUNK, n, mx, parts + h * (d + 2));
   }
+  if (G == 1)
+    for (int64_t i0 = 0; i0 < d; i0 += 64) { /* 64 columns: 8 accumulators */
+      if (d - i0 >= 64) weigh_values256(sc, v, half, 1, n, d, i0, 8, parts);
+      else weigh_values256(sc, v, half, 1, n, d, i0, (int)((d - i0) / 8), parts);
+    }
+  else
+    for (int64_t i0 = 0; i0 < d; i0 += 16) {
+      if (d - i0 >= 16) weigh_values256(sc, v, half, G, n, d, i0, 2, parts);
+      else weigh_values256(sc, v, half, G, n, d, i0, 1, parts);
+    }
 }
-AVX2 static void chunk_avx2(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                            float scale, float* sc, float* part) {
-  chunk256(q, k, v, 0, n, d, scale, sc, part);
-}
-AVX2 static void chunk_avx2_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t n,
-                                int64_t d, float scale, float* sc, float* part) {
-  chunk256(q, k, v, 1, n, d, scale, sc, part);
-}
+
+/* chunk256 for each size of head group and both caches, G and half constants in each */
+#define CHUNK256(G, half)                                                                        \
+  AVX2 static void chunk256_##G##_##half(const float* q, const void* k, const void* v,           \
+                                         int64_t n, int64_t d, float scale, float* sc,          \
+                                         float* parts) {                                        \
+    chunk256(q, k, v, half, G, n, d, scale, sc, parts);                                          \
+  }
+CHUNK256(1, 0)
+CHUNK256(2, 0)
+CHUNK256(3, 0)
+CHUNK256(1, 1)
+CHUNK256(2, 1)
+CHUNK256(3, 1)
+static ChunkFn* const chunk256_of[2][3] = { /* [half][G - 1] */
+    {chunk256_1_0, chunk256_2_0, chunk256_3_0},
+    {chunk256_1_1, chunk256_2_1, chunk256_3_1}};
 /* The scores of R rows of queries (q: R × d, rows d apart) for KB groups of 8 keys of a
    transposed chunk (kt: d × ATTN_CHUNK, key j's dim i at kt[i·ATTN_CHUNK + j]), into sc (rows
    ATTN_CHUNK apart), the same numbers as chunk256's: lane l of a key's chain sums dims l,
@@ -617,16 +657,19 @@ static void chunk(const float* q, const void* k, const void* v, int half, int64_
     return;
   }
 #endif
+#if defined(__x86_64__)
+  if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0) { /* fp32: no VNNI */
+    for (int64_t h = 0; h < G;) { /* as the AVX-512 path */
+      int64_t g = G - h == 4 ? 2 : G - h < 3 ? G - h : 3;
+      chunk256_of[half != 0][g - 1](q + h * d, k, v, n, d, scale, sc, parts + h * (d + 2));
+      h += g;
+    }
+    return;
+  }
+#endif
   for (int64_t h = 0; h < G; h++) {
     const float* qh = q + h * d;
     float* ph = parts + h * (d + 2);
-#if defined(__x86_64__)
-    if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0) { /* fp32: no VNNI */
-      if (half) chunk_avx2_f16(qh, k, v, n, d, scale, sc, ph);
-      else chunk_avx2(qh, k, v, n, d, scale, sc, ph);
-      continue;
-    }
-#endif
     chunk_scalar(qh, k, v, half, n, d, scale, sc, ph);
   }
 }
