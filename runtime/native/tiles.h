@@ -261,8 +261,10 @@ typedef struct {
  * time. 1.6× the attention of a 4096-token prompt. The AVX2 path does the same 8 lanes wide
  * (block256: four rows × 16 keys, the tree 7 vertical adds; its values six rows × 16 columns),
  * where it took each query and head alone: 1.7–1.8× a 2048- and 4096-token prompt's attention
- * on an AVX2-only AMD EPYC (Zen 3). A decode step's last group of fewer than 8 keys repeats the
- * last key in the missing lanes, so every key of a chunk is summed in the one tree.
+ * on an AVX2-only AMD EPYC (Zen 3). Its decode step reads each key and value once for two or
+ * three heads (4 keys × 3 heads of score chains, 16 columns × 3 of value chains), and a last
+ * group short of keys repeats the last key in the missing lanes, so every key of a chunk is
+ * summed in the one tree.
  * The cache may be fp16 (the op is registered a second time with float16 past/present; quantize's
  * default wherever this op runs): each new key and value is rounded to fp16 once; a decode step
  * reads the cache in place, converting in its loads, and a prompt's block of queries converts
