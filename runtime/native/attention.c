@@ -376,6 +376,24 @@ AVX2 INLINE void weigh_values256(const float* sc, const void* v, int half, int R
     for (int c = 0; c < w; c++) _mm256_storeu_ps(parts + h * (d + 2) + 2 + i0 + 8 * c, acc[h][c]);
 }
 
+/* weigh_values256 over all d columns, 16 at a time (R ≤ 6: 2·R chains and two loads in the 16
+   registers) */
+AVX2 INLINE void weigh_all256(const float* sc, const void* v, int half, int R, int64_t n,
+                              int64_t d, float* parts) {
+  for (int64_t i0 = 0; i0 < d; i0 += 16) {
+    if (d - i0 >= 16) weigh_values256(sc, v, half, R, n, d, i0, 2, parts);
+    else weigh_values256(sc, v, half, R, n, d, i0, 1, parts);
+  }
+}
+
+/* The largest of x's 8 lanes */
+AVX2 static inline float hmax256(__m256 x) {
+  float b8[8], mx = -INFINITY;
+  _mm256_storeu_ps(b8, x);
+  for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
+  return mx;
+}
+
 /* 4 keys' scores from their chains a[0..3]: the first half of lane_sums256's tree (hadd pairs
    twice), the halves added: the same numbers, 4 keys at a time. */
 AVX2 INLINE __m128 lane_sums4(const __m256* a, float scale) {
@@ -401,8 +419,7 @@ AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half
   ask_first(k, row);
   for (int64_t j = 0; j < n; j += K) {
     int64_t last = n - 1 - j < K - 1 ? n - 1 - j : K - 1; /* keys j .. j + last are real */
-    if (K == 4 && j % 8 == 0) ask_ahead(k, v, row, j, n);
-    if (K == 8) ask_ahead(k, v, row, j, n);
+    if (j % 8 == 0) ask_ahead(k, v, row, j, n); /* (8 keys a call) */
     __m256 a[3][8];
     for (int h = 0; h < G; h++)
 #pragma GCC unroll 8
@@ -430,22 +447,13 @@ AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half
       best[h] = _mm256_max_ps(best[h], r); /* the repeats: key n − 1's own score */
     }
   }
-  for (int h = 0; h < G; h++) {
-    float b8[8], mx = -INFINITY;
-    _mm256_storeu_ps(b8, best[h]);
-    for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
-    softmax256(sc + h * ATTN_CHUNK, n, mx, parts + h * (d + 2));
-  }
+  for (int h = 0; h < G; h++) softmax256(sc + h * ATTN_CHUNK, n, hmax256(best[h]), parts + h * (d + 2));
   if (G == 1)
     for (int64_t i0 = 0; i0 < d; i0 += 64) { /* 64 columns: 8 accumulators */
       if (d - i0 >= 64) weigh_values256(sc, v, half, 1, n, d, i0, 8, parts);
       else weigh_values256(sc, v, half, 1, n, d, i0, (int)((d - i0) / 8), parts);
     }
-  else
-    for (int64_t i0 = 0; i0 < d; i0 += 16) {
-      if (d - i0 >= 16) weigh_values256(sc, v, half, G, n, d, i0, 2, parts);
-      else weigh_values256(sc, v, half, G, n, d, i0, 1, parts);
-    }
+  else weigh_all256(sc, v, half, G, n, d, parts);
 }
 
 /* chunk256 for each size of head group and both caches, G and half constants in each */
@@ -554,16 +562,6 @@ AVX2 static void transpose_keys256(const float* k, int64_t n, int64_t d, float* 
       transpose8(k + j * d + i, d, n - j < 8 ? (int)(n - j) : 8, kt + i * ATTN_CHUNK + j, ATTN_CHUNK);
 }
 
-/* weigh_values256 over all d columns, 16 at a time (R ≤ 6: 2·R chains and two loads in the 16
-   registers) */
-AVX2 INLINE void weigh_all256(const float* sc, const void* v, int R, int64_t n, int64_t d,
-                              float* parts) {
-  for (int64_t i0 = 0; i0 < d; i0 += 16) {
-    if (d - i0 >= 16) weigh_values256(sc, v, 0, R, n, d, i0, 2, parts);
-    else weigh_values256(sc, v, 0, R, n, d, i0, 1, parts);
-  }
-}
-
 /* block512 8 lanes wide: a prompt block's step 2 for one chunk on AVX2, the same numbers as
    chunk256 gives each row alone (a decode step): scores by scores256 on the transposed keys,
    then softmax256 and weigh_values256 on runs of rows with the same nk, up to six rows a pass. */
@@ -578,9 +576,7 @@ AVX2 static void block256(const float* q, int64_t rows, const int64_t* nk, const
     int64_t n = nk[x], j = 0;
     __m256 best = _mm256_set1_ps(-INFINITY);
     for (; j + 8 <= n; j += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(p + j));
-    float b8[8], mx = -INFINITY;
-    _mm256_storeu_ps(b8, best);
-    for (int c = 0; c < 8; c++) mx = b8[c] > mx ? b8[c] : mx;
+    float mx = hmax256(best);
     for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
     softmax256(p, n, mx, parts + x * (d + 2));
   }
@@ -590,12 +586,12 @@ AVX2 static void block256(const float* q, int64_t rows, const int64_t* nk, const
     float* px = parts + x * (d + 2);
     const float* sx = sc + x * ATTN_CHUNK;
     switch (y - x) { /* the row count a constant in each, so the chains stay in registers */
-      case 6: weigh_all256(sx, v, 6, nk[x], d, px); break;
-      case 5: weigh_all256(sx, v, 5, nk[x], d, px); break;
-      case 4: weigh_all256(sx, v, 4, nk[x], d, px); break;
-      case 3: weigh_all256(sx, v, 3, nk[x], d, px); break;
-      case 2: weigh_all256(sx, v, 2, nk[x], d, px); break;
-      default: weigh_all256(sx, v, 1, nk[x], d, px); break;
+      case 6: weigh_all256(sx, v, 0, 6, nk[x], d, px); break;
+      case 5: weigh_all256(sx, v, 0, 5, nk[x], d, px); break;
+      case 4: weigh_all256(sx, v, 0, 4, nk[x], d, px); break;
+      case 3: weigh_all256(sx, v, 0, 3, nk[x], d, px); break;
+      case 2: weigh_all256(sx, v, 0, 2, nk[x], d, px); break;
+      default: weigh_all256(sx, v, 0, 1, nk[x], d, px); break;
     }
     x = y;
   }

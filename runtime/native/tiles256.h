@@ -14,21 +14,25 @@ TARGET256 INLINE __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(x, bit), _mm256_set1_epi8(value));
 }
 
-/* Half h (rows 8h..8h+7) of a tile's codes in 8 registers, as codes512 lays them out (c[2v]: codes
-   8v..8v+3, c[2v+1]: 8v+4..8v+7 — a's int32 words 2v, 2v+1), with `planes` high-bit planes. */
-TARGET256 INLINE void NAME256(codes)(const uint8_t* p, int h, int planes, __m256i c[8]) {
+/* Code registers 2v and 2v + 1 of half h (rows 8h..8h+7) of a tile, as codes512 lays them out
+   (codes 8v..8v+3 and 8v+4..8v+7 — a's int32 words 2v, 2v + 1), with `planes` high-bit planes. */
+TARGET256 INLINE void NAME256(code_pair)(const uint8_t* p, int h, int v, int planes, __m256i* c0, __m256i* c1) {
   const __m256i lo = _mm256_set1_epi8(0x0F);
-  for (int v = 0; v < 4; v++) {
-    __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
-    c[2 * v] = _mm256_and_si256(x, lo);
-    c[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+  __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
+  *c0 = _mm256_and_si256(x, lo);
+  *c1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+  for (int k = 0; k < planes; k++) {
+    uint32_t bits0, bits1;
+    memcpy(&bits0, p + FIFTH + 64 * k + 8 * (2 * v) + 4 * h, 4);
+    memcpy(&bits1, p + FIFTH + 64 * k + 8 * (2 * v + 1) + 4 * h, 4);
+    *c0 = _mm256_or_si256(*c0, NAME256(bit_bytes)(bits0, (char)(16 << k)));
+    *c1 = _mm256_or_si256(*c1, NAME256(bit_bytes)(bits1, (char)(16 << k)));
   }
-  for (int k = 0; k < planes; k++)
-    for (int u = 0; u < 8; u++) {
-      uint32_t bits;
-      memcpy(&bits, p + FIFTH + 64 * k + 8 * u + 4 * h, 4);
-      c[u] = _mm256_or_si256(c[u], NAME256(bit_bytes)(bits, (char)(16 << k)));
-    }
+}
+
+/* Half h of a tile's codes in 8 registers (code_pair's, in order). */
+TARGET256 INLINE void NAME256(codes)(const uint8_t* p, int h, int planes, __m256i c[8]) {
+  for (int v = 0; v < 4; v++) NAME256(code_pair)(p, h, v, planes, &c[2 * v], &c[2 * v + 1]);
 }
 
 /* The lines of the block AHEAD256 blocks after p (blocks of `stride` bytes), prefetched by the
@@ -103,7 +107,6 @@ TARGET256 INLINE __m256 NAME256(token)(const Job* j, const __m256i c[8], __m256 
    codes' registers, integers in a different order (4-bit: ≤ 8 products a lane in int16, as
    dot_u4; 5-bit: 4, as dot_u5), with T int16 accumulators live instead of 8 code registers. */
 TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, int five, int res, __m256i s[4], __m256i sr[4]) {
-  const __m256i lo = _mm256_set1_epi8(0x0F);
   const int32_t *a[4], *r[4];
   __m256i w[4], wr[4];
   for (int t = 0; t < T; t++) {
@@ -112,15 +115,8 @@ TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, 
     w[t] = wr[t] = s[t] = sr[t] = _mm256_setzero_si256();
   }
   for (int v = 0; v < 4; v++) {
-    __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
-    __m256i c0 = _mm256_and_si256(x, lo), c1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
-    if (five) {
-      uint32_t bits0, bits1;
-      memcpy(&bits0, p + FIFTH + 8 * (2 * v) + 4 * h, 4);
-      memcpy(&bits1, p + FIFTH + 8 * (2 * v + 1) + 4 * h, 4);
-      c0 = _mm256_or_si256(c0, NAME256(bit_bytes)(bits0, 16));
-      c1 = _mm256_or_si256(c1, NAME256(bit_bytes)(bits1, 16));
-    }
+    __m256i c0, c1;
+    NAME256(code_pair)(p, h, v, five, &c0, &c1);
     for (int t = 0; t < T; t++) {
       w[t] = NAME256(pair_add)(w[t], c0, c1, _mm256_set1_epi32(a[t][2 * v]), _mm256_set1_epi32(a[t][2 * v + 1]));
       if (res) wr[t] = NAME256(pair_add)(wr[t], c0, c1, _mm256_set1_epi32(r[t][2 * v]), _mm256_set1_epi32(r[t][2 * v + 1]));
@@ -300,30 +296,25 @@ TARGET256 INLINE void NAME256(pair_tokens_q8)(const Job* j, int64_t g, int64_t t
     for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
 }
 
+/* Each of T tokens' activation half sums on block b (half_sums_avx2), which a 6-bit tile's
+   sums start from: once a block, for either half. */
+TARGET256 INLINE void NAME256(half_sums_q6)(const Job* j, int64_t b, int64_t t0, int T, int32_t hs[4][2]) {
+  for (int t = 0; t < T; t++) half_sums_avx2(j->aq + (t0 + t) * j->k + b * BLOCK, hs[t]);
+}
+
 /* Block b (at p) of a 6-bit tile's half h for T tokens (1..4), added to acc: each pair of code
    registers unpacked once and taken by every token before the next, into one int32 sum per half
-   block (x, from −32·Σ a of the half, as the scalar path), then the two halves' scales. */
-TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, __m256 acc[4]) {
-  const __m256i lo = _mm256_set1_epi8(0x0F);
+   block (x, from −32·Σ a of the half, hs, as the scalar path), then the two halves' scales. */
+TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, const int32_t hs[4][2], __m256 acc[4]) {
   const int32_t* a[4];
   __m256i x[4][2];
   for (int t = 0; t < T; t++) {
-    const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
-    int32_t hs[2];
-    half_sums_avx2(aq, hs);
-    a[t] = (const int32_t*)aq;
-    x[t][0] = _mm256_set1_epi32(-32 * hs[0]), x[t][1] = _mm256_set1_epi32(-32 * hs[1]);
+    a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+    x[t][0] = _mm256_set1_epi32(-32 * hs[t][0]), x[t][1] = _mm256_set1_epi32(-32 * hs[t][1]);
   }
   for (int v = 0; v < 4; v++) {
-    __m256i y = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
-    __m256i c0 = _mm256_and_si256(y, lo), c1 = _mm256_and_si256(_mm256_srli_epi16(y, 4), lo);
-    for (int k = 0; k < 2; k++) {
-      uint32_t bits0, bits1;
-      memcpy(&bits0, p + FIFTH + 64 * k + 8 * (2 * v) + 4 * h, 4);
-      memcpy(&bits1, p + FIFTH + 64 * k + 8 * (2 * v + 1) + 4 * h, 4);
-      c0 = _mm256_or_si256(c0, NAME256(bit_bytes)(bits0, (char)(16 << k)));
-      c1 = _mm256_or_si256(c1, NAME256(bit_bytes)(bits1, (char)(16 << k)));
-    }
+    __m256i c0, c1;
+    NAME256(code_pair)(p, h, v, 2, &c0, &c1);
     for (int t = 0; t < T; t++) { /* two registers' products at a time: ≤ 63·127·4 in int16 */
       __m256i w = NAME256(pair_add)(_mm256_setzero_si256(), c0, c1, _mm256_set1_epi32(a[t][2 * v]),
                                     _mm256_set1_epi32(a[t][2 * v + 1]));
@@ -343,7 +334,11 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int 
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE6;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE6) NAME256(block_q6)(j, p, h, b, t0, T, acc);
+  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+    int32_t hs[4][2];
+    NAME256(half_sums_q6)(j, b, t0, T, hs);
+    NAME256(block_q6)(j, p, h, b, t0, T, hs, acc);
+  }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
@@ -356,7 +351,9 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
   const uint8_t* p = j->w + g * j->nb * TILE6;
   for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
     if (t0 == 0) NAME256(ahead)(p, TILE6);
-    for (int h = 0; h < 2; h++) NAME256(block_q6)(j, p, h, b, t0, T, acc[h]);
+    int32_t hs[4][2];
+    NAME256(half_sums_q6)(j, b, t0, T, hs);
+    for (int h = 0; h < 2; h++) NAME256(block_q6)(j, p, h, b, t0, T, hs, acc[h]);
   }
   for (int h = 0; h < 2; h++)
     for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
