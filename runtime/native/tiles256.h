@@ -162,7 +162,8 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
-/* One or two tokens (a decode step) take both halves of each block in one pass over the tile,
+/* One or two tokens (a decode step; one token with one digit: one_token) take both halves of
+   each block in one pass over the tile,
    each row's sums the same as a pass per half gives: a block's bytes are used as they arrive,
    where a second pass re-read the first's lines from cache while memory idled; and the blocks
    AHEAD256 on are prefetched. Measured on a 2-core AMD EPYC (Zen 3, AVX2 only), interleaved
@@ -359,6 +360,50 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
     for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
 }
 
+/* One token (row t0) on tile group g of MatMulQ4 tiles of `tile` bytes (a constant: 4- or 5-bit
+   codes, fp16 or fp32 scales), one digit: a decode step's layer matmuls, which at one row are
+   bound by this loop's instructions, not by memory. Each pair of code registers is unpacked for
+   both halves at once, so each activation word is broadcast once a block (pair_tokens: once a
+   half), the token's three block scalars too; the int16 sums stay within dot_u4's and dot_u5's
+   bounds (8 and 4 products a lane). The same integer sums and the same float operations in the
+   same order as pair_tokens: the same bits. */
+TARGET256 INLINE void NAME256(one_token)(const Job* j, int64_t g, int64_t t0, const int tile) {
+  const Layout l = layout_of(tile);
+  const int five = l.five;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const uint8_t* p = j->w + g * j->nb * tile;
+  const int32_t* a = (const int32_t*)(j->aq + t0 * j->k);
+  const float *ad = j->ad + t0 * j->nb, *as = j->as + t0 * j->nb, *ae = j->ae + t0 * j->nb;
+  for (int64_t b = 0; b < j->nb; b++, p += tile, a += BLOCK / 4) {
+    if (t0 == 0) NAME256(ahead)(p, tile);
+    __m256i w[2][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()},
+                       {_mm256_setzero_si256(), _mm256_setzero_si256()}};
+    for (int v = 0; v < 4; v++) {
+      __m256i a0 = _mm256_set1_epi32(a[2 * v]), a1 = _mm256_set1_epi32(a[2 * v + 1]);
+      for (int h = 0; h < 2; h++) {
+        __m256i c0, c1;
+        NAME256(code_pair)(p, h, v, five, &c0, &c1);
+        int u = five ? v / 2 : 0; /* 5-bit: a sum per two registers' pairs */
+        w[h][u] = NAME256(pair_add)(w[h][u], c0, c1, a0, a1);
+      }
+    }
+    __m256 vad = _mm256_set1_ps(ad[b]), vas = _mm256_set1_ps(as[b]), vae = _mm256_set1_ps(ae[b]);
+    for (int h = 0; h < 2; h++) {
+      __m256i s = NAME256(widen)(w[h][0]);
+      if (five) s = _mm256_add_epi32(s, NAME256(widen)(w[h][1]));
+      __asm__("" : "+x"(s)); /* the float work after the integer sums, a half at a time */
+      __m256 d, m, zd;
+      NAME256(scales)(p, l, h, five, &d, &m, &zd);
+      acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, vad), acc[h]);
+      acc[h] = _mm256_fmadd_ps(m, vas, acc[h]);
+      acc[h] = _mm256_fmadd_ps(zd, vae, acc[h]);
+      __asm__("" : "+x"(acc[h]));
+    }
+  }
+  _mm256_storeu_ps(j->y + t0 * j->n + g * ROWS, acc[0]);
+  _mm256_storeu_ps(j->y + t0 * j->n + g * ROWS + 8, acc[1]);
+}
+
 /* T (1 or 2, a constant) tokens of tile group g in one pass, by the tile's kind. */
 TARGET256 INLINE void NAME256(pair_kind)(const Job* j, int64_t g, int64_t t0, int T) {
   int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits; 2: on a few blocks */
@@ -367,6 +412,11 @@ TARGET256 INLINE void NAME256(pair_kind)(const Job* j, int64_t g, int64_t t0, in
   else if (j->bits == 8 && two == 2) NAME256(pair_tokens_q8)(j, g, t0, T, 2);
   else if (j->bits == 8 && two) NAME256(pair_tokens_q8)(j, g, t0, T, 1);
   else if (j->bits == 8) NAME256(pair_tokens_q8)(j, g, t0, T, 0);
+  else if (T == 1 && !two && j->tile == TILE) NAME256(one_token)(j, g, t0, TILE);
+  else if (T == 1 && !two && j->tile == TILE5Z) NAME256(one_token)(j, g, t0, TILE5Z);
+  else if (T == 1 && !two && j->tile == TILE5) NAME256(one_token)(j, g, t0, TILE5);
+  else if (T == 1 && !two && j->tile == TILE4F) NAME256(one_token)(j, g, t0, TILE4F);
+  else if (T == 1 && !two && j->tile == TILE5F) NAME256(one_token)(j, g, t0, TILE5F);
   else if (five && two == 2) NAME256(pair_tokens)(j, g, t0, T, 1, 2);
   else if (two == 2) NAME256(pair_tokens)(j, g, t0, T, 0, 2);
   else if (five && two) NAME256(pair_tokens)(j, g, t0, T, 1, 1);
