@@ -360,48 +360,60 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
     for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
 }
 
-/* One token (row t0) on tile group g of MatMulQ4 tiles of `tile` bytes (a constant: 4- or 5-bit
-   codes, fp16 or fp32 scales), one digit: a decode step's layer matmuls, which at one row are
-   bound by this loop's instructions, not by memory. Each pair of code registers is unpacked for
-   both halves at once, so each activation word is broadcast once a block (pair_tokens: once a
-   half), the token's three block scalars too; the int16 sums stay within dot_u4's and dot_u5's
-   bounds (8 and 4 products a lane). The same integer sums and the same float operations in the
-   same order as pair_tokens: the same bits. */
-TARGET256 INLINE void NAME256(one_token)(const Job* j, int64_t g, int64_t t0, const int tile) {
+/* One or two tokens (rows t0.., T a constant) on tile group g of MatMulQ4 tiles of `tile` bytes
+   (a constant: 4- or 5-bit codes, fp16 or fp32 scales), one digit: a decode step's layer
+   matmuls, which at one or two rows are bound by this loop's instructions, not by memory. Each
+   pair of code registers is unpacked for both halves at once and taken by every token, so each
+   activation word is broadcast once a block (pair_tokens: once a half), each token's three block
+   scalars too; the int16 sums stay within dot_u4's and dot_u5's bounds (8 and 4 products a
+   lane). The same integer sums and the same float operations in the same order as pair_tokens:
+   the same bits. */
+TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, const int T, const int tile) {
   const Layout l = layout_of(tile);
   const int five = l.five;
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[2][2];
+  for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * tile;
-  const int32_t* a = (const int32_t*)(j->aq + t0 * j->k);
-  const float *ad = j->ad + t0 * j->nb, *as = j->as + t0 * j->nb, *ae = j->ae + t0 * j->nb;
-  for (int64_t b = 0; b < j->nb; b++, p += tile, a += BLOCK / 4) {
+  const int32_t* a[2];
+  for (int t = 0; t < T; t++) a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k);
+  for (int64_t b = 0; b < j->nb; b++, p += tile) {
     if (t0 == 0) NAME256(ahead)(p, tile);
-    __m256i w[2][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()},
-                       {_mm256_setzero_si256(), _mm256_setzero_si256()}};
+    __m256i w[2][2][2];
+    for (int t = 0; t < T; t++)
+      for (int h = 0; h < 2; h++) w[t][h][0] = w[t][h][1] = _mm256_setzero_si256();
     for (int v = 0; v < 4; v++) {
-      __m256i a0 = _mm256_set1_epi32(a[2 * v]), a1 = _mm256_set1_epi32(a[2 * v + 1]);
+      __m256i a0[2], a1[2];
+      for (int t = 0; t < T; t++) {
+        a0[t] = _mm256_set1_epi32(a[t][b * BLOCK / 4 + 2 * v]);
+        a1[t] = _mm256_set1_epi32(a[t][b * BLOCK / 4 + 2 * v + 1]);
+      }
       for (int h = 0; h < 2; h++) {
         __m256i c0, c1;
         NAME256(code_pair)(p, h, v, five, &c0, &c1);
         int u = five ? v / 2 : 0; /* 5-bit: a sum per two registers' pairs */
-        w[h][u] = NAME256(pair_add)(w[h][u], c0, c1, a0, a1);
+        for (int t = 0; t < T; t++) w[t][h][u] = NAME256(pair_add)(w[t][h][u], c0, c1, a0[t], a1[t]);
       }
     }
-    __m256 vad = _mm256_set1_ps(ad[b]), vas = _mm256_set1_ps(as[b]), vae = _mm256_set1_ps(ae[b]);
-    for (int h = 0; h < 2; h++) {
-      __m256i s = NAME256(widen)(w[h][0]);
-      if (five) s = _mm256_add_epi32(s, NAME256(widen)(w[h][1]));
-      __asm__("" : "+x"(s)); /* the float work after the integer sums, a half at a time */
-      __m256 d, m, zd;
-      NAME256(scales)(p, l, h, five, &d, &m, &zd);
-      acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, vad), acc[h]);
-      acc[h] = _mm256_fmadd_ps(m, vas, acc[h]);
-      acc[h] = _mm256_fmadd_ps(zd, vae, acc[h]);
-      __asm__("" : "+x"(acc[h]));
+    for (int t = 0; t < T; t++) {
+      int64_t ib = (t0 + t) * j->nb + b;
+      __m256 vad = _mm256_set1_ps(j->ad[ib]), vas = _mm256_set1_ps(j->as[ib]), vae = _mm256_set1_ps(j->ae[ib]);
+      for (int h = 0; h < 2; h++) {
+        __m256i s = NAME256(widen)(w[t][h][0]);
+        if (five) s = _mm256_add_epi32(s, NAME256(widen)(w[t][h][1]));
+        __asm__("" : "+x"(s)); /* the float work after the integer sums, a half at a time */
+        __m256 d, m, zd;
+        NAME256(scales)(p, l, h, five, &d, &m, &zd);
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, vad), acc[t][h]);
+        acc[t][h] = _mm256_fmadd_ps(m, vas, acc[t][h]);
+        acc[t][h] = _mm256_fmadd_ps(zd, vae, acc[t][h]);
+        __asm__("" : "+x"(acc[t][h]));
+      }
     }
   }
-  _mm256_storeu_ps(j->y + t0 * j->n + g * ROWS, acc[0]);
-  _mm256_storeu_ps(j->y + t0 * j->n + g * ROWS + 8, acc[1]);
+  for (int t = 0; t < T; t++) {
+    _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t][0]);
+    _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8, acc[t][1]);
+  }
 }
 
 /* T (1 or 2, a constant) tokens of tile group g in one pass, by the tile's kind. */
@@ -412,11 +424,11 @@ TARGET256 INLINE void NAME256(pair_kind)(const Job* j, int64_t g, int64_t t0, in
   else if (j->bits == 8 && two == 2) NAME256(pair_tokens_q8)(j, g, t0, T, 2);
   else if (j->bits == 8 && two) NAME256(pair_tokens_q8)(j, g, t0, T, 1);
   else if (j->bits == 8) NAME256(pair_tokens_q8)(j, g, t0, T, 0);
-  else if (T == 1 && !two && j->tile == TILE) NAME256(one_token)(j, g, t0, TILE);
-  else if (T == 1 && !two && j->tile == TILE5Z) NAME256(one_token)(j, g, t0, TILE5Z);
-  else if (T == 1 && !two && j->tile == TILE5) NAME256(one_token)(j, g, t0, TILE5);
-  else if (T == 1 && !two && j->tile == TILE4F) NAME256(one_token)(j, g, t0, TILE4F);
-  else if (T == 1 && !two && j->tile == TILE5F) NAME256(one_token)(j, g, t0, TILE5F);
+  else if (!two && j->tile == TILE) NAME256(few_tokens)(j, g, t0, T, TILE);
+  else if (!two && j->tile == TILE5Z) NAME256(few_tokens)(j, g, t0, T, TILE5Z);
+  else if (!two && j->tile == TILE5) NAME256(few_tokens)(j, g, t0, T, TILE5);
+  else if (!two && j->tile == TILE4F) NAME256(few_tokens)(j, g, t0, T, TILE4F);
+  else if (!two && j->tile == TILE5F) NAME256(few_tokens)(j, g, t0, T, TILE5F);
   else if (five && two == 2) NAME256(pair_tokens)(j, g, t0, T, 1, 2);
   else if (two == 2) NAME256(pair_tokens)(j, g, t0, T, 0, 2);
   else if (five && two) NAME256(pair_tokens)(j, g, t0, T, 1, 1);
