@@ -162,8 +162,8 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
 
-/* One or two tokens (a decode step; one token with one digit: one_token) take both halves of
-   each block in one pass over the tile,
+/* One or two tokens (a decode step) with two digits (one token with two: few_tokens, which
+   also takes every one-digit pass) take both halves of each block in one pass over the tile,
    each row's sums the same as a pass per half gives: a block's bytes are used as they arrive,
    where a second pass re-read the first's lines from cache while memory idled; and the blocks
    AHEAD256 on are prefetched. Measured on a 2-core AMD EPYC (Zen 3, AVX2 only), interleaved
@@ -361,51 +361,58 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
 }
 
 /* One or two tokens (rows t0.., T a constant) on tile group g of MatMulQ4 tiles of `tile` bytes
-   (a constant: 4- or 5-bit codes, fp16 or fp32 scales), one digit: a decode step's layer
+   (a constant: 4- or 5-bit codes, fp16 or fp32 scales), with one digit, or one token with two
+   (`two` 1: its residual row read in the same pass, as a second row): a decode step's layer
    matmuls, which at one or two rows are bound by this loop's instructions, not by memory. Each
-   pair of code registers is unpacked for both halves at once and taken by every token, so each
+   pair of code registers is unpacked for both halves at once and taken by every row, so each
    activation word is broadcast once a block (pair_tokens: once a half), each token's three block
    scalars too; the int16 sums stay within dot_u4's and dot_u5's bounds (8 and 4 products a
    lane). The same integer sums and the same float operations in the same order as pair_tokens:
    the same bits. */
-TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, const int T, const int tile) {
+TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, const int T, const int tile, const int two) {
   const Layout l = layout_of(tile);
-  const int five = l.five;
+  const int five = l.five, R = T * (1 + two); /* rows read: the tokens, then their residuals */
   __m256 acc[2][2];
   for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * tile;
   const int32_t* a[2];
-  for (int t = 0; t < T; t++) a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k);
+  for (int r = 0; r < R; r++) a[r] = (const int32_t*)(j->aq + (r < T ? t0 + r : j->m + t0 + r - T) * j->k);
   for (int64_t b = 0; b < j->nb; b++, p += tile) {
     if (t0 == 0) NAME256(ahead)(p, tile);
     __m256i w[2][2][2];
-    for (int t = 0; t < T; t++)
-      for (int h = 0; h < 2; h++) w[t][h][0] = w[t][h][1] = _mm256_setzero_si256();
+    for (int r = 0; r < R; r++)
+      for (int h = 0; h < 2; h++) w[r][h][0] = w[r][h][1] = _mm256_setzero_si256();
     for (int v = 0; v < 4; v++) {
       __m256i a0[2], a1[2];
-      for (int t = 0; t < T; t++) {
-        a0[t] = _mm256_set1_epi32(a[t][b * BLOCK / 4 + 2 * v]);
-        a1[t] = _mm256_set1_epi32(a[t][b * BLOCK / 4 + 2 * v + 1]);
+      for (int r = 0; r < R; r++) {
+        a0[r] = _mm256_set1_epi32(a[r][b * BLOCK / 4 + 2 * v]);
+        a1[r] = _mm256_set1_epi32(a[r][b * BLOCK / 4 + 2 * v + 1]);
       }
       for (int h = 0; h < 2; h++) {
         __m256i c0, c1;
         NAME256(code_pair)(p, h, v, five, &c0, &c1);
         int u = five ? v / 2 : 0; /* 5-bit: a sum per two registers' pairs */
-        for (int t = 0; t < T; t++) w[t][h][u] = NAME256(pair_add)(w[t][h][u], c0, c1, a0[t], a1[t]);
+        for (int r = 0; r < R; r++) w[r][h][u] = NAME256(pair_add)(w[r][h][u], c0, c1, a0[r], a1[r]);
       }
     }
     for (int t = 0; t < T; t++) {
       int64_t ib = (t0 + t) * j->nb + b;
       __m256 vad = _mm256_set1_ps(j->ad[ib]), vas = _mm256_set1_ps(j->as[ib]), vae = _mm256_set1_ps(j->ae[ib]);
       for (int h = 0; h < 2; h++) {
-        __m256i s = NAME256(widen)(w[t][h][0]);
-        if (five) s = _mm256_add_epi32(s, NAME256(widen)(w[t][h][1]));
-        __asm__("" : "+x"(s)); /* the float work after the integer sums, a half at a time */
+        __m256i s[2];
+        for (int x = 0; x <= two; x++) {
+          s[x] = NAME256(widen)(w[t + x * T][h][0]);
+          if (five) s[x] = _mm256_add_epi32(s[x], NAME256(widen)(w[t + x * T][h][1]));
+          __asm__("" : "+x"(s[x])); /* the float work after the integer sums, a half at a time */
+        }
         __m256 d, m, zd;
         NAME256(scales)(p, l, h, five, &d, &m, &zd);
-        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, vad), acc[t][h]);
-        acc[t][h] = _mm256_fmadd_ps(m, vas, acc[t][h]);
-        acc[t][h] = _mm256_fmadd_ps(zd, vae, acc[t][h]);
+        if (two) acc[t][h] = NAME256(sums_to)(j, s[0], s[1], d, m, zd, b, t0 + t, 1, 0, acc[t][h]);
+        else {
+          acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_mul_ps(d, vad), acc[t][h]);
+          acc[t][h] = _mm256_fmadd_ps(m, vas, acc[t][h]);
+          acc[t][h] = _mm256_fmadd_ps(zd, vae, acc[t][h]);
+        }
         __asm__("" : "+x"(acc[t][h]));
       }
     }
@@ -413,6 +420,17 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
   for (int t = 0; t < T; t++) {
     _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t][0]);
     _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8, acc[t][1]);
+  }
+}
+
+/* few_tokens by the tile's kind (every MatMulQ4 tile), `two` a constant. */
+TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int T, const int two) {
+  switch (j->tile) {
+    case TILE: NAME256(few_tokens)(j, g, t0, T, TILE, two); return;
+    case TILE4F: NAME256(few_tokens)(j, g, t0, T, TILE4F, two); return;
+    case TILE5: NAME256(few_tokens)(j, g, t0, T, TILE5, two); return;
+    case TILE5F: NAME256(few_tokens)(j, g, t0, T, TILE5F, two); return;
+    default: NAME256(few_tokens)(j, g, t0, T, TILE5Z, two); return;
   }
 }
 
@@ -424,17 +442,12 @@ TARGET256 INLINE void NAME256(pair_kind)(const Job* j, int64_t g, int64_t t0, in
   else if (j->bits == 8 && two == 2) NAME256(pair_tokens_q8)(j, g, t0, T, 2);
   else if (j->bits == 8 && two) NAME256(pair_tokens_q8)(j, g, t0, T, 1);
   else if (j->bits == 8) NAME256(pair_tokens_q8)(j, g, t0, T, 0);
-  else if (!two && j->tile == TILE) NAME256(few_tokens)(j, g, t0, T, TILE);
-  else if (!two && j->tile == TILE5Z) NAME256(few_tokens)(j, g, t0, T, TILE5Z);
-  else if (!two && j->tile == TILE5) NAME256(few_tokens)(j, g, t0, T, TILE5);
-  else if (!two && j->tile == TILE4F) NAME256(few_tokens)(j, g, t0, T, TILE4F);
-  else if (!two && j->tile == TILE5F) NAME256(few_tokens)(j, g, t0, T, TILE5F);
+  else if (!two) NAME256(few_kind)(j, g, t0, T, 0);
+  else if (two == 1 && T == 1) NAME256(few_kind)(j, g, t0, 1, 1);
   else if (five && two == 2) NAME256(pair_tokens)(j, g, t0, T, 1, 2);
   else if (two == 2) NAME256(pair_tokens)(j, g, t0, T, 0, 2);
-  else if (five && two) NAME256(pair_tokens)(j, g, t0, T, 1, 1);
-  else if (five) NAME256(pair_tokens)(j, g, t0, T, 1, 0);
-  else if (two) NAME256(pair_tokens)(j, g, t0, T, 0, 1);
-  else NAME256(pair_tokens)(j, g, t0, T, 0, 0);
+  else if (five) NAME256(pair_tokens)(j, g, t0, T, 1, 1);
+  else NAME256(pair_tokens)(j, g, t0, T, 0, 1);
 }
 
 /* Kept out of line, so that the pass-per-half loops compile as they did alone (with a first,
