@@ -296,24 +296,26 @@ AVX512 static void block512(const float* q, int64_t rows, const int64_t* nk, con
     x = y;
   }
 }
-/* chunk512 for each size of head group and both caches, G and half constants in each */
+/* A chunk function (chunk512, chunk256) for each size of head group and both caches, G and half
+   constants in each, and the table of them, NAME##_of[half][G - 1]. */
 typedef void ChunkFn(const float* q, const void* k, const void* v, int64_t n, int64_t d,
                      float scale, float* sc, float* parts);
-#define CHUNK512(G, half)                                                                        \
-  AVX512 static void chunk512_##G##_##half(const float* q, const void* k, const void* v,         \
-                                           int64_t n, int64_t d, float scale, float* sc,        \
-                                           float* parts) {                                      \
-    chunk512(q, k, v, half, G, n, d, scale, sc, parts);                                          \
+#define CHUNK_FN(TARGET, NAME, G, half)                                                          \
+  TARGET static void NAME##_##G##_##half(const float* q, const void* k, const void* v,           \
+                                         int64_t n, int64_t d, float scale, float* sc,          \
+                                         float* parts) {                                        \
+    NAME(q, k, v, half, G, n, d, scale, sc, parts);                                              \
   }
-CHUNK512(1, 0)
-CHUNK512(2, 0)
-CHUNK512(3, 0)
-CHUNK512(1, 1)
-CHUNK512(2, 1)
-CHUNK512(3, 1)
-static ChunkFn* const chunk512_of[2][3] = { /* [half][G - 1] */
-    {chunk512_1_0, chunk512_2_0, chunk512_3_0},
-    {chunk512_1_1, chunk512_2_1, chunk512_3_1}};
+#define CHUNK_TABLE(TARGET, NAME)                                                                \
+  CHUNK_FN(TARGET, NAME, 1, 0)                                                                   \
+  CHUNK_FN(TARGET, NAME, 2, 0)                                                                   \
+  CHUNK_FN(TARGET, NAME, 3, 0)                                                                   \
+  CHUNK_FN(TARGET, NAME, 1, 1)                                                                   \
+  CHUNK_FN(TARGET, NAME, 2, 1)                                                                   \
+  CHUNK_FN(TARGET, NAME, 3, 1)                                                                   \
+  static ChunkFn* const NAME##_of[2][3] = {{NAME##_1_0, NAME##_2_0, NAME##_3_0},                 \
+                                           {NAME##_1_1, NAME##_2_1, NAME##_3_1}};
+CHUNK_TABLE(AVX512, chunk512)
 /* ---- AVX2 + FMA: the same steps 8 lanes wide ------------------------------------------------ */
 AVX2 static inline float hsum256(__m256 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -456,22 +458,7 @@ AVX2 INLINE void chunk256(const float* q, const void* k, const void* v, int half
   else weigh_all256(sc, v, half, G, n, d, parts);
 }
 
-/* chunk256 for each size of head group and both caches, G and half constants in each */
-#define CHUNK256(G, half)                                                                        \
-  AVX2 static void chunk256_##G##_##half(const float* q, const void* k, const void* v,           \
-                                         int64_t n, int64_t d, float scale, float* sc,          \
-                                         float* parts) {                                        \
-    chunk256(q, k, v, half, G, n, d, scale, sc, parts);                                          \
-  }
-CHUNK256(1, 0)
-CHUNK256(2, 0)
-CHUNK256(3, 0)
-CHUNK256(1, 1)
-CHUNK256(2, 1)
-CHUNK256(3, 1)
-static ChunkFn* const chunk256_of[2][3] = { /* [half][G - 1] */
-    {chunk256_1_0, chunk256_2_0, chunk256_3_0},
-    {chunk256_1_1, chunk256_2_1, chunk256_3_1}};
+CHUNK_TABLE(AVX2, chunk256)
 /* The scores of R rows of queries (q: R × d, rows d apart) for KB groups of 8 keys of a
    transposed chunk (kt: d × ATTN_CHUNK, key j's dim i at kt[i·ATTN_CHUNK + j]), into sc (rows
    ATTN_CHUNK apart), the same numbers as chunk256's: lane l of a key's chain sums dims l,
@@ -642,22 +629,14 @@ static void chunk(const float* q, const void* k, const void* v, int half, int64_
                   int64_t d, float scale, float* sc, float* parts) {
 #if defined(__x86_64__)
   int path = kernel_path();
-  if (path == PATH_AVX512 && d % 16 == 0) {
+  ChunkFn* const(*of)[3] = path == PATH_AVX512 && d % 16 == 0 ? chunk512_of
+                           : (path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0 /* fp32: no VNNI */
+                               ? chunk256_of
+                               : NULL;
+  if (of) {
     for (int64_t h = 0; h < G;) { /* up to three heads a pass (four: two and two) */
       int64_t g = G - h == 4 ? 2 : G - h < 3 ? G - h : 3;
-      const float* qh = q + h * d;
-      float* ph = parts + h * (d + 2);
-      chunk512_of[half != 0][g - 1](qh, k, v, n, d, scale, sc, ph);
-      h += g;
-    }
-    return;
-  }
-#endif
-#if defined(__x86_64__)
-  if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0) { /* fp32: no VNNI */
-    for (int64_t h = 0; h < G;) { /* as the AVX-512 path */
-      int64_t g = G - h == 4 ? 2 : G - h < 3 ? G - h : 3;
-      chunk256_of[half != 0][g - 1](q + h * d, k, v, n, d, scale, sc, parts + h * (d + 2));
+      of[half != 0][g - 1](q + h * d, k, v, n, d, scale, sc, parts + h * (d + 2));
       h += g;
     }
     return;
