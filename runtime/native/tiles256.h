@@ -365,8 +365,7 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
    (`two` 1: its residual row read in the same pass, as a second row): a decode step's layer
    matmuls, which at one or two rows are bound by this loop's instructions, not by memory. Each
    pair of code registers is unpacked for both halves at once and taken by every row, so each
-   activation word is broadcast once a block (pair_tokens: once a half), each token's three block
-   scalars too; the int16 sums stay within dot_u4's and dot_u5's bounds (8 and 4 products a
+   activation word is broadcast once a block (pair_tokens: once a half); the int16 sums stay within dot_u4's and dot_u5's bounds (8 and 4 products a
    lane). The same integer sums and the same float operations in the same order as pair_tokens:
    the same bits. */
 TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, const int T, const int tile, const int two) {
@@ -395,9 +394,7 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
         for (int r = 0; r < R; r++) w[r][h][u] = NAME256(pair_add)(w[r][h][u], c0, c1, a0[r], a1[r]);
       }
     }
-    for (int t = 0; t < T; t++) {
-      int64_t ib = (t0 + t) * j->nb + b;
-      __m256 vad = _mm256_set1_ps(j->ad[ib]), vas = _mm256_set1_ps(j->as[ib]), vae = _mm256_set1_ps(j->ae[ib]);
+    for (int t = 0; t < T; t++)
       for (int h = 0; h < 2; h++) {
         __m256i s[2];
         for (int x = 0; x <= two; x++) {
@@ -407,15 +404,9 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
         }
         __m256 d, m, zd;
         NAME256(scales)(p, l, h, five, &d, &m, &zd);
-        if (two) acc[t][h] = NAME256(sums_to)(j, s[0], s[1], d, m, zd, b, t0 + t, 1, 0, acc[t][h]);
-        else {
-          acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_mul_ps(d, vad), acc[t][h]);
-          acc[t][h] = _mm256_fmadd_ps(m, vas, acc[t][h]);
-          acc[t][h] = _mm256_fmadd_ps(zd, vae, acc[t][h]);
-        }
+        acc[t][h] = NAME256(sums_to)(j, s[0], s[two], d, m, zd, b, t0 + t, two, 0, acc[t][h]);
         __asm__("" : "+x"(acc[t][h]));
       }
-    }
   }
   for (int t = 0; t < T; t++) {
     _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t][0]);
