@@ -284,10 +284,13 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
   for (int64_t t = 0; t < b * hkv; t++) attn_store(&a, (size_t)t);
   /* At decode the step is a read of the rows' cache (from memory: the weights streamed since
      evicted it), which two threads do at nearly twice one's bandwidth; a short cache or tiny
-     model is not worth waking the other threads for. A decode step with more than one chunk of
-     keys shares the chunks out (tiles.h); a prompt, its blocks of queries. */
+     model is not worth waking the other threads for. A decode step shares its chunks of keys
+     out (tiles.h), even a single chunk: attn_rows, a prompt's schedule (by blocks of queries),
+     converts the fp16 cache into fp32 rows and transposes the keys first, which took a decode
+     step 1.8–2.4× the time at 64–128 tokens of context (one GQA node, 1 and 8 rows, AVX2 EPYC),
+     for the same numbers. */
   int wide = b * hkv * t_max * d * 8 >= (128 << 10) || b * h * s * t_max * d >= (1 << 18);
-  int split = wide && s == 1 && a.chunks > 1;
+  int split = s == 1;
   size_t tasks = (size_t)(b * hkv * (split ? a.chunks : a.qblocks));
   if (split) {
     a.partial = malloc(sizeof(float) * tasks * (size_t)(group * (d + 2)) + 64);
