@@ -629,8 +629,9 @@ static void chunk(const float* q, const void* k, const void* v, int half, int64_
                   int64_t d, float scale, float* sc, float* parts) {
 #if defined(__x86_64__)
   int path = kernel_path();
+  /* (AVX-VNNI takes the AVX2 functions: this is fp32 work) */
   ChunkFn* const(*of)[3] = path == PATH_AVX512 && d % 16 == 0 ? chunk512_of
-                           : (path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0 /* fp32: no VNNI */
+                           : (path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0
                                ? chunk256_of
                                : NULL;
   if (of) {

@@ -365,9 +365,9 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
    (`two` 1: its residual row read in the same pass, as a second row): a decode step's layer
    matmuls, which at one or two rows are bound by this loop's instructions, not by memory. Each
    pair of code registers is unpacked for both halves at once and taken by every row, so each
-   activation word is broadcast once a block (pair_tokens: once a half); the int16 sums stay within dot_u4's and dot_u5's bounds (8 and 4 products a
-   lane). The same integer sums and the same float operations in the same order as pair_tokens:
-   the same bits. */
+   activation word is broadcast once a block (pair_tokens: once a half); the int16 sums stay
+   within dot_u4's and dot_u5's bounds (8 and 4 products a lane). The same integer sums and the
+   same float operations in the same order as pair_tokens: the same bits. */
 TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, const int T, const int tile, const int two) {
   const Layout l = layout_of(tile);
   const int five = l.five, R = T * (1 + two); /* rows read: the tokens, then their residuals */
