@@ -146,10 +146,15 @@ class Generator:
         else:
             logits = self.session.forward(ids, mask, positions, cache)
             last = logits[np.arange(b), lengths - 1]  # (B, V)
-        # the mask grows by a column a step: one buffer for all of them
+        # decode on inputs bound once where the session can (Session.decode_steps); else each
+        # step's inputs go to `forward`, the mask growing by a column a step in one buffer
         width = mask.shape[1]
-        full = np.zeros((b, width + config.max_new_tokens), np.int64)
-        full[:, :width] = mask
+        steps = self.session.decode_steps(cache, mask)
+        if steps is not None:
+            after = steps.logits[:, -1]
+        else:
+            full = np.zeros((b, width + config.max_new_tokens), np.int64)
+            full[:, :width] = mask
         for step in range(config.max_new_tokens):
             picks: list[int | None] = []
             for i in range(b):
@@ -161,25 +166,37 @@ class Generator:
                 history[i].append(tok)
                 done[i] = tok in stop
                 picks.append(tok)
-            self.stats.new_tokens += sum(t is not None for t in picks)
+            self.stats.new_tokens += b - picks.count(None)
             if step == 0:
                 self.stats.time_to_first_token = time.perf_counter() - start
                 decode_start = time.perf_counter()
             yield picks
             if all(done) or step == config.max_new_tokens - 1:
                 break
-            nxt = np.array(
-                [[t if t is not None else self.info.pad_token_id] for t in picks], np.int64
-            )
             # A stopped row keeps feeding padding; its column is masked out.
             width += 1
-            full[:, width - 1] = [0 if t is None else 1 for t in picks]
-            lengths = lengths + 1
-            # the logits may be a view of the session's buffer: read before the next step
-            logits = self.session.forward(
-                nxt, full[:, :width], (lengths - 1)[:, None], cache, copy=False
-            )
-            last = logits[:, -1]
+            lengths += 1
+            if steps is not None:
+                if b == 1:  # (a lone row that stopped has ended the loop)
+                    steps.ids[0, 0] = picks[0]
+                    steps.mask[0, width - 1] = 1
+                else:
+                    steps.ids[:, 0] = [self.info.pad_token_id if t is None else t for t in picks]
+                    steps.mask[:, width - 1] = [t is not None for t in picks]
+                if steps.positions is not None:
+                    steps.positions[:, 0] = lengths - 1
+                steps.run()
+                last = after  # steps.logits[:, -1]: the next step overwrites it, read before
+            else:
+                nxt = np.array(
+                    [[t if t is not None else self.info.pad_token_id] for t in picks], np.int64
+                )
+                full[:, width - 1] = [0 if t is None else 1 for t in picks]
+                # the logits may be a view of the session's buffer: read before the next step
+                logits = self.session.forward(
+                    nxt, full[:, :width], (lengths - 1)[:, None], cache, copy=False
+                )
+                last = logits[:, -1]
             self.stats.decode_seconds = time.perf_counter() - decode_start
 
     def generate_ids(self, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:

@@ -52,7 +52,7 @@ def sample(
     """(V,) logits → token id. temperature 0 is greedy. NumericalError on NaN or infinite
     logits (argmax picks a NaN first, so checking the pick costs nothing on the greedy path)."""
     if temperature <= 0:
-        tok = int(np.argmax(logits))
+        tok = int(logits.argmax())
         if not np.isfinite(logits[tok]):
             raise NumericalError(_BROKEN.format(what="NaN or infinite"))
         return tok

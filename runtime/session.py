@@ -313,6 +313,15 @@ class Session:
         cache.length += s
         return outputs[0].numpy()
 
+    def decode_steps(self, cache: KVCache, mask: np.ndarray) -> DecodeSteps | None:
+        """Decode steps on `cache` with every input bound once, after its prompt (`mask`, its
+        (B, T) attention mask so far), where the cache is a shared buffer on the host (the `ort`
+        target on the CPU provider, without static_decode's own buffers); else None, and
+        `forward` it is."""
+        if not cache.shared or self.device != "cpu" or self.static_decode:
+            return None
+        return DecodeSteps(self, cache, mask)
+
     def _bind_shared_kv(self, binding, cache: KVCache) -> None:
         """Past and present are one buffer: bound once per cache, never copied."""
         for i in range(self.info.n_layers):
@@ -355,3 +364,50 @@ class Session:
         cache.length += 1
         out = logits.numpy()  # from the device: already a host copy
         return out if self.device == "cuda" or not copy else out.copy()  # CPU: a view, reused
+
+
+class DecodeSteps:
+    """One token a row a step on a shared host cache, with every input bound once and written in
+    place, the way static_decode binds them for CUDA graphs: the token ids (B, 1), the attention
+    mask at the cache's full length (B, max_length; GroupQueryAttention takes each row's length
+    from its row sum, so the columns past it stay 0), position ids where the graph reads them, and
+    the logits (B, 1, V). The caller writes the step's tokens into `ids` (and `positions`) and
+    each running row's new mask column, then `run()`.
+
+    Why: after a step streams the weights through the caches, each Python-level operation
+    between two steps costs 5–45 µs, not the 1–3 µs it costs warm (a new OrtValue for the mask
+    and each input, their bindings, the checks of `forward`): ~180 µs a step outside onnxruntime,
+    3–4 % of a 2-core CPU's decode step; docs/speed.md has the measurement."""
+
+    def __init__(self, session: Session, cache: KVCache, mask: np.ndarray):
+        import onnxruntime as ort
+
+        b, width = mask.shape
+        self.session, self.cache = session, cache
+        self.ids = np.zeros((b, 1), np.int64)
+        self.mask = np.zeros((b, cache.max_length), np.int64)
+        self.mask[:, :width] = mask
+        self.positions = (
+            np.zeros((b, 1), np.int64) if "position_ids" in session.input_names else None
+        )
+        self.logits = np.empty((b, 1, session.info.vocab_size), np.float32)
+        binding = session.session.io_binding()
+        session._bind_shared_kv(binding, cache)
+        host = ort.OrtValue.ortvalue_from_numpy  # on the host: a view of the array, not a copy
+        binding.bind_ortvalue_input("input_ids", host(self.ids))
+        binding.bind_ortvalue_input("attention_mask", host(self.mask))
+        if self.positions is not None:
+            binding.bind_ortvalue_input("position_ids", host(self.positions))
+        if session.keeps_logits:
+            binding.bind_ortvalue_input("logits_to_keep", session.logits_to_keep[0])
+        binding.bind_ortvalue_output("logits", host(self.logits))
+        self._binding, self._run = binding, session.session.run_with_iobinding
+
+    def run(self) -> np.ndarray:
+        """The step → logits (B, 1, V), a view the next step overwrites."""
+        cache = self.cache
+        if cache.length >= cache.max_length:
+            cache.check_room(1)  # raises
+        self._run(self._binding)
+        cache.length += 1
+        return self.logits

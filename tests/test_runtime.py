@@ -122,6 +122,39 @@ def test_static_decode_buffers_give_the_same_tokens(tiny_folders):
     assert sorted(static._kept) == [(1, 256), (2, 256)]  # the tiny model's whole context
 
 
+def test_decode_on_inputs_bound_once_gives_what_forward_gives(tiny_folders, monkeypatch):
+    """The generator's decode steps on inputs bound once (Session.decode_steps: a full-length
+    mask and the token ids written in place) against each step's inputs handed to `forward`:
+    the same tokens for rows of different lengths, a row that stops early, and sampling with a
+    repetition penalty."""
+    session = Session(tiny_folders["ort"], provider="cpu")
+    cache = session.new_cache(2, 8)
+    assert session.decode_steps(cache, np.ones((2, 3), np.int64)) is not None
+    portable = Session(tiny_folders["portable"], provider="cpu")
+    assert portable.decode_steps(portable.new_cache(2, 8), np.ones((2, 3), np.int64)) is None
+
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    greedy = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    first = Generator(session).generate_ids(prompts, greedy)
+    stop = first[1][2]  # ends the second row at its third token, the others run on
+    configs = [
+        greedy,
+        GenerationConfig(max_new_tokens=12, stop_token_ids=(stop,)),
+        GenerationConfig(
+            max_new_tokens=12,
+            temperature=0.9,
+            top_k=8,
+            seed=3,
+            repetition_penalty=1.3,
+            stop_token_ids=(),
+        ),
+    ]
+    bound = [Generator(session).generate_ids(prompts, c) for c in configs]
+    assert len(bound[1][1]) == first[1].index(stop) + 1 < len(bound[1][0])
+    monkeypatch.setattr(session, "decode_steps", lambda cache, mask: None)
+    assert [Generator(session).generate_ids(prompts, c) for c in configs] == bound
+
+
 def test_static_decode_reuses_one_cache_per_shape(tiny_folders):
     from runtime.session import Session, bucket
 
