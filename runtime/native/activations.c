@@ -247,6 +247,12 @@ void prepare_rows(void* data, size_t i) {
   }
   quantize_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, p->s + r0 * nb,
                 p->e + r0 * nb);
+  if (p->sc) /* (a task's rows start a group of 4: `rows` is m or 8) */
+    for (int64_t t = r0; t < r1; t++)
+      for (int64_t b = 0; b < nb; b++) {
+        float* o = p->sc + ((t / 4 * nb + b) * 4 + t % 4) * 3;
+        o[0] = p->d[t * nb + b], o[1] = p->s[t * nb + b], o[2] = p->e[t * nb + b];
+      }
   if (p->digits != 2) return;
   int64_t at = (p->m + r0) * nb;
   uint8_t* keep = p->blocks > 0 ? p->keep + r0 * nb : NULL;

@@ -649,6 +649,15 @@ static int fused_digits(const Job* j) {
 #endif
 }
 
+/* Whether the rows go through tiles256.h's passes (AVX2, AVX-VNNI), which read Job.sc. */
+static int passes256(void) {
+#if defined(__x86_64__)
+  return kernel_path() == PATH_AVX2 || kernel_path() == PATH_AVXVNNI;
+#else
+  return 0;
+#endif
+}
+
 /* A matmul's working memory, in two allocations that Prep's q and d start: the int8 rows, then
    Prep.keep [M, nb]; the floats d, s, e [rows, nb], the scratch where run_chunk needs one (SwiGLU's
    gate and up [M, N]; [2M, N] where the second digit's rows are computed as rows of their own),
@@ -659,15 +668,17 @@ int alloc_work(Prep* p, Job* j) {
   int apart = j->digits == 2 && !fused_digits(j);
   int64_t scratch = j->swiglu || apart ? (apart ? rows : m) * j->n : 0; /* floats */
   int64_t kept = p->blocks ? (m + 3) / 4 * (nb + 1) : 0;                /* int32s */
+  int64_t sc = j->digits == 1 && m >= 3 && passes256() ? (m + 3) / 4 * nb * 12 : 0; /* floats */
   p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0)) + 64);
-  p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept) + 64);
+  p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc) + 64);
   if (!p->q || !p->d) return free(p->q), free(p->d), 1;
   p->s = p->d + rows * nb, p->e = p->s + rows * nb;
   p->keep = p->blocks ? (uint8_t*)p->q + rows * k : NULL;
   p->kept = p->blocks ? (int32_t*)(p->e + rows * nb + scratch) : NULL;
+  p->sc = sc ? p->e + rows * nb + scratch + kept : NULL;
   j->aq = p->q, j->ad = p->d, j->as = p->s, j->ae = p->e;
   j->scratch = scratch ? p->e + rows * nb : NULL;
-  j->kept = p->kept, j->keep = p->keep;
+  j->kept = p->kept, j->keep = p->keep, j->sc = p->sc;
   return 0;
 }
 

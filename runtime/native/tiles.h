@@ -217,6 +217,9 @@ typedef struct {
                           the x86 kernels add only these blocks' (few512), and the rest need not
                           know. NULL: every block */
   const uint8_t* keep; /* with kept: [M, nb], 1 where a row keeps its block's residual */
+  const float* sc; /* one digit on a 256-bit path, M ≥ 3: ad, as, ae again, [ceil(M / 4), nb, 4, 3]
+                      (each group of 4 rows' block scalars side by side), which its 3–4-token
+                      passes read through one pointer instead of three a token (tiles256.h) */
 } Job;
 
 /* A matmul's activations made ready, `rows` rows a task: A (or RMSNorm(A + skip)·gamma, into
@@ -233,6 +236,7 @@ typedef struct {
                      largest scale da (the first of equals), the rest of the residual 0 */
   uint8_t* keep;  /* [M, nb] when blocks > 0: 1 on those blocks */
   int32_t* kept;  /* when blocks > 0: Job.kept, [ceil(M / 4), nb + 1] */
+  float* sc;      /* Job.sc, or NULL */
 } Prep;
 
 /* ---- attention ------------------------------------------------------------------------ */
