@@ -228,6 +228,14 @@ TARGET256 INLINE void NAME256(codes8)(const uint8_t* p, int h, __m256i c[8], __m
   }
 }
 
+/* An 8-bit tile's float work of a token's sums s on a block of half a tile: d·(ad·s + shift·qs),
+   qs = as − ae (da·Σ â_int). */
+TARGET256 INLINE __m256 NAME256(weigh8)(__m256i s, __m256 d, __m256 shift, float ad, float qs, __m256 acc) {
+  __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(qs),
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ad)));
+  return _mm256_fmadd_ps(d, x, acc);
+}
+
 /* Token t's integer sums s (and its residual's, sr: two 1, or `here`) on block b of half an
    8-bit tile, times d and its shift 128 − z, added to acc: the float work of a token, the same
    in every pass. */
@@ -236,9 +244,7 @@ TARGET256 INLINE __m256 NAME256(sums8_to)(const Job* j, __m256i s, __m256i sr, _
   float qs = j->as[ib] - j->ae[ib], ad = j->ad[two == 1 ? ir : ib]; /* da·Σ â_int */
   if (two) qs += j->as[ir] - j->ae[ir]; /* both digits' (0 on a block a row does not keep) */
   if (two == 1 || here) s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
-  __m256 x = _mm256_fmadd_ps(shift, _mm256_set1_ps(qs),
-                             _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ad)));
-  return _mm256_fmadd_ps(d, x, acc);
+  return NAME256(weigh8)(s, d, shift, ad, qs, acc);
 }
 
 /* Token t's block b on half an 8-bit tile (codes8), d its scales, shift 128 − z; `here` as in
@@ -279,11 +285,12 @@ TARGET256 INLINE void NAME256(scales8)(const uint8_t* p, int h, __m256* d, __m25
   *shift = _mm256_sub_ps(_mm256_set1_ps(128.f), z);
 }
 
-TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two) {
+TARGET256 INLINE void NAME256(half_tile_pass8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two, int side) {
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE8;
   const int32_t* kb = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
+  const float* sc = side ? j->sc + t0 / 4 * j->nb * 12 : NULL;
   for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
     int here = two == 2 && *kb == b; /* (a block the group keeps a residual on) */
     kb += here;
@@ -292,9 +299,20 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int 
     else NAME256(tile_sums8)(j, p, h, b, t0, T, 0, s, sr);
     __m256 d, shift;
     NAME256(scales8)(p, h, &d, &shift);
-    for (int t = 0; t < T; t++) acc[t] = NAME256(sums8_to)(j, s[t], sr[t], d, shift, b, t0 + t, two, here, acc[t]);
+    if (side) {
+      for (int t = 0; t < T; t++) acc[t] = NAME256(weigh8)(s[t], d, shift, sc[3 * t], sc[3 * t + 1] - sc[3 * t + 2], acc[t]);
+      sc += 12;
+    } else {
+      for (int t = 0; t < T; t++) acc[t] = NAME256(sums8_to)(j, s[t], sr[t], d, shift, b, t0 + t, two, here, acc[t]);
+    }
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
+}
+
+/* One digit reads the block scalars side by side (Job.sc), as half_tile_tokens does. */
+TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two) {
+  if (two == 0 && j->sc) NAME256(half_tile_pass8)(j, g, h, t0, T, 0, 1);
+  else NAME256(half_tile_pass8)(j, g, h, t0, T, two, 0);
 }
 
 TARGET256 INLINE void NAME256(pair_tokens_q8)(const Job* j, int64_t g, int64_t t0, int T, int two) {
