@@ -217,9 +217,9 @@ typedef struct {
                           the x86 kernels add only these blocks' (few512), and the rest need not
                           know. NULL: every block */
   const uint8_t* keep; /* with kept: [M, nb], 1 where a row keeps its block's residual */
-  const float* sc; /* one digit on a 256-bit path, M ≥ 3: ad, as, ae again, [ceil(M / 4), nb, 4, 3]
-                      (each group of 4 rows' block scalars side by side), which its 3–4-token
-                      passes read through one pointer instead of three a token (tiles256.h) */
+  const float* sc; /* one digit on a 256-bit path, M ≥ 3: ad, as, ae again, side by side for
+                      each group of 4 rows, [ceil(M / 4), nb, 4, 3], which its 3–4-token passes
+                      read through one pointer instead of three a token (tiles256.h) */
 } Job;
 
 /* A matmul's activations made ready, `rows` rows a task: A (or RMSNorm(A + skip)·gamma, into
