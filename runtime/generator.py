@@ -177,12 +177,8 @@ class Generator:
             width += 1
             lengths += 1
             if steps is not None:
-                if b == 1:  # (a lone row that stopped has ended the loop)
-                    steps.ids[0, 0] = picks[0]
-                    steps.mask[0, width - 1] = 1
-                else:
-                    steps.ids[:, 0] = [self.info.pad_token_id if t is None else t for t in picks]
-                    steps.mask[:, width - 1] = [t is not None for t in picks]
+                steps.ids[:, 0] = [self.info.pad_token_id if t is None else t for t in picks]
+                steps.mask[:, width - 1] = [t is not None for t in picks]
                 if steps.positions is not None:
                     steps.positions[:, 0] = lengths - 1
                 steps.run()

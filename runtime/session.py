@@ -383,7 +383,7 @@ class DecodeSteps:
         import onnxruntime as ort
 
         b, width = mask.shape
-        self.session, self.cache = session, cache
+        self.cache = cache
         self.ids = np.zeros((b, 1), np.int64)
         self.mask = np.zeros((b, cache.max_length), np.int64)
         self.mask[:, :width] = mask

@@ -147,8 +147,14 @@ TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, 
    float work. `five`: a 5-bit tile; `two`: two-digit activations read in one pass, as on
    AVX-512 (constants wherever this is inlined). Measured on a 2-core AMD EPYC (Zen 3, AVX2
    only), one thread, against the 8 code registers every token read before (which spilled the
-   accumulators: 8 codes, 4 accumulators and 3 scales in 16 registers): see docs/speed.md. */
-TARGET256 INLINE void NAME256(half_tile_pass)(const Job* j, int64_t g, int h, int64_t t0, int T, int five, int two, int side) {
+   accumulators: 8 codes, 4 accumulators and 3 scales in 16 registers): see docs/speed.md.
+   One digit reads the tokens' block scalars side by side (Job.sc, which alloc_work lays out for
+   every one-digit job of 3 or more rows on these paths): the same floats, so the same bits. The
+   three arrays had cost each token three pointers, 12 general registers for 4 tokens, reloaded
+   from the stack every block; one thread, a 1024×576 Q4_1 weight from L2, 4 / 8 / 64 rows:
+   1.05× / 1.10× / 1.09× (docs/speed.md). */
+TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five, int two) {
+  const int side = two == 0; /* one digit: the block scalars side by side (Job.sc) */
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const int64_t stride = j->tile;
@@ -172,16 +178,6 @@ TARGET256 INLINE void NAME256(half_tile_pass)(const Job* j, int64_t g, int h, in
     }
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
-}
-
-/* One digit reads the block scalars side by side (Job.sc), where alloc_work laid them out: the
-   same floats, so the same bits. The three arrays cost each token three pointers, 12 of the
-   loop's general registers for 4 tokens, which it then reloaded from the stack every block;
-   measured on a 2-core AMD EPYC (Zen 3, AVX2 only), one thread, a 1024×576 Q4_1 weight from L2:
-   4, 8 and 64 rows 1.05×, 1.07× and 1.09× (docs/speed.md). */
-TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, int64_t t0, int T, int five, int two) {
-  if (two == 0 && j->sc) NAME256(half_tile_pass)(j, g, h, t0, T, five, 0, 1);
-  else NAME256(half_tile_pass)(j, g, h, t0, T, five, two, 0);
 }
 
 /* One or two tokens (a decode step) with two digits (one token with two: few_tokens, which
@@ -285,7 +281,8 @@ TARGET256 INLINE void NAME256(scales8)(const uint8_t* p, int h, __m256* d, __m25
   *shift = _mm256_sub_ps(_mm256_set1_ps(128.f), z);
 }
 
-TARGET256 INLINE void NAME256(half_tile_pass8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two, int side) {
+TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two) {
+  const int side = two == 0; /* as half_tile_tokens */
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE8;
@@ -307,12 +304,6 @@ TARGET256 INLINE void NAME256(half_tile_pass8)(const Job* j, int64_t g, int h, i
     }
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
-}
-
-/* One digit reads the block scalars side by side (Job.sc), as half_tile_tokens does. */
-TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int h, int64_t t0, int T, int two) {
-  if (two == 0 && j->sc) NAME256(half_tile_pass8)(j, g, h, t0, T, 0, 1);
-  else NAME256(half_tile_pass8)(j, g, h, t0, T, two, 0);
 }
 
 TARGET256 INLINE void NAME256(pair_tokens_q8)(const Job* j, int64_t g, int64_t t0, int T, int two) {
