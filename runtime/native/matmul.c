@@ -649,11 +649,14 @@ static int fused_digits(const Job* j) {
 #endif
 }
 
-/* Whether the rows go through tiles256.h's passes (AVX2, AVX-VNNI), which read Job.sc. */
-static int passes256(void) {
+/* Whether the rows' passes read Job.sc: tiles256.h's 3–4-token passes (AVX2, AVX-VNNI) on one
+   digit, every tile but Q6_K's (half_tile_tokens_q6 reads the three arrays). */
+static int side_scalars(const Job* j, int64_t m) {
 #if defined(__x86_64__)
-  return kernel_path() == PATH_AVX2 || kernel_path() == PATH_AVXVNNI;
+  return j->digits == 1 && m >= 3 && j->tile != TILE6 &&
+         (kernel_path() == PATH_AVX2 || kernel_path() == PATH_AVXVNNI);
 #else
+  (void)j, (void)m;
   return 0;
 #endif
 }
@@ -661,14 +664,14 @@ static int passes256(void) {
 /* A matmul's working memory, in two allocations that Prep's q and d start: the int8 rows, then
    Prep.keep [M, nb]; the floats d, s, e [rows, nb], the scratch where run_chunk needs one (SwiGLU's
    gate and up [M, N]; [2M, N] where the second digit's rows are computed as rows of their own),
-   then Prep.kept. Before: p's m, k, digits and blocks (0 for every block), j's n, tile, swiglu and
-   digits. Points p's buffers and j's at them; returns 0, or 1 out of memory (nothing held). */
+   then Prep.kept, then Job.sc where the passes read it. Before: p's m, k, digits and blocks (0
+   for every block), j's n, tile, swiglu and digits. Points p's buffers and j's at them; returns 0, or 1 out of memory (nothing held). */
 int alloc_work(Prep* p, Job* j) {
   int64_t m = p->m, k = p->k, nb = k / BLOCK, rows = p->digits * m;
   int apart = j->digits == 2 && !fused_digits(j);
   int64_t scratch = j->swiglu || apart ? (apart ? rows : m) * j->n : 0; /* floats */
   int64_t kept = p->blocks ? (m + 3) / 4 * (nb + 1) : 0;                /* int32s */
-  int64_t sc = j->digits == 1 && m >= 3 && passes256() ? (m + 3) / 4 * nb * 12 : 0; /* floats */
+  int64_t sc = side_scalars(j, m) ? (m + 3) / 4 * nb * 12 : 0; /* floats */
   p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0)) + 64);
   p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc) + 64);
   if (!p->q || !p->d) return free(p->q), free(p->d), 1;
