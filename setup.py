@@ -14,13 +14,13 @@ setup(
             "runtime.native._q4ops",
             sources=[
                 f"runtime/native/{f}.c"
-                for f in ("activations", "matmul", "attention", "weights", "ort_binding")
+                for f in ("activations", "matmul", "attention", "weights", "pool", "ort_binding")
             ],
             depends=["runtime/native/tiles.h", "runtime/native/tiles256.h"],
             # -g0: Python's CFLAGS ask for debug info, 10× the library's size, and every quantized
             # folder carries a copy of it
             extra_compile_args=["-O3", "-std=gnu11", "-g0"],
-            libraries=["m"],
+            libraries=["m", "pthread"],
             optional=True,
         )
     ]

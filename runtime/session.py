@@ -83,11 +83,13 @@ class KVCache:
             )
 
 
-def register_custom_ops(opts, info: ModelInfo, library: str | Path | None = None) -> None:
+def register_custom_ops(opts, info: ModelInfo, library: str | Path | None = None) -> Path | None:
     """Loads the kernel libraries the folder's graph names (llamaonnx.json `custom_ops`):
-    the installed one, or `library` (another build of it, for an A/B in one process)."""
+    the installed one, or `library` (another build of it, for an A/B in one process). Returns
+    the library's path, or None where the graph needs none."""
     from runtime import native
 
+    path = None
     for domain in info.custom_ops:
         if domain != native.DOMAIN:
             raise ModelFolderError(
@@ -105,6 +107,7 @@ def register_custom_ops(opts, info: ModelInfo, library: str | Path | None = None
                 "--kernel nbits",
                 info.folder,
             )
+    return path
 
 
 def bucket(max_length: int, limit: int) -> int:
@@ -166,8 +169,6 @@ class Session:
         if cuda_graph and self.device != "cuda":
             raise ProviderError("CUDA graphs need provider 'cuda'")
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # errors only: onnxruntime warns at every load that `logits_to_keep` (an initializer
         # that is also an input, so callers may override it) "will not be treated as constant"
@@ -175,7 +176,19 @@ class Session:
         if profile:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile
-        register_custom_ops(opts, self.info, kernel_library)
+        library = register_custom_ops(opts, self.info, kernel_library)
+        # The kernels' parallel loops run on the library's own threads (runtime/native/pool.c:
+        # a decode step 1.05× on the AVX2 EPYC, docs/speed.md), onnxruntime's other ops on one;
+        # elsewhere onnxruntime's threads run everything.
+        self.kernel_threads = 1
+        if library is not None and self.device == "cpu":
+            from runtime import native
+
+            self.kernel_threads = native.start_threads(library, threads)
+        if self.kernel_threads > 1:
+            opts.intra_op_num_threads = 1
+        elif threads:
+            opts.intra_op_num_threads = threads
         providers = (
             [
                 ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}),

@@ -55,6 +55,8 @@ def library() -> ctypes.CDLL:
     lib.llamaonnx_layout.argtypes = [ctypes.c_int]
     lib.llamaonnx_layout.restype = i64
     lib.llamaonnx_held_bytes.restype = i64
+    lib.llamaonnx_threads.argtypes = [ctypes.c_int]
+    lib.llamaonnx_pool_jobs.restype = ctypes.c_long
     return lib
 
 
@@ -82,6 +84,43 @@ def held_bytes() -> int:
     """Bytes of weights this process's kernels hold in huge pages (0 where they read onnxruntime's
     own pages: no transparent huge pages, or LLAMAONNX_HUGE_PAGES=0)."""
     return int(library().llamaonnx_held_bytes())
+
+
+POOL_VARIABLE = "LLAMAONNX_POOL"
+
+
+def physical_cores() -> int:
+    """The cores this process may run on, one a core however many hardware threads it has (what
+    onnxruntime takes by default)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def start_threads(library_file: Path, threads: int | None) -> int:
+    """Asks the kernel library at `library_file` to run its kernels' parallel loops on its own
+    threads (pool.c), `threads` of them with the caller's (None: one a physical core), for every
+    session of the process that loads it; returns how many it will use: 1 where it runs them on
+    onnxruntime's instead (no pool on this platform, one thread asked for, or
+    LLAMAONNX_POOL=0), which the session then gives the threads."""
+    n = threads or physical_cores()
+    if os.environ.get(POOL_VARIABLE, "1") == "0":
+        n = 1
+    path = Path(library_file)
+    lib = library() if path == library_path() else ctypes.CDLL(str(path))
+    if not hasattr(lib, "llamaonnx_threads"):  # a build from before pool.c (an A/B's baseline)
+        return 1
+    lib.llamaonnx_threads.argtypes = [ctypes.c_int]
+    return int(lib.llamaonnx_threads(n))
 
 
 # the kernel library's code paths, by the numbers tiles.h gives them

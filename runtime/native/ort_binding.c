@@ -70,6 +70,13 @@ typedef void (*release_status_fn)(OrtStatus*);
     if (_s) return _s;            \
   } while (0)
 
+/* fn over tasks 0..n-1 on the library's threads where the runtime started them (pool.c), else
+   on onnxruntime's */
+static OrtStatus* parallel(OrtKernelContext* ctx, void (*fn)(void*, size_t), size_t n, void* data) {
+  if (pool_run(fn, data, n)) return NULL;
+  return CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, fn, n, 0, data);
+}
+
 static OrtStatus* error(int code, const char* msg) {
   return CALL(CREATE_STATUS, create_status_fn)(code, msg);
 }
@@ -187,13 +194,13 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   }
   size_t tasks = (size_t)((m + p.rows - 1) / p.rows);
   OrtStatus* st = tasks > 1
-                      ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, prepare_rows, tasks, 0, &p)
+                      ? parallel(ctx, prepare_rows, tasks, &p)
                       : (prepare_rows(&p, 0), NULL);
   free(p.normed);
   if (st) return free_work(&p), st;
   j.w = held_weights(&kind->held, b.data, (size_t)(bdims[0] * bdims[1] * tile));
   size_t chunks = (size_t)((work + chunk - 1) / chunk);
-  st = chunks > 1 ? CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run_chunk, chunks, 0, &j)
+  st = chunks > 1 ? parallel(ctx, run_chunk, chunks, &j)
                   : (run_chunk(&j, 0), NULL);
   free_work(&p);
   return st;
@@ -299,7 +306,7 @@ static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
   void (*run)(void*, size_t) = split ? attn_split : attn_rows;
   OrtStatus* st = NULL;
   if (wide)
-    st = CALL(KERNEL_CONTEXT_PARALLEL_FOR, parallel_for_fn)(ctx, run, tasks, 0, &a);
+    st = parallel(ctx, run, tasks, &a);
   else
     for (size_t t = 0; t < tasks; t++) run(&a, t);
   if (!st && failed) st = error(ORT_FAIL, "GroupQueryAttention: out of memory");

@@ -6,7 +6,8 @@
  * The files: activations.c (a matmul's activation rows: the folded RMSNorm, int8 blocks, the
  * second digit), matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI,
  * AVX-VNNI, AVX2, NEON and portable C, and which of them runs; tiles256.h the 256-bit ones),
- * attention.c (GroupQueryAttention), weights.c (the weights in huge pages), ort_binding.c
+ * attention.c (GroupQueryAttention), weights.c (the weights in huge pages), pool.c (the
+ * library's own threads for the kernels' parallel loops), ort_binding.c
  * (onnxruntime's C API by its function table, the custom-op domain).
  *
  * llamaonnx's CPU kernel library for onnxruntime: ops `MatMulQ4`, `MatMulQ8` and `GatherQ8` of
@@ -331,6 +332,10 @@ LLAMAONNX_INTERNAL void attn_store(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_rows(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_split(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_combine(const Attn* a);
+/* pool.c: fn over tasks 0..n-1 on the library's threads, each taking its own contiguous range
+   first; 0 where it did not (no pool asked for, another job running, a worker asleep): the
+   caller then runs onnxruntime's loop */
+LLAMAONNX_INTERNAL int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks);
 
 /* the library's plain C entry points (runtime/native/__init__.py calls them through ctypes) */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
@@ -344,5 +349,7 @@ int llamaonnx_path_supported(int p);
 int64_t llamaonnx_layout(int what);
 int64_t llamaonnx_held_bytes(void);
 int llamaonnx_huge_pages_possible(void);
+int llamaonnx_threads(int n);
+long llamaonnx_pool_jobs(void);
 
 #endif
