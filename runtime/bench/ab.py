@@ -14,6 +14,13 @@ This VM drifts 10–30 % within minutes: read a ratio with its quartiles, never 
 The library loaded first copies its weights into huge pages first (runtime/native/weights.c),
 and measured a few per cent ahead of the same build loaded second; `--swap` loads them in the
 reverse order (the report still lists them as given), so a result can be checked both ways.
+
+Each library runs its kernels' loops on threads of its own (runtime/native/pool.c), which sleep
+3 ms after that library's last node, so they barely overlap the other library's runs. A build
+from before pool.c, or LLAMAONNX_POOL=0, leaves them to onnxruntime's threads, which spin on
+into the other session's run: against them a pooled build's prefill read 0.85–0.93 in one
+process and level in separate processes (2026-12-04, docs/speed.md), so compare such builds in
+separate processes.
 """
 
 from __future__ import annotations
