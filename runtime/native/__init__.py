@@ -115,8 +115,7 @@ def start_threads(library_file: Path, threads: int | None) -> int:
     n = threads or physical_cores()
     if os.environ.get(POOL_VARIABLE, "1") == "0":
         n = 1
-    path = Path(library_file)
-    lib = library() if path == library_path() else ctypes.CDLL(str(path))
+    lib = ctypes.CDLL(str(library_file))  # (the handle onnxruntime loaded: one pool a file)
     if not hasattr(lib, "llamaonnx_threads"):  # a build from before pool.c (an A/B's baseline)
         return 1
     lib.llamaonnx_threads.argtypes = [ctypes.c_int]

@@ -18,10 +18,10 @@
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_THREADS 64
-#include <time.h>
 /* how long a worker polls for the next job before it sleeps: a decode step's host time many times
    over, short enough that an idle library's workers do not take cores from another's (two
    libraries in one process: runtime.bench.ab) */

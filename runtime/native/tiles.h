@@ -333,8 +333,8 @@ LLAMAONNX_INTERNAL void attn_rows(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_split(void* data, size_t task);
 LLAMAONNX_INTERNAL void attn_combine(const Attn* a);
 /* pool.c: fn over tasks 0..n-1 on the library's threads, each taking its own contiguous range
-   first; 0 where it did not (no pool asked for, another job running, a worker asleep): the
-   caller then runs onnxruntime's loop */
+   first; 0 where it did not (no threads asked for or to be had, fewer than 2 tasks, another
+   caller's job running): the caller then runs onnxruntime's loop */
 LLAMAONNX_INTERNAL int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks);
 
 /* the library's plain C entry points (runtime/native/__init__.py calls them through ctypes) */
