@@ -122,6 +122,11 @@ def test_the_report_keeps_one_section_per_cpu():
     assert text.startswith("# Benchmarks")
     assert "zen2" in text and "new zen4" in text and "old zen4" not in text
     assert text.count("## AMD EPYC") == 2
+    # a Zen 5 behind the same name and extensions as the Zen 4: its own section
+    zen5 = {**zen4, "family": "family 26, model 2"}
+    assert cpu_key(zen5) == "AMD EPYC (family 26, model 2), AVX-512 VNNI, 2 cores"
+    text = merge_sections(text, f"## {cpu_key(zen5)}\n\nzen5\n")
+    assert "new zen4" in text and "zen5" in text and text.count("## AMD EPYC") == 3
 
 
 def test_ab_compares_two_kernel_libraries_in_one_process(tiny_folders, tmp_path, capsys):

@@ -305,15 +305,18 @@ def bench(
 
 
 def machine(gpu: bool = False) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu, family = platform.processor(), None
+    try:  # (the first processor's block: every core of a VM is the same model)
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info)}
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields and "model" in fields:
+            family = f"family {fields['cpu family']}, model {fields['model']}"
     except OSError:
         pass
     out = {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+    if family:  # a VM's "AMD EPYC" hides its generation; x86 family and model do not
+        out["family"] = family
     out["flags"] = _vector_flags()
     try:
         from runtime import native

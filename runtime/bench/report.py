@@ -45,7 +45,9 @@ def table(data: dict, markdown: bool = False) -> str:
 
 def cpu_key(machine: dict) -> str:
     """What a figure depends on: the CPU model and its best vector extension for our kernels
-    (a VM's "AMD EPYC" is a Zen 2 with AVX2 on one host and a Zen 4 with AVX-512 on another)."""
+    (a VM's "AMD EPYC" is a Zen 3 with AVX2 on one host, a Zen 4 with AVX-512 on another and a
+    Zen 5 with AVX-512 on a third: x86's family and model tell the last two apart; records from
+    before they were kept have none)."""
     flags = set(machine.get("flags") or ())
     best = next(
         (name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
@@ -54,7 +56,8 @@ def cpu_key(machine: dict) -> str:
         "no vector extension found",
     )  # fmt: skip
     gpu = f", {machine['gpu']}" if machine.get("gpu") else ""
-    return f"{machine['cpu']}, {best}, {machine['cores']} cores{gpu}"
+    family = f" ({machine['family']})" if machine.get("family") else ""
+    return f"{machine['cpu']}{family}, {best}, {machine['cores']} cores{gpu}"
 
 
 def slug(key: str) -> str:
