@@ -216,6 +216,11 @@ int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks) {
   return 1;
 }
 
+int pool_threads(void) {
+  int wanted = atomic_load_explicit(&pool.wanted, memory_order_relaxed);
+  return wanted < 2 ? 0 : wanted;
+}
+
 long llamaonnx_pool_jobs(void) { return atomic_load(&pool.jobs); }
 
 #else /* no pool: onnxruntime's loop */
@@ -227,5 +232,6 @@ int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks) {
   (void)fn, (void)data, (void)tasks;
   return 0;
 }
+int pool_threads(void) { return 0; }
 long llamaonnx_pool_jobs(void) { return 0; }
 #endif

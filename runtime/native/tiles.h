@@ -336,6 +336,8 @@ LLAMAONNX_INTERNAL void attn_combine(const Attn* a);
    first; 0 where it did not (no threads asked for or to be had, fewer than 2 tasks, another
    caller's job running): the caller then runs onnxruntime's loop */
 LLAMAONNX_INTERNAL int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks);
+/* the threads pool_run would run a job on now, the caller's included (0: none of the library's) */
+LLAMAONNX_INTERNAL int pool_threads(void);
 
 /* the library's plain C entry points (runtime/native/__init__.py calls them through ctypes) */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
