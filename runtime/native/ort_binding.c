@@ -35,6 +35,7 @@ enum {
   KERNEL_CONTEXT_GET_OUTPUT = 91,
   RELEASE_STATUS = 93,
   RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR = 249,
   GET_BUILD_INFO_STRING = 254,
   KERNEL_CONTEXT_PARALLEL_FOR = 274,
 };
@@ -62,6 +63,7 @@ typedef OrtStatus* (*add_domain_fn)(OrtSessionOptions*, OrtCustomOpDomain*);
 typedef const char* (*build_info_fn)(void);
 typedef OrtStatus* (*attr_int_fn)(const OrtKernelInfo*, const char*, int64_t*);
 typedef OrtStatus* (*attr_float_fn)(const OrtKernelInfo*, const char*, float*);
+typedef OrtStatus* (*constant_input_fn)(const OrtKernelInfo*, size_t, int*, const OrtValue**);
 typedef void (*release_status_fn)(OrtStatus*);
 
 #define TRY(expr)                 \
@@ -99,10 +101,15 @@ typedef struct {
   void* data;
 } Input;
 
-static OrtStatus* input(OrtKernelContext* ctx, size_t i, Input* in) {
-  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &in->value));
+/* The shape and data of in->value. */
+static OrtStatus* described(Input* in) {
   TRY(shape_of(in->value, in->dims, &in->rank));
   return CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)((OrtValue*)in->value, &in->data);
+}
+
+static OrtStatus* input(OrtKernelContext* ctx, size_t i, Input* in) {
+  TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &in->value));
+  return described(in);
 }
 
 /* Input i where the node may leave it out (or give it no name): value NULL when absent. */
@@ -112,7 +119,27 @@ static OrtStatus* optional_input(OrtKernelContext* ctx, size_t i, Input* in) {
   TRY(CALL(KERNEL_CONTEXT_GET_INPUT_COUNT, count_fn)(ctx, &count));
   if (i >= count) return NULL;
   TRY(CALL(KERNEL_CONTEXT_GET_INPUT, get_input_fn)(ctx, i, &in->value));
-  return in->value ? input(ctx, i, in) : NULL;
+  return in->value ? described(in) : NULL;
+}
+
+/* Input i at kernel creation where it is a constant initializer (the session holds it, with its
+   shape and data, for the kernel's life): read once there instead of on every call, which at
+   decode is ~6 API calls and an allocation an input, ~0.3 µs (docs/speed.md, "2026-12-04
+   06:40"). value NULL where it is not constant, or absent: the call reads it. */
+static void constant_input(const OrtKernelInfo* info, size_t i, Input* in) {
+  int constant = 0;
+  in->value = NULL;
+  OrtStatus* st = CALL(KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR, constant_input_fn)(info, i, &constant,
+                                                                              &in->value);
+  if (!st && constant && in->value) st = described(in);
+  else in->value = NULL;
+  if (st) CALL(RELEASE_STATUS, release_status_fn)(st), in->value = NULL;
+}
+
+/* Input i, read at kernel creation where it is constant (`known`). */
+static OrtStatus* input_or(const Input* known, OrtKernelContext* ctx, size_t i, Input* in) {
+  if (known->value) return *in = *known, NULL;
+  return input(ctx, i, in);
 }
 
 /* A matmul node's kernel: its weight format, and the epsilon of the RMSNorm it may fold in (< 0:
@@ -122,6 +149,7 @@ typedef struct {
   int64_t blocks;           /* its `blocks` attribute: two digits on each row's B blocks (0: all) */
   float eps;
   Held* _Atomic held; /* its weights in huge pages (weights.c) */
+  Input b, gamma;     /* the weights and the norm weight, where constant (constant_input) */
 } Kind;
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
@@ -129,8 +157,9 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   int bits = kind->bits;
   Input a, b, gamma, skip;
   TRY(input(ctx, 0, &a));
-  TRY(input(ctx, 1, &b));
-  TRY(optional_input(ctx, 2, &gamma));
+  TRY(input_or(&kind->b, ctx, 1, &b));
+  if (kind->gamma.value) gamma = kind->gamma;
+  else TRY(optional_input(ctx, 2, &gamma));
   TRY(optional_input(ctx, 3, &skip));
   const int64_t *adims = a.dims, *bdims = b.dims;
   size_t arank = a.rank;
@@ -235,12 +264,15 @@ typedef struct {
   int64_t heads, kv_heads;
   float scale; /* 0: 1/sqrt(head size) */
   int kv16;    /* the cache is fp16 (the op registered for float16 past/present) */
+  Input cos, sin; /* where constant (constant_input) */
 } AttnKernel;
 
 static OrtStatus* compute_attention(void* kernel, OrtKernelContext* ctx) {
   const AttnKernel* kern = (const AttnKernel*)kernel;
   Input in[7]; /* qkv, past key, past value, seqlens_k, total_sequence_length, cos, sin */
-  for (size_t i = 0; i < 7; i++) TRY(input(ctx, i, &in[i]));
+  for (size_t i = 0; i < 5; i++) TRY(input(ctx, i, &in[i]));
+  TRY(input_or(&kern->cos, ctx, 5, &in[5]));
+  TRY(input_or(&kern->sin, ctx, 6, &in[6]));
   const int64_t *qd = in[0].dims, *kd = in[1].dims, *vd = in[2].dims, *sd = in[3].dims;
   const int64_t* cd = in[5].dims;
   int64_t h = kern->heads, hkv = kern->kv_heads;
@@ -413,6 +445,8 @@ static OrtStatus* create_attention(const OrtCustomOp* op, const OrtApi* a, const
     CALL(RELEASE_STATUS, release_status_fn)(none);
     k->scale = 0.f;
   }
+  constant_input(info, 5, &k->cos);
+  constant_input(info, 6, &k->sin);
   *out = k;
   return NULL;
 }
@@ -464,6 +498,8 @@ static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const
       free(k);
       return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: attribute blocks must be >= 0 (0: all)");
     }
+    constant_input(info, 1, &k->b);
+    constant_input(info, 2, &k->gamma);
   }
   *out = k;
   return NULL;
