@@ -605,11 +605,13 @@ def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 
 
 
 def soak_markdown(data: dict, command: str) -> str:
+    from runtime.bench.report import cpu_key
+
     m, s = data["machine"], data["settings"]
     lines = [
         "# Serving soak: clients that hang up, for minutes",
         "",
-        f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores); {s['threads']} threads per "
+        f"Measured {data['date']} on {cpu_key(m)}; {s['threads']} threads per "
         f"server; greedy, {s['max_tokens']} new tokens at most. Each client loops: a streamed "
         "request read to the end (half), one it hangs up on after 1–8 chunks (a quarter), or "
         "a non-streamed one. An answered reply must equal that prompt's reply alone.",
