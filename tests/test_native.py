@@ -612,6 +612,28 @@ def test_onnxruntime_op_matches_numpy_across_threads(shape):
             np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_weights_fed_as_an_input_are_read_on_every_call():
+    """A kernel reads a constant initializer's weights once, when it is created; weights that
+    are a graph input instead (not constant) are read on every call: two runs with different
+    weights give each their own product, equal to the initializer form's."""
+    a = np.random.default_rng(3).standard_normal((1, 1, 256)).astype(np.float32)
+    first, second = (pack(BLOCKS["Q4_1"](512, 256, seed=s)) for s in (1, 2))
+    node = helper.make_node(OP, ["a", "b"], ["y"], domain=DOMAIN)
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [info("a", TensorProto.FLOAT, [1, 1, 256]), info("b", TensorProto.UINT8, first.shape)],
+        [info("y", TensorProto.FLOAT, None)],
+    )
+    fed = _load(graph)
+    for packed in (first, second, first):
+        (y,) = fed.run(None, {"a": a, "b": packed})
+        (want,) = _session(packed, 256).run(None, {"a": a})
+        np.testing.assert_array_equal(y, want)
+    assert not np.array_equal(reference(a, first), reference(a, second))
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", [1.0, 60.0])  # 60: gates far past exp's range either way
 def test_swiglu_op_is_silu_of_the_gate_times_the_up_rows(path, scale):
