@@ -190,9 +190,14 @@ int llamaonnx_threads(int n) {
   return n;
 }
 
-int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks) {
+int pool_threads(void) {
   int wanted = atomic_load_explicit(&pool.wanted, memory_order_relaxed);
-  if (wanted < 2 || tasks < 2 || tasks > 0xffffffffu) return 0;
+  return wanted < 2 ? 0 : wanted;
+}
+
+int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks) {
+  int wanted = pool_threads();
+  if (!wanted || tasks < 2 || tasks > 0xffffffffu) return 0;
   if (pthread_mutex_trylock(&pool.lock)) return 0;
   if (pool.workers < wanted - 1) start_workers(wanted - 1);
   int threads = (pool.workers < wanted - 1 ? pool.workers : wanted - 1) + 1;
@@ -214,11 +219,6 @@ int pool_run(void (*fn)(void*, size_t), void* data, size_t tasks) {
   atomic_fetch_add_explicit(&pool.jobs, 1, memory_order_relaxed);
   pthread_mutex_unlock(&pool.lock);
   return 1;
-}
-
-int pool_threads(void) {
-  int wanted = atomic_load_explicit(&pool.wanted, memory_order_relaxed);
-  return wanted < 2 ? 0 : wanted;
 }
 
 long llamaonnx_pool_jobs(void) { return atomic_load(&pool.jobs); }
