@@ -248,7 +248,10 @@ class Engine:
         with self._wake:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down: no new requests")
-            if len(self._waiting) >= self.queue_size:
+            # a request the loop has not yet moved into a free slot is not waiting for one:
+            # counting it refused a burst that the slots and the queue together would hold
+            free = sum(slot is None for slot in self.slots)
+            if len(self._waiting) - free >= self.queue_size:
                 self.metrics.refused += 1
                 raise QueueFullError(
                     f"the queue is full ({self.queue_size} requests waiting, "

@@ -112,6 +112,23 @@ def test_a_full_queue_refuses_at_once_and_loses_nothing(folders):
         engine.close()
 
 
+def test_a_burst_fills_the_free_slots_and_the_queue_before_refusing(folders):
+    """Requests that arrive before the loop admits any: a free slot still counts as room.
+    (Holding the engine's lock keeps the loop from admitting between the submits; the CI saw
+    the server refuse the second of two quick requests with one slot and one queue place.)"""
+    engine = Engine(Session(folders["fp32"], provider="cpu"), slots=2, queue_size=1)
+    try:
+        config = GenerationConfig(max_new_tokens=3, stop_token_ids=())
+        with engine._wake:
+            accepted = [engine.submit([5 + i, 6], config) for i in range(3)]
+            with pytest.raises(QueueFullError, match="queue is full"):
+                engine.submit([9], config)
+        assert [r.result(60)[1] for r in accepted] == ["length"] * 3
+        assert engine.metrics.refused == 1 and engine.metrics.requests == 3
+    finally:
+        engine.close()
+
+
 def test_deadlines_and_stop_tokens_end_a_request(folders):
     session = Session(folders["fp32"], provider="cpu")
     engine = Engine(session, slots=2)
