@@ -171,13 +171,15 @@ def test_a_disconnect_cancels_the_request(server):
     url, model, _ = server
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = {"model": model, "messages": MESSAGES, "max_tokens": 400, "stream": True,
-            "temperature": 0}  # fmt: skip
+    # ignore_eos and 2000 tokens: the reply cannot end on its own before the server sees the
+    # client leave, however fast the CPU (as the queue test below)
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 2000, "stream": True,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
     response = conn.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: ")
-    conn.close()  # gone, 399 tokens early
+    conn.close()  # gone, ~2000 tokens early
     deadline = time.time() + 60
     while time.time() < deadline:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -187,7 +189,13 @@ def test_a_disconnect_cancels_the_request(server):
         time.sleep(0.2)
     else:
         pytest.fail("the request was not cancelled after its client left:\n" + text)
-    assert f'llamaonnx_active_slots{{model="{model}"}} 0' in text or "active_slots" in text
+    idle = f'llamaonnx_active_slots{{model="{model}"}} 0'
+    deadline = time.time() + 10  # (the slot is freed just after the count is taken)
+    while idle not in text and time.time() < deadline:
+        time.sleep(0.1)
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    assert idle in text, "the cancelled request still holds its slot:\n" + text
 
 
 def test_health_and_metrics(server):
@@ -476,7 +484,7 @@ def test_ray_serve_runs_each_model_as_its_own_deployment_of_two_replicas(
         conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
         response = conn.getresponse()
         assert response.status == 200 and response.readline().startswith(b"data: ")
-        conn.close()  # gone, 399 tokens early
+        conn.close()  # gone, ~2000 tokens early
         cancelled = f'llamaonnx_finished_total{{model="{names[1]}",reason="cancelled"}}'
         deadline = time.time() + 60
         while time.time() < deadline:  # (each /metrics: one replica's figures)
