@@ -478,8 +478,8 @@ def test_ray_serve_runs_each_model_as_its_own_deployment_of_two_replicas(
             assert f'llamaonnx_requests_total{{model="{name}"}}' in text
         host, port = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        body = {"model": names[1], "messages": MESSAGES, "max_tokens": 400, "stream": True,
-                "temperature": 0}  # fmt: skip
+        body = {"model": names[1], "messages": MESSAGES, "max_tokens": 2000, "stream": True,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
         headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
         conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
         response = conn.getresponse()
