@@ -84,6 +84,8 @@ class Quantization:
     requantized_gguf_tensors: dict | None = None
     # projections whose activations run in two int8 digits (quantize --precise)
     two_digit_modules: list[str] | None = None
+    # carried weights whose scales an fp16 graph rounds: module → {"gguf_type", "max_abs_error"}
+    fp16_rounded_scales: dict | None = None
 
     @property
     def requantized_bits(self) -> set[int]:
@@ -350,4 +352,5 @@ def _quantization(q: dict) -> Quantization:
         from_folder=q.get("from_folder"),
         requantized_gguf_tensors=q.get("requantized_gguf_tensors"),
         two_digit_modules=q.get("two_digit_modules"),
+        fp16_rounded_scales=q.get("fp16_rounded_scales"),
     )

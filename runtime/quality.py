@@ -21,6 +21,9 @@ def _weights(info: ModelInfo) -> str:
     block = q.settings.get("block_size")
     two = len(q.two_digit_modules or ())
     digits = f", two-digit activations in {two} projection{'s' * (two > 1)}" if two else ""
+    rounded = len(q.fp16_rounded_scales or ())
+    if rounded:
+        digits += f", fp16 scales rounded in {rounded}"
     return ", ".join(parts) + f"; block {block}, accuracy level {q.accuracy_level}{digits}"
 
 

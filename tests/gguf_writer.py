@@ -281,3 +281,55 @@ def encode_blocks(w: np.ndarray, type_name: str) -> np.ndarray:
         parts.append(sum((q[:, :, i] >> 4) << i for i in range(8)).astype(np.uint8))  # [n,nsb,32]
     parts.append(qs.reshape(n, k // 256, 128))
     return np.concatenate(parts, axis=-1).reshape(n, -1)
+
+
+MIXED_TYPES = {  # what a Q4_K_M file looks like, one of each type somewhere
+    "blk.0.attn_q.weight": "Q4_K",
+    "blk.0.attn_k.weight": "Q4_K",
+    "blk.0.attn_v.weight": "Q6_K",
+    "blk.0.attn_output.weight": "Q8_0",  # (llama.cpp's fallback for Q6_K in a narrow row)
+    "blk.0.ffn_gate.weight": "Q4_K",
+    "blk.0.ffn_up.weight": "Q4_K",
+    "blk.0.ffn_down.weight": "Q6_K",
+    "blk.1.attn_q.weight": "Q5_K",
+    "blk.1.attn_k.weight": "Q5_K",
+    "blk.1.attn_v.weight": "Q5_1",
+    "blk.1.attn_output.weight": "Q5_0",
+    "blk.1.ffn_gate.weight": "Q4_1",
+    "blk.1.ffn_up.weight": "Q4_0",
+    "blk.1.ffn_down.weight": "Q5_K",
+    "token_embd.weight": "Q4_K",
+    "output.weight": "Q6_K",
+}
+
+
+def write_mixed(root: Path, types: dict[str, str] | None = None) -> Path:
+    """root/mixed.gguf: a 2-layer llama of widths 256 and 512 (whole K super-blocks) whose
+    tensors are in `types` (MIXED_TYPES: a Q4_K_M file's mix, one of each carried type), the
+    byte-level tokenizer of tests/tiny.py. Shared by tests/test_gguf_blocks.py and the GPU check
+    (tests/gpu/run.sh)."""
+    import transformers
+
+    from tests.tiny import byte_tokenizer_json
+
+    types = MIXED_TYPES if types is None else types
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(  # widths of 256 and 512: whole K super-blocks
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.08)
+    vocab = byte_tokenizer_json()["model"]["vocab"]
+    root.mkdir(parents=True, exist_ok=True)
+    return write_gguf(root / "mixed.gguf", hf, "llama", sorted(vocab, key=vocab.get), types)

@@ -98,7 +98,9 @@ def test_a_cancelled_request_frees_its_slot_for_the_next(folders):
 def test_a_full_queue_refuses_at_once_and_loses_nothing(folders):
     engine = Engine(Session(folders["fp32"], provider="cpu"), slots=1, queue_size=1)
     try:
-        config = GenerationConfig(max_new_tokens=100, stop_token_ids=())
+        # as long as the tiny model's context allows: the running request must still hold its
+        # slot when the third arrives, else that one fits (a free slot counts as room)
+        config = GenerationConfig(max_new_tokens=240, stop_token_ids=())
         running = engine.submit([5, 6, 7], config)
         next(iter(running))
         waiting = engine.submit([8, 9], GenerationConfig(max_new_tokens=2, stop_token_ids=()))

@@ -9,33 +9,13 @@ import logging
 
 import onnx
 import pytest
-import torch
-import transformers
 
 from export.pipeline import export_model
 from export.quant import QuantSettings, quantize_folder
 from runtime.folder import read_model_folder
-from tests.gguf_writer import write_gguf
-from tests.tiny import byte_tokenizer_json
+from tests.gguf_writer import MIXED_TYPES, write_mixed
 
-TYPES = {  # what a Q4_K_M file looks like, one of each type somewhere
-    "blk.0.attn_q.weight": "Q4_K",
-    "blk.0.attn_k.weight": "Q4_K",
-    "blk.0.attn_v.weight": "Q6_K",
-    "blk.0.attn_output.weight": "Q8_0",  # (llama.cpp's fallback for Q6_K in a narrow row)
-    "blk.0.ffn_gate.weight": "Q4_K",
-    "blk.0.ffn_up.weight": "Q4_K",
-    "blk.0.ffn_down.weight": "Q6_K",
-    "blk.1.attn_q.weight": "Q5_K",
-    "blk.1.attn_k.weight": "Q5_K",
-    "blk.1.attn_v.weight": "Q5_1",
-    "blk.1.attn_output.weight": "Q5_0",
-    "blk.1.ffn_gate.weight": "Q4_1",
-    "blk.1.ffn_up.weight": "Q4_0",
-    "blk.1.ffn_down.weight": "Q5_K",
-    "token_embd.weight": "Q4_K",
-    "output.weight": "Q6_K",
-}
+TYPES = MIXED_TYPES
 MODULES = {  # GGUF name → our module
     "attn_q": "attention.wq",
     "attn_k": "attention.wk",
@@ -54,34 +34,11 @@ def _module(gguf_name: str) -> str:
     return {"token_embd.weight": "tok_embeddings", "output.weight": "output"}[gguf_name]
 
 
-def _write(root, types: dict[str, str]):
-    torch.manual_seed(3)
-    config = transformers.LlamaConfig(  # widths of 256 and 512: whole K super-blocks
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.08)
-    vocab = byte_tokenizer_json()["model"]["vocab"]
-    root.mkdir(parents=True, exist_ok=True)
-    return write_gguf(root / "mixed.gguf", hf, "llama", sorted(vocab, key=vocab.get), types)
-
-
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """The mixed file's fp32 `ort` folder (its reference: the file's own dequantized weights)."""
     root = tmp_path_factory.mktemp("gguf-mixed")
-    path = _write(root, TYPES)
+    path = write_mixed(root)
     export_model(path, root / "fp32", target="ort")
     return root
 
@@ -98,6 +55,11 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
         assert record.bits == (4 if kind in ("Q4_0", "Q4_1", "Q4_K") else 8), (name, record)
         assert record.block_size == (16 if kind == "Q6_K" else 32)
     assert q.max_abs_carry_error < 1e-6 and not q.requantized_gguf_tensors
+    # offsets (Q4_1, Q4_K, Q5_K) ride in MatMulNBits' 8-bit extra rows; the native tiles hold them
+    if kernel == "nbits":
+        assert 0 < q.max_abs_offset_error < 1e-2
+    else:
+        assert q.max_abs_offset_error is None
     report = json.loads((out / "report.json").read_text())
     assert report["quantization"]["origins"]["gguf-Q6_K 8-bit"] == 3
     assert report["quantization"]["origins"]["gguf-Q8_0 8-bit"] == 1
@@ -121,6 +83,45 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
         assert "/model/layers.0/feed_forward/w13/MatMulQ4SwiGLU" in ops
 
 
+def test_the_cuda_form_carries_every_type_and_says_what_fp16_rounds(mixed, caplog):
+    """For CUDA (MatMulNBits, accuracy level 0): with fp32 activations every type is carried as
+    in the CPU's nbits form; with --fp16-activations the scales float16 cannot hold (Q4_K's,
+    Q5_K's and Q6_K's d·scale products) are rounded, which the terminal and report.json say,
+    tensor by tensor, while Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1 (fp16 in the file) lose nothing."""
+    from onnx import TensorProto
+
+    out = mixed / "int4-cuda"
+    result = quantize_folder(mixed / "fp32", out, QuantSettings("int4", provider="cuda"))
+    assert result["report"]["passed"]
+    q = read_model_folder(out).quantization
+    assert q.accuracy_level == 0 and q.kernel == "nbits" and q.fp16_rounded_scales is None
+    assert all(q.weights[_module(n)].origin == f"gguf-{k}" for n, k in TYPES.items())
+    assert q.max_abs_carry_error < 1e-6 and 0 < q.max_abs_offset_error < 1e-2
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    scales = {i.data_type for i in graph.initializer if i.name.endswith(".scales")}
+    assert scales == {TensorProto.FLOAT}
+
+    out16 = mixed / "int4-cuda-fp16"
+    with caplog.at_level(logging.WARNING):
+        result = quantize_folder(
+            mixed / "fp32", out16, QuantSettings("int4", provider="cuda", fp16_activations=True)
+        )
+    assert result["report"]["passed"]
+    q16 = read_model_folder(out16).quantization
+    wide = {_module(n): k for n, k in TYPES.items() if k in ("Q4_K", "Q5_K", "Q6_K")}
+    assert {m: r["gguf_type"] for m, r in q16.fp16_rounded_scales.items()} == wide
+    assert all(0 < r["max_abs_error"] < 1e-3 for r in q16.fp16_rounded_scales.values())
+    assert f"float16 cannot hold the scales of {len(wide)} carried GGUF tensors" in caplog.text
+    assert q16.max_abs_offset_error >= q.max_abs_offset_error  # (its rows' scales in fp16 too)
+    report = json.loads((out16 / "report.json").read_text())
+    assert report["quantization"]["fp16_rounded_scales"] == q16.fp16_rounded_scales
+    from runtime.quality import quality_table
+
+    rows = quality_table([out, out16]).splitlines()[2:]
+    assert "fp16 scales rounded" not in rows[0]
+    assert rows[1].rstrip(" |").endswith(f"fp16 scales rounded in {len(wide)}")
+
+
 def test_int8_carries_the_4_bit_blocks_too(mixed):
     out = mixed / "int8"
     result = quantize_folder(mixed / "fp32", out, QuantSettings("int8"))
@@ -131,7 +132,7 @@ def test_int8_carries_the_4_bit_blocks_too(mixed):
 
 
 def test_a_type_with_no_exact_form_is_requantized_and_said_so(tmp_path, caplog):
-    path = _write(tmp_path, {**TYPES, "blk.1.ffn_up.weight": "Q2_K"})
+    path = write_mixed(tmp_path, {**TYPES, "blk.1.ffn_up.weight": "Q2_K"})
     export_model(path, tmp_path / "fp32", target="ort")
     with caplog.at_level(logging.WARNING):
         quantize_folder(tmp_path / "fp32", tmp_path / "int4", QuantSettings("int4"), verify=False)
@@ -147,7 +148,7 @@ def test_a_q8_0_file_quantized_to_int4_is_4_bit(tmp_path):
     """When the file's main type is wider than asked (a Q8_0 file, int4), its layers are rounded
     to 4 bits as asked; the 8-bit LM head keeps its Q8_0 blocks."""
     types = {name: "Q8_0" for name in TYPES}
-    path = _write(tmp_path, types)
+    path = write_mixed(tmp_path, types)
     export_model(path, tmp_path / "fp32", target="ort")
     quantize_folder(tmp_path / "fp32", tmp_path / "int4", QuantSettings("int4"), verify=False)
     q = read_model_folder(tmp_path / "int4").quantization

@@ -9,7 +9,9 @@ with) instead of being quantized a second time; each carried weight is checked t
 exactly to the fp32 graph's weight. The per-block offsets of Q4_1, Q5_1, Q4_K and Q5_K, which
 MatMulNBits cannot hold, ride along as 8-bit extra rows (see blocks.offset_rows). At accuracy
 level 0 such a model computes what the reference computes, to float rounding and that offset
-rounding (report.json: max_abs_offset_error).
+rounding (report.json: max_abs_offset_error; llamaonnx's kernels read the offsets exactly, and
+there it is null). An fp16 graph also rounds the scales float16 cannot hold (Q4_K's, Q5_K's and
+Q6_K's fp32 products), said on the terminal and in report.json (fp16_rounded_scales).
 fp16 converts the whole graph (see quant/fp16.py) and may follow an int4/int8 step for CUDA.
 """
 
@@ -108,7 +110,7 @@ def quantize_folder(
         # the whole weight on every call)
         k_multiple = 8 if settings.provider == "cuda" else 1
         layers = quantize_graph(
-            proto, choose, settings.level, embedding_blocks, k_multiple, settings.native
+            proto, choose, settings.level, embedding_blocks, k_multiple, settings.native, notes
         )
         if kv_dtype == "float16" and settings.float_type == "float32":
             from export.quant.attention import fp16_cache, ours_everywhere
@@ -124,6 +126,20 @@ def quantize_folder(
         if not settings.bits:  # (the int4/int8 path fuses its own)
             notes["fused_projections"] = fuse_float_projections(proto)
         convert_fp16(proto)
+        if settings.bits:
+            from export.quant.carry import fp16_rounding
+
+            rounded = fp16_rounding(layers)
+            if rounded:  # (MatMulNBits' scales take the activations' type: no fp32 scales here)
+                notes["fp16_rounded_scales"] = rounded
+                types = ", ".join(sorted({r["gguf_type"] for r in rounded.values()}))
+                worst = max(r["max_abs_error"] for r in rounded.values())
+                log.warning(
+                    "float16 cannot hold the scales of %d carried GGUF tensors (%s): the fp16 "
+                    "graph rounds them, changing a weight by up to %.2e; without "
+                    "--fp16-activations they stay exact",
+                    len(rounded), types, worst,
+                )  # fmt: skip
     from export.quant.native import DOMAIN as native_domain
 
     native_ops = any(n.domain == native_domain for n in proto.graph.node)
@@ -161,7 +177,8 @@ def quantize_folder(
             m: WeightRecord(b.origin, b.bits, b.block_size, b.carried) for m, b in layers.items()
         },
         max_abs_carry_error=notes.get("max_abs_carry_error"),
-        max_abs_offset_error=notes.get("max_abs_offset_error"),
+        max_abs_offset_error=(notes.get("offset_error") or {}).get(settings.float_type),
+        fp16_rounded_scales=notes.get("fp16_rounded_scales"),
         fused_projections=notes.get("fused_projections"),
         from_folder=str(in_dir.resolve()),
         requantized_gguf_tensors=notes.get("requantized_gguf_tensors"),

@@ -266,9 +266,12 @@ def _offset_digits(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return safe, coarse, fine
 
 
-def held_offsets(offsets: np.ndarray) -> np.ndarray:
-    """The offsets as `offset_rows` holds them (to compare with the exact ones)."""
+def held_offsets(offsets: np.ndarray, float16: bool = False) -> np.ndarray:
+    """The offsets as `offset_rows` holds them (to compare with the exact ones); `float16`: in a
+    graph converted to fp16, whose row scales are rounded to it."""
     scale, coarse, fine = _offset_digits(offsets)
+    if float16:
+        scale = scale.astype(np.float16).astype(np.float64)
     return (scale * (coarse + fine / FINE)).astype(np.float32)
 
 

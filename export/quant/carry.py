@@ -26,7 +26,6 @@ from export.quant.blocks import (
     Blocks,
     from_gguf,
     gguf_bits,
-    held_offsets,
     permute_rows,
     quantize,
 )
@@ -76,6 +75,25 @@ def _main_type(carried: dict) -> str:
     return max(counts, key=counts.get) if counts else ""
 
 
+def fp16_rounding(layers: dict[str, Blocks]) -> dict[str, dict]:
+    """The carried weights whose scales float16 cannot hold (Q4_K's and Q5_K's d·scale products,
+    Q6_K's: fp32 values of up to 17 significant bits), which a graph converted to fp16 rounds:
+    module → its GGUF type and the largest |Δ| of a weight that costs. Q4_0, Q4_1, Q5_0, Q5_1
+    and Q8_0 keep fp16 scales in the file and lose nothing."""
+    out = {}
+    for module, b in layers.items():
+        if not b.carried:
+            continue
+        half = b.scales.astype(np.float16).astype(np.float32)
+        if np.array_equal(half, b.scales):
+            continue
+        zp = b.zero_points if b.zero_points is not None else 1 << (b.bits - 1)
+        zp = np.broadcast_to(zp, b.scales.shape)[..., None].astype(np.float32)
+        delta = np.abs((half - b.scales)[..., None] * (b.codes.astype(np.float32) - zp)).max()
+        out[module] = {"gguf_type": b.origin.removeprefix("gguf-"), "max_abs_error": float(delta)}
+    return out
+
+
 def plan(settings: QuantSettings, info: ModelInfo):
     """→ (choose(module, W), embedding_blocks(table, head)) closures and the carry log."""
     carried = _gguf_blocks(info) if settings.gguf_blocks else {}
@@ -104,9 +122,6 @@ def plan(settings: QuantSettings, info: ModelInfo):
                 f"(max |Δ| {err:.2e}); the folder and its source disagree"
             )
         notes["max_abs_carry_error"] = max(notes["max_abs_carry_error"], err)
-        if blocks.offsets is not None:  # what the graph's 8-bit offset rows hold of them
-            off = float(np.abs(held_offsets(blocks.offsets) - blocks.offsets).max())
-            notes["max_abs_offset_error"] = max(notes.get("max_abs_offset_error", 0.0), off)
         return blocks
 
     def blocks_for(tensor: str, w: np.ndarray, bits: int) -> Blocks:

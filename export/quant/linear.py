@@ -16,7 +16,7 @@ import numpy as np
 from onnx import helper
 
 from export.passes.graph import MS
-from export.quant.blocks import FINE, Blocks, offset_rows, sum_repeats
+from export.quant.blocks import FINE, Blocks, held_offsets, offset_rows, sum_repeats
 from export.quant.graph import Edit
 from export.quant.native import DOMAIN, op_for, pack, supports
 
@@ -29,6 +29,9 @@ class LinearWriter:
         self.edit, self.accuracy_level = edit, accuracy_level
         self.k_multiple, self.native = k_multiple, native
         self._block_sums: dict[tuple[str, int], str] = {}  # (input, block size) → its sums
+        # the largest |Δ| between an offset and what the offset rows hold of it, in an fp32
+        # graph and in one converted to fp16 afterwards (None: no offset rows written)
+        self.offset_error: dict[str, float] | None = None
 
     def write(
         self, nodes_out: list, x: str, blocks: Blocks, out: str, name: str, prefix: str
@@ -49,6 +52,11 @@ class LinearWriter:
             )
             return
         if blocks.offsets is not None:
+            errors = self.offset_error or {"float32": 0.0, "float16": 0.0}
+            for kind in errors:
+                held = held_offsets(blocks.offsets, float16=kind == "float16")
+                errors[kind] = max(errors[kind], float(np.abs(held - blocks.offsets).max()))
+            self.offset_error = errors
             repeats = sum_repeats(k, blocks.block_size, self.k_multiple)
             x = self._with_block_sums(nodes_out, x, k, blocks.block_size, name, repeats)
             blocks, k = offset_rows(blocks, repeats)

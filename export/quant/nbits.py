@@ -35,13 +35,16 @@ def quantize_graph(
     embedding_blocks: Callable[[np.ndarray, Blocks | None], Blocks | None],
     k_multiple: int = 1,
     native: bool = False,
+    notes: dict | None = None,
 ) -> dict[str, Blocks]:
     """Rewrites `model` in place; returns module → the Blocks it now holds ("tok_embeddings" for
     the embedding). `embedding_blocks(table, head_blocks)` decides the embedding: when it returns
     the LM head's own Blocks (tied weights), both ops read one copy of the codes. `k_multiple`:
     inputs widened by Q4_1 block sums are kept a multiple of it (8 for CUDA, see `sum_repeats`).
     `native`: 4-bit blocks of 32 go to llamaonnx's own CPU kernel (`ai.llamaonnx.MatMulQ4`, which
-    reads Q4_1's offsets directly: no block sums), the rest to MatMulNBits."""
+    reads Q4_1's offsets directly: no block sums), the rest to MatMulNBits. `notes` gets
+    "offset_error" (float type → the largest |Δ| of an offset as the offset rows hold it) where
+    offsets went into MatMulNBits rows."""
     g = model.graph
     ensure_opset(model, MS, 1)
     if native:
@@ -99,4 +102,6 @@ def quantize_graph(
         native_attention(g)
         fold_norms(g)
     edit.commit()
+    if notes is not None and writer.offset_error is not None:
+        notes["offset_error"] = writer.offset_error
     return done
