@@ -112,7 +112,8 @@ def test_the_cuda_form_carries_every_type_and_says_what_fp16_rounds(mixed, caplo
     assert {m: r["gguf_type"] for m, r in q16.fp16_rounded_scales.items()} == wide
     assert all(0 < r["max_abs_error"] < 1e-3 for r in q16.fp16_rounded_scales.values())
     assert f"float16 cannot hold the scales of {len(wide)} carried GGUF tensors" in caplog.text
-    assert q16.max_abs_offset_error >= q.max_abs_offset_error  # (its rows' scales in fp16 too)
+    # (the offset rows' scales are fp16 too: a little more or less rounding, either way)
+    assert q16.max_abs_offset_error == pytest.approx(q.max_abs_offset_error, rel=0.1)
     report = json.loads((out16 / "report.json").read_text())
     assert report["quantization"]["fp16_rounded_scales"] == q16.fp16_rounded_scales
     from runtime.quality import quality_table
