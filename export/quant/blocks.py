@@ -46,10 +46,14 @@ class Blocks:
         n, nb, bs = self.codes.shape
         return n, nb * bs
 
-    def dequantize(self) -> np.ndarray:
+    def centred_codes(self) -> np.ndarray:
+        """codes − their zero point, float32 [N, nb, block_size]: what the scales multiply."""
         zp = self.zero_points if self.zero_points is not None else 1 << (self.bits - 1)
         zp = np.broadcast_to(zp, self.scales.shape)[..., None].astype(np.float32)
-        w = self.scales[..., None] * (self.codes.astype(np.float32) - zp)
+        return self.codes.astype(np.float32) - zp
+
+    def dequantize(self) -> np.ndarray:
+        w = self.scales[..., None] * self.centred_codes()
         if self.offsets is not None:
             w = w + self.offsets[..., None]
         return w.reshape(self.shape)

@@ -78,19 +78,24 @@ def _main_type(carried: dict) -> str:
 def fp16_rounding(layers: dict[str, Blocks]) -> dict[str, dict]:
     """The carried weights whose scales float16 cannot hold (Q4_K's and Q5_K's d·scale products,
     Q6_K's: fp32 values of up to 17 significant bits), which a graph converted to fp16 rounds:
-    module → its GGUF type and the largest |Δ| of a weight that costs. Q4_0, Q4_1, Q5_0, Q5_1
-    and Q8_0 keep fp16 scales in the file and lose nothing."""
+    module → its GGUF type and the largest |Δ| of a weight that costs. The embedding's
+    GatherBlockQuantized also reads a K-quant's offsets as floats (MatMulNBits' offset rows are
+    max_abs_offset_error's). Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 keep fp16 scales and offsets in the
+    file and lose nothing."""
+    half = lambda x: x.astype(np.float16).astype(np.float32)  # noqa: E731
     out = {}
     for module, b in layers.items():
-        if not b.carried:
+        offsets = b.offsets if module == "tok_embeddings" else None
+        exact = [np.array_equal(half(x), x) for x in (b.scales, offsets) if x is not None]
+        if not b.carried or all(exact):
             continue
-        half = b.scales.astype(np.float16).astype(np.float32)
-        if np.array_equal(half, b.scales):
-            continue
-        zp = b.zero_points if b.zero_points is not None else 1 << (b.bits - 1)
-        zp = np.broadcast_to(zp, b.scales.shape)[..., None].astype(np.float32)
-        delta = np.abs((half - b.scales)[..., None] * (b.codes.astype(np.float32) - zp)).max()
-        out[module] = {"gguf_type": b.origin.removeprefix("gguf-"), "max_abs_error": float(delta)}
+        delta = (half(b.scales) - b.scales)[..., None] * b.centred_codes()
+        if offsets is not None:
+            delta += (half(offsets) - offsets)[..., None]
+        out[module] = {
+            "gguf_type": b.origin.removeprefix("gguf-"),
+            "max_abs_error": float(np.abs(delta).max()),
+        }
     return out
 
 
