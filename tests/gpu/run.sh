@@ -5,10 +5,10 @@
 # prompt, 128 new tokens) with and without CUDA graphs, beside onnxruntime-genai's own fp16 and
 # int4 CUDA builds of the same weights when onnxruntime-genai is importable. Figures go to the
 # terminal and to $OUT (default build/gpu): gpu.txt, quality.md, report-*.json, bench-*.{txt,md,json}
-# steps.{txt,json} (tests/gpu/steps.py: CUDA-graph tokens against plain decode, step times) and
-# kernels.{txt,json} (tests/gpu/profile.sh: the kernels of a decode step, ours and genai's); and
-# quality-kquants.md, report-kquants-*.json: a small mixed K-quant GGUF (Q4_K_M's types) carried
-# in the CUDA form with fp32 and with fp16 activations, verified on the provider.
+# steps.{txt,json} (tests/gpu/steps.py: CUDA-graph tokens against plain decode, step times),
+# kernels.{txt,json} (tests/gpu/profile.sh: the kernels of a decode step, ours and genai's), and
+# tests/gpu/kquants.sh's K-quant files in the CUDA form (quality-kquants.md, and with
+# KQUANT_GGUF=a Q4_K_M file, quality-q4km.md and bench-q4km.*).
 #
 # It installs nothing. Run it from the repository root on the GPU machine after
 # ../shared/gpu/README.md's assemble.sh (export PYTHONPATH=/tmp/site), with:
@@ -68,26 +68,10 @@ for m in "$M/ort-fp16" "$M/ort-int4"; do
 done
 try llamaonnx table "${ours[@]}" > >(tee "$OUT/quality.md")
 
-# GGUF K-quant blocks in the CUDA form: a small llama whose tensors mix every carried type as a
-# Q4_K_M file does (tests/gguf_writer.py, MIXED_TYPES), each kept as its own type in MatMulNBits
-# (5- and 6-bit codes in 8-bit containers, Q6_K in blocks of 16); fp32 activations keep them
-# exact, fp16 ones round Q4_K's, Q5_K's and Q6_K's scales (report.json: fp16_rounded_scales).
-step "GGUF K-quant mix: CUDA forms verified on $VERIFY"
-K=$M/kquants
-if try $PY -c "import sys; from pathlib import Path; from tests.gguf_writer import write_mixed; \
-        write_mixed(Path(sys.argv[1]))" "$K" \
-    && try llamaonnx export "$K/mixed.gguf" "$K/ort-fp32" --target ort --force --no-verify; then
-    kq=()
-    for f in fp32 fp16; do
-        extra=(); [ "$f" = fp16 ] && extra=(--fp16-activations)
-        try llamaonnx quantize "$K/ort-fp32" "$K/int4-$f-act" --precision int4 --for-provider cuda \
-            "${extra[@]}" --force --no-verify || continue
-        try llamaonnx verify "$K/int4-$f-act" --provider "$VERIFY" > "$OUT/verify-kquants-$f.log" \
-            && kq+=("$K/int4-$f-act")
-        cp "$K/int4-$f-act/report.json" "$OUT/report-kquants-int4-$f-act.json" 2>/dev/null
-    done
-    [ ${#kq[@]} -gt 0 ] && try llamaonnx table "${kq[@]}" > >(tee "$OUT/quality-kquants.md")
-fi
+# GGUF K-quant blocks in the CUDA form (tests/gpu/kquants.sh): a small mixed K-quant llama, and
+# the real Q4_K_M file named by KQUANT_GGUF if any.
+step "GGUF K-quant blocks in the CUDA form"
+try env OUT="$OUT" MODELS="$M" PROVIDERS="$PROVIDERS" RUNS="$RUNS" PYTHON="$PY" bash tests/gpu/kquants.sh
 
 # onnxruntime-genai's model builder on the same weights (as a float32 Hugging Face folder): its
 # default fp16 and int4 builds for the provider, run by genai as peers.
