@@ -8,7 +8,8 @@
 #      CUDA folder of the same dequantized weights -> quality-q4km.md, report-q4km-*.json,
 #      bench-q4km-PROVIDER.{txt,md,json} (batch-1 decode, plain and with CUDA graphs) and steps-q4km.{txt,json}
 #      (graph tokens against plain decode);
-#   and for each, placement-*.json (tests/gpu/placement.py): the nodes onnxruntime left on the CPU.
+#   and for each, placement-*.json (tests/gpu/placement.py): the nodes onnxruntime left on the CPU,
+#   and parity-*.{txt,json} (tests/gpu/parity.py): CPU against CUDA per decode step and per node.
 # fp32 activations keep every block exact; fp16 ones round Q4_K's, Q5_K's and Q6_K's scales
 # (report.json: fp16_rounded_scales). run.sh runs this too; same requirements and variables
 # (OUT, MODELS, PYTHON, PROVIDERS, RUNS). PROVIDERS=cpu rehearses it without a GPU.
@@ -30,11 +31,12 @@ llamaonnx() { $PY -m runtime.cli "$@"; }
 # provider; prints the folders that verified, last line.
 carry() {
     local name=$1 src=$2 f extra
-    ok=()
+    ok=() made=()
     for f in fp32 fp16; do
         extra=(); [ "$f" = fp16 ] && extra=(--fp16-activations)
         try llamaonnx quantize "$src" "$M/$name-int4-$f-act" --precision int4 --for-provider cuda \
             "${extra[@]}" --force --no-verify || continue
+        made+=("$M/$name-int4-$f-act")
         cp "$M/$name-int4-$f-act/report.json" "$OUT/report-$name-int4-$f-act.json" 2>/dev/null
         step "verify $name int4, $f activations, on $VERIFY"
         try llamaonnx verify "$M/$name-int4-$f-act" --provider "$VERIFY" \
@@ -49,8 +51,11 @@ if try $PY -c "import sys; from pathlib import Path; from tests.gguf_writer impo
         write_mixed(Path(sys.argv[1]))" "$K" \
     && try llamaonnx export "$K/mixed.gguf" "$M/kquants-fp32" --target ort --force --no-verify; then
     carry kquants "$M/kquants-fp32"
-    [ ${#ok[@]} -gt 0 ] && try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py \
-        "$OUT/placement-kquants.json" "${ok[@]}"
+    try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-kquants.json" \
+        "$M/kquants-fp32" "${made[@]}"
+    step "parity kquants: CPU against $VERIFY, per decode step and per MatMulNBits"
+    try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-kquants.json" \
+        "$M/kquants-fp32" "${made[@]}" > >(tee "$OUT/parity-kquants.txt")
     [ ${#ok[@]} -gt 0 ] && try llamaonnx table "${ok[@]}" > >(tee "$OUT/quality-kquants.md")
 fi
 
@@ -61,7 +66,10 @@ if [ -n "${KQUANT_GGUF:-}" ]; then
             --force --no-verify
         carry q4km "$M/q4km-fp32"
         try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-q4km.json" \
-            "$M/q4km-fp16" "${ok[@]}"
+            "$M/q4km-fp32" "$M/q4km-fp16" "${made[@]}"
+        step "parity q4km: CPU against $VERIFY, per decode step and per MatMulNBits"
+        try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-q4km.json" \
+            "$M/q4km-fp32" "$M/q4km-fp16" "${made[@]}" > >(tee "$OUT/parity-q4km.txt")
         [ ${#ok[@]} -gt 0 ] && try llamaonnx table "${ok[@]}" > >(tee "$OUT/quality-q4km.md")
         bench=(); for d in "$M/q4km-fp16" "${ok[@]}"; do [ -f "$d/model.onnx" ] && bench+=("$d"); done
         for provider in $PROVIDERS; do
