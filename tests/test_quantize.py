@@ -13,6 +13,7 @@ from export.errors import QuantizationError
 from export.quant import QuantSettings, quantize_folder
 from export.quant.blocks import (
     FINE,
+    Blocks,
     from_gguf,
     gguf_bits,
     held_offsets,
@@ -366,7 +367,9 @@ def test_an_fp16_kv_cache_on_our_attention(tiny_folders, quantized, tmp_path):
     assert info32["kv_dtype"] == "float32" and info32["report"]["passed"]
     assert QuantSettings("int4", kernel="nbits").kv_dtype == "float32"
     assert QuantSettings("int4", kernel="native").kv_dtype == "float16"
-    assert QuantSettings("int4", provider="cuda").kv_dtype == "float32"
+    assert QuantSettings("int4", provider="cuda").kv_dtype == "float16"  # CUDA: fp16 graph
+    with pytest.raises(QuantizationError, match="CUDA attention takes float16"):
+        QuantSettings("int4", provider="cuda", kv_cache="float32")
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     cache = [v for v in (*model.graph.input, *model.graph.output) if v.name.startswith("p")]
     assert {v.name.split(".")[0] for v in cache} == {"past_key_values", "present"}
@@ -592,3 +595,116 @@ def test_auto_kernel_writes_one_layout_whatever_the_exporting_cpu(
     _, ops = _ops(out)
     assert ops["MatMulQ4"] == 0 and ops["MatMulNBits"] == PER_LAYER["ort"] * L + 1
     assert any("kernel library is not built" in line for line in said)
+
+
+def _cuda_gather_block_quantized(inits: dict, node, ids: np.ndarray) -> np.ndarray:
+    """onnxruntime's CUDA GatherBlockQuantized for uint8 data, gather axis 0, in numpy
+    (contrib_ops/cuda/quantization/gather_block_quantized.cu): element index and block index
+    flat over the whole table, 4-bit codes and zero points two per byte in that flat order."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    bits, bs = attrs["bits"], attrs["block_size"]
+    data, scales = inits[node.input[0]], inits[node.input[2]].reshape(-1)
+    zp = inits[node.input[3]].reshape(-1) if len(node.input) > 3 else None
+    per = 8 // bits
+    row = data[0].size * per  # elements after the gather axis
+
+    def get(buf, i):
+        return (buf.reshape(-1)[i // per] >> ((i % per) * bits)) & ((1 << bits) - 1)
+
+    idx = ids.reshape(-1)[:, None] * row + np.arange(row)[None]  # flat element indices
+    block = idx // bs
+    offset = get(zp, block).astype(np.float32) if zp is not None else float(1 << (bits - 1))
+    out = (get(data, idx).astype(np.float32) - offset) * scales[block]
+    return out.reshape(*ids.shape, *data.shape[1:-1], data.shape[-1] * per)
+
+
+def _embedding_graph(blocks, ids):
+    from export.quant.embedding import quantize_embedding
+
+    v, nb, bs = blocks.codes.shape
+    table = numpy_helper.from_array(np.zeros((v, nb * bs), np.float32), "table")
+    gather = helper.make_node("Gather", ["table", "ids"], ["emb"], name="/model/Gather")
+    graph = helper.make_graph(
+        [gather],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids.shape))],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)],
+        [table],
+    )
+
+    def init(name, array):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    quantize_embedding(graph, gather, blocks, shared=False, init=init)
+    graph.initializer.remove(table)
+    gbq = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    graph.output.append(helper.make_tensor_value_info(gbq.output[0], TensorProto.FLOAT, None))
+    return graph, gbq
+
+
+@pytest.mark.parametrize(
+    "bits, nb, zero_points, offsets",
+    [
+        (4, 6, True, False),
+        (4, 5, True, False),
+        (4, 6, True, True),
+        (4, 6, False, False),
+        (8, 5, True, True),
+    ],
+)
+def test_the_quantized_embedding_reads_the_same_on_onnxruntimes_cpu_and_cuda_kernels(
+    bits, nb, zero_points, offsets
+):
+    """Both kernels read what `Blocks.dequantize` says, for every layout the embedding takes:
+    4-bit codes with zero points laid out flat (nb even) or in an 8-bit container (nb odd),
+    with or without Q4_1/K-quant offsets."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(nb + bits)
+    v, bs = 40, 32
+    blocks = Blocks(
+        bits=bits,
+        block_size=bs,
+        codes=rng.integers(0, 1 << bits, (v, nb, bs), dtype=np.uint8),
+        scales=rng.random((v, nb), dtype=np.float32) + 0.1,
+        zero_points=rng.integers(0, 1 << bits, (v, nb), dtype=np.uint8) if zero_points else None,
+        offsets=rng.standard_normal((v, nb)).astype(np.float32) if offsets else None,
+        origin="test",
+    )
+    ids = np.array([[3, 0, 39, 17, 18]], np.int64)
+    graph, gbq = _embedding_graph(blocks, ids)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    emb, cpu_gbq = sess.run(None, {"ids": ids})
+    np.testing.assert_allclose(emb, blocks.dequantize()[ids], rtol=1e-6, atol=1e-6)
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    cuda_gbq = _cuda_gather_block_quantized(inits, gbq, ids)
+    np.testing.assert_array_equal(cuda_gbq.reshape(cpu_gbq.shape), cpu_gbq)
+
+
+def test_the_old_embedding_layout_is_read_differently_by_the_cuda_kernel():
+    """Why the layout above: 4-bit zero points [V, nb, 1] beside codes [V, nb, bs/2] (quantize
+    axis 2), read by the CPU kernel per block, are read by the CUDA kernel in flat block order."""
+    rng = np.random.default_rng(0)
+    v, nb, bs = 8, 4, 32
+    codes = rng.integers(0, 16, (v, nb, bs), dtype=np.uint8)
+    zp = rng.integers(0, 16, (v, nb), dtype=np.uint8)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    inits = {"q": packed, "s": np.ones((v, nb, 1), np.float32), "z": zp[..., None]}
+    node = helper.make_node(
+        "GatherBlockQuantized",
+        ["q", "ids", "s", "z"],
+        ["y"],
+        bits=4,
+        block_size=bs,
+        gather_axis=0,
+        quantize_axis=2,
+        domain="com.microsoft",
+    )
+    ids = np.arange(v, dtype=np.int64)[None]
+    want = (codes.astype(np.float32) - zp[..., None])[None]
+    assert not np.array_equal(_cuda_gather_block_quantized(inits, node, ids), want)
