@@ -197,7 +197,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         "4 with int8 activations, CPU's fast path)",
     )
     q.add_argument(
-        "--fp16-activations", action="store_true", help="int4/int8 with fp16 activations (CUDA)"
+        "--fp16-activations",
+        action="store_true",
+        help="int4/int8 with fp16 activations and cache (always so with --for-provider cuda)",
     )
     q.add_argument(
         "--kernel",

@@ -21,7 +21,26 @@ log = logging.getLogger(__name__)
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
-def resolve_provider(provider: str) -> str:
+def cuda_refusal(info: ModelInfo) -> str | None:
+    """Why the folder cannot run on onnxruntime's CUDA provider, or None. onnxruntime's CUDA
+    GroupQueryAttention takes float16 and bfloat16 only: a float32 graph's attention falls back
+    to the CPU provider, and decoding then departs from the CPU run (on an H200, onnxruntime-gpu
+    1.31.1: prefill logits within 1.5e-4, decode steps 0.2 apart; a Q4_K_M folder's greedy
+    tokens 4 of 384 the reference's)."""
+    if info.target == "ort" and info.kv_dtype == "float32" and not info.custom_ops:
+        return (
+            f"{info.folder} runs onnxruntime's GroupQueryAttention in float32, which its CUDA "
+            "provider does not have: the attention would run on the CPU and decoding would give "
+            "wrong tokens. Make a CUDA folder with `llamaonnx quantize FOLDER OUT --precision "
+            "fp16|int4|int8 --for-provider cuda` (float16 activations and cache), or run this "
+            "one with --provider cpu"
+        )
+    return None
+
+
+def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
+    """cpu or cuda for `provider` (cpu | cuda | auto). auto takes CUDA where onnxruntime has it
+    and the folder (`info`) can run there."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -32,8 +51,11 @@ def resolve_provider(provider: str) -> str:
             "provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
             "(install onnxruntime-gpu); use --provider cpu or auto"
         )
+    refusal = cuda_refusal(info) if info is not None else None
+    if provider == "cuda" and refusal:
+        raise ProviderError(refusal)
     if provider == "auto":
-        provider = "cuda" if has_cuda else "cpu"
+        provider = "cuda" if has_cuda and not refusal else "cpu"
         log.info("provider auto → %s", provider)
     return provider
 
@@ -157,7 +179,7 @@ class Session:
         self.info = read_model_folder(folder)
         if check_files:
             check_integrity(self.info)
-        self.provider = resolve_provider(provider)
+        self.provider = resolve_provider(provider, self.info)
         self.device = "cuda" if self.provider == "cuda" else "cpu"
         self.static_decode = static_decode or cuda_graph
         self.cuda_graph = cuda_graph

@@ -168,6 +168,33 @@ def test_static_decode_reuses_one_cache_per_shape(tiny_folders):
     assert [bucket(n, 8192) for n in (1, 256, 257, 5000, 9000)] == [256, 256, 512, 8192, 8192]
 
 
+def test_a_float32_attention_folder_is_kept_off_cuda(tiny_folders, tmp_path, monkeypatch):
+    """onnxruntime's CUDA GroupQueryAttention has no float32: such a graph's attention would run
+    on the CPU and its decode steps depart from the CPU run (measured on an H200). `cuda` is
+    refused with what to do instead, `auto` picks the CPU, and a CUDA folder (fp16) is taken."""
+    import onnxruntime as ort
+
+    from export.quant import QuantSettings, quantize_folder
+    from runtime.errors import ProviderError
+    from runtime.folder import read_model_folder
+    from runtime.session import cuda_refusal, resolve_provider
+
+    fp32 = read_model_folder(tiny_folders["ort"])
+    assert "--for-provider cuda" in cuda_refusal(fp32)
+    assert cuda_refusal(read_model_folder(tiny_folders["portable"])) is None  # plain ops
+    cuda = tmp_path / "int4-cuda"
+    quantize_folder(tiny_folders["ort"], cuda, QuantSettings("int4", provider="cuda"))
+    cuda = read_model_folder(cuda)
+    assert cuda.kv_dtype == "float16" and cuda_refusal(cuda) is None
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    with pytest.raises(ProviderError, match="GroupQueryAttention in float32"):
+        resolve_provider("cuda", fp32)
+    assert resolve_provider("auto", fp32) == "cpu"
+    assert resolve_provider("auto", cuda) == resolve_provider("cuda", cuda) == "cuda"
+
+
 def test_static_decode_and_cuda_graphs_are_refused_where_they_cannot_work(tiny_folders):
     from runtime.errors import ProviderError
     from runtime.session import Session

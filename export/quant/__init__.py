@@ -136,8 +136,8 @@ def quantize_folder(
                 worst = max(r["max_abs_error"] for r in rounded.values())
                 log.warning(
                     "float16 cannot hold the scales of %d carried GGUF tensors (%s): the fp16 "
-                    "graph rounds them, changing a weight by up to %.2e; without "
-                    "--fp16-activations they stay exact",
+                    "graph rounds them, changing a weight by up to %.2e (the CPU's forms keep "
+                    "them exact)",
                     len(rounded), types, worst,
                 )  # fmt: skip
     from export.quant.native import DOMAIN as native_domain

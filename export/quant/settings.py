@@ -33,7 +33,7 @@ class QuantSettings:
     precise: tuple[str, ...] = ()
     provider: str = "cpu"  # picks the accuracy level
     accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: the provider's
-    fp16_activations: bool = False  # int4/int8 with fp16 activations and cache (CUDA)
+    fp16_activations: bool = False  # int4/int8: fp16 activations and cache (always on CUDA)
     # int4 on CPU: "native" (ai.llamaonnx ops), "nbits" (MatMulNBits), "auto" (native where fast)
     kernel: str = "auto"
     # the KV cache's type: float16 on llamaonnx's CPU attention (auto: wherever it runs) halves
@@ -42,6 +42,11 @@ class QuantSettings:
     kv_cache: str = "auto"
 
     def __post_init__(self):
+        if self.provider == "cuda" and self.precision in ("int4", "int8"):
+            # onnxruntime's CUDA GroupQueryAttention takes float16 (or bfloat16) only: in a
+            # float32 graph it falls back to the CPU and decoding departs (runtime/session.py
+            # cuda_refusal). So a CUDA folder's activations and cache are float16.
+            object.__setattr__(self, "fp16_activations", True)
         if self.precision not in PRECISIONS:
             raise QuantizationError(
                 f"unknown precision {self.precision!r}; choose one of {PRECISIONS}"
@@ -82,6 +87,12 @@ class QuantSettings:
                 "which reads an fp16 cache: --precision int4 with --kernel native (or auto where "
                 "runtime/native is built); an fp16 model (--precision fp16) has an fp16 cache "
                 "already"
+            )
+        if self.provider == "cuda" and self.kv_cache == "float32":
+            raise QuantizationError(
+                "--kv-cache float32 with --for-provider cuda: onnxruntime's CUDA attention takes "
+                "float16 (or bfloat16) only, so a CUDA folder's cache is float16; leave "
+                "--kv-cache auto"
             )
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise QuantizationError(

@@ -116,12 +116,16 @@ def verify_folder(
     from runtime.session import Session
 
     folder = Path(folder)
+    not_on = {}  # provider → why this folder is not checked there
     if providers is None:
-        providers = (
-            ("cpu", "cuda")
-            if "CUDAExecutionProvider" in ort.get_available_providers()
-            else ("cpu",)
-        )
+        providers = ("cpu",)
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            from runtime.folder import read_model_folder
+            from runtime.session import cuda_refusal
+
+            not_on["cuda"] = cuda_refusal(read_model_folder(folder))
+            if not not_on["cuda"]:
+                providers, not_on = ("cpu", "cuda"), {}
     first = Session(folder, provider=providers[0], check_files=check_files)
     info = first.info
     tol_key = tolerance_key(info)
@@ -171,6 +175,8 @@ def verify_folder(
         "tolerance": vars(tol),
         "providers": {},
     }
+    if not_on:
+        report["not_checked_on"] = not_on
     failures = []
     oracle_name, oracle, why_none = oracle_logits(info.provenance, text_ids)
     report["oracle"] = {"name": oracle_name, "tolerance": ORACLE_TOLERANCE}

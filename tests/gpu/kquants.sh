@@ -2,15 +2,15 @@
 # GGUF K-quant blocks in the CUDA form, checked on the provider (the GGUF blocks issue):
 #   1. a small llama whose tensors mix every carried type as a Q4_K_M file does
 #      (tests/gguf_writer.py, MIXED_TYPES), each kept as its own type in MatMulNBits (5- and 6-bit
-#      codes in 8-bit containers, Q6_K in blocks of 16): quantized for CUDA with fp32 and with fp16
-#      activations, verified on the provider -> quality-kquants.md, report-kquants-*.json;
+#      codes in 8-bit containers, Q6_K in blocks of 16): quantized for CUDA (fp16 activations),
+#      verified on the provider -> quality-kquants.md, report-kquants-int4.json;
 #   2. with KQUANT_GGUF=/path/to/model.Q4_K_M.gguf, that real file the same way, beside an fp16
 #      CUDA folder of the same dequantized weights -> quality-q4km.md, report-q4km-*.json,
 #      bench-q4km-PROVIDER.{txt,md,json} (batch-1 decode, plain and with CUDA graphs) and steps-q4km.{txt,json}
 #      (graph tokens against plain decode);
 #   and for each, placement-*.json (tests/gpu/placement.py): the nodes onnxruntime left on the CPU,
 #   and parity-*.{txt,json} (tests/gpu/parity.py): CPU against CUDA per decode step and per node.
-# fp32 activations keep every block exact; fp16 ones round Q4_K's, Q5_K's and Q6_K's scales
+# Every block keeps its codes; float16 rounds Q4_K's, Q5_K's and Q6_K's scales
 # (report.json: fp16_rounded_scales). run.sh runs this too; same requirements and variables
 # (OUT, MODELS, PYTHON, PROVIDERS, RUNS). PROVIDERS=cpu rehearses it without a GPU.
 set -uo pipefail
@@ -27,36 +27,34 @@ step() { echo "== $(date +%T) $*"; }
 try() { "$@" || { echo "!! failed ($?): $*" >&2; failed+=("$*"); return 1; }; }
 llamaonnx() { $PY -m runtime.cli "$@"; }
 
-# carry NAME FP32_FOLDER: the int4 CUDA forms (fp32 and fp16 activations), each verified on the
-# provider; prints the folders that verified, last line.
+# carry NAME FP32_FOLDER: the int4 CUDA form (fp16 activations and cache: onnxruntime's CUDA
+# attention has no float32), verified on the provider; ok: the folder if it verified.
 carry() {
-    local name=$1 src=$2 f extra
+    local name=$1 src=$2
     ok=() made=()
-    for f in fp32 fp16; do
-        extra=(); [ "$f" = fp16 ] && extra=(--fp16-activations)
-        try llamaonnx quantize "$src" "$M/$name-int4-$f-act" --precision int4 --for-provider cuda \
-            "${extra[@]}" --force --no-verify || continue
-        made+=("$M/$name-int4-$f-act")
-        cp "$M/$name-int4-$f-act/report.json" "$OUT/report-$name-int4-$f-act.json" 2>/dev/null
-        step "verify $name int4, $f activations, on $VERIFY"
-        try llamaonnx verify "$M/$name-int4-$f-act" --provider "$VERIFY" \
-            > "$OUT/verify-$name-$f.log" && ok+=("$M/$name-int4-$f-act")
-        cp "$M/$name-int4-$f-act/report.json" "$OUT/report-$name-int4-$f-act.json" 2>/dev/null
-    done
+    try llamaonnx quantize "$src" "$M/$name-int4" --precision int4 --for-provider cuda \
+        --force --no-verify || return
+    made+=("$M/$name-int4")
+    step "verify $name int4 on $VERIFY"
+    try llamaonnx verify "$M/$name-int4" --provider "$VERIFY" > "$OUT/verify-$name.log" \
+        && ok+=("$M/$name-int4")
+    cp "$M/$name-int4/report.json" "$OUT/report-$name-int4.json" 2>/dev/null
 }
 
-step "GGUF K-quant mix: CUDA forms verified on $VERIFY"
+step "GGUF K-quant mix: the CUDA form verified on $VERIFY"
 K=$M/kquants
 if try $PY -c "import sys; from pathlib import Path; from tests.gguf_writer import write_mixed; \
         write_mixed(Path(sys.argv[1]))" "$K" \
     && try llamaonnx export "$K/mixed.gguf" "$M/kquants-fp32" --target ort --force --no-verify; then
     carry kquants "$M/kquants-fp32"
-    try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-kquants.json" \
-        "$M/kquants-fp32" "${made[@]}"
-    step "parity kquants: CPU against $VERIFY, per decode step and per MatMulNBits"
-    try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-kquants.json" \
-        "$M/kquants-fp32" "${made[@]}" > >(tee "$OUT/parity-kquants.txt")
     [ ${#ok[@]} -gt 0 ] && try llamaonnx table "${ok[@]}" > >(tee "$OUT/quality-kquants.md")
+    if [ ${#made[@]} -gt 0 ]; then
+        try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-kquants.json" \
+            "${made[@]}"
+        step "parity kquants: CPU against $VERIFY, per decode step and per MatMulNBits"
+        try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-kquants.json" \
+            "${made[@]}" > >(tee "$OUT/parity-kquants.txt")
+    fi
 fi
 
 if [ -n "${KQUANT_GGUF:-}" ]; then
@@ -65,22 +63,22 @@ if [ -n "${KQUANT_GGUF:-}" ]; then
         try llamaonnx quantize "$M/q4km-fp32" "$M/q4km-fp16" --precision fp16 --for-provider cuda \
             --force --no-verify
         carry q4km "$M/q4km-fp32"
+        [ ${#ok[@]} -gt 0 ] && try llamaonnx table "${ok[@]}" > >(tee "$OUT/quality-q4km.md")
+        folders=(); for d in "$M/q4km-fp16" "${made[@]}"; do [ -f "$d/model.onnx" ] && folders+=("$d"); done
         try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-q4km.json" \
-            "$M/q4km-fp32" "$M/q4km-fp16" "${made[@]}"
+            "${folders[@]}"
         step "parity q4km: CPU against $VERIFY, per decode step and per MatMulNBits"
         try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-q4km.json" \
-            "$M/q4km-fp32" "$M/q4km-fp16" "${made[@]}" > >(tee "$OUT/parity-q4km.txt")
-        [ ${#ok[@]} -gt 0 ] && try llamaonnx table "${ok[@]}" > >(tee "$OUT/quality-q4km.md")
-        bench=(); for d in "$M/q4km-fp16" "${ok[@]}"; do [ -f "$d/model.onnx" ] && bench+=("$d"); done
+            "${folders[@]}" > >(tee "$OUT/parity-q4km.txt")
         for provider in $PROVIDERS; do
-            step "bench $provider: ${bench[*]}"
-            try llamaonnx bench "${bench[@]}" --provider "$provider" --prompt-tokens 128 \
+            step "bench $provider: ${folders[*]}"
+            try llamaonnx bench "${folders[@]}" --provider "$provider" --prompt-tokens 128 \
                 --new-tokens 128 --runs "$RUNS" --threads 4 --json "$OUT/bench-q4km-$provider.json" \
                 --markdown "$OUT/bench-q4km-$provider.md" > >(tee "$OUT/bench-q4km-$provider.txt")
         done
         step "decode steps: graph tokens against plain"
         [[ "$PROVIDERS" == *cuda* ]] || export PROVIDER=cpu
-        try $PY tests/gpu/steps.py "$OUT/steps-q4km.json" "${ok[@]}" > >(tee "$OUT/steps-q4km.txt")
+        try $PY tests/gpu/steps.py "$OUT/steps-q4km.json" "${made[@]}" > >(tee "$OUT/steps-q4km.txt")
     fi
 fi
 step "k-quants done"

@@ -2,8 +2,9 @@
   1. steps: the same 16 prompt tokens, then 12 decode steps fed the same tokens, on the CPU and the
      CUDA provider: each step's largest logit difference (a prefill that agrees and decode steps
      that do not point at the cache or attention, not the weights);
-  2. nodes: each MatMulNBits alone, its own initializers, on 1 and 8 rows of random activations,
-     CPU against CUDA, relative to the output's largest value, with bits, block size, K and N.
+  2. nodes: one MatMulNBits of each shape and kind alone, its own initializers, on 1 and 8 rows
+     of random activations, CPU against CUDA, relative to the output's largest value, with bits,
+     block size, K and N.
 Prints a table and writes JSON: python tests/gpu/parity.py OUT.json FOLDER…
 PROVIDER=cpu rehearses it without a GPU (both sides on the CPU).
 """
@@ -48,13 +49,17 @@ def nodes(folder: Path) -> list[dict]:
     model = onnx.load(str(folder / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
     rng = np.random.default_rng(0)
-    rows = []
+    rows, seen = [], set()
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if not all(name in inits for name in node.input[1:] if name):
             continue  # a weight computed in the graph: not one node alone
+        key = (attrs.get("bits", 4), attrs["block_size"], attrs["K"], attrs["N"], len(node.input))
+        if key in seen:
+            continue  # one node of each shape and kind
+        seen.add(key)
         scales = inits[node.input[2]]
         ftype = scales.data_type
         np_type = np.float16 if ftype == onnx.TensorProto.FLOAT16 else np.float32
