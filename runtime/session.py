@@ -56,7 +56,10 @@ def resolve_provider(provider: str, info: ModelInfo | None = None) -> str:
         raise ProviderError(refusal)
     if provider == "auto":
         provider = "cuda" if has_cuda and not refusal else "cpu"
-        log.info("provider auto → %s", provider)
+        if has_cuda and refusal:  # (DESIGN.md: a fall back to the CPU is said out loud)
+            log.warning("provider auto → cpu, not CUDA: %s", refusal)
+        else:
+            log.info("provider auto → %s", provider)
     return provider
 
 

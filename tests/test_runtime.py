@@ -1,6 +1,7 @@
 """The torch-free runtime: sampling, streaming, stop strings, batching, errors, import boundary."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -168,10 +169,11 @@ def test_static_decode_reuses_one_cache_per_shape(tiny_folders):
     assert [bucket(n, 8192) for n in (1, 256, 257, 5000, 9000)] == [256, 256, 512, 8192, 8192]
 
 
-def test_a_float32_attention_folder_is_kept_off_cuda(tiny_folders, tmp_path, monkeypatch):
+def test_a_float32_attention_folder_is_kept_off_cuda(tiny_folders, tmp_path, monkeypatch, caplog):
     """onnxruntime's CUDA GroupQueryAttention has no float32: such a graph's attention would run
     on the CPU and its decode steps depart from the CPU run (measured on an H200). `cuda` is
     refused with what to do instead, `auto` picks the CPU, and a CUDA folder (fp16) is taken."""
+    import onnx
     import onnxruntime as ort
 
     from export.quant import QuantSettings, quantize_folder
@@ -184,6 +186,15 @@ def test_a_float32_attention_folder_is_kept_off_cuda(tiny_folders, tmp_path, mon
     assert cuda_refusal(read_model_folder(tiny_folders["portable"])) is None  # plain ops
     cuda = tmp_path / "int4-cuda"
     quantize_folder(tiny_folders["ort"], cuda, QuantSettings("int4", provider="cuda"))
+    # no logits_to_keep: its Neg would run on the device and feed Slice's host-side start
+    # through a copy, and a graph with copies cannot be a CUDA graph
+    graph = onnx.load(cuda / "model.onnx", load_external_data=False).graph
+    assert "logits_to_keep" not in {i.name for i in graph.input}
+    assert not [n for n in graph.node if n.name.startswith("/model/keep/")]
+    session = Session(cuda, provider="cpu")
+    assert not session.keeps_logits
+    ids = Generator(session).generate_ids([[1, 2, 3]], GenerationConfig(max_new_tokens=4))
+    assert len(ids[0]) == 4
     cuda = read_model_folder(cuda)
     assert cuda.kv_dtype == "float16" and cuda_refusal(cuda) is None
     monkeypatch.setattr(
@@ -191,7 +202,9 @@ def test_a_float32_attention_folder_is_kept_off_cuda(tiny_folders, tmp_path, mon
     )
     with pytest.raises(ProviderError, match="GroupQueryAttention in float32"):
         resolve_provider("cuda", fp32)
-    assert resolve_provider("auto", fp32) == "cpu"
+    with caplog.at_level(logging.WARNING):
+        assert resolve_provider("auto", fp32) == "cpu"
+    assert "provider auto → cpu, not CUDA" in caplog.text
     assert resolve_provider("auto", cuda) == resolve_provider("cuda", cuda) == "cuda"
 
 

@@ -58,3 +58,30 @@ def keep_last(model: onnx.ModelProto) -> None:
     for k, n in enumerate(new):
         g.node.insert(index + k, n)
     node.input[0] = sliced
+
+
+def drop_keep_last(model: onnx.ModelProto) -> bool:
+    """Undo `keep_last` (every position's logits again); True if there was one to undo.
+
+    For CUDA folders: Slice reads its start from host memory on onnxruntime's CUDA provider,
+    while the Neg that computes it from the `logits_to_keep` input runs on the device, so
+    onnxruntime puts a device-to-host copy in the graph, and a graph with copies cannot be
+    captured as a CUDA graph ("all compute graph nodes have not been partitioned to the
+    CUDAExecutionProvider", seen on an H200 with onnxruntime-gpu 1.31.1 for fp16 and int4
+    folders). The H100 run of 2026-11-27, before `logits_to_keep`, captured the same graphs."""
+    g = model.graph
+    if not any(i.name == NAME for i in g.input):
+        return False
+    nodes = {n.name: n for n in g.node}
+    neg, cut = nodes.get("/model/keep/neg"), nodes.get("/model/keep/slice")
+    if neg is None or cut is None:
+        raise ExportError(f"the graph has a {NAME} input but not the Neg and Slice that use it")
+    for n in g.node:
+        n.input[:] = [cut.input[0] if name == cut.output[0] else name for name in n.input]
+    g.node.remove(neg)
+    g.node.remove(cut)
+    g.input.remove(next(i for i in g.input if i.name == NAME))
+    dead = {NAME, f"{NAME}/end", f"{NAME}/axis"}
+    for t in [t for t in g.initializer if t.name in dead]:
+        g.initializer.remove(t)
+    return True

@@ -119,6 +119,11 @@ def quantize_folder(
                 kv_dtype = "float32"  # a layer keeps onnxruntime's attention, or none is ours
             else:
                 fp16_cache(proto.graph)
+    if settings.provider == "cuda":
+        from export.passes.logits import drop_keep_last
+
+        if drop_keep_last(proto):  # (a device-to-host copy in the graph stops CUDA graphs)
+            log.info("logits_to_keep dropped: a CUDA folder computes every position's logits")
     if settings.float_type == "float16":
         from export.quant.fp16 import convert_fp16
         from export.quant.fuse_projections import fuse_float_projections

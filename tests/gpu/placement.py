@@ -1,7 +1,8 @@
 """Part of the GPU check (tests/gpu/kquants.sh): which execution provider onnxruntime places each
 node of a folder's graph on. A node the CUDA provider cannot run (a MatMulNBits width or bit
 count its kernels lack, say) silently falls back to the CPU with copies around it; this prints
-onnxruntime's own placement summary per folder and the nodes left on the CPU, by op type.
+onnxruntime's own placement summary per folder, the nodes left on the CPU, by op type, and the
+host/device copies onnxruntime put in the graph (a graph with any cannot be a CUDA graph).
     python tests/gpu/placement.py OUT.json FOLDER…     (PROVIDER=cpu rehearses it without a GPU)
 """
 
@@ -44,16 +45,21 @@ def placements(model: Path, provider: str) -> dict:
         r"|Node\(s\) placed on \[\w+\]\. Number of nodes: \d+)",
         text,
     )
-    # the verbose lines after "placed on [CPUExecutionProvider]" name each node: " Op (name)"
-    cpu_nodes: list[str] = []
+    # the verbose lines after "placed on [Provider]" name each node: "  Op (name)"
+    placed: dict[str, list[str]] = {}
     lines = text.splitlines()
     for i, line in enumerate(lines):
-        if "placed on [CPUExecutionProvider]" in line and "All nodes" not in line:
-            for follow in lines[i + 1 :]:
-                m = re.search(r"^\s+(\w+) \((.*)\)\s*$", follow.split("]", 1)[-1])
-                if not m:
-                    break
-                cpu_nodes.append(m.group(1))
+        m = re.search(r"placed on \[(\w+)\]", line)
+        if not m or "All nodes" in line:
+            continue
+        for follow in lines[i + 1 :]:
+            op = re.search(r"^\s+(\w+) \((.*)\)\s*$", follow.split("]", 1)[-1])
+            if not op:
+                break
+            placed.setdefault(m.group(1), []).append(op.group(1))
+    cpu_nodes = placed.get("CPUExecutionProvider", [])
+    # copies between host and device: a graph with any cannot be captured as a CUDA graph
+    copies = sum(op.startswith("Memcpy") for ops in placed.values() for op in ops)
     by_op = collections.Counter(cpu_nodes)
     graph_ops = collections.Counter(
         n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node
@@ -61,6 +67,7 @@ def placements(model: Path, provider: str) -> dict:
     return {
         "summary": summary,
         "cpu_nodes_by_op": dict(by_op),
+        "memcpy_nodes": copies,
         "graph_matmulnbits": graph_ops.get("MatMulNBits", 0),
     }
 
@@ -75,6 +82,10 @@ def main() -> None:
         print(f"{folder.name}: {'; '.join(r['summary']) or 'no placement lines in the log'}")
         if r["cpu_nodes_by_op"]:
             print(f"  on the CPU: {r['cpu_nodes_by_op']}")
+        if r["memcpy_nodes"]:
+            print(
+                f"  {r['memcpy_nodes']} host/device copies in the graph (no CUDA graph with them)"
+            )
     out.write_text(json.dumps(result, indent=1))
 
 
