@@ -169,3 +169,17 @@ def test_ab_compares_two_kernel_libraries_in_one_process(tiny_folders, tmp_path,
         with pytest.raises(SystemExit):
             ab.main([str(folder), *sum((["--lib", b] for b in bad), [])])
         assert says in capsys.readouterr().err
+
+
+def test_the_report_says_when_the_kernel_library_is_not_built():
+    """A GPU machine's run without runtime/native built: no "take the not built path"."""
+    from pathlib import Path
+
+    from runtime.bench.report import report_markdown
+
+    data = json.loads((Path(__file__).parents[1] / "docs/benchmarks-q4_k_m.json").read_text())
+    built = report_markdown(data, "llamaonnx bench …")
+    assert f"take the {data['machine']['kernel_path']} path by default" in built
+    data["machine"]["kernel_path"] = "not built"
+    text = report_markdown(data, "llamaonnx bench …")
+    assert "kernel library is not built here" in text and "not built path" not in text

@@ -111,9 +111,13 @@ def report_markdown(data: dict, command: str, png: str | None = None) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()),
         "",
-        f"CPU vector extensions: {', '.join(m.get('flags') or ['unknown'])}; llamaonnx's kernels "
-        f"take the {m.get('kernel_path', 'unknown')} path by default (rows marked [path] were "
-        "forced to another with LLAMAONNX_KERNEL_PATH).",
+        f"CPU vector extensions: {', '.join(m.get('flags') or ['unknown'])}; "
+        + (
+            "llamaonnx's kernel library is not built here."
+            if m.get("kernel_path") == "not built"
+            else f"llamaonnx's kernels take the {m.get('kernel_path', 'unknown')} path by default "
+            "(rows marked [path] were forced to another with LLAMAONNX_KERNEL_PATH)."
+        ),
         "",
         "```bash",
         command,
