@@ -204,3 +204,18 @@ def test_logits_to_keep_gives_the_last_positions_and_defaults_to_all(tiny_folder
     a = session.forward(step, np.ones((1, 8), np.int64), np.array([[7]]), cache_a)
     b = session.forward(step, np.ones((1, 8), np.int64), np.array([[7]]), cache_b)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_verify_compares_a_second_provider_with_the_first(tiny_folders, monkeypatch):
+    """A folder checked on two providers is also checked provider against provider: the same
+    graph, so only the kernels can differ (on a GPU this found CUDA's GatherBlockQuantized
+    reading an embedding differently). Here the CPU twice: KL 0; over the bound, a failure."""
+    import export.verify.parity as parity
+
+    report = parity.verify_folder(tiny_folders["ort"], providers=("cpu", "cpu"))
+    assert report["providers"]["cpu"]["kl_to_first_provider"] == pytest.approx(0, abs=1e-12)
+    assert report["passed"]
+    monkeypatch.setattr(parity, "PROVIDER_KL", -1.0)
+    report = parity.verify_folder(tiny_folders["ort"], providers=("cpu", "cpu"))
+    assert not report["passed"]
+    assert any("from the same folder on cpu" in f for f in report["failures"])
