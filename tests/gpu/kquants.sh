@@ -13,19 +13,7 @@
 # Every block keeps its codes; float16 rounds Q4_K's, Q5_K's and Q6_K's scales
 # (report.json: fp16_rounded_scales). run.sh runs this too; same requirements and variables
 # (OUT, MODELS, PYTHON, PROVIDERS, RUNS). PROVIDERS=cpu rehearses it without a GPU.
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-build/gpu}
-M=${MODELS:-build/gpu-models}
-PROVIDERS=${PROVIDERS:-cuda cuda-graph}
-RUNS=${RUNS:-10}
-VERIFY=cuda; [[ "$PROVIDERS" == *cuda* ]] || VERIFY=cpu
-mkdir -p "$OUT" "$M"
-failed=()
-step() { echo "== $(date +%T) $*"; }
-try() { "$@" || { echo "!! failed ($?): $*" >&2; failed+=("$*"); return 1; }; }
-llamaonnx() { $PY -m runtime.cli "$@"; }
+source "$(dirname "$0")/common.sh"
 
 # carry NAME FP32_FOLDER: the int4 CUDA form (fp16 activations and cache: onnxruntime's CUDA
 # attention has no float32), verified on the provider; ok: the folder if it verified.
@@ -70,12 +58,7 @@ if [ -n "${KQUANT_GGUF:-}" ]; then
         step "parity q4km: CPU against $VERIFY, per decode step and per MatMulNBits"
         try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-q4km.json" \
             "${folders[@]}" > >(tee "$OUT/parity-q4km.txt")
-        for provider in $PROVIDERS; do
-            step "bench $provider: ${folders[*]}"
-            try llamaonnx bench "${folders[@]}" --provider "$provider" --prompt-tokens 128 \
-                --new-tokens 128 --runs "$RUNS" --threads 4 --json "$OUT/bench-q4km-$provider.json" \
-                --markdown "$OUT/bench-q4km-$provider.md" > >(tee "$OUT/bench-q4km-$provider.txt")
-        done
+        bench_each bench-q4km "${folders[@]}"
         step "decode steps: graph tokens against plain"
         [[ "$PROVIDERS" == *cuda* ]] || export PROVIDER=cpu
         try $PY tests/gpu/steps.py "$OUT/steps-q4km.json" "${made[@]}" > >(tee "$OUT/steps-q4km.txt")

