@@ -26,8 +26,17 @@ def cuda_refusal(info: ModelInfo) -> str | None:
     GroupQueryAttention takes float16 and bfloat16 only: a float32 graph's attention falls back
     to the CPU provider, and decoding then departs from the CPU run (on an H200, onnxruntime-gpu
     1.31.1: prefill logits within 1.5e-4, decode steps 0.2 apart; a Q4_K_M folder's greedy
-    tokens 4 of 384 the reference's)."""
-    if info.target == "ort" and info.kv_dtype == "float32" and not info.custom_ops:
+    tokens 4 of 384 the reference's). llamaonnx's own kernels (`custom_ops`) are CPU kernels:
+    under the CUDA provider they would run on the CPU between copies, their attention on a cache
+    kept on the device, the same arrangement that decodes wrong above."""
+    if info.custom_ops:
+        return (
+            f"{info.folder} runs llamaonnx's CPU kernels ({', '.join(info.custom_ops)}), which "
+            "onnxruntime's CUDA provider cannot run. Make a CUDA folder from its fp32 export with "
+            "`llamaonnx quantize FOLDER OUT --precision int4 --for-provider cuda`, or run this "
+            "one with --provider cpu"
+        )
+    if info.target == "ort" and info.kv_dtype == "float32":
         return (
             f"{info.folder} runs onnxruntime's GroupQueryAttention in float32, which its CUDA "
             "provider does not have: the attention would run on the CPU and decoding would give "

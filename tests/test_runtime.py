@@ -184,6 +184,9 @@ def test_a_float32_attention_folder_is_kept_off_cuda(tiny_folders, tmp_path, mon
     fp32 = read_model_folder(tiny_folders["ort"])
     assert "--for-provider cuda" in cuda_refusal(fp32)
     assert cuda_refusal(read_model_folder(tiny_folders["portable"])) is None  # plain ops
+    native_int4 = tmp_path / "int4-native"  # llamaonnx's CPU kernels: not for CUDA either
+    quantize_folder(tiny_folders["portable"], native_int4, QuantSettings("int4", kernel="native"))
+    assert "llamaonnx's CPU kernels" in cuda_refusal(read_model_folder(native_int4))
     cuda = tmp_path / "int4-cuda"
     quantize_folder(tiny_folders["ort"], cuda, QuantSettings("int4", provider="cuda"))
     # no logits_to_keep: its Neg would run on the device and feed Slice's host-side start
