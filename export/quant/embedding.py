@@ -53,8 +53,13 @@ def quantize_embedding(g, node, blocks: Blocks, shared: bool, init) -> None:
         flat = False
     if flat:
         data = init(f"{prefix}.qweight", blocks.packed().reshape(v, nb * bs // 2))
-        inputs = [data, node.input[1], init(f"{prefix}.scales", blocks.scales)]
-        inputs.append(init(f"{prefix}.zero_points", blocks.packed_zero_points()))
+        scales = init(f"{prefix}.scales", blocks.scales)
+        inputs = [
+            data,
+            node.input[1],
+            scales,
+            init(f"{prefix}.zero_points", blocks.packed_zero_points()),
+        ]
         axis = 1
     else:
         data = "model.output.qweight" if shared else init(f"{prefix}.qweight", blocks.packed())

@@ -127,9 +127,11 @@ def verify_folder(
             from runtime.folder import read_model_folder
             from runtime.session import cuda_refusal
 
-            not_on["cuda"] = cuda_refusal(read_model_folder(folder))
-            if not not_on["cuda"]:
-                providers, not_on = ("cpu", "cuda"), {}
+            refusal = cuda_refusal(read_model_folder(folder))
+            if refusal:
+                not_on["cuda"] = refusal
+            else:
+                providers = ("cpu", "cuda")
     first = Session(folder, provider=providers[0], check_files=check_files)
     info = first.info
     tol_key = tolerance_key(info)

@@ -29,6 +29,17 @@ carry() {
     cp "$M/$name-int4/report.json" "$OUT/report-$name-int4.json" 2>/dev/null
 }
 
+# compare NAME FOLDER…: where onnxruntime places each folder's nodes, and the CPU against the
+# provider per decode step and per MatMulNBits → $OUT/placement-NAME.json, parity-NAME.{txt,json}
+compare() {
+    local name=$1
+    shift
+    try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-$name.json" "$@"
+    step "parity $name: CPU against $VERIFY, per decode step and per MatMulNBits"
+    try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-$name.json" "$@" \
+        > >(tee "$OUT/parity-$name.txt")
+}
+
 step "GGUF K-quant mix: the CUDA form verified on $VERIFY"
 K=$M/kquants
 if try $PY -c "import sys; from pathlib import Path; from tests.gguf_writer import write_mixed; \
@@ -36,13 +47,7 @@ if try $PY -c "import sys; from pathlib import Path; from tests.gguf_writer impo
     && try llamaonnx export "$K/mixed.gguf" "$M/kquants-fp32" --target ort --force --no-verify; then
     carry kquants "$M/kquants-fp32"
     [ ${#ok[@]} -gt 0 ] && try llamaonnx table "${ok[@]}" > >(tee "$OUT/quality-kquants.md")
-    if [ ${#made[@]} -gt 0 ]; then
-        try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-kquants.json" \
-            "${made[@]}"
-        step "parity kquants: CPU against $VERIFY, per decode step and per MatMulNBits"
-        try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-kquants.json" \
-            "${made[@]}" > >(tee "$OUT/parity-kquants.txt")
-    fi
+    [ ${#made[@]} -gt 0 ] && compare kquants "${made[@]}"
 fi
 
 if [ -n "${KQUANT_GGUF:-}" ]; then
@@ -53,11 +58,7 @@ if [ -n "${KQUANT_GGUF:-}" ]; then
         carry q4km "$M/q4km-fp32"
         [ ${#ok[@]} -gt 0 ] && try llamaonnx table "${ok[@]}" > >(tee "$OUT/quality-q4km.md")
         folders=(); for d in "$M/q4km-fp16" "${made[@]}"; do [ -f "$d/model.onnx" ] && folders+=("$d"); done
-        try env PROVIDER="$VERIFY" $PY tests/gpu/placement.py "$OUT/placement-q4km.json" \
-            "${folders[@]}"
-        step "parity q4km: CPU against $VERIFY, per decode step and per MatMulNBits"
-        try env PROVIDER="$VERIFY" $PY tests/gpu/parity.py "$OUT/parity-q4km.json" \
-            "${folders[@]}" > >(tee "$OUT/parity-q4km.txt")
+        compare q4km "${folders[@]}"
         bench_each bench-q4km "${folders[@]}"
         step "decode steps: graph tokens against plain"
         [[ "$PROVIDERS" == *cuda* ]] || export PROVIDER=cpu
