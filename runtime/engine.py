@@ -264,7 +264,10 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for a slot: those not yet admitted, less the free slots the loop
+        gives them at its next step (the count `submit` refuses by)."""
+        with self._wake:
+            return max(0, len(self._waiting) - sum(slot is None for slot in self.slots))
 
     @property
     def active(self) -> int:

@@ -122,7 +122,10 @@ def test_a_burst_fills_the_free_slots_and_the_queue_before_refusing(folders):
     try:
         config = GenerationConfig(max_new_tokens=3, stop_token_ids=())
         with engine._wake:
-            accepted = [engine.submit([5 + i, 6], config) for i in range(3)]
+            accepted = [engine.submit([5 + i, 6], config) for i in range(2)]
+            assert engine.queue_depth == 0  # the two free slots will take them, not the queue
+            accepted.append(engine.submit([7, 6], config))
+            assert engine.queue_depth == 1
             with pytest.raises(QueueFullError, match="queue is full"):
                 engine.submit([9], config)
         assert [r.result(60)[1] for r in accepted] == ["length"] * 3
