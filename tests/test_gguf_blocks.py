@@ -7,6 +7,7 @@ type with no exact form (Q2_K) is quantized again, said so on the terminal and i
 import json
 import logging
 
+import numpy as np
 import onnx
 import pytest
 
@@ -192,3 +193,86 @@ def test_gguf_quality_table_shows_both_divergences():
     elsewhere = {**row("new.gguf", 3.4e-3), "cpu": "Other CPU"}
     text = markdown([elsewhere, row("old.gguf", None)], "test CPU")
     assert "CPUs: Other CPU (new.gguf); test CPU (old.gguf)." in text
+
+
+def test_paired_log_ratio_is_the_perplexity_ratio_with_its_standard_error():
+    """The ratio of two perplexities on the same tokens is exp of the mean per-token difference
+    of their NLLs; its standard error is that difference's spread over √n, so two engines that
+    differ by a constant per token have a ratio known exactly (s.e. 0) and a noisy difference's
+    s.e. shrinks as the text grows."""
+    from export.verify.parity import paired_log_ratio, perplexity, token_nll
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, 401).tolist()
+    a = rng.normal(size=(401, 50)).astype(np.float32)
+    b = a + rng.normal(scale=0.05, size=a.shape).astype(np.float32)
+    log, se = paired_log_ratio(token_nll(a, ids), token_nll(b, ids))
+    assert np.isclose(np.exp(log), perplexity(a, ids) / perplexity(b, ids), rtol=1e-12)
+    d = token_nll(a, ids) - token_nll(b, ids)
+    assert se > 0 and np.isclose(se, d.std(ddof=1) / np.sqrt(400))
+    log_c, se_c = paired_log_ratio(token_nll(a, ids) + 0.01, token_nll(a, ids))
+    assert np.isclose(log_c, 0.01) and se_c < 1e-12
+    _, se_short = paired_log_ratio(token_nll(a, ids)[:100], token_nll(b, ids)[:100])
+    assert se_short > se
+
+
+def test_gguf_quality_pools_the_texts_and_judges_the_goal_against_chance():
+    """Each file's three texts are also scored as one sample, and a miss of the 0.3 % goal is
+    told apart from chance by its standard error; rows scored before the standard errors were
+    measured show a dash and no pooled line."""
+    from export.verify.gguf_quality import markdown, pooled, verdict
+
+    assert verdict(1.0029, 0.001) == "within 0.3 %"
+    assert verdict(0.9960, 0.0025) == "ours better, 1.6 s.e. (chance)"
+    assert verdict(1.0060, 0.0010) == "ours worse, 6.0 s.e."
+    rng = np.random.default_rng(1)
+    ref = rng.gamma(2.0, 1.5, 1600)
+    nll = {"ref": ref, "ours": ref + 0.002, "cpp": ref + rng.normal(0, 0.05, 1600)}
+    q = pooled(nll)
+    assert q["tokens"] == 1600 and np.isclose(q["ratio_to_reference"], np.exp(0.002))
+    assert q["ratio_to_reference_se"] < 1e-12 < q["ratio_to_llama_cpp_se"]
+    text = {
+        "tokens": 503, "reference_perplexity": 18.9, "perplexity": 19.0,
+        "llama_cpp_perplexity": 18.9, "ratio_to_reference": 1.005, "ratio_to_llama_cpp": 1.005,
+        "llama_cpp_ratio_to_reference": 1.0, "kl_divergence": 3e-3,
+        "llama_cpp_kl_divergence": 4e-3,
+    }  # fmt: skip
+    new = {"file": "new.gguf", "tensor_types": {"Q4_K": 16}, "precision": "int4",
+           "kernel": "native", "texts": {"prose": {**text, "ratio_to_llama_cpp_se": 0.0021}},
+           "pooled": q}  # fmt: skip
+    old = {**new, "file": "old.gguf", "texts": {"prose": text}}
+    del old["pooled"]
+    table = markdown([new, old], "test CPU").splitlines()
+    assert next(x for x in table if x.startswith("| new.gguf")).endswith("| 1.0050 | 0.21 % |")
+    assert next(x for x in table if x.startswith("| old.gguf")).endswith("| 1.0050 | — |")
+    at = table.index("## All texts pooled")
+    summary = [x for x in table[at:] if x.startswith("| ")][1:]
+    assert len(summary) == 1 and summary[0].startswith("| new.gguf | 1600 | 1.0020 ± 0.00 % |")
+
+
+def test_gguf_quality_cuts_long_texts_into_even_windows():
+    """A text longer than a window is scored in the fewest windows of equal length, every token
+    in exactly one; a short text is one window."""
+    from export.verify.gguf_quality import WINDOW, windows
+
+    for n in (1, 503, WINDOW, WINDOW + 1, 1887, 3 * WINDOW + 2):
+        ws = windows(list(range(n)))
+        assert [t for w in ws for t in w] == list(range(n))
+        assert len(ws) == -(-n // WINDOW) and max(map(len, ws)) - min(map(len, ws)) <= 1
+    assert [len(w) for w in windows(list(range(1887)))] == [943, 944]
+
+
+def test_the_second_texts_are_longer_and_of_the_same_three_kinds(default_tokenizer):
+    """The second prose, chat and code texts ship with the runtime and are each longer than the
+    first of their kind (1,400–1,900 tokens on the default model: with the first three, ~6,300
+    tokens for the two-engine comparison), and none repeats a first text."""
+    from runtime.texts import eval_texts, more_texts
+
+    first, second = eval_texts(), more_texts()
+    assert [k.removesuffix(" 2") for k in second] == list(first)
+    for (kind, text), old in zip(second.items(), first.values(), strict=True):
+        n = len(default_tokenizer.encode(text))
+        assert 1300 <= n <= 2000 and n > len(default_tokenizer.encode(old)), (kind, n)
+        assert old[:200] not in text
+    assert second["chat 2"].startswith("User: ") and "\n\nAssistant: " in second["chat 2"]
+    compile(second["code 2"], "more-code.txt", "exec")  # real Python

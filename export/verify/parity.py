@@ -74,11 +74,25 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def token_nll(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """The NLL of each of ids[1:] under logits (S, V), float64: (S - 1,)."""
+    logp = _log_softmax(logits[:-1])
+    return -logp[np.arange(len(ids) - 1), ids[1:]]
+
+
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp(mean NLL) of ids[1:] under logits (S, V) computed in float64."""
-    logp = _log_softmax(logits[:-1])
-    mean = float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+    mean = float(token_nll(logits, ids).mean())
     return math.exp(mean) if mean < 700 else math.inf  # exp(709) overflows a float
+
+
+def paired_log_ratio(nll_a: np.ndarray, nll_b: np.ndarray) -> tuple[float, float]:
+    """log(perplexity a / perplexity b) on the same tokens, and its standard error: the mean of
+    the per-token differences and their standard deviation over √n. It says how far the ratio
+    would move on another text of the same kind and length, so a ratio within about two of them
+    of 1 is one these tokens cannot tell from chance."""
+    d = np.asarray(nll_a, np.float64) - np.asarray(nll_b, np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
