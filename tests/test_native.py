@@ -25,6 +25,8 @@ from export.quant.native import (
     TILE5,
     TILE5F,
     TILE5Z,
+    TILE5ZP,
+    TILE5ZPF,
     TILE6,
     TILE8,
     op_for,
@@ -42,7 +44,8 @@ PATHS = native.supported_paths()
 def test_the_packer_and_the_library_share_one_tile_layout():
     assert native.layout() == {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
-        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z,
+        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
+        "tile5zpf": TILE5ZPF,
     }  # fmt: skip
 
 
@@ -64,7 +67,7 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
     g, nb, size = packed.shape
     codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
-    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE6: 2}.get(size, 0)
+    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE6: 2}.get(size, 0)
     for p in range(planes):  # mask u = 2v + half, bit r·4 + i
         bits = np.unpackbits(packed[..., 256 + 64 * p : 320 + 64 * p], axis=-1, bitorder="little")
         q = q | (bits.reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3) << (4 + p))
@@ -79,13 +82,16 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
         x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
         return x.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb)
 
-    wide = 4 if size in (TILE4F, TILE5F) else 2  # fp32 or fp16 d and m
+    wide = 4 if size in (TILE4F, TILE5F, TILE5ZPF) else 2  # fp32 or fp16 d and m
     dtype = np.float32 if wide == 4 else np.float16
-    five = size in (TILE5, TILE5F, TILE5Z)
+    five = size in (TILE5, TILE5F, TILE5Z, TILE5ZP, TILE5ZPF)
     at = 320 if five else 256
     d = per_row(at, wide * ROWS, dtype).astype(np.float32)
     m = -16 * d if size == TILE5Z else per_row(at + wide * ROWS, wide * ROWS, dtype)
-    z = np.full(d.shape, 16, np.uint8) if five else per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
+    if five and size not in (TILE5ZP, TILE5ZPF):
+        z = np.full(d.shape, 16, np.uint8)  # centred on 16
+    else:
+        z = per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
     return codes_of(packed), d, m.astype(np.float32), z
 
 
@@ -245,11 +251,12 @@ def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
     assert not supports(quantize(np.ones((16, 64), np.float32), 8, 16, True))
 
 
-@pytest.mark.parametrize("kind,size", [("Q5_0", TILE5Z), ("Q5_1", TILE5), ("Q5_K", TILE5F)])
+@pytest.mark.parametrize("kind,size", [("Q5_0", TILE5Z), ("Q5_1", TILE5ZP), ("Q5_K", TILE5ZPF)])
 def test_5bit_blocks_pack_exactly(kind, size):
-    """Q5_1 (fp16 d and m) in the 384-byte tiles, Q5_0 (m = −16·d, left to the kernel) in the
-    352-byte ones, Q5_K's d·scale and dmin·min products in the 448-byte ones: codes, fifth bits,
-    d and m read back to the gguf dequantizer's weights."""
+    """Q5_1 (fp16 d and m, and z) in the 416-byte tiles, Q5_0 (m = −16·d, left to the kernel) in
+    the 352-byte ones, Q5_K's d·scale and dmin·min products (and z) in the 464-byte ones: codes,
+    fifth bits, d and m read back to the gguf dequantizer's weights, and the zero points to the
+    code nearest each block's zero weight."""
     import gguf
 
     raw = random_blocks(kind, 48, 512, seed=6)
@@ -259,9 +266,15 @@ def test_5bit_blocks_pack_exactly(kind, size):
     packed = pack(blocks)
     assert packed.shape == (3, 16, size)
     np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
-    q, _, _, _ = fields(packed)
+    q, d, m, z = fields(packed)
     np.testing.assert_array_equal(q, blocks.codes.reshape(48, 512))
     assert q.max() == 31  # (the fifth bits are there)
+    if kind == "Q5_0":
+        assert np.all(z == 16)
+    else:  # the code nearest zero weight, which 16 is not for most blocks
+        safe = np.where(d == 0, 1, d)
+        np.testing.assert_array_equal(z, np.clip(np.rint(-m / safe), 0, 31).astype(np.uint8))
+        assert np.mean(z != 16) > 0.5
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -316,9 +329,10 @@ def test_every_path_gives_the_same_answer(kind):
     packed = pack(BLOCKS[kind](n, k, seed=5))
     a = np.random.default_rng(5).standard_normal((7, k)).astype(np.float32) * 3
     ys = {path: matmul(packed, a, path) for path in PATHS}
-    assert np.abs(ys["portable"]).max() > 1
-    for path in PATHS:
-        np.testing.assert_allclose(ys[path], ys["portable"], rtol=1e-5, atol=1e-5)
+    top = np.abs(ys["portable"]).max()
+    assert top > 1
+    for path in PATHS:  # (summation order: an error of the summands' size, not the result's)
+        np.testing.assert_allclose(ys[path], ys["portable"], rtol=1e-5, atol=2e-7 * top)
     if "avxvnni" in PATHS:
         np.testing.assert_array_equal(ys["avxvnni"], ys["avx2"])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.quant.native import TILE, TILE4F, TILE5, TILE5F, TILE5Z, TILE6, TILE8, pack
+from export.quant.native import TILE, TILE4F, TILE5Z, TILE5ZP, TILE5ZPF, TILE6, TILE8, pack
 from tests.test_native import BLOCKS, reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,8 @@ def test_arm_kernel_matches_numpy(driver, path, kind, m, digits, keep):
     n, k = 48, 512
     blocks = BLOCKS[kind](n, k, seed=m)
     packed = pack(blocks)
-    tiles = {"Q4_1": TILE, "Q4_K": TILE4F, "Q8_0": TILE8, "Q5_0": TILE5Z, "Q5_1": TILE5}
-    assert packed.shape[-1] == tiles.get(kind, TILE5F if kind == "Q5_K" else TILE6)
+    tiles = {"Q4_1": TILE, "Q4_K": TILE4F, "Q8_0": TILE8, "Q5_0": TILE5Z, "Q5_1": TILE5ZP}
+    assert packed.shape[-1] == tiles.get(kind, TILE5ZPF if kind == "Q5_K" else TILE6)
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = _run(driver, packed, a, n, path, digits, keep)
     want = reference(a, packed, digits, keep)  # (two digits: what int8 rounding left rounded too)

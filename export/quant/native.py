@@ -7,7 +7,8 @@ own precision: exact for its GGUF blocks; fp32, in a 400-byte tile, for Q4_K's d
 and their zero points z (the kernel centres the codes on z to keep the int8 activations' error
 small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which arrive in 8-bit containers) get the
 4-bit tile's low nibbles plus a plane of fifth bits, no z (centred on 16), in 384 bytes (fp16 d
-and m) or 448 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight). GGUF's Q6_K
+and m) or 448 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight); Q5_1 and Q5_K,
+whose zero weight can sit at any code, keep their z too (416 and 464 bytes). GGUF's Q6_K
 (blocks of 16, z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit
 planes, and the two halves' fp32 scales. The layout is documented in runtime/native/tiles.h; the
 constants below are its shape, and `pack` checks them against the built library's
@@ -28,7 +29,7 @@ from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers 
 # of a 5-bit tile with fp16 / fp32 d and m, of a 6-bit tile (blocks of 16), of a 5-bit tile
 # without m (Q5_0: m = −16·d)
 ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
-TILE5Z = 352
+TILE5Z, TILE5ZP, TILE5ZPF = 352, 416, 464
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
@@ -85,6 +86,10 @@ def tile_bytes(blocks: Blocks) -> int:
     wide = blocks.carried and not _fp16_exact(blocks)
     if bits == 5 and not wide and blocks.offsets is None and _centred_on(blocks, 16):
         return TILE5Z  # m = −16·d: the kernel makes it
+    if bits == 5 and blocks.zero_points is not None and not _centred_on(blocks, 16):
+        # Q5_1 / Q5_K: the code nearest zero weight is anywhere in 0..31, and the int8
+        # activations' error is d·(q − z)·ε: centred on 16 instead, it grows by (z − 16)·d·Σε
+        return TILE5ZPF if wide else TILE5ZP
     return {(4, False): TILE, (4, True): TILE4F, (5, False): TILE5, (5, True): TILE5F}[bits, wide]
 
 
@@ -125,7 +130,9 @@ def pack(blocks: Blocks) -> np.ndarray:
     q = q.transpose(0, 2, 3, 1, 5, 4)  # g, b, v, r, i, half
     low = q & 15
     parts = [(low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)]
-    for plane in {TILE5: (4,), TILE5F: (4,), TILE5Z: (4,), TILE6: (4, 5)}.get(size, ()):
+    fifth = (4,)
+    for plane in {TILE5: fifth, TILE5F: fifth, TILE5Z: fifth, TILE5ZP: fifth, TILE5ZPF: fifth,
+                  TILE6: (4, 5)}.get(size, ()):  # fmt: skip
         # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
         high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
@@ -134,15 +141,17 @@ def pack(blocks: Blocks) -> np.ndarray:
         parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(n // ROWS, nb, 128))
     else:
         d, m, z = scale_min_zero(blocks)
-        dtype = np.float32 if size in (TILE4F, TILE5F) else np.float16
+        dtype = np.float32 if size in (TILE4F, TILE5F, TILE5ZPF) else np.float16
 
         def per_row(x: np.ndarray) -> np.ndarray:
             h = x.astype(dtype).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
             return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, -1)
 
         parts += [per_row(d)] if size == TILE5Z else [per_row(d), per_row(m)]
-        if size in (TILE, TILE4F):
+        if size in (TILE, TILE4F, TILE5ZP, TILE5ZPF):
             parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
+        if size == TILE5ZP:  # unused: no two tile kinds share a size
+            parts.append(np.zeros((n // ROWS, nb, ROWS), np.uint8))
     packed = np.ascontiguousarray(np.concatenate(parts, axis=2))
     assert packed.shape[-1] == size
     return packed
@@ -178,7 +187,8 @@ def _check_layout() -> None:
     built = native.layout()
     ours = {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
-        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z,
+        "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
+        "tile5zpf": TILE5ZPF,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

@@ -58,7 +58,7 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
               mr = half_to_float(mh);
             }
           }
-          float z = l.five ? 16.f : (float)p[l.z + r];
+          float z = l.z < 0 ? 16.f : (float)p[l.z + r];
           acc[r] += (float)dot * (dr * da);
           off[r] += mr * sa + z * dr * ea;
         }
@@ -198,13 +198,13 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int6
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
 }
 
-/* A MatMulQ4 tile's scales d and the zero points' d·z (16·d for 5-bit codes). */
+/* A MatMulQ4 tile's scales d and the zero points' d·z (16·d for 5-bit codes without them). */
 AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l) {
   return l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
                : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
 }
-AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, int five, __m512 d) {
-  return five ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
+AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d) {
+  return l.z < 0 ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
               : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
                                   _mm_loadu_si128((const __m128i*)(p + l.z)))),
                               d);
@@ -250,7 +250,7 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
     __m512 m = l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
                : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
                        : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
-    __m512 zd = zero512(p, l, five, d);
+    __m512 zd = zero512(p, l, d);
     __m512i s[4];
     float ad[4];
     if (two == 2) few512(j, t0, T, b, c, s, &u, ad);
@@ -507,7 +507,7 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
         m = l.m < 0 ? vmulq_n_f32(d, -16.f)
                     : vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.m + 8 * q4)));
       }
-      if (!l.five) memcpy(zb, p + l.z + 4 * q4, 4);
+      if (l.z >= 0) memcpy(zb, p + l.z + 4 * q4, 4);
     }
     float zf[4] = {zb[0], zb[1], zb[2], zb[3]};
     z = vld1q_f32(zf);
@@ -753,7 +753,7 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4F, TILE5, TILE5F or TILE5Z: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on
+   (TILE, TILE4F or a TILE5 kind: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on
    success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
@@ -818,7 +818,7 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
    5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
-   of a 5-bit tile without m; -1 for anything else. */
+   of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -830,6 +830,8 @@ int64_t llamaonnx_layout(int what) {
     case 6: return TILE5F;
     case 7: return TILE6;
     case 8: return TILE5Z;
+    case 9: return TILE5ZP;
+    case 10: return TILE5ZPF;
     default: return -1;
   }
 }

@@ -52,10 +52,14 @@
  *                   and dmin·min products);
  * B uint8 [N/16, K/32, 352]: the 384-byte tile without m, which is −16·d (Q5_0: 5.5 bits a weight,
  *                   the file's own size).
- * A 5-bit tile has no z: its codes are centred on 16 (Q5_0's own zero, the middle of the range),
- * so the kernel computes y = d·da·Σ q·â_int + m·S + 16·d·(S − da·Σ â_int). 6 and 7 bits a weight
- * where the 8-bit tile spends 8.75.
- * The kernel tells the four apart by B's last dimension.
+ * B uint8 [N/16, K/32, 416] and [.., 464]: the 384- and 448-byte tiles with the rows' zero points
+ *                   z after m (16 bytes; the 416-byte tile's last 16 unused, so that no two
+ *                   kinds share a size): Q5_1 and Q5_K, whose minimums put the code nearest
+ *                   zero weight anywhere in 0..31.
+ * A 5-bit tile without z has its codes centred on 16 (Q5_0's own zero, the middle of the range),
+ * so the kernel computes y = d·da·Σ q·â_int + m·S + 16·d·(S − da·Σ â_int); with z, as the 4-bit
+ * tile. 6 and 7 bits a weight where the 8-bit tile spends 8.75.
+ * The kernel tells them apart by B's last dimension.
  *
  * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
  * tiles of [G; U] stacked along N (output N/2): the Split, Sigmoid and two Muls that would follow
@@ -165,27 +169,32 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE5F 448
 #define TILE6 512
 #define TILE5Z 352 /* a 5-bit tile without m: Q5_0, whose m is −16·d */
+#define TILE5ZP 416 /* TILE5 with each row's zero point z at 384..399 (400..415 unused): Q5_1 */
+#define TILE5ZPF 464 /* TILE5F with each row's zero point z at 448..463: Q5_K */
 #define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start (a 6-bit tile's sixth: + 64) */
 #define HALVES 384 /* where a 6-bit tile's two scales a row start */
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
-   (-1: a 5-bit tile, z 16). */
+   (-1: a 5-bit tile without zero points, z 16). */
 typedef struct {
   int five, f32, d, m, z;
 } Layout;
 
 INLINE Layout layout_of(int64_t tile) {
-  int five = tile == TILE5 || tile == TILE5F || tile == TILE5Z;
-  int f32 = tile == TILE4F || tile == TILE5F;
+  int zp5 = tile == TILE5ZP || tile == TILE5ZPF;
+  int five = tile == TILE5 || tile == TILE5F || tile == TILE5Z || zp5;
+  int f32 = tile == TILE4F || tile == TILE5F || tile == TILE5ZPF;
   int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;
-  Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five ? -1 : d + 2 * size};
+  Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five && !zp5 ? -1 : d + 2 * size};
   return l;
 }
 
 /* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
-  if (tile == TILE || tile == TILE4F || tile == TILE5 || tile == TILE5F || tile == TILE5Z) return 4;
+  if (tile == TILE || tile == TILE4F || tile == TILE5 || tile == TILE5F || tile == TILE5Z ||
+      tile == TILE5ZP || tile == TILE5ZPF)
+    return 4;
   return tile == TILE8 || tile == TILE6 ? 8 : 0;
 }
 
@@ -205,7 +214,7 @@ typedef struct {
   float* y;             /* [M, N] */
   int64_t m, k, n, nb, groups, chunk;
   int bits;       /* 4: MatMulQ4 tiles (4- or 5-bit codes), 8: MatMulQ8 tiles (8- or 6-bit) */
-  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE5, TILE5F; TILE8, TILE6 */
+  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE5*; TILE8, TILE6 */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
   int digits;     /* 2: aq, ad, as, ae hold 2M rows, M of the activations and M of what their int8

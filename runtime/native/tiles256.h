@@ -63,7 +63,7 @@ TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, int64_t ir, __m2
 }
 
 /* Half h of a MatMulQ4 tile's scales: d, m (−16·d where the tile has none) and the zero
-   points' z·d (16·d for 5-bit codes). */
+   points' z·d (16·d for 5-bit codes without zero points). */
 TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int h, int five, __m256* d, __m256* m, __m256* zd) {
   const int dsize = l.f32 ? 4 : 2;
   *d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
@@ -71,7 +71,7 @@ TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int h, int fiv
   *m = l.m < 0 ? _mm256_mul_ps(_mm256_set1_ps(-16.f), *d)
        : l.f32 ? _mm256_loadu_ps((const float*)(p + l.m) + 8 * h)
                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.m + 8 * dsize * h)));
-  *zd = five ? _mm256_mul_ps(_mm256_set1_ps(16.f), *d)
+  *zd = five && l.z < 0 ? _mm256_mul_ps(_mm256_set1_ps(16.f), *d)
              : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                  _mm_loadl_epi64((const __m128i*)(p + l.z + 8 * h)))),
                              *d);
@@ -452,6 +452,8 @@ TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int
     case TILE4F: NAME256(few_tokens)(j, g, t0, T, TILE4F, two); return;
     case TILE5: NAME256(few_tokens)(j, g, t0, T, TILE5, two); return;
     case TILE5F: NAME256(few_tokens)(j, g, t0, T, TILE5F, two); return;
+    case TILE5ZP: NAME256(few_tokens)(j, g, t0, T, TILE5ZP, two); return;
+    case TILE5ZPF: NAME256(few_tokens)(j, g, t0, T, TILE5ZPF, two); return;
     default: NAME256(few_tokens)(j, g, t0, T, TILE5Z, two); return;
   }
 }
