@@ -224,8 +224,8 @@ def test_gguf_quality_pools_the_texts_and_judges_the_goal_against_chance():
     from export.verify.gguf_quality import markdown, pooled, verdict
 
     assert verdict(1.0029, 0.001) == "within 0.3 %"
-    assert verdict(0.9960, 0.0025) == "ours better, 1.6 s.e. (chance)"
-    assert verdict(1.0060, 0.0010) == "ours worse, 6.0 s.e."
+    assert verdict(0.9960, 0.0025) == "ours better by 0.40 %, 1.60 s.e. (chance)"
+    assert verdict(1.0060, 0.0010) == "ours worse by 0.60 %, 5.98 s.e."
     rng = np.random.default_rng(1)
     ref = rng.gamma(2.0, 1.5, 1600)
     nll = {"ref": ref, "ours": ref + 0.002, "cpp": ref + rng.normal(0, 0.05, 1600)}
@@ -261,6 +261,14 @@ def test_gguf_quality_cuts_long_texts_into_even_windows():
         assert [t for w in ws for t in w] == list(range(n))
         assert len(ws) == -(-n // WINDOW) and max(map(len, ws)) - min(map(len, ws)) <= 1
     assert [len(w) for w in windows(list(range(1887)))] == [943, 944]
+    # a tokenizer's leading BOS starts every window, and is counted in its length
+    ids = [2] + list(range(100, 100 + 1887))
+    ws = windows(ids, [2])
+    assert [w[0] for w in ws] == [2, 2] and max(map(len, ws)) <= WINDOW
+    assert [t for w in ws for t in w[1:]] == ids[1:]
+    assert windows([2, 7], [2]) == [[2, 7]]
+    with pytest.raises(AssertionError):
+        windows([7, 8], [2])
 
 
 def test_the_second_texts_are_longer_and_of_the_same_three_kinds(default_tokenizer):

@@ -17,7 +17,8 @@ Files other than the shipped Q4_1 are made with llama.cpp's own quantizer
 reference weights, and quantizes those). llama.cpp's logits come from one batch of all the ids
 with every position's logits kept, the same teacher forcing as ours (llama-perplexity scores only
 the second half of each window, so its figure would not be on the same tokens); a text longer
-than WINDOW tokens is cut into equal windows, each scored from an empty cache by all three.
+than WINDOW tokens is cut into equal windows, each scored from an empty cache by all three and
+each starting with the tokens the tokenizer puts before a text (Gemma's BOS).
 """
 
 from __future__ import annotations
@@ -131,10 +132,10 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
     }
     nll: dict[str, list[np.ndarray]] = {"ref": [], "ours": [], "cpp": []}
     for kind, text in {**eval_texts(), **more_texts()}.items():
-        ids = tok.encode(text)
+        ids, lead = tok.encode(text), tok.encode("")
         per: dict[str, list[np.ndarray]] = {"ref": [], "ours": [], "cpp": []}
         kls: list[np.ndarray] = []
-        for w in windows(ids):
+        for w in windows(ids, lead):
             ref, ours = folder_logits(fp32, w), folder_logits(quant, w)
             theirs = llama_cpp_logits(path, w)
             for key, logits in zip(per, (ref, ours, theirs), strict=True):
@@ -148,7 +149,7 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
         _, se = paired_log_ratio(text_nll["ours"], text_nll["cpp"])
         row["texts"][kind] = {
             "tokens": len(ids),
-            "windows": len(windows(ids)),
+            "windows": len(windows(ids, lead)),
             "reference_perplexity": p_ref,
             "perplexity": p_ours,
             "llama_cpp_perplexity": p_cpp,
@@ -170,12 +171,18 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
 WINDOW = 1024
 
 
-def windows(ids: list[int]) -> list[list[int]]:
+def windows(ids: list[int], lead: list[int] = ()) -> list[list[int]]:
     """ids in the fewest consecutive windows of at most WINDOW tokens, of equal lengths to a
-    token (each scored on its own, so none is left with a token or two)."""
-    n = -(-len(ids) // WINDOW)
-    cuts = [len(ids) * i // n for i in range(n + 1)]
-    return [ids[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    token (each scored on its own, so none is left with a token or two). `lead`: the special
+    tokens the tokenizer puts before a text (Gemma's BOS), which ids start with: every later
+    window starts with them too, as the model expects a sequence to (without its BOS Gemma
+    scores the same tokens far worse, and a quantized copy departs further from it)."""
+    lead = list(lead)
+    assert ids[: len(lead)] == lead, "ids do not start with the tokenizer's lead tokens"
+    body, room = ids[len(lead) :], WINDOW - len(lead)
+    n = max(1, -(-len(body) // room))
+    cuts = [len(body) * i // n for i in range(n + 1)]
+    return [lead + body[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
 def pooled(nll: dict[str, np.ndarray]) -> dict:
@@ -206,7 +213,7 @@ def verdict(ratio: float, se: float) -> str:
         return "within 0.3 %"
     side = "ours better" if ratio < 1 else "ours worse"
     z = abs(math.log(ratio)) / se
-    return f"{side}, {z:.1f} s.e." + (" (chance)" if z < 2 else "")
+    return f"{side} by {100 * abs(ratio - 1):.2f} %, {z:.2f} s.e." + (" (chance)" if z < 2 else "")
 
 
 def markdown(rows: list[dict], cpu: str) -> str:
