@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from export.sources import default_gguf_path
     from runtime.bench.harness import machine
+    from runtime.bench.report import cpu_key
 
     a.models.mkdir(parents=True, exist_ok=True)
     shipped = default_gguf_path()
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         file, precision = rest.rsplit(":", 1)
         jobs.append((name, Path(file), precision))
     rows = [score(n, f, prec, a.models, lambda m: print(m, flush=True)) for n, f, prec in jobs]
-    cpu = machine()["cpu"]
+    cpu = cpu_key(machine())  # the model, family and vector extension: a VM's name hides them
     for r in rows:
         r["cpu"] = cpu
     if a.append and a.out.with_suffix(".json").is_file():  # earlier rows of other files stay
