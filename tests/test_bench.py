@@ -160,6 +160,16 @@ def test_ab_compares_two_kernel_libraries_in_one_process(tiny_folders, tmp_path,
         assert second["same_tokens"] and second["decode_tokens_per_second"] > 0
     table = capsys.readouterr().out
     assert "| 20 | copy |" in table and "decode ratio" in table
+    # --rows: the prompt decoded as a batch of that many, the same tokens in every row
+    rc = ab.main([str(folder), "--lib", f"installed={native.library_path()}", "--lib",
+                  f"copy={copy}", "--prompt-tokens", "9", "--new-tokens", "5", "--rounds", "2",
+                  "--threads", "1", "--rows", "3", "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["rows"] == 3 and "3 row(s)" in capsys.readouterr().out
+    assert report["lengths"][0]["engines"]["copy"]["same_tokens"]
+    with pytest.raises(SystemExit):
+        ab.main([str(folder), "--lib", f"a={copy}", "--lib", f"b={copy}", "--rows", "0"])
+    assert "--rows: at least 1" in capsys.readouterr().err
     for bad, says in [
         ([f"one={copy}"], "at least two"),
         ([f"a={copy}", f"a={copy}"], "given twice"),

@@ -2,7 +2,8 @@
 interleaved: how a kernel change is measured before it is kept (README, "Speed").
 
     python -m runtime.bench.ab FOLDER --lib old=/tmp/old.so --lib new=runtime/native/_q4ops...so
-        [--prompt-tokens 130,4096] [--new-tokens 128] [--rounds 12] [--threads 2] [--json F]
+        [--prompt-tokens 130,4096] [--new-tokens 128] [--rounds 12] [--threads 2] [--rows 8]
+        [--json F]
 
 Each library gets its own session on the same folder; every round runs each once on the same
 greedy prompt, the order reversed every other round, and the first round is a warm-up. Per
@@ -58,12 +59,15 @@ def compare(
     threads: int | None,
     swap: bool = False,
     progress=lambda message: None,
+    rows: int = 1,
 ) -> dict:
     from runtime.generator import GenerationConfig, Generator
     from runtime.session import Session
 
     if rounds < 2:
         raise ValueError("--rounds: at least 2 (the first is a warm-up)")
+    if rows < 1:
+        raise ValueError(f"--rows: at least 1, got {rows}")
     names = list(libs)
     gens = {}
     for name in reversed(names) if swap else names:
@@ -71,7 +75,8 @@ def compare(
     vocab = gens[names[0]].session.info.vocab_size
     cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
     report = {"folder": str(folder), "libraries": {k: str(v) for k, v in libs.items()},
-              "new_tokens": new_tokens, "rounds": rounds, "swap": swap, "lengths": []}  # fmt: skip
+              "new_tokens": new_tokens, "rounds": rounds, "swap": swap, "rows": rows,
+              "lengths": []}  # fmt: skip
     for n in prompt_tokens:
         rng = np.random.default_rng(n)
         prompt = [int(t) for t in rng.integers(min(100, vocab - 1), vocab, n)]
@@ -80,12 +85,12 @@ def compare(
         tokens: dict[str, list[int]] = {}
         for r in range(rounds):
             for name in names if r % 2 else names[::-1]:
-                out = gens[name].generate_ids([prompt], cfg)
+                out = gens[name].generate_ids([prompt] * rows, cfg)
                 tokens[name] = [int(t) for t in np.asarray(out).ravel()]
                 stats = gens[name].stats
                 if r:  # the first round warms both up
                     decode[name].append(stats.decode_tokens_per_second)
-                    prefill[name].append(n / stats.time_to_first_token)
+                    prefill[name].append(n * rows / stats.time_to_first_token)
             progress(f"{n} tokens: round {r + 1}/{rounds}")
         base = names[0]
         row = {"prompt_tokens": n, "engines": {}}
@@ -109,7 +114,8 @@ def markdown(report: dict) -> str:
     names = list(report["libraries"])
     lines = [
         f"A/B on {report['folder']}: {report['rounds'] - 1} interleaved rounds (after a "
-        f"warm-up), {report['new_tokens']} new tokens; ratios to `{names[0]}`, median "
+        f"warm-up), {report.get('rows', 1)} row(s) of the prompt decoded together (tok/s of "
+        f"all rows), {report['new_tokens']} new tokens; ratios to `{names[0]}`, median "
         "(quartiles) of the per-round ratios.",
         "",
         "| prompt tokens | library | decode tok/s | decode ratio | prefill tok/s | prefill ratio "
@@ -139,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--swap", action="store_true", help="load the libraries in reverse order")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=1,
+        help="decode this many copies of the prompt together (the engine's batches)",
+    )
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     try:
@@ -146,10 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [int(x) for x in a.prompt_tokens.split(",") if x]
         if not lengths or min(lengths) < 1:
             raise ValueError(f"--prompt-tokens {a.prompt_tokens!r}: positive integers, a,b,…")
+        if a.rows < 1:
+            raise ValueError(f"--rows: at least 1, got {a.rows}")
     except ValueError as e:
         p.error(str(e))
     report = compare(a.folder, libs, lengths, a.new_tokens, a.rounds, a.threads, a.swap,
-                     progress=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+                     progress=lambda m: print(m, file=sys.stderr, flush=True),
+                     rows=a.rows)  # fmt: skip
     print(markdown(report))
     if a.json:
         a.json.write_text(json.dumps(report, indent=1) + "\n")
