@@ -720,7 +720,8 @@ def test_a_folded_norm_gives_onnxruntimes_skip_norm_to_the_bit(path, kind):
     with native.use_path(path):
         for threads in (1, 2):
             two, one = (_run(_norm_then(op, packed, 256, f), threads) for f in (False, True))
-            for shape in [(1, 1), (2, 5), (1, 37)]:
+            # 1 row, 8 (a block of the x86 form's transposed sums), 9, 10, 16 and 37 rows
+            for shape in [(1, 1), (1, 8), (3, 3), (2, 5), (2, 8), (1, 37)]:
                 x, h = (3 * rng.standard_normal((*shape, 256)).astype(np.float32) for _ in "xh")
                 want = two.run(None, {"x": x, "h": h})
                 got = one.run(None, {"x": x, "h": h})
