@@ -285,3 +285,36 @@ def test_the_second_texts_are_longer_and_of_the_same_three_kinds(default_tokeniz
         assert old[:200] not in text
     assert second["chat 2"].startswith("User: ") and "\n\nAssistant: " in second["chat 2"]
     compile(second["code 2"], "more-code.txt", "exec")  # real Python
+
+
+def test_gguf_quality_scores_a_file_in_windows_and_pools_every_text(tmp_path, monkeypatch):
+    """score() end to end on the mixed test GGUF, with llama.cpp's logits stood in by the fp32
+    reference's (the `bench` extra is not in CI): all six texts, each cut into windows that
+    start with the tokenizer's lead tokens, every scored token pooled once, and the stand-in's
+    ratio to the reference exactly 1."""
+    from export.verify import gguf_quality as gq
+    from runtime.texts import eval_texts, more_texts
+    from runtime.tokenizer import Tokenizer
+
+    path = write_mixed(tmp_path)
+    models = tmp_path / "m"
+    monkeypatch.setattr(gq, "WINDOW", 200)  # the test model's context is 256
+    monkeypatch.setattr(gq, "llama_cpp_logits",
+                        lambda _, ids: gq.folder_logits(models / "x-fp32", ids))  # fmt: skip
+    row = gq.score("x", path, "int4", models, lambda m: None)
+    texts = {**eval_texts(), **more_texts()}
+    assert list(row["texts"]) == list(texts)
+    tok = Tokenizer.from_folder(models / "x-fp32")
+    scored = 0
+    for kind, text in texts.items():
+        ids, lead = tok.encode(text), tok.encode("")
+        ws = gq.windows(ids, lead)
+        s = row["texts"][kind]
+        assert s["tokens"] == len(ids) and s["windows"] == len(ws) > 1
+        assert all(w[: len(lead)] == lead and len(w) <= 200 for w in ws)
+        assert s["llama_cpp_ratio_to_reference"] == 1.0 and s["llama_cpp_kl_divergence"] < 1e-12
+        assert s["kl_divergence"] > 0 and s["ratio_to_llama_cpp_se"] > 0
+        scored += sum(len(w) - 1 for w in ws)
+    q = row["pooled"]
+    assert q["tokens"] == scored and q["llama_cpp_ratio_to_reference"] == 1.0
+    assert q["ratio_to_llama_cpp"] == pytest.approx(q["ratio_to_reference"], rel=1e-12)
