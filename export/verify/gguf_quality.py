@@ -105,7 +105,7 @@ def tensor_types(path: Path) -> dict[str, int]:
 def score(name: str, path: Path, precision: str, models: Path, progress) -> dict:
     from export.pipeline import export_model
     from export.quant import QuantSettings, quantize_folder
-    from export.verify.parity import mean_kl, paired_log_ratio, token_nll
+    from export.verify.parity import mean_kl, nll_perplexity, paired_log_ratio, token_nll
     from runtime.texts import eval_texts, more_texts
     from runtime.tokenizer import Tokenizer
 
@@ -132,10 +132,11 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
     }
     nll: dict[str, list[np.ndarray]] = {"ref": [], "ours": [], "cpp": []}
     for kind, text in {**eval_texts(), **more_texts()}.items():
-        ids, lead = tok.encode(text), tok.encode("")
+        ids = tok.encode(text)
+        cut = windows(ids, tok.encode(""))
         per: dict[str, list[np.ndarray]] = {"ref": [], "ours": [], "cpp": []}
         kls: list[np.ndarray] = []
-        for w in windows(ids, lead):
+        for w in cut:
             ref, ours = folder_logits(fp32, w), folder_logits(quant, w)
             theirs = llama_cpp_logits(path, w)
             for key, logits in zip(per, (ref, ours, theirs), strict=True):
@@ -144,12 +145,12 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
         text_nll = {k: np.concatenate(v) for k, v in per.items()}
         for key in nll:
             nll[key].append(text_nll[key])
-        p_ref, p_ours, p_cpp = (float(np.exp(text_nll[k].mean())) for k in ("ref", "ours", "cpp"))
+        p_ref, p_ours, p_cpp = (nll_perplexity(text_nll[k]) for k in ("ref", "ours", "cpp"))
         kl, kl_cpp = (float(x) for x in sum(kls) / len(text_nll["ref"]))
         _, se = paired_log_ratio(text_nll["ours"], text_nll["cpp"])
         row["texts"][kind] = {
             "tokens": len(ids),
-            "windows": len(windows(ids, lead)),
+            "windows": len(cut),
             "reference_perplexity": p_ref,
             "perplexity": p_ours,
             "llama_cpp_perplexity": p_cpp,
@@ -186,7 +187,7 @@ def windows(ids: list[int], lead: list[int] = ()) -> list[list[int]]:
 
 
 def pooled(nll: dict[str, np.ndarray]) -> dict:
-    """The three texts' tokens as one sample: each perplexity ratio and its standard error
+    """Every text's scored tokens as one sample: each perplexity ratio and its standard error
     (relative: that of the ratio's log), from the per-token NLLs of the reference (`ref`), ours
     and llama.cpp (`cpp`) on the same tokens."""
     from export.verify.parity import paired_log_ratio

@@ -82,7 +82,12 @@ def token_nll(logits: np.ndarray, ids: list[int]) -> np.ndarray:
 
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp(mean NLL) of ids[1:] under logits (S, V) computed in float64."""
-    mean = float(token_nll(logits, ids).mean())
+    return nll_perplexity(token_nll(logits, ids))
+
+
+def nll_perplexity(nll: np.ndarray) -> float:
+    """exp(mean) of per-token NLLs."""
+    mean = float(np.mean(nll))
     return math.exp(mean) if mean < 700 else math.inf  # exp(709) overflows a float
 
 
