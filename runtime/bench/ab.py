@@ -66,8 +66,6 @@ def compare(
 
     if rounds < 2:
         raise ValueError("--rounds: at least 2 (the first is a warm-up)")
-    if rows < 1:
-        raise ValueError(f"--rows: at least 1, got {rows}")
     names = list(libs)
     gens = {}
     for name in reversed(names) if swap else names:
