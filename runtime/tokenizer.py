@@ -6,12 +6,29 @@ Python makes of invalid UTF-8 in argv) is an InvalidTextError, never a crash dee
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from runtime.chat_template import ChatTemplate
 from runtime.errors import InvalidTextError, OptionError
 
 ROLES_HINT = "a list of {'role': str, 'content': str} messages"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable character that stands for each byte
+    in a byte-level BPE vocabulary → that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def check_text(text, what: str = "the prompt") -> str:
@@ -57,6 +74,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.template_origin = template_origin
         self._template: ChatTemplate | None = None
+        self._decoders: list[dict] | None = None  # (token_bytes')
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer:
@@ -70,6 +88,38 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in a decoded text, as OpenAI's `logprobs` give them:
+        a token may hold part of a character (a byte-level BPE piece, a SentencePiece byte
+        fallback), so a reply's text is its tokens' bytes joined and decoded, not their strings
+        joined. Read from the vocabulary's pieces through the tokenizer's decoders (byte-level,
+        or SentencePiece's "▁" for a space and <0xHH> bytes), as `tokenizers` decodes every
+        token, added ones included."""
+        if self._decoders is None:
+            spec = json.loads(self._tok.to_str()).get("decoder") or {}
+            self._decoders = (
+                spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+            )
+        decoders = self._decoders
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            raise OptionError(
+                f"token id {token_id} is not in this model's vocabulary "
+                f"(0 to {self._tok.get_vocab_size() - 1})"
+            )
+        kinds = [d.get("type") for d in decoders]
+        if "ByteLevel" in kinds:
+            chars = _BYTE_LEVEL_CHARS
+            return b"".join(bytes([chars[c]]) if c in chars else c.encode() for c in piece)
+        if "ByteFallback" in kinds and (m := _BYTE_PIECE.fullmatch(piece)):
+            return bytes([int(m.group(1), 16)])
+        for d in decoders:
+            if d.get("type") == "Replace" and "String" in (d.get("pattern") or {}):
+                piece = piece.replace(d["pattern"]["String"], d.get("content", ""))
+            elif d.get("type") == "Metaspace":
+                piece = piece.replace(d.get("replacement", "\u2581"), " ")
+        return piece.encode()
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
@@ -87,6 +137,9 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The rendered template already holds the special tokens as text.
         return self._tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
 
 
 class StreamDecoder:

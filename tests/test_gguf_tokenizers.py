@@ -72,3 +72,38 @@ def test_byte_level_pre_tokenizers_match_transformers(pre, tmp_path):
     whitespace split as transformers splits them."""
     path = write_bpe_gguf(tmp_path / "bpe.gguf", default_gguf_path(), pre)
     _check(_ours(path), _theirs(path), TEXTS + ["I'll say it's 2024-12-01: 1234567 apples!!"])
+
+
+@pytest.mark.parametrize("arch", ["default", "llama", "gemma3", "phi3"])
+def test_token_bytes_join_into_the_decoded_text(arch, tmp_path):
+    """`Tokenizer.token_bytes` (OpenAI's logprobs `bytes`): a text's tokens' bytes, joined, are
+    the bytes of what `tokenizers` decodes them to, characters split across tokens included; on
+    byte-level BPE (the default model) and on SentencePiece with byte fallback."""
+    import json
+
+    from runtime.tokenizer import Tokenizer
+
+    if arch == "default":
+        path = default_gguf_path()
+    else:
+        path = write_spm_gguf(tmp_path / "tok.gguf", arch, add_space_prefix=arch != "gemma3")
+    ours = _ours(path)
+    tok = Tokenizer(json.loads(ours.to_str()))
+    split = 0
+    for text in TEXTS:
+        ids = ours.encode(text).ids
+        pieces = [tok.token_bytes(i) for i in ids]
+        split += sum(not _whole(p) for p in pieces)
+        want = ours.decode(ids, skip_special_tokens=False).encode()
+        assert b"".join(pieces) == want, (arch, text)
+    assert split > 0  # some token held part of a character (the emoji, 東京)
+    with pytest.raises(Exception, match="not in this model's vocabulary"):
+        tok.token_bytes(10**7)
+
+
+def _whole(piece: bytes) -> bool:
+    try:
+        piece.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
