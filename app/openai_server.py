@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context's worth of text
 DEFAULT_MAX_TOKENS = 256
 # OpenAI's parameters this server does not implement: refused with a 400 rather than ignored
-UNSUPPORTED = ("tools", "tool_choice", "functions", "logprobs", "top_logprobs", "logit_bias",
-               "response_format", "suffix", "echo", "best_of")  # fmt: skip
+UNSUPPORTED = ("tools", "tool_choice", "functions", "response_format", "suffix", "echo",
+               "best_of", "audio", "prediction", "web_search_options")  # fmt: skip
+MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, the completions' logprobs
 
 
 class ApiError(Exception):
@@ -55,6 +56,49 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}  # fmt: skip
+
+
+class _Logprobs:
+    """The logprobs a reply's events carry (Event.logprob, Event.top_logprobs), gathered until
+    the next chunk and put in OpenAI's form: chat's `content` entries, each token with its
+    bytes (a token may hold part of a character), or the completions' parallel lists."""
+
+    def __init__(self, tokenizer, chat: bool, asked: bool):
+        self.tok, self.chat, self.asked = tokenizer, chat, asked
+        self.pending: list[tuple[int, float, tuple[tuple[int, float], ...]]] = []
+        self.offset = 0  # the completions' text_offset: characters of the reply so far
+
+    def add(self, event) -> None:
+        if event.logprob is not None:
+            self.pending.append((event.token, event.logprob, event.top_logprobs))
+
+    def _piece(self, token: int) -> tuple[str, bytes]:
+        raw = self.tok.token_bytes(token)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def take(self) -> dict | None:
+        """What has come since the last take, for the next chunk (None: logprobs not asked)."""
+        if not self.asked:
+            return None
+        items, self.pending = self.pending, []
+        if self.chat:
+            content = []
+            for token, lp, top in items:
+                text, raw = self._piece(token)
+                best = [{"token": t, "logprob": p, "bytes": list(b)}
+                        for t, b, p in ((*self._piece(i), p) for i, p in top)]  # fmt: skip
+                content.append({"token": text, "logprob": lp, "bytes": list(raw),
+                                "top_logprobs": best})  # fmt: skip
+            return {"content": content}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp, top in items:
+            text = self._piece(token)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self._piece(i)[0]: p for i, p in top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
 
 
 @dataclasses.dataclass
@@ -82,7 +126,48 @@ def _api_error(e: Exception) -> ApiError:
     return ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")
 
 
-def _config(body: dict) -> GenerationConfig:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many likeliest tokens each token's logprobs list, or None for no logprobs: chat's
+    `logprobs` (true/false) with `top_logprobs` (0–20), the completions' `logprobs` (0–5)."""
+    top = MAX_TOP_LOGPROBS[chat]
+    if not chat:
+        n = body.get("logprobs")
+        if n is None:
+            return None
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= top:
+            raise ApiError(400, f"logprobs must be an integer from 0 to {top}, got {n!r}",
+                           param="logprobs")  # fmt: skip
+        return n
+    on, n = body.get("logprobs"), body.get("top_logprobs")
+    if on not in (None, True, False):
+        raise ApiError(400, f"logprobs must be true or false, got {on!r}", param="logprobs")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= top):
+        raise ApiError(400, f"top_logprobs must be an integer from 0 to {top}, got {n!r}",
+                       param="top_logprobs")  # fmt: skip
+    if n is not None and not on:
+        raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (n or 0) if on else None
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias, a map from token ids (JSON keys: strings) to biases of -100 to 100."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError(400, f"logit_bias must map token ids to biases, got {value!r:.80}",
+                       param="logit_bias")  # fmt: skip
+    pairs = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r:.40}",
+                           param="logit_bias") from None  # fmt: skip
+        pairs.append((token, bias))
+    return tuple(pairs)
+
+
+def _config(body: dict, chat: bool) -> GenerationConfig:
     for key in UNSUPPORTED:
         if body.get(key) not in (None, False, [], {}):
             raise ApiError(400, f"{key} is not supported by this server", param=key)
@@ -109,12 +194,21 @@ def _config(body: dict) -> GenerationConfig:
             top_p=body.get("top_p", 1.0),
             top_k=body.get("top_k", 0),  # extensions some clients send
             repetition_penalty=body.get("repetition_penalty", 1.0),
+            presence_penalty=_or(body.get("presence_penalty"), 0.0),
+            frequency_penalty=_or(body.get("frequency_penalty"), 0.0),
+            logit_bias=_logit_bias(body.get("logit_bias")),
+            logprobs=_logprobs(body, chat),
             seed=_seed(body.get("seed")),
             stop_strings=tuple(stop),
             stop_token_ids=() if ignore_eos else None,
         )
     except (OptionError, TypeError, ValueError) as e:
         raise ApiError(400, str(e)) from None
+
+
+def _or(value, default):
+    """A parameter's value, or its default where the client sent null (as OpenAI accepts)."""
+    return default if value is None else value
 
 
 def _seed(value):
@@ -274,7 +368,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         try:
             body = await body_of(request)
             s = model_of(body)
-            config = _config(body)
+            config = _config(body, chat=True)
             prompt = s.engine.session.tokenizer.encode_chat(_messages(body))
             events, listener = _listener()
             handle = s.engine.submit(prompt, config, listener=listener)
@@ -287,7 +381,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         try:
             body = await body_of(request)
             s = model_of(body)
-            config = _config(body)
+            config = _config(body, chat=False)
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
@@ -320,6 +414,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         def finish() -> str:
             return "length" if handle.finish_reason == "length" else "stop"
 
+        logprobs = _Logprobs(s.engine.session.tokenizer, chat, handle.config.logprobs is not None)
+
         if not body.get("stream"):
             loop = asyncio.get_running_loop()
             checked = loop.time()
@@ -332,6 +428,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
                     checked = loop.time()
                     if await http.is_disconnected():
                         handle.cancel()
+                if event is not None:
+                    logprobs.add(event)
                 if event is not None and event.finish_reason is not None:
                     break
             try:
@@ -340,11 +438,11 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
                 return error(e)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": handle.text},
-                          "finish_reason": finish(), "logprobs": None}  # fmt: skip
+                          "finish_reason": finish(), "logprobs": logprobs.take()}  # fmt: skip
                 kind = "chat.completion"
             else:
                 choice = {"index": 0, "text": handle.text, "finish_reason": finish(),
-                          "logprobs": None}  # fmt: skip
+                          "logprobs": logprobs.take()}  # fmt: skip
                 kind = "text_completion"
             return {"id": rid, "object": kind, "created": created, "model": s.name,
                     "choices": [choice], "usage": usage()}  # fmt: skip
@@ -352,15 +450,16 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
+            lp = None if first else logprobs.take()  # (the tokens since the last chunk)
             if chat:
                 delta = {} if text is None else {"content": text}
                 if first:
                     delta = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": lp}
                 kind = "chat.completion.chunk"
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": reason,
-                          "logprobs": None}  # fmt: skip
+                          "logprobs": lp}  # fmt: skip
                 kind = "text_completion"
             data = {"id": rid, "object": kind, "created": created, "model": s.name,
                     "choices": [choice]}  # fmt: skip
@@ -372,6 +471,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
                     yield chunk(None, None, first=True)
                 while True:
                     event = await events.get()
+                    logprobs.add(event)
                     if event.text:
                         yield chunk(event.text, None)
                     if event.finish_reason is not None:

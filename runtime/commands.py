@@ -47,6 +47,11 @@ def _add_generation_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int_arg(0), default=0, help="≥ 0 (0: off)")
     g.add_argument("--top-p", type=float_arg(0, 1, lo_open=True), default=1.0, help="(0, 1]")
     g.add_argument("--repetition-penalty", type=float_arg(0, lo_open=True), default=1.0, help="> 0")
+    for name in ("presence", "frequency"):
+        g.add_argument(
+            f"--{name}-penalty", type=float_arg(-2, 2), default=0.0,
+            help="-2 to 2 (OpenAI's, on the reply's tokens)",
+        )  # fmt: skip
     g.add_argument("--seed", type=int_arg(0, 2**63 - 1), default=None)
     g.add_argument("--provider", default="auto", choices=("cpu", "cuda", "auto"))
     g.add_argument(
@@ -77,6 +82,8 @@ def _generation_config(args):
         top_p=args.top_p,
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         truncate=args.truncate,
     )
 

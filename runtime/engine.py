@@ -46,14 +46,21 @@ from runtime.errors import (
     OptionError,
     QueueFullError,
 )
-from runtime.generator import GenerationConfig, _first_stop, _held_back
-from runtime.sampler import apply_repetition_penalty, sample
+from runtime.generator import GenerationConfig, _first_stop, _held_back, check_vocabulary
+from runtime.sampler import (
+    apply_logit_bias,
+    apply_penalties,
+    apply_repetition_penalty,
+    sample,
+    token_logprobs,
+)
 from runtime.session import Session, kv_buffers
 from runtime.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
+Logprobs = tuple[float, tuple[tuple[int, float], ...]]  # a token's, and the likeliest tokens'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,10 @@ class Event:
     token: int | None
     text: str
     finish_reason: str | None = None  # one of FINISH_REASONS on the last event
+    # where the request asked for logprobs (GenerationConfig.logprobs), for every token but a
+    # stop token: its log-probability under the model and the likeliest tokens' (id, logprob)
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class Request:
@@ -113,14 +124,15 @@ class Request:
         return self.tokens, self.finish_reason or "error"
 
     # engine side
-    def _emit(self, token: int | None, text: str, reason: str | None = None) -> None:
+    def _emit(self, token: int | None, text: str, reason: str | None = None,
+              logprobs: Logprobs | None = None) -> None:  # fmt: skip
         if token is not None and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.text += text
         if reason is not None:  # done before the last event is seen: result() then holds
             self.finish_reason = reason
             self._done.set()
-        event = Event(token, text, reason)
+        event = Event(token, text, reason, *(logprobs or (None, ())))
         if self.listener is not None:  # an asyncio server: no thread waits on the queue
             self.listener(event)
         else:
@@ -241,6 +253,7 @@ class Engine:
                     f"exceeds the engine's context of {self.max_length} tokens"
                 )
             prompt = prompt[-room:]
+        check_vocabulary(config, self.session.info.vocab_size)
         if timeout is not None and not (timeout > 0):
             raise OptionError(f"timeout must be > 0 seconds, got {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -397,7 +410,11 @@ class Engine:
     def _take(self, i: int, row: np.ndarray) -> None:
         """Sample slot i's next token from its logits row, emit it, and finish where it ends."""
         slot, c = self.slots[i], self.slots[i].request.config
+        raw = row
         row = apply_repetition_penalty(row, slot.history, c.repetition_penalty)
+        # the reply's tokens so far: request.tokens (a stop token joins it only as it finishes)
+        row = apply_penalties(row, slot.request.tokens, c.presence_penalty, c.frequency_penalty)
+        row = apply_logit_bias(row, c.logit_bias)
         token = sample(row, slot.rng, c.temperature, c.top_k, c.top_p)
         request = slot.request
         self.metrics.generated_tokens += 1
@@ -411,22 +428,24 @@ class Engine:
         request.tokens.append(token)
         slot.history.append(token)
         slot.last = token
+        lp = None if c.logprobs is None else token_logprobs(raw, token, c.logprobs)
         text = slot.held + slot.decoder.push(token)
         stops = [s for s in c.stop_strings if s]
         cut = _first_stop(text, stops)
         if cut is not None:
             slot.held = ""
-            self._finish(i, "stop", token, text[:cut])
+            self._finish(i, "stop", token, text[:cut], lp)
             return
         keep = _held_back(text, stops)
         slot.held = text[len(text) - keep :] if keep else ""
         out = text[: len(text) - keep]
         if len(request.tokens) >= c.max_new_tokens or slot.length + 1 >= self.max_length:
-            self._finish(i, "length", token, out)
+            self._finish(i, "length", token, out, lp)
             return
-        request._emit(token, out)
+        request._emit(token, out, logprobs=lp)
 
-    def _finish(self, i: int, reason: str, token: int | None = None, text: str = "") -> None:
+    def _finish(self, i: int, reason: str, token: int | None = None, text: str = "",
+                logprobs: Logprobs | None = None) -> None:  # fmt: skip
         slot = self.slots[i]
         if (
             reason in ("stop", "length")
@@ -434,7 +453,7 @@ class Engine:
             and not text.endswith("\ufffd")
         ):
             text += slot.held + (slot.decoder.flush() if reason == "length" else "")
-        slot.request._emit(token, text, reason)
+        slot.request._emit(token, text, reason, logprobs)
         self.metrics.finished[reason] += 1
         self.slots[i] = None
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
 from runtime import options
 from runtime.errors import ContextLengthError, OptionError
-from runtime.sampler import apply_repetition_penalty, sample
+from runtime.sampler import apply_logit_bias, apply_penalties, apply_repetition_penalty, sample
 from runtime.session import Session
 from runtime.tokenizer import StreamDecoder, check_text
 
@@ -39,6 +39,10 @@ class GenerationConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: -2 to 2, on the reply's tokens
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, -100 to 100) pairs
+    logprobs: int | None = None  # the engine's events: the token's and this many likeliest
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
     stop_strings: tuple[str, ...] = ()
@@ -55,6 +59,28 @@ class GenerationConfig:
             "repetition_penalty",
             options.number("repetition_penalty", self.repetition_penalty, 0, None, lo_open=True),
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            set_(name, options.number(name, getattr(self, name), -2, 2))
+        bias = self.logit_bias
+        if isinstance(bias, Mapping):
+            bias = tuple(bias.items())
+        try:
+            pairs = [(t, b) for t, b in bias]
+        except (TypeError, ValueError):
+            raise OptionError(
+                f"logit_bias must map token ids to biases, got {self.logit_bias!r:.80}"
+            ) from None
+        set_("logit_bias", tuple(sorted(
+            (options.integer("a logit_bias token id", t, 0),
+             options.number(f"the logit_bias of token {t}", b, -100, 100)) for t, b in pairs
+        )))  # fmt: skip
+        if len({t for t, _ in self.logit_bias}) < len(self.logit_bias):
+            raise OptionError("logit_bias names a token twice")
+        if self.logprobs is not None:
+            set_(
+                "logprobs",
+                options.integer("logprobs (the likeliest tokens given)", self.logprobs, 0, 20),
+            )
         if self.seed is not None:
             set_("seed", options.integer("seed", self.seed, 0, 2**63 - 1))
         if self.max_length is not None:
@@ -66,6 +92,16 @@ class GenerationConfig:
         if not all(isinstance(x, str) for x in stops):
             raise OptionError(f"stop_strings must be strings, got {stops!r}")
         set_("stop_strings", tuple(check_text(x, "a stop string") for x in stops))
+
+
+def check_vocabulary(config: GenerationConfig, vocab_size: int) -> None:
+    """OptionError where the settings name a token the model does not have."""
+    for token, _ in config.logit_bias:
+        if token >= vocab_size:
+            raise OptionError(
+                f"logit_bias names token {token}, past this model's vocabulary "
+                f"(0 to {vocab_size - 1})"
+            )
 
 
 @dataclasses.dataclass
@@ -130,6 +166,12 @@ class Generator:
     ) -> Iterator[list[int | None]]:
         """Yields, per decode step, each row's new token (None once that row has stopped)."""
         prompts, max_length = self._fit(prompts, config)
+        check_vocabulary(config, self.info.vocab_size)
+        if config.logprobs is not None:
+            raise OptionError(
+                "the Generator gives no logprobs: runtime.engine.Engine's events carry them "
+                "(and `llamaonnx serve` answers with them)"
+            )
         stop = self._stop_ids(config)
         b = len(prompts)
         ids, mask, positions = right_pad(prompts, self.info.pad_token_id)
@@ -137,6 +179,7 @@ class Generator:
         cache = self.session.new_cache(b, max_length)
         rng = np.random.default_rng(config.seed)
         history = [list(p) for p in prompts]
+        replies: list[list[int]] = [[] for _ in prompts]  # (the presence and frequency penalties')
         done = [False] * b
         self.stats = Stats(prompt_tokens=int(lengths.sum()))
         start = time.perf_counter()
@@ -162,8 +205,13 @@ class Generator:
                     picks.append(None)
                     continue
                 row = apply_repetition_penalty(last[i], history[i], config.repetition_penalty)
+                row = apply_penalties(
+                    row, replies[i], config.presence_penalty, config.frequency_penalty
+                )
+                row = apply_logit_bias(row, config.logit_bias)
                 tok = sample(row, rng, config.temperature, config.top_k, config.top_p)
                 history[i].append(tok)
+                replies[i].append(tok)
                 done[i] = tok in stop
                 picks.append(tok)
             self.stats.new_tokens += b - picks.count(None)

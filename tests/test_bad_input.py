@@ -543,6 +543,8 @@ def test_a_stream_never_ends_inside_a_character(tiny_folders):
         ({"temperature": -1}, "temperature"),
         ({"repetition_penalty": math.nan}, r"repetition_penalty .* \(0, inf\]"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be a finite number in \[-2, 2\]"),
+        ({"frequency_penalty": math.nan}, "frequency_penalty"),
         ({"top_p": math.nan}, r"top_p .* \(0, 1\]"),
         ({"top_p": 0}, "top_p"),
         ({"top_k": -3}, r"top_k .* \[0, inf\]"),

@@ -5,8 +5,10 @@ and MatMulNBits) and on the default model's int4 folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import numpy as np
 import pytest
 
 from export.quant import QuantSettings, quantize_folder
@@ -41,10 +43,17 @@ def _alone(session: Session, prompt: list[int], config: GenerationConfig) -> lis
 def test_batching_does_not_change_a_requests_tokens(folders, which):
     """7 requests of 3 to 27 tokens, in 3 slots, prompts prefilled 4 tokens at a time: each
     joins as another leaves, and each gets the tokens it gets alone (greedy, and sampled with
-    its own seed)."""
+    its own seed; three with presence or frequency penalties, which count each reply's own
+    tokens)."""
     session = Session(folders[which], provider="cpu")
     configs = [
-        GenerationConfig(max_new_tokens=4 + 3 * k, temperature=0.8 * (k % 2), seed=k)
+        GenerationConfig(
+            max_new_tokens=4 + 3 * k,
+            temperature=0.8 * (k % 2),
+            seed=k,
+            frequency_penalty=1.5 * (k in (2, 5)),
+            presence_penalty=0.7 * (k in (3, 5)),
+        )
         for k in range(7)
     ]
     prompts = _prompts(session.info.vocab_size)
@@ -160,6 +169,48 @@ def test_deadlines_and_stop_tokens_end_a_request(folders):
         assert (reason, tokens) == ("stop", free[: free.index(stop_at) + 1]), free
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4-kv16"])
+def test_logprobs_are_the_models_and_do_not_depend_on_the_batch(folders, which):
+    """Each token's logprob and its likeliest alternatives (sampled at temperature 0.9) are the
+    log-softmax of the logits a teacher-forced forward pass over prompt + reply gives at that
+    position, alone and among other requests; a stop token carries none."""
+    session = Session(folders[which], provider="cpu")
+    prompt = [5, 6, 7, 8, 9]
+    config = GenerationConfig(max_new_tokens=10, temperature=0.9, seed=4, logprobs=3,
+                              stop_token_ids=())  # fmt: skip
+    engine = Engine(session, slots=3, prefill_chunk=4)
+    try:
+        alone = list(engine.submit(prompt, config))
+        others = [engine.submit(p, GenerationConfig(max_new_tokens=12)) for p in _prompts(50, 2)]
+        batched = list(engine.submit(prompt, config))
+        [r.result(60) for r in others]
+    finally:
+        engine.close()
+    assert [(e.token, e.logprob, e.top_logprobs) for e in batched] == [
+        (e.token, e.logprob, e.top_logprobs) for e in alone
+    ]
+    reply = [e.token for e in alone]
+    ids = np.array([prompt + reply], np.int64)
+    n = ids.shape[1]
+    cache = session.new_cache(1, n)
+    logits = session.forward(ids, np.ones((1, n), np.int64), np.arange(n)[None], cache)[0]
+    x = logits[len(prompt) - 1 : -1].astype(np.float64)
+    mx = x.max(1, keepdims=True)
+    want = x - mx - np.log(np.exp(x - mx).sum(1, keepdims=True))  # log-softmax
+    for k, event in enumerate(alone):
+        assert event.logprob == pytest.approx(want[k, event.token], abs=2e-3)
+        best = np.argsort(-want[k], kind="stable")[:3]
+        assert [i for i, _ in event.top_logprobs] == best.tolist()
+        assert [p for _, p in event.top_logprobs] == pytest.approx(want[k, best], abs=2e-3)
+    stopped = Engine(session, slots=1)
+    try:
+        ends = list(stopped.submit(prompt, dataclasses.replace(config, stop_token_ids=(reply[2],))))
+    finally:
+        stopped.close()
+    assert ends[-1].token == reply[2] and ends[-1].logprob is None
+    assert all(e.logprob is not None for e in ends[:-1])
 
 
 def test_streamed_text_and_stop_strings_on_real_text(default_int4):

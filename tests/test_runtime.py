@@ -1,5 +1,6 @@
 """The torch-free runtime: sampling, streaming, stop strings, batching, errors, import boundary."""
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -10,7 +11,13 @@ import pytest
 
 from runtime.errors import ContextLengthError, ModelFolderError
 from runtime.generator import GenerationConfig, Generator
-from runtime.sampler import filter_logits, sample
+from runtime.sampler import (
+    apply_logit_bias,
+    apply_penalties,
+    filter_logits,
+    sample,
+    token_logprobs,
+)
 from runtime.session import Session
 
 
@@ -21,6 +28,71 @@ def test_runtime_app_and_cli_never_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_presence_and_frequency_penalties_count_the_replys_tokens_only(tiny_folders, monkeypatch):
+    """OpenAI's penalties: a token's logit falls by the frequency penalty for every time the reply
+    has produced it and by the presence penalty once; the prompt's tokens are not counted."""
+    from runtime import generator
+    from runtime.session import Session
+
+    logits = np.zeros(8, np.float32)
+    out = apply_penalties(logits, [3, 3, 5], presence=0.5, frequency=0.25)
+    assert out.tolist() == [0, 0, 0, -1.0, 0, -0.75, 0, 0] and not logits.any()
+    assert apply_penalties(logits, [3], 0.0, 0.0) is logits
+    assert apply_penalties(logits, [3], -1.0, 0.0)[3] == 1.0  # a negative one favours it
+
+    seen, real = [], generator.apply_penalties
+
+    def spy(row, generated, presence, frequency):
+        seen.append(list(generated))
+        return real(row, generated, presence, frequency)
+
+    monkeypatch.setattr(generator, "apply_penalties", spy)
+    session = Session(tiny_folders["ort"], provider="cpu")
+    prompt = [5, 6, 7, 8]
+    plain = Generator(session).generate_ids([prompt], GenerationConfig(12, stop_token_ids=()))[0]
+    seen.clear()
+    config = GenerationConfig(12, stop_token_ids=(), frequency_penalty=2.0, presence_penalty=1.0)
+    penalised = Generator(session).generate_ids([prompt], config)[0]
+    assert seen == [penalised[:i] for i in range(len(penalised))]  # the reply so far, no prompt
+    assert len(set(penalised)) > len(set(plain))  # fewer repeats than the greedy reply
+
+
+def test_logprobs_are_the_raw_distributions_and_list_the_likeliest_first():
+    logits = np.array([1.0, 3.0, 2.0, 3.0, -50.0], np.float32)
+    want = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    lp, top = token_logprobs(logits, 2, 3)
+    assert lp == pytest.approx(want[2], abs=1e-12)
+    assert [i for i, _ in top] == [1, 3, 2]  # the two 3.0s tied: the lower id first
+    assert [p for _, p in top] == pytest.approx(want[[1, 3, 2]], abs=1e-12)
+    assert token_logprobs(logits, 4, 0) == (pytest.approx(want[4]), ())
+    assert len(token_logprobs(logits, 0, 5)[1]) == 5
+    assert apply_logit_bias(logits, ((0, 5.0), (4, -100.0))).tolist() == [6, 3, 2, 3, -150]
+
+
+def test_logit_bias_and_logprobs_settings_are_checked(tiny_folders):
+    from runtime.errors import OptionError
+    from runtime.session import Session
+
+    assert GenerationConfig(logit_bias={7: 1.5, 2: -100}).logit_bias == ((2, -100.0), (7, 1.5))
+    for bias, match in (({1: 101}, r"logit_bias of token 1 .* \[-100, 100\]"),
+                        ({-1: 1}, "logit_bias token id"), ([(3, 1), (3, 2)], "twice"),
+                        ("x", "must map token ids")):  # fmt: skip
+        with pytest.raises(OptionError, match=match):
+            GenerationConfig(logit_bias=bias)
+    with pytest.raises(OptionError, match=r"logprobs .* \[0, 20\]"):
+        GenerationConfig(logprobs=21)
+    session = Session(tiny_folders["ort"], provider="cpu")
+    vocab = session.info.vocab_size
+    with pytest.raises(OptionError, match=f"token {vocab}, past .* vocabulary"):
+        Generator(session).generate_ids([[5, 6]], GenerationConfig(4, logit_bias={vocab: 1}))
+    with pytest.raises(OptionError, match="Engine's events carry them"):
+        Generator(session).generate_ids([[5, 6]], GenerationConfig(4, logprobs=2))
+    greedy = GenerationConfig(max_new_tokens=4, stop_token_ids=())
+    first = Generator(session).generate_ids([[5, 6, 7]], greedy)[0][0]
+    banned = dataclasses.replace(greedy, logit_bias=((first, -100.0),))
+    assert first not in Generator(session).generate_ids([[5, 6, 7]], banned)[0]
 
 
 def test_top_k_and_top_p_keep_only_allowed_tokens():

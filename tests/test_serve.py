@@ -127,6 +127,65 @@ def test_completions_and_seeded_sampling_repeat(server):
     status, body = _post(url, "/v1/completions",
                          {"model": model, "prompt": prompt, "ignore_eos": "yes"})  # fmt: skip
     assert status == 400 and body["error"]["param"] == "ignore_eos"
+    # OpenAI's frequency penalty counts the reply's own tokens: the commas of a count stop
+    count = dict(model=model, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0)
+    plain = client.completions.create(**count).choices[0].text
+    penalised = client.completions.create(**count, frequency_penalty=2.0).choices[0].text
+    assert plain.count(",") > penalised.count(",")
+    with pytest.raises(openai.BadRequestError, match=r"presence_penalty .* \[-2, 2\]"):
+        client.completions.create(**count, presence_penalty=3)
+
+
+def test_logprobs_and_logit_bias(server, default_int4):
+    """Chat's logprobs (each token with its bytes and its likeliest alternatives; streamed, the
+    same entries), the completions' form, and logit_bias, through the openai client."""
+    from runtime.tokenizer import Tokenizer
+
+    url, model, _ = server
+    client = _client(url)
+    ask = dict(model=model, max_tokens=24, temperature=0, logprobs=True, top_logprobs=2,
+               messages=[{"role": "user", "content": "Say café, then an emoji."}])  # fmt: skip
+    whole = client.chat.completions.create(**ask)
+    choice = whole.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == whole.usage.completion_tokens - (choice.finish_reason == "stop")
+    # the reply's text is its tokens' bytes joined (a token may hold part of a character),
+    # less a last character that max_tokens cut short (the text never ends in part of one)
+    joined, text = b"".join(bytes(e.bytes) for e in content), choice.message.content.encode()
+    assert joined.startswith(text) and len(joined) - len(text) < 4
+    for e in content:  # greedy: the token taken is the likeliest
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].bytes == e.bytes
+        assert e.top_logprobs[0].logprob == e.logprob <= 0
+        assert e.top_logprobs[1].logprob <= e.logprob
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert [(e.bytes, e.logprob) for e in streamed] == [(e.bytes, e.logprob) for e in content]
+
+    count = dict(model=model, prompt="Count: 1, 2, 3,", max_tokens=8, temperature=0)
+    done = client.completions.create(**count, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 8
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(8)]
+    pairs = zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    assert all(max(d.values()) == p for d, p in pairs)  # greedy: the likeliest taken
+    tok = Tokenizer.from_folder(default_int4)
+    first = next(i for i in range(50_000) if tok.token_bytes(i) == lp.tokens[0].encode())
+    banned = client.completions.create(**count, logit_bias={str(first): -100}, logprobs=0)
+    assert banned.choices[0].logprobs.tokens[0] != lp.tokens[0]
+    assert banned.choices[0].logprobs.top_logprobs[0] == {}
+
+    chat = {"model": model, "messages": MESSAGES}
+    for body, param in (({**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({**chat, "top_logprobs": 2}, "top_logprobs"),
+                        ({**chat, "logit_bias": {"x": 1}}, "logit_bias"),
+                        ({**count, "logprobs": 6}, "logprobs")):  # fmt: skip
+        status, answer = _post(url, "/v1/completions" if "prompt" in body else
+                               "/v1/chat/completions", body)  # fmt: skip
+        assert status == 400 and answer["error"]["param"] == param, answer
+    status, answer = _post(url, "/v1/completions", {**count, "logit_bias": {"999999": 5}})
+    assert status == 400 and "past this model's vocabulary" in answer["error"]["message"]
 
 
 def test_errors_come_in_openais_form_with_its_status_codes(server):
@@ -146,6 +205,9 @@ def test_errors_come_in_openais_form_with_its_status_codes(server):
         url, "/v1/chat/completions", {"model": model, "messages": MESSAGES, "n": 2}
     )
     assert status == 400 and body["error"]["param"] == "n"
+    tools = {"model": model, "messages": MESSAGES, "tools": [{"type": "function"}]}
+    status, body = _post(url, "/v1/chat/completions", tools)
+    assert status == 400 and body["error"]["param"] == "tools"
     status, body = _post(url, "/v1/chat/completions", None, raw=b"{not json")
     assert status == 400 and "JSON" in body["error"]["message"]
     # a body over the limit is refused from its Content-Length, before it is read: the client
