@@ -515,8 +515,11 @@ def _prometheus(served: dict[str, Served]) -> str:
     metric("requests_total", "counter", "requests accepted", each(lambda e: e.metrics.requests))
     metric("refused_total", "counter", "requests refused (queue full)",
            each(lambda e: e.metrics.refused))  # fmt: skip
-    metric("prompt_tokens_total", "counter", "prompt tokens prefilled",
+    metric("prompt_tokens_total", "counter", "prompt tokens of the requests taken",
            each(lambda e: e.metrics.prompt_tokens))  # fmt: skip
+    metric("prompt_tokens_cached_total", "counter",
+           "prompt tokens found in a slot's cache (an earlier request's), not computed again",
+           each(lambda e: e.metrics.cached_prompt_tokens))  # fmt: skip
     metric("generated_tokens_total", "counter", "tokens generated",
            each(lambda e: e.metrics.generated_tokens))  # fmt: skip
     metric("tokens_per_second", "gauge", "tokens generated per second, last 10 s",

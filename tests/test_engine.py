@@ -68,6 +68,29 @@ def test_batching_does_not_change_a_requests_tokens(folders, which):
     assert engine.metrics.moves > 0  # running requests moved to other slots on the way
 
 
+@pytest.mark.parametrize("which", ["fp32", "int4-native", "int4-nbits", "int4-kv16"])
+def test_a_prompt_that_starts_as_a_slots_cache_does_reuses_it_exactly(folders, which):
+    """A chat's next turn: its prompt starts with the last turn's prompt and reply, whose keys
+    and values the slot still holds (prefilled and decoded). Only the rest is computed, and the
+    reply is the one it gets alone; a prompt that differs early takes what is the same."""
+    session = Session(folders[which], provider="cpu")
+    greedy = GenerationConfig(max_new_tokens=9, stop_token_ids=())
+    first = [5, 6, 7, 8, 9, 10, 11]
+    engine = Engine(session, slots=2, prefill_chunk=4)
+    try:
+        reply = engine.submit(first, greedy).result(60)[0]
+        turn = first + reply + [12, 13, 14]
+        got = engine.submit(turn, greedy).result(60)[0]
+        held = len(first) + len(reply) - 1  # (the reply's last token was never fed)
+        assert engine.metrics.cached_prompt_tokens == held
+        other = [5, 6, 7, 40, 41]
+        assert engine.submit(other, greedy).result(60)[0] == _alone(session, other, greedy)
+        assert engine.metrics.cached_prompt_tokens == held + 3
+    finally:
+        engine.close()
+    assert got == _alone(session, turn, greedy)
+
+
 def test_the_default_models_int4_folder_batches_exactly(default_int4):
     """Alone in the engine or among three others, the same tokens: llamaonnx's kernels compute
     each row of a batch as they compute it alone (int8 activations per row, the attention's
@@ -211,6 +234,29 @@ def test_logprobs_are_the_models_and_do_not_depend_on_the_batch(folders, which):
         stopped.close()
     assert ends[-1].token == reply[2] and ends[-1].logprob is None
     assert all(e.logprob is not None for e in ends[:-1])
+
+
+def test_a_chats_next_turn_reuses_its_history_on_the_default_model(default_int4):
+    """The chat template renders the last reply again in the next turn's prompt: the slot's
+    cache holds most of it, and the reply is the one the turn gets alone."""
+    session = Session(default_int4, provider="cpu")
+    tok = session.tokenizer
+    config = GenerationConfig(max_new_tokens=16)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    engine = Engine(session, slots=2)
+    try:
+        first = engine.submit(tok.encode_chat(chat), config)
+        first.result(120)
+        chat += [{"role": "assistant", "content": first.text},
+                 {"role": "user", "content": "And of Italy?"}]  # fmt: skip
+        prompt = tok.encode_chat(chat)
+        before = engine.metrics.cached_prompt_tokens
+        got = engine.submit(prompt, config).result(120)[0]
+        reused = engine.metrics.cached_prompt_tokens - before
+    finally:
+        engine.close()
+    assert reused > len(first.prompt)  # the first prompt and some of its reply
+    assert got == _alone(session, prompt, config)
 
 
 def test_streamed_text_and_stop_strings_on_real_text(default_int4):

@@ -263,16 +263,23 @@ def test_a_disconnect_cancels_the_request(server):
 def test_health_and_metrics(server):
     url, model, _ = server
     # a request of its own, so that decode steps ran whichever tests ran before
-    request = {"model": model, "messages": MESSAGES, "max_tokens": 4, "ignore_eos": True}
+    request = {"model": model, "messages": MESSAGES, "max_tokens": 4, "ignore_eos": True,
+               "temperature": 0}  # fmt: skip
     status, body = _post(url, "/v1/chat/completions", request)
     assert status == 200 and body["usage"]["completion_tokens"] == 4
+    # asked again, the prompt is found in the slot's cache (all of it but its last token)
+    status, again = _post(url, "/v1/chat/completions", request)
+    assert status == 200 and again["choices"] == body["choices"]
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     for name in ("queue_depth", "active_slots", "tokens_per_second", "requests_total",
-                 "time_to_first_token_seconds"):  # fmt: skip
+                 "time_to_first_token_seconds", "prompt_tokens_cached_total"):  # fmt: skip
         assert f"# TYPE llamaonnx_{name}" in text and f'llamaonnx_{name}{{model="{model}"' in text
+    cached = f'llamaonnx_prompt_tokens_cached_total{{model="{model}"}} '
+    line = next(x for x in text.splitlines() if x.startswith(cached))
+    assert int(line.split()[-1]) >= body["usage"]["prompt_tokens"] - 1
     # the decode steps by their rows add up to the totals (the server is idle here)
     values = {}
     for line in text.splitlines():
