@@ -481,13 +481,13 @@ class Engine:
 def _common_start(a: list[int], b: list[int]) -> int:
     """How many tokens a and b share from their start."""
     n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
-    return lo
+    k = 0
+    while k < n and a[k : k + 64] == b[k : k + 64]:  # 64 at a time in C, then one by one
+        k += 64
+    k = min(k, n)
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
 
 
 class _Buffers:
