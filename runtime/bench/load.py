@@ -339,7 +339,10 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
         time.sleep(c * ramp / clients)
         for j in range(per_client):
             start = time.monotonic() - t0
-            r = one_request(url, model, texts[(c + j) % len(texts)], max_tokens, api_key)
+            # a tag of its own in front: no server finds the prompt in a cache (beyond the
+            # chat template's shared start), so each request's prompt is computed under load
+            prompt = f"[{c + 1}.{j + 1}] {texts[(c + j) % len(texts)]}"
+            r = one_request(url, model, prompt, max_tokens, api_key)
             with lock:
                 results.append({**r, "client": c, "start": start})
 
@@ -597,6 +600,7 @@ def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 
             "threads": threads,
             "prompts": len(texts),
             "prompt_words": prompt_words,
+            "distinct_prompts": True,
             "ramp_s": ramp,
             "sampling": "greedy (temperature 0)",
         },
@@ -662,8 +666,14 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
         f"## {cpu_key(m)}",
         "",
         f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores); {s['threads']} threads per "
-        f"server, {s['prompts']} chat prompts of {s['prompt_words']} words of text{sizes}, "
-        f"{s['max_tokens']} new tokens each "
+        f"server, {s['prompts']} chat prompts of {s['prompt_words']} words of text{sizes}"
+        + (
+            ", each request's with a tag of its own in front ([client.request]: no server finds "
+            "it in a prompt cache), "
+            if s.get("distinct_prompts")
+            else ", "
+        )
+        + f"{s['max_tokens']} new tokens each "
         f"({s['sampling']}), {s['requests_per_client']} requests per client in turn, streamed; "
         + (
             f"clients start spread over {s['ramp_s']:g} s."
