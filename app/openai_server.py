@@ -72,9 +72,13 @@ class _Logprobs:
         if event.logprob is not None:
             self.pending.append((event.token, event.logprob, event.top_logprobs))
 
-    def _piece(self, token: int) -> tuple[str, bytes]:
+    def _text(self, token: int) -> str:
+        return self.tok.token_bytes(token).decode("utf-8", errors="replace")
+
+    def _entry(self, token: int, logprob: float) -> dict:
         raw = self.tok.token_bytes(token)
-        return raw.decode("utf-8", errors="replace"), raw
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+                "bytes": list(raw)}  # fmt: skip
 
     def take(self) -> dict | None:
         """What has come since the last take, for the next chunk (None: logprobs not asked)."""
@@ -82,20 +86,15 @@ class _Logprobs:
             return None
         items, self.pending = self.pending, []
         if self.chat:
-            content = []
-            for token, lp, top in items:
-                text, raw = self._piece(token)
-                best = [{"token": t, "logprob": p, "bytes": list(b)}
-                        for t, b, p in ((*self._piece(i), p) for i, p in top)]  # fmt: skip
-                content.append({"token": text, "logprob": lp, "bytes": list(raw),
-                                "top_logprobs": best})  # fmt: skip
-            return {"content": content}
+            return {"content": [
+                {**self._entry(token, lp), "top_logprobs": [self._entry(i, p) for i, p in top]}
+                for token, lp, top in items]}  # fmt: skip
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, lp, top in items:
-            text = self._piece(token)[0]
+            text = self._text(token)
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({self._piece(i)[0]: p for i, p in top})
+            out["top_logprobs"].append({self._text(i): p for i, p in top})
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
