@@ -55,6 +55,7 @@ def make_file(source: Path, out: Path, type_name: str) -> Path:
     params.ftype = FILE_TYPES[type_name][0]
     params.allow_requantize = True
     params.nthread = 2
+    out.parent.mkdir(parents=True, exist_ok=True)  # llama.cpp says only "iostream error" without it
     tmp = out.with_suffix(".part")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source} to {type_name}")
