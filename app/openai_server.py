@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context's worth of text
 DEFAULT_MAX_TOKENS = 256
 # OpenAI's parameters this server does not implement: refused with a 400 rather than ignored
-UNSUPPORTED = ("tools", "tool_choice", "functions", "response_format", "suffix", "echo",
-               "best_of", "audio", "prediction", "web_search_options")  # fmt: skip
+UNSUPPORTED = ("tools", "tool_choice", "functions", "response_format", "suffix", "best_of",
+               "audio", "prediction", "web_search_options")  # fmt: skip
 MAX_TOP_LOGPROBS = {True: 20, False: 5}  # chat's top_logprobs, the completions' logprobs
 
 
@@ -72,6 +72,13 @@ class _Logprobs:
         if event.logprob is not None:
             self.pending.append((event.token, event.logprob, event.top_logprobs))
 
+    def add_prompt(self, prompt: list[int], logprobs: list) -> None:
+        """The completions' echo: the prompt's tokens first, the first with null logprobs."""
+        if self.asked and logprobs is not None and len(logprobs) == len(prompt):  # (else: a
+            # request that ended before its prompt was computed: cancelled, or an error)
+            entries = zip(prompt, logprobs, strict=True)
+            self.pending[:0] = [(t, *(lp or (None, None))) for t, lp in entries]
+
     def _text(self, token: int) -> str:
         return self.tok.token_bytes(token).decode("utf-8", errors="replace")
 
@@ -94,7 +101,7 @@ class _Logprobs:
             text = self._text(token)
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({self._text(i): p for i, p in top})
+            out["top_logprobs"].append(None if top is None else {self._text(i): p for i, p in top})
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
@@ -166,6 +173,19 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
     return tuple(pairs)
 
 
+def _echo(body: dict, chat: bool) -> bool:
+    """The completions' `echo`: the prompt in front of the reply (with its logprobs where
+    logprobs are asked: how evaluation harnesses score a text, with max_tokens 0)."""
+    echo = body.get("echo")
+    if echo in (None, False):
+        return False
+    if chat:
+        raise ApiError(400, "echo is a parameter of /v1/completions, not of chat", param="echo")
+    if echo is not True:
+        raise ApiError(400, f"echo must be true or false, got {echo!r}", param="echo")
+    return True
+
+
 def _config(body: dict, chat: bool) -> GenerationConfig:
     for key in UNSUPPORTED:
         if body.get(key) not in (None, False, [], {}):
@@ -175,6 +195,12 @@ def _config(body: dict, chat: bool) -> GenerationConfig:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
+    logprobs, echo = _logprobs(body, chat), _echo(body, chat)
+    if max_tokens == 0 and not echo:
+        raise ApiError(400, "max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
+    prompt_logprobs = None  # the prompt's logprobs where shown, or where the echo is all
+    if echo and (logprobs is not None or max_tokens == 0):
+        prompt_logprobs = logprobs or 0
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
@@ -196,7 +222,8 @@ def _config(body: dict, chat: bool) -> GenerationConfig:
             presence_penalty=_or(body.get("presence_penalty"), 0.0),
             frequency_penalty=_or(body.get("frequency_penalty"), 0.0),
             logit_bias=_logit_bias(body.get("logit_bias")),
-            logprobs=_logprobs(body, chat),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             seed=_seed(body.get("seed")),
             stop_strings=tuple(stop),
             stop_token_ids=() if ignore_eos else None,
@@ -373,7 +400,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
             handle = s.engine.submit(prompt, config, listener=listener)
         except Exception as e:  # noqa: BLE001 (every error becomes an OpenAI error body)
             return error(e)
-        return await _respond(request, s, handle, events, body, chat=True)
+        return await _respond(request, s, handle, events, body, chat=True, echo=None)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
@@ -391,7 +418,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
             handle = s.engine.submit(ids, config, listener=listener)
         except Exception as e:  # noqa: BLE001
             return error(e)
-        return await _respond(request, s, handle, events, body, chat=False)
+        echo = prompt if _echo(body, chat=False) else None
+        return await _respond(request, s, handle, events, body, chat=False, echo=echo)
 
     def _listener():
         """An asyncio queue and the engine-side callback that fills it: one wake-up of the
@@ -401,7 +429,9 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         return events, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
 
     async def _respond(http: HttpRequest, s: Served, handle: Request, events: asyncio.Queue,
-                       body: dict, chat: bool):  # fmt: skip
+                       body: dict, chat: bool, echo: str | None):  # fmt: skip
+        """The reply, streamed or whole; `echo`: the completions' prompt text, put in front
+        (with its tokens' logprobs, whole before the first event)."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
@@ -416,6 +446,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
         logprobs = _Logprobs(s.engine.session.tokenizer, chat, handle.config.logprobs is not None)
 
         if not body.get("stream"):
+            echo_text = ""
             loop = asyncio.get_running_loop()
             checked = loop.time()
             while True:
@@ -427,6 +458,9 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
                     checked = loop.time()
                     if await http.is_disconnected():
                         handle.cancel()
+                if event is not None and echo is not None:
+                    logprobs.add_prompt(handle.prompt, handle.prompt_logprobs)
+                    echo_text, echo = echo, None
                 if event is not None:
                     logprobs.add(event)
                 if event is not None and event.finish_reason is not None:
@@ -440,8 +474,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
                           "finish_reason": finish(), "logprobs": logprobs.take()}  # fmt: skip
                 kind = "chat.completion"
             else:
-                choice = {"index": 0, "text": handle.text, "finish_reason": finish(),
-                          "logprobs": logprobs.take()}  # fmt: skip
+                choice = {"index": 0, "text": echo_text + handle.text,
+                          "finish_reason": finish(), "logprobs": logprobs.take()}  # fmt: skip
                 kind = "text_completion"
             return {"id": rid, "object": kind, "created": created, "model": s.name,
                     "choices": [choice], "usage": usage()}  # fmt: skip
@@ -468,8 +502,13 @@ def create_app(served: dict[str, Served], api_key: str | None = None,
             try:
                 if chat:
                     yield chunk(None, None, first=True)
+                prompt = echo
                 while True:
                     event = await events.get()
+                    if prompt is not None:  # the prompt first, in a chunk of its own
+                        logprobs.add_prompt(handle.prompt, handle.prompt_logprobs)
+                        yield chunk(prompt, None)
+                        prompt = None
                     logprobs.add(event)
                     if event.text:
                         yield chunk(event.text, None)

@@ -26,8 +26,10 @@ holds chunked to whole). Batching does not change results: a greedy request's to
 alone and among others joining and leaving (tested).
 
 Per request: its sampling settings and seed, stop tokens and strings, max new tokens, streaming
-(text pieces of whole characters), cancellation (its slot is free at the next step) and a
-deadline. The queue is bounded: beyond it `submit` raises QueueFullError at once.
+(text pieces of whole characters), logprobs of its tokens and, asked, of its prompt's (computed
+from position 0, so such a request takes no cached start), cancellation (its slot is free at
+the next step) and a deadline. The queue is bounded: beyond it `submit` raises QueueFullError
+at once.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class Request:
         self.config = config
         self.deadline = deadline  # time.monotonic() value, or None
         self.tokens: list[int] = []
+        # config.prompt_logprobs: each prompt token's (logprob, likeliest), None for the first
+        # (nothing predicts it); whole before the request's first event
+        self.prompt_logprobs: list[Logprobs | None] | None = None
         self.text = ""
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -344,8 +349,10 @@ class Engine:
                 if n > reuse:
                     i, reuse = j, n
             reuse = min(reuse, len(prompt) - 1)
-            free.remove(i)
             c = request.config
+            if c.prompt_logprobs is not None:  # every position's logits, from the first
+                reuse, request.prompt_logprobs = 0, [None]
+            free.remove(i)
             stops = self.info.eos_token_ids if c.stop_token_ids is None else c.stop_token_ids
             self.slots[i] = _Slot(
                 request,
@@ -378,11 +385,23 @@ class Engine:
         decoding = any(s is not None and not s.pending and s.last is not None for s in self.slots)
         n = self.busy_chunk if decoding else self.prefill_chunk
         chunk, slot.pending = slot.pending[:n], slot.pending[n:]
+        request = slot.request
+        every = request.prompt_logprobs is not None
         t = time.perf_counter()
-        logits = self._buffers.prefill(i, chunk, slot.length)
+        logits = self._buffers.prefill(i, chunk, slot.length, every)
         self.metrics.prefill_seconds += time.perf_counter() - t
+        if every:  # position p's logits give the prompt's token p + 1
+            prompt, top = request.prompt, request.config.prompt_logprobs
+            for k in range(min(len(chunk), len(prompt) - 1 - slot.length)):
+                request.prompt_logprobs.append(
+                    token_logprobs(logits[0, k], prompt[slot.length + k + 1], top)
+                )
         slot.length += len(chunk)
-        if not slot.pending:
+        if slot.pending:
+            return
+        if request.config.max_new_tokens == 0:  # the prompt's logprobs were all it asked
+            self._finish(i, "length")
+        else:
             self._take(i, logits[0, -1])
 
     def _running(self, i: int) -> bool:
@@ -570,9 +589,10 @@ class _Buffers:
                     name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, np.int64))
                 )
 
-    def prefill(self, slot: int, chunk: list[int], past: int) -> np.ndarray:
+    def prefill(self, slot: int, chunk: list[int], past: int, every: bool = False) -> np.ndarray:
         """Slot `slot`'s next prompt chunk after its `past` cached tokens → logits (1, S, V), or
-        (1, 1, V) for the chunk's last position alone where the graph can (`keeps_logits`)."""
+        (1, 1, V) for the chunk's last position alone where the graph can (`keeps_logits`) and
+        `every` position's are not asked for."""
         import onnxruntime as ort
 
         s = len(chunk)
@@ -583,9 +603,9 @@ class _Buffers:
             np.ones((1, past + s), np.int64),
             np.arange(past, past + s)[None],
         )
-        keep = self.session.keeps_logits
-        if keep:
-            binding.bind_ortvalue_input("logits_to_keep", self.session.logits_to_keep[1])
+        keep = self.session.keeps_logits and not every
+        if self.session.keeps_logits:
+            binding.bind_ortvalue_input("logits_to_keep", self.session.logits_to_keep[int(keep)])
         logits = np.empty((1, 1 if keep else s, self.info.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.session.run_with_iobinding(binding)

@@ -43,6 +43,9 @@ class GenerationConfig:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, -100 to 100) pairs
     logprobs: int | None = None  # the engine's events: the token's and this many likeliest
+    # the engine: each prompt token's logprob (the first's None) and this many likeliest, in
+    # Request.prompt_logprobs (OpenAI's completions echo; with it max_new_tokens may be 0)
+    prompt_logprobs: int | None = None
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
     stop_strings: tuple[str, ...] = ()
@@ -51,7 +54,9 @@ class GenerationConfig:
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
-        set_("max_new_tokens", options.integer("max_new_tokens", self.max_new_tokens, 1))
+        # (0: only the prompt's logprobs)
+        low = 0 if self.prompt_logprobs is not None else 1
+        set_("max_new_tokens", options.integer("max_new_tokens", self.max_new_tokens, low))
         set_("temperature", options.number("temperature", self.temperature, 0, MAX_TEMPERATURE))
         set_("top_k", options.integer("top_k (0 turns it off)", self.top_k, 0))
         set_("top_p", options.number("top_p", self.top_p, 0, 1, lo_open=True))
@@ -76,11 +81,10 @@ class GenerationConfig:
         )))  # fmt: skip
         if len({t for t, _ in self.logit_bias}) < len(self.logit_bias):
             raise OptionError("logit_bias names a token twice")
-        if self.logprobs is not None:
-            set_(
-                "logprobs",
-                options.integer("logprobs (the likeliest tokens given)", self.logprobs, 0, 20),
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                set_(name, options.integer(f"{name} (the likeliest tokens given)",
+                                           getattr(self, name), 0, 20))  # fmt: skip
         if self.seed is not None:
             set_("seed", options.integer("seed", self.seed, 0, 2**63 - 1))
         if self.max_length is not None:
@@ -167,7 +171,7 @@ class Generator:
         """Yields, per decode step, each row's new token (None once that row has stopped)."""
         prompts, max_length = self._fit(prompts, config)
         check_vocabulary(config, self.info.vocab_size)
-        if config.logprobs is not None:
+        if config.logprobs is not None or config.prompt_logprobs is not None:
             raise OptionError(
                 "the Generator gives no logprobs: runtime.engine.Engine's events carry them "
                 "(and `llamaonnx serve` answers with them)"

@@ -13,7 +13,7 @@ import pytest
 
 from export.quant import QuantSettings, quantize_folder
 from runtime.engine import Engine
-from runtime.errors import EngineClosedError, ModelFolderError, QueueFullError
+from runtime.errors import EngineClosedError, ModelFolderError, OptionError, QueueFullError
 from runtime.generator import GenerationConfig, Generator
 from runtime.session import Session
 
@@ -234,6 +234,54 @@ def test_logprobs_are_the_models_and_do_not_depend_on_the_batch(folders, which):
         stopped.close()
     assert ends[-1].token == reply[2] and ends[-1].logprob is None
     assert all(e.logprob is not None for e in ends[:-1])
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4-kv16"])
+def test_prompt_logprobs_are_the_models_whatever_the_chunks_cache_and_batch(folders, which):
+    """prompt_logprobs (the completions' echo): each prompt token's logprob and likeliest
+    alternatives are the teacher-forced log-softmax at the position before it (the first token
+    has none), over chunks of 4, alone and beside other requests, and again for the same prompt
+    whose start a slot's cache already holds; max_new_tokens 0 ends after the prompt."""
+    session = Session(folders[which], provider="cpu")
+    prompt = [(3 + 7 * j) % 50 for j in range(11)]
+    n = len(prompt)
+    ids = np.array([prompt], np.int64)
+    logits = session.forward(ids, np.ones((1, n), np.int64), np.arange(n)[None],
+                             session.new_cache(1, n))[0]  # fmt: skip
+    x = logits[:-1].astype(np.float64)
+    mx = x.max(1, keepdims=True)
+    want = x - mx - np.log(np.exp(x - mx).sum(1, keepdims=True))
+    only = GenerationConfig(max_new_tokens=0, prompt_logprobs=2)
+    engine = Engine(session, slots=3, prefill_chunk=4)
+    try:
+        first = engine.submit(prompt, only)
+        events = list(first)
+        others = [engine.submit(p, GenerationConfig(max_new_tokens=12)) for p in _prompts(50, 2)]
+        again = engine.submit(prompt, dataclasses.replace(only, max_new_tokens=3))
+        again.result(60)
+        [r.result(60) for r in others]
+    finally:
+        engine.close()
+    assert [(e.token, e.finish_reason) for e in events] == [(None, "length")]
+    assert first.tokens == [] and first.text == ""
+    assert len(again.tokens) == 3 and again.prompt_logprobs == first.prompt_logprobs
+    got = first.prompt_logprobs
+    assert len(got) == n and got[0] is None
+    for q in range(1, n):
+        lp, top = got[q]
+        assert lp == pytest.approx(want[q - 1, prompt[q]], abs=2e-3)
+        best = np.argsort(-want[q - 1], kind="stable")[:2]
+        assert [i for i, _ in top] == best.tolist()
+        assert [p for _, p in top] == pytest.approx(want[q - 1, best], abs=2e-3)
+
+
+def test_max_new_tokens_zero_needs_prompt_logprobs():
+    """0 new tokens is a request for the prompt's logprobs only; without them it is an error."""
+    with pytest.raises(OptionError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(OptionError, match="prompt_logprobs"):
+        GenerationConfig(max_new_tokens=0, prompt_logprobs=21)
+    assert GenerationConfig(max_new_tokens=0, prompt_logprobs=0).max_new_tokens == 0
 
 
 def test_a_chats_next_turn_reuses_its_history_on_the_default_model(default_int4):

@@ -188,6 +188,52 @@ def test_logprobs_and_logit_bias(server, default_int4):
     assert status == 400 and "past this model's vocabulary" in answer["error"]["message"]
 
 
+def test_echo_scores_the_prompt(server, default_int4):
+    """The completions' echo, as evaluation harnesses score a text (echo, logprobs, max_tokens
+    0): the prompt comes back as the text with each token's logprob (the first's null), equal
+    to a teacher-forced forward pass's log-softmax on the same folder; streamed, the prompt
+    comes first in a chunk of its own and the reply after it. Chat has no echo, and max_tokens
+    0 needs it."""
+    import numpy as np
+
+    from runtime.session import Session
+
+    url, model, _ = server
+    client = _client(url)
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    scored = client.completions.create(model=model, prompt=prompt, echo=True, logprobs=2,
+                                       max_tokens=0)  # fmt: skip
+    choice, n = scored.choices[0], scored.usage.prompt_tokens
+    lp = choice.logprobs
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    assert "".join(lp.tokens) == prompt and len(lp.tokens) == n
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(n)]
+    session = Session(default_int4, provider="cpu")
+    ids = np.array([session.tokenizer.encode(prompt)], np.int64)
+    assert ids.shape[1] == n
+    logits = session.forward(ids, np.ones((1, n), np.int64), np.arange(n)[None],
+                             session.new_cache(1, n))[0][:-1].astype(np.float64)  # fmt: skip
+    mx = logits.max(1, keepdims=True)
+    want = logits - mx - np.log(np.exp(logits - mx).sum(1, keepdims=True))
+    assert lp.token_logprobs[1:] == pytest.approx(want[np.arange(n - 1), ids[0, 1:]], abs=2e-3)
+    for d, p in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True):
+        assert len(d) == 2 and max(d.values()) >= p
+
+    ask = dict(model=model, prompt=prompt, echo=True, max_tokens=4, temperature=0)
+    whole = client.completions.create(**ask).choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(**ask, stream=True)]
+    assert chunks[0] == prompt and "".join(chunks) == whole and whole.startswith(prompt)
+    assert len(whole) > len(prompt)
+    for path, body, param in (
+        ("/v1/chat/completions", {"model": model, "messages": MESSAGES, "echo": True}, "echo"),
+        ("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"model": model, "prompt": prompt, "echo": 1}, "echo"),
+    ):
+        status, answer = _post(url, path, body)
+        assert status == 400 and answer["error"]["param"] == param, answer
+
+
 def test_errors_come_in_openais_form_with_its_status_codes(server):
     url, model, tiny = server
     with pytest.raises(openai.AuthenticationError):
