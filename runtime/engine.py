@@ -97,7 +97,9 @@ class Request:
         self.tokens: list[int] = []
         # config.prompt_logprobs: each prompt token's (logprob, likeliest), None for the first
         # (nothing predicts it); whole before the request's first event
-        self.prompt_logprobs: list[Logprobs | None] | None = None
+        self.prompt_logprobs: list[Logprobs | None] | None = (
+            None if config.prompt_logprobs is None else [None]
+        )
         self.text = ""
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -342,16 +344,14 @@ class Engine:
             # the free slot whose cache already holds the longest start of this prompt (a
             # chat's next turn: its history), whose rows are taken as they are; at least the
             # prompt's last token is computed, for its logits
-            prompt = request.prompt
+            # (not a request for its prompt's logprobs: it needs every position's logits)
+            prompt, c = request.prompt, request.config
             i, reuse = free[0], 0
-            for j in free if self.reuse_prefixes else ():
+            for j in free if self.reuse_prefixes and c.prompt_logprobs is None else ():
                 n = _common_start(self._buffers.cached[j], prompt)
                 if n > reuse:
                     i, reuse = j, n
             reuse = min(reuse, len(prompt) - 1)
-            c = request.config
-            if c.prompt_logprobs is not None:  # every position's logits, from the first
-                reuse, request.prompt_logprobs = 0, [None]
             free.remove(i)
             stops = self.info.eos_token_ids if c.stop_token_ids is None else c.stop_token_ids
             self.slots[i] = _Slot(
