@@ -74,7 +74,9 @@ class Tokenizer:
         self.chat_template = chat_template
         self.template_origin = template_origin
         self._template: ChatTemplate | None = None
-        self._decoders: list[dict] | None = None  # (token_bytes')
+        # (token_bytes': the decoders and their types, read once; each token's bytes as asked)
+        self._decoders: tuple[list[dict], set] | None = None
+        self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer:
@@ -96,30 +98,34 @@ class Tokenizer:
         joined. Read from the vocabulary's pieces through the tokenizer's decoders (byte-level,
         or SentencePiece's "▁" for a space and <0xHH> bytes), as `tokenizers` decodes every
         token, added ones included."""
+        known = self._token_bytes.get(token_id)
+        if known is not None:
+            return known
         if self._decoders is None:
             spec = json.loads(self._tok.to_str()).get("decoder") or {}
-            self._decoders = (
-                spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
-            )
-        decoders = self._decoders
+            decoders = spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+            self._decoders = (decoders, {d.get("type") for d in decoders})
+        decoders, kinds = self._decoders
         piece = self._tok.id_to_token(int(token_id))
         if piece is None:
             raise OptionError(
                 f"token id {token_id} is not in this model's vocabulary "
                 f"(0 to {self._tok.get_vocab_size() - 1})"
             )
-        kinds = [d.get("type") for d in decoders]
         if "ByteLevel" in kinds:
             chars = _BYTE_LEVEL_CHARS
-            return b"".join(bytes([chars[c]]) if c in chars else c.encode() for c in piece)
-        if "ByteFallback" in kinds and (m := _BYTE_PIECE.fullmatch(piece)):
-            return bytes([int(m.group(1), 16)])
-        for d in decoders:
-            if d.get("type") == "Replace" and "String" in (d.get("pattern") or {}):
-                piece = piece.replace(d["pattern"]["String"], d.get("content", ""))
-            elif d.get("type") == "Metaspace":
-                piece = piece.replace(d.get("replacement", "\u2581"), " ")
-        return piece.encode()
+            got = b"".join(bytes([chars[c]]) if c in chars else c.encode() for c in piece)
+        elif "ByteFallback" in kinds and (m := _BYTE_PIECE.fullmatch(piece)):
+            got = bytes([int(m.group(1), 16)])
+        else:
+            for d in decoders:
+                if d.get("type") == "Replace" and "String" in (d.get("pattern") or {}):
+                    piece = piece.replace(d["pattern"]["String"], d.get("content", ""))
+                elif d.get("type") == "Metaspace":
+                    piece = piece.replace(d.get("replacement", "\u2581"), " ")
+            got = piece.encode()
+        self._token_bytes[int(token_id)] = got
+        return got
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
