@@ -154,7 +154,7 @@ load: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.js
 	$(VENV)/bin/llamaonnx load ours=llamaonnx:$(MODEL):8 \
 		llama-server=llama-server:$(LLAMA_SERVER):$$($(PY) -c "from export.sources import \
 		default_gguf_path as d; print(d())"):8 genai=genai:models/genai-int4:8 \
-		--requests 6 --max-tokens 128 --threads 2 --ramp 2 \
+		--requests 6 --max-tokens 128 --threads 2 --ramp 2 --min-steady 5 \
 		--json docs/load.json --markdown docs/load.md --png docs/load.png
 
 # Ten minutes of 16 clients that hang up at random on our server: every reply checked, memory

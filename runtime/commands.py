@@ -242,6 +242,7 @@ def _load(args) -> int:
         prompt_words=args.prompt_words,
         ramp=args.ramp,
         soak_seconds=args.soak,
+        min_steady=args.min_steady,
     )
     from runtime.bench.report import machine_chart, merged_report
 

@@ -421,6 +421,26 @@ def test_load_benchmark_starts_the_server_and_measures_each_level(tiny_folders, 
     assert png.stat().st_size > 1000 and f"]({png.name})" in text
 
 
+def test_load_goes_on_until_the_clients_ran_together_long_enough(tiny_folders, tmp_path):
+    """`--min-steady S`: a level whose clients would all be answered inside the ramp goes on
+    past --requests until every client has been taking part for S seconds, so it has a steady
+    span of at least S to measure; without it, exactly --requests each."""
+    from runtime.cli import main
+
+    out = tmp_path / "load.json"
+    rc = main(["load", f"ours=llamaonnx:{tiny_folders['ort']}:2", "--clients", "2",
+               "--requests", "1", "--max-tokens", "4", "--prompt-words", "10", "--threads", "1",
+               "--ramp", "0.3", "--min-steady", "1.5", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    (lv,) = data["targets"][0]["levels"]
+    assert data["settings"]["min_steady_s"] == 1.5
+    assert lv["errors"] == 0 and lv["requests"] > 2
+    assert lv["steady_s"] >= 1.5 and lv["steady_tok_s"] > 0
+    per_client = {c: sum(r["client"] == c for r in lv["timeline"]) for c in (0, 1)}
+    assert min(per_client.values()) >= 2, per_client
+
+
 def test_engine_figures_come_from_the_steps_between_two_readings():
     """The load benchmark's engine figures from two readings of /metrics' steps by rows: only
     what ran between them counts; tokens are rows × steps."""

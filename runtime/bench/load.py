@@ -40,6 +40,8 @@ from pathlib import Path
 from runtime.errors import OptionError
 
 LEVELS = (1, 2, 4, 8, 16)
+# a client's requests at one level, however long --min-steady asks it to go on
+MAX_REQUESTS_PER_CLIENT = 1000
 
 
 @dataclasses.dataclass
@@ -317,14 +319,27 @@ def steady_figures(results: list[dict], window, samples: list) -> dict:
 
 
 def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp=0.0,
-          sample_every: float = 0.5) -> dict:  # fmt: skip
+          sample_every: float = 0.5, min_steady: float = 0.0) -> dict:  # fmt: skip
     """`clients` threads, each sending `per_client` requests in turn (client c starts at prompt
-    c, so every level sends the same mix), client c starting at c · ramp / clients seconds.
-    Besides the whole level's figures, the same figures over its steady span (`steady_window`:
-    all clients taking part, the ramp and the last requests left out), for which our server's
-    /metrics is read every `sample_every` seconds."""
+    c, so every level sends the same mix), client c starting at c · ramp / clients seconds;
+    with `min_steady`, each goes on sending until every client has been taking part for that
+    many seconds (a fast server would otherwise answer them all inside the ramp, and leave no
+    steady span to measure). Besides the whole level's figures, the same figures over its
+    steady span (`steady_window`: all clients taking part, the ramp and the last requests left
+    out), for which our server's /metrics is read every `sample_every` seconds."""
     results: list[dict] = []
     lock = threading.Lock()
+    first: dict[int, float] = {}  # each client's first request's start (s after t0)
+
+    def more(j: int) -> bool:
+        if j < per_client:
+            return True
+        if not min_steady or j >= MAX_REQUESTS_PER_CLIENT:
+            return False
+        with lock:
+            last = max(first.values()) if len(first) == clients else None
+        return last is None or time.monotonic() - t0 - last < min_steady
+
     before = steps_by_rows(url, api_key)
     samples: list[tuple[float, dict]] = []
     done = threading.Event()
@@ -337,14 +352,18 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
 
     def client(c: int) -> None:
         time.sleep(c * ramp / clients)
-        for j in range(per_client):
+        j = 0
+        while more(j):
             start = time.monotonic() - t0
+            with lock:
+                first.setdefault(c, start)
             # a tag of its own in front: no server finds the prompt in a cache (beyond the
             # chat template's shared start), so each request's prompt is computed under load
             prompt = f"[{c + 1}.{j + 1}] {texts[(c + j) % len(texts)]}"
             r = one_request(url, model, prompt, max_tokens, api_key)
             with lock:
                 results.append({**r, "client": c, "start": start})
+            j += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     watcher = threading.Thread(target=sampler) if before is not None else None
@@ -559,7 +578,7 @@ def _ms(x: float | None) -> float | None:
 def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 64,
         threads: int = 2, api_key: str | None = None, workdir: Path = Path("build/load"),
         progress=lambda m: None, prompt_words: int = 65, ramp: float = 0.0,
-        soak_seconds: float = 0.0) -> dict:  # fmt: skip
+        soak_seconds: float = 0.0, min_steady: float = 0.0) -> dict:  # fmt: skip
     from runtime.bench.harness import machine, versions
 
     targets = [parse_target(s, workdir, threads) for s in specs]
@@ -580,7 +599,7 @@ def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 
             rows = []
             for n in levels:
                 rows.append(level(t.url, model, texts, n, per_client, max_tokens, api_key,
-                                  ramp))  # fmt: skip
+                                  ramp, min_steady=min_steady))  # fmt: skip
                 r = rows[-1]
                 progress(
                     f"{t.name}: {n} clients, {r['tokens_per_second']:.1f} tok/s, "
@@ -602,6 +621,7 @@ def run(specs: list[str], levels=LEVELS, per_client: int = 4, max_tokens: int = 
             "prompt_words": prompt_words,
             "distinct_prompts": True,
             "ramp_s": ramp,
+            "min_steady_s": min_steady,
             "sampling": "greedy (temperature 0)",
         },
         "targets": out,
@@ -674,7 +694,14 @@ def markdown(data: dict, command: str, png: str | None = None) -> str:
             else ", "
         )
         + f"{s['max_tokens']} new tokens each "
-        f"({s['sampling']}), {s['requests_per_client']} requests per client in turn, streamed; "
+        f"({s['sampling']}), "
+        + (
+            f"at least {s['requests_per_client']} requests per client in turn, and more until "
+            f"all of a level's clients have taken part together for {s['min_steady_s']:g} s, "
+            if s.get("min_steady_s")
+            else f"{s['requests_per_client']} requests per client in turn, "
+        )
+        + "streamed; "
         + (
             f"clients start spread over {s['ramp_s']:g} s."
             if s.get("ramp_s")
@@ -776,6 +803,9 @@ def main_args(p) -> None:
                    "random hang-ups; checks every reply and the server's memory")  # fmt: skip
     p.add_argument("--ramp", type=argparse_type(number, 0, 3600), default=0.0,
                    help="seconds over which a level's clients start (0: a burst)")  # fmt: skip
+    p.add_argument("--min-steady", type=argparse_type(number, 0, 3600), default=0.0,
+                   help="clients go on past --requests until all of them have been taking "
+                   "part for SECONDS (0: exactly --requests each)")  # fmt: skip
     p.add_argument("--threads", type=argparse_type(integer, 1, 256), default=os.cpu_count() or 2)
     p.add_argument("--api-key", default=None)
     p.add_argument("--json", type=Path, default=None)
