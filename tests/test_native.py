@@ -815,6 +815,34 @@ def test_the_variable_forces_a_path_in_a_new_process(name):
     assert out.stdout.strip() == name, out.stderr
 
 
+_SHAPES = """
+import sys
+from runtime.generator import GenerationConfig, Generator
+from runtime.session import Session
+g = Generator(Session(sys.argv[1], provider="cpu", threads=2))
+prompts = [[1, 9690, 28, 2, 1270, 314, 253, 2036, 30], [1, 2, 3, 4, 5]]
+print(g.generate_ids(prompts, GenerationConfig(max_new_tokens=12, stop_token_ids=())))
+"""
+
+
+def test_shapes_read_by_reference_and_by_copy_give_the_same_tokens(default_int4):
+    """Where onnxruntime lends a tensor's shape by reference (1.24 and later) the kernels read it
+    so; LLAMAONNX_SHAPES_BY_COPY=1 reads it as an older onnxruntime must. A two-prompt batch of
+    the default model decodes the same tokens either way (prefill and decode, every op)."""
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for by_copy in ("0", "1"):
+        env = {**os.environ, "LLAMAONNX_SHAPES_BY_COPY": by_copy}
+        out = subprocess.run([sys.executable, "-c", _SHAPES, str(default_int4)], env=env,
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(out.stdout.strip())
+    assert runs[0] == runs[1] and runs[0].count(",") >= 23, runs
+
+
 # -- attention -------------------------------------------------------------------------------------
 H, HKV, D, LEN = 6, 2, 64, 64
 

@@ -4,6 +4,8 @@
  * weights.c holds their weights in huge pages. */
 #include "tiles.h"
 
+#include <stdio.h>
+
 typedef struct OrtStatus OrtStatus;
 typedef struct OrtApi OrtApi;
 typedef struct OrtKernelInfo OrtKernelInfo;
@@ -38,6 +40,7 @@ enum {
   KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR = 249,
   GET_BUILD_INFO_STRING = 254,
   KERNEL_CONTEXT_PARALLEL_FOR = 274,
+  GET_TENSOR_SHAPE_REFERENCE = 414, /* GetTensorElementTypeAndShapeDataReference, API 24 */
 };
 #define API_VERSION 17
 #define ORT_INVALID_ARGUMENT 2
@@ -51,6 +54,7 @@ typedef OrtStatus* (*count_fn)(const OrtKernelContext*, size_t*);
 typedef OrtStatus* (*get_input_fn)(const OrtKernelContext*, size_t, const OrtValue**);
 typedef OrtStatus* (*get_output_fn)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
 typedef OrtStatus* (*type_and_shape_fn)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+typedef OrtStatus* (*shape_reference_fn)(const OrtValue*, int*, const int64_t**, size_t*);
 typedef OrtStatus* (*dims_count_fn)(const OrtTensorTypeAndShapeInfo*, size_t*);
 typedef OrtStatus* (*dims_fn)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
 typedef void (*release_info_fn)(OrtTensorTypeAndShapeInfo*);
@@ -83,7 +87,22 @@ static OrtStatus* error(int code, const char* msg) {
   return CALL(CREATE_STATUS, create_status_fn)(code, msg);
 }
 
+/* Whether this onnxruntime lends a tensor's shape by reference (C API 24, onnxruntime 1.24): one
+   call an input instead of four and an allocation (GetTensorTypeAndShape's info object), at
+   ~150 node calls a decode step worth 1.03–1.07× one row's decode (runtime.bench.ab, 15
+   rounds each load order, Intel Xeon family 6 model 167, docs/speed.md); 8 rows level.
+   LLAMAONNX_SHAPES_BY_COPY=1 reads them as an older onnxruntime must (tests cover both). */
+static int shape_by_reference;
+
 static OrtStatus* shape_of(const OrtValue* v, int64_t* dims, size_t* rank) {
+  if (shape_by_reference) {
+    int type;
+    const int64_t* lent;
+    TRY(CALL(GET_TENSOR_SHAPE_REFERENCE, shape_reference_fn)(v, &type, &lent, rank));
+    if (*rank > 8) return error(ORT_INVALID_ARGUMENT, "MatMulQ4: rank above 8");
+    if (*rank) memcpy(dims, lent, sizeof(int64_t) * *rank);
+    return NULL;
+  }
   OrtTensorTypeAndShapeInfo* info;
   TRY(CALL(GET_TENSOR_TYPE_AND_SHAPE, type_and_shape_fn)(v, &info));
   OrtStatus* s = CALL(GET_DIMENSIONS_COUNT, dims_count_fn)(info, rank);
@@ -509,6 +528,13 @@ static const char* check_api(const OrtApiBase* base) {
   const OrtApi* table = base->GetApi(API_VERSION);
   if (!table) return "this onnxruntime does not offer C API version 17 (onnxruntime >= 1.17)";
   api = (const void* const*)table;
+  /* (the version string, not GetApi(24): an older onnxruntime prints an error for that) */
+  int major = 0, minor = 0;
+  const char* version = base->GetVersionString ? base->GetVersionString() : NULL;
+  const char* by_copy = getenv("LLAMAONNX_SHAPES_BY_COPY");
+  shape_by_reference = version && sscanf(version, "%d.%d", &major, &minor) == 2 &&
+                       (major > 1 || (major == 1 && minor >= 24)) &&
+                       !(by_copy && *by_copy && strcmp(by_copy, "0"));
   const char* info = CALL(GET_BUILD_INFO_STRING, build_info_fn)();
   if (!info || strncmp(info, "ORT Build Info", 14) != 0)
     return "onnxruntime's C API table is not laid out as this library expects";
