@@ -163,7 +163,7 @@ soak: setup $(MODEL)/report.json
 	$(VENV)/bin/llamaonnx load ours=llamaonnx:$(MODEL):8 --clients 16 --soak 600 --max-tokens 64 \
 		--threads 2 --json docs/soak.json --markdown docs/soak.md
 
-# Every vector path of llamaonnx's kernels this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2), each forced
+# Every vector path of llamaonnx's kernels this CPU has (AMX, AVX-512 VNNI, AVX-VNNI, AVX2), each forced
 # in turn, beside llama.cpp built for this CPU and for AVX2 only
 KERNEL_PATHS = $(shell $(PY) -c "from runtime import native; \
 	print(' '.join('--kernel-path ' + p for p in native.supported_paths() if p != 'portable'))")

@@ -195,7 +195,7 @@ def _add_bench(sub) -> None:
         "--kernel-path",
         action="append",
         default=[],
-        choices=("portable", "avx2", "avxvnni", "avx512", "neon"),
+        choices=("portable", "avx2", "avxvnni", "avx512", "amx", "neon"),
         help="run native folders on this kernel path (repeatable; default: the CPU's best)",
     )
     b.add_argument(

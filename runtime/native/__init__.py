@@ -125,14 +125,14 @@ def start_threads(library_file: Path, threads: int | None) -> int:
 
 
 # the kernel library's code paths, by the numbers tiles.h gives them
-PATHS = ("portable", "avx2", "avx512", "neon", "avxvnni")
+PATHS = ("portable", "avx2", "avx512", "neon", "avxvnni", "amx")
 PATH_VARIABLE = "LLAMAONNX_KERNEL_PATH"
 
 
 def supported_paths() -> tuple[str, ...]:
     """The paths this CPU can run, slowest first (the portable one first)."""
     lib = library()
-    order = ("portable", "avx2", "avxvnni", "avx512", "neon")
+    order = ("portable", "avx2", "avxvnni", "avx512", "amx", "neon")
     return tuple(p for p in order if lib.llamaonnx_path_supported(PATHS.index(p)))
 
 
@@ -155,8 +155,8 @@ def path() -> str:
 
 
 def fast_path() -> bool:
-    """Whether the kernels run a vector path here (AVX2, AVX-VNNI, AVX-512 VNNI or NEON), not the
-    portable C one (correct, but slower than onnxruntime's MatMulNBits)."""
+    """Whether the kernels run a vector path here (AVX2, AVX-VNNI, AVX-512 VNNI, AMX or NEON), not
+    the portable C one (correct, but slower than onnxruntime's MatMulNBits)."""
     return path() != "portable"
 
 

@@ -630,7 +630,7 @@ static void chunk(const float* q, const void* k, const void* v, int half, int64_
 #if defined(__x86_64__)
   int path = kernel_path();
   /* (AVX-VNNI takes the AVX2 functions: this is fp32 work) */
-  ChunkFn* const(*of)[3] = path == PATH_AVX512 && d % 16 == 0 ? chunk512_of
+  ChunkFn* const(*of)[3] = WIDE512(path) && d % 16 == 0 ? chunk512_of
                            : (path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0
                                ? chunk256_of
                                : NULL;
@@ -780,7 +780,7 @@ void attn_rows(void* data, size_t task) {
   int wide = 0; /* the block's rows together (block512, block256), up to 8 heads a group */
 #if defined(__x86_64__)
   int path = kernel_path();
-  if (path == PATH_AVX512 && d % 16 == 0 && group <= 8) wide = 512;
+  if (WIDE512(path) && d % 16 == 0 && group <= 8) wide = 512;
   else if ((path == PATH_AVX2 || path == PATH_AVXVNNI) && d % 8 == 0 && group <= 8) wide = 256;
 #endif
   int64_t lines = wide ? rows * group : 3; /* score rows */

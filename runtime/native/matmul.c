@@ -7,6 +7,11 @@
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
 #endif
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 /* Row r's 32 codes of a MatMulQ4 or 6-bit tile, in order (code 8v + i in the low nibble of byte
    v·64 + r·4 + i, 8v + 4 + i in its high one), with `planes` high-bit planes added (a 5-bit
@@ -361,6 +366,206 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
   }
 }
 
+/* ---- AMX (Intel Sapphire Rapids and later Xeons): the AVX-512 path with the integer dot products
+ * of a prompt's tokens on the tile unit, 16 at a time ------------------------------------------
+ * A prompt's rows are compute-bound on the AVX-512 path: 8 vpdpbusd a token and tile, besides
+ * the float work of the blocks' scales. TDPBSUD multiplies a tile of 16 tokens' int8 blocks (A:
+ * 16 rows × 32 bytes, read in place from the activation rows) by a tile of codes (B: 8 rows × 64
+ * bytes, row kk holding 4 consecutive codes k = 4kk.. of each of the 16 output rows, which is
+ * exactly what codes512 unpacks into its registers c[2v], c[2v+1]; the 8-bit head's tile is that
+ * layout already) into 16 × 16 int32 sums: the integers dots512 makes. The float work after them
+ * is tile_tokens' and tile_tokens_q8's, token by token in their order, so this path gives the
+ * AVX-512 path's bits. A row group's codes are unpacked once for all of a call's tokens, with
+ * their d, m and z·d as floats. Tokens past the last full 16 (and a decode step's rows: at 8 rows
+ * the tile unit gained nothing) go through the AVX-512 passes; Q6_K tiles and two digits on a few
+ * blocks run the AVX-512 path whole. What bounds it: the tile unit writes its sums to memory, a
+ * 64-byte row a token and block at ~1.5 cycles a row, and the float work reads them back (~5
+ * vector operations a token and block); a 128 × 576 → 960 matmul on one core of the Intel Xeon
+ * (family 6, model 167) takes 310–330 µs against the AVX-512 path's 485–505.
+ * Linux lends the tile state to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM,
+ * amx_lent); where it does not, the AVX-512 path runs. */
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,amx-tile,amx-int8")))
+#define AMX_TOKENS 16 /* tokens a tile pass */
+#define AMX_HALF 8 /* tokens a float pass (their sums in 16 registers) */
+#define AMX_BLOCK (512 + 3 * 64) /* a block's unpacked codes, then d, m and z·d of its 16 rows */
+
+typedef struct {
+  uint8_t palette, start;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} TileConfig;
+
+AMX static void amx_configure(void) {
+  TileConfig c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 8; i++) { /* (amx_block's registers) */
+    int kind = i == 6 ? 0 : i == 7 ? 1 : i % 3; /* 0: sums, 1: int8 blocks, 2: codes */
+    c.rows[i] = kind == 2 ? BLOCK / 4 : AMX_TOKENS; /* tokens; codes: 8 rows of 16 × 4 */
+    c.colsb[i] = kind == 1 ? BLOCK : 64;            /* 32 int8; 16 int32 or 16 × 4 codes */
+  }
+  _tile_loadconfig(&c);
+}
+
+/* Row group g's blocks unpacked into u (nb × AMX_BLOCK bytes). */
+AMX static void amx_unpack(const Job* j, int64_t g, uint8_t* u) {
+  const Layout l = layout_of(j->tile);
+  const uint8_t* p = j->w + g * j->nb * j->tile;
+  for (int64_t b = 0; b < j->nb; b++, p += j->tile, u += AMX_BLOCK) {
+    __m512i c[8];
+    codes512(p, l.five, c);
+    for (int v = 0; v < 8; v++) _mm512_store_si512((void*)(u + 64 * v), c[v]);
+    __m512 d = scale512(p, l);
+    __m512 m = l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
+               : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
+                       : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
+    _mm512_store_ps((float*)(u + 512), d);
+    _mm512_store_ps((float*)(u + 576), m);
+    _mm512_store_ps((float*)(u + 640), zero512(p, l, d));
+  }
+}
+
+/* The integer sums of tokens t0.. (8) with block b's codes (64-byte rows at `codes`) into s's
+   slot b ([nb][8][16]), and with `two` their residual rows' into slot nb + b. Blocks alternate
+   between two sets of tile registers (`odd`: 3, 4, 5 for 0, 1, 2; the residual's 6 and 7 are
+   shared), so that one block's products need not wait for the last one's sums to be stored; the
+   float work reads a block's sums two blocks later (amx_tokens), after the tile unit's latency. */
+#define AMX_AHEAD 2
+AMX INLINE void amx_block(const Job* j, int64_t t0, int64_t b, const uint8_t* codes, int two,
+                          int odd, int32_t* s) {
+  const int8_t* a = j->aq + t0 * j->k + b * BLOCK;
+  int32_t* to = s + b * AMX_TOKENS * ROWS;
+  if (odd) {
+    _tile_loadd(5, codes, 64);
+    _tile_loadd(4, a, j->k);
+    _tile_zero(3);
+    _tile_dpbsud(3, 4, 5);
+    _tile_stored(3, to, 64);
+  } else {
+    _tile_loadd(2, codes, 64);
+    _tile_loadd(1, a, j->k);
+    _tile_zero(0);
+    _tile_dpbsud(0, 1, 2);
+    _tile_stored(0, to, 64);
+  }
+  if (!two) return;
+  _tile_loadd(7, a + j->m * j->k, j->k);
+  _tile_zero(6);
+  if (odd) _tile_dpbsud(6, 7, 5);
+  else _tile_dpbsud(6, 7, 2);
+  _tile_stored(6, to + j->nb * AMX_TOKENS * ROWS, 64);
+}
+
+/* amx_block for block b (< nb), `stride` bytes a block's codes from `codes` */
+AMX INLINE void amx_ahead(const Job* j, int64_t t0, int64_t b, const uint8_t* codes,
+                          int64_t stride, int two, int32_t* s) {
+  if (b >= j->nb) return;
+  if (b & 1) amx_block(j, t0, b, codes + b * stride, two, 1, s);
+  else amx_block(j, t0, b, codes + b * stride, two, 0, s);
+}
+
+/* Token t's sums of block b, both digits' joined where there are two (digits512). */
+AMX INLINE __m512i amx_sum(const Job* j, const int32_t* s, int64_t b, int t, int two) {
+  const int32_t* x = s + (b * AMX_TOKENS + t) * ROWS;
+  __m512i v = _mm512_load_si512((const void*)x);
+  return two ? join512(v, _mm512_load_si512((const void*)(x + j->nb * AMX_TOKENS * ROWS))) : v;
+}
+
+/* tile_tokens for tokens t0.. (16) of row group g, its blocks unpacked in u; s: amx_block's.
+   The float work takes 8 tokens at a time over every block (16 accumulators and 8 offsets in
+   registers), the first 8 while the tile unit works ahead on the blocks' sums. */
+AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u, int two,
+                           int32_t* s) {
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, u, AMX_BLOCK, two, s);
+  for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
+    __m512 acc[AMX_HALF], off[AMX_HALF];
+    for (int t = 0; t < AMX_HALF; t++) acc[t] = off[t] = _mm512_setzero_ps();
+    const uint8_t* x = u;
+    for (int64_t b = 0; b < j->nb; b++, x += AMX_BLOCK) {
+      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, u, AMX_BLOCK, two, s);
+      __m512 d = _mm512_load_ps((const float*)(x + 512));
+      __m512 m = _mm512_load_ps((const float*)(x + 576));
+      __m512 zd = _mm512_load_ps((const float*)(x + 640));
+      for (int t = 0; t < AMX_HALF; t++) {
+        int64_t ib = (t0 + h + t) * j->nb + b, ir = two ? (j->m + t0 + h + t) * j->nb + b : ib;
+        __m512 v = _mm512_cvtepi32_ps(amx_sum(j, s, b, h + t, two));
+        acc[t] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ir])), acc[t]);
+        off[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(j->as[ib]), off[t]);
+        off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]),
+                                 off[t]);
+      }
+    }
+    for (int t = 0; t < AMX_HALF; t++)
+      _mm512_storeu_ps(j->y + (t0 + h + t) * j->n + g * ROWS, _mm512_add_ps(acc[t], off[t]));
+  }
+}
+
+/* tile_tokens_q8 for tokens t0.. (16) of row group g: the codes are B's rows as they lie */
+AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int32_t* s) {
+  const uint8_t* codes = j->w + g * j->nb * TILE8;
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, codes, TILE8, two, s);
+  for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
+    __m512 acc[AMX_HALF];
+    for (int t = 0; t < AMX_HALF; t++) acc[t] = _mm512_setzero_ps();
+    const uint8_t* p = codes;
+    for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
+      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, codes, TILE8, two, s);
+      __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
+      __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
+      for (int t = 0; t < AMX_HALF; t++) {
+        int64_t ib = (t0 + h + t) * j->nb + b, ir = two ? (j->m + t0 + h + t) * j->nb + b : ib;
+        float qs = j->as[ib] - j->ae[ib];
+        if (two) qs += j->as[ir] - j->ae[ir];
+        __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(qs),
+                                    _mm512_mul_ps(_mm512_cvtepi32_ps(amx_sum(j, s, b, h + t, two)),
+                                                  _mm512_set1_ps(j->ad[ir])));
+        acc[t] = _mm512_fmadd_ps(d, x, acc[t]);
+      }
+    }
+    for (int t = 0; t < AMX_HALF; t++)
+      _mm512_storeu_ps(j->y + (t0 + h + t) * j->n + g * ROWS, acc[t]);
+  }
+}
+
+AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
+  int two = j->digits == 2;
+  if (j->m < AMX_TOKENS || j->tile == TILE6 || (two && j->kept)) {
+    rows_avx512(j, g0, g1);
+    return;
+  }
+  /* the unpacked codes (4-bit family), then amx_sums' int32 sums of a token group */
+  size_t unpacked = j->bits == 4 ? (size_t)j->nb * AMX_BLOCK : 0;
+  uint8_t* u = aligned_alloc(64, unpacked + (size_t)j->nb * (1 + two) * AMX_TOKENS * ROWS * 4);
+  if (!u) {
+    rows_avx512(j, g0, g1);
+    return;
+  }
+  int32_t* s = (int32_t*)(u + unpacked);
+  int64_t full = j->m / AMX_TOKENS * AMX_TOKENS;
+  amx_configure();
+  for (int64_t g = g0; g < g1; g++) {
+    if (unpacked) amx_unpack(j, g, u);
+    for (int64_t t = 0; t < full; t += AMX_TOKENS) {
+      if (!unpacked) {
+        if (two) amx_tokens_q8(j, g, t, 1, s);
+        else amx_tokens_q8(j, g, t, 0, s);
+      } else if (two) amx_tokens(j, g, t, u, 1, s);
+      else amx_tokens(j, g, t, u, 0, s);
+    }
+    int64_t t = full;
+    for (; t + 4 <= j->m; t += 4) tile(j, g, t, 4);
+    switch (j->m - t) {
+      case 3: tile(j, g, t, 3); break;
+      case 2: tile(j, g, t, 2); break;
+      case 1: tile(j, g, t, 1); break;
+      default: break;
+    }
+  }
+  _tile_release();
+  free(u);
+}
+
 /* ---- the 256-bit paths: AVX2 (with FMA and F16C; Intel Haswell and later, AMD Zen), and
  * AVX-VNNI (Intel Alder Lake and later, AMD Zen 5) -------------------------------------------
  * The same tiles, read as two halves of 8 rows (each 64-byte chunk: rows 0..7 in its first 32
@@ -568,11 +773,26 @@ NEON_DOT static void rows_neon(const Job* j, int64_t g0, int64_t g1) {
 #endif
 
 /* ---- which path runs ----------------------------------------------------------------------
- * The best this CPU has, unless LLAMAONNX_KERNEL_PATH names one (portable, avx2, avxvnni, avx512:
- * what tests and the benchmark use to cover every path on one machine; neon on ARM). A named path
+ * The best this CPU has, unless LLAMAONNX_KERNEL_PATH names one (portable, avx2, avxvnni, avx512,
+ * amx: what tests and the benchmark use to cover every path on one machine; neon on ARM). A named path
  * the CPU lacks is not taken (it would fault): the best one is, and the Python side says so. */
 
 static int current_path = -1;
+
+#if defined(__x86_64__)
+/* Whether this CPU has AMX's int8 tiles (CPUID 7: EDX bits 24, 25) and Linux lends this process
+   their state (asked once; a sandbox may refuse, and the AVX-512 path runs instead). */
+static int amx_lent(void) {
+  static int lent = -1;
+  if (lent < 0) {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, NULL) >= 7) __cpuid_count(7, 0, a, b, c, d);
+    lent = (d >> 24 & 1) && (d >> 25 & 1) &&
+           syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }
+  return lent;
+}
+#endif
 
 int path_supported(int p) {
   switch (p) {
@@ -587,6 +807,7 @@ int path_supported(int p) {
     case PATH_AVX512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case PATH_AMX: return path_supported(PATH_AVX512) && amx_lent();
     case PATH_AVXVNNI: /* VEX-encoded, or EVEX on 256-bit registers (rows below) */
       return path_supported(PATH_AVX2) &&
              (__builtin_cpu_supports("avxvnni") ||
@@ -597,7 +818,7 @@ int path_supported(int p) {
 }
 
 static int best_path(void) {
-  static const int order[] = {PATH_AVX512, PATH_AVXVNNI, PATH_AVX2, PATH_NEON};
+  static const int order[] = {PATH_AMX, PATH_AVX512, PATH_AVXVNNI, PATH_AVX2, PATH_NEON};
   for (size_t i = 0; i < sizeof order / sizeof *order; i++)
     if (path_supported(order[i])) return order[i];
   return PATH_PORTABLE;
@@ -608,6 +829,7 @@ int path_from_name(const char* name) {
   if (!strcmp(name, "portable")) return PATH_PORTABLE;
   if (!strcmp(name, "avx2")) return PATH_AVX2;
   if (!strcmp(name, "avx512")) return PATH_AVX512;
+  if (!strcmp(name, "amx")) return PATH_AMX;
   if (!strcmp(name, "avxvnni")) return PATH_AVXVNNI;
   if (!strcmp(name, "neon")) return PATH_NEON;
   return -2;
@@ -733,6 +955,7 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 #if defined(__x86_64__)
   switch (kernel_path()) {
     case PATH_AVX512: rows_avx512(j, g0, g1); return;
+    case PATH_AMX: rows_amx(j, g0, g1); return;
     case PATH_AVX2: rows_avx2(j, g0, g1); return;
     case PATH_AVXVNNI:
       if (__builtin_cpu_supports("avxvnni")) rows_avxvnni(j, g0, g1);
@@ -801,9 +1024,9 @@ int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_
   return 0;
 }
 
-/* The path that runs (0 portable, 1 AVX2, 2 AVX-512 VNNI, 3 NEON, 4 AVX-VNNI). `set`: -1 leaves it,
-   -2 returns to the default (the environment's, else the best), 0..4 takes that path if this CPU
-   has it (else returns -1 and changes nothing). */
+/* The path that runs (0 portable, 1 AVX2, 2 AVX-512 VNNI, 3 NEON, 4 AVX-VNNI, 5 AMX). `set`: -1
+   leaves it, -2 returns to the default (the environment's, else the best), 0..5 takes that path
+   if this CPU has it (else returns -1 and changes nothing). */
 int llamaonnx_kernel_path(int set) {
   if (set == -2) current_path = -1;
   else if (set >= 0) {

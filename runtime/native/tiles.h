@@ -4,7 +4,7 @@
  * these constants back from the built library (`llamaonnx_layout`), so they are written once.
  *
  * The files: activations.c (a matmul's activation rows: the folded RMSNorm, int8 blocks, the
- * second digit), matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AVX-512 VNNI,
+ * second digit), matmul.c (MatMulQ4 / MatMulQ8 / SwiGLU / GatherQ8 kernels, AMX, AVX-512 VNNI,
  * AVX-VNNI, AVX2, NEON and portable C, and which of them runs; tiles256.h the 256-bit ones),
  * attention.c (GroupQueryAttention), weights.c (the weights in huge pages), pool.c (the
  * library's own threads for the kernels' parallel loops), ort_binding.c
@@ -151,13 +151,15 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define NEON_DOT __attribute__((target("arch=armv8.2-a+dotprod")))
 #endif
 
-/* the kernel paths (x86, best first: AVX-512 VNNI, AVX-VNNI, AVX2; ARM: NEON with dotprod; else
-   portable). The numbers are the library's interface (runtime/native/__init__.py's PATHS). */
+/* the kernel paths (x86, best first: AMX, AVX-512 VNNI, AVX-VNNI, AVX2; ARM: NEON with dotprod;
+   else portable). The numbers are the library's interface (runtime/native/__init__.py's PATHS). */
 #define PATH_PORTABLE 0
 #define PATH_AVX2 1
 #define PATH_AVX512 2
 #define PATH_NEON 3
 #define PATH_AVXVNNI 4
+#define PATH_AMX 5 /* AVX-512 VNNI with the tile unit's int8 products for 8 tokens at a time */
+#define WIDE512(path) ((path) == PATH_AVX512 || (path) == PATH_AMX)
 
 /* the tile layouts (see above) */
 #define TILE 336
