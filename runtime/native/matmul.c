@@ -426,11 +426,12 @@ AMX static void amx_unpack(const Job* j, int64_t g, uint8_t* u) {
   }
 }
 
-/* The integer sums of tokens t0.. (8) with block b's codes (64-byte rows at `codes`) into s's
-   slot b ([nb][8][16]), and with `two` their residual rows' into slot nb + b. Blocks alternate
+/* The integer sums of tokens t0.. (16) with block b's codes (64-byte rows at `codes`) into s's
+   slot b ([nb][16][16]), and with `two` their residual rows' into slot nb + b. Blocks alternate
    between two sets of tile registers (`odd`: 3, 4, 5 for 0, 1, 2; the residual's 6 and 7 are
-   shared), so that one block's products need not wait for the last one's sums to be stored; the
-   float work reads a block's sums two blocks later (amx_tokens), after the tile unit's latency. */
+   shared), and the float work reads a block's sums two blocks later (amx_tokens). (On the Xeon
+   the VM offers, issuing them 1, 2, 4, 8 or all blocks ahead measured the same: its tile unit's
+   work does not overlap the FMAs, docs/speed.md.) */
 #define AMX_AHEAD 2
 AMX INLINE void amx_block(const Job* j, int64_t t0, int64_t b, const uint8_t* codes, int two,
                           int odd, int32_t* s) {
@@ -534,7 +535,7 @@ AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
     rows_avx512(j, g0, g1);
     return;
   }
-  /* the unpacked codes (4-bit family), then amx_sums' int32 sums of a token group */
+  /* the unpacked codes (4-bit family), then amx_block's int32 sums of a token group */
   size_t unpacked = j->bits == 4 ? (size_t)j->nb * AMX_BLOCK : 0;
   uint8_t* u = aligned_alloc(64, unpacked + (size_t)j->nb * (1 + two) * AMX_TOKENS * ROWS * 4);
   if (!u) {
