@@ -9,6 +9,8 @@
 #endif
 #if defined(__x86_64__)
 #include <cpuid.h>
+#endif
+#if defined(__x86_64__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -788,8 +790,13 @@ static int amx_lent(void) {
   if (lent < 0) {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (__get_cpuid_max(0, NULL) >= 7) __cpuid_count(7, 0, a, b, c, d);
+#if defined(__linux__)
     lent = (d >> 24 & 1) && (d >> 25 & 1) &&
            syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    lent = 0; /* (other systems: the AVX-512 path; their way of lending the tiles is not wired) */
+    (void)d;
+#endif
   }
   return lent;
 }
