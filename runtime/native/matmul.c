@@ -355,17 +355,19 @@ AVX512 INLINE void tile(const Job* j, int64_t g, int64_t t0, int T) {
   else tile_tokens(j, g, t0, T, 0, 0);
 }
 
-AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
-  for (int64_t g = g0; g < g1; g++) {
-    int64_t t = 0;
-    for (; t + 4 <= j->m; t += 4) tile(j, g, t, 4);
-    switch (j->m - t) {
-      case 3: tile(j, g, t, 3); break;
-      case 2: tile(j, g, t, 2); break;
-      case 1: tile(j, g, t, 1); break;
-      default: break;
-    }
+/* Tokens t.. of row group g, 4 to a pass (the last pass 1–3). */
+AVX512 INLINE void tokens512(const Job* j, int64_t g, int64_t t) {
+  for (; t + 4 <= j->m; t += 4) tile(j, g, t, 4);
+  switch (j->m - t) {
+    case 3: tile(j, g, t, 3); break;
+    case 2: tile(j, g, t, 2); break;
+    case 1: tile(j, g, t, 1); break;
+    default: break;
   }
+}
+
+AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; g++) tokens512(j, g, 0);
 }
 
 /* ---- AMX (Intel Sapphire Rapids and later Xeons): the AVX-512 path with the integer dot products
@@ -556,14 +558,7 @@ AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
       } else if (two) amx_tokens(j, g, t, u, 1, s);
       else amx_tokens(j, g, t, u, 0, s);
     }
-    int64_t t = full;
-    for (; t + 4 <= j->m; t += 4) tile(j, g, t, 4);
-    switch (j->m - t) {
-      case 3: tile(j, g, t, 3); break;
-      case 2: tile(j, g, t, 2); break;
-      case 1: tile(j, g, t, 1); break;
-      default: break;
-    }
+    tokens512(j, g, full);
   }
   _tile_release();
   free(u);
