@@ -158,7 +158,7 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define PATH_AVX512 2
 #define PATH_NEON 3
 #define PATH_AVXVNNI 4
-#define PATH_AMX 5 /* AVX-512 VNNI with the tile unit's int8 products for 8 tokens at a time */
+#define PATH_AMX 5 /* AVX-512 VNNI with a prompt's int8 products on the tile unit, 16 tokens at a time */
 #define WIDE512(path) ((path) == PATH_AVX512 || (path) == PATH_AMX)
 
 /* the tile layouts (see above) */
