@@ -205,10 +205,16 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int6
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
 }
 
-/* A MatMulQ4 tile's scales d and the zero points' d·z (16·d for 5-bit codes without them). */
+/* A MatMulQ4 tile's scales d, minimums m (−16·d for 5-bit codes without them: Q5_0) and the
+   zero points' d·z (16·d for 5-bit codes without them). */
 AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l) {
   return l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
                : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
+}
+AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d) {
+  return l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
+         : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
+                 : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
 }
 AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d) {
   return l.z < 0 ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
@@ -254,9 +260,7 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
     ahead512(j, p, stride, t0);
     codes512(p, five, c);
     __m512 d = scale512(p, l);
-    __m512 m = l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
-               : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
-                       : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
+    __m512 m = min512(p, l, d);
     __m512 zd = zero512(p, l, d);
     __m512i s[4];
     float ad[4];
@@ -421,9 +425,7 @@ AMX static void amx_unpack(const Job* j, int64_t g, uint8_t* u) {
     codes512(p, l.five, c);
     for (int v = 0; v < 8; v++) _mm512_store_si512((void*)(u + 64 * v), c[v]);
     __m512 d = scale512(p, l);
-    __m512 m = l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
-               : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
-                       : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
+    __m512 m = min512(p, l, d);
     _mm512_store_ps((float*)(u + 512), d);
     _mm512_store_ps((float*)(u + 576), m);
     _mm512_store_ps((float*)(u + 640), zero512(p, l, d));
