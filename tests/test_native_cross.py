@@ -59,4 +59,4 @@ def test_arm_kernel_matches_numpy(driver, path, kind, m, digits, keep):
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = _run(driver, packed, a, n, path, digits, keep)
     want = reference(a, packed, digits, keep)  # (two digits: what int8 rounding left rounded too)
-    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

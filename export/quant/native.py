@@ -218,12 +218,13 @@ def precise_pattern(spec: str) -> tuple[str, int]:
 def two_digits(graph, specs: tuple[str, ...]) -> list[str]:
     """Gives the kernels' projection nodes whose module matches one of `specs` (fnmatch patterns,
     each with an optional '=BLOCKS'; where several match, the last wins) the attribute digits=2:
-    the kernel then also rounds what each activation's int8 rounding left, at 1/254 of its
-    block's scale, and adds that product too (runtime/native/activations.c, residual_rows). On the
-    default model all of them bring the int8 activations' KL from 3e-3 to 5e-7, for twice the
-    integer work (docs/quantization.md, "Two digits"). With '=B', attribute blocks=B: only on
-    each row's B blocks of largest scale, where most of the rounding error is, for B/nb of that
-    work.
+    the kernel then also rounds what each activation's int8 rounding left, at 1/16 of its
+    block's scale (1/8 on 5-bit codes, 1/128 on 8-bit ones: runtime/native/tiles.h), and adds
+    that product too (runtime/native/activations.c, residual_rows). On the default model all of
+    them bring the int8 activations' KL from 3e-3 to 1e-5 (docs/quantization.md, "Two digits"),
+    for twice the integer work (on AMX, one tile product takes both digits). With '=B',
+    attribute blocks=B: only on each row's B blocks of largest scale, where most of the rounding
+    error is, for B/nb of that work.
     Returns the modules marked, each as 'module' or 'module=B'."""
     import fnmatch
 

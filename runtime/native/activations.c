@@ -23,8 +23,8 @@ static void quantize_block(const float* x, float amax, const float part[8], int8
   *d = scale, *s = sum, *e = sum - scale * (float)qsum;
 }
 
-static void quantize_rows_scalar(const float* a, int64_t m, int64_t k, int8_t* q, float* d,
-                                 float* s, float* e) {
+static void quantize_rows_scalar(const float* a, int64_t m, int64_t k, int8_t* q, int64_t qrow,
+                                 int64_t qblock, float* d, float* s, float* e) {
   int64_t nb = k / BLOCK;
   for (int64_t r = 0; r < m; r++)
     for (int64_t b = 0; b < nb; b++) {
@@ -36,14 +36,14 @@ static void quantize_rows_scalar(const float* a, int64_t m, int64_t k, int8_t* q
         part[j % 8] += x[j];
       }
       int64_t i = r * nb + b;
-      quantize_block(x, amax, part, q + r * k + b * BLOCK, d + i, s + i, e + i);
+      quantize_block(x, amax, part, q + r * qrow + b * qblock, d + i, s + i, e + i);
     }
 }
 
 #if defined(__x86_64__)
 /* The same block by block, 8 lanes wide (AVX2; the AVX-512 path uses it too). */
-AVX2 static void quantize_rows_avx2(const float* a, int64_t m, int64_t k, int8_t* q, float* d,
-                                    float* s, float* e) {
+AVX2 static void quantize_rows_avx2(const float* a, int64_t m, int64_t k, int8_t* q, int64_t qrow,
+                                    int64_t qblock, float* d, float* s, float* e) {
   int64_t nb = k / BLOCK;
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t r = 0; r < m; r++)
@@ -71,7 +71,7 @@ AVX2 static void quantize_rows_avx2(const float* a, int64_t m, int64_t k, int8_t
       __m256i w16 = _mm256_packs_epi32(ci[0], ci[1]), x16 = _mm256_packs_epi32(ci[2], ci[3]);
       __m256i b8 = _mm256_packs_epi16(w16, x16);
       b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256((__m256i*)(q + r * k + b * BLOCK), b8);
+      _mm256_storeu_si256((__m256i*)(q + r * qrow + b * qblock), b8);
       __m256i t = _mm256_add_epi32(_mm256_add_epi32(ci[0], ci[1]), _mm256_add_epi32(ci[2], ci[3]));
       __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
       t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
@@ -82,15 +82,16 @@ AVX2 static void quantize_rows_avx2(const float* a, int64_t m, int64_t k, int8_t
 }
 #endif
 
-void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
-                   float* e) {
+/* Rows a [m, k] into q (row r's block b at r·qrow + b·qblock), d, s, e [m, k / BLOCK]. */
+void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, int64_t qrow, int64_t qblock,
+                   float* d, float* s, float* e) {
 #if defined(__x86_64__)
   if (kernel_path() != PATH_PORTABLE) {
-    quantize_rows_avx2(a, m, k, q, d, s, e);
+    quantize_rows_avx2(a, m, k, q, qrow, qblock, d, s, e);
     return;
   }
 #endif
-  quantize_rows_scalar(a, m, k, q, d, s, e);
+  quantize_rows_scalar(a, m, k, q, qrow, qblock, d, s, e);
 }
 
 /* The RMSNorm in front of a projection (export/quant/norm.py folds onnxruntime's
@@ -217,34 +218,36 @@ void skip_rms_norm(const float* x, const float* skip, const float* gamma, int64_
 }
 
 /* Two digits (a node's `digits` 2): what each row's int8 rounding left, r = x − da·â, rounded in
-   its turn to int8 at 1/254 of the block's scale (|r| ≤ da/2, so the codes stay within ±127), into
-   rows m.. of q, d, s, e. A residual row adds only Σ d_w·(q_w − z)·r̂ to its row's output: the
-   row's own offset term already holds the exact block sums, so its S is 0 and its e (S − da·Σ â)
-   is −da·Σ â. What is left of each activation is then at most 1/508 of its block's scale —
-   float activations' quality (KL ~1e-6 against ~3e-3 on the default model) for twice the
-   integer work. No contraction: every path computes the same digits. */
+   its turn to int8 at 1/F of the block's scale, F = 2^shift (|r| ≤ da/2, so the codes stay
+   within ±F/2), into q2 (laid out as q: beside each â, or rows of their own) and rows m.. of d,
+   s, e. A residual row adds only Σ d_w·(q_w − z)·r̂ to its row's output: the row's own offset
+   term already holds the exact block sums, so its S is 0 and its e (S − da·Σ â) is −da·Σ â.
+   What is left of each activation is then at most 1/(2F) of its block's scale (tiles.h). No
+   contraction: every path computes the same digits. */
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
-static void residual_rows(const float* x, int64_t m, int64_t k, const int8_t* q, const float* d,
-                          const uint8_t* keep, int8_t* q2, float* d2, float* s2, float* e2) {
+static void residual_rows(const float* x, int64_t m, int64_t k, const int8_t* q, int64_t qrow,
+                          int64_t qblock, const float* d, const uint8_t* keep, int shift, int8_t* q2,
+                          float* d2, float* s2, float* e2) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
   int64_t nb = k / BLOCK;
+  const float f = (float)(1 << shift), top = f / 2.f;
   for (int64_t t = 0; t < m; t++)
     for (int64_t b = 0; b < nb; b++) {
-      int64_t i = t * nb + b, at = t * k + b * BLOCK;
-      float da = d[i], scale = da / 254.f, inv = da > 0.f ? 254.f / da : 0.f;
+      int64_t i = t * nb + b, at = t * k + b * BLOCK, qt = t * qrow + b * qblock;
+      float da = d[i], scale = da / f, inv = da > 0.f ? f / da : 0.f;
       if (keep && !keep[i]) {
-        memset(q2 + at, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
+        memset(q2 + qt, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
         continue;
       }
       int32_t sum = 0;
       for (int j = 0; j < BLOCK; j++) {
-        float v = nearbyintf((x[at + j] - da * (float)q[at + j]) * inv);
-        int8_t c = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
-        q2[at + j] = c;
+        float v = nearbyintf((x[at + j] - da * (float)q[qt + j]) * inv);
+        int8_t c = (int8_t)(v > top ? top : v < -top ? -top : v);
+        q2[qt + j] = c;
         sum += c;
       }
       d2[i] = scale, s2[i] = 0.f, e2[i] = -(scale * (float)sum);
@@ -258,26 +261,28 @@ static void residual_rows(const float* x, int64_t m, int64_t k, const int8_t* q,
 __attribute__((optimize("fp-contract=off")))
 #endif
 AVX2 static void residual_rows_avx2(const float* x, int64_t m, int64_t k, const int8_t* q,
-                                    const float* d, const uint8_t* keep, int8_t* q2, float* d2,
+                                    int64_t qrow, int64_t qblock, const float* d,
+                                    const uint8_t* keep, int shift, int8_t* q2, float* d2,
                                     float* s2, float* e2) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
   int64_t nb = k / BLOCK;
-  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  const float f = (float)(1 << shift);
+  const __m256 hi = _mm256_set1_ps(f / 2.f), lo = _mm256_set1_ps(-f / 2.f);
   for (int64_t t = 0; t < m; t++)
     for (int64_t b = 0; b < nb; b++) {
-      int64_t i = t * nb + b, at = t * k + b * BLOCK;
-      float da = d[i], scale = da / 254.f, inv = da > 0.f ? 254.f / da : 0.f;
+      int64_t i = t * nb + b, at = t * k + b * BLOCK, qt = t * qrow + b * qblock;
+      float da = d[i], scale = da / f, inv = da > 0.f ? f / da : 0.f;
       if (keep && !keep[i]) {
-        memset(q2 + at, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
+        memset(q2 + qt, 0, BLOCK), d2[i] = scale, s2[i] = 0.f, e2[i] = 0.f;
         continue;
       }
       __m256 vd = _mm256_set1_ps(da), vi = _mm256_set1_ps(inv);
       __m256i ci[4];
       for (int c = 0; c < 4; c++) {
         __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-            _mm_loadl_epi64((const __m128i*)(q + at + 8 * c))));
+            _mm_loadl_epi64((const __m128i*)(q + qt + 8 * c))));
         __m256 left = _mm256_sub_ps(_mm256_loadu_ps(x + at + 8 * c), _mm256_mul_ps(vd, code));
         __m256 v = _mm256_round_ps(_mm256_mul_ps(left, vi),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -286,7 +291,7 @@ AVX2 static void residual_rows_avx2(const float* x, int64_t m, int64_t k, const 
       __m256i w16 = _mm256_packs_epi32(ci[0], ci[1]), x16 = _mm256_packs_epi32(ci[2], ci[3]);
       __m256i b8 = _mm256_packs_epi16(w16, x16);
       b8 = _mm256_permutevar8x32_epi32(b8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256((__m256i*)(q2 + at), b8);
+      _mm256_storeu_si256((__m256i*)(q2 + qt), b8);
       __m256i sum = _mm256_add_epi32(_mm256_add_epi32(ci[0], ci[1]), _mm256_add_epi32(ci[2], ci[3]));
       __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
       s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
@@ -322,6 +327,19 @@ static void select_blocks(const float* d, int64_t m, int64_t nb, int64_t blocks,
   }
 }
 
+/* Fused digits (the residual beside each block: the x86 kernels): rows r0..r1's block scalars
+   made those of the joined sum F·s + s_r, so the kernels read one token's: d the residual's
+   da/F where the row keeps it (`keep`, NULL: every block; else da, the sum not joined), e both
+   rows' (the residual's S is 0). */
+static void fold_digits(const Prep* p, int64_t r0, int64_t r1, const uint8_t* keep) {
+  if (p->qblock == BLOCK) return;
+  int64_t nb = p->k / BLOCK, rest = p->m * nb;
+  for (int64_t i = r0 * nb; i < r1 * nb; i++) {
+    if (!keep || keep[i - r0 * nb]) p->d[i] = p->d[rest + i];
+    p->e[i] += p->e[rest + i];
+  }
+}
+
 /* Task i of a matmul's activation rows: their norm (where one is folded in), then their int8
    blocks (and, for two digits, their residuals'). */
 void prepare_rows(void* data, size_t i) {
@@ -335,7 +353,8 @@ void prepare_rows(void* data, size_t i) {
                   p->sum ? p->sum + r0 * p->k : NULL, p->normed + r0 * p->k);
     a = p->normed + r0 * p->k;
   }
-  quantize_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, p->s + r0 * nb,
+  int8_t* q = p->q + r0 * p->qrow;
+  quantize_rows(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, p->s + r0 * nb,
                 p->e + r0 * nb);
   if (p->sc) /* (a task's rows start a group of 4: `rows` is m or 8) */
     for (int64_t t = r0; t < r1; t++)
@@ -347,13 +366,17 @@ void prepare_rows(void* data, size_t i) {
   int64_t at = (p->m + r0) * nb;
   uint8_t* keep = p->blocks > 0 ? p->keep + r0 * nb : NULL;
   if (keep) select_blocks(p->d + r0 * nb, r1 - r0, nb, p->blocks, keep, p->kept + r0 / 4 * (nb + 1));
+  /* beside each block's â (qblock 2·BLOCK), or rows M.. of their own */
+  int8_t* q2 = p->qblock > BLOCK ? q + BLOCK : p->q + (p->m + r0) * p->qrow;
 #if defined(__x86_64__)
   if (kernel_path() != PATH_PORTABLE) {
-    residual_rows_avx2(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, keep,
-                       p->q + (p->m + r0) * p->k, p->d + at, p->s + at, p->e + at);
+    residual_rows_avx2(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, keep, p->shift,
+                       q2, p->d + at, p->s + at, p->e + at);
+    fold_digits(p, r0, r1, keep);
     return;
   }
 #endif
-  residual_rows(a, r1 - r0, p->k, p->q + r0 * p->k, p->d + r0 * nb, keep,
-                p->q + (p->m + r0) * p->k, p->d + at, p->s + at, p->e + at);
+  residual_rows(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, keep, p->shift, q2,
+                p->d + at, p->s + at, p->e + at);
+  fold_digits(p, r0, r1, keep);
 }

@@ -43,7 +43,7 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
       float acc[ROWS] = {0}, off[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
         const uint8_t* p = j->w + (g * j->nb + b) * j->tile;
-        const int8_t* a = j->aq + t * j->k + b * BLOCK;
+        const int8_t* a = act_block(j, t, b, 0);
         float da = j->ad[t * j->nb + b], sa = j->as[t * j->nb + b], ea = j->ae[t * j->nb + b];
         for (int r = 0; r < ROWS; r++) {
           int q[BLOCK];
@@ -88,7 +88,7 @@ static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
       float acc[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
         const uint8_t* p = j->w + (g * j->nb + b) * TILE6;
-        const int8_t* a = j->aq + t * j->k + b * BLOCK;
+        const int8_t* a = act_block(j, t, b, 0);
         float da = j->ad[t * j->nb + b];
         int32_t h[2];
         half_sums_scalar(a, h);
@@ -114,7 +114,7 @@ static void rows_scalar_q8(const Job* j, int64_t g0, int64_t g1) {
       float acc[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
         const uint8_t* p = j->w + (g * j->nb + b) * TILE8;
-        const int8_t* a = j->aq + t * j->k + b * BLOCK;
+        const int8_t* a = act_block(j, t, b, 0);
         int64_t ib = t * j->nb + b;
         float da = j->ad[ib], qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int */
         for (int r = 0; r < ROWS; r++) {
@@ -153,15 +153,16 @@ AVX512 INLINE void codes512(const uint8_t* p, int planes, __m512i c[8]) {
   }
 }
 
-/* The T tokens' integer dot products with the 16 rows of block b's codes c: s[t]. One chain of
+/* The T tokens' integer dot products with the 16 rows of block b's codes c: s[t] (`res`: their
+   residuals'; `two`: fused digits, act_block). One chain of
    eight vpdpbusd waits on each one's latency; the tokens' chains go interleaved, and a lone
    token's as two chains of four (integer sums: any order gives the same numbers). These and the
    tile functions are always inlined, so that T is a constant in their loops (GCC had left
    tile_tokens out of line, its accumulators behind a variable T). */
 AVX512 INLINE void dots512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
-                           __m512i s[4]) {
+                           __m512i s[4], int two, int res) {
   const int32_t* a[4];
-  for (int t = 0; t < T; t++) a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+  for (int t = 0; t < T; t++) a[t] = (const int32_t*)(act_block(j, t0 + t, b, two) + (res ? BLOCK : 0));
   if (T == 1) {
     __m512i x = _mm512_setzero_si512(), y = _mm512_setzero_si512();
     for (int v = 0; v < 8; v += 2) {
@@ -176,21 +177,21 @@ AVX512 INLINE void dots512(const Job* j, int64_t t0, int T, int64_t b, const __m
     for (int t = 0; t < T; t++) s[t] = _mm512_dpbusd_epi32(s[t], c[v], _mm512_set1_epi32(a[t][v]));
 }
 
-/* The integer sums of a token's two digits joined, 254·s + s_r (as tiles256.h's join). */
-AVX512 INLINE __m512i join512(__m512i s, __m512i r) {
-  return _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(s, 8), _mm512_slli_epi32(s, 1)), r);
+/* The integer sums of a token's two digits joined, F·s + s_r, F = 2^shift (as tiles256.h's
+   join): exact in int32 (|128·s| ≤ 128 · 32 · 255 · 127 < 2³¹ for 8-bit codes, the widest). */
+AVX512 INLINE __m512i join512(const Job* j, __m512i s, __m512i r) {
+  return _mm512_add_epi32(_mm512_sll_epi32(s, _mm_cvtsi32_si128(j->shift)), r);
 }
 
 /* dots512 for the tokens' int8 blocks and, for two digits (`two`, a constant wherever this is
-   inlined), for their residual rows m + t too, the two sums joined: 254·s + s_r, exact in int32
-   (|254·s| ≤ 254 · 32 · 255 · 127 < 2³¹ for 8-bit codes, the widest joined). */
+   inlined), for their residuals too, the two sums joined (join512). */
 AVX512 INLINE void digits512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
                              __m512i s[4], int two) {
-  dots512(j, t0, T, b, c, s);
+  dots512(j, t0, T, b, c, s, two, 0);
   if (!two) return;
   __m512i r[4];
-  dots512(j, j->m + t0, T, b, c, r);
-  for (int t = 0; t < T; t++) s[t] = join512(s[t], r[t]);
+  dots512(j, t0, T, b, c, r, two, 1);
+  for (int t = 0; t < T; t++) s[t] = join512(j, s[t], r[t]);
 }
 
 /* The next tile group's lines of block b, prefetched while this group computes (on its first
@@ -225,29 +226,27 @@ AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d) {
 
 /* Two digits on a few blocks (Job.kept, `two` 2 below): dots512 for the tokens, and on a block
    any of them keeps a residual on (the next in `*u`, the group's list), their residuals' too,
-   joined into the sums of those that keep it (254·s + s_r, as digits512); `ad` gets each token's
-   scale for its sum: da/254 where joined, else da. A token's bits are the same whichever others
+   joined into the sums of those that keep it (join512, as digits512; the token's scale is its
+   joined sum's, da/F, there, else da: activations.c, fold_digits). A token's bits are the same whichever others
    share its group. At decode the list is the token's own, the same for every tile group, so the
    branch on it is predicted; a prompt's groups of 4 take the union of theirs. */
 AVX512 INLINE void few512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
-                          __m512i s[4], const int32_t** u, float ad[4]) {
-  dots512(j, t0, T, b, c, s);
-  for (int t = 0; t < T; t++) ad[t] = j->ad[(t0 + t) * j->nb + b];
+                          __m512i s[4], const int32_t** u) {
+  dots512(j, t0, T, b, c, s, 2, 0);
   if (**u != b) return;
   ++*u;
   __m512i r[4];
-  dots512(j, j->m + t0, T, b, c, r);
+  dots512(j, t0, T, b, c, r, 2, 1);
   for (int t = 0; t < T; t++) {
     int keep = j->keep[(t0 + t) * j->nb + b];
-    s[t] = _mm512_mask_mov_epi32(s[t], (__mmask16)-keep, join512(s[t], r[t]));
-    ad[t] = keep ? j->ad[(j->m + t0 + t) * j->nb + b] : ad[t];
+    s[t] = _mm512_mask_mov_epi32(s[t], (__mmask16)-keep, join512(j, s[t], r[t]));
   }
 }
 
 /* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `five`: a 5-bit
-   tile; `two`: two-digit activations, both read here (rows t and m + t of the int8 blocks), their
-   integer sums joined as 254·s + s_r, at the residual's scale da/254 (a constant wherever this
-   is inlined): the float work of one token, not two; 2: on a few blocks only (few512). */
+   tile; `two`: two-digit activations, both read here (each block's â and r̂), their integer sums
+   joined as F·s + s_r, at the residual's scale da/F (a constant wherever this is inlined): the
+   float work of one token, not two; 2: on a few blocks only (few512). */
 AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five, int two) {
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
@@ -263,17 +262,14 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
     __m512 m = min512(p, l, d);
     __m512 zd = zero512(p, l, d);
     __m512i s[4];
-    float ad[4];
-    if (two == 2) few512(j, t0, T, b, c, s, &u, ad);
+    if (two == 2) few512(j, t0, T, b, c, s, &u);
     else digits512(j, t0, T, b, c, s, two);
-    for (int t = 0; t < T; t++) {
-      int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
-      float scale = two == 2 ? ad[t] : j->ad[ir];
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(scale)),
-                               acc[t]);
+    for (int t = 0; t < T; t++) { /* (two digits: the joined sum's scalars, fold_digits) */
+      int64_t ib = (t0 + t) * j->nb + b;
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]),
+                               _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ib])), acc[t]);
       off[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(j->as[ib]), off[t]);
-      /* (a residual's e is 0 on a block it does not keep) */
-      off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]), off[t]);
+      off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(j->ae[ib]), off[t]);
     }
   }
   for (int t = 0; t < T; t++)
@@ -293,16 +289,13 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, in
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
     __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
     __m512i s[4];
-    float ad[4];
-    if (two == 2) few512(j, t0, T, b, c, s, &u, ad);
+    if (two == 2) few512(j, t0, T, b, c, s, &u);
     else digits512(j, t0, T, b, c, s, two);
     for (int t = 0; t < T; t++) {
-      int64_t ib = (t0 + t) * j->nb + b, ir = two ? (j->m + t0 + t) * j->nb + b : ib;
-      float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int, both digits' */
-      if (two) qs += j->as[ir] - j->ae[ir];
-      float scale = two == 2 ? ad[t] : j->ad[ir];
+      int64_t ib = (t0 + t) * j->nb + b;
+      float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int (both digits': fold_digits) */
       __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(qs),
-                                  _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), _mm512_set1_ps(scale)));
+                                  _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), _mm512_set1_ps(j->ad[ib])));
       acc[t] = _mm512_fmadd_ps(d, x, acc[t]);
     }
   }
@@ -328,7 +321,7 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
     __m512 s0 = _mm512_loadu_ps((const float*)(p + HALVES));
     __m512 s1 = _mm512_loadu_ps((const float*)(p + HALVES + 64));
     for (int t = 0; t < T; t++) {
-      const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
+      const int8_t* aq = act_block(j, t0 + t, b, 0);
       const int32_t* a = (const int32_t*)aq;
       int32_t h[2];
       half_sums_avx2(aq, h);
@@ -384,9 +377,15 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
  * layout already) into 16 × 16 int32 sums: the integers dots512 makes. The float work after them
  * is tile_tokens' and tile_tokens_q8's, token by token in their order, so this path gives the
  * AVX-512 path's bits. A row group's codes are unpacked once for all of a call's tokens, with
- * their d, m and z·d as floats. Tokens past the last full 16 (and a decode step's rows: at 8 rows
- * the tile unit gained nothing) go through the AVX-512 passes; Q6_K tiles and two digits on a few
- * blocks run the AVX-512 path whole. What bounds it: the tile unit writes its sums to memory, a
+ * their d, m and z·d as floats. Two digits on 4- and 5-bit codes take one product of K = 64:
+ * a token's 64 bytes [â r̂] of a block (lying side by side: activations.c) by [F·c; c] (the codes
+ * scaled by F = 16 or 8 still fit a byte), which is F·s + s_r, the AVX-512 path's joined sum, in
+ * one tile product and one store: on this Xeon a tile product of K = 64 costs about what one of
+ * K = 32 does, so the second digit adds little here (a 128 × 576 → 960 matmul: 392 µs against
+ * one digit's 297 and 700 with a second product and store). The 8-bit head's codes are too wide
+ * to scale: its residuals take a product of their own. Tokens past the last full 16 (and a
+ * decode step's rows: at 8 rows the tile unit gained nothing) go through the AVX-512 passes;
+ * Q6_K tiles and two digits on a few blocks run the AVX-512 path whole. What bounds it: the tile unit writes its sums to memory, a
  * 64-byte row a token and block at ~1.5 cycles a row, and the float work reads them back (~5
  * vector operations a token and block); a 128 × 576 → 960 matmul on one core of the Intel Xeon
  * (family 6, model 167) takes 310–330 µs against the AVX-512 path's 485–505.
@@ -395,7 +394,9 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,amx-tile,amx-int8")))
 #define AMX_TOKENS 16 /* tokens a tile pass */
 #define AMX_HALF 8 /* tokens a float pass (their sums in 16 registers) */
-#define AMX_BLOCK (512 + 3 * 64) /* a block's unpacked codes, then d, m and z·d of its 16 rows */
+/* A block's unpacked codes (with two digits, F·c and then c: 16 rows of B), then d, m and z·d
+   of its 16 rows */
+#define AMX_BLOCK(two) (512 * (1 + (two)) + 3 * 64)
 
 typedef struct {
   uint8_t palette, start;
@@ -404,60 +405,71 @@ typedef struct {
   uint8_t rows[16];
 } TileConfig;
 
-AMX static void amx_configure(void) {
+/* amx_block's registers: 0 and 3 sums, 1 and 4 int8 blocks (both digits' with `joint`), 2 and 5
+   codes; 6 and 7 the residuals' sums and blocks where they take a product of their own */
+AMX static void amx_configure(int joint) {
   TileConfig c;
   memset(&c, 0, sizeof c);
   c.palette = 1;
-  for (int i = 0; i < 8; i++) { /* (amx_block's registers) */
+  for (int i = 0; i < 8; i++) {
     int kind = i == 6 ? 0 : i == 7 ? 1 : i % 3; /* 0: sums, 1: int8 blocks, 2: codes */
-    c.rows[i] = kind == 2 ? BLOCK / 4 : AMX_TOKENS; /* tokens; codes: 8 rows of 16 × 4 */
-    c.colsb[i] = kind == 1 ? BLOCK : 64;            /* 32 int8; 16 int32 or 16 × 4 codes */
+    c.rows[i] = kind == 2 ? (joint ? 2 : 1) * BLOCK / 4 : AMX_TOKENS; /* codes: 16 × 4 a row */
+    c.colsb[i] = kind == 1 && !(joint && i != 7) ? BLOCK : 64; /* int8; int32 or codes */
   }
   _tile_loadconfig(&c);
 }
 
-/* Row group g's blocks unpacked into u (nb × AMX_BLOCK bytes). */
-AMX static void amx_unpack(const Job* j, int64_t g, uint8_t* u) {
+/* Row group g's blocks unpacked into u (nb × AMX_BLOCK(two) bytes); `two`: F·c before c, the
+   B rows that take a token's â and then its r̂ in one product. */
+AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two) {
   const Layout l = layout_of(j->tile);
   const uint8_t* p = j->w + g * j->nb * j->tile;
-  for (int64_t b = 0; b < j->nb; b++, p += j->tile, u += AMX_BLOCK) {
+  const __m128i shift = _mm_cvtsi32_si128(j->shift);
+  for (int64_t b = 0; b < j->nb; b++, p += j->tile, u += AMX_BLOCK(two)) {
     __m512i c[8];
     codes512(p, l.five, c);
-    for (int v = 0; v < 8; v++) _mm512_store_si512((void*)(u + 64 * v), c[v]);
+    for (int v = 0; v < 8; v++) {
+      /* (F·c ≤ 248 stays within its byte of the 16-bit lane) */
+      if (two) _mm512_store_si512((void*)(u + 64 * v), _mm512_sll_epi16(c[v], shift));
+      _mm512_store_si512((void*)(u + 512 * two + 64 * v), c[v]);
+    }
     __m512 d = scale512(p, l);
     __m512 m = min512(p, l, d);
-    _mm512_store_ps((float*)(u + 512), d);
-    _mm512_store_ps((float*)(u + 576), m);
-    _mm512_store_ps((float*)(u + 640), zero512(p, l, d));
+    _mm512_store_ps((float*)(u + 512 * (1 + two)), d);
+    _mm512_store_ps((float*)(u + 512 * (1 + two) + 64), m);
+    _mm512_store_ps((float*)(u + 512 * (1 + two) + 128), zero512(p, l, d));
   }
 }
 
 /* The integer sums of tokens t0.. (16) with block b's codes (64-byte rows at `codes`) into s's
-   slot b ([nb][16][16]), and with `two` their residual rows' into slot nb + b. Blocks alternate
-   between two sets of tile registers (`odd`: 3, 4, 5 for 0, 1, 2; the residual's 6 and 7 are
-   shared), and the float work reads a block's sums two blocks later (amx_tokens). (On the Xeon
-   the VM offers, issuing them 1, 2, 4, 8 or all blocks ahead measured the same: its tile unit's
-   work does not overlap the FMAs, docs/speed.md.) */
+   slot b ([nb][16][16]). Two digits: `joint` (4-bit codes), one product of [â r̂] (a token's 64
+   bytes) by [F·c; c], which gives F·s + s_r at once; else (8-bit codes, too wide to scale) the
+   residuals' own product, into slot nb + b. Blocks alternate between two sets of tile registers
+   (`odd`: 3, 4, 5 for 0, 1, 2; the residual's 6 and 7 are shared), and the float work reads a
+   block's sums two blocks later (amx_tokens). (On the Xeon the VM offers, issuing them 1, 2, 4,
+   8 or all blocks ahead measured the same: its tile unit's work does not overlap the FMAs,
+   docs/speed.md.) */
 #define AMX_AHEAD 2
 AMX INLINE void amx_block(const Job* j, int64_t t0, int64_t b, const uint8_t* codes, int two,
-                          int odd, int32_t* s) {
-  const int8_t* a = j->aq + t0 * j->k + b * BLOCK;
+                          int joint, int odd, int32_t* s) {
+  const int8_t* a = act_block(j, t0, b, two);
+  const int64_t stride = two ? 2 * j->k : j->k;
   int32_t* to = s + b * AMX_TOKENS * ROWS;
   if (odd) {
     _tile_loadd(5, codes, 64);
-    _tile_loadd(4, a, j->k);
+    _tile_loadd(4, a, stride);
     _tile_zero(3);
     _tile_dpbsud(3, 4, 5);
     _tile_stored(3, to, 64);
   } else {
     _tile_loadd(2, codes, 64);
-    _tile_loadd(1, a, j->k);
+    _tile_loadd(1, a, stride);
     _tile_zero(0);
     _tile_dpbsud(0, 1, 2);
     _tile_stored(0, to, 64);
   }
-  if (!two) return;
-  _tile_loadd(7, a + j->m * j->k, j->k);
+  if (!two || joint) return;
+  _tile_loadd(7, a + BLOCK, stride);
   _tile_zero(6);
   if (odd) _tile_dpbsud(6, 7, 5);
   else _tile_dpbsud(6, 7, 2);
@@ -466,17 +478,19 @@ AMX INLINE void amx_block(const Job* j, int64_t t0, int64_t b, const uint8_t* co
 
 /* amx_block for block b (< nb), `stride` bytes a block's codes from `codes` */
 AMX INLINE void amx_ahead(const Job* j, int64_t t0, int64_t b, const uint8_t* codes,
-                          int64_t stride, int two, int32_t* s) {
+                          int64_t stride, int two, int joint, int32_t* s) {
   if (b >= j->nb) return;
-  if (b & 1) amx_block(j, t0, b, codes + b * stride, two, 1, s);
-  else amx_block(j, t0, b, codes + b * stride, two, 0, s);
+  if (b & 1) amx_block(j, t0, b, codes + b * stride, two, joint, 1, s);
+  else amx_block(j, t0, b, codes + b * stride, two, joint, 0, s);
 }
 
-/* Token t's sums of block b, both digits' joined where there are two (digits512). */
-AMX INLINE __m512i amx_sum(const Job* j, const int32_t* s, int64_t b, int t, int two) {
+/* Token t's sums of block b, both digits' joined where the residuals took a product of their own
+   (`apart`; join512). */
+AMX INLINE __m512i amx_sum(const Job* j, const int32_t* s, int64_t b, int t, int apart) {
   const int32_t* x = s + (b * AMX_TOKENS + t) * ROWS;
   __m512i v = _mm512_load_si512((const void*)x);
-  return two ? join512(v, _mm512_load_si512((const void*)(x + j->nb * AMX_TOKENS * ROWS))) : v;
+  return apart ? join512(j, v, _mm512_load_si512((const void*)(x + j->nb * AMX_TOKENS * ROWS)))
+               : v;
 }
 
 /* tile_tokens for tokens t0.. (16) of row group g, its blocks unpacked in u; s: amx_block's.
@@ -484,23 +498,23 @@ AMX INLINE __m512i amx_sum(const Job* j, const int32_t* s, int64_t b, int t, int
    registers), the first 8 while the tile unit works ahead on the blocks' sums. */
 AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u, int two,
                            int32_t* s) {
-  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, u, AMX_BLOCK, two, s);
+  const int64_t ub = AMX_BLOCK(two), cb = 512 * (1 + two);
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, u, ub, two, 1, s);
   for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
     __m512 acc[AMX_HALF], off[AMX_HALF];
     for (int t = 0; t < AMX_HALF; t++) acc[t] = off[t] = _mm512_setzero_ps();
     const uint8_t* x = u;
-    for (int64_t b = 0; b < j->nb; b++, x += AMX_BLOCK) {
-      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, u, AMX_BLOCK, two, s);
-      __m512 d = _mm512_load_ps((const float*)(x + 512));
-      __m512 m = _mm512_load_ps((const float*)(x + 576));
-      __m512 zd = _mm512_load_ps((const float*)(x + 640));
+    for (int64_t b = 0; b < j->nb; b++, x += ub) {
+      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, u, ub, two, 1, s);
+      __m512 d = _mm512_load_ps((const float*)(x + cb));
+      __m512 m = _mm512_load_ps((const float*)(x + cb + 64));
+      __m512 zd = _mm512_load_ps((const float*)(x + cb + 128));
       for (int t = 0; t < AMX_HALF; t++) {
-        int64_t ib = (t0 + h + t) * j->nb + b, ir = two ? (j->m + t0 + h + t) * j->nb + b : ib;
-        __m512 v = _mm512_cvtepi32_ps(amx_sum(j, s, b, h + t, two));
-        acc[t] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ir])), acc[t]);
+        int64_t ib = (t0 + h + t) * j->nb + b;
+        __m512 v = _mm512_cvtepi32_ps(amx_sum(j, s, b, h + t, 0));
+        acc[t] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ib])), acc[t]);
         off[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(j->as[ib]), off[t]);
-        off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(two ? j->ae[ib] + j->ae[ir] : j->ae[ib]),
-                                 off[t]);
+        off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(j->ae[ib]), off[t]);
       }
     }
     for (int t = 0; t < AMX_HALF; t++)
@@ -511,22 +525,21 @@ AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u
 /* tile_tokens_q8 for tokens t0.. (16) of row group g: the codes are B's rows as they lie */
 AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int32_t* s) {
   const uint8_t* codes = j->w + g * j->nb * TILE8;
-  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, codes, TILE8, two, s);
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, codes, TILE8, two, 0, s);
   for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
     __m512 acc[AMX_HALF];
     for (int t = 0; t < AMX_HALF; t++) acc[t] = _mm512_setzero_ps();
     const uint8_t* p = codes;
     for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
-      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, codes, TILE8, two, s);
+      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, codes, TILE8, two, 0, s);
       __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
       __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
       for (int t = 0; t < AMX_HALF; t++) {
-        int64_t ib = (t0 + h + t) * j->nb + b, ir = two ? (j->m + t0 + h + t) * j->nb + b : ib;
+        int64_t ib = (t0 + h + t) * j->nb + b;
         float qs = j->as[ib] - j->ae[ib];
-        if (two) qs += j->as[ir] - j->ae[ir];
         __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(qs),
                                     _mm512_mul_ps(_mm512_cvtepi32_ps(amx_sum(j, s, b, h + t, two)),
-                                                  _mm512_set1_ps(j->ad[ir])));
+                                                  _mm512_set1_ps(j->ad[ib])));
         acc[t] = _mm512_fmadd_ps(d, x, acc[t]);
       }
     }
@@ -541,18 +554,21 @@ AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
     rows_avx512(j, g0, g1);
     return;
   }
-  /* the unpacked codes (4-bit family), then amx_block's int32 sums of a token group */
-  size_t unpacked = j->bits == 4 ? (size_t)j->nb * AMX_BLOCK : 0;
-  uint8_t* u = aligned_alloc(64, unpacked + (size_t)j->nb * (1 + two) * AMX_TOKENS * ROWS * 4);
+  /* the unpacked codes (4-bit family), then amx_block's int32 sums of a token group (the 8-bit
+     head's residuals: a second set) */
+  int joint = two && j->bits == 4, apart = two && !joint;
+  size_t unpacked = j->bits == 4 ? (size_t)j->nb * AMX_BLOCK(two) : 0;
+  uint8_t* u = aligned_alloc(64, unpacked + (size_t)j->nb * (1 + apart) * AMX_TOKENS * ROWS * 4);
   if (!u) {
     rows_avx512(j, g0, g1);
     return;
   }
   int32_t* s = (int32_t*)(u + unpacked);
   int64_t full = j->m / AMX_TOKENS * AMX_TOKENS;
-  amx_configure();
+  amx_configure(joint);
   for (int64_t g = g0; g < g1; g++) {
-    if (unpacked) amx_unpack(j, g, u);
+    if (joint) amx_unpack(j, g, u, 1);
+    else if (unpacked) amx_unpack(j, g, u, 0);
     for (int64_t t = 0; t < full; t += AMX_TOKENS) {
       if (!unpacked) {
         if (two) amx_tokens_q8(j, g, t, 1, s);
@@ -717,7 +733,7 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
     float zf[4] = {zb[0], zb[1], zb[2], zb[3]};
     z = vld1q_f32(zf);
     for (int t = 0; t < T; t++) {
-      const int32_t* a = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+      const int32_t* a = (const int32_t*)(act_block(j, t0 + t, b, 0));
       int32x4_t s = vdupq_n_s32(0);
       for (int v = 0; v < 8; v++) s = vdotq_s32(s, c[v], vreinterpretq_s8_s32(vdupq_n_s32(a[v])));
       int64_t ib = (t0 + t) * j->nb + b;
@@ -747,7 +763,7 @@ NEON_DOT static void quarter_tokens_neon_q6(const Job* j, int64_t g, int q4, int
     float32x4_t s0 = vld1q_f32((const float*)(p + HALVES) + 4 * q4);
     float32x4_t s1 = vld1q_f32((const float*)(p + HALVES + 64) + 4 * q4);
     for (int t = 0; t < T; t++) {
-      const int8_t* aq = j->aq + (t0 + t) * j->k + b * BLOCK;
+      const int8_t* aq = act_block(j, t0 + t, b, 0);
       const int32_t* a = (const int32_t*)aq;
       int32_t h[2];
       half_sums_scalar(aq, h);
@@ -903,6 +919,10 @@ int alloc_work(Prep* p, Job* j) {
   p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc) + 64);
   if (!p->q || !p->d) return free(p->q), free(p->d), 1;
   p->s = p->d + rows * nb, p->e = p->s + rows * nb;
+  int fused = fused_digits(j); /* a block's residual beside it */
+  p->qrow = fused ? 2 * k : k; /* (act_block) */
+  p->qblock = fused ? 2 * BLOCK : BLOCK;
+  p->shift = j->shift = digit_shift(j->tile);
   p->keep = p->blocks ? (uint8_t*)p->q + rows * k : NULL;
   p->kept = p->blocks ? (int32_t*)(p->e + rows * nb + scratch) : NULL;
   p->sc = sc ? p->e + rows * nb + scratch + kept : NULL;

@@ -87,12 +87,18 @@
  * model (all its norms but the last), each of which cost more in dispatch than its arithmetic.
  *
  * Two digits (attribute `digits` 2 on any of the three; export's `--precise`): what each
- * activation's int8 rounding left, r = x − da·â, is rounded to int8 in its turn at da/254 (|r| ≤
- * da/2 keeps it within ±127) as a row of its own, with S = 0 and e = −(da/254)·Σ r̂ (its row's
- * offsets already hold the exact sums). The x86 kernels read both digits of a token in one
- * pass and join their integer sums, 254·s + s_r (exact in int32), before the float work of one
- * token; NEON, portable C and Q6_K's tiles compute the residual rows as rows of their own and
- * add each row's two outputs (before the SwiGLU). What is left is at most 1/508 of a block's
+ * activation's int8 rounding left, r = x − da·â, is rounded to int8 in its turn at da/F (|r| ≤
+ * da/2 keeps it within ±F/2), with S = 0 and e = −(da/F)·Σ r̂ (its row's offsets already hold
+ * the exact sums). F (digit_shift) is 16 for 4-bit codes, 8 for 5-bit codes and 128 for 8- and
+ * 6-bit ones: the largest power of two that keeps F·code within a byte where it can (F·15 = 240,
+ * F·31 = 248), so that AMX takes both digits of a block in one tile product, [â r̂]·[F·c; c]
+ * (matmul.c, rows_amx). The x86 kernels read both digits of a token in one pass (they lie side
+ * by side, a block's â then its r̂: act_block) and join their integer sums, F·s + s_r (exact in
+ * int32), before the float work of one token; NEON, portable C and Q6_K's tiles take the
+ * residuals as rows of their own (rows M.. of the int8 rows) and add each row's two outputs
+ * (before the SwiGLU). What is left is at most 1/(2F) of a block's scale, 1/32 for 4-bit codes:
+ * KL ~1e-5 against ~3e-3 with one digit on the default model, near float activations' quality,
+ * for twice the dot products (on AMX, for little more than one digit's).
  * scale: float activations' quality (KL 5e-7 on the default model) for twice the dot products.
  * Attribute `blocks` B > 0 spends the second digit only on each row's B blocks of largest scale,
  * where the rounding error is largest (a block's error grows with da², and a norm's output puts
@@ -219,10 +225,12 @@ typedef struct {
   int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE5*; TILE8, TILE6 */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
-  int digits;     /* 2: aq, ad, as, ae hold 2M rows, M of the activations and M of what their int8
-                     rounding left (activations.c): the x86 kernels read both a token (matmul.c,
-                     fused_digits), the others compute both into `scratch` [2M, N] and add each
-                     row's two. Else 1. */
+  int digits;     /* 2: ad, as, ae hold 2M rows, M of the activations and M of what their int8
+                     rounding left (activations.c); the x86 kernels read both digits of a token
+                     (matmul.c, fused_digits: aq's row t holds block b's â and then its r̂,
+                     act_block), the others have M more rows in aq and compute both into `scratch`
+                     [2M, N] and add each row's two. Else 1. */
+  int shift;      /* fused digits: a residual digit is worth 1/2^shift of its token's (digit_shift) */
   const int32_t* kept; /* two digits on a few blocks (Prep.blocks): for each group of 4 rows
                           (the x86 kernels' token groups), [nb + 1], the blocks any of them keeps
                           a residual on, in order, then -1. The others' residual codes are 0, so
@@ -234,6 +242,20 @@ typedef struct {
                       read through one pointer instead of three a token (tiles256.h) */
 } Job;
 
+/* Token t's int8 block b; `two` (fused digits: a constant where the kernels inline this) lays a
+   block's residual in the BLOCK bytes after it, so a row spans 2K. */
+static inline const int8_t* act_block(const Job* j, int64_t t, int64_t b, int two) {
+  return j->aq + (t * j->k + b * BLOCK) * (two ? 2 : 1);
+}
+
+/* The second digit's weight, 1/2^shift of the first's, for a tile of `tile` bytes: 16 for 4-bit
+   codes, 8 for 5-bit ones (F·code within a byte, for AMX's product of both digits at once), 128
+   for 8- and 6-bit codes (|r̂| ≤ 64). */
+static inline int digit_shift(int64_t tile) {
+  if (tile == TILE || tile == TILE4F) return 4;
+  return tile_bits(tile) == 4 ? 3 : 7;
+}
+
 /* A matmul's activations made ready, `rows` rows a task: A (or RMSNorm(A + skip)·gamma, into
    `normed`, the sum into `sum` where wanted) quantized into q, d, s, e as Job reads them. */
 typedef struct {
@@ -242,8 +264,11 @@ typedef struct {
   int8_t* q;
   float *d, *s, *e;
   int64_t m, k, rows;
+  int64_t qrow, qblock; /* q's layout: row r's block b at r·qrow + b·qblock (act_block) */
+  int shift;            /* two digits: the residual's weight, 1/2^shift (digit_shift) */
   float eps;
-  int digits; /* as Job's: 2, what the int8 rounding left quantized too, into rows M.. of q, d, s, e */
+  int digits; /* as Job's: 2, what the int8 rounding left quantized too, into rows M.. of d, s, e
+                 and into q's rows M.. (qrow K) or beside each block's â (qblock 2·BLOCK) */
   int64_t blocks; /* two digits: 0 on every block; else on each row's `blocks` (< nb) blocks of
                      largest scale da (the first of equals), the rest of the residual 0 */
   uint8_t* keep;  /* [M, nb] when blocks > 0: 1 on those blocks */
@@ -331,8 +356,8 @@ LLAMAONNX_INTERNAL void held_release(Held* h);
 LLAMAONNX_INTERNAL int kernel_path(void);
 LLAMAONNX_INTERNAL int path_supported(int p);
 LLAMAONNX_INTERNAL int path_from_name(const char* name);
-LLAMAONNX_INTERNAL void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, float* d, float* s,
-                            float* e);
+LLAMAONNX_INTERNAL void quantize_rows(const float* a, int64_t m, int64_t k, int8_t* q, int64_t qrow,
+                                      int64_t qblock, float* d, float* s, float* e);
 LLAMAONNX_INTERNAL void skip_rms_norm(const float* x, const float* skip, const float* gamma,
                                       int64_t m, int64_t k, float eps, float* sum, float* y);
 LLAMAONNX_INTERNAL void prepare_rows(void* data, size_t i);

@@ -46,20 +46,18 @@ TARGET256 INLINE void NAME256(ahead)(const uint8_t* p, int64_t stride) {
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch((const char*)p + AHEAD256 * stride + o, _MM_HINT_T0);
 }
 
-/* The integer sums of a token's two digits joined, 254·s + s_r (exact in int32: see
-   tile_tokens in matmul.c). */
-TARGET256 INLINE __m256i NAME256(join)(__m256i s, __m256i r) {
-  return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(s, 8), _mm256_slli_epi32(s, 1)), r);
+/* The integer sums of a token's two digits joined, F·s + s_r (exact in int32: see join512 in
+   matmul.c). */
+TARGET256 INLINE __m256i NAME256(join)(const Job* j, __m256i s, __m256i r) {
+  return _mm256_add_epi32(_mm256_sll_epi32(s, _mm_cvtsi32_si128(j->shift)), r);
 }
 
 /* Two digits on a few blocks (`two` 2 below, as few512 in matmul.c): on a block the group keeps
    a residual on (the next in its list), token t's sum s (block ib) joined with its residual's r
-   (block ir) where it keeps one, at the residual's scale; its sum and scale `*ad` unchanged
-   where it does not. */
-TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, int64_t ir, __m256i s, __m256i r, float* ad) {
+   where it keeps one (its scale then the joined sum's: fold_digits), else s. */
+TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, __m256i s, __m256i r) {
   int keep = j->keep[ib];
-  if (keep) *ad = j->ad[ir];
-  return _mm256_blendv_epi8(s, NAME256(join)(s, r), _mm256_set1_epi32(-keep));
+  return _mm256_blendv_epi8(s, NAME256(join)(j, s, r), _mm256_set1_epi32(-keep));
 }
 
 /* Half h of a MatMulQ4 tile's scales: d, m (−16·d where the tile has none) and the zero
@@ -89,19 +87,18 @@ TARGET256 INLINE __m256 NAME256(weigh)(__m256i s, __m256 d, __m256 m, __m256 zd,
    on block b of half a tile, times the scales, added to acc: the float work of a token, the same
    in every pass. */
 TARGET256 INLINE __m256 NAME256(sums_to)(const Job* j, __m256i s, __m256i sr, __m256 d, __m256 m, __m256 zd, int64_t b, int64_t t, int two, int here, __m256 acc) {
-  int64_t ib = t * j->nb + b, ir = two ? (j->m + t) * j->nb + b : ib;
-  float ad = j->ad[two == 1 ? ir : ib];
-  if (two == 1 || here) s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
-  return NAME256(weigh)(s, d, m, zd, ad, j->as[ib], two ? j->ae[ib] + j->ae[ir] : j->ae[ib], acc);
+  int64_t ib = t * j->nb + b; /* (two digits: the joined sum's scalars, fold_digits) */
+  if (two == 1 || here) s = two == 1 ? NAME256(join)(j, s, sr) : NAME256(few)(j, ib, s, sr);
+  return NAME256(weigh)(s, d, m, zd, j->ad[ib], j->as[ib], j->ae[ib], acc);
 }
 
 /* Token t's block b on half a tile's codes c, added to acc. `here`: a block its group keeps a
    residual on (two 2). */
 TARGET256 INLINE __m256 NAME256(token)(const Job* j, const __m256i c[8], __m256 d, __m256 m, __m256 zd, int64_t b, int64_t t, int five, int two, int here, __m256 acc) {
-  const int32_t* a = (const int32_t*)(j->aq + t * j->k + b * BLOCK);
+  const int32_t* a = (const int32_t*)act_block(j, t, b, two);
   __m256i s = five ? NAME256(dot_u5)(c, a) : NAME256(dot_u4)(c, a), sr = s;
   if (two == 1 || here) {
-    const int32_t* r = (const int32_t*)(j->aq + (j->m + t) * j->k + b * BLOCK);
+    const int32_t* r = (const int32_t*)(act_block(j, t, b, two) + BLOCK);
     sr = five ? NAME256(dot_u5)(c, r) : NAME256(dot_u4)(c, r);
   }
   return NAME256(sums_to)(j, s, sr, d, m, zd, b, t, two, here, acc);
@@ -112,12 +109,12 @@ TARGET256 INLINE __m256 NAME256(token)(const Job* j, const __m256i c[8], __m256 
    token before the next (as codes lays them out): the same sums as dot_u4 / dot_u5 give on
    codes' registers, integers in a different order (4-bit: ≤ 8 products a lane in int16, as
    dot_u4; 5-bit: 4, as dot_u5), with T int16 accumulators live instead of 8 code registers. */
-TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, int five, int res, __m256i s[4], __m256i sr[4]) {
+TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, int five, int two, int res, __m256i s[4], __m256i sr[4]) {
   const int32_t *a[4], *r[4];
   __m256i w[4], wr[4];
   for (int t = 0; t < T; t++) {
-    a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
-    r[t] = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
+    a[t] = (const int32_t*)act_block(j, t0 + t, b, two);
+    r[t] = (const int32_t*)(act_block(j, t0 + t, b, two) + BLOCK);
     w[t] = wr[t] = s[t] = sr[t] = _mm256_setzero_si256();
   }
   for (int v = 0; v < 4; v++) {
@@ -166,8 +163,8 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
     int here = two == 2 && *u == b; /* (a block the group keeps a residual on) */
     u += here;
     __m256i s[4], sr[4];
-    if (two == 1 || here) NAME256(tile_sums)(j, p, h, b, t0, T, five, 1, s, sr);
-    else NAME256(tile_sums)(j, p, h, b, t0, T, five, 0, s, sr);
+    if (two == 1 || here) NAME256(tile_sums)(j, p, h, b, t0, T, five, two, 1, s, sr);
+    else NAME256(tile_sums)(j, p, h, b, t0, T, five, two, 0, s, sr);
     __m256 d, m, zd;
     NAME256(scales)(p, l, h, five, &d, &m, &zd);
     if (side) {
@@ -236,30 +233,29 @@ TARGET256 INLINE __m256 NAME256(weigh8)(__m256i s, __m256 d, __m256 shift, float
    8-bit tile, times d and its shift 128 − z, added to acc: the float work of a token, the same
    in every pass. */
 TARGET256 INLINE __m256 NAME256(sums8_to)(const Job* j, __m256i s, __m256i sr, __m256 d, __m256 shift, int64_t b, int64_t t, int two, int here, __m256 acc) {
-  int64_t ib = t * j->nb + b, ir = two ? (j->m + t) * j->nb + b : ib;
-  float qs = j->as[ib] - j->ae[ib], ad = j->ad[two == 1 ? ir : ib]; /* da·Σ â_int */
-  if (two) qs += j->as[ir] - j->ae[ir]; /* both digits' (0 on a block a row does not keep) */
-  if (two == 1 || here) s = two == 1 ? NAME256(join)(s, sr) : NAME256(few)(j, ib, ir, s, sr, &ad);
-  return NAME256(weigh8)(s, d, shift, ad, qs, acc);
+  int64_t ib = t * j->nb + b;
+  float qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int (both digits': fold_digits) */
+  if (two == 1 || here) s = two == 1 ? NAME256(join)(j, s, sr) : NAME256(few)(j, ib, s, sr);
+  return NAME256(weigh8)(s, d, shift, j->ad[ib], qs, acc);
 }
 
 /* Token t's block b on half an 8-bit tile (codes8), d its scales, shift 128 − z; `here` as in
    token. */
 TARGET256 INLINE __m256 NAME256(token8)(const Job* j, const __m256i u[8], const __m256i c[8], __m256 d, __m256 shift, int64_t b, int64_t t, int two, int here, __m256 acc) {
-  const int32_t* a = (const int32_t*)(j->aq + t * j->k + b * BLOCK);
+  const int32_t* a = (const int32_t*)act_block(j, t, b, two);
   __m256i s = NAME256(dot_s8)(u, c, a), sr = s;
-  if (two == 1 || here) sr = NAME256(dot_s8)(u, c, (const int32_t*)(j->aq + (j->m + t) * j->k + b * BLOCK));
+  if (two == 1 || here) sr = NAME256(dot_s8)(u, c, (const int32_t*)(act_block(j, t, b, two) + BLOCK));
   return NAME256(sums8_to)(j, s, sr, d, shift, b, t, two, here, acc);
 }
 
 /* tile_sums for an 8-bit tile: each code register (c − 128, and its magnitude) made once and
    taken by every token before the next, the same int32 sums as dot_s8's. */
-TARGET256 INLINE void NAME256(tile_sums8)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, int res, __m256i s[4], __m256i sr[4]) {
+TARGET256 INLINE void NAME256(tile_sums8)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, int two, int res, __m256i s[4], __m256i sr[4]) {
   const __m256i flip = _mm256_set1_epi8((char)0x80);
   const int32_t *a[4], *r[4];
   for (int t = 0; t < T; t++) {
-    a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
-    r[t] = (const int32_t*)(j->aq + (j->m + t0 + t) * j->k + b * BLOCK);
+    a[t] = (const int32_t*)act_block(j, t0 + t, b, two);
+    r[t] = (const int32_t*)(act_block(j, t0 + t, b, two) + BLOCK);
     s[t] = sr[t] = _mm256_setzero_si256();
   }
   for (int v = 0; v < 8; v++) {
@@ -292,8 +288,8 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int 
     int here = two == 2 && *kb == b; /* (a block the group keeps a residual on) */
     kb += here;
     __m256i s[4], sr[4];
-    if (two == 1 || here) NAME256(tile_sums8)(j, p, h, b, t0, T, 1, s, sr);
-    else NAME256(tile_sums8)(j, p, h, b, t0, T, 0, s, sr);
+    if (two == 1 || here) NAME256(tile_sums8)(j, p, h, b, t0, T, two, 1, s, sr);
+    else NAME256(tile_sums8)(j, p, h, b, t0, T, two, 0, s, sr);
     __m256 d, shift;
     NAME256(scales8)(p, h, &d, &shift);
     if (side) {
@@ -331,7 +327,7 @@ TARGET256 INLINE void NAME256(pair_tokens_q8)(const Job* j, int64_t g, int64_t t
 /* Each of T tokens' activation half sums on block b (half_sums_avx2), which a 6-bit tile's
    sums start from: once a block, for either half. */
 TARGET256 INLINE void NAME256(half_sums_q6)(const Job* j, int64_t b, int64_t t0, int T, int32_t hs[4][2]) {
-  for (int t = 0; t < T; t++) half_sums_avx2(j->aq + (t0 + t) * j->k + b * BLOCK, hs[t]);
+  for (int t = 0; t < T; t++) half_sums_avx2(act_block(j, t0 + t, b, 0), hs[t]);
 }
 
 /* Block b (at p) of a 6-bit tile's half h for T tokens (1..4), added to acc: each pair of code
@@ -341,7 +337,7 @@ TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, i
   const int32_t* a[4];
   __m256i x[4][2];
   for (int t = 0; t < T; t++) {
-    a[t] = (const int32_t*)(j->aq + (t0 + t) * j->k + b * BLOCK);
+    a[t] = (const int32_t*)act_block(j, t0 + t, b, 0);
     x[t][0] = _mm256_set1_epi32(-32 * hs[t][0]), x[t][1] = _mm256_set1_epi32(-32 * hs[t][1]);
   }
   for (int v = 0; v < 4; v++) {
@@ -406,7 +402,9 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
   for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * tile;
   const int32_t* a[2];
-  for (int r = 0; r < R; r++) a[r] = (const int32_t*)(j->aq + (r < T ? t0 + r : j->m + t0 + r - T) * j->k);
+  for (int r = 0; r < R; r++) /* (a residual's block: BLOCK bytes past its token's) */
+    a[r] = (const int32_t*)(r < T ? act_block(j, t0 + r, 0, two) : act_block(j, t0 + r - T, 0, two) + BLOCK);
+  const int64_t words = (two ? 2 : 1) * BLOCK / 4;
   for (int64_t b = 0; b < j->nb; b++, p += tile) {
     if (t0 == 0) NAME256(ahead)(p, tile);
     __m256i w[2][2][2];
@@ -415,8 +413,8 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
     for (int v = 0; v < 4; v++) {
       __m256i a0[2], a1[2];
       for (int r = 0; r < R; r++) {
-        a0[r] = _mm256_set1_epi32(a[r][b * BLOCK / 4 + 2 * v]);
-        a1[r] = _mm256_set1_epi32(a[r][b * BLOCK / 4 + 2 * v + 1]);
+        a0[r] = _mm256_set1_epi32(a[r][b * words + 2 * v]);
+        a1[r] = _mm256_set1_epi32(a[r][b * words + 2 * v + 1]);
       }
       for (int h = 0; h < 2; h++) {
         __m256i c0, c1;
