@@ -369,14 +369,12 @@ void prepare_rows(void* data, size_t i) {
   /* beside each block's â (qblock 2·BLOCK), or rows M.. of their own */
   int8_t* q2 = p->qblock > BLOCK ? q + BLOCK : p->q + (p->m + r0) * p->qrow;
 #if defined(__x86_64__)
-  if (kernel_path() != PATH_PORTABLE) {
+  if (kernel_path() != PATH_PORTABLE)
     residual_rows_avx2(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, keep, p->shift,
                        q2, p->d + at, p->s + at, p->e + at);
-    fold_digits(p, r0, r1, keep);
-    return;
-  }
+  else
 #endif
-  residual_rows(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, keep, p->shift, q2,
-                p->d + at, p->s + at, p->e + at);
+    residual_rows(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, keep, p->shift, q2,
+                  p->d + at, p->s + at, p->e + at);
   fold_digits(p, r0, r1, keep);
 }

@@ -162,7 +162,8 @@ AVX512 INLINE void codes512(const uint8_t* p, int planes, __m512i c[8]) {
 AVX512 INLINE void dots512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
                            __m512i s[4], int two, int res) {
   const int32_t* a[4];
-  for (int t = 0; t < T; t++) a[t] = (const int32_t*)(act_block(j, t0 + t, b, two) + (res ? BLOCK : 0));
+  for (int t = 0; t < T; t++)
+    a[t] = (const int32_t*)(act_block(j, t0 + t, b, two) + (res ? BLOCK : 0));
   if (T == 1) {
     __m512i x = _mm512_setzero_si512(), y = _mm512_setzero_si512();
     for (int v = 0; v < 8; v += 2) {
@@ -227,8 +228,8 @@ AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d) {
 /* Two digits on a few blocks (Job.kept, `two` 2 below): dots512 for the tokens, and on a block
    any of them keeps a residual on (the next in `*u`, the group's list), their residuals' too,
    joined into the sums of those that keep it (join512, as digits512; the token's scale is its
-   joined sum's, da/F, there, else da: activations.c, fold_digits). A token's bits are the same whichever others
-   share its group. At decode the list is the token's own, the same for every tile group, so the
+   joined sum's, da/F, there, else da: activations.c, fold_digits). A token's bits are the same
+   whichever others share its group. At decode the list is the token's own, the same for every tile group, so the
    branch on it is predicted; a prompt's groups of 4 take the union of theirs. */
 AVX512 INLINE void few512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
                           __m512i s[4], const int32_t** u) {
@@ -385,10 +386,11 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
  * one digit's 297 and 700 with a second product and store). The 8-bit head's codes are too wide
  * to scale: its residuals take a product of their own. Tokens past the last full 16 (and a
  * decode step's rows: at 8 rows the tile unit gained nothing) go through the AVX-512 passes;
- * Q6_K tiles and two digits on a few blocks run the AVX-512 path whole. What bounds it: the tile unit writes its sums to memory, a
- * 64-byte row a token and block at ~1.5 cycles a row, and the float work reads them back (~5
- * vector operations a token and block); a 128 × 576 → 960 matmul on one core of the Intel Xeon
- * (family 6, model 167) takes 310–330 µs against the AVX-512 path's 485–505.
+ * Q6_K tiles and two digits on a few blocks run the AVX-512 path whole. What bounds it: the tile
+ * unit writes its sums to memory, a 64-byte row a token and block at ~1.5 cycles a row, and the
+ * float work reads them back (~5 vector operations a token and block); a 128 × 576 → 960 matmul
+ * on one core of the Intel Xeon (family 6, model 167) takes 310–330 µs against the AVX-512
+ * path's 485–505.
  * Linux lends the tile state to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM,
  * amx_lent); where it does not, the AVX-512 path runs. */
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,amx-tile,amx-int8")))
