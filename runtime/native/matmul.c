@@ -229,8 +229,8 @@ AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d) {
    any of them keeps a residual on (the next in `*u`, the group's list), their residuals' too,
    joined into the sums of those that keep it (join512, as digits512; the token's scale is its
    joined sum's, da/F, there, else da: activations.c, fold_digits). A token's bits are the same
-   whichever others share its group. At decode the list is the token's own, the same for every tile group, so the
-   branch on it is predicted; a prompt's groups of 4 take the union of theirs. */
+   whichever others share its group. At decode the list is the token's own, the same for every
+   tile group, so the branch on it is predicted; a prompt's groups of 4 take the union of theirs. */
 AVX512 INLINE void few512(const Job* j, int64_t t0, int T, int64_t b, const __m512i c[8],
                           __m512i s[4], const int32_t** u) {
   dots512(j, t0, T, b, c, s, 2, 0);
