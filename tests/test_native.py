@@ -364,24 +364,29 @@ def test_two_digits_match_numpy_and_float_activations(path, kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("digits", [1, 2])
+@pytest.mark.parametrize("digits,blocks", [(1, 0), (2, 0), (2, 2)])
 @pytest.mark.parametrize("m", [8, 16, 37])
 @pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
-def test_a_row_has_the_same_bits_alone_and_in_a_prompt(path, kind, m, digits):
+def test_a_row_has_the_same_bits_alone_and_in_a_prompt(path, kind, m, digits, blocks):
     """A prompt's rows go through the tiles several at a time (AMX: 16 at a time on the tile
     unit, the rest 4 at a time), a decode step's row alone: the same integer sums and the same
     float work in the same order, so on every path a row's bits do not depend on what it is
-    computed with; and the AMX path gives the AVX-512 path's bits."""
+    computed with; and the AMX path gives the AVX-512 path's bits. With two digits on a few
+    blocks each row keeps its own (here they differ row to row), which a tile pass takes the
+    union of."""
     n, k = 48, 512
     packed = pack(BLOCKS[kind](n, k, seed=m))
-    a = 3 * np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    rng = np.random.default_rng(m)
+    a = 3 * rng.standard_normal((m, k)).astype(np.float32)
     a[:, 7] *= 30
-    together = matmul(packed, a, path, digits=digits)
-    alone = np.concatenate([matmul(packed, a[i : i + 1], path, digits=digits) for i in range(m)])
+    a[np.arange(m), rng.integers(32, k, m)] *= 20  # a second block of large scale, row by row
+    kw = {"digits": digits, "blocks": blocks}
+    together = matmul(packed, a, path, **kw)
+    alone = np.concatenate([matmul(packed, a[i : i + 1], path, **kw) for i in range(m)])
     np.testing.assert_array_equal(together, alone)
     if path == "amx":
-        np.testing.assert_array_equal(together, matmul(packed, a, "avx512", digits=digits))
-    want = reference(a, packed, digits=digits)
+        np.testing.assert_array_equal(together, matmul(packed, a, "avx512", **kw))
+    want = reference(a, packed, **kw)
     np.testing.assert_allclose(together, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 

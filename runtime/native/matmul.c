@@ -386,7 +386,11 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
  * one digit's 297 and 700 with a second product and store). The 8-bit head's codes are too wide
  * to scale: its residuals take a product of their own. Tokens past the last full 16 (and a
  * decode step's rows: at 8 rows the tile unit gained nothing) go through the AVX-512 passes;
- * Q6_K tiles and two digits on a few blocks run the AVX-512 path whole. What bounds it: the tile
+ * Q6_K tiles run the AVX-512 path whole. Two digits on a few blocks (Job.kept) take the joint
+ * product on the blocks any of a pass's 16 tokens keeps and one digit's on the rest (amx_wide:
+ * a 128 × 576 → 960 matmul with 2 kept blocks whose outliers sit in the same channels token
+ * after token, as a norm's do, 349–359 µs against every block's 384–397 and one digit's
+ * 298–306; 507–545 while the unused F·c lines still filled L1). What bounds it: the tile
  * unit writes its sums to memory, a 64-byte row a token and block at ~1.5 cycles a row, and the
  * float work reads them back (~5 vector operations a token and block); a 128 × 576 → 960 matmul
  * on one core of the Intel Xeon (family 6, model 167) takes 310–330 µs against the AVX-512
@@ -408,22 +412,27 @@ typedef struct {
 } TileConfig;
 
 /* amx_block's registers: 0 and 3 sums, 1 and 4 int8 blocks (both digits' with `joint`), 2 and 5
-   codes; 6 and 7 the residuals' sums and blocks where they take a product of their own */
-AMX static void amx_configure(int joint) {
+   codes; 6 and 7 the residuals' sums and blocks where they take a product of their own, or
+   (`mixed`: two digits on a few blocks of 4- or 5-bit codes) the int8 blocks and codes of the
+   blocks whose two digits take one product, K = 64, beside 1, 2, 4, 5's K = 32 */
+AMX static void amx_configure(int joint, int mixed) {
   TileConfig c;
   memset(&c, 0, sizeof c);
   c.palette = 1;
   for (int i = 0; i < 8; i++) {
-    int kind = i == 6 ? 0 : i == 7 ? 1 : i % 3; /* 0: sums, 1: int8 blocks, 2: codes */
-    c.rows[i] = kind == 2 ? (joint ? 2 : 1) * BLOCK / 4 : AMX_TOKENS; /* codes: 16 × 4 a row */
-    c.colsb[i] = kind == 1 && !(joint && i != 7) ? BLOCK : 64; /* int8; int32 or codes */
+    int kind = i == 6 ? (mixed ? 1 : 0) : i == 7 ? (mixed ? 2 : 1) : i % 3; /* 0: sums, 1: int8, 2: codes */
+    int wide = mixed ? i >= 6 : joint && i != 7; /* K = 64: both digits in one product */
+    c.rows[i] = kind == 2 ? (wide ? 2 : 1) * BLOCK / 4 : AMX_TOKENS; /* codes: 16 × 4 a row */
+    c.colsb[i] = kind == 1 && !wide ? BLOCK : 64; /* int8; int32 or codes */
   }
   _tile_loadconfig(&c);
 }
 
 /* Row group g's blocks unpacked into u (nb × AMX_BLOCK(two) bytes); `two`: F·c before c, the
-   B rows that take a token's â and then its r̂ in one product. */
-AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two) {
+   B rows that take a token's â and then its r̂ in one product, on the blocks `any` flags (NULL:
+   all; the rest are read as c alone, and their lines of F·c left untouched keep the codes and
+   sums in L1 on this Xeon). */
+AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two, const uint8_t* any) {
   const Layout l = layout_of(j->tile);
   const uint8_t* p = j->w + g * j->nb * j->tile;
   const __m128i shift = _mm_cvtsi32_si128(j->shift);
@@ -432,7 +441,7 @@ AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two) {
     codes512(p, l.five, c);
     for (int v = 0; v < 8; v++) {
       /* (F·c ≤ 248 stays within its byte of the 16-bit lane) */
-      if (two) _mm512_store_si512((void*)(u + 64 * v), _mm512_sll_epi16(c[v], shift));
+      if (two && (!any || any[b])) _mm512_store_si512((void*)(u + 64 * v), _mm512_sll_epi16(c[v], shift));
       _mm512_store_si512((void*)(u + 512 * two + 64 * v), c[v]);
     }
     __m512 d = scale512(p, l);
@@ -446,17 +455,43 @@ AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two) {
 /* The integer sums of tokens t0.. (16) with block b's codes (64-byte rows at `codes`) into s's
    slot b ([nb][16][16]). Two digits: `joint` (4-bit codes), one product of [â r̂] (a token's 64
    bytes) by [F·c; c], which gives F·s + s_r at once; else (8-bit codes, too wide to scale) the
-   residuals' own product, into slot nb + b. Blocks alternate between two sets of tile registers
-   (`odd`: 3, 4, 5 for 0, 1, 2; the residual's 6 and 7 are shared), and the float work reads a
-   block's sums two blocks later (amx_tokens). (On the Xeon the VM offers, issuing them 1, 2, 4,
-   8 or all blocks ahead measured the same: its tile unit's work does not overlap the FMAs,
-   docs/speed.md.) */
+   residuals' own product, into slot nb + b. On a few blocks (`few`, Job.kept) only the blocks
+   some of the 16 tokens keep (`wide` b) take the second digit: one K = 64 product, or the
+   residuals' own; the rest a K = 32 product of â by c (the codes after F·c). Blocks alternate
+   between two sets of tile registers (`odd`: 3, 4, 5 for 0, 1, 2; the residual's 6 and 7 are
+   shared), and the float work reads a block's sums two blocks later (amx_tokens). (On the Xeon
+   the VM offers, issuing them 1, 2, 4, 8 or all blocks ahead measured the same: its tile unit's
+   work does not overlap the FMAs, docs/speed.md.) */
 #define AMX_AHEAD 2
 AMX INLINE void amx_block(const Job* j, int64_t t0, int64_t b, const uint8_t* codes, int two,
-                          int joint, int odd, int32_t* s) {
+                          int joint, int few, int wide, int odd, int32_t* s) {
   const int8_t* a = act_block(j, t0, b, two);
   const int64_t stride = two ? 2 * j->k : j->k;
   int32_t* to = s + b * AMX_TOKENS * ROWS;
+  if (few && joint) {
+    if (wide) { /* (tiles 6, 7: K = 64) */
+      _tile_loadd(7, codes, 64);
+      _tile_loadd(6, a, stride);
+    } else if (odd) {
+      _tile_loadd(5, codes + 512, 64);
+      _tile_loadd(4, a, stride);
+    } else {
+      _tile_loadd(2, codes + 512, 64);
+      _tile_loadd(1, a, stride);
+    }
+    if (odd) {
+      _tile_zero(3);
+      if (wide) _tile_dpbsud(3, 6, 7);
+      else _tile_dpbsud(3, 4, 5);
+      _tile_stored(3, to, 64);
+    } else {
+      _tile_zero(0);
+      if (wide) _tile_dpbsud(0, 6, 7);
+      else _tile_dpbsud(0, 1, 2);
+      _tile_stored(0, to, 64);
+    }
+    return;
+  }
   if (odd) {
     _tile_loadd(5, codes, 64);
     _tile_loadd(4, a, stride);
@@ -470,7 +505,7 @@ AMX INLINE void amx_block(const Job* j, int64_t t0, int64_t b, const uint8_t* co
     _tile_dpbsud(0, 1, 2);
     _tile_stored(0, to, 64);
   }
-  if (!two || joint) return;
+  if (!two || joint || (few && !wide)) return;
   _tile_loadd(7, a + BLOCK, stride);
   _tile_zero(6);
   if (odd) _tile_dpbsud(6, 7, 5);
@@ -478,12 +513,15 @@ AMX INLINE void amx_block(const Job* j, int64_t t0, int64_t b, const uint8_t* co
   _tile_stored(6, to + j->nb * AMX_TOKENS * ROWS, 64);
 }
 
-/* amx_block for block b (< nb), `stride` bytes a block's codes from `codes` */
+/* amx_block for block b (< nb), `stride` bytes a block's codes from `codes`; `wide` (with
+   `few`): the blocks the tokens keep, 1 where any of them does */
 AMX INLINE void amx_ahead(const Job* j, int64_t t0, int64_t b, const uint8_t* codes,
-                          int64_t stride, int two, int joint, int32_t* s) {
+                          int64_t stride, int two, int joint, int few, const uint8_t* wide,
+                          int32_t* s) {
   if (b >= j->nb) return;
-  if (b & 1) amx_block(j, t0, b, codes + b * stride, two, joint, 1, s);
-  else amx_block(j, t0, b, codes + b * stride, two, joint, 0, s);
+  int w = few && wide[b];
+  if (b & 1) amx_block(j, t0, b, codes + b * stride, two, joint, few, w, 1, s);
+  else amx_block(j, t0, b, codes + b * stride, two, joint, few, w, 0, s);
 }
 
 /* Token t's sums of block b, both digits' joined where the residuals took a product of their own
@@ -497,24 +535,25 @@ AMX INLINE __m512i amx_sum(const Job* j, const int32_t* s, int64_t b, int t, int
 
 /* tile_tokens for tokens t0.. (16) of row group g, its blocks unpacked in u; s: amx_block's.
    The float work takes 8 tokens at a time over every block (16 accumulators and 8 offsets in
-   registers), the first 8 while the tile unit works ahead on the blocks' sums. */
+   registers), the first 8 while the tile unit works ahead on the blocks' sums. `ad`: the
+   tokens' scales (Job.ad, or on a few blocks amx_scales'). */
 AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u, int two,
-                           int32_t* s) {
+                           int few, const uint8_t* wide, const float* ad, int32_t* s) {
   const int64_t ub = AMX_BLOCK(two), cb = 512 * (1 + two);
-  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, u, ub, two, 1, s);
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, u, ub, two, 1, few, wide, s);
   for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
     __m512 acc[AMX_HALF], off[AMX_HALF];
     for (int t = 0; t < AMX_HALF; t++) acc[t] = off[t] = _mm512_setzero_ps();
     const uint8_t* x = u;
     for (int64_t b = 0; b < j->nb; b++, x += ub) {
-      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, u, ub, two, 1, s);
+      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, u, ub, two, 1, few, wide, s);
       __m512 d = _mm512_load_ps((const float*)(x + cb));
       __m512 m = _mm512_load_ps((const float*)(x + cb + 64));
       __m512 zd = _mm512_load_ps((const float*)(x + cb + 128));
       for (int t = 0; t < AMX_HALF; t++) {
         int64_t ib = (t0 + h + t) * j->nb + b;
         __m512 v = _mm512_cvtepi32_ps(amx_sum(j, s, b, h + t, 0));
-        acc[t] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(j->ad[ib])), acc[t]);
+        acc[t] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(ad[ib])), acc[t]);
         off[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(j->as[ib]), off[t]);
         off[t] = _mm512_fmadd_ps(zd, _mm512_set1_ps(j->ae[ib]), off[t]);
       }
@@ -524,24 +563,27 @@ AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u
   }
 }
 
-/* tile_tokens_q8 for tokens t0.. (16) of row group g: the codes are B's rows as they lie */
-AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int32_t* s) {
+/* tile_tokens_q8 for tokens t0.. (16) of row group g: the codes are B's rows as they lie; `ad`
+   as amx_tokens'. On a few blocks (`few`) the sums are joined with the residuals' on the blocks
+   some token keeps (`wide`). */
+AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int few,
+                              const uint8_t* wide, const float* ad, int32_t* s) {
   const uint8_t* codes = j->w + g * j->nb * TILE8;
-  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, codes, TILE8, two, 0, s);
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, codes, TILE8, two, 0, few, wide, s);
   for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
     __m512 acc[AMX_HALF];
     for (int t = 0; t < AMX_HALF; t++) acc[t] = _mm512_setzero_ps();
     const uint8_t* p = codes;
     for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
-      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, codes, TILE8, two, 0, s);
+      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, codes, TILE8, two, 0, few, wide, s);
       __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
       __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
       for (int t = 0; t < AMX_HALF; t++) {
         int64_t ib = (t0 + h + t) * j->nb + b;
         float qs = j->as[ib] - j->ae[ib];
+        __m512i sum = (few ? wide[b] : two) ? amx_sum(j, s, b, h + t, 1) : amx_sum(j, s, b, h + t, 0);
         __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(qs),
-                                    _mm512_mul_ps(_mm512_cvtepi32_ps(amx_sum(j, s, b, h + t, two)),
-                                                  _mm512_set1_ps(j->ad[ib])));
+                                    _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(ad[ib])));
         acc[t] = _mm512_fmadd_ps(d, x, acc[t]);
       }
     }
@@ -550,33 +592,65 @@ AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int3
   }
 }
 
+/* Two digits on a few blocks: the blocks any of tokens t0.. (16) keeps, as flags `wide` [nb],
+   and the 16 tokens' scales `ad` [16, nb]: Job.ad's, but da/F (F = 2^shift) where a token does
+   not keep a block another keeps. Its residual codes are 0 there, so its product gives F·s, and
+   F·s at da/F is s at da to the bit (F·s and s are exact in float: |s| < 2^24 / F; scaling by a
+   power of two is exact): the AVX-512 path's float work (few512). */
+static void amx_wide(const Job* j, int64_t t0, uint8_t* wide, float* ad) {
+  const float part = 1.f / (float)(1 << j->shift);
+  memset(wide, 0, (size_t)j->nb);
+  for (int64_t t = t0; t < t0 + AMX_TOKENS; t++)
+    for (int64_t b = 0; b < j->nb; b++) wide[b] |= j->keep[t * j->nb + b];
+  for (int64_t t = t0; t < t0 + AMX_TOKENS; t++)
+    for (int64_t b = 0; b < j->nb; b++) {
+      int64_t i = t * j->nb + b;
+      ad[i - t0 * j->nb] = wide[b] && !j->keep[i] ? j->ad[i] * part : j->ad[i];
+    }
+}
+
 AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
-  int two = j->digits == 2;
-  if (j->m < AMX_TOKENS || j->tile == TILE6 || (two && j->kept)) {
+  int two = j->digits == 2, few = two && j->kept;
+  if (j->m < AMX_TOKENS || j->tile == TILE6) {
     rows_avx512(j, g0, g1);
     return;
   }
   /* the unpacked codes (4-bit family), then amx_block's int32 sums of a token group (the 8-bit
-     head's residuals: a second set) */
+     head's residuals: a second set), then (few) each token group's kept blocks */
   int joint = two && j->bits == 4, apart = two && !joint;
+  int64_t full = j->m / AMX_TOKENS * AMX_TOKENS;
   size_t unpacked = j->bits == 4 ? (size_t)j->nb * AMX_BLOCK(two) : 0;
-  uint8_t* u = aligned_alloc(64, unpacked + (size_t)j->nb * (1 + apart) * AMX_TOKENS * ROWS * 4);
+  size_t sums = (size_t)j->nb * (1 + apart) * AMX_TOKENS * ROWS * 4;
+  size_t scales = few ? (size_t)(full * j->nb) * 4 : 0;
+  size_t flags = few ? ((size_t)(full / AMX_TOKENS + 1) * j->nb + 63) / 64 * 64 : 0;
+  uint8_t* u = aligned_alloc(64, unpacked + sums + scales + flags);
   if (!u) {
     rows_avx512(j, g0, g1);
     return;
   }
   int32_t* s = (int32_t*)(u + unpacked);
-  int64_t full = j->m / AMX_TOKENS * AMX_TOKENS;
-  amx_configure(joint);
+  float* ad = few ? (float*)(u + unpacked + sums) : NULL;
+  uint8_t* wide = few ? u + unpacked + sums + scales : NULL;
+  uint8_t* any = few ? wide + full / AMX_TOKENS * j->nb : NULL; /* [nb]: any group's wide */
+  if (few) memset(any, 0, (size_t)j->nb);
+  for (int64_t t = 0; few && t < full; t += AMX_TOKENS) {
+    amx_wide(j, t, wide + t / AMX_TOKENS * j->nb, ad + t * j->nb);
+    for (int64_t b = 0; b < j->nb; b++) any[b] |= wide[t / AMX_TOKENS * j->nb + b];
+  }
+  amx_configure(joint && !few, joint && few);
   for (int64_t g = g0; g < g1; g++) {
-    if (joint) amx_unpack(j, g, u, 1);
-    else if (unpacked) amx_unpack(j, g, u, 0);
+    if (joint) amx_unpack(j, g, u, 1, any);
+    else if (unpacked) amx_unpack(j, g, u, 0, NULL);
     for (int64_t t = 0; t < full; t += AMX_TOKENS) {
+      const uint8_t* w = few ? wide + t / AMX_TOKENS * j->nb : NULL;
+      const float* a = few ? ad : j->ad; /* (indexed by token from t = 0) */
       if (!unpacked) {
-        if (two) amx_tokens_q8(j, g, t, 1, s);
-        else amx_tokens_q8(j, g, t, 0, s);
-      } else if (two) amx_tokens(j, g, t, u, 1, s);
-      else amx_tokens(j, g, t, u, 0, s);
+        if (few) amx_tokens_q8(j, g, t, 1, 1, w, a, s);
+        else if (two) amx_tokens_q8(j, g, t, 1, 0, w, a, s);
+        else amx_tokens_q8(j, g, t, 0, 0, w, a, s);
+      } else if (few) amx_tokens(j, g, t, u, 1, 1, w, a, s);
+      else if (two) amx_tokens(j, g, t, u, 1, 0, w, a, s);
+      else amx_tokens(j, g, t, u, 0, 0, w, a, s);
     }
     tokens512(j, g, full);
   }

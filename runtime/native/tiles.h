@@ -99,12 +99,11 @@
  * (before the SwiGLU). What is left is at most 1/(2F) of a block's scale, 1/32 for 4-bit codes:
  * KL ~1e-5 against ~3e-3 with one digit on the default model, near float activations' quality,
  * for twice the dot products (on AMX, for little more than one digit's).
- * scale: float activations' quality (KL 5e-7 on the default model) for twice the dot products.
  * Attribute `blocks` B > 0 spends the second digit only on each row's B blocks of largest scale,
  * where the rounding error is largest (a block's error grows with da², and a norm's output puts
  * most of it in a few blocks: docs/quantization.md, "Two digits on a few blocks"): the others'
- * residual is 0 and the x86 kernels skip their dot products, B/nb of the second digit's at decode; a prompt's
- * rows, 4 to a tile pass, pay for the union of their blocks.
+ * residual is 0 and the x86 kernels skip their dot products, B/nb of the second digit's at
+ * decode; a prompt's rows, 4 to a pass (AMX: 16 to a tile pass), pay for the union of theirs.
  *
  * export/quant/native.py writes both; tests/test_native.py checks this file against numpy.
  *
