@@ -181,6 +181,41 @@ def test_ab_compares_two_kernel_libraries_in_one_process(tiny_folders, tmp_path,
         assert says in capsys.readouterr().err
 
 
+def test_ab_compares_two_folders_on_the_installed_library(tiny_folders, tmp_path, capsys):
+    """Several folders and no --lib: the folders compared the same way (a quantization choice's
+    cost), each named by its last path part; a one-digit and a two-digit folder of one model
+    differ in their logits' rounding, so only the report's shape is fixed. Folders with --lib,
+    a missing folder or two of one name are refused."""
+    from export.quant import QuantSettings, quantize_folder
+    from runtime.bench import ab
+
+    one, two = tmp_path / "int4", tmp_path / "int4-precise"
+    for folder, precise in [(one, ()), (two, ("*",))]:
+        settings = QuantSettings("int4", kernel="native", precise=precise)
+        quantize_folder(tiny_folders["ort"], folder, settings, verify=False)
+    out = tmp_path / "ab.json"
+    rc = ab.main([str(one), str(two), "--prompt-tokens", "9", "--new-tokens", "5", "--rounds",
+                  "3", "--threads", "1", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["engines"]["int4-precise"] == {"folder": str(two), "library": "installed"}
+    row = report["lengths"][0]["engines"]
+    assert list(row) == ["int4", "int4-precise"] and row["int4"]["decode_ratio"] == 1.0
+    assert row["int4-precise"]["prefill_tokens_per_second"] > 0
+    table = capsys.readouterr().out
+    assert "| 9 | int4-precise |" in table and "| folder |" in table
+    twin = tmp_path / "again" / "int4"
+    twin.mkdir(parents=True)
+    for args, says in [
+        ([str(one), str(two), "--lib", f"a={tmp_path}"], "without --lib"),
+        ([str(one), str(tmp_path / "none")], "no such folder"),
+        ([str(one), str(twin)], "distinct names"),
+    ]:
+        with pytest.raises(SystemExit):
+            ab.main(args)
+        assert says in capsys.readouterr().err
+
+
 def test_the_report_says_when_the_kernel_library_is_not_built():
     """A GPU machine's run without runtime/native built: no "take the not built path"."""
     from pathlib import Path

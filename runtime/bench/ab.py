@@ -1,16 +1,20 @@
-"""Two or more builds of llamaonnx's kernel library on one model folder, in one process,
-interleaved: how a kernel change is measured before it is kept (README, "Speed").
+"""Two or more builds of llamaonnx's kernel library on one model folder, or two or more folders
+of one model on the installed library, in one process, interleaved: how a kernel change is
+measured before it is kept (README, "Speed"), and what a quantization choice costs
+(`--precise`: docs/quantization.md).
 
     python -m runtime.bench.ab FOLDER --lib old=/tmp/old.so --lib new=runtime/native/_q4ops...so
         [--prompt-tokens 130,4096] [--new-tokens 128] [--rounds 12] [--threads 2] [--rows 8]
         [--json F]
+    python -m runtime.bench.ab FOLDER FOLDER... [same options, no --lib]
 
-Each library gets its own session on the same folder; every round runs each once on the same
-greedy prompt, the order reversed every other round, and the first round is a warm-up. Per
-prompt length: the median decode and prefill tok/s of each, the median and quartiles of the
-per-round ratio to the first library (pairs taken minutes apart drift together, so the pair
-ratio is steadier than the ratio of medians), and whether every library gave the same tokens.
-This VM drifts 10–30 % within minutes: read a ratio with its quartiles, never one round.
+Each library (or folder) gets its own session; every round runs each once on the same greedy
+prompt, the order reversed every other round, and the first round is a warm-up. Per prompt
+length: the median decode and prefill tok/s of each, the median and quartiles of the per-round
+ratio to the first (pairs taken minutes apart drift together, so the pair ratio is steadier
+than the ratio of medians), and whether each gave the first one's tokens (folders quantized
+differently need not). This VM drifts 10–30 % within minutes: read a ratio with its quartiles,
+never one round.
 
 The library loaded first copies its weights into huge pages first (runtime/native/weights.c),
 and measured a few per cent ahead of the same build loaded second; `--swap` loads them in the
@@ -50,9 +54,26 @@ def parse_libs(items: list[str]) -> dict[str, Path]:
     return libs
 
 
+def parse_engines(folders: list[Path], libs: list[str]) -> dict[str, tuple[Path, Path | None]]:
+    """What to compare, by name: one folder's kernel libraries (`--lib NAME=PATH`, at least two),
+    or two or more folders (named by their last path part) on the installed library."""
+    if len(folders) == 1:
+        return {name: (folders[0], path) for name, path in parse_libs(libs).items()}
+    if libs:
+        raise ValueError("give one folder with several --lib, or several folders without --lib")
+    engines: dict[str, tuple[Path, Path | None]] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: no such folder")
+        name = folder.name or str(folder)
+        if name in engines:
+            raise ValueError(f"{folder}: two folders named {name!r}; give distinct names")
+        engines[name] = (folder, None)
+    return engines
+
+
 def compare(
-    folder: Path,
-    libs: dict[str, Path],
+    engines: dict[str, tuple[Path, Path | None]],
     prompt_tokens: list[int],
     new_tokens: int,
     rounds: int,
@@ -66,13 +87,15 @@ def compare(
 
     if rounds < 2:
         raise ValueError("--rounds: at least 2 (the first is a warm-up)")
-    names = list(libs)
+    names = list(engines)
     gens = {}
     for name in reversed(names) if swap else names:
-        gens[name] = Generator(Session(folder, threads=threads, kernel_library=libs[name]))
+        folder, lib = engines[name]
+        gens[name] = Generator(Session(folder, threads=threads, kernel_library=lib))
     vocab = gens[names[0]].session.info.vocab_size
     cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
-    report = {"folder": str(folder), "libraries": {k: str(v) for k, v in libs.items()},
+    report = {"engines": {k: {"folder": str(f), "library": str(lib) if lib else "installed"}
+                          for k, (f, lib) in engines.items()},
               "new_tokens": new_tokens, "rounds": rounds, "swap": swap, "rows": rows,
               "lengths": []}  # fmt: skip
     for n in prompt_tokens:
@@ -109,14 +132,19 @@ def compare(
 
 
 def markdown(report: dict) -> str:
-    names = list(report["libraries"])
+    engines = report["engines"]
+    names = list(engines)
+    folders = sorted({e["folder"] for e in engines.values()})
+    on = (folders[0] if len(folders) == 1
+          else ", ".join(f"`{k}` {e['folder']}" for k, e in engines.items()))  # fmt: skip
     lines = [
-        f"A/B on {report['folder']}: {report['rounds'] - 1} interleaved rounds (after a "
+        f"A/B on {on}: {report['rounds'] - 1} interleaved rounds (after a "
         f"warm-up), {report.get('rows', 1)} row(s) of the prompt decoded together (tok/s of "
         f"all rows), {report['new_tokens']} new tokens; ratios to `{names[0]}`, median "
         "(quartiles) of the per-round ratios.",
         "",
-        "| prompt tokens | library | decode tok/s | decode ratio | prefill tok/s | prefill ratio "
+        f"| prompt tokens | {'library' if len(folders) == 1 else 'folder'} | decode tok/s "
+        "| decode ratio | prefill tok/s | prefill ratio "
         "| same tokens |",
         "|---:|---|---:|---|---:|---|---|",
     ]
@@ -136,13 +164,13 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.bench.ab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("folder", type=Path)
+    p.add_argument("folder", type=Path, nargs="+")
     p.add_argument("--lib", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--prompt-tokens", default="130")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--swap", action="store_true", help="load the libraries in reverse order")
+    p.add_argument("--swap", action="store_true", help="load them in reverse order")
     p.add_argument(
         "--rows",
         type=int,
@@ -152,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     try:
-        libs = parse_libs(a.lib)
+        engines = parse_engines(a.folder, a.lib)
         lengths = [int(x) for x in a.prompt_tokens.split(",") if x]
         if not lengths or min(lengths) < 1:
             raise ValueError(f"--prompt-tokens {a.prompt_tokens!r}: positive integers, a,b,…")
@@ -160,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--rows: at least 1, got {a.rows}")
     except ValueError as e:
         p.error(str(e))
-    report = compare(a.folder, libs, lengths, a.new_tokens, a.rounds, a.threads, a.swap,
+    report = compare(engines, lengths, a.new_tokens, a.rounds, a.threads, a.swap,
                      progress=lambda m: print(m, file=sys.stderr, flush=True),
                      rows=a.rows)  # fmt: skip
     print(markdown(report))
