@@ -26,13 +26,16 @@ import numpy as np
 
 def default_sets(layers: int) -> list[str]:
     """One digit everywhere, each layer alone, each kind of projection, the last layer with the
-    head, that with every q/k/v projection, each row's 1 or 2 blocks of largest scale
-    everywhere (with the whole head), and everything."""
-    last = f"layers.{layers - 1}.*,output"
+    head, that with every q/k/v projection (whole, or on each row's 4 blocks of largest scale
+    with the head's 4), each row's 1 or 2 blocks of largest scale everywhere (with the whole
+    head, or the whole last layer), and everything."""
+    final = f"layers.{layers - 1}.*"
+    last = f"{final},output"
     kinds = [f"layers.*.{k}" for k in ("attention.qkv", "attention.wo", "feed_forward.w13",
                                        "feed_forward.w2")]  # fmt: skip
     return ["none", *(f"layers.{i}.*" for i in range(layers)), *kinds, "output", last,
-            f"layers.*.attention.qkv,{last}", "*=1", "*=2", "*=2,output", "*"]  # fmt: skip
+            f"layers.*.attention.qkv,{last}", f"layers.*.attention.qkv=4,{final},output=4",
+            "*=1", "*=2", "*=2,output", f"*=2,{final}", "*"]  # fmt: skip
 
 
 def extra_work(graph) -> float:
