@@ -713,6 +713,11 @@ AVX2 static inline __m256i add_s8_avx2(__m256i s, __m256i u, __m256i c, __m256i 
 
 #define TARGET256 AVX2
 #define NAME256(x) x##_avx2
+/* Two digits' 3–4-token passes sum the residuals in a pass of their own over the codes: AVX2's
+   int16 sums and their widening hold twice the registers of VNNI's int32 chains, and both
+   digits' at once spilled (one core, 128 × 576 → 960: 1318–1343 µs against 1377–1465 every
+   block, 941–976 against 964–1011 on 2; on AVX-VNNI apart was 8 % slower every block) */
+#define APART256 1
 #include "tiles256.h"
 
 /* AVX-VNNI's vpdpbusd (VEX-encoded). On a CPU with AVX-512 VNNI but not AVX-VNNI (AMD Zen 4,
@@ -746,11 +751,13 @@ AVX2 static inline __m256i add_s8_avx2(__m256i s, __m256i u, __m256i c, __m256i 
 DOT256(AVXVNNI, avxvnni, _mm256_dpbusd_avx_epi32)
 #define TARGET256 AVXVNNI
 #define NAME256(x) x##_avxvnni
+#define APART256 0
 #include "tiles256.h"
 
 DOT256(AVX512VL256, vnni256, _mm256_dpbusd_epi32)
 #define TARGET256 AVX512VL256
 #define NAME256(x) x##_vnni256
+#define APART256 0
 #include "tiles256.h"
 #endif
 

@@ -104,7 +104,8 @@ TARGET256 INLINE __m256 NAME256(token)(const Job* j, const __m256i c[8], __m256 
   return NAME256(sums_to)(j, s, sr, d, m, zd, b, t, two, here, acc);
 }
 
-/* The integer sums of T tokens (rows t0.. of the activations, and their residuals' where `res`)
+/* The integer sums of T tokens (rows t0.. of the activations; `res` 1: and their residuals', into
+   sr; 2: their residuals' alone, into s)
    on block b, half h of a tile (p), each pair of code registers unpacked once and taken by every
    token before the next (as codes lays them out): the same sums as dot_u4 / dot_u5 give on
    codes' registers, integers in a different order (4-bit: ≤ 8 products a lane in int16, as
@@ -113,7 +114,7 @@ TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, 
   const int32_t *a[4], *r[4];
   __m256i w[4], wr[4];
   for (int t = 0; t < T; t++) {
-    a[t] = (const int32_t*)act_block(j, t0 + t, b, two);
+    a[t] = (const int32_t*)(act_block(j, t0 + t, b, two) + (res == 2 ? BLOCK : 0));
     r[t] = (const int32_t*)(act_block(j, t0 + t, b, two) + BLOCK);
     w[t] = wr[t] = s[t] = sr[t] = _mm256_setzero_si256();
   }
@@ -122,17 +123,17 @@ TARGET256 INLINE void NAME256(tile_sums)(const Job* j, const uint8_t* p, int h, 
     NAME256(code_pair)(p, h, v, five, &c0, &c1);
     for (int t = 0; t < T; t++) {
       w[t] = NAME256(pair_add)(w[t], c0, c1, _mm256_set1_epi32(a[t][2 * v]), _mm256_set1_epi32(a[t][2 * v + 1]));
-      if (res) wr[t] = NAME256(pair_add)(wr[t], c0, c1, _mm256_set1_epi32(r[t][2 * v]), _mm256_set1_epi32(r[t][2 * v + 1]));
+      if (res == 1) wr[t] = NAME256(pair_add)(wr[t], c0, c1, _mm256_set1_epi32(r[t][2 * v]), _mm256_set1_epi32(r[t][2 * v + 1]));
       /* kept in its register here: else GCC reassociates the integer adds into a tree over all
          32 products, which holds them all at once and spills */
       __asm__("" : "+x"(w[t]));
-      if (res) __asm__("" : "+x"(wr[t]));
+      if (res == 1) __asm__("" : "+x"(wr[t]));
     }
     if (v == 3 || (five && v == 1)) /* widened: all 8 products (4-bit), or each 4 (5-bit) */
       for (int t = 0; t < T; t++) {
         s[t] = _mm256_add_epi32(s[t], NAME256(widen)(w[t]));
         w[t] = _mm256_setzero_si256();
-        if (res) {
+        if (res == 1) {
           sr[t] = _mm256_add_epi32(sr[t], NAME256(widen)(wr[t]));
           wr[t] = _mm256_setzero_si256();
         }
@@ -163,8 +164,12 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
     int here = two == 2 && *u == b; /* (a block the group keeps a residual on) */
     u += here;
     __m256i s[4], sr[4];
-    if (two == 1 || here) NAME256(tile_sums)(j, p, h, b, t0, T, five, two, 1, s, sr);
+    if ((two == 1 || here) && !APART256) NAME256(tile_sums)(j, p, h, b, t0, T, five, two, 1, s, sr);
     else NAME256(tile_sums)(j, p, h, b, t0, T, five, two, 0, s, sr);
+    if ((two == 1 || here) && APART256) { /* the residuals' in a pass of their own */
+      __m256i unused[4];
+      NAME256(tile_sums)(j, p, h, b, t0, T, five, two, 2, sr, unused);
+    }
     __m256 d, m, zd;
     NAME256(scales)(p, l, h, five, &d, &m, &zd);
     if (side) {
@@ -514,3 +519,4 @@ TARGET256 static void NAME256(rows)(const Job* j, int64_t g0, int64_t g1) {
 
 #undef TARGET256
 #undef NAME256
+#undef APART256
