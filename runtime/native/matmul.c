@@ -386,11 +386,12 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
  * one digit's 297 and 700 with a second product and store). The 8-bit head's codes are too wide
  * to scale: its residuals take a product of their own. Tokens past the last full 16 (and a
  * decode step's rows: at 8 rows the tile unit gained nothing) go through the AVX-512 passes;
- * Q6_K tiles run the AVX-512 path whole. Two digits on a few blocks (Job.kept) take the joint
- * product on the blocks any of a pass's 16 tokens keeps and one digit's on the rest (amx_wide:
- * a 128 × 576 → 960 matmul with 2 kept blocks whose outliers sit in the same channels token
- * after token, as a norm's do, 349–359 µs against every block's 384–397 and one digit's
- * 298–306; 507–545 while the unused F·c lines still filled L1). What bounds it: the tile
+ * Q6_K tiles take two products of K = 16 a block (rows_amx_q6: the same matmul on Q6_K tiles
+ * 497–531 µs against the AVX-512 path's 775–793). Two digits on a few blocks (Job.kept) take
+ * the joint product on the blocks any of a pass's 16 tokens keeps and one digit's on the rest
+ * (amx_wide: a 128 × 576 → 960 matmul with 2 kept blocks whose outliers sit in the same
+ * channels token after token, as a norm's do, 349–359 µs against every block's 384–397 and one
+ * digit's 298–306; 507–545 while the unused F·c lines still filled L1). What bounds it: the tile
  * unit writes its sums to memory, a 64-byte row a token and block at ~1.5 cycles a row, and the
  * float work reads them back (~5 vector operations a token and block); a 128 × 576 → 960 matmul
  * on one core of the Intel Xeon (family 6, model 167) takes 310–330 µs against the AVX-512
@@ -609,10 +610,116 @@ static void amx_wide(const Job* j, int64_t t0, uint8_t* wide, float* ad) {
     }
 }
 
+/* ---- Q6_K's tiles on the tile unit: each block's two halves of 16 codes have scales of their
+   own, so a block takes two products of K = 16 (A: 16 tokens × 16 bytes, B: 4 rows of codes as
+   codes512 unpacks them, c[0..3] and c[4..7]), and the float work is tile_tokens_q6's: each half's
+   sum less 32 times the tokens' half sums (half_sums_avx2, made once a call), s1·x1 + s0·x0, by
+   da, in its order: the AVX-512 path's bits. */
+#define AMX_BLOCK6 (512 + 128) /* a block's unpacked codes, then s0 and s1 of its 16 rows */
+
+AMX static void amx_configure_q6(void) {
+  TileConfig c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 6; i++) {
+    int kind = i % 3; /* 0: sums, 1: int8 half blocks, 2: codes */
+    c.rows[i] = kind == 2 ? 4 : AMX_TOKENS;
+    c.colsb[i] = kind == 1 ? 16 : 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+AMX INLINE void amx_unpack_q6(const Job* j, int64_t g, uint8_t* u) {
+  const uint8_t* p = j->w + g * j->nb * TILE6;
+  for (int64_t b = 0; b < j->nb; b++, p += TILE6, u += AMX_BLOCK6) {
+    __m512i c[8];
+    codes512(p, 2, c);
+    for (int v = 0; v < 8; v++) _mm512_store_si512((void*)(u + 64 * v), c[v]);
+    _mm512_store_ps((float*)(u + 512), _mm512_loadu_ps((const float*)(p + HALVES)));
+    _mm512_store_ps((float*)(u + 576), _mm512_loadu_ps((const float*)(p + HALVES + 64)));
+  }
+}
+
+/* Block b's two half products for tokens t0.. (16) into s's slots 2b and 2b + 1 */
+AMX INLINE void amx_block_q6(const Job* j, int64_t t0, int64_t b, const uint8_t* u, int32_t* s) {
+  if (b >= j->nb) return;
+  const int8_t* a = act_block(j, t0, b, 0);
+  const uint8_t* codes = u + b * AMX_BLOCK6;
+  int32_t* to = s + 2 * b * AMX_TOKENS * ROWS;
+  _tile_loadd(2, codes, 64);
+  _tile_loadd(1, a, j->k);
+  _tile_zero(0);
+  _tile_dpbsud(0, 1, 2);
+  _tile_loadd(5, codes + 256, 64);
+  _tile_loadd(4, a + 16, j->k);
+  _tile_zero(3);
+  _tile_dpbsud(3, 4, 5);
+  _tile_stored(0, to, 64);
+  _tile_stored(3, to + AMX_TOKENS * ROWS, 64);
+}
+
+/* tile_tokens_q6 for tokens t0.. (16) of row group g, its blocks unpacked in u; hs: the tokens'
+   half sums [M, nb, 2] */
+AMX INLINE void amx_tokens_q6(const Job* j, int64_t g, int64_t t0, const uint8_t* u,
+                              const int32_t* hs, int32_t* s) {
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_block_q6(j, t0, b, u, s);
+  for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
+    __m512 acc[AMX_HALF];
+    for (int t = 0; t < AMX_HALF; t++) acc[t] = _mm512_setzero_ps();
+    const uint8_t* x = u;
+    for (int64_t b = 0; b < j->nb; b++, x += AMX_BLOCK6) {
+      if (!h) amx_block_q6(j, t0, b + AMX_AHEAD, u, s);
+      __m512 s0 = _mm512_load_ps((const float*)(x + 512));
+      __m512 s1 = _mm512_load_ps((const float*)(x + 576));
+      const int32_t* sum = s + 2 * b * AMX_TOKENS * ROWS;
+      for (int t = 0; t < AMX_HALF; t++) {
+        int64_t ib = (t0 + h + t) * j->nb + b;
+        const int32_t* hh = hs + 2 * ib;
+        __m512i x0 = _mm512_add_epi32(_mm512_load_si512((const void*)(sum + (h + t) * ROWS)),
+                                      _mm512_set1_epi32(-32 * hh[0]));
+        __m512i x1 = _mm512_add_epi32(
+            _mm512_load_si512((const void*)(sum + (AMX_TOKENS + h + t) * ROWS)),
+            _mm512_set1_epi32(-32 * hh[1]));
+        __m512 v = _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(x1), _mm512_mul_ps(s0, _mm512_cvtepi32_ps(x0)));
+        acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(j->ad[ib]), v, acc[t]);
+      }
+    }
+    for (int t = 0; t < AMX_HALF; t++)
+      _mm512_storeu_ps(j->y + (t0 + h + t) * j->n + g * ROWS, acc[t]);
+  }
+}
+
+AMX static void rows_amx_q6(const Job* j, int64_t g0, int64_t g1) {
+  int64_t full = j->m / AMX_TOKENS * AMX_TOKENS;
+  size_t unpacked = (size_t)j->nb * AMX_BLOCK6, sums = (size_t)j->nb * 2 * AMX_TOKENS * ROWS * 4;
+  size_t halves = ((size_t)(full * j->nb * 2) * 4 + 63) / 64 * 64;
+  uint8_t* u = aligned_alloc(64, unpacked + sums + halves);
+  if (!u) {
+    rows_avx512(j, g0, g1);
+    return;
+  }
+  int32_t* s = (int32_t*)(u + unpacked);
+  int32_t* hs = (int32_t*)(u + unpacked + sums);
+  for (int64_t t = 0; t < full; t++)
+    for (int64_t b = 0; b < j->nb; b++) half_sums_avx2(act_block(j, t, b, 0), hs + 2 * (t * j->nb + b));
+  amx_configure_q6();
+  for (int64_t g = g0; g < g1; g++) {
+    amx_unpack_q6(j, g, u);
+    for (int64_t t = 0; t < full; t += AMX_TOKENS) amx_tokens_q6(j, g, t, u, hs, s);
+    tokens512(j, g, full);
+  }
+  _tile_release();
+  free(u);
+}
+
 AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
   int two = j->digits == 2, few = two && j->kept;
-  if (j->m < AMX_TOKENS || j->tile == TILE6) {
+  if (j->m < AMX_TOKENS) {
     rows_avx512(j, g0, g1);
+    return;
+  }
+  if (j->tile == TILE6) {
+    rows_amx_q6(j, g0, g1);
     return;
   }
   /* the unpacked codes (4-bit family), then amx_block's int32 sums of a token group (the 8-bit
