@@ -198,7 +198,8 @@ def test_ab_compares_two_folders_on_the_installed_library(tiny_folders, tmp_path
                   "3", "--threads", "1", "--json", str(out)])  # fmt: skip
     assert rc == 0
     report = json.loads(out.read_text())
-    assert report["engines"]["int4-precise"] == {"folder": str(two), "library": "installed"}
+    want = {"folder": str(two.resolve()), "library": "installed"}
+    assert report["engines"]["int4-precise"] == want
     row = report["lengths"][0]["engines"]
     assert list(row) == ["int4", "int4-precise"] and row["int4"]["decode_ratio"] == 1.0
     assert row["int4-precise"]["prefill_tokens_per_second"] > 0

@@ -94,7 +94,8 @@ def compare(
         gens[name] = Generator(Session(folder, threads=threads, kernel_library=lib))
     vocab = gens[names[0]].session.info.vocab_size
     cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
-    report = {"engines": {k: {"folder": str(f), "library": str(lib) if lib else "installed"}
+    report = {"engines": {k: {"folder": str(f.resolve()),
+                              "library": str(lib.resolve()) if lib else "installed"}
                           for k, (f, lib) in engines.items()},
               "new_tokens": new_tokens, "rounds": rounds, "swap": swap, "rows": rows,
               "lengths": []}  # fmt: skip
