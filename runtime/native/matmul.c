@@ -421,8 +421,9 @@ AMX static void amx_configure(int joint, int mixed) {
   memset(&c, 0, sizeof c);
   c.palette = 1;
   for (int i = 0; i < 8; i++) {
-    int kind = i == 6 ? (mixed ? 1 : 0) : i == 7 ? (mixed ? 2 : 1) : i % 3; /* 0: sums, 1: int8, 2: codes */
-    int wide = mixed ? i >= 6 : joint && i != 7; /* K = 64: both digits in one product */
+    /* 0: sums, 1: int8 blocks, 2: codes; `wide`: K = 64, both digits in one product */
+    int kind = i == 6 ? (mixed ? 1 : 0) : i == 7 ? (mixed ? 2 : 1) : i % 3;
+    int wide = mixed ? i >= 6 : joint && i != 7;
     c.rows[i] = kind == 2 ? (wide ? 2 : 1) * BLOCK / 4 : AMX_TOKENS; /* codes: 16 × 4 a row */
     c.colsb[i] = kind == 1 && !wide ? BLOCK : 64; /* int8; int32 or codes */
   }
@@ -442,7 +443,8 @@ AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two, const u
     codes512(p, l.five, c);
     for (int v = 0; v < 8; v++) {
       /* (F·c ≤ 248 stays within its byte of the 16-bit lane) */
-      if (two && (!any || any[b])) _mm512_store_si512((void*)(u + 64 * v), _mm512_sll_epi16(c[v], shift));
+      if (two && (!any || any[b]))
+        _mm512_store_si512((void*)(u + 64 * v), _mm512_sll_epi16(c[v], shift));
       _mm512_store_si512((void*)(u + 512 * two + 64 * v), c[v]);
     }
     __m512 d = scale512(p, l);
@@ -537,7 +539,7 @@ AMX INLINE __m512i amx_sum(const Job* j, const int32_t* s, int64_t b, int t, int
 /* tile_tokens for tokens t0.. (16) of row group g, its blocks unpacked in u; s: amx_block's.
    The float work takes 8 tokens at a time over every block (16 accumulators and 8 offsets in
    registers), the first 8 while the tile unit works ahead on the blocks' sums. `ad`: the
-   tokens' scales (Job.ad, or on a few blocks amx_scales'). */
+   tokens' scales (Job.ad, or on a few blocks amx_wide's). */
 AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u, int two,
                            int few, const uint8_t* wide, const float* ad, int32_t* s) {
   const int64_t ub = AMX_BLOCK(two), cb = 512 * (1 + two);
@@ -582,7 +584,8 @@ AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int 
       for (int t = 0; t < AMX_HALF; t++) {
         int64_t ib = (t0 + h + t) * j->nb + b;
         float qs = j->as[ib] - j->ae[ib];
-        __m512i sum = (few ? wide[b] : two) ? amx_sum(j, s, b, h + t, 1) : amx_sum(j, s, b, h + t, 0);
+        int apart = few ? wide[b] : two;
+        __m512i sum = apart ? amx_sum(j, s, b, h + t, 1) : amx_sum(j, s, b, h + t, 0);
         __m512 x = _mm512_fnmadd_ps(z, _mm512_set1_ps(qs),
                                     _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(ad[ib])));
         acc[t] = _mm512_fmadd_ps(d, x, acc[t]);
@@ -596,8 +599,8 @@ AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int 
 /* Two digits on a few blocks: the blocks any of tokens t0.. (16) keeps, as flags `wide` [nb],
    and the 16 tokens' scales `ad` [16, nb]: Job.ad's, but da/F (F = 2^shift) where a token does
    not keep a block another keeps. Its residual codes are 0 there, so its product gives F·s, and
-   F·s at da/F is s at da to the bit (F·s and s are exact in float: |s| < 2^24 / F; scaling by a
-   power of two is exact): the AVX-512 path's float work (few512). */
+   F·s at da/F is s at da to the bit (s is exact in float, |s| < 2^24, and so is F·s, a power of
+   two times it; so is da/F): the AVX-512 path's float work (few512). */
 static void amx_wide(const Job* j, int64_t t0, uint8_t* wide, float* ad) {
   const float part = 1.f / (float)(1 << j->shift);
   memset(wide, 0, (size_t)j->nb);
@@ -680,7 +683,8 @@ AMX INLINE void amx_tokens_q6(const Job* j, int64_t g, int64_t t0, const uint8_t
         __m512i x1 = _mm512_add_epi32(
             _mm512_load_si512((const void*)(sum + (AMX_TOKENS + h + t) * ROWS)),
             _mm512_set1_epi32(-32 * hh[1]));
-        __m512 v = _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(x1), _mm512_mul_ps(s0, _mm512_cvtepi32_ps(x0)));
+        __m512 v = _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(x1),
+                                   _mm512_mul_ps(s0, _mm512_cvtepi32_ps(x0)));
         acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(j->ad[ib]), v, acc[t]);
       }
     }
@@ -701,7 +705,8 @@ AMX static void rows_amx_q6(const Job* j, int64_t g0, int64_t g1) {
   int32_t* s = (int32_t*)(u + unpacked);
   int32_t* hs = (int32_t*)(u + unpacked + sums);
   for (int64_t t = 0; t < full; t++)
-    for (int64_t b = 0; b < j->nb; b++) half_sums_avx2(act_block(j, t, b, 0), hs + 2 * (t * j->nb + b));
+    for (int64_t b = 0; b < j->nb; b++)
+      half_sums_avx2(act_block(j, t, b, 0), hs + 2 * (t * j->nb + b));
   amx_configure_q6();
   for (int64_t g = g0; g < g1; g++) {
     amx_unpack_q6(j, g, u);
