@@ -340,6 +340,19 @@ static void fold_digits(const Prep* p, int64_t r0, int64_t r1, const uint8_t* ke
   }
 }
 
+/* The int8 sums over each half (16) of rows r0..r1's blocks (Prep.hs) */
+static void half_sums(const Prep* p, int64_t r0, int64_t r1) {
+  int64_t nb = p->k / BLOCK;
+  for (int64_t t = r0; t < r1; t++)
+    for (int64_t b = 0; b < nb; b++) {
+      const int8_t* a = p->q + t * p->qrow + b * p->qblock;
+      int32_t* h = p->hs + 2 * (t * nb + b);
+      int32_t lo = 0, hi = 0;
+      for (int i = 0; i < 16; i++) lo += a[i], hi += a[16 + i];
+      h[0] = lo, h[1] = hi;
+    }
+}
+
 /* Task i of a matmul's activation rows: their norm (where one is folded in), then their int8
    blocks (and, for two digits, their residuals'). */
 void prepare_rows(void* data, size_t i) {
@@ -362,6 +375,7 @@ void prepare_rows(void* data, size_t i) {
         float* o = p->sc + ((t / 4 * nb + b) * 4 + t % 4) * 3;
         o[0] = p->d[t * nb + b], o[1] = p->s[t * nb + b], o[2] = p->e[t * nb + b];
       }
+  if (p->hs) half_sums(p, r0, r1);
   if (p->digits != 2) return;
   int64_t at = (p->m + r0) * nb;
   uint8_t* keep = p->blocks > 0 ? p->keep + r0 * nb : NULL;
@@ -377,4 +391,5 @@ void prepare_rows(void* data, size_t i) {
     residual_rows(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, keep, p->shift, q2,
                   p->d + at, p->s + at, p->e + at);
   fold_digits(p, r0, r1, keep);
+  if (p->hs) half_sums(p, p->m + r0, p->m + r1); /* (Q6_K: rows of their own) */
 }

@@ -75,13 +75,6 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
   }
 }
 
-/* The int8 activations' sums over each half (16) of a 32-block: what a 6-bit tile's z = 32 takes
-   off each half's dot product. */
-static inline void half_sums_scalar(const int8_t* a, int32_t h[2]) {
-  h[0] = h[1] = 0;
-  for (int i = 0; i < BLOCK; i++) h[i / 16] += a[i];
-}
-
 static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; g++) {
     for (int64_t t = 0; t < j->m; t++) {
@@ -90,8 +83,7 @@ static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
         const uint8_t* p = j->w + (g * j->nb + b) * TILE6;
         const int8_t* a = act_block(j, t, b, 0);
         float da = j->ad[t * j->nb + b];
-        int32_t h[2];
-        half_sums_scalar(a, h);
+        const int32_t* h = j->hs + 2 * (t * j->nb + b);
         for (int r = 0; r < ROWS; r++) {
           int q[BLOCK];
           int32_t dot[2] = {0, 0}; /* the first 16 codes, the last 16 */
@@ -303,14 +295,6 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, in
   for (int t = 0; t < T; t++) _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t]);
 }
 
-/* The halves' activation sums, as half_sums_scalar: (â + 128) summed 8 bytes at a time. */
-AVX2 static inline void half_sums_avx2(const int8_t* a, int32_t h[2]) {
-  __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)a), _mm256_set1_epi8((char)0x80));
-  __m256i s = _mm256_sad_epu8(x, _mm256_setzero_si256());
-  h[0] = (int32_t)(_mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1)) - 16 * 128;
-  h[1] = (int32_t)(_mm256_extract_epi64(s, 2) + _mm256_extract_epi64(s, 3)) - 16 * 128;
-}
-
 AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
   __m512 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
@@ -324,8 +308,7 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
     for (int t = 0; t < T; t++) {
       const int8_t* aq = act_block(j, t0 + t, b, 0);
       const int32_t* a = (const int32_t*)aq;
-      int32_t h[2];
-      half_sums_avx2(aq, h);
+      const int32_t* h = j->hs + 2 * ((t0 + t) * j->nb + b);
       __m512i x0 = _mm512_set1_epi32(-32 * h[0]), x1 = _mm512_set1_epi32(-32 * h[1]);
       for (int v = 0; v < 4; v++) x0 = _mm512_dpbusd_epi32(x0, c[v], _mm512_set1_epi32(a[v]));
       for (int v = 4; v < 8; v++) x1 = _mm512_dpbusd_epi32(x1, c[v], _mm512_set1_epi32(a[v]));
@@ -616,7 +599,7 @@ static void amx_wide(const Job* j, int64_t t0, uint8_t* wide, float* ad) {
 /* ---- Q6_K's tiles on the tile unit: each block's two halves of 16 codes have scales of their
    own, so a block takes two products of K = 16 (A: 16 tokens × 16 bytes, B: 4 rows of codes as
    codes512 unpacks them, c[0..3] and c[4..7]), and the float work is tile_tokens_q6's: each half's
-   sum less 32 times the tokens' half sums (half_sums_avx2, made once a call), s1·x1 + s0·x0, by
+   sum less 32 times the tokens' half sums (Job.hs), s1·x1 + s0·x0, by
    da, in its order: the AVX-512 path's bits. */
 #define AMX_BLOCK6 (512 + 128) /* a block's unpacked codes, then s0 and s1 of its 16 rows */
 
@@ -661,10 +644,8 @@ AMX INLINE void amx_block_q6(const Job* j, int64_t t0, int64_t b, const uint8_t*
   _tile_stored(3, to + AMX_TOKENS * ROWS, 64);
 }
 
-/* tile_tokens_q6 for tokens t0.. (16) of row group g, its blocks unpacked in u; hs: the tokens'
-   half sums [M, nb, 2] */
-AMX INLINE void amx_tokens_q6(const Job* j, int64_t g, int64_t t0, const uint8_t* u,
-                              const int32_t* hs, int32_t* s) {
+/* tile_tokens_q6 for tokens t0.. (16) of row group g, its blocks unpacked in u */
+AMX INLINE void amx_tokens_q6(const Job* j, int64_t g, int64_t t0, const uint8_t* u, int32_t* s) {
   for (int64_t b = 0; b < AMX_AHEAD; b++) amx_block_q6(j, t0, b, u, s);
   for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
     __m512 acc[AMX_HALF];
@@ -677,7 +658,7 @@ AMX INLINE void amx_tokens_q6(const Job* j, int64_t g, int64_t t0, const uint8_t
       const int32_t* sum = s + 2 * b * AMX_TOKENS * ROWS;
       for (int t = 0; t < AMX_HALF; t++) {
         int64_t ib = (t0 + h + t) * j->nb + b;
-        const int32_t* hh = hs + 2 * ib;
+        const int32_t* hh = j->hs + 2 * ib;
         __m512i x0 = _mm512_add_epi32(_mm512_load_si512((const void*)(sum + (h + t) * ROWS)),
                                       _mm512_set1_epi32(-32 * hh[0]));
         __m512i x1 = _mm512_add_epi32(
@@ -696,21 +677,16 @@ AMX INLINE void amx_tokens_q6(const Job* j, int64_t g, int64_t t0, const uint8_t
 AMX static void rows_amx_q6(const Job* j, int64_t g0, int64_t g1) {
   int64_t full = j->m / AMX_TOKENS * AMX_TOKENS;
   size_t unpacked = (size_t)j->nb * AMX_BLOCK6, sums = (size_t)j->nb * 2 * AMX_TOKENS * ROWS * 4;
-  size_t halves = ((size_t)(full * j->nb * 2) * 4 + 63) / 64 * 64;
-  uint8_t* u = aligned_alloc(64, unpacked + sums + halves);
+  uint8_t* u = aligned_alloc(64, unpacked + sums);
   if (!u) {
     rows_avx512(j, g0, g1);
     return;
   }
   int32_t* s = (int32_t*)(u + unpacked);
-  int32_t* hs = (int32_t*)(u + unpacked + sums);
-  for (int64_t t = 0; t < full; t++)
-    for (int64_t b = 0; b < j->nb; b++)
-      half_sums_avx2(act_block(j, t, b, 0), hs + 2 * (t * j->nb + b));
   amx_configure_q6();
   for (int64_t g = g0; g < g1; g++) {
     amx_unpack_q6(j, g, u);
-    for (int64_t t = 0; t < full; t += AMX_TOKENS) amx_tokens_q6(j, g, t, u, hs, s);
+    for (int64_t t = 0; t < full; t += AMX_TOKENS) amx_tokens_q6(j, g, t, u, s);
     tokens512(j, g, full);
   }
   _tile_release();
@@ -960,8 +936,7 @@ NEON_DOT static void quarter_tokens_neon_q6(const Job* j, int64_t g, int q4, int
     for (int t = 0; t < T; t++) {
       const int8_t* aq = act_block(j, t0 + t, b, 0);
       const int32_t* a = (const int32_t*)aq;
-      int32_t h[2];
-      half_sums_scalar(aq, h);
+      const int32_t* h = j->hs + 2 * ((t0 + t) * j->nb + b);
       int32x4_t x0 = vdupq_n_s32(-32 * h[0]), x1 = vdupq_n_s32(-32 * h[1]);
       for (int v = 0; v < 4; v++) x0 = vdotq_s32(x0, c[v], vreinterpretq_s8_s32(vdupq_n_s32(a[v])));
       for (int v = 4; v < 8; v++) x1 = vdotq_s32(x1, c[v], vreinterpretq_s8_s32(vdupq_n_s32(a[v])));
@@ -1102,7 +1077,7 @@ static int side_scalars(const Job* j, int64_t m) {
 /* A matmul's working memory, in two allocations that Prep's q and d start: the int8 rows, then
    Prep.keep [M, nb]; the floats d, s, e [rows, nb], the scratch where run_chunk needs one (SwiGLU's
    gate and up [M, N]; [2M, N] where the second digit's rows are computed as rows of their own),
-   then Prep.kept, then Job.sc where the passes read it. Before: p's m, k, digits and blocks (0
+   then Prep.kept, then Job.sc where the passes read it, then Job.hs for Q6_K's tiles. Before: p's m, k, digits and blocks (0
    for every block), j's n, tile, swiglu and digits. Points p's buffers and j's at them; returns 0, or 1 out of memory (nothing held). */
 int alloc_work(Prep* p, Job* j) {
   int64_t m = p->m, k = p->k, nb = k / BLOCK, rows = p->digits * m;
@@ -1110,8 +1085,9 @@ int alloc_work(Prep* p, Job* j) {
   int64_t scratch = j->swiglu || apart ? (apart ? rows : m) * j->n : 0; /* floats */
   int64_t kept = p->blocks ? (m + 3) / 4 * (nb + 1) : 0;                /* int32s */
   int64_t sc = side_scalars(j, m) ? (m + 3) / 4 * nb * 12 : 0; /* floats */
+  int64_t hs = j->tile == TILE6 ? rows * nb * 2 : 0;             /* int32s */
   p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0)) + 64);
-  p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc) + 64);
+  p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc + hs) + 64);
   if (!p->q || !p->d) return free(p->q), free(p->d), 1;
   p->s = p->d + rows * nb, p->e = p->s + rows * nb;
   int fused = fused_digits(j); /* a block's residual beside it */
@@ -1121,9 +1097,10 @@ int alloc_work(Prep* p, Job* j) {
   p->keep = p->blocks ? (uint8_t*)p->q + rows * k : NULL;
   p->kept = p->blocks ? (int32_t*)(p->e + rows * nb + scratch) : NULL;
   p->sc = sc ? p->e + rows * nb + scratch + kept : NULL;
+  p->hs = hs ? (int32_t*)(p->e + rows * nb + scratch + kept + sc) : NULL;
   j->aq = p->q, j->ad = p->d, j->as = p->s, j->ae = p->e;
   j->scratch = scratch ? p->e + rows * nb : NULL;
-  j->kept = p->kept, j->keep = p->keep, j->sc = p->sc;
+  j->kept = p->kept, j->keep = p->keep, j->sc = p->sc, j->hs = p->hs;
   return 0;
 }
 

@@ -239,6 +239,8 @@ typedef struct {
   const float* sc; /* one digit on a 256-bit path, M ≥ 3: ad, as, ae again, side by side for
                       each group of 4 rows, [ceil(M / 4), nb, 4, 3], which its 3–4-token passes
                       read through one pointer instead of three a token (tiles256.h) */
+  const int32_t* hs; /* Q6_K's tiles: each row's int8 sums over its blocks' halves [rows, nb, 2]
+                        (Prep.hs), which z = 32 takes off each half's dot product */
 } Job;
 
 /* Token t's int8 block b; `two` (fused digits: a constant where the kernels inline this) lays a
@@ -273,6 +275,8 @@ typedef struct {
   uint8_t* keep;  /* [M, nb] when blocks > 0: 1 on those blocks */
   int32_t* kept;  /* when blocks > 0: Job.kept, [ceil(M / 4), nb + 1] */
   float* sc;      /* Job.sc, or NULL */
+  int32_t* hs;    /* Job.hs, or NULL: made once a matmul here, where every pass of every row
+                     group (16 chunks of a prompt, each with its tokens) had made its own */
 } Prep;
 
 /* ---- attention ------------------------------------------------------------------------ */

@@ -329,21 +329,16 @@ TARGET256 INLINE void NAME256(pair_tokens_q8)(const Job* j, int64_t g, int64_t t
     for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
 }
 
-/* Each of T tokens' activation half sums on block b (half_sums_avx2), which a 6-bit tile's
-   sums start from: once a block, for either half. */
-TARGET256 INLINE void NAME256(half_sums_q6)(const Job* j, int64_t b, int64_t t0, int T, int32_t hs[4][2]) {
-  for (int t = 0; t < T; t++) half_sums_avx2(act_block(j, t0 + t, b, 0), hs[t]);
-}
-
 /* Block b (at p) of a 6-bit tile's half h for T tokens (1..4), added to acc: each pair of code
    registers unpacked once and taken by every token before the next, into one int32 sum per half
-   block (x, from −32·Σ a of the half, hs, as the scalar path), then the two halves' scales. */
-TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, const int32_t hs[4][2], __m256 acc[4]) {
+   block (x, from −32·Σ a of the half, Job.hs, as the scalar path), then the two halves' scales. */
+TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, int64_t b, int64_t t0, int T, __m256 acc[4]) {
   const int32_t* a[4];
   __m256i x[4][2];
   for (int t = 0; t < T; t++) {
     a[t] = (const int32_t*)act_block(j, t0 + t, b, 0);
-    x[t][0] = _mm256_set1_epi32(-32 * hs[t][0]), x[t][1] = _mm256_set1_epi32(-32 * hs[t][1]);
+    const int32_t* hs = j->hs + 2 * ((t0 + t) * j->nb + b);
+    x[t][0] = _mm256_set1_epi32(-32 * hs[0]), x[t][1] = _mm256_set1_epi32(-32 * hs[1]);
   }
   for (int v = 0; v < 4; v++) {
     __m256i c0, c1;
@@ -368,9 +363,7 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int 
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const uint8_t* p = j->w + g * j->nb * TILE6;
   for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
-    int32_t hs[4][2];
-    NAME256(half_sums_q6)(j, b, t0, T, hs);
-    NAME256(block_q6)(j, p, h, b, t0, T, hs, acc);
+    NAME256(block_q6)(j, p, h, b, t0, T, acc);
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
 }
@@ -384,9 +377,7 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
   const uint8_t* p = j->w + g * j->nb * TILE6;
   for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
     if (t0 == 0) NAME256(ahead)(p, TILE6);
-    int32_t hs[4][2];
-    NAME256(half_sums_q6)(j, b, t0, T, hs);
-    for (int h = 0; h < 2; h++) NAME256(block_q6)(j, p, h, b, t0, T, hs, acc[h]);
+    for (int h = 0; h < 2; h++) NAME256(block_q6)(j, p, h, b, t0, T, acc[h]);
   }
   for (int h = 0; h < 2; h++)
     for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[h][t]);
