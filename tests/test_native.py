@@ -461,6 +461,10 @@ def test_two_digit_nodes_in_onnxruntime_match_numpy(path):
                     want = reference(a.reshape(-1, 256), packed, 2, blocks).reshape(*shape, 128)
                     (y,) = session.run(None, {"a": a})
                     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+                    # the prompt's rows prepared in tasks over the threads (a pass's on AMX in
+                    # one), the bits of the whole prompt prepared at once
+                    one = matmul(packed, a.reshape(-1, 256), path, digits=2, blocks=blocks)
+                    np.testing.assert_array_equal(y.reshape(-1, 128), one)
         gate_up = pack(q4_1(128, 96, seed=5))
         a = rng.standard_normal((2, 19, 96)).astype(np.float32)
         for blocks in (0, 1):
@@ -836,6 +840,12 @@ def test_the_kernel_path_is_the_best_this_cpu_has_unless_one_is_named(monkeypatc
         with pytest.raises(OptionError, match="cannot run"):
             with native.use_path(name):
                 pass
+    monkeypatch.delenv(native.PATH_VARIABLE)
+    with native.use_path("portable"):  # a block inside another leaves the outer one's path
+        with native.use_path(PATHS[-1]):
+            assert native.path() == PATHS[-1]
+        assert native.path() == "portable"
+    assert native.path() == PATHS[-1]
 
 
 @pytest.mark.parametrize("name", PATHS)

@@ -160,13 +160,19 @@ def fast_path() -> bool:
     return path() != "portable"
 
 
+_forced: list[str] = []  # the paths of the use_path blocks now open, innermost last
+
+
 @contextlib.contextmanager
 def use_path(name: str):
-    """Runs the block on kernel path `name` (tests and the benchmark), then back to the default."""
+    """Runs the block on kernel path `name` (tests and the benchmark), then back to the path of
+    the block around it, or to the default."""
     lib = library()
     if lib.llamaonnx_kernel_path(PATHS.index(name)) < 0:
         raise OptionError(f"this CPU cannot run the {name} path; it has {supported_paths()}")
+    _forced.append(name)
     try:
         yield
     finally:
-        lib.llamaonnx_kernel_path(-2)
+        _forced.pop()
+        lib.llamaonnx_kernel_path(PATHS.index(_forced[-1]) if _forced else -2)

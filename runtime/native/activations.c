@@ -340,6 +340,21 @@ static void fold_digits(const Prep* p, int64_t r0, int64_t r1, const uint8_t* ke
   }
 }
 
+/* Rows r0..r1's wide flags and scales (Job.wide, Job.wad), for each whole pass of AMX_TOKENS
+   (the task's rows start one: Prep.rows is AMX_TOKENS) */
+static void pass_blocks(const Prep* p, int64_t r0, int64_t r1) {
+  int64_t nb = p->k / BLOCK;
+  const float part = 1.f / (float)(1 << p->shift);
+  for (int64_t t0 = r0; t0 + AMX_TOKENS <= r1; t0 += AMX_TOKENS) {
+    uint8_t* wide = p->wide + t0 / AMX_TOKENS * nb;
+    memset(wide, 0, (size_t)nb);
+    for (int64_t t = t0; t < t0 + AMX_TOKENS; t++)
+      for (int64_t b = 0; b < nb; b++) wide[b] |= p->keep[t * nb + b];
+    for (int64_t i = t0 * nb; i < (t0 + AMX_TOKENS) * nb; i++)
+      p->wad[i] = wide[i % nb] && !p->keep[i] ? p->d[i] * part : p->d[i];
+  }
+}
+
 /* The int8 sums over each half (16) of rows r0..r1's blocks (Prep.hs) */
 static void half_sums(const Prep* p, int64_t r0, int64_t r1) {
   int64_t nb = p->k / BLOCK;
@@ -391,5 +406,6 @@ void prepare_rows(void* data, size_t i) {
     residual_rows(a, r1 - r0, p->k, q, p->qrow, p->qblock, p->d + r0 * nb, keep, p->shift, q2,
                   p->d + at, p->s + at, p->e + at);
   fold_digits(p, r0, r1, keep);
+  if (p->wide) pass_blocks(p, r0, r1);
   if (p->hs) half_sums(p, p->m + r0, p->m + r1); /* (Q6_K: rows of their own) */
 }

@@ -372,7 +372,7 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
  * Q6_K tiles take two products of K = 16 a block (rows_amx_q6: the same matmul on Q6_K tiles
  * 497–531 µs against the AVX-512 path's 775–793). Two digits on a few blocks (Job.kept) take
  * the joint product on the blocks any of a pass's 16 tokens keeps and one digit's on the rest
- * (amx_wide: a 128 × 576 → 960 matmul with 2 kept blocks whose outliers sit in the same
+ * (Job.wide, Job.wad: a 128 × 576 → 960 matmul with 2 kept blocks whose outliers sit in the same
  * channels token after token, as a norm's do, 349–359 µs against every block's 384–397 and one
  * digit's 298–306; 507–545 while the unused F·c lines still filled L1). What bounds it: the tile
  * unit writes its sums to memory, a 64-byte row a token and block at ~1.5 cycles a row, and the
@@ -382,7 +382,6 @@ AVX512 static void rows_avx512(const Job* j, int64_t g0, int64_t g1) {
  * Linux lends the tile state to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM,
  * amx_lent); where it does not, the AVX-512 path runs. */
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,amx-tile,amx-int8")))
-#define AMX_TOKENS 16 /* tokens a tile pass */
 #define AMX_HALF 8 /* tokens a float pass (their sums in 16 registers) */
 /* A block's unpacked codes (with two digits, F·c and then c: 16 rows of B), then d, m and z·d
    of its 16 rows */
@@ -522,7 +521,7 @@ AMX INLINE __m512i amx_sum(const Job* j, const int32_t* s, int64_t b, int t, int
 /* tile_tokens for tokens t0.. (16) of row group g, its blocks unpacked in u; s: amx_block's.
    The float work takes 8 tokens at a time over every block (16 accumulators and 8 offsets in
    registers), the first 8 while the tile unit works ahead on the blocks' sums. `ad`: the
-   tokens' scales (Job.ad, or on a few blocks amx_wide's). */
+   tokens' scales (Job.ad, or on a few blocks Job.wad). */
 AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u, int two,
                            int few, const uint8_t* wide, const float* ad, int32_t* s) {
   const int64_t ub = AMX_BLOCK(two), cb = 512 * (1 + two);
@@ -577,23 +576,6 @@ AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int 
     for (int t = 0; t < AMX_HALF; t++)
       _mm512_storeu_ps(j->y + (t0 + h + t) * j->n + g * ROWS, acc[t]);
   }
-}
-
-/* Two digits on a few blocks: the blocks any of tokens t0.. (16) keeps, as flags `wide` [nb],
-   and the 16 tokens' scales `ad` [16, nb]: Job.ad's, but da/F (F = 2^shift) where a token does
-   not keep a block another keeps. Its residual codes are 0 there, so its product gives F·s, and
-   F·s at da/F is s at da to the bit (s is exact in float, |s| < 2^24, and so is F·s, a power of
-   two times it; so is da/F): the AVX-512 path's float work (few512). */
-static void amx_wide(const Job* j, int64_t t0, uint8_t* wide, float* ad) {
-  const float part = 1.f / (float)(1 << j->shift);
-  memset(wide, 0, (size_t)j->nb);
-  for (int64_t t = t0; t < t0 + AMX_TOKENS; t++)
-    for (int64_t b = 0; b < j->nb; b++) wide[b] |= j->keep[t * j->nb + b];
-  for (int64_t t = t0; t < t0 + AMX_TOKENS; t++)
-    for (int64_t b = 0; b < j->nb; b++) {
-      int64_t i = t * j->nb + b;
-      ad[i - t0 * j->nb] = wide[b] && !j->keep[i] ? j->ad[i] * part : j->ad[i];
-    }
 }
 
 /* ---- Q6_K's tiles on the tile unit: each block's two halves of 16 codes have scales of their
@@ -709,29 +691,29 @@ AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
   int64_t full = j->m / AMX_TOKENS * AMX_TOKENS;
   size_t unpacked = j->bits == 4 ? (size_t)j->nb * AMX_BLOCK(two) : 0;
   size_t sums = (size_t)j->nb * (1 + apart) * AMX_TOKENS * ROWS * 4;
-  size_t scales = few ? (size_t)(full * j->nb) * 4 : 0;
-  size_t flags = few ? ((size_t)(full / AMX_TOKENS + 1) * j->nb + 63) / 64 * 64 : 0;
-  uint8_t* u = aligned_alloc(64, unpacked + sums + scales + flags);
+  size_t flags = few ? ((size_t)j->nb + 63) / 64 * 64 : 0;
+  if (few && !j->wide) { /* (Prep made them for the path it ran on) */
+    rows_avx512(j, g0, g1);
+    return;
+  }
+  uint8_t* u = aligned_alloc(64, unpacked + sums + flags);
   if (!u) {
     rows_avx512(j, g0, g1);
     return;
   }
   int32_t* s = (int32_t*)(u + unpacked);
-  float* ad = few ? (float*)(u + unpacked + sums) : NULL;
-  uint8_t* wide = few ? u + unpacked + sums + scales : NULL;
-  uint8_t* any = few ? wide + full / AMX_TOKENS * j->nb : NULL; /* [nb]: any group's wide */
+  const uint8_t* wide = j->wide;
+  const float* ad = few ? j->wad : j->ad;
+  uint8_t* any = few ? u + unpacked + sums : NULL; /* [nb]: any pass's wide */
   if (few) memset(any, 0, (size_t)j->nb);
-  for (int64_t t = 0; few && t < full; t += AMX_TOKENS) {
-    amx_wide(j, t, wide + t / AMX_TOKENS * j->nb, ad + t * j->nb);
-    for (int64_t b = 0; b < j->nb; b++) any[b] |= wide[t / AMX_TOKENS * j->nb + b];
-  }
+  for (int64_t i = 0; few && i < full / AMX_TOKENS * j->nb; i++) any[i % j->nb] |= wide[i];
   amx_configure(joint && !few, joint && few);
   for (int64_t g = g0; g < g1; g++) {
     if (joint) amx_unpack(j, g, u, 1, any);
     else if (unpacked) amx_unpack(j, g, u, 0, NULL);
     for (int64_t t = 0; t < full; t += AMX_TOKENS) {
       const uint8_t* w = few ? wide + t / AMX_TOKENS * j->nb : NULL;
-      const float* a = few ? ad : j->ad; /* (indexed by token from t = 0) */
+      const float* a = ad; /* (indexed by token from t = 0) */
       if (!unpacked) {
         if (few) amx_tokens_q8(j, g, t, 1, 1, w, a, s);
         else if (two) amx_tokens_q8(j, g, t, 1, 0, w, a, s);
@@ -1077,7 +1059,8 @@ static int side_scalars(const Job* j, int64_t m) {
 /* A matmul's working memory, in two allocations that Prep's q and d start: the int8 rows, then
    Prep.keep [M, nb]; the floats d, s, e [rows, nb], the scratch where run_chunk needs one (SwiGLU's
    gate and up [M, N]; [2M, N] where the second digit's rows are computed as rows of their own),
-   then Prep.kept, then Job.sc where the passes read it, then Job.hs for Q6_K's tiles. Before: p's m, k, digits and blocks (0
+   Prep.wide (bytes); then Prep.kept, then Job.sc where the passes read it, then Job.hs for
+   Q6_K's tiles, then Job.wad. Before: p's m, k, digits and blocks (0
    for every block), j's n, tile, swiglu and digits. Points p's buffers and j's at them; returns 0, or 1 out of memory (nothing held). */
 int alloc_work(Prep* p, Job* j) {
   int64_t m = p->m, k = p->k, nb = k / BLOCK, rows = p->digits * m;
@@ -1086,8 +1069,14 @@ int alloc_work(Prep* p, Job* j) {
   int64_t kept = p->blocks ? (m + 3) / 4 * (nb + 1) : 0;                /* int32s */
   int64_t sc = side_scalars(j, m) ? (m + 3) / 4 * nb * 12 : 0; /* floats */
   int64_t hs = j->tile == TILE6 ? rows * nb * 2 : 0;             /* int32s */
-  p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0)) + 64);
-  p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc + hs) + 64);
+  int64_t passes = 0; /* AMX, two digits on a few blocks: its passes' flags and scales */
+#if defined(__x86_64__)
+  if (p->blocks && kernel_path() == PATH_AMX && j->tile != TILE6) passes = m / AMX_TOKENS;
+#endif
+  int wide = passes > 0;
+  int64_t wad = passes * AMX_TOKENS * nb, flags = passes * nb; /* floats, bytes */
+  p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0) + flags) + 64);
+  p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc + hs + wad) + 64);
   if (!p->q || !p->d) return free(p->q), free(p->d), 1;
   p->s = p->d + rows * nb, p->e = p->s + rows * nb;
   int fused = fused_digits(j); /* a block's residual beside it */
@@ -1098,9 +1087,13 @@ int alloc_work(Prep* p, Job* j) {
   p->kept = p->blocks ? (int32_t*)(p->e + rows * nb + scratch) : NULL;
   p->sc = sc ? p->e + rows * nb + scratch + kept : NULL;
   p->hs = hs ? (int32_t*)(p->e + rows * nb + scratch + kept + sc) : NULL;
+  p->wad = wad ? p->e + rows * nb + scratch + kept + sc + hs : NULL;
+  p->wide = wide ? (uint8_t*)p->q + rows * k + m * nb : NULL;
+  if (wide) p->rows = (p->rows + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS; /* (pass_blocks) */
   j->aq = p->q, j->ad = p->d, j->as = p->s, j->ae = p->e;
   j->scratch = scratch ? p->e + rows * nb : NULL;
   j->kept = p->kept, j->keep = p->keep, j->sc = p->sc, j->hs = p->hs;
+  j->wide = p->wide, j->wad = p->wad;
   return 0;
 }
 

@@ -164,6 +164,7 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define PATH_NEON 3
 #define PATH_AVXVNNI 4
 #define PATH_AMX 5 /* AVX-512 VNNI with a prompt's int8 products on the tile unit, 16 tokens at a time */
+#define AMX_TOKENS 16 /* tokens a tile pass */
 #define WIDE512(path) ((path) == PATH_AVX512 || (path) == PATH_AMX)
 
 /* the tile layouts (see above) */
@@ -239,6 +240,14 @@ typedef struct {
   const float* sc; /* one digit on a 256-bit path, M ≥ 3: ad, as, ae again, side by side for
                       each group of 4 rows, [ceil(M / 4), nb, 4, 3], which its 3–4-token passes
                       read through one pointer instead of three a token (tiles256.h) */
+  const uint8_t* wide; /* AMX, two digits on a few blocks: for each 16 rows (a tile pass),
+                          [nb] 1 on the blocks any of them keeps (Prep.wide), which take both
+                          digits in one product */
+  const float* wad;    /* with wide: [M, nb] ad, but da/F where a row does not keep a block
+                          its 16 keep: its residual codes there are 0, so its joined product
+                          gives F·s, and F·s at da/F is s at da to the bit (s is exact in float,
+                          |s| < 2^24, and so is F·s, a power of two times it; so is da/F): the
+                          AVX-512 path's float work (few512) */
   const int32_t* hs; /* Q6_K's tiles: each row's int8 sums over its blocks' halves [rows, nb, 2]
                         (Prep.hs), which z = 32 takes off each half's dot product */
 } Job;
@@ -275,6 +284,9 @@ typedef struct {
   uint8_t* keep;  /* [M, nb] when blocks > 0: 1 on those blocks */
   int32_t* kept;  /* when blocks > 0: Job.kept, [ceil(M / 4), nb + 1] */
   float* sc;      /* Job.sc, or NULL */
+  uint8_t* wide;  /* Job.wide and Job.wad (the rows of whole passes), or NULL; `rows` is then
+                     a multiple of AMX_TOKENS, so that a task holds its passes' rows */
+  float* wad;
   int32_t* hs;    /* Job.hs, or NULL: made once a matmul here, where every pass of every row
                      group (16 chunks of a prompt, each with its tokens) had made its own */
 } Prep;
