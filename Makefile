@@ -62,7 +62,7 @@ quality: setup $(M)-fp32/report.json $(VENV)/.bench-done $(GEMMA)
 	# the moonshot's cheapest set within 0.3 % (README, --precise): q/k/v and the head on each
 	# row's 4 blocks of largest scale, the last layer whole
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-precise-few --precision int4 \
-		--precise 'layers.*.attention.qkv=4' --precise 'layers.29.*' --precise 'output=4' --force
+		--precise 'layers.*.attention.qkv=4' --precise 'layers.-1.*' --precise 'output=4' --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int8 --precision int8 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-fp16 --precision fp16 --force
 	$(VENV)/bin/llamaonnx quantize $(M)-fp32 $(M)-int4-requantized --precision int4 \

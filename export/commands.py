@@ -168,7 +168,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="keep matching modules in float, e.g. 'layers.0.*' or 'output' (repeatable)",
+        help="keep matching modules in float, e.g. 'layers.0.*', 'layers.-1.*' (the last "
+        "layer) or 'output' (repeatable)",
     )
     q.add_argument(
         "--precise",
@@ -178,7 +179,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="run matching projections' activations in two int8 digits on llamaonnx's kernels: "
         "float activations' quality for twice their integer work, e.g. '*' (all), 'output', "
         "'layers.*.feed_forward.w2' (the graph's names: layers.N.attention.qkv / .wo, "
-        "layers.N.feed_forward.w13 / .w2, output; repeatable, the last match wins); "
+        "layers.N.feed_forward.w13 / .w2, output; layers.-1 is the last layer; repeatable, "
+        "the last match wins); "
         "PATTERN=B: the second digit on each activation row's B blocks of largest scale only "
         "(most of the rounding error, for B/nb of the extra work), e.g. '*=2'",
     )

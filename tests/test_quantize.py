@@ -387,11 +387,13 @@ def test_an_fp16_kv_cache_on_our_attention(tiny_folders, quantized, tmp_path):
 
 
 def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
+    """--keep's patterns (fnmatch, layers.-K counted from the last layer) keep modules in float;
+    the folder records them as written."""
     out = tmp_path / "kept"
     quantize_folder(
         tiny_folders["ort"],
         out,
-        _settings("int4", keep=("layers.0.*", "output")),
+        _settings("int4", keep=(f"layers.-{L}.*", "output")),
         verify=False,
     )
     model, ops = _ops(out)
@@ -399,7 +401,12 @@ def test_keep_leaves_chosen_layers_in_float(tiny_folders, tmp_path):
     assert "/model/output/MatMul" in names and "/model/layers.0/attention/wq/MatMul" in names
     assert ops["MatMulQ4"] + ops["MatMulQ4SwiGLU"] == PER_LAYER["ort"] * (L - 1)
     info = json.loads((out / "llamaonnx.json").read_text())
-    assert info["quantization"]["settings"]["keep"] == ["layers.0.*", "output"]
+    assert info["quantization"]["settings"]["keep"] == [f"layers.-{L}.*", "output"]
+    with pytest.raises(QuantizationError, match=rf"layers.-{L + 1} is not a layer.*layers.-1"):
+        quantize_folder(
+            tiny_folders["ort"], tmp_path / "x", _settings("int4", keep=(f"layers.-{L + 1}.*",))
+        )
+    assert not (tmp_path / "x").exists()
 
 
 def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, tmp_path):
@@ -440,7 +447,7 @@ def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, 
     want = logits(exact)
     assert np.abs(logits(out) - want).max() < np.abs(logits(one) - want).max() / 5
     # what each set costs, measured (export/verify/activation_cost.py): the same two, by KL
-    rows = measure(one, exact, ["none", "layers.1.*,output", "*"], progress=lambda msg: None)
+    rows = measure(one, exact, ["none", "layers.-1.*,output", "*"], progress=lambda msg: None)
     kl = [np.mean(list(r["kl"].values())) for r in rows]
     assert [r["projections"] for r in rows] == [0, 5, len(ours)] and kl[2] < kl[1] < kl[0]
     assert kl[2] < kl[0] / 10 and "| `*` | 9 | 100.0 % |" in markdown(rows)
@@ -450,9 +457,8 @@ def test_precise_projections_run_two_digit_activations(tiny_folders, quantized, 
     quantize_folder(tiny_folders["ort"], verified, _settings("int4", precise=("output",)))
     assert "two-digit activations in 1 projection |" in quality_table([verified])
     some = tmp_path / "some"
-    quantize_folder(
-        tiny_folders["ort"], some, _settings("int4", precise=("output", "layers.1.*")), verify=False
-    )
+    last = _settings("int4", precise=("output", "layers.-1.*"))  # (the last layer: layers.1)
+    quantize_folder(tiny_folders["ort"], some, last, verify=False)
     model, _ = _ops(some)
     marked = sorted(n.name for n in model.graph.node if "digits" in [a.name for a in n.attribute])
     assert marked == sorted(

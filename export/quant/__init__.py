@@ -28,7 +28,7 @@ from pathlib import Path
 from export.errors import QuantizationError
 from export.quant.blocks import Blocks
 from export.quant.carry import plan
-from export.quant.settings import QuantSettings
+from export.quant.settings import QuantSettings, counted_from_last
 
 __all__ = ["QuantSettings", "quantize_folder"]
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def quantize_folder(
         )
     if settings.provider == "cpu" and settings.precision == "fp16":
         log.info("fp16 runs on CPU for checking; it is meant for CUDA")
+    asked, settings = settings, counted_from_last(settings, info.n_layers)  # (layers.-1: last)
 
     t = time.perf_counter()
     try:
@@ -172,8 +173,8 @@ def quantize_folder(
     quant = Quantization(
         settings={
             **dataclasses.asdict(settings),
-            "keep": list(settings.keep),
-            "precise": list(settings.precise),
+            "keep": list(asked.keep),
+            "precise": list(asked.precise),
         },
         accuracy_level=settings.level if settings.bits else None,
         kernel="native" if native_ops else "nbits" if settings.bits else None,

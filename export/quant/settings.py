@@ -5,6 +5,7 @@ allowed values."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from export.errors import QuantizationError
 from export.quant.blocks import check_settings
@@ -16,6 +17,8 @@ PROVIDERS = ("cpu", "cuda")
 ACCURACY_LEVEL = {"cpu": 4, "cuda": 0}
 KERNELS = ("auto", "native", "nbits")
 KV_CACHES = ("auto", "float32", "float16")
+# 'layers.-K' in a --keep or --precise pattern: the K-th layer from the last
+_FROM_LAST = re.compile(r"(?:^|(?<=\.))layers\.-(\d+)(?=\.|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,3 +151,30 @@ class QuantSettings:
         if self.kv_cache == "auto":
             return "float16" if self.native else "float32"
         return self.kv_cache
+
+
+def from_last(pattern: str, n_layers: int, option: str) -> str:
+    """`pattern` with each 'layers.-K' (K ≥ 1) made the model's layer K from the last:
+    'layers.-1.*' is 'layers.29.*' on a model of 30 layers, so one pattern serves every depth.
+    A K past the first layer is an error that names `option` and the range."""
+
+    def layer(m: re.Match) -> str:
+        k = int(m.group(1))
+        if not 1 <= k <= n_layers:
+            raise QuantizationError(
+                f"{option} {pattern!r}: layers.-{k} is not a layer of this model; it has "
+                f"{n_layers} (layers.0 to layers.{n_layers - 1}, or layers.-{n_layers} to "
+                "layers.-1 counted from the last)"
+            )
+        return f"layers.{n_layers - k}"
+
+    return _FROM_LAST.sub(layer, pattern)
+
+
+def counted_from_last(settings: QuantSettings, n_layers: int) -> QuantSettings:
+    """`settings` with its --keep and --precise patterns' 'layers.-K' resolved (from_last)."""
+    return dataclasses.replace(
+        settings,
+        keep=tuple(from_last(p, n_layers, "--keep") for p in settings.keep),
+        precise=tuple(from_last(p, n_layers, "--precise") for p in settings.precise),
+    )

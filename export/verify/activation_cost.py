@@ -77,6 +77,7 @@ def measure(quant_dir: Path, reference_dir: Path, sets: list[str], progress=prin
     import onnx
 
     from export.quant.native import two_digits
+    from export.quant.settings import from_last
     from export.verify.parity import mean_kl, perplexity
     from runtime.session import Session
     from runtime.texts import eval_texts
@@ -98,7 +99,8 @@ def measure(quant_dir: Path, reference_dir: Path, sets: list[str], progress=prin
         for spec in sets:
             model = onnx.ModelProto()
             model.CopyFrom(base)
-            marked = [] if spec == "none" else two_digits(model.graph, tuple(spec.split(",")))
+            patterns = tuple(from_last(p, ref.info.n_layers, "--set") for p in spec.split(","))
+            marked = [] if spec == "none" else two_digits(model.graph, patterns)
             onnx.save(model, str(scratch / "model.onnx"))
             session = Session(scratch, check_files=False)
             got = {k: logits(session, ids).astype(np.float64) for k, ids in texts.items()}
@@ -152,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         dest="sets",
         metavar="PATTERNS",
-        help="comma-separated projection patterns ('none': one digit everywhere; repeatable; "
-        "default: none, each layer, each kind, the head, ...)",
+        help="comma-separated projection patterns (as quantize --precise's, layers.-1 the last "
+        "layer; 'none': one digit everywhere; repeatable; default: none, each layer, each kind, "
+        "the head, ...)",
     )
     args = p.parse_args(argv)
     layers = read_model_folder(args.quant_dir).n_layers
