@@ -341,7 +341,8 @@ static void fold_digits(const Prep* p, int64_t r0, int64_t r1, const uint8_t* ke
 }
 
 /* Rows r0..r1's wide flags and scales (Job.wide, Job.wad), for each whole pass of AMX_TOKENS
-   (the task's rows start one: Prep.rows is AMX_TOKENS) */
+   rows (a task's rows start one: Prep.rows is a multiple of AMX_TOKENS; a last part pass goes
+   through the AVX-512 passes) */
 static void pass_blocks(const Prep* p, int64_t r0, int64_t r1) {
   int64_t nb = p->k / BLOCK;
   const float part = 1.f / (float)(1 << p->shift);
