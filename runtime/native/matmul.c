@@ -703,7 +703,7 @@ AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
   }
   int32_t* s = (int32_t*)(u + unpacked);
   const uint8_t* wide = j->wide;
-  const float* ad = few ? j->wad : j->ad;
+  const float* ad = few ? j->wad : j->ad; /* (indexed by token from 0) */
   uint8_t* any = few ? u + unpacked + sums : NULL; /* [nb]: any pass's wide */
   if (few) memset(any, 0, (size_t)j->nb);
   for (int64_t i = 0; few && i < full / AMX_TOKENS * j->nb; i++) any[i % j->nb] |= wide[i];
@@ -713,14 +713,13 @@ AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
     else if (unpacked) amx_unpack(j, g, u, 0, NULL);
     for (int64_t t = 0; t < full; t += AMX_TOKENS) {
       const uint8_t* w = few ? wide + t / AMX_TOKENS * j->nb : NULL;
-      const float* a = ad; /* (indexed by token from t = 0) */
       if (!unpacked) {
-        if (few) amx_tokens_q8(j, g, t, 1, 1, w, a, s);
-        else if (two) amx_tokens_q8(j, g, t, 1, 0, w, a, s);
-        else amx_tokens_q8(j, g, t, 0, 0, w, a, s);
-      } else if (few) amx_tokens(j, g, t, u, 1, 1, w, a, s);
-      else if (two) amx_tokens(j, g, t, u, 1, 0, w, a, s);
-      else amx_tokens(j, g, t, u, 0, 0, w, a, s);
+        if (few) amx_tokens_q8(j, g, t, 1, 1, w, ad, s);
+        else if (two) amx_tokens_q8(j, g, t, 1, 0, w, ad, s);
+        else amx_tokens_q8(j, g, t, 0, 0, w, ad, s);
+      } else if (few) amx_tokens(j, g, t, u, 1, 1, w, ad, s);
+      else if (two) amx_tokens(j, g, t, u, 1, 0, w, ad, s);
+      else amx_tokens(j, g, t, u, 0, 0, w, ad, s);
     }
     tokens512(j, g, full);
   }
@@ -1060,8 +1059,9 @@ static int side_scalars(const Job* j, int64_t m) {
    Prep.keep [M, nb]; the floats d, s, e [rows, nb], the scratch where run_chunk needs one (SwiGLU's
    gate and up [M, N]; [2M, N] where the second digit's rows are computed as rows of their own),
    Prep.wide (bytes); then Prep.kept, then Job.sc where the passes read it, then Job.hs for
-   Q6_K's tiles, then Job.wad. Before: p's m, k, digits and blocks (0
-   for every block), j's n, tile, swiglu and digits. Points p's buffers and j's at them; returns 0, or 1 out of memory (nothing held). */
+   Q6_K's tiles, then Job.wad. Before: p's m, k, digits, blocks (0 for every block) and rows, j's
+   n, tile, swiglu and digits. Points p's buffers and j's at them (and rounds p's rows up to whole
+   AMX passes where pass_blocks needs them); returns 0, or 1 out of memory (nothing held). */
 int alloc_work(Prep* p, Job* j) {
   int64_t m = p->m, k = p->k, nb = k / BLOCK, rows = p->digits * m;
   int apart = j->digits == 2 && !fused_digits(j);
@@ -1073,7 +1073,6 @@ int alloc_work(Prep* p, Job* j) {
 #if defined(__x86_64__)
   if (p->blocks && kernel_path() == PATH_AMX && j->tile != TILE6) passes = m / AMX_TOKENS;
 #endif
-  int wide = passes > 0;
   int64_t wad = passes * AMX_TOKENS * nb, flags = passes * nb; /* floats, bytes */
   p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0) + flags) + 64);
   p->d = malloc(sizeof(float) * (size_t)(rows * nb * 3 + scratch + kept + sc + hs + wad) + 64);
@@ -1088,8 +1087,8 @@ int alloc_work(Prep* p, Job* j) {
   p->sc = sc ? p->e + rows * nb + scratch + kept : NULL;
   p->hs = hs ? (int32_t*)(p->e + rows * nb + scratch + kept + sc) : NULL;
   p->wad = wad ? p->e + rows * nb + scratch + kept + sc + hs : NULL;
-  p->wide = wide ? (uint8_t*)p->q + rows * k + m * nb : NULL;
-  if (wide) p->rows = (p->rows + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS; /* (pass_blocks) */
+  p->wide = passes ? (uint8_t*)p->q + rows * k + m * nb : NULL;
+  if (passes) p->rows = (p->rows + AMX_TOKENS - 1) / AMX_TOKENS * AMX_TOKENS; /* (pass_blocks) */
   j->aq = p->q, j->ad = p->d, j->as = p->s, j->ae = p->e;
   j->scratch = scratch ? p->e + rows * nb : NULL;
   j->kept = p->kept, j->keep = p->keep, j->sc = p->sc, j->hs = p->hs;
