@@ -329,16 +329,21 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
     out), for which our server's /metrics is read every `sample_every` seconds."""
     results: list[dict] = []
     lock = threading.Lock()
-    first: dict[int, float] = {}  # each client's first request's start (s after t0)
+    # each client's first request's "began" (its start where it failed before one), the stamp
+    # steady_window measures from: a level stopped by `more` has a steady span of at least
+    # min_steady by the same measure, not by one a few microseconds off
+    first: dict[int, float] = {}
 
-    def more(j: int) -> bool:
+    def more(j: int, ended: float) -> bool:
+        """Whether a client that sent j requests, the last of them answered at `ended`, sends
+        another."""
         if j < per_client:
             return True
         if not min_steady or j >= MAX_REQUESTS_PER_CLIENT:
             return False
         with lock:
             last = max(first.values()) if len(first) == clients else None
-        return last is None or time.monotonic() - t0 - last < min_steady
+        return last is None or ended - last < min_steady
 
     before = steps_by_rows(url, api_key)
     samples: list[tuple[float, dict]] = []
@@ -352,17 +357,17 @@ def level(url, model, texts, clients, per_client, max_tokens, api_key=None, ramp
 
     def client(c: int) -> None:
         time.sleep(c * ramp / clients)
-        j = 0
-        while more(j):
+        j, ended = 0, 0.0
+        while more(j, ended):
             start = time.monotonic() - t0
-            with lock:
-                first.setdefault(c, start)
             # a tag of its own in front: no server finds the prompt in a cache (beyond the
             # chat template's shared start), so each request's prompt is computed under load
             prompt = f"[{c + 1}.{j + 1}] {texts[(c + j) % len(texts)]}"
             r = one_request(url, model, prompt, max_tokens, api_key)
             with lock:
                 results.append({**r, "client": c, "start": start})
+                first.setdefault(c, r.get("began", t0 + start))
+            ended = r.get("ended", time.monotonic())
             j += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
