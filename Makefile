@@ -123,6 +123,17 @@ $(QKM).gguf: | $(VENV)/.bench-done
 $(QKM)-int4/report.json: $(QKM).gguf $(KERNELS) | $(VENV)/.setup-done
 	$(VENV)/bin/llamaonnx export $(QKM).gguf $(QKM)-int4 --target ort --precision int4 --force
 
+# A shape the default model lacks: 1024 wide, MLP 2816, 16 layers (~230M weights of seeded noise,
+# export/verify/synthetic_gguf.py), made Q4_K_M by llama.cpp's quantizer: K-quants in nearly
+# every tensor, where SmolLM2's 576 keeps them only in its down projections. For speed only.
+SYN := models/synthetic-1024
+$(SYN)-Q4_K_M.gguf: | $(VENV)/.bench-done
+	$(PY) -m export.verify.synthetic_gguf $(SYN).gguf --as Q4_K_M --force
+	rm -f $(SYN).gguf
+$(SYN)-q4_k_m-int4/report.json: $(SYN)-Q4_K_M.gguf $(KERNELS) | $(VENV)/.setup-done
+	$(VENV)/bin/llamaonnx export $(SYN)-Q4_K_M.gguf $(SYN)-q4_k_m-int4 --target ort \
+		--precision int4 --force
+
 # llama.cpp's source: the sdist of the llama-cpp-python version installed (the same code as the
 # bench peer), unpacked once for the builds below
 LLAMA_SDIST := build/llama-sdist/.unpacked
@@ -173,7 +184,7 @@ KERNEL_PATHS = $(shell $(PY) -c "from runtime import native; \
 	print(' '.join('--kernel-path ' + p for p in native.supported_paths() if p != 'portable'))")
 
 bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.json \
-		$(QKM)-int4/report.json $(LLAMA_AVX2)/libllama.so
+		$(QKM)-int4/report.json $(SYN)-q4_k_m-int4/report.json $(LLAMA_AVX2)/libllama.so
 	$(VENV)/bin/llamaonnx bench $(MODEL) --peer llama.cpp --peer genai $(KERNEL_PATHS) \
 		--llama-lib avx2=$(LLAMA_AVX2) \
 		--genai-dir models/genai-int4 --prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
@@ -185,6 +196,11 @@ bench: $(VENV)/.bench-done $(MODEL)/report.json models/genai-int4/genai_config.j
 	$(VENV)/bin/llamaonnx bench $(QKM)-int4 --peer llama.cpp --genai-dir models/genai-int4 \
 		--prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
 		--json docs/benchmarks-q4_k_m.json --markdown docs/benchmarks-q4_k_m.md
+	# K-quants throughout: a 1024-wide shape of noise (every width a multiple of 256, as in most
+	# models users download), llama.cpp's Q4_K_M of it, against llama.cpp on the same file
+	$(VENV)/bin/llamaonnx bench $(SYN)-q4_k_m-int4 --peer llama.cpp --gguf $(SYN)-Q4_K_M.gguf \
+		--prompt-tokens 130 --new-tokens 128 --runs 10 --threads 2 \
+		--json docs/benchmarks-k-quants.json --markdown docs/benchmarks-k-quants.md
 	# (the GPU section comes from tests/gpu/run.sh on a GPU machine, docs/gpu/; it is kept)
 	$(MAKE) load
 

@@ -229,3 +229,46 @@ def test_the_report_says_when_the_kernel_library_is_not_built():
     data["machine"]["kernel_path"] = "not built"
     text = report_markdown(data, "llamaonnx bench …")
     assert "kernel library is not built here" in text and "not built path" not in text
+
+
+def test_synthetic_gguf_has_the_asked_shape_and_the_default_models_tokenizer(tmp_path):
+    """export.verify.synthetic_gguf: a `llama` GGUF of the asked widths that our loader reads as
+    a model (config, tied embeddings, every tensor's shape), with the shipped file's tokenizer;
+    the same seed gives the same bytes."""
+    from export.sources import default_gguf_path
+    from export.sources.gguf import load_gguf
+    from export.verify.synthetic_gguf import write
+
+    out = write(tmp_path / "s.gguf", hidden=64, ffn=96, layers=2, heads=4, kv_heads=2, seed=3)
+    config, state, tokenizer, template = load_gguf(out)
+    _, _, shipped_tokenizer, shipped_template = load_gguf(default_gguf_path())
+    assert (config.dim, config.intermediate_size, config.n_layers) == (64, 96, 2)
+    assert (config.n_heads, config.n_kv_heads, config.tie_embeddings) == (4, 2, True)
+    assert state["layers.1.attention.wk.weight"].shape == (2 * 16, 64)
+    assert state["layers.0.feed_forward.w2.weight"].shape == (64, 96)
+    assert state["tok_embeddings.weight"].shape == (config.vocab_size, 64) == (49152, 64)
+    assert 0.015 < float(state["layers.0.attention.wq.weight"].std()) < 0.025
+    assert tokenizer == shipped_tokenizer and template == shipped_template
+    again = write(tmp_path / "t.gguf", hidden=64, ffn=96, layers=2, heads=4, kv_heads=2, seed=3)
+    assert again.read_bytes() == out.read_bytes()
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_synthetic_gguf_refuses_bad_shapes_and_keeps_existing_files(tmp_path, capsys):
+    from export.verify.synthetic_gguf import main as synth
+    from export.verify.synthetic_gguf import write
+
+    with pytest.raises(ValueError, match=r"hidden \(60\) must be a multiple of heads \(8\)"):
+        write(tmp_path / "x.gguf", hidden=60, ffn=96, layers=1, heads=8, kv_heads=2)
+    with pytest.raises(ValueError, match=r"layers must be ≥ 1"):
+        write(tmp_path / "x.gguf", hidden=64, ffn=96, layers=0, heads=4, kv_heads=2)
+    assert not list(tmp_path.iterdir())
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"the user's")
+    with pytest.raises(SystemExit) as e:
+        synth([str(mine), "--hidden", "64", "--ffn", "96", "--layers", "1", "--heads", "4"])
+    assert e.value.code == 2 and "exists (--force replaces a file)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        synth([str(tmp_path / "y.gguf"), "--as", "Q3_X"])
+    assert "--as Q3_X: one of Q4_0" in capsys.readouterr().err
+    assert mine.read_bytes() == b"the user's" and sorted(tmp_path.iterdir()) == [mine]
