@@ -36,17 +36,8 @@ SKIPPED = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.archit
 
 
 def _check(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> None:
-    problems = [
-        f"{name} must be ≥ 1 (got {v})"
-        for name, v in (
-            ("hidden", hidden),
-            ("ffn", ffn),
-            ("layers", layers),
-            ("heads", heads),
-            ("kv_heads", kv_heads),
-        )  # fmt: skip
-        if v < 1
-    ]
+    sizes = {"hidden": hidden, "ffn": ffn, "layers": layers, "heads": heads, "kv_heads": kv_heads}
+    problems = [f"{name} must be ≥ 1 (got {v})" for name, v in sizes.items() if v < 1]
     if not problems and (hidden % heads or heads % kv_heads or (hidden // heads) % 2):
         problems.append(
             f"hidden ({hidden}) must be a multiple of heads ({heads}) with an even head size, "
