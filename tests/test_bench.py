@@ -233,11 +233,14 @@ def test_the_report_says_when_the_kernel_library_is_not_built():
 
 def test_synthetic_gguf_has_the_asked_shape_and_the_default_models_tokenizer(tmp_path):
     """export.verify.synthetic_gguf: a `llama` GGUF of the asked widths that our loader reads as
-    a model (config, tied embeddings, every tensor's shape), with the shipped file's tokenizer;
-    the same seed gives the same bytes."""
+    a model (config, tied embeddings, every tensor's shape), with the shipped file's tokenizer
+    and every other metadata field of it, value and type, but the shape's; the same seed gives
+    the same bytes."""
+    import gguf
+
     from export.sources import default_gguf_path
     from export.sources.gguf import load_gguf
-    from export.verify.synthetic_gguf import write
+    from export.verify.synthetic_gguf import SHAPE_KEYS, write
 
     out = write(tmp_path / "s.gguf", hidden=64, ffn=96, layers=2, heads=4, kv_heads=2, seed=3)
     config, state, tokenizer, template = load_gguf(out)
@@ -249,6 +252,11 @@ def test_synthetic_gguf_has_the_asked_shape_and_the_default_models_tokenizer(tmp
     assert state["tok_embeddings.weight"].shape == (config.vocab_size, 64) == (49152, 64)
     assert 0.015 < float(state["layers.0.attention.wq.weight"].std()) < 0.025
     assert tokenizer == shipped_tokenizer and template == shipped_template
+    a, b = gguf.GGUFReader(str(default_gguf_path())).fields, gguf.GGUFReader(str(out)).fields
+    kept = [k for k in a if not k.startswith("GGUF.") and k not in SHAPE_KEYS]
+    assert set(kept) - set(b) == {"general.file_type"}  # (the F16 file is no longer Q4_1)
+    assert all(a[k].types == b[k].types and a[k].contents() == b[k].contents()
+               for k in kept if k in b)  # fmt: skip
     again = write(tmp_path / "t.gguf", hidden=64, ffn=96, layers=2, heads=4, kv_heads=2, seed=3)
     assert again.read_bytes() == out.read_bytes()
     assert not list(tmp_path.glob("*.part"))

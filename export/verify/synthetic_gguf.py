@@ -63,20 +63,10 @@ def write(out: Path, hidden: int = 1024, ffn: int = 2816, layers: int = 16, head
     out = Path(out)
     tmp = out.with_name(out.name + ".part")
     w = gguf.GGUFWriter(str(tmp), "llama")
-    for f in src.fields.values():
-        if f.name in SKIPPED or f.name in SHAPE_KEYS:
-            continue
-        kind = f.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            if f.types[-1] == gguf.GGUFValueType.STRING:
-                w.add_array(f.name, [bytes(f.parts[i]).decode("utf-8", "surrogateescape")
-                                     for i in f.data])  # fmt: skip
-            else:
-                w.add_array(f.name, [f.parts[i].tolist()[0] for i in f.data])
-        elif kind == gguf.GGUFValueType.STRING:
-            w.add_string(f.name, bytes(f.parts[f.data[0]]).decode("utf-8", "surrogateescape"))
-        else:
-            w.add_key_value(f.name, f.parts[f.data[0]].tolist()[0], kind)
+    for f in src.fields.values():  # each value with its own type (arrays: their elements')
+        if f.name not in SKIPPED and f.name not in SHAPE_KEYS:
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
     head = hidden // heads
     for key, value in zip(SHAPE_KEYS, (hidden, ffn, layers, heads, kv_heads, head), strict=True):
         w.add_uint32(key, value)
