@@ -22,6 +22,7 @@ from export.quant.native import (
     SWIGLU,
     TILE,
     TILE4F,
+    TILE4K,
     TILE5,
     TILE5F,
     TILE5Z,
@@ -45,7 +46,7 @@ def test_the_packer_and_the_library_share_one_tile_layout():
     assert native.layout() == {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
-        "tile5zpf": TILE5ZPF,
+        "tile5zpf": TILE5ZPF, "tile4k": TILE4K,
     }  # fmt: skip
 
 
@@ -61,11 +62,31 @@ def unpack8(packed: np.ndarray) -> np.ndarray:
     return (d * (c - z.astype(np.float32))).reshape(g * ROWS, nb * BLOCK)
 
 
+def super_blocks(packed: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A Q4_K super-block tile's parts (tiles.h): codes [g, nb, 256] as a 336-byte tile's, sc,
+    mn, z [N, nb] uint8 and D, E [N, nb / 8] float32 (for tests)."""
+    g, nb, _ = packed.shape
+    s = packed.reshape(g, nb // 8, 2496)
+
+    def per_block(lo: int) -> np.ndarray:  # block-major, then row
+        x = s[..., lo : lo + 128].reshape(g, nb // 8, 8, ROWS).transpose(0, 3, 1, 2)
+        return x.reshape(g * ROWS, nb)
+
+    def per_row(lo: int) -> np.ndarray:
+        x = np.ascontiguousarray(s[..., lo : lo + 32]).view(np.float16)
+        return x.reshape(g, nb // 8, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb // 8)
+
+    codes = s[..., 448:].reshape(g, nb, 256)
+    sc, mn, z = (per_block(lo) for lo in (0, 128, 256))
+    return codes, sc, mn, z, per_row(384).astype(np.float32), per_row(416).astype(np.float32)
+
+
 def codes_of(packed: np.ndarray) -> np.ndarray:
     """The codes q [N, K] of a packed MatMulQ4 or 6-bit MatMulQ8 B: low nibbles, then the fifth
     (5- and 6-bit tiles) and sixth (6-bit) bit planes (for tests)."""
     g, nb, size = packed.shape
-    codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
+    low = super_blocks(packed)[0] if size == TILE4K else packed[..., :256]
+    codes = low.reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
     planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE6: 2}.get(size, 0)
     for p in range(planes):  # mask u = 2v + half, bit r·4 + i
@@ -77,6 +98,10 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
 def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
     g, nb, size = packed.shape
+    if size == TILE4K:  # d = D·sc, m = −E·mn, each product exact in float32
+        _, sc, mn, z, big_d, big_e = super_blocks(packed)
+        d = np.repeat(big_d, 8, axis=1) * sc.astype(np.float32)
+        return codes_of(packed), d, np.repeat(big_e, 8, axis=1) * -mn.astype(np.float32), z
 
     def per_row(lo: int, width: int, dtype) -> np.ndarray:
         x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
@@ -125,6 +150,15 @@ def q4_k(n: int, k: int, seed: int = 0) -> Blocks:
     return from_gguf("Q4_K", random_blocks("Q4_K", n, k, seed), k)
 
 
+def q4_k_fp32(n: int, k: int, seed: int = 0) -> Blocks:
+    """Q4_K's blocks with each d and m moved by a part in 10⁴: no longer an fp16 times 0..63, so
+    they keep the 400-byte tiles' fp32 products."""
+    b = q4_k(n, k, seed)
+    nudge = np.float32(1.0001)
+    return Blocks(b.bits, b.block_size, b.codes, b.scales * nudge, b.zero_points,
+                  b.offsets * nudge, b.origin, b.carried)  # fmt: skip
+
+
 def q8_0(n: int, k: int, seed: int = 0) -> Blocks:
     """Random GGUF Q8_0 blocks, the LM head's format."""
     rng = np.random.default_rng(seed)
@@ -139,7 +173,7 @@ def gguf_blocks(kind: str, n: int, k: int, seed: int = 0) -> Blocks:
     return from_gguf(kind, random_blocks(kind, n, k, seed), k)
 
 
-BLOCKS = {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0} | {
+BLOCKS = {"Q4_1": q4_1, "Q4_K": q4_k, "Q4_K-fp32": q4_k_fp32, "Q8_0": q8_0} | {
     kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
     for kind in ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 }
@@ -160,7 +194,7 @@ def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
 def second_digit(tile: int) -> int:
     """F, what a second digit's step is of the first's (tiles.h, digit_shift): 16 for 4-bit
     codes, 8 for 5-bit ones, 128 for 8- and 6-bit ones."""
-    return 16 if tile in (TILE, TILE4F) else 128 if tile in (TILE6, TILE8) else 8
+    return 16 if tile in (TILE, TILE4F, TILE4K) else 128 if tile in (TILE6, TILE8) else 8
 
 
 def rounded(a: np.ndarray, digits: int = 1, blocks: int = 0, tile: int = TILE) -> np.ndarray:
@@ -227,9 +261,11 @@ def test_packed_tiles_hold_the_blocks():
         assert np.all(np.abs(unpack(pack(blocks)) - blocks.dequantize()) <= step / 50)
 
 
-def test_q4_k_blocks_pack_exactly_in_fp32_tiles():
-    """Q4_K's per-32 d·scale and dmin·min (fp16 × 6 bits) go to the 400-byte tiles in fp32, and
-    read back to the gguf dequantizer's weights; Q4_1's stay in the 336-byte ones."""
+def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
+    """Q4_K's per-32 d·scale and dmin·min (fp16 × 6 bits, which fp16 cannot hold) go to its
+    super-block tiles as the file has them, fp16 d and dmin and 6-bit factors, 4.875 bits a
+    weight, and read back to the gguf dequantizer's weights: to the bit those of the 400-byte
+    tiles, which hold the products in fp32 and take blocks whose products are not Q4_K's."""
     import gguf
 
     raw = random_blocks("Q4_K", 32, 512, seed=5)
@@ -237,8 +273,40 @@ def test_q4_k_blocks_pack_exactly_in_fp32_tiles():
     blocks = from_gguf("Q4_K", raw, 512)
     assert supports(blocks)
     packed = pack(blocks)
-    assert packed.shape == (2, 16, TILE4F) and pack(q4_1(32, 64)).shape[-1] == TILE
+    assert packed.shape == (2, 16, TILE4K) and pack(q4_1(32, 64)).shape[-1] == TILE
+    assert packed.size * 8 / want.size == 4.875 and raw.size * 8 / want.size == 4.5
     np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
+    _, sc, mn, _, big_d, big_e = super_blocks(packed)
+    assert sc.max() <= 63 and mn.max() <= 63 and sc.max() > 31 and mn.max() > 31
+    np.testing.assert_array_equal(np.repeat(big_d, 8, axis=1) * sc, blocks.scales)
+    fp32 = pack(q4_k_fp32(32, 512, seed=5))
+    assert fp32.shape == (2, 16, TILE4F)
+    with monkeypatch.context() as m:  # the same blocks in the 400-byte tiles
+        m.setattr("export.quant.native.k4_factors", lambda blocks: None)
+        np.testing.assert_array_equal(unpack(pack(blocks)), unpack(packed))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_q4_k_super_block_tiles_give_the_fp32_tiles_bits(path, monkeypatch):
+    """Every path makes d = D·sc and m = −E·mn from the super-block tile exactly, so each gives
+    the 400-byte tile's bits: one token and a prompt's, one digit and two (on a few blocks
+    too), and the fused SwiGLU's gate and up rows alike."""
+    n, k = 64, 1024
+    blocks = q4_k(n, k, seed=21)
+    packed = pack(blocks)
+    with monkeypatch.context() as m:
+        m.setattr("export.quant.native.k4_factors", lambda blocks: None)
+        fp32 = pack(blocks)
+    assert packed.shape[-1] == TILE4K and fp32.shape[-1] == TILE4F
+    rng = np.random.default_rng(21)
+    for rows, (digits, few) in product((1, 2, 3, 4, 5, 17, 33), ((1, 0), (2, 0), (2, 3))):
+        a = 3 * rng.standard_normal((rows, k)).astype(np.float32)
+        a[:, 7] *= 30
+        y = matmul(packed, a, path, digits, few)
+        np.testing.assert_array_equal(y, matmul(fp32, a, path, digits, few))
+        if rows == 5:
+            want = reference(a, packed, digits, few)
+            np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
@@ -286,9 +354,9 @@ def test_5bit_blocks_pack_exactly(kind, size):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 96, 3), (64, 576, 5), (960, 576, 1)])
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q4_K-fp32", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_kernel_matches_numpy(n, k, m, path, kind):
-    if kind.endswith("_K") and k % 256:
+    if "_K" in kind and k % 256:
         k = 256 * (k // 256 + 1)
     blocks = BLOCKS[kind](n, k, seed=n + k)
     packed = pack(blocks)

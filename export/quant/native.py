@@ -8,7 +8,10 @@ and their zero points z (the kernel centres the codes on z to keep the int8 acti
 small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which arrive in 8-bit containers) get the
 4-bit tile's low nibbles plus a plane of fifth bits, no z (centred on 16), in 384 bytes (fp16 d
 and m) or 448 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight); Q5_1 and Q5_K,
-whose zero weight can sit at any code, keep their z too (416 and 464 bytes). GGUF's Q6_K
+whose zero weight can sit at any code, keep their z too (416 and 464 bytes). Q4_K itself goes
+to a tile of its own super-blocks (16 rows × 256, 8 slots of 312 bytes: 4.875 bits a weight
+against the 400-byte tile's 6.25), which keeps its d and dmin in fp16 and each block's 6-bit
+scale and minimum as bytes, the products made exactly in the kernel. GGUF's Q6_K
 (blocks of 16, z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit
 planes, and the two halves' fp32 scales. The layout is documented in runtime/native/tiles.h; the
 constants below are its shape, and `pack` checks them against the built library's
@@ -30,6 +33,7 @@ from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers 
 # without m (Q5_0: m = −16·d)
 ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
 TILE5Z, TILE5ZP, TILE5ZPF = 352, 416, 464
+TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
@@ -76,14 +80,59 @@ def _fp16_exact(blocks: Blocks) -> bool:
     return all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in (d, m))
 
 
+def k4_factors(blocks: Blocks) -> tuple[np.ndarray, ...] | None:
+    """4-bit blocks whose d and m are Q4_K's, d = D·sc and m = −E·mn with D and E fp16 for each
+    row's 8 blocks in turn (a super-block) and sc, mn integers 0..63, factored so: D, E float16
+    [N, nb/8] and sc, mn uint8 [N, nb]; None where some super-block's are not (the fp32 products
+    are then packed as they are, in TILE4F). Any factors whose products give d and m to the bit
+    will do: they are checked, not assumed."""
+    n, nb = blocks.scales.shape
+    if blocks.bits != 4 or blocks.block_size != BLOCK or nb % K4_BLOCKS:
+        return None
+    d, m, _ = scale_min_zero(blocks)
+    factors = []
+    for x in (d, -m):
+        f = _super_factors(x.reshape(n, nb // K4_BLOCKS, K4_BLOCKS))
+        if f is None:
+            return None
+        factors.append(f)
+    (big_d, sc), (big_e, mn) = factors
+    return big_d, big_e, sc.reshape(n, nb), mn.reshape(n, nb)
+
+
+def _super_factors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """x float32 [..., 8] → (D float16 [...], q uint8 [..., 8]) with D·q == x in float32 and q in
+    0..63, or None. D is tried as x's largest magnitude over 63 (llama.cpp's quantizer gives that
+    block 63), then over 62 … 1 for the super-blocks that one did not hold."""
+    with np.errstate(all="ignore"):
+        top = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+        big = np.zeros(top.shape, np.float16)
+        q = np.zeros(x.shape, np.uint8)
+        left = np.flatnonzero(top != 0)  # an all-zero super-block: D = 0, q = 0
+        flat_x, flat_top = x.reshape(-1, x.shape[-1]), top.reshape(-1)
+        for k in range(63, 0, -1):
+            if left.size == 0:
+                break
+            cand = (flat_top[left] / np.float32(k)).astype(np.float16)
+            wide = cand.astype(np.float32)[:, None]
+            qk = np.rint(flat_x[left] / wide)
+            ok = np.all((qk >= 0) & (qk <= 63) & (wide * qk.astype(np.float32) == flat_x[left]), -1)
+            big.reshape(-1)[left[ok]] = cand[ok]
+            q.reshape(-1, x.shape[-1])[left[ok]] = qk[ok].astype(np.uint8)
+            left = left[~ok]
+    return None if left.size else (big, q)
+
+
 def tile_bytes(blocks: Blocks) -> int:
     """The tile a weight's blocks are packed in: TILE8 or TILE6 (MatMulQ8); TILE or TILE5 (TILE5Z
-    for Q5_0's m = −16·d), or TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold
-    (MatMulQ4)."""
+    for Q5_0's m = −16·d), or TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold,
+    TILE4K for those of them that are Q4_K's (MatMulQ4)."""
     bits = code_bits(blocks)
     if bits >= 6:
         return TILE6 if bits == 6 else TILE8
     wide = blocks.carried and not _fp16_exact(blocks)
+    if bits == 4 and wide and k4_factors(blocks) is not None:
+        return TILE4K
     if bits == 5 and not wide and blocks.offsets is None and _centred_on(blocks, 16):
         return TILE5Z  # m = −16·d: the kernel makes it
     if bits == 5 and blocks.zero_points is not None and not _centred_on(blocks, 16):
@@ -123,6 +172,8 @@ def pack(blocks: Blocks) -> np.ndarray:
     size = tile_bytes(blocks)
     if size == TILE8:
         return _pack8(blocks)
+    if size == TILE4K:
+        return _pack4k(blocks)
     if size == TILE6:
         blocks = _halves_as_blocks_of_32(blocks)
         nb //= 2
@@ -157,6 +208,30 @@ def pack(blocks: Blocks) -> np.ndarray:
     return packed
 
 
+def _pack4k(blocks: Blocks) -> np.ndarray:
+    """Q4_K's super-block tile (tiles.h): per 16 rows × 256 weights, sc, mn and z (16 bytes a
+    block each), D and E of the 16 rows (fp16), then the 8 blocks' codes as in the 336-byte tile;
+    [N/16, K/32, 312], 8 slots a super-block."""
+    n, nb, _ = blocks.codes.shape
+    g, s = n // ROWS, nb // K4_BLOCKS
+    big_d, big_e, sc, mn = k4_factors(blocks)
+    _, _, z = scale_min_zero(blocks)
+    q = blocks.codes.reshape(g, ROWS, nb, 4, 2, 4)  # as `pack` lays a block's codes out
+    low = q.transpose(0, 2, 3, 1, 5, 4) & 15  # g, b, v, r, i, half
+    codes = (low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(g, s, K4_BLOCKS * 256)
+
+    def per_block(x: np.ndarray) -> np.ndarray:  # [N, nb] → [g, s, 8 · 16]: block-major, then row
+        return x.reshape(g, ROWS, s, K4_BLOCKS).transpose(0, 2, 3, 1).reshape(g, s, -1)
+
+    def per_row(x: np.ndarray) -> np.ndarray:  # [N, s] float16 → [g, s, 32]
+        h = np.ascontiguousarray(x.reshape(g, ROWS, s).transpose(0, 2, 1))
+        return h.view(np.uint8).reshape(g, s, 2 * ROWS)
+
+    parts = [per_block(sc), per_block(mn), per_block(z), per_row(big_d), per_row(big_e), codes]
+    packed = np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, TILE4K)
+    return packed
+
+
 def _halves_as_blocks_of_32(blocks: Blocks) -> Blocks:
     """Blocks of 16 seen as blocks of 32 for the code layout (the scales stay per half)."""
     n, nb, _ = blocks.codes.shape
@@ -188,7 +263,7 @@ def _check_layout() -> None:
     ours = {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
-        "tile5zpf": TILE5ZPF,
+        "tile5zpf": TILE5ZPF, "tile4k": TILE4K,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

@@ -64,11 +64,11 @@ def library() -> ctypes.CDLL:
 def layout() -> dict[str, int]:
     """The packed tile layout the library was built with (tiles.h): rows a tile, block width,
     bytes of a 4-bit and of an 8-bit tile, of a 4-bit tile with fp32 d and m, of 5-bit tiles
-    with fp16 and fp32 d and m, of a 6-bit tile, of a 5-bit tile without m, and of the 5-bit
-    tiles with zero points."""
+    with fp16 and fp32 d and m, of a 6-bit tile, of a 5-bit tile without m, of the 5-bit
+    tiles with zero points, and of a slot of Q4_K's super-block tile."""
     lib = library()
     names = ("rows", "block", "tile", "tile8", "tile4f", "tile5", "tile5f", "tile6", "tile5z",
-             "tile5zp", "tile5zpf")  # fmt: skip
+             "tile5zp", "tile5zpf", "tile4k")  # fmt: skip
     return {k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(names)}
 
 

@@ -42,7 +42,8 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
     for (int64_t t = 0; t < j->m; t++) {
       float acc[ROWS] = {0}, off[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
-        const uint8_t* p = j->w + (g * j->nb + b) * j->tile;
+        const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, b);
+        const uint8_t* ps = tile_scalars(p, b, l.k4);
         const int8_t* a = act_block(j, t, b, 0);
         float da = j->ad[t * j->nb + b], sa = j->as[t * j->nb + b], ea = j->ae[t * j->nb + b];
         for (int r = 0; r < ROWS; r++) {
@@ -51,7 +52,13 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
           row_codes(p, r, l.five, q);
           for (int i = 0; i < BLOCK; i++) dot += q[i] * a[i];
           float dr, mr;
-          if (l.f32) {
+          if (l.k4) { /* d = D·sc, m = −E·mn: exact in fp32 */
+            uint16_t dh, eh;
+            memcpy(&dh, k4_de(ps, b) + 2 * r, 2);
+            memcpy(&eh, k4_de(ps, b) + 32 + 2 * r, 2);
+            dr = half_to_float(dh) * (float)ps[l.d + r];
+            mr = half_to_float(eh) * -(float)ps[l.m + r];
+          } else if (l.f32) {
             memcpy(&dr, p + l.d + 4 * r, 4);
             memcpy(&mr, p + l.m + 4 * r, 4);
           } else {
@@ -65,7 +72,7 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
               mr = half_to_float(mh);
             }
           }
-          float z = l.z < 0 ? 16.f : (float)p[l.z + r];
+          float z = l.z < 0 ? 16.f : (float)ps[l.z + r];
           acc[r] += (float)dot * (dr * da);
           off[r] += mr * sa + z * dr * ea;
         }
@@ -196,25 +203,38 @@ AVX512 INLINE void digits512(const Job* j, int64_t t0, int T, int64_t b, const _
 AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int64_t t0) {
   if (t0) return;
   const char* x = (const char*)p + j->nb * stride;
+  if (stride == TILE4K) return; /* (its one ascending stream: see tiles.h) */
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
 }
 
 /* A MatMulQ4 tile's scales d, minimums m (−16·d for 5-bit codes without them: Q5_0) and the
-   zero points' d·z (16·d for 5-bit codes without them). */
-AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l) {
+   zero points' d·z (16·d for 5-bit codes without them);
+   p is block b's tile (its codes); TILE4K's d = D·sc and m = −E·mn are made here, exactly. */
+AVX512 INLINE __m512 bytes512(const uint8_t* x) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)x)));
+}
+AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l, int64_t b) {
+  if (l.k4) {
+    const uint8_t* s = tile_scalars(p, b, 1);
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_de(s, b))),
+                         bytes512(s + l.d));
+  }
   return l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
                : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.d)));
 }
-AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d) {
+AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
+  if (l.k4) {
+    const uint8_t* s = tile_scalars(p, b, 1);
+    __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k4_de(s, b) + 32)));
+    return _mm512_mul_ps(e, _mm512_sub_ps(_mm512_setzero_ps(), bytes512(s + l.m)));
+  }
   return l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
          : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
                  : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
 }
-AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d) {
+AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
   return l.z < 0 ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
-              : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                  _mm_loadu_si128((const __m128i*)(p + l.z)))),
-                              d);
+                 : _mm512_mul_ps(bytes512(tile_scalars(p, b, l.k4) + l.z), d);
 }
 
 /* Two digits on a few blocks (Job.kept, `two` 2 below): dots512 for the tokens, and on a block
@@ -245,15 +265,15 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
   const int64_t stride = j->tile;
   const Layout l = layout_of(stride);
-  const uint8_t* p = j->w + g * j->nb * stride;
+  const uint8_t* p = tile_at(j->w, j->nb, stride, g, 0);
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
-  for (int64_t b = 0; b < j->nb; b++, p += stride) {
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, stride), b++) {
     __m512i c[8];
     ahead512(j, p, stride, t0);
     codes512(p, five, c);
-    __m512 d = scale512(p, l);
-    __m512 m = min512(p, l, d);
-    __m512 zd = zero512(p, l, d);
+    __m512 d = scale512(p, l, b);
+    __m512 m = min512(p, l, d, b);
+    __m512 zd = zero512(p, l, d, b);
     __m512i s[4];
     if (two == 2) few512(j, t0, T, b, c, s, &u);
     else digits512(j, t0, T, b, c, s, two);
@@ -418,9 +438,9 @@ AMX static void amx_configure(int joint, int mixed) {
    sums in L1 on this Xeon). */
 AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two, const uint8_t* any) {
   const Layout l = layout_of(j->tile);
-  const uint8_t* p = j->w + g * j->nb * j->tile;
+  const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, 0);
   const __m128i shift = _mm_cvtsi32_si128(j->shift);
-  for (int64_t b = 0; b < j->nb; b++, p += j->tile, u += AMX_BLOCK(two)) {
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, j->tile), b++, u += AMX_BLOCK(two)) {
     __m512i c[8];
     codes512(p, l.five, c);
     for (int v = 0; v < 8; v++) {
@@ -429,11 +449,11 @@ AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two, const u
         _mm512_store_si512((void*)(u + 64 * v), _mm512_sll_epi16(c[v], shift));
       _mm512_store_si512((void*)(u + 512 * two + 64 * v), c[v]);
     }
-    __m512 d = scale512(p, l);
-    __m512 m = min512(p, l, d);
+    __m512 d = scale512(p, l, b);
+    __m512 m = min512(p, l, d, b);
     _mm512_store_ps((float*)(u + 512 * (1 + two)), d);
     _mm512_store_ps((float*)(u + 512 * (1 + two) + 64), m);
-    _mm512_store_ps((float*)(u + 512 * (1 + two) + 128), zero512(p, l, d));
+    _mm512_store_ps((float*)(u + 512 * (1 + two) + 128), zero512(p, l, d, b));
   }
 }
 
@@ -860,8 +880,8 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
   const int64_t stride = j->tile;
   const int q8 = j->bits == 8;
   const Layout l = layout_of(stride);
-  const uint8_t* p = j->w + g * j->nb * stride;
-  for (int64_t b = 0; b < j->nb; b++, p += stride) {
+  const uint8_t* p = tile_at(j->w, j->nb, stride, g, 0);
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, stride), b++) {
     int8x16_t c[8];
     float32x4_t d, m = vdupq_n_f32(0.f), z;
     uint8_t zb[4] = {16, 16, 16, 16}; /* (a 5-bit tile's) */
@@ -872,7 +892,15 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
       memcpy(zb, p + 544 + 4 * q4, 4);
     } else {
       codes_neon(p, q4, l.five, c);
-      if (l.f32) {
+      const uint8_t* ps = tile_scalars(p, b, l.k4);
+      if (l.k4) { /* d = D·sc, m = −E·mn */
+        uint8_t sc[4], mn[4];
+        memcpy(sc, ps + l.d + 4 * q4, 4);
+        memcpy(mn, ps + l.m + 4 * q4, 4);
+        float scf[4] = {sc[0], sc[1], sc[2], sc[3]}, mnf[4] = {-mn[0], -mn[1], -mn[2], -mn[3]};
+        d = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_de(ps, b) + 8 * q4))), vld1q_f32(scf));
+        m = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_de(ps, b) + 32 + 8 * q4))), vld1q_f32(mnf));
+      } else if (l.f32) {
         d = vld1q_f32((const float*)(p + l.d) + 4 * q4);
         m = vld1q_f32((const float*)(p + l.m) + 4 * q4);
       } else {
@@ -880,7 +908,7 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
         m = l.m < 0 ? vmulq_n_f32(d, -16.f)
                     : vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.m + 8 * q4)));
       }
-      if (l.z >= 0) memcpy(zb, p + l.z + 4 * q4, 4);
+      if (l.z >= 0) memcpy(zb, ps + l.z + 4 * q4, 4);
     }
     float zf[4] = {zb[0], zb[1], zb[2], zb[3]};
     z = vld1q_f32(zf);
@@ -1165,7 +1193,7 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4F or a TILE5 kind: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on
+   (TILE, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on
    success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
@@ -1179,6 +1207,7 @@ int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, cons
   int bits = tile_bits(tile);
   if (k % BLOCK || n % ROWS || !bits || (digits != 1 && digits != 2) || blocks < 0) return 1;
   int64_t nb = k / BLOCK;
+  if (tile == TILE4K && nb % K4_BLOCKS) return 1;
   if (digits == 1 || blocks >= nb) blocks = 0; /* (every block) */
   Prep p = {.a = a, .m = m, .k = k, .rows = m, .digits = digits, .blocks = blocks};
   Job j = {.w = w, .y = y, .m = m, .k = k, .n = n, .nb = nb, .groups = n / ROWS,
@@ -1230,7 +1259,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
    5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
-   of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points; -1 for anything else. */
+   of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11 a Q4_K super-block
+   tile's slot; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -1244,6 +1274,7 @@ int64_t llamaonnx_layout(int what) {
     case 8: return TILE5Z;
     case 9: return TILE5ZP;
     case 10: return TILE5ZPF;
+    case 11: return TILE4K;
     default: return -1;
   }
 }

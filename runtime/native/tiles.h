@@ -61,6 +61,23 @@
  * tile. 6 and 7 bits a weight where the 8-bit tile spends 8.75.
  * The kernel tells them apart by B's last dimension.
  *
+ * B uint8 [N/16, K/32, 312] holds Q4_K at the file's own size, 4.875 bits a weight where the
+ * 400-byte tile spends 6.25: every 8 slots of 312 bytes along K are one super-block of 2496
+ * bytes, 16 rows × 256 weights (Q4_K's own super-block, so K is a multiple of 256), laid out
+ *   bytes    0..127   sc, block i's 16 rows at 16·i, uint8 (Q4_K's 6-bit scales);
+ *          128..255   mn, the same for Q4_K's 6-bit minimums;
+ *          256..383   z, the same for the zero points;
+ *          384..415   D of the 16 rows, fp16 (Q4_K's d); 416..447 E (its dmin), fp16;
+ *          448..2495  the 8 blocks' codes, 256 bytes each as in the 336-byte tile (block i's at
+ *                     448 + 256·i: a 64-byte load never splits a line);
+ * and W = d·q + m with d = D·sc and m = −E·mn, products the kernel makes in fp32, where they are
+ * exact (11 × 6 bits): the 400-byte tile's d and m, to the bit, from a quarter fewer bytes. The
+ * scalars come first, so that a row group's blocks read their lines in ascending order: one
+ * stream, which the hardware prefetcher follows alone. The kernels' software prefetches (of the
+ * next row group, of blocks ahead) are left out for this tile: with them, one thread streaming a
+ * 5632 × 1024 weight from memory on the Zen 4 EPYC read it at 14 GB/s, without them at 21–24,
+ * where the 400-byte tiles read at 24–27 (docs/speed.md).
+ *
  * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
  * tiles of [G; U] stacked along N (output N/2): the Split, Sigmoid and two Muls that would follow
  * cost more per token than the arithmetic itself.
@@ -181,27 +198,61 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE5ZPF 464 /* TILE5F with each row's zero point z at 448..463: Q5_K */
 #define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start (a 6-bit tile's sixth: + 64) */
 #define HALVES 384 /* where a 6-bit tile's two scales a row start */
+#define TILE4K 312 /* Q4_K, 8 slots a super-block (see above) */
+#define K4_BLOCKS 8
+#define K4_SC 0 /* a TILE4K super-block's sc, mn, z (16 bytes a block each), D, E, codes */
+#define K4_MN 128
+#define K4_Z 256
+#define K4_D 384
+#define K4_E 416
+#define K4_CODES 448
+
+/* Block b's codes in row group g of a weight of `tile`-byte tiles, nb blocks a row. */
+INLINE const uint8_t* tile_at(const uint8_t* w, int64_t nb, int64_t tile, int64_t g, int64_t b) {
+  if (tile == TILE4K) return w + (g * nb + (b & ~(int64_t)7)) * TILE4K + K4_CODES + (b & 7) * 256;
+  return w + (g * nb + b) * tile;
+}
+
+/* Block b + 1's codes after block b's at p (the same row group). */
+INLINE const uint8_t* tile_step(const uint8_t* p, int64_t b, int64_t tile) {
+  if (tile == TILE4K) return p + 256 + ((b & 7) == 7 ? TILE4K * K4_BLOCKS - K4_BLOCKS * 256 : 0);
+  return p + tile;
+}
+
+/* Where block b's scalars are read from, with Layout's offsets: the tile itself, or for TILE4K
+   its super-block's start moved on by the block's 16 bytes (sc, mn and z lie at l.d, l.m, l.z
+   past it; D and E at k4_de's). */
+INLINE const uint8_t* tile_scalars(const uint8_t* p, int64_t b, int k4) {
+  return k4 ? p - K4_CODES - (b & 7) * 256 + (b & 7) * 16 : p;
+}
+/* D (E: + 32) of a TILE4K block's 16 rows, from tile_scalars' pointer */
+INLINE const uint8_t* k4_de(const uint8_t* s, int64_t b) { return s - (b & 7) * 16 + K4_D; }
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
    (-1: a 5-bit tile without zero points, z 16). */
 typedef struct {
   int five, f32, d, m, z;
+  int k4; /* TILE4K: d, m, z are where sc, mn, z lie past tile_scalars' pointer */
 } Layout;
 
 INLINE Layout layout_of(int64_t tile) {
+  if (tile == TILE4K) {
+    Layout k = {0, 0, K4_SC, K4_MN, K4_Z, 1};
+    return k;
+  }
   int zp5 = tile == TILE5ZP || tile == TILE5ZPF;
   int five = tile == TILE5 || tile == TILE5F || tile == TILE5Z || zp5;
   int f32 = tile == TILE4F || tile == TILE5F || tile == TILE5ZPF;
   int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;
-  Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five && !zp5 ? -1 : d + 2 * size};
+  Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five && !zp5 ? -1 : d + 2 * size, 0};
   return l;
 }
 
 /* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
-  if (tile == TILE || tile == TILE4F || tile == TILE5 || tile == TILE5F || tile == TILE5Z ||
-      tile == TILE5ZP || tile == TILE5ZPF)
+  if (tile == TILE || tile == TILE4F || tile == TILE4K || tile == TILE5 || tile == TILE5F ||
+      tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF)
     return 4;
   return tile == TILE8 || tile == TILE6 ? 8 : 0;
 }
@@ -262,7 +313,7 @@ static inline const int8_t* act_block(const Job* j, int64_t t, int64_t b, int tw
    codes, 8 for 5-bit ones (F·code within a byte, for AMX's product of both digits at once), 128
    for 8- and 6-bit codes (|r̂| ≤ 64). */
 static inline int digit_shift(int64_t tile) {
-  if (tile == TILE || tile == TILE4F) return 4;
+  if (tile == TILE || tile == TILE4F || tile == TILE4K) return 4;
   return tile_bits(tile) == 4 ? 3 : 7;
 }
 

@@ -43,6 +43,7 @@ TARGET256 INLINE void NAME256(codes)(const uint8_t* p, int h, int planes, __m256
 #define AHEAD256 16
 #endif
 TARGET256 INLINE void NAME256(ahead)(const uint8_t* p, int64_t stride) {
+  if (stride == TILE4K) return; /* (its one ascending stream: see tiles.h) */
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch((const char*)p + AHEAD256 * stride + o, _MM_HINT_T0);
 }
 
@@ -62,7 +63,19 @@ TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, __m256i s, __m25
 
 /* Half h of a MatMulQ4 tile's scales: d, m (−16·d where the tile has none) and the zero
    points' z·d (16·d for 5-bit codes without zero points). */
-TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int h, int five, __m256* d, __m256* m, __m256* zd) {
+TARGET256 INLINE __m256 NAME256(bytes)(const uint8_t* x) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)x)));
+}
+TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int64_t b, int h, int five, __m256* d, __m256* m, __m256* zd) {
+  if (l.k4) { /* d = D·sc, m = −E·mn: exact in fp32 */
+    const uint8_t* s = tile_scalars(p, b, 1);
+    *d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_de(s, b) + 16 * h))),
+                       NAME256(bytes)(s + l.d + 8 * h));
+    *m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_de(s, b) + 32 + 16 * h))),
+                       _mm256_sub_ps(_mm256_setzero_ps(), NAME256(bytes)(s + l.m + 8 * h)));
+    *zd = _mm256_mul_ps(NAME256(bytes)(s + l.z + 8 * h), *d);
+    return;
+  }
   const int dsize = l.f32 ? 4 : 2;
   *d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
              : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
@@ -157,10 +170,10 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
   const int64_t stride = j->tile;
   const Layout l = layout_of(stride);
-  const uint8_t* p = j->w + g * j->nb * stride;
+  const uint8_t* p = tile_at(j->w, j->nb, stride, g, 0);
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   const float* sc = side ? j->sc + t0 / 4 * j->nb * 12 : NULL;
-  for (int64_t b = 0; b < j->nb; b++, p += stride) {
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, stride), b++) {
     int here = two == 2 && *u == b; /* (a block the group keeps a residual on) */
     u += here;
     __m256i s[4], sr[4];
@@ -171,7 +184,7 @@ TARGET256 INLINE void NAME256(half_tile_tokens)(const Job* j, int64_t g, int h, 
       NAME256(tile_sums)(j, p, h, b, t0, T, five, two, 2, sr, unused);
     }
     __m256 d, m, zd;
-    NAME256(scales)(p, l, h, five, &d, &m, &zd);
+    NAME256(scales)(p, l, b, h, five, &d, &m, &zd);
     if (side) {
       for (int t = 0; t < T; t++) acc[t] = NAME256(weigh)(s[t], d, m, zd, sc[3 * t], sc[3 * t + 1], sc[3 * t + 2], acc[t]);
       sc += 12;
@@ -199,9 +212,9 @@ TARGET256 INLINE void NAME256(pair_tokens)(const Job* j, int64_t g, int64_t t0, 
     for (int t = 0; t < T; t++) acc[h][t] = _mm256_setzero_ps();
   const int64_t stride = j->tile;
   const Layout l = layout_of(stride);
-  const uint8_t* p = j->w + g * j->nb * stride;
+  const uint8_t* p = tile_at(j->w, j->nb, stride, g, 0);
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
-  for (int64_t b = 0; b < j->nb; b++, p += stride) {
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, stride), b++) {
     int here = two == 2 && *u == b;
     u += here;
     if (t0 == 0) NAME256(ahead)(p, stride);
@@ -209,7 +222,7 @@ TARGET256 INLINE void NAME256(pair_tokens)(const Job* j, int64_t g, int64_t t0, 
       __m256i c[8];
       NAME256(codes)(p, h, five, c);
       __m256 d, m, zd;
-      NAME256(scales)(p, l, h, five, &d, &m, &zd);
+      NAME256(scales)(p, l, b, h, five, &d, &m, &zd);
       for (int t = 0; t < T; t++) acc[h][t] = NAME256(token)(j, c, d, m, zd, b, t0 + t, five, two, here, acc[h][t]);
     }
   }
@@ -396,12 +409,12 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
   const int five = l.five, R = T * (1 + two); /* rows read: the tokens, then their residuals */
   __m256 acc[2][2];
   for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * tile;
+  const uint8_t* p = tile_at(j->w, j->nb, tile, g, 0);
   const int32_t* a[2];
   for (int r = 0; r < R; r++) /* (a residual's block: BLOCK bytes past its token's) */
     a[r] = (const int32_t*)(r < T ? act_block(j, t0 + r, 0, two) : act_block(j, t0 + r - T, 0, two) + BLOCK);
   const int64_t words = (two ? 2 : 1) * BLOCK / 4;
-  for (int64_t b = 0; b < j->nb; b++, p += tile) {
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, tile), b++) {
     if (t0 == 0) NAME256(ahead)(p, tile);
     __m256i w[2][2][2];
     for (int r = 0; r < R; r++)
@@ -428,7 +441,7 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
           __asm__("" : "+x"(s[x])); /* the float work after the integer sums, a half at a time */
         }
         __m256 d, m, zd;
-        NAME256(scales)(p, l, h, five, &d, &m, &zd);
+        NAME256(scales)(p, l, b, h, five, &d, &m, &zd);
         acc[t][h] = NAME256(sums_to)(j, s[0], s[two], d, m, zd, b, t0 + t, two, 0, acc[t][h]);
         __asm__("" : "+x"(acc[t][h]));
       }
@@ -444,6 +457,7 @@ TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int
   switch (j->tile) {
     case TILE: NAME256(few_tokens)(j, g, t0, T, TILE, two); return;
     case TILE4F: NAME256(few_tokens)(j, g, t0, T, TILE4F, two); return;
+    case TILE4K: NAME256(few_tokens)(j, g, t0, T, TILE4K, two); return;
     case TILE5: NAME256(few_tokens)(j, g, t0, T, TILE5, two); return;
     case TILE5F: NAME256(few_tokens)(j, g, t0, T, TILE5F, two); return;
     case TILE5ZP: NAME256(few_tokens)(j, g, t0, T, TILE5ZP, two); return;
