@@ -29,6 +29,7 @@ from export.quant.native import (
     TILE5ZP,
     TILE5ZPF,
     TILE6,
+    TILE6K,
     TILE8,
     op_for,
     pack,
@@ -46,7 +47,7 @@ def test_the_packer_and_the_library_share_one_tile_layout():
     assert native.layout() == {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
-        "tile5zpf": TILE5ZPF, "tile4k": TILE4K,
+        "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K,
     }  # fmt: skip
 
 
@@ -81,14 +82,29 @@ def super_blocks(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     return codes, sc, mn, z, per_row(384).astype(np.float32), per_row(416).astype(np.float32)
 
 
+def super6(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q6_K super-block tile's parts (tiles.h): codes [g, nb, 384] as a 512-byte tile's, sc
+    [N, K/16] int8 (each block's halves in order) and D [N, K/256] float32 (for tests)."""
+    g, nb, _ = packed.shape
+    s = packed.reshape(g, nb // 8, 3392)
+    sc = s[..., :256].view(np.int8).reshape(g, nb // 8, 16, ROWS).transpose(0, 3, 1, 2)
+    d = np.ascontiguousarray(s[..., 256:288]).view(np.float16).reshape(g, nb // 8, ROWS)
+    d = d.transpose(0, 2, 1).reshape(g * ROWS, nb // 8).astype(np.float32)
+    return s[..., 320:].reshape(g, nb, 384), sc.reshape(g * ROWS, nb * 2), d
+
+
 def codes_of(packed: np.ndarray) -> np.ndarray:
     """The codes q [N, K] of a packed MatMulQ4 or 6-bit MatMulQ8 B: low nibbles, then the fifth
     (5- and 6-bit tiles) and sixth (6-bit) bit planes (for tests)."""
     g, nb, size = packed.shape
-    low = super_blocks(packed)[0] if size == TILE4K else packed[..., :256]
-    codes = low.reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
+    if size == TILE4K:
+        packed = super_blocks(packed)[0]
+    elif size == TILE6K:
+        packed = super6(packed)[0]
+    codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
-    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE6: 2}.get(size, 0)
+    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE6: 2, TILE6K: 2}
+    planes = planes.get(size, 0)
     for p in range(planes):  # mask u = 2v + half, bit r·4 + i
         bits = np.unpackbits(packed[..., 256 + 64 * p : 320 + 64 * p], axis=-1, bitorder="little")
         q = q | (bits.reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3) << (4 + p))
@@ -122,7 +138,11 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def unpack6(packed: np.ndarray) -> np.ndarray:
     """W [N, K] float32 from a packed 6-bit MatMulQ8 B: s·(q − 32), one s per 16 (for tests)."""
-    g, nb, _ = packed.shape
+    g, nb, size = packed.shape
+    if size == TILE6K:  # s = D·sc, exact in float32
+        _, sc, d = super6(packed)
+        s = np.repeat(d, 16, axis=1) * sc.astype(np.float32)
+        return np.repeat(s, 16, axis=1) * (codes_of(packed).astype(np.float32) - 32)
     s = np.ascontiguousarray(packed[..., 384:512]).view(np.float32)  # g, b, half·16 + r
     s = s.reshape(g, nb, 2, ROWS).transpose(0, 3, 1, 2).reshape(g * ROWS, nb * 2)
     return np.repeat(s, 16, axis=1) * (codes_of(packed).astype(np.float32) - 32)
@@ -159,6 +179,13 @@ def q4_k_fp32(n: int, k: int, seed: int = 0) -> Blocks:
                   b.offsets * nudge, b.origin, b.carried)  # fmt: skip
 
 
+def q6_k_fp32(n: int, k: int, seed: int = 0) -> Blocks:
+    """Q6_K's blocks with each scale moved by a part in 10⁴: they keep the 512-byte tiles."""
+    b = gguf_blocks("Q6_K", n, k, seed)
+    return Blocks(b.bits, b.block_size, b.codes, b.scales * np.float32(1.0001), b.zero_points,
+                  None, b.origin, b.carried)  # fmt: skip
+
+
 def q8_0(n: int, k: int, seed: int = 0) -> Blocks:
     """Random GGUF Q8_0 blocks, the LM head's format."""
     rng = np.random.default_rng(seed)
@@ -173,10 +200,17 @@ def gguf_blocks(kind: str, n: int, k: int, seed: int = 0) -> Blocks:
     return from_gguf(kind, random_blocks(kind, n, k, seed), k)
 
 
-BLOCKS = {"Q4_1": q4_1, "Q4_K": q4_k, "Q4_K-fp32": q4_k_fp32, "Q8_0": q8_0} | {
-    kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
-    for kind in ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
-}
+BLOCKS = (
+    {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0}
+    | {
+        kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
+        for kind in ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
+    }
+    | {  # K-quants whose scales the super-block tiles cannot factor: the fp32 tiles
+        "Q4_K-fp32": q4_k_fp32,
+        "Q6_K-fp32": q6_k_fp32,
+    }
+)
 
 
 def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
@@ -194,7 +228,7 @@ def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
 def second_digit(tile: int) -> int:
     """F, what a second digit's step is of the first's (tiles.h, digit_shift): 16 for 4-bit
     codes, 8 for 5-bit ones, 128 for 8- and 6-bit ones."""
-    return 16 if tile in (TILE, TILE4F, TILE4K) else 128 if tile in (TILE6, TILE8) else 8
+    return 16 if tile in (TILE, TILE4F, TILE4K) else 128 if tile in (TILE6, TILE6K, TILE8) else 8
 
 
 def rounded(a: np.ndarray, digits: int = 1, blocks: int = 0, tile: int = TILE) -> np.ndarray:
@@ -222,7 +256,7 @@ def reference(a: np.ndarray, packed: np.ndarray, digits: int = 1, blocks: int = 
     block of 32, plus the rest of each weight, (m + z·d), times the exact block sums. (A 6-bit
     tile: its weights times the rounded activations.)"""
     r = rounded(a, digits, blocks, packed.shape[-1])
-    if packed.shape[-1] == TILE6:
+    if packed.shape[-1] in (TILE6, TILE6K):
         return (r @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
     if packed.shape[-1] == TILE8:
         return (r @ unpack8(packed).T.astype(np.float64)).astype(np.float32)
@@ -287,17 +321,20 @@ def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_q4_k_super_block_tiles_give_the_fp32_tiles_bits(path, monkeypatch):
-    """Every path makes d = D·sc and m = −E·mn from the super-block tile exactly, so each gives
-    the 400-byte tile's bits: one token and a prompt's, one digit and two (on a few blocks
-    too), and the fused SwiGLU's gate and up rows alike."""
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_super_block_tiles_give_the_fp32_tiles_bits(path, kind, monkeypatch):
+    """Every path makes d = D·sc and m = −E·mn (Q6_K: s = D·sc) from the super-block tile
+    exactly, so each gives the 400-byte (512-byte) tile's bits: one token and a prompt's, one
+    digit and two (on a few blocks too)."""
     n, k = 64, 1024
-    blocks = q4_k(n, k, seed=21)
+    blocks = BLOCKS[kind](n, k, seed=21)
     packed = pack(blocks)
     with monkeypatch.context() as m:
         m.setattr("export.quant.native.k4_factors", lambda blocks: None)
+        m.setattr("export.quant.native.q6_k_factors", lambda blocks: None)
         fp32 = pack(blocks)
-    assert packed.shape[-1] == TILE4K and fp32.shape[-1] == TILE4F
+    sizes = {"Q4_K": (TILE4K, TILE4F), "Q6_K": (TILE6K, TILE6)}[kind]
+    assert (packed.shape[-1], fp32.shape[-1]) == sizes
     rng = np.random.default_rng(21)
     for rows, (digits, few) in product((1, 2, 3, 4, 5, 17, 33), ((1, 0), (2, 0), (2, 3))):
         a = 3 * rng.standard_normal((rows, k)).astype(np.float32)
@@ -310,8 +347,10 @@ def test_q4_k_super_block_tiles_give_the_fp32_tiles_bits(path, monkeypatch):
 
 
 def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
-    """Q6_K's blocks of 16 (d·scale in fp32, codes 0..63 centred on 32) in MatMulQ8's 512-byte
-    tiles read back to the gguf dequantizer's weights."""
+    """Q6_K's blocks of 16 (codes 0..63 centred on 32) in MatMulQ8's super-block tiles, fp16 d
+    and an int8 scale a half block as the file has them (6.625 bits a weight), read back to the
+    gguf dequantizer's weights, as the 512-byte tiles' fp32 d·scale do; blocks whose scales are
+    not an fp16 times an int8 keep those."""
     import gguf
 
     raw = random_blocks("Q6_K", 48, 512, seed=8)
@@ -319,9 +358,14 @@ def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
     blocks = from_gguf("Q6_K", raw, 512)
     assert supports(blocks) and op_for(blocks) == OP8
     packed = pack(blocks)
-    assert packed.shape == (3, 16, TILE6)
+    assert packed.shape == (3, 16, TILE6K) and packed.size * 8 / want.size == 6.625
     np.testing.assert_allclose(unpack6(packed), want, rtol=1e-6, atol=1e-7)
     assert codes_of(packed).max() == 63
+    _, sc, _ = super6(packed)
+    assert sc.min() < -64 and sc.max() > 64  # signed scales, as the file's
+    fp32 = pack(BLOCKS["Q6_K-fp32"](48, 512, seed=8))
+    assert fp32.shape == (3, 16, TILE6)
+    np.testing.assert_allclose(unpack6(fp32), want * np.float32(1.0001), rtol=1e-6, atol=1e-7)
     # blocks of 16 that are not Q6_K's (8-bit codes) have no native tile
     assert not supports(quantize(np.ones((16, 64), np.float32), 8, 16, True))
 
@@ -354,7 +398,9 @@ def test_5bit_blocks_pack_exactly(kind, size):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 96, 3), (64, 576, 5), (960, 576, 1)])
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q4_K-fp32", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize(
+    "kind", ["Q4_1", "Q4_K", "Q4_K-fp32", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q6_K-fp32"]
+)
 def test_kernel_matches_numpy(n, k, m, path, kind):
     if "_K" in kind and k % 256:
         k = 256 * (k // 256 + 1)
@@ -623,7 +669,7 @@ def _one_node(op: str, packed: np.ndarray, k: int, dims=("batch", "seq"), **attr
 
 
 def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSession:
-    op = OP8 if packed.shape[2] in (TILE8, TILE6) else OP
+    op = OP8 if packed.shape[2] in (TILE8, TILE6, TILE6K) else OP
     return _load(_one_node(op, packed, k), threads)
 
 

@@ -11,7 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.quant.native import TILE, TILE4F, TILE4K, TILE5Z, TILE5ZP, TILE5ZPF, TILE6, TILE8, pack
+from export.quant.native import (
+    TILE,
+    TILE4F,
+    TILE4K,
+    TILE5Z,
+    TILE5ZP,
+    TILE5ZPF,
+    TILE6,
+    TILE6K,
+    TILE8,
+    pack,
+)
 from tests.test_native import BLOCKS, reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +59,7 @@ def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str, dig
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize(
-    "kind", ["Q4_1", "Q4_K", "Q4_K-fp32", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"]
+    "kind", ["Q4_1", "Q4_K", "Q4_K-fp32", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q6_K-fp32"]
 )
 @pytest.mark.parametrize("m", [1, 3, 6])
 @pytest.mark.parametrize("digits,keep", [(1, 0), (2, 0), (2, 3)])  # keep: the `blocks` attribute
@@ -57,8 +68,8 @@ def test_arm_kernel_matches_numpy(driver, path, kind, m, digits, keep):
     blocks = BLOCKS[kind](n, k, seed=m)
     packed = pack(blocks)
     tiles = {"Q4_1": TILE, "Q4_K": TILE4K, "Q4_K-fp32": TILE4F, "Q8_0": TILE8, "Q5_0": TILE5Z,
-             "Q5_1": TILE5ZP}  # fmt: skip
-    assert packed.shape[-1] == tiles.get(kind, TILE5ZPF if kind == "Q5_K" else TILE6)
+             "Q5_1": TILE5ZP, "Q5_K": TILE5ZPF, "Q6_K": TILE6K, "Q6_K-fp32": TILE6}  # fmt: skip
+    assert packed.shape[-1] == tiles[kind]
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = _run(driver, packed, a, n, path, digits, keep)
     want = reference(a, packed, digits, keep)  # (two digits: what int8 rounding left rounded too)

@@ -11,7 +11,8 @@ and m) or 448 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight); 
 whose zero weight can sit at any code, keep their z too (416 and 464 bytes). Q4_K itself goes
 to a tile of its own super-blocks (16 rows × 256, 8 slots of 312 bytes: 4.875 bits a weight
 against the 400-byte tile's 6.25), which keeps its d and dmin in fp16 and each block's 6-bit
-scale and minimum as bytes, the products made exactly in the kernel. GGUF's Q6_K
+scale and minimum as bytes, the products made exactly in the kernel; Q6_K likewise (424-byte
+slots, 6.625 bits a weight against the 512-byte tile's 8). GGUF's Q6_K
 (blocks of 16, z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit
 planes, and the two halves' fp32 scales. The layout is documented in runtime/native/tiles.h; the
 constants below are its shape, and `pack` checks them against the built library's
@@ -34,6 +35,7 @@ from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers 
 ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
 TILE5Z, TILE5ZP, TILE5ZPF = 352, 416, 464
 TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
+TILE6K = 424  # a slot of Q6_K's
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
@@ -92,7 +94,7 @@ def k4_factors(blocks: Blocks) -> tuple[np.ndarray, ...] | None:
     d, m, _ = scale_min_zero(blocks)
     factors = []
     for x in (d, -m):
-        f = _super_factors(x.reshape(n, nb // K4_BLOCKS, K4_BLOCKS))
+        f = _super_factors(x.reshape(n, nb // K4_BLOCKS, K4_BLOCKS), 0, 63)
         if f is None:
             return None
         factors.append(f)
@@ -100,25 +102,40 @@ def k4_factors(blocks: Blocks) -> tuple[np.ndarray, ...] | None:
     return big_d, big_e, sc.reshape(n, nb), mn.reshape(n, nb)
 
 
-def _super_factors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """x float32 [..., 8] → (D float16 [...], q uint8 [..., 8]) with D·q == x in float32 and q in
-    0..63, or None. D is tried as x's largest magnitude over 63 (llama.cpp's quantizer gives that
-    block 63), then over 62 … 1 for the super-blocks that one did not hold."""
+def q6_k_factors(blocks: Blocks) -> tuple[np.ndarray, np.ndarray] | None:
+    """Q6_K's blocks of 16 (6-bit codes centred on 32) whose scales are d·sc, d fp16 for each
+    row's 16 blocks in turn (a super-block of 256) and sc an int8: D float16 [N, K/256] and sc
+    int8 [N, K/16]; None where some super-block's are not (checked, as k4_factors)."""
+    n, nh = blocks.scales.shape
+    if code_bits(blocks) != 6 or nh % (2 * K4_BLOCKS):
+        return None
+    x = blocks.scales.astype(np.float32).reshape(n, nh // (2 * K4_BLOCKS), 2 * K4_BLOCKS)
+    f = _super_factors(x, -128, 127)
+    return None if f is None else (f[0], f[1].view(np.int8).reshape(n, nh))
+
+
+def _super_factors(x: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """x float32 [..., B] → (D float16 [...], q [..., B] uint8, as int8 where lo < 0) with D·q == x
+    in float32 and q in lo..hi, or None. D is tried as x's largest magnitude over the widest
+    codes first (llama.cpp's quantizers give that block 63, or −128 for Q6_K), then narrower,
+    for the super-blocks those did not hold."""
+    widest = sorted((k for k in range(lo, hi + 1) if k), key=lambda k: (-abs(k), k))
     with np.errstate(all="ignore"):
         top = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
         big = np.zeros(top.shape, np.float16)
         q = np.zeros(x.shape, np.uint8)
         left = np.flatnonzero(top != 0)  # an all-zero super-block: D = 0, q = 0
         flat_x, flat_top = x.reshape(-1, x.shape[-1]), top.reshape(-1)
-        for k in range(63, 0, -1):
+        for k in widest:
             if left.size == 0:
                 break
             cand = (flat_top[left] / np.float32(k)).astype(np.float16)
             wide = cand.astype(np.float32)[:, None]
             qk = np.rint(flat_x[left] / wide)
-            ok = np.all((qk >= 0) & (qk <= 63) & (wide * qk.astype(np.float32) == flat_x[left]), -1)
+            exact = wide * qk.astype(np.float32) == flat_x[left]
+            ok = np.all((qk >= lo) & (qk <= hi) & exact, -1) & np.isfinite(cand)
             big.reshape(-1)[left[ok]] = cand[ok]
-            q.reshape(-1, x.shape[-1])[left[ok]] = qk[ok].astype(np.uint8)
+            q.reshape(-1, x.shape[-1])[left[ok]] = qk[ok].astype(np.int16).astype(np.uint8)
             left = left[~ok]
     return None if left.size else (big, q)
 
@@ -128,8 +145,10 @@ def tile_bytes(blocks: Blocks) -> int:
     for Q5_0's m = −16·d), or TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold,
     TILE4K for those of them that are Q4_K's (MatMulQ4)."""
     bits = code_bits(blocks)
-    if bits >= 6:
-        return TILE6 if bits == 6 else TILE8
+    if bits == 6:
+        return TILE6K if q6_k_factors(blocks) is not None else TILE6
+    if bits == 8:
+        return TILE8
     wide = blocks.carried and not _fp16_exact(blocks)
     if bits == 4 and wide and k4_factors(blocks) is not None:
         return TILE4K
@@ -157,9 +176,9 @@ def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack(blocks: Blocks) -> np.ndarray:
-    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 400] with fp32 d and m),
-    [.., 384] / [.., 448] for 5-bit ones, [.., 560] for 8-bit, [.., 512] for Q6_K's 6-bit blocks
-    of 16 (see `tile_bytes`)."""
+    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 400] with fp32 d and m,
+    [.., 312] for Q4_K's super-blocks), [.., 352] to [.., 464] for 5-bit ones, [.., 560] for
+    8-bit, [.., 512] or [.., 424] (super-blocks) for Q6_K's 6-bit blocks of 16 (`tile_bytes`)."""
     if not supports(blocks):
         n, k = blocks.shape
         raise QuantizationError(
@@ -174,7 +193,8 @@ def pack(blocks: Blocks) -> np.ndarray:
         return _pack8(blocks)
     if size == TILE4K:
         return _pack4k(blocks)
-    if size == TILE6:
+    if size in (TILE6, TILE6K):
+        halves = blocks
         blocks = _halves_as_blocks_of_32(blocks)
         nb //= 2
     q = blocks.codes.reshape(n // ROWS, ROWS, nb, 4, 2, 4)  # g, r, b, v, half, i
@@ -183,10 +203,12 @@ def pack(blocks: Blocks) -> np.ndarray:
     parts = [(low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)]
     fifth = (4,)
     for plane in {TILE5: fifth, TILE5F: fifth, TILE5Z: fifth, TILE5ZP: fifth, TILE5ZPF: fifth,
-                  TILE6: (4, 5)}.get(size, ()):  # fmt: skip
+                  TILE6: (4, 5), TILE6K: (4, 5)}.get(size, ()):  # fmt: skip
         # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
         high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
+    if size == TILE6K:
+        return _super6(halves, np.concatenate(parts, axis=2))
     if size == TILE6:  # the scales of each half (16 weights) of the block, fp32
         s = blocks.scales.astype(np.float32).reshape(n // ROWS, ROWS, nb, 2).transpose(0, 2, 3, 1)
         parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(n // ROWS, nb, 128))
@@ -232,6 +254,20 @@ def _pack4k(blocks: Blocks) -> np.ndarray:
     return packed
 
 
+def _super6(blocks: Blocks, codes: np.ndarray) -> np.ndarray:
+    """Q6_K's super-block tile (tiles.h) from its blocks of 16 and their codes as the 512-byte
+    tile lays them out ([N/16, K/32, 384]): per 16 rows × 256 weights, the int8 sc of each
+    block's two halves (16 rows each), D of the 16 rows (fp16), 32 bytes unused, then the 8
+    blocks' codes; [N/16, K/32, 424], 8 slots a super-block."""
+    g, nb, _ = codes.shape
+    s = nb // K4_BLOCKS
+    big_d, sc = q6_k_factors(blocks)
+    sc = sc.view(np.uint8).reshape(g, ROWS, s, 2 * K4_BLOCKS).transpose(0, 2, 3, 1)
+    d = np.ascontiguousarray(big_d.reshape(g, ROWS, s).transpose(0, 2, 1)).view(np.uint8)
+    parts = [sc.reshape(g, s, -1), d, np.zeros((g, s, 32), np.uint8), codes.reshape(g, s, -1)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, TILE6K)
+
+
 def _halves_as_blocks_of_32(blocks: Blocks) -> Blocks:
     """Blocks of 16 seen as blocks of 32 for the code layout (the scales stay per half)."""
     n, nb, _ = blocks.codes.shape
@@ -263,7 +299,7 @@ def _check_layout() -> None:
     ours = {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
-        "tile5zpf": TILE5ZPF, "tile4k": TILE4K,
+        "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

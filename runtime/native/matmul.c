@@ -82,12 +82,27 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
   }
 }
 
+/* Row r's scales of a Q6_K block's two halves (p its codes): fp32 in the 512-byte tile, D·sc
+   (exact in fp32) in the super-block one. */
+static void halves_row(const uint8_t* p, int64_t b, int64_t tile, int r, float* s0, float* s1) {
+  if (tile == TILE6K) {
+    const uint8_t* sb = super_of(p, b, tile);
+    uint16_t dh;
+    memcpy(&dh, sb + K6_D + 2 * r, 2);
+    *s0 = half_to_float(dh) * (float)(int8_t)sb[32 * (b & 7) + r];
+    *s1 = half_to_float(dh) * (float)(int8_t)sb[32 * (b & 7) + 16 + r];
+    return;
+  }
+  memcpy(s0, p + HALVES + 4 * r, 4);
+  memcpy(s1, p + HALVES + 64 + 4 * r, 4);
+}
+
 static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; g++) {
     for (int64_t t = 0; t < j->m; t++) {
       float acc[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
-        const uint8_t* p = j->w + (g * j->nb + b) * TILE6;
+        const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, b);
         const int8_t* a = act_block(j, t, b, 0);
         float da = j->ad[t * j->nb + b];
         const int32_t* h = j->hs + 2 * (t * j->nb + b);
@@ -97,8 +112,7 @@ static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
           row_codes(p, r, 2, q);
           for (int i = 0; i < BLOCK; i++) dot[i / 16] += q[i] * a[i];
           float s0, s1;
-          memcpy(&s0, p + HALVES + 4 * r, 4);
-          memcpy(&s1, p + HALVES + 64 + 4 * r, 4);
+          halves_row(p, b, j->tile, r, &s0, &s1);
           acc[r] += da * (s0 * (float)(dot[0] - 32 * h[0]) + s1 * (float)(dot[1] - 32 * h[1]));
         }
       }
@@ -203,7 +217,7 @@ AVX512 INLINE void digits512(const Job* j, int64_t t0, int T, int64_t b, const _
 AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int64_t t0) {
   if (t0) return;
   const char* x = (const char*)p + j->nb * stride;
-  if (stride == TILE4K) return; /* (its one ascending stream: see tiles.h) */
+  if (super_tile(stride)) return; /* (its one ascending stream: see tiles.h) */
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
 }
 
@@ -315,16 +329,31 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, in
   for (int t = 0; t < T; t++) _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t]);
 }
 
+/* A Q6_K block's 16 rows' scales of its two halves (halves_row's). */
+AVX512 INLINE void halves512(const uint8_t* p, int64_t b, int64_t tile, __m512* s0, __m512* s1) {
+  if (tile == TILE6K) {
+    const uint8_t* sb = super_of(p, b, tile);
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sb + K6_D)));
+    const uint8_t* sc = sb + 32 * (b & 7);
+    *s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)sc))));
+    *s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(sc + 16)))));
+    return;
+  }
+  *s0 = _mm512_loadu_ps((const float*)(p + HALVES));
+  *s1 = _mm512_loadu_ps((const float*)(p + HALVES + 64));
+}
+
 AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
   __m512 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE6;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+  const int64_t tile = j->tile;
+  const uint8_t* p = tile_at(j->w, j->nb, tile, g, 0);
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, tile), b++) {
     __m512i c[8];
-    ahead512(j, p, TILE6, t0);
+    ahead512(j, p, tile, t0);
     codes512(p, 2, c);
-    __m512 s0 = _mm512_loadu_ps((const float*)(p + HALVES));
-    __m512 s1 = _mm512_loadu_ps((const float*)(p + HALVES + 64));
+    __m512 s0, s1;
+    halves512(p, b, tile, &s0, &s1);
     for (int t = 0; t < T; t++) {
       const int8_t* aq = act_block(j, t0 + t, b, 0);
       const int32_t* a = (const int32_t*)aq;
@@ -342,7 +371,7 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
 /* One tile of either format; T is a constant wherever this is inlined. */
 AVX512 INLINE void tile(const Job* j, int64_t g, int64_t t0, int T) {
   int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits */
-  if (j->tile == TILE6) tile_tokens_q6(j, g, t0, T);
+  if (six(j->tile)) tile_tokens_q6(j, g, t0, T);
   else if (j->bits == 8 && two == 2) tile_tokens_q8(j, g, t0, T, 2);
   else if (j->bits == 8 && two) tile_tokens_q8(j, g, t0, T, 1);
   else if (j->bits == 8) tile_tokens_q8(j, g, t0, T, 0);
@@ -618,13 +647,15 @@ AMX static void amx_configure_q6(void) {
 }
 
 AMX INLINE void amx_unpack_q6(const Job* j, int64_t g, uint8_t* u) {
-  const uint8_t* p = j->w + g * j->nb * TILE6;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE6, u += AMX_BLOCK6) {
+  const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, 0);
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, j->tile), b++, u += AMX_BLOCK6) {
     __m512i c[8];
     codes512(p, 2, c);
     for (int v = 0; v < 8; v++) _mm512_store_si512((void*)(u + 64 * v), c[v]);
-    _mm512_store_ps((float*)(u + 512), _mm512_loadu_ps((const float*)(p + HALVES)));
-    _mm512_store_ps((float*)(u + 576), _mm512_loadu_ps((const float*)(p + HALVES + 64)));
+    __m512 s0, s1;
+    halves512(p, b, j->tile, &s0, &s1);
+    _mm512_store_ps((float*)(u + 512), s0);
+    _mm512_store_ps((float*)(u + 576), s1);
   }
 }
 
@@ -701,7 +732,7 @@ AMX static void rows_amx(const Job* j, int64_t g0, int64_t g1) {
     rows_avx512(j, g0, g1);
     return;
   }
-  if (j->tile == TILE6) {
+  if (six(j->tile)) {
     rows_amx_q6(j, g0, g1);
     return;
   }
@@ -936,12 +967,13 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
 NEON_DOT static void quarter_tokens_neon_q6(const Job* j, int64_t g, int q4, int64_t t0, int T) {
   float32x4_t acc[4];
   for (int t = 0; t < T; t++) acc[t] = vdupq_n_f32(0.f);
-  const uint8_t* p = j->w + g * j->nb * TILE6;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+  const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, 0);
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, j->tile), b++) {
     int8x16_t c[8];
     codes_neon(p, q4, 2, c);
-    float32x4_t s0 = vld1q_f32((const float*)(p + HALVES) + 4 * q4);
-    float32x4_t s1 = vld1q_f32((const float*)(p + HALVES + 64) + 4 * q4);
+    float h0[4], h1[4];
+    for (int r = 0; r < 4; r++) halves_row(p, b, j->tile, 4 * q4 + r, &h0[r], &h1[r]);
+    float32x4_t s0 = vld1q_f32(h0), s1 = vld1q_f32(h1);
     for (int t = 0; t < T; t++) {
       const int8_t* aq = act_block(j, t0 + t, b, 0);
       const int32_t* a = (const int32_t*)aq;
@@ -961,7 +993,7 @@ NEON_DOT static void rows_neon(const Job* j, int64_t g0, int64_t g1) {
     for (int q4 = 0; q4 < 4; q4++)
       for (int64_t t = 0; t < j->m; t += 4) {
         int T = j->m - t < 4 ? (int)(j->m - t) : 4;
-        if (j->tile == TILE6) quarter_tokens_neon_q6(j, g, q4, t, T);
+        if (six(j->tile)) quarter_tokens_neon_q6(j, g, q4, t, T);
         else quarter_tokens_neon(j, g, q4, t, T);
       }
 }
@@ -1064,7 +1096,7 @@ AVX2 static void silu_mul_avx2(const Job* j, int64_t g0, int64_t g1, int64_t hal
    Q6_K) the residual rows are rows of their own, added after. */
 static int fused_digits(const Job* j) {
 #if defined(__x86_64__)
-  return j->digits == 2 && j->tile != TILE6 && kernel_path() != PATH_PORTABLE;
+  return j->digits == 2 && !six(j->tile) && kernel_path() != PATH_PORTABLE;
 #else
   (void)j;
   return 0;
@@ -1075,7 +1107,7 @@ static int fused_digits(const Job* j) {
    digit, every tile but Q6_K's (half_tile_tokens_q6 reads the three arrays). */
 static int side_scalars(const Job* j, int64_t m) {
 #if defined(__x86_64__)
-  return j->digits == 1 && m >= 3 && j->tile != TILE6 &&
+  return j->digits == 1 && m >= 3 && !six(j->tile) &&
          (kernel_path() == PATH_AVX2 || kernel_path() == PATH_AVXVNNI);
 #else
   (void)j, (void)m;
@@ -1096,10 +1128,10 @@ int alloc_work(Prep* p, Job* j) {
   int64_t scratch = j->swiglu || apart ? (apart ? rows : m) * j->n : 0; /* floats */
   int64_t kept = p->blocks ? (m + 3) / 4 * (nb + 1) : 0;                /* int32s */
   int64_t sc = side_scalars(j, m) ? (m + 3) / 4 * nb * 12 : 0; /* floats */
-  int64_t hs = j->tile == TILE6 ? rows * nb * 2 : 0;             /* int32s */
+  int64_t hs = six(j->tile) ? rows * nb * 2 : 0;                 /* int32s */
   int64_t passes = 0; /* AMX, two digits on a few blocks: its passes' flags and scales */
 #if defined(__x86_64__)
-  if (p->blocks && kernel_path() == PATH_AMX && j->tile != TILE6) passes = m / AMX_TOKENS;
+  if (p->blocks && kernel_path() == PATH_AMX && !six(j->tile)) passes = m / AMX_TOKENS;
 #endif
   int64_t wad = passes * AMX_TOKENS * nb, flags = passes * nb; /* floats, bytes */
   p->q = malloc((size_t)(rows * k + (p->blocks ? m * nb : 0) + flags) + 64);
@@ -1187,13 +1219,13 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
     return;
   }
 #endif
-  if (j->tile == TILE6) rows_scalar_q6(j, g0, g1);
+  if (six(j->tile)) rows_scalar_q6(j, g0, g1);
   else if (j->bits == 8) rows_scalar_q8(j, g0, g1);
   else rows_scalar(j, g0, g1);
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8 or TILE6: MatMulQ8). Returns 0 on
+   (TILE, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8, TILE6 or TILE6K: MatMulQ8). Returns 0 on
    success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
@@ -1207,7 +1239,7 @@ int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, cons
   int bits = tile_bits(tile);
   if (k % BLOCK || n % ROWS || !bits || (digits != 1 && digits != 2) || blocks < 0) return 1;
   int64_t nb = k / BLOCK;
-  if (tile == TILE4K && nb % K4_BLOCKS) return 1;
+  if (super_tile(tile) && nb % K4_BLOCKS) return 1;
   if (digits == 1 || blocks >= nb) blocks = 0; /* (every block) */
   Prep p = {.a = a, .m = m, .k = k, .rows = m, .digits = digits, .blocks = blocks};
   Job j = {.w = w, .y = y, .m = m, .k = k, .n = n, .nb = nb, .groups = n / ROWS,
@@ -1259,8 +1291,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
    5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
-   of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11 a Q4_K super-block
-   tile's slot; -1 for anything else. */
+   of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11 and 12 a Q4_K and a
+   Q6_K super-block tile's slot; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -1275,6 +1307,7 @@ int64_t llamaonnx_layout(int what) {
     case 9: return TILE5ZP;
     case 10: return TILE5ZPF;
     case 11: return TILE4K;
+    case 12: return TILE6K;
     default: return -1;
   }
 }

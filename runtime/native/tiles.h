@@ -78,6 +78,16 @@
  * 5632 × 1024 weight from memory on the Zen 4 EPYC read it at 14 GB/s, without them at 21–24,
  * where the 400-byte tiles read at 24–27 (docs/speed.md).
  *
+ * B uint8 [N/16, K/32, 424] holds Q6_K the same way, 6.625 bits a weight where the 512-byte
+ * tile spends 8 (the file 6.5625): 8 slots of 424 bytes a super-block of 3392, 16 rows × 256,
+ *   bytes    0..255   sc, int8 (Q6_K's scales of 16 weights): block i's first half's 16 rows at
+ *                     32·i, its second half's at 32·i + 16;
+ *          256..287   D of the 16 rows, fp16 (Q6_K's d); 288..319 unused (the codes' lines
+ *                     aligned);
+ *          320..3391  the 8 blocks' codes, 384 bytes each as in the 512-byte tile (low nibbles,
+ *                     fifth and sixth bits; block i's at 320 + 384·i);
+ * and each half's scale s = D·sc, made in fp32, exact (11 × 8 bits): the 512-byte tile's.
+ *
  * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
  * tiles of [G; U] stacked along N (output N/2): the Split, Sigmoid and two Muls that would follow
  * cost more per token than the arithmetic itself.
@@ -206,17 +216,34 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define K4_D 384
 #define K4_E 416
 #define K4_CODES 448
+#define TILE6K 424 /* Q6_K, 8 slots a super-block */
+#define K6_D 256 /* a TILE6K super-block's D; its sc at 0, its codes at K6_CODES */
+#define K6_CODES 320
+
+/* A super-block tile's (TILE4K, TILE6K) offset of its codes and bytes of a block's codes. */
+INLINE int super_tile(int64_t tile) { return tile == TILE4K || tile == TILE6K; }
+INLINE int64_t super_codes(int64_t tile) { return tile == TILE4K ? K4_CODES : K6_CODES; }
+INLINE int64_t block_codes(int64_t tile) { return tile == TILE4K ? 256 : 384; }
 
 /* Block b's codes in row group g of a weight of `tile`-byte tiles, nb blocks a row. */
 INLINE const uint8_t* tile_at(const uint8_t* w, int64_t nb, int64_t tile, int64_t g, int64_t b) {
-  if (tile == TILE4K) return w + (g * nb + (b & ~(int64_t)7)) * TILE4K + K4_CODES + (b & 7) * 256;
+  if (super_tile(tile))
+    return w + (g * nb + (b & ~(int64_t)7)) * tile + super_codes(tile) + (b & 7) * block_codes(tile);
   return w + (g * nb + b) * tile;
 }
 
 /* Block b + 1's codes after block b's at p (the same row group). */
 INLINE const uint8_t* tile_step(const uint8_t* p, int64_t b, int64_t tile) {
-  if (tile == TILE4K) return p + 256 + ((b & 7) == 7 ? TILE4K * K4_BLOCKS - K4_BLOCKS * 256 : 0);
+  if (super_tile(tile)) {
+    int64_t q = block_codes(tile);
+    return p + q + ((b & 7) == 7 ? (tile - q) * K4_BLOCKS : 0);
+  }
   return p + tile;
+}
+
+/* The super-block of a TILE4K or TILE6K block b whose codes are at p. */
+INLINE const uint8_t* super_of(const uint8_t* p, int64_t b, int64_t tile) {
+  return p - super_codes(tile) - (b & 7) * block_codes(tile);
 }
 
 /* Where block b's scalars are read from, with Layout's offsets: the tile itself, or for TILE4K
@@ -248,13 +275,16 @@ INLINE Layout layout_of(int64_t tile) {
   return l;
 }
 
+/* Q6_K's tiles: the 512-byte one and its super-block's slots */
+static inline int six(int64_t tile) { return tile == TILE6 || tile == TILE6K; }
+
 /* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
   if (tile == TILE || tile == TILE4F || tile == TILE4K || tile == TILE5 || tile == TILE5F ||
       tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF)
     return 4;
-  return tile == TILE8 || tile == TILE6 ? 8 : 0;
+  return tile == TILE8 || tile == TILE6 || tile == TILE6K ? 8 : 0;
 }
 
 /* functions one file calls in another: kept out of the library's exported symbols */
@@ -273,7 +303,8 @@ typedef struct {
   float* y;             /* [M, N] */
   int64_t m, k, n, nb, groups, chunk;
   int bits;       /* 4: MatMulQ4 tiles (4- or 5-bit codes), 8: MatMulQ8 tiles (8- or 6-bit) */
-  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE5*; TILE8, TILE6 */
+  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE4K, TILE5*; TILE8,
+                     TILE6, TILE6K */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
   int digits;     /* 2: ad, as, ae hold 2M rows, M of the activations and M of what their int8

@@ -43,7 +43,7 @@ TARGET256 INLINE void NAME256(codes)(const uint8_t* p, int h, int planes, __m256
 #define AHEAD256 16
 #endif
 TARGET256 INLINE void NAME256(ahead)(const uint8_t* p, int64_t stride) {
-  if (stride == TILE4K) return; /* (its one ascending stream: see tiles.h) */
+  if (super_tile(stride)) return; /* (its one ascending stream: see tiles.h) */
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch((const char*)p + AHEAD256 * stride + o, _MM_HINT_T0);
 }
 
@@ -363,8 +363,17 @@ TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, i
       __asm__("" : "+x"(x[t][v / 2])); /* (as in tile_sums) */
     }
   }
-  __m256 s0 = _mm256_loadu_ps((const float*)(p + HALVES) + 8 * h);
-  __m256 s1 = _mm256_loadu_ps((const float*)(p + HALVES + 64) + 8 * h);
+  __m256 s0, s1;
+  if (j->tile == TILE6K) { /* (halves_row's D·sc, exact) */
+    const uint8_t* sb = super_of(p, b, TILE6K);
+    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sb + K6_D + 16 * h)));
+    const uint8_t* sc = sb + 32 * (b & 7) + 8 * h;
+    s0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)sc))));
+    s1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(sc + 16)))));
+  } else {
+    s0 = _mm256_loadu_ps((const float*)(p + HALVES) + 8 * h);
+    s1 = _mm256_loadu_ps((const float*)(p + HALVES + 64) + 8 * h);
+  }
   for (int t = 0; t < T; t++) {
     __m256 y = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(x[t][1]), _mm256_mul_ps(s0, _mm256_cvtepi32_ps(x[t][0])));
     acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(j->ad[(t0 + t) * j->nb + b]), y, acc[t]);
@@ -374,8 +383,8 @@ TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, i
 TARGET256 INLINE void NAME256(half_tile_tokens_q6)(const Job* j, int64_t g, int h, int64_t t0, int T) {
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE6;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
+  const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, 0);
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, j->tile), b++) {
     NAME256(block_q6)(j, p, h, b, t0, T, acc);
   }
   for (int t = 0; t < T; t++) _mm256_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS + 8 * h, acc[t]);
@@ -387,9 +396,9 @@ TARGET256 INLINE void NAME256(pair_tokens_q6)(const Job* j, int64_t g, int64_t t
   __m256 acc[2][4];
   for (int h = 0; h < 2; h++)
     for (int t = 0; t < T; t++) acc[h][t] = _mm256_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE6;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE6) {
-    if (t0 == 0) NAME256(ahead)(p, TILE6);
+  const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, 0);
+  for (int64_t b = 0; b < j->nb; p = tile_step(p, b, j->tile), b++) {
+    if (t0 == 0) NAME256(ahead)(p, j->tile);
     for (int h = 0; h < 2; h++) NAME256(block_q6)(j, p, h, b, t0, T, acc[h]);
   }
   for (int h = 0; h < 2; h++)
@@ -470,7 +479,7 @@ TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int
 TARGET256 INLINE void NAME256(pair_kind)(const Job* j, int64_t g, int64_t t0, int T) {
   int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits; 2: on a few blocks */
   int five = layout_of(j->tile).five;
-  if (j->tile == TILE6) NAME256(pair_tokens_q6)(j, g, t0, T);
+  if (six(j->tile)) NAME256(pair_tokens_q6)(j, g, t0, T);
   else if (j->bits == 8 && two == 2) NAME256(pair_tokens_q8)(j, g, t0, T, 2);
   else if (j->bits == 8 && two) NAME256(pair_tokens_q8)(j, g, t0, T, 1);
   else if (j->bits == 8) NAME256(pair_tokens_q8)(j, g, t0, T, 0);
@@ -496,7 +505,7 @@ TARGET256 INLINE void NAME256(tile)(const Job* j, int64_t g, int64_t t0, int T) 
   }
   int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits; 2: on a few blocks */
   for (int h = 0; h < 2; h++) {
-    if (j->tile == TILE6) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
+    if (six(j->tile)) NAME256(half_tile_tokens_q6)(j, g, h, t0, T);
     else if (j->bits == 8 && two == 2) NAME256(half_tile_tokens_q8)(j, g, h, t0, T, 2);
     else if (j->bits == 8 && two) NAME256(half_tile_tokens_q8)(j, g, h, t0, T, 1);
     else if (layout_of(j->tile).five && two == 2) NAME256(half_tile_tokens)(j, g, h, t0, T, 1, 2);
