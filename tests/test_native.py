@@ -114,10 +114,10 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
 def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
     g, nb, size = packed.shape
-    if size == TILE4K:  # d = D·sc, m = −E·mn, each product exact in float32
+    if size == TILE4K:  # d = D·sc, m = E·mn, each product exact in float32
         _, sc, mn, z, big_d, big_e = super_blocks(packed)
         d = np.repeat(big_d, 8, axis=1) * sc.astype(np.float32)
-        return codes_of(packed), d, np.repeat(big_e, 8, axis=1) * -mn.astype(np.float32), z
+        return codes_of(packed), d, np.repeat(big_e, 8, axis=1) * mn.astype(np.float32), z
 
     def per_row(lo: int, width: int, dtype) -> np.ndarray:
         x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
@@ -323,7 +323,7 @@ def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
 def test_super_block_tiles_give_the_fp32_tiles_bits(path, kind, monkeypatch):
-    """Every path makes d = D·sc and m = −E·mn (Q6_K: s = D·sc) from the super-block tile
+    """Every path makes d = D·sc and m = E·mn (Q6_K: s = D·sc) from the super-block tile
     exactly, so each gives the 400-byte (512-byte) tile's bits: one token and a prompt's, one
     digit and two (on a few blocks too)."""
     n, k = 64, 1024

@@ -83,7 +83,7 @@ def _fp16_exact(blocks: Blocks) -> bool:
 
 
 def k4_factors(blocks: Blocks) -> tuple[np.ndarray, ...] | None:
-    """4-bit blocks whose d and m are Q4_K's, d = D·sc and m = −E·mn with D and E fp16 for each
+    """4-bit blocks whose d and m are Q4_K's, d = D·sc and m = E·mn with D and E fp16 for each
     row's 8 blocks in turn (a super-block) and sc, mn integers 0..63, factored so: D, E float16
     [N, nb/8] and sc, mn uint8 [N, nb]; None where some super-block's are not (the fp32 products
     are then packed as they are, in TILE4F). Any factors whose products give d and m to the bit
@@ -93,7 +93,7 @@ def k4_factors(blocks: Blocks) -> tuple[np.ndarray, ...] | None:
         return None
     d, m, _ = scale_min_zero(blocks)
     factors = []
-    for x in (d, -m):
+    for x in (d, m):  # (E is −dmin: the kernel makes m without a negation)
         f = _super_factors(x.reshape(n, nb // K4_BLOCKS, K4_BLOCKS), 0, 63)
         if f is None:
             return None

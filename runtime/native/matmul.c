@@ -52,12 +52,12 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
           row_codes(p, r, l.five, q);
           for (int i = 0; i < BLOCK; i++) dot += q[i] * a[i];
           float dr, mr;
-          if (l.k4) { /* d = D·sc, m = −E·mn: exact in fp32 */
+          if (l.k4) { /* d = D·sc, m = E·mn: exact in fp32 */
             uint16_t dh, eh;
             memcpy(&dh, k4_de(ps, b) + 2 * r, 2);
             memcpy(&eh, k4_de(ps, b) + 32 + 2 * r, 2);
             dr = half_to_float(dh) * (float)ps[l.d + r];
-            mr = half_to_float(eh) * -(float)ps[l.m + r];
+            mr = half_to_float(eh) * (float)ps[l.m + r];
           } else if (l.f32) {
             memcpy(&dr, p + l.d + 4 * r, 4);
             memcpy(&mr, p + l.m + 4 * r, 4);
@@ -223,7 +223,7 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int6
 
 /* A MatMulQ4 tile's scales d, minimums m (−16·d for 5-bit codes without them: Q5_0) and the
    zero points' d·z (16·d for 5-bit codes without them);
-   p is block b's tile (its codes); TILE4K's d = D·sc and m = −E·mn are made here, exactly. */
+   p is block b's tile (its codes); TILE4K's d = D·sc and m = E·mn are made here, exactly. */
 AVX512 INLINE __m512 bytes512(const uint8_t* x) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)x)));
 }
@@ -240,7 +240,7 @@ AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
   if (l.k4) {
     const uint8_t* s = tile_scalars(p, b, 1);
     __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k4_de(s, b) + 32)));
-    return _mm512_mul_ps(e, _mm512_sub_ps(_mm512_setzero_ps(), bytes512(s + l.m)));
+    return _mm512_mul_ps(e, bytes512(s + l.m));
   }
   return l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
          : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
@@ -924,11 +924,11 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
     } else {
       codes_neon(p, q4, l.five, c);
       const uint8_t* ps = tile_scalars(p, b, l.k4);
-      if (l.k4) { /* d = D·sc, m = −E·mn */
+      if (l.k4) { /* d = D·sc, m = E·mn */
         uint8_t sc[4], mn[4];
         memcpy(sc, ps + l.d + 4 * q4, 4);
         memcpy(mn, ps + l.m + 4 * q4, 4);
-        float scf[4] = {sc[0], sc[1], sc[2], sc[3]}, mnf[4] = {-mn[0], -mn[1], -mn[2], -mn[3]};
+        float scf[4] = {sc[0], sc[1], sc[2], sc[3]}, mnf[4] = {mn[0], mn[1], mn[2], mn[3]};
         d = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_de(ps, b) + 8 * q4))), vld1q_f32(scf));
         m = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_de(ps, b) + 32 + 8 * q4))), vld1q_f32(mnf));
       } else if (l.f32) {

@@ -67,10 +67,10 @@
  *   bytes    0..127   sc, block i's 16 rows at 16·i, uint8 (Q4_K's 6-bit scales);
  *          128..255   mn, the same for Q4_K's 6-bit minimums;
  *          256..383   z, the same for the zero points;
- *          384..415   D of the 16 rows, fp16 (Q4_K's d); 416..447 E (its dmin), fp16;
+ *          384..415   D of the 16 rows, fp16 (Q4_K's d); 416..447 E (−dmin), fp16;
  *          448..2495  the 8 blocks' codes, 256 bytes each as in the 336-byte tile (block i's at
  *                     448 + 256·i: a 64-byte load never splits a line);
- * and W = d·q + m with d = D·sc and m = −E·mn, products the kernel makes in fp32, where they are
+ * and W = d·q + m with d = D·sc and m = E·mn, products the kernel makes in fp32, where they are
  * exact (11 × 6 bits): the 400-byte tile's d and m, to the bit, from a quarter fewer bytes. The
  * scalars come first, so that a row group's blocks read their lines in ascending order: one
  * stream, which the hardware prefetcher follows alone. The kernels' software prefetches (of the
