@@ -103,8 +103,11 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
         packed = super6(packed)[0]
     codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
-    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE6: 2, TILE6K: 2}
-    planes = planes.get(size, 0)
+    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE6: 2}.get(size, 0)
+    if size == TILE6K:  # crumbs: bits 2t of byte 64k + j, register u = 4k + t = 2v + half
+        crumbs = packed[..., 256:384].reshape(g, nb, 2, 1, ROWS * 4) >> (2 * np.arange(4))[:, None]
+        high = (crumbs & 3).reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3)
+        q = q | (high.astype(np.uint8) << 4)
     for p in range(planes):  # mask u = 2v + half, bit r·4 + i
         bits = np.unpackbits(packed[..., 256 + 64 * p : 320 + 64 * p], axis=-1, bitorder="little")
         q = q | (bits.reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3) << (4 + p))

@@ -202,13 +202,15 @@ def pack(blocks: Blocks) -> np.ndarray:
     low = q & 15
     parts = [(low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(n // ROWS, nb, 256)]
     fifth = (4,)
+    if size == TILE6K:  # each code's two high bits as a crumb (tiles.h): register u = 4k + t
+        high = ((q >> 4) & 3).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 2, 4, 64)
+        crumbs = (high << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(3, dtype=np.uint8)
+        return _super6(halves, np.concatenate([parts[0], crumbs.reshape(n // ROWS, nb, 128)], 2))
     for plane in {TILE5: fifth, TILE5F: fifth, TILE5Z: fifth, TILE5ZP: fifth, TILE5ZPF: fifth,
-                  TILE6: (4, 5), TILE6K: (4, 5)}.get(size, ()):  # fmt: skip
+                  TILE6: (4, 5)}.get(size, ()):  # fmt: skip
         # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
         high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
-    if size == TILE6K:
-        return _super6(halves, np.concatenate(parts, axis=2))
     if size == TILE6:  # the scales of each half (16 weights) of the block, fp32
         s = blocks.scales.astype(np.float32).reshape(n // ROWS, ROWS, nb, 2).transpose(0, 2, 3, 1)
         parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(n // ROWS, nb, 128))
@@ -255,8 +257,8 @@ def _pack4k(blocks: Blocks) -> np.ndarray:
 
 
 def _super6(blocks: Blocks, codes: np.ndarray) -> np.ndarray:
-    """Q6_K's super-block tile (tiles.h) from its blocks of 16 and their codes as the 512-byte
-    tile lays them out ([N/16, K/32, 384]): per 16 rows × 256 weights, the int8 sc of each
+    """Q6_K's super-block tile (tiles.h) from its blocks of 16 and their codes ([N/16, K/32, 384]:
+    low nibbles, then crumbs): per 16 rows × 256 weights, the int8 sc of each
     block's two halves (16 rows each), D of the 16 rows (fp16), 32 bytes unused, then the 8
     blocks' codes; [N/16, K/32, 424], 8 slots a super-block."""
     g, nb, _ = codes.shape

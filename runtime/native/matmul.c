@@ -17,12 +17,17 @@
 
 /* Row r's 32 codes of a MatMulQ4 or 6-bit tile, in order (code 8v + i in the low nibble of byte
    v·64 + r·4 + i, 8v + 4 + i in its high one), with `planes` high-bit planes added (a 5-bit
-   tile's fifth bits; a 6-bit tile's fifth and sixth). */
+   tile's fifth bits; a 6-bit tile's fifth and sixth), or CRUMBS (TILE6K's). */
 static void row_codes(const uint8_t* p, int r, int planes, int q[BLOCK]) {
   for (int v = 0; v < 4; v++)
     for (int i = 0; i < 4; i++) {
       uint8_t byte = p[v * 64 + r * 4 + i];
       q[8 * v + i] = byte & 15, q[8 * v + 4 + i] = byte >> 4;
+      if (planes == CRUMBS) /* registers u = 2v (low nibbles), 2v + 1 (high) */
+        for (int half = 0; half < 2; half++) {
+          int u = 2 * v + half;
+          q[8 * v + 4 * half + i] |= ((p[256 + 64 * (u / 4) + r * 4 + i] >> (2 * (u % 4))) & 3) << 4;
+        }
     }
   for (int k = 0; k < planes; k++) {
     uint64_t mask[8];
@@ -109,7 +114,7 @@ static void rows_scalar_q6(const Job* j, int64_t g0, int64_t g1) {
         for (int r = 0; r < ROWS; r++) {
           int q[BLOCK];
           int32_t dot[2] = {0, 0}; /* the first 16 codes, the last 16 */
-          row_codes(p, r, 2, q);
+          row_codes(p, r, j->tile == TILE6K ? CRUMBS : 2, q);
           for (int i = 0; i < BLOCK; i++) dot[i / 16] += q[i] * a[i];
           float s0, s1;
           halves_row(p, b, j->tile, r, &s0, &s1);
@@ -156,6 +161,14 @@ AVX512 INLINE void codes512(const uint8_t* p, int planes, __m512i c[8]) {
     c[2 * v] = _mm512_and_si512(x, lo);
     c[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
   }
+  if (planes == CRUMBS) /* (tiles.h: register u's at 256 + 64·(u / 4), bits 2·(u % 4)) */
+    for (int k = 0; k < 2; k++) {
+      const __m512i h = _mm512_loadu_si512((const void*)(p + 256 + 64 * k)), m = _mm512_set1_epi8(0x30);
+      c[4 * k] = _mm512_or_si512(c[4 * k], _mm512_and_si512(_mm512_slli_epi16(h, 4), m));
+      c[4 * k + 1] = _mm512_or_si512(c[4 * k + 1], _mm512_and_si512(_mm512_slli_epi16(h, 2), m));
+      c[4 * k + 2] = _mm512_or_si512(c[4 * k + 2], _mm512_and_si512(h, m));
+      c[4 * k + 3] = _mm512_or_si512(c[4 * k + 3], _mm512_and_si512(_mm512_srli_epi16(h, 2), m));
+    }
   for (int k = 0; k < planes; k++) {
     const __m512i add = _mm512_set1_epi8((char)(16 << k));
     for (int u = 0; u < 8; u++) {
@@ -351,7 +364,7 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
   for (int64_t b = 0; b < j->nb; p = tile_step(p, b, tile), b++) {
     __m512i c[8];
     ahead512(j, p, tile, t0);
-    codes512(p, 2, c);
+    codes512(p, tile == TILE6K ? CRUMBS : 2, c);
     __m512 s0, s1;
     halves512(p, b, tile, &s0, &s1);
     for (int t = 0; t < T; t++) {
@@ -650,7 +663,7 @@ AMX INLINE void amx_unpack_q6(const Job* j, int64_t g, uint8_t* u) {
   const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, 0);
   for (int64_t b = 0; b < j->nb; p = tile_step(p, b, j->tile), b++, u += AMX_BLOCK6) {
     __m512i c[8];
-    codes512(p, 2, c);
+    codes512(p, j->tile == TILE6K ? CRUMBS : 2, c);
     for (int v = 0; v < 8; v++) _mm512_store_si512((void*)(u + 64 * v), c[v]);
     __m512 s0, s1;
     halves512(p, b, j->tile, &s0, &s1);
@@ -895,6 +908,12 @@ NEON_DOT static void codes_neon(const uint8_t* p, int q4, int planes, int8x16_t 
     c[2 * v] = vreinterpretq_s8_u8(vandq_u8(x, vdupq_n_u8(0x0F)));
     c[2 * v + 1] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
   }
+  if (planes == CRUMBS) /* (tiles.h: register u's at 256 + 64·(u / 4), bits 2·(u % 4)) */
+    for (int u = 0; u < 8; u++) {
+      uint8x16_t x = vshlq_u8(vld1q_u8(p + 256 + 64 * (u / 4) + 16 * q4), vdupq_n_s8((int8_t)(4 - 2 * (u % 4))));
+      x = vandq_u8(x, vdupq_n_u8(0x30));
+      c[u] = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(c[u]), x));
+    }
   for (int k = 0; k < planes; k++)
     for (int u = 0; u < 8; u++) {
       uint16_t bits;
@@ -970,7 +989,7 @@ NEON_DOT static void quarter_tokens_neon_q6(const Job* j, int64_t g, int q4, int
   const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, 0);
   for (int64_t b = 0; b < j->nb; p = tile_step(p, b, j->tile), b++) {
     int8x16_t c[8];
-    codes_neon(p, q4, 2, c);
+    codes_neon(p, q4, j->tile == TILE6K ? CRUMBS : 2, c);
     float h0[4], h1[4];
     for (int r = 0; r < 4; r++) halves_row(p, b, j->tile, 4 * q4 + r, &h0[r], &h1[r]);
     float32x4_t s0 = vld1q_f32(h0), s1 = vld1q_f32(h1);

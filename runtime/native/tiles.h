@@ -84,8 +84,13 @@
  *                     32·i, its second half's at 32·i + 16;
  *          256..287   D of the 16 rows, fp16 (Q6_K's d); 288..319 unused (the codes' lines
  *                     aligned);
- *          320..3391  the 8 blocks' codes, 384 bytes each as in the 512-byte tile (low nibbles,
- *                     fifth and sixth bits; block i's at 320 + 384·i);
+ *          320..3391  the 8 blocks' codes, 384 bytes each (block i's at 320 + 384·i): the low
+ *                     nibbles as in the 512-byte tile, then each code's fifth and sixth bits
+ *                     as a two-bit crumb: bits 2t, 2t + 1 of byte 256 + 64·k + j hold them for
+ *                     byte j of code register u = 4k + t (codes512's c[u]). A shift, an AND and
+ *                     an OR put them in place for a whole register (llama.cpp's Q6_K layout does
+ *                     the same), where the 512-byte tile's bit masks cost the 256-bit paths a
+ *                     shuffle, two ANDs and a compare per plane;
  * and each half's scale s = D·sc, made in fp32, exact (11 × 8 bits): the 512-byte tile's.
  *
  * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
@@ -219,6 +224,7 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE6K 424 /* Q6_K, 8 slots a super-block */
 #define K6_D 256 /* a TILE6K super-block's D; its sc at 0, its codes at K6_CODES */
 #define K6_CODES 320
+#define CRUMBS (-2) /* `planes` of the code unpackers: TILE6K's crumbs instead of bit planes */
 
 /* A super-block tile's (TILE4K, TILE6K) offset of its codes and bytes of a block's codes. */
 INLINE int super_tile(int64_t tile) { return tile == TILE4K || tile == TILE6K; }

@@ -15,12 +15,21 @@ TARGET256 INLINE __m256i NAME256(bit_bytes)(uint32_t bits, char value) {
 }
 
 /* Code registers 2v and 2v + 1 of half h (rows 8h..8h+7) of a tile, as codes512 lays them out
-   (codes 8v..8v+3 and 8v+4..8v+7 — a's int32 words 2v, 2v + 1), with `planes` high-bit planes. */
+   (codes 8v..8v+3 and 8v+4..8v+7 — a's int32 words 2v, 2v + 1), with `planes` high-bit planes,
+   or CRUMBS (TILE6K's: registers 2v, 2v + 1 take bits 4·(v % 2).. of the crumbs at v / 2). */
 TARGET256 INLINE void NAME256(code_pair)(const uint8_t* p, int h, int v, int planes, __m256i* c0, __m256i* c1) {
   const __m256i lo = _mm256_set1_epi8(0x0F);
   __m256i x = _mm256_loadu_si256((const __m256i*)(p + v * 64 + 32 * h));
   *c0 = _mm256_and_si256(x, lo);
   *c1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+  if (planes == CRUMBS) {
+    const __m256i m = _mm256_set1_epi8(0x30);
+    __m256i hb = _mm256_loadu_si256((const __m256i*)(p + 256 + 64 * (v / 2) + 32 * h));
+    __m256i x0 = v % 2 ? hb : _mm256_slli_epi16(hb, 4);
+    __m256i x1 = v % 2 ? _mm256_srli_epi16(hb, 2) : _mm256_slli_epi16(hb, 2);
+    *c0 = _mm256_or_si256(*c0, _mm256_and_si256(x0, m));
+    *c1 = _mm256_or_si256(*c1, _mm256_and_si256(x1, m));
+  }
   for (int k = 0; k < planes; k++) {
     uint32_t bits0, bits1;
     memcpy(&bits0, p + FIFTH + 64 * k + 8 * (2 * v) + 4 * h, 4);
@@ -355,7 +364,7 @@ TARGET256 INLINE void NAME256(block_q6)(const Job* j, const uint8_t* p, int h, i
   }
   for (int v = 0; v < 4; v++) {
     __m256i c0, c1;
-    NAME256(code_pair)(p, h, v, 2, &c0, &c1);
+    NAME256(code_pair)(p, h, v, j->tile == TILE6K ? CRUMBS : 2, &c0, &c1);
     for (int t = 0; t < T; t++) { /* two registers' products at a time: ≤ 63·127·4 in int16 */
       __m256i w = NAME256(pair_add)(_mm256_setzero_si256(), c0, c1, _mm256_set1_epi32(a[t][2 * v]),
                                     _mm256_set1_epi32(a[t][2 * v + 1]));
