@@ -227,10 +227,16 @@ AVX512 INLINE void digits512(const Job* j, int64_t t0, int T, int64_t b, const _
    EPYC, 8 rows × 250 cached tokens, ~10 % a step (one token alone: no change; two groups ahead:
    less; the 256-bit paths: no change, so they do without). Past the last group it prefetches
    bytes it never reads, which cannot fault. */
-AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t stride, int64_t t0) {
+AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t b, int64_t stride, int64_t t0) {
   if (t0) return;
   const char* x = (const char*)p + j->nb * stride;
-  if (super_tile(stride)) return; /* (its one ascending stream: see tiles.h) */
+  if (super_tile(stride)) { /* a block's codes, and one line of its super-block's scalars */
+    if (j->m == 1) return; /* (one ascending stream: see tiles.h) */
+    int64_t q = block_codes(stride), c = super_codes(stride);
+    for (int64_t o = 0; o < q; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
+    if ((b & 7) * 64 < c) _mm_prefetch(x - c - (b & 7) * q + (b & 7) * 64, _MM_HINT_T0);
+    return;
+  }
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
 }
 
@@ -296,7 +302,7 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; p = tile_step(p, b, stride), b++) {
     __m512i c[8];
-    ahead512(j, p, stride, t0);
+    ahead512(j, p, b, stride, t0);
     codes512(p, five, c);
     __m512 d = scale512(p, l, b);
     __m512 m = min512(p, l, d, b);
@@ -324,7 +330,7 @@ AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, in
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
     __m512i c[8];
-    ahead512(j, p, TILE8, t0);
+    ahead512(j, p, b, TILE8, t0);
     for (int v = 0; v < 8; v++) c[v] = _mm512_loadu_si512((const void*)(p + v * 64));
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
     __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
@@ -363,7 +369,7 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
   const uint8_t* p = tile_at(j->w, j->nb, tile, g, 0);
   for (int64_t b = 0; b < j->nb; p = tile_step(p, b, tile), b++) {
     __m512i c[8];
-    ahead512(j, p, tile, t0);
+    ahead512(j, p, b, tile, t0);
     codes512(p, tile == TILE6K ? CRUMBS : 2, c);
     __m512 s0, s1;
     halves512(p, b, tile, &s0, &s1);

@@ -73,10 +73,11 @@
  * and W = d·q + m with d = D·sc and m = E·mn, products the kernel makes in fp32, where they are
  * exact (11 × 6 bits): the 400-byte tile's d and m, to the bit, from a quarter fewer bytes. The
  * scalars come first, so that a row group's blocks read their lines in ascending order: one
- * stream, which the hardware prefetcher follows alone. The kernels' software prefetches (of the
- * next row group, of blocks ahead) are left out for this tile: with them, one thread streaming a
- * 5632 × 1024 weight from memory on the Zen 4 EPYC read it at 14 GB/s, without them at 21–24,
- * where the 400-byte tiles read at 24–27 (docs/speed.md).
+ * stream, which the hardware prefetcher follows alone. A decode step of one row takes no
+ * software prefetches on this tile: with them, one thread streaming a 5632 × 1024 weight from
+ * memory on the Zen 4 EPYC read it at 14 GB/s, without them at 21–24, where the 400-byte tiles
+ * read at 24–27. Several rows (batched decode) keep the AVX-512 path's prefetch of the next row
+ * group, a block's codes and one line of scalars: 8 rows 1.08–1.09× without (docs/speed.md).
  *
  * B uint8 [N/16, K/32, 424] holds Q6_K the same way, 6.625 bits a weight where the 512-byte
  * tile spends 8 (the file 6.5625): 8 slots of 424 bytes a super-block of 3392, 16 rows × 256,
