@@ -76,9 +76,9 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
         assert tiles["model.layers.0.feed_forward.w13.tiles"][-1] == 312  # Q4_K: its super-blocks
         assert tiles["model.layers.1.feed_forward.w13.tiles"][-1] == 336  # Q4_1 + Q4_0
         assert tiles["model.layers.1.attention.wo.tiles"][-1] == 352  # Q5_0 (m = −16·d)
-        # Q5_K + Q5_K + Q5_1, and Q5_K: fp32 d and m, and the zero points
+        # Q5_K + Q5_K + Q5_1 (not super-blocks: fp32 d and m, and the zero points), and Q5_K
         assert tiles["model.layers.1.attention.qkv.tiles"][-1] == 464
-        assert tiles["model.layers.1.feed_forward.w2.tiles"][-1] == 464
+        assert tiles["model.layers.1.feed_forward.w2.tiles"][-1] == 376  # Q5_K: its super-blocks
         assert tiles["model.layers.0.attention.wv.tiles"][-1] == 424  # Q6_K: its super-blocks
         assert tiles["model.layers.0.feed_forward.w2.tiles"][-1] == 424
         assert tiles["model.output.tiles"][-1] == 424

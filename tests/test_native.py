@@ -25,6 +25,7 @@ from export.quant.native import (
     TILE4K,
     TILE5,
     TILE5F,
+    TILE5K,
     TILE5Z,
     TILE5ZP,
     TILE5ZPF,
@@ -47,7 +48,7 @@ def test_the_packer_and_the_library_share_one_tile_layout():
     assert native.layout() == {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
-        "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K,
+        "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
     }  # fmt: skip
 
 
@@ -64,10 +65,10 @@ def unpack8(packed: np.ndarray) -> np.ndarray:
 
 
 def super_blocks(packed: np.ndarray) -> tuple[np.ndarray, ...]:
-    """A Q4_K super-block tile's parts (tiles.h): codes [g, nb, 256] as a 336-byte tile's, sc,
-    mn, z [N, nb] uint8 and D, E [N, nb / 8] float32 (for tests)."""
-    g, nb, _ = packed.shape
-    s = packed.reshape(g, nb // 8, 2496)
+    """A Q4_K (Q5_K) super-block tile's parts (tiles.h): codes [g, nb, 256 (320)] as a 336-byte
+    (5-bit) tile's, sc, mn, z [N, nb] uint8 and D, E [N, nb / 8] float32 (for tests)."""
+    g, nb, size = packed.shape
+    s = packed.reshape(g, nb // 8, 8 * size)
 
     def per_block(lo: int) -> np.ndarray:  # block-major, then row
         x = s[..., lo : lo + 128].reshape(g, nb // 8, 8, ROWS).transpose(0, 3, 1, 2)
@@ -77,7 +78,7 @@ def super_blocks(packed: np.ndarray) -> tuple[np.ndarray, ...]:
         x = np.ascontiguousarray(s[..., lo : lo + 32]).view(np.float16)
         return x.reshape(g, nb // 8, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb // 8)
 
-    codes = s[..., 448:].reshape(g, nb, 256)
+    codes = s[..., 448:].reshape(g, nb, -1)
     sc, mn, z = (per_block(lo) for lo in (0, 128, 256))
     return codes, sc, mn, z, per_row(384).astype(np.float32), per_row(416).astype(np.float32)
 
@@ -97,13 +98,14 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
     """The codes q [N, K] of a packed MatMulQ4 or 6-bit MatMulQ8 B: low nibbles, then the fifth
     (5- and 6-bit tiles) and sixth (6-bit) bit planes (for tests)."""
     g, nb, size = packed.shape
-    if size == TILE4K:
+    if size in (TILE4K, TILE5K):
         packed = super_blocks(packed)[0]
     elif size == TILE6K:
         packed = super6(packed)[0]
     codes = packed[..., :256].reshape(g, nb, 4, ROWS, 4)  # g, b, v, r, i
     q = np.stack([codes & 15, codes >> 4], axis=-1)  # g, b, v, r, i, half
-    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE6: 2}.get(size, 0)
+    planes = {TILE5: 1, TILE5F: 1, TILE5Z: 1, TILE5ZP: 1, TILE5ZPF: 1, TILE5K: 1, TILE6: 2}
+    planes = planes.get(size, 0)
     if size == TILE6K:  # crumbs: bits 2t of byte 64k + j, register u = 4k + t = 2v + half
         crumbs = packed[..., 256:384].reshape(g, nb, 2, 1, ROWS * 4) >> (2 * np.arange(4))[:, None]
         high = (crumbs & 3).reshape(g, nb, 4, 2, ROWS, 4).transpose(0, 1, 2, 4, 5, 3)
@@ -117,7 +119,7 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
 def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
     g, nb, size = packed.shape
-    if size == TILE4K:  # d = D·sc, m = E·mn, each product exact in float32
+    if size in (TILE4K, TILE5K):  # d = D·sc, m = E·mn, each product exact in float32
         _, sc, mn, z, big_d, big_e = super_blocks(packed)
         d = np.repeat(big_d, 8, axis=1) * sc.astype(np.float32)
         return codes_of(packed), d, np.repeat(big_e, 8, axis=1) * mn.astype(np.float32), z
@@ -182,6 +184,14 @@ def q4_k_fp32(n: int, k: int, seed: int = 0) -> Blocks:
                   b.offsets * nudge, b.origin, b.carried)  # fmt: skip
 
 
+def q5_k_fp32(n: int, k: int, seed: int = 0) -> Blocks:
+    """Q5_K's blocks nudged as q4_k_fp32's: they keep the 464-byte tiles' fp32 products."""
+    b = gguf_blocks("Q5_K", n, k, seed)
+    nudge = np.float32(1.0001)
+    return Blocks(b.bits, b.block_size, b.codes, b.scales * nudge, b.zero_points,
+                  b.offsets * nudge, b.origin, b.carried)  # fmt: skip
+
+
 def q6_k_fp32(n: int, k: int, seed: int = 0) -> Blocks:
     """Q6_K's blocks with each scale moved by a part in 10⁴: they keep the 512-byte tiles."""
     b = gguf_blocks("Q6_K", n, k, seed)
@@ -211,6 +221,7 @@ BLOCKS = (
     }
     | {  # K-quants whose scales the super-block tiles cannot factor: the fp32 tiles
         "Q4_K-fp32": q4_k_fp32,
+        "Q5_K-fp32": q5_k_fp32,
         "Q6_K-fp32": q6_k_fp32,
     }
 )
@@ -324,7 +335,7 @@ def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
 def test_super_block_tiles_give_the_fp32_tiles_bits(path, kind, monkeypatch):
     """Every path makes d = D·sc and m = E·mn (Q6_K: s = D·sc) from the super-block tile
     exactly, so each gives the 400-byte (512-byte) tile's bits: one token and a prompt's, one
@@ -336,7 +347,7 @@ def test_super_block_tiles_give_the_fp32_tiles_bits(path, kind, monkeypatch):
         m.setattr("export.quant.native.k4_factors", lambda blocks: None)
         m.setattr("export.quant.native.q6_k_factors", lambda blocks: None)
         fp32 = pack(blocks)
-    sizes = {"Q4_K": (TILE4K, TILE4F), "Q6_K": (TILE6K, TILE6)}[kind]
+    sizes = {"Q4_K": (TILE4K, TILE4F), "Q5_K": (TILE5K, TILE5ZPF), "Q6_K": (TILE6K, TILE6)}[kind]
     assert (packed.shape[-1], fp32.shape[-1]) == sizes
     rng = np.random.default_rng(21)
     for rows, (digits, few) in product((1, 2, 3, 4, 5, 17, 33), ((1, 0), (2, 0), (2, 3))):
@@ -373,17 +384,23 @@ def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
     assert not supports(quantize(np.ones((16, 64), np.float32), 8, 16, True))
 
 
-@pytest.mark.parametrize("kind,size", [("Q5_0", TILE5Z), ("Q5_1", TILE5ZP), ("Q5_K", TILE5ZPF)])
+@pytest.mark.parametrize(
+    "kind,size",
+    [("Q5_0", TILE5Z), ("Q5_1", TILE5ZP), ("Q5_K", TILE5K), ("Q5_K-fp32", TILE5ZPF)],
+)
 def test_5bit_blocks_pack_exactly(kind, size):
     """Q5_1 (fp16 d and m, and z) in the 416-byte tiles, Q5_0 (m = −16·d, left to the kernel) in
-    the 352-byte ones, Q5_K's d·scale and dmin·min products (and z) in the 464-byte ones: codes,
+    the 352-byte ones, Q5_K's d·scale and dmin·min factors (and z) in its super-block tiles, or
+    where they do not factor, their products in the 464-byte ones: codes,
     fifth bits, d and m read back to the gguf dequantizer's weights, and the zero points to the
     code nearest each block's zero weight."""
     import gguf
 
-    raw = random_blocks(kind, 48, 512, seed=6)
-    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(48, 512)
-    blocks = from_gguf(kind, raw, 512)
+    gguf_kind = kind.removesuffix("-fp32")
+    raw = random_blocks(gguf_kind, 48, 512, seed=6)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[gguf_kind]).reshape(48, 512)
+    blocks = from_gguf(gguf_kind, raw, 512) if kind == gguf_kind else BLOCKS[kind](48, 512, 6)
+    want = want * (np.float32(1.0001) if kind != gguf_kind else 1)
     assert blocks.bits == 8 and supports(blocks)  # an 8-bit container, 5-bit codes
     packed = pack(blocks)
     assert packed.shape == (3, 16, size)

@@ -15,6 +15,7 @@ from export.quant.native import (
     TILE,
     TILE4F,
     TILE4K,
+    TILE5K,
     TILE5Z,
     TILE5ZP,
     TILE5ZPF,
@@ -59,7 +60,8 @@ def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str, dig
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize(
-    "kind", ["Q4_1", "Q4_K", "Q4_K-fp32", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q6_K-fp32"]
+    "kind",
+    ["Q4_1", "Q4_K", "Q4_K-fp32", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q5_K-fp32", "Q6_K", "Q6_K-fp32"],
 )
 @pytest.mark.parametrize("m", [1, 3, 6])
 @pytest.mark.parametrize("digits,keep", [(1, 0), (2, 0), (2, 3)])  # keep: the `blocks` attribute
@@ -68,7 +70,8 @@ def test_arm_kernel_matches_numpy(driver, path, kind, m, digits, keep):
     blocks = BLOCKS[kind](n, k, seed=m)
     packed = pack(blocks)
     tiles = {"Q4_1": TILE, "Q4_K": TILE4K, "Q4_K-fp32": TILE4F, "Q8_0": TILE8, "Q5_0": TILE5Z,
-             "Q5_1": TILE5ZP, "Q5_K": TILE5ZPF, "Q6_K": TILE6K, "Q6_K-fp32": TILE6}  # fmt: skip
+             "Q5_1": TILE5ZP, "Q5_K": TILE5K, "Q5_K-fp32": TILE5ZPF,
+             "Q6_K": TILE6K, "Q6_K-fp32": TILE6}  # fmt: skip
     assert packed.shape[-1] == tiles[kind]
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = _run(driver, packed, a, n, path, digits, keep)

@@ -11,8 +11,9 @@ and m) or 448 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight); 
 whose zero weight can sit at any code, keep their z too (416 and 464 bytes). Q4_K itself goes
 to a tile of its own super-blocks (16 rows × 256, 8 slots of 312 bytes: 4.875 bits a weight
 against the 400-byte tile's 6.25), which keeps its d and dmin in fp16 and each block's 6-bit
-scale and minimum as bytes, the products made exactly in the kernel; Q6_K likewise (424-byte
-slots, 6.625 bits a weight against the 512-byte tile's 8). GGUF's Q6_K
+scale and minimum as bytes, the products made exactly in the kernel; Q5_K likewise (376-byte
+slots, 5.875 bits a weight against the 464-byte tile's 7.25) and Q6_K (424-byte slots, 6.625 bits
+against the 512-byte tile's 8). GGUF's Q6_K
 (blocks of 16, z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit
 planes, and the two halves' fp32 scales. The layout is documented in runtime/native/tiles.h; the
 constants below are its shape, and `pack` checks them against the built library's
@@ -35,7 +36,7 @@ from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers 
 ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
 TILE5Z, TILE5ZP, TILE5ZPF = 352, 416, 464
 TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
-TILE6K = 424  # a slot of Q6_K's
+TILE5K, TILE6K = 376, 424  # a slot of Q5_K's and of Q6_K's
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
@@ -83,13 +84,14 @@ def _fp16_exact(blocks: Blocks) -> bool:
 
 
 def k4_factors(blocks: Blocks) -> tuple[np.ndarray, ...] | None:
-    """4-bit blocks whose d and m are Q4_K's, d = D·sc and m = E·mn with D and E fp16 for each
+    """4- or 5-bit blocks whose d and m are Q4_K's (Q5_K's), d = D·sc and m = E·mn with D and E
+    fp16 for each
     row's 8 blocks in turn (a super-block) and sc, mn integers 0..63, factored so: D, E float16
     [N, nb/8] and sc, mn uint8 [N, nb]; None where some super-block's are not (the fp32 products
     are then packed as they are, in TILE4F). Any factors whose products give d and m to the bit
     will do: they are checked, not assumed."""
     n, nb = blocks.scales.shape
-    if blocks.bits != 4 or blocks.block_size != BLOCK or nb % K4_BLOCKS:
+    if code_bits(blocks) not in (4, 5) or blocks.block_size != BLOCK or nb % K4_BLOCKS:
         return None
     d, m, _ = scale_min_zero(blocks)
     factors = []
@@ -150,8 +152,8 @@ def tile_bytes(blocks: Blocks) -> int:
     if bits == 8:
         return TILE8
     wide = blocks.carried and not _fp16_exact(blocks)
-    if bits == 4 and wide and k4_factors(blocks) is not None:
-        return TILE4K
+    if wide and k4_factors(blocks) is not None:
+        return TILE4K if bits == 4 else TILE5K
     if bits == 5 and not wide and blocks.offsets is None and _centred_on(blocks, 16):
         return TILE5Z  # m = −16·d: the kernel makes it
     if bits == 5 and blocks.zero_points is not None and not _centred_on(blocks, 16):
@@ -191,8 +193,6 @@ def pack(blocks: Blocks) -> np.ndarray:
     size = tile_bytes(blocks)
     if size == TILE8:
         return _pack8(blocks)
-    if size == TILE4K:
-        return _pack4k(blocks)
     if size in (TILE6, TILE6K):
         halves = blocks
         blocks = _halves_as_blocks_of_32(blocks)
@@ -207,10 +207,12 @@ def pack(blocks: Blocks) -> np.ndarray:
         crumbs = (high << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(3, dtype=np.uint8)
         return _super6(halves, np.concatenate([parts[0], crumbs.reshape(n // ROWS, nb, 128)], 2))
     for plane in {TILE5: fifth, TILE5F: fifth, TILE5Z: fifth, TILE5ZP: fifth, TILE5ZPF: fifth,
-                  TILE6: (4, 5)}.get(size, ()):  # fmt: skip
+                  TILE5K: fifth, TILE6: (4, 5)}.get(size, ()):  # fmt: skip
         # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
         high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
+    if size in (TILE4K, TILE5K):
+        return _super4(blocks, np.concatenate(parts, axis=2), size)
     if size == TILE6:  # the scales of each half (16 weights) of the block, fp32
         s = blocks.scales.astype(np.float32).reshape(n // ROWS, ROWS, nb, 2).transpose(0, 2, 3, 1)
         parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(n // ROWS, nb, 128))
@@ -232,17 +234,16 @@ def pack(blocks: Blocks) -> np.ndarray:
     return packed
 
 
-def _pack4k(blocks: Blocks) -> np.ndarray:
-    """Q4_K's super-block tile (tiles.h): per 16 rows × 256 weights, sc, mn and z (16 bytes a
-    block each), D and E of the 16 rows (fp16), then the 8 blocks' codes as in the 336-byte tile;
-    [N/16, K/32, 312], 8 slots a super-block."""
+def _super4(blocks: Blocks, codes: np.ndarray, size: int) -> np.ndarray:
+    """Q4_K's (Q5_K's) super-block tile (tiles.h) from its blocks and their codes as the 336-byte
+    (5-bit) tile lays them out, [N/16, K/32, 256 or 320]: per 16 rows × 256 weights, sc, mn and z
+    (16 bytes a block each), D and E of the 16 rows (fp16), then the 8 blocks' codes;
+    [N/16, K/32, 312 or 376], 8 slots a super-block."""
     n, nb, _ = blocks.codes.shape
     g, s = n // ROWS, nb // K4_BLOCKS
     big_d, big_e, sc, mn = k4_factors(blocks)
     _, _, z = scale_min_zero(blocks)
-    q = blocks.codes.reshape(g, ROWS, nb, 4, 2, 4)  # as `pack` lays a block's codes out
-    low = q.transpose(0, 2, 3, 1, 5, 4) & 15  # g, b, v, r, i, half
-    codes = (low[..., 0] | (low[..., 1] << 4)).astype(np.uint8).reshape(g, s, K4_BLOCKS * 256)
+    codes = codes.reshape(g, s, -1)
 
     def per_block(x: np.ndarray) -> np.ndarray:  # [N, nb] → [g, s, 8 · 16]: block-major, then row
         return x.reshape(g, ROWS, s, K4_BLOCKS).transpose(0, 2, 3, 1).reshape(g, s, -1)
@@ -252,8 +253,7 @@ def _pack4k(blocks: Blocks) -> np.ndarray:
         return h.view(np.uint8).reshape(g, s, 2 * ROWS)
 
     parts = [per_block(sc), per_block(mn), per_block(z), per_row(big_d), per_row(big_e), codes]
-    packed = np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, TILE4K)
-    return packed
+    return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, size)
 
 
 def _super6(blocks: Blocks, codes: np.ndarray) -> np.ndarray:
@@ -301,7 +301,7 @@ def _check_layout() -> None:
     ours = {
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
-        "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K,
+        "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

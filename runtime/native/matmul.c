@@ -248,7 +248,7 @@ AVX512 INLINE __m512 bytes512(const uint8_t* x) {
 }
 AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l, int64_t b) {
   if (l.k4) {
-    const uint8_t* s = tile_scalars(p, b, 1);
+    const uint8_t* s = tile_scalars(p, b, l.k4);
     return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_de(s, b))),
                          bytes512(s + l.d));
   }
@@ -257,7 +257,7 @@ AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l, int64_t b) {
 }
 AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
   if (l.k4) {
-    const uint8_t* s = tile_scalars(p, b, 1);
+    const uint8_t* s = tile_scalars(p, b, l.k4);
     __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k4_de(s, b) + 32)));
     return _mm512_mul_ps(e, bytes512(s + l.m));
   }
@@ -1316,8 +1316,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
 /* The tile layout, for the packer (export/quant/native.py): 0 rows per tile, 1 block width,
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
    5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
-   of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11 and 12 a Q4_K and a
-   Q6_K super-block tile's slot; -1 for anything else. */
+   of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11, 12 and 13 a Q4_K,
+   a Q6_K and a Q5_K super-block tile's slot; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -1333,6 +1333,7 @@ int64_t llamaonnx_layout(int what) {
     case 10: return TILE5ZPF;
     case 11: return TILE4K;
     case 12: return TILE6K;
+    case 13: return TILE5K;
     default: return -1;
   }
 }

@@ -187,12 +187,13 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
     return error(ORT_INVALID_ARGUMENT,
                  bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560 (8-bit) or 512, 424 (6-bit)]"
                            : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 400 or 312 (4-bit) "
-                             "or 352, 384, 416, 448, 464 (5-bit)]");
+                             "or 352, 384, 416, 448, 464, 376 (5-bit)]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: A's last dimension must be K = 32 · B.shape[1]");
   if (super_tile(tile) && bdims[1] % K4_BLOCKS)
     return error(ORT_INVALID_ARGUMENT,
-                 "MatMulQ4/Q8: 312- and 424-byte (Q4_K, Q6_K) tiles need K a multiple of 256");
+                 "MatMulQ4/Q8: 312-, 376- and 424-byte (Q4_K, Q5_K, Q6_K) tiles need K a "
+                 "multiple of 256");
   if (kind->swiglu && bdims[0] % 2)
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4SwiGLU: B needs as many up rows as gate rows");
   int64_t k = adims[arank - 1], n = bdims[0] * ROWS, m = 1, nb = bdims[1];

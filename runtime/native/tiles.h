@@ -79,6 +79,10 @@
  * read at 24–27. Several rows (batched decode) keep the AVX-512 path's prefetch of the next row
  * group, a block's codes and one line of scalars: 8 rows 1.08–1.09× without (docs/speed.md).
  *
+ * B uint8 [N/16, K/32, 376] holds Q5_K the same way, 5.875 bits a weight where the 464-byte tile
+ * spends 7.25 (the file 5.5): the same 448 bytes of scalars, then 8 blocks' codes of 320 bytes
+ * each (the 5-bit tile's low nibbles and fifth bits), 3008 bytes a super-block.
+ *
  * B uint8 [N/16, K/32, 424] holds Q6_K the same way, 6.625 bits a weight where the 512-byte
  * tile spends 8 (the file 6.5625): 8 slots of 424 bytes a super-block of 3392, 16 rows × 256,
  *   bytes    0..255   sc, int8 (Q6_K's scales of 16 weights): block i's first half's 16 rows at
@@ -222,15 +226,16 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define K4_D 384
 #define K4_E 416
 #define K4_CODES 448
+#define TILE5K 376 /* Q5_K, 8 slots a super-block: TILE4K's scalars, 5-bit codes */
 #define TILE6K 424 /* Q6_K, 8 slots a super-block */
 #define K6_D 256 /* a TILE6K super-block's D; its sc at 0, its codes at K6_CODES */
 #define K6_CODES 320
 #define CRUMBS (-2) /* `planes` of the code unpackers: TILE6K's crumbs instead of bit planes */
 
-/* A super-block tile's (TILE4K, TILE6K) offset of its codes and bytes of a block's codes. */
-INLINE int super_tile(int64_t tile) { return tile == TILE4K || tile == TILE6K; }
-INLINE int64_t super_codes(int64_t tile) { return tile == TILE4K ? K4_CODES : K6_CODES; }
-INLINE int64_t block_codes(int64_t tile) { return tile == TILE4K ? 256 : 384; }
+/* A super-block tile's (TILE4K, TILE5K, TILE6K) offset of its codes and bytes of a block's codes. */
+INLINE int super_tile(int64_t tile) { return tile == TILE4K || tile == TILE5K || tile == TILE6K; }
+INLINE int64_t super_codes(int64_t tile) { return tile == TILE6K ? K6_CODES : K4_CODES; }
+INLINE int64_t block_codes(int64_t tile) { return tile == TILE4K ? 256 : tile == TILE5K ? 320 : 384; }
 
 /* Block b's codes in row group g of a weight of `tile`-byte tiles, nb blocks a row. */
 INLINE const uint8_t* tile_at(const uint8_t* w, int64_t nb, int64_t tile, int64_t g, int64_t b) {
@@ -254,24 +259,25 @@ INLINE const uint8_t* super_of(const uint8_t* p, int64_t b, int64_t tile) {
 }
 
 /* Where block b's scalars are read from, with Layout's offsets: the tile itself, or for TILE4K
-   its super-block's start moved on by the block's 16 bytes (sc, mn and z lie at l.d, l.m, l.z
-   past it; D and E at k4_de's). */
-INLINE const uint8_t* tile_scalars(const uint8_t* p, int64_t b, int k4) {
-  return k4 ? p - K4_CODES - (b & 7) * 256 + (b & 7) * 16 : p;
+   and TILE5K (q: a block's code bytes) its super-block's start moved on by the block's 16 bytes
+   (sc, mn and z lie at l.d, l.m, l.z past it; D and E at k4_de's). */
+INLINE const uint8_t* tile_scalars(const uint8_t* p, int64_t b, int q) {
+  return q ? p - K4_CODES - (b & 7) * q + (b & 7) * 16 : p;
 }
-/* D (E: + 32) of a TILE4K block's 16 rows, from tile_scalars' pointer */
+/* D (E: + 32) of a TILE4K or TILE5K block's 16 rows, from tile_scalars' pointer */
 INLINE const uint8_t* k4_de(const uint8_t* s, int64_t b) { return s - (b & 7) * 16 + K4_D; }
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
    (-1: a 5-bit tile without zero points, z 16). */
 typedef struct {
   int five, f32, d, m, z;
-  int k4; /* TILE4K: d, m, z are where sc, mn, z lie past tile_scalars' pointer */
+  int k4; /* TILE4K, TILE5K: a block's code bytes (0: none of them); d, m, z are where sc, mn,
+             z lie past tile_scalars' pointer */
 } Layout;
 
 INLINE Layout layout_of(int64_t tile) {
-  if (tile == TILE4K) {
-    Layout k = {0, 0, K4_SC, K4_MN, K4_Z, 1};
+  if (tile == TILE4K || tile == TILE5K) {
+    Layout k = {tile == TILE5K, 0, K4_SC, K4_MN, K4_Z, (int)block_codes(tile)};
     return k;
   }
   int zp5 = tile == TILE5ZP || tile == TILE5ZPF;
@@ -289,7 +295,7 @@ static inline int six(int64_t tile) { return tile == TILE6 || tile == TILE6K; }
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
   if (tile == TILE || tile == TILE4F || tile == TILE4K || tile == TILE5 || tile == TILE5F ||
-      tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF)
+      tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF || tile == TILE5K)
     return 4;
   return tile == TILE8 || tile == TILE6 || tile == TILE6K ? 8 : 0;
 }

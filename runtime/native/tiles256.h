@@ -77,7 +77,7 @@ TARGET256 INLINE __m256 NAME256(bytes)(const uint8_t* x) {
 }
 TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int64_t b, int h, int five, __m256* d, __m256* m, __m256* zd) {
   if (l.k4) { /* d = D·sc, m = E·mn: exact in fp32 */
-    const uint8_t* s = tile_scalars(p, b, 1);
+    const uint8_t* s = tile_scalars(p, b, l.k4);
     *d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_de(s, b) + 16 * h))),
                        NAME256(bytes)(s + l.d + 8 * h));
     *m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_de(s, b) + 32 + 16 * h))),
@@ -476,6 +476,7 @@ TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int
     case TILE: NAME256(few_tokens)(j, g, t0, T, TILE, two); return;
     case TILE4F: NAME256(few_tokens)(j, g, t0, T, TILE4F, two); return;
     case TILE4K: NAME256(few_tokens)(j, g, t0, T, TILE4K, two); return;
+    case TILE5K: NAME256(few_tokens)(j, g, t0, T, TILE5K, two); return;
     case TILE5: NAME256(few_tokens)(j, g, t0, T, TILE5, two); return;
     case TILE5F: NAME256(few_tokens)(j, g, t0, T, TILE5F, two); return;
     case TILE5ZP: NAME256(few_tokens)(j, g, t0, T, TILE5ZP, two); return;
