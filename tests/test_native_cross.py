@@ -11,19 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.quant.native import (
-    TILE,
-    TILE4F,
-    TILE4K,
-    TILE5K,
-    TILE5Z,
-    TILE5ZP,
-    TILE5ZPF,
-    TILE6,
-    TILE6K,
-    TILE8,
-    pack,
-)
+from export.quant import native as q
 from tests.test_native import BLOCKS, reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +56,10 @@ def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str, dig
 def test_arm_kernel_matches_numpy(driver, path, kind, m, digits, keep):
     n, k = 48, 512
     blocks = BLOCKS[kind](n, k, seed=m)
-    packed = pack(blocks)
-    tiles = {"Q4_1": TILE, "Q4_K": TILE4K, "Q4_K-fp32": TILE4F, "Q8_0": TILE8, "Q5_0": TILE5Z,
-             "Q5_1": TILE5ZP, "Q5_K": TILE5K, "Q5_K-fp32": TILE5ZPF,
-             "Q6_K": TILE6K, "Q6_K-fp32": TILE6}  # fmt: skip
+    packed = q.pack(blocks)
+    tiles = {"Q4_1": q.TILE, "Q4_K": q.TILE4K, "Q4_K-fp32": q.TILE4F, "Q8_0": q.TILE8,
+             "Q5_0": q.TILE5Z, "Q5_1": q.TILE5ZP, "Q5_K": q.TILE5K, "Q5_K-fp32": q.TILE5ZPF,
+             "Q6_K": q.TILE6K, "Q6_K-fp32": q.TILE6}  # fmt: skip
     assert packed.shape[-1] == tiles[kind]
     a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     y = _run(driver, packed, a, n, path, digits, keep)
