@@ -143,17 +143,29 @@ def _super_factors(x: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
 
 
 def tile_bytes(blocks: Blocks) -> int:
-    """The tile a weight's blocks are packed in: TILE8 or TILE6 (MatMulQ8); TILE or TILE5 (TILE5Z
-    for Q5_0's m = −16·d), or TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold,
-    TILE4K for those of them that are Q4_K's (MatMulQ4)."""
+    """The tile a weight's blocks are packed in: TILE8, TILE6 or TILE6K (Q6_K's super-blocks:
+    MatMulQ8); TILE or TILE5 (TILE5Z for Q5_0's m = −16·d), or TILE4F / TILE5F for carried
+    blocks whose d or m fp16 cannot hold, TILE4K / TILE5K for those of them that are Q4_K's or
+    Q5_K's (MatMulQ4)."""
+    return _tile(blocks)[0]
+
+
+def _tile(blocks: Blocks) -> tuple[int, tuple[np.ndarray, ...] | None]:
+    """tile_bytes, and the factors a super-block tile keeps (k4_factors, q6_k_factors)."""
     bits = code_bits(blocks)
     if bits == 6:
-        return TILE6K if q6_k_factors(blocks) is not None else TILE6
+        factors = q6_k_factors(blocks)
+        return (TILE6 if factors is None else TILE6K), factors
     if bits == 8:
-        return TILE8
+        return TILE8, None
     wide = blocks.carried and not _fp16_exact(blocks)
-    if wide and k4_factors(blocks) is not None:
-        return TILE4K if bits == 4 else TILE5K
+    factors = k4_factors(blocks) if wide else None
+    if factors is not None:
+        return (TILE4K if bits == 4 else TILE5K), factors
+    return _fp32_tile(blocks, bits, wide), None
+
+
+def _fp32_tile(blocks: Blocks, bits: int, wide: bool) -> int:
     if bits == 5 and not wide and blocks.offsets is None and _centred_on(blocks, 16):
         return TILE5Z  # m = −16·d: the kernel makes it
     if bits == 5 and blocks.zero_points is not None and not _centred_on(blocks, 16):
@@ -190,11 +202,10 @@ def pack(blocks: Blocks) -> np.ndarray:
         )
     _check_layout()
     n, nb, _ = blocks.codes.shape
-    size = tile_bytes(blocks)
+    size, factors = _tile(blocks)
     if size == TILE8:
         return _pack8(blocks)
     if size in (TILE6, TILE6K):
-        halves = blocks
         blocks = _halves_as_blocks_of_32(blocks)
         nb //= 2
     q = blocks.codes.reshape(n // ROWS, ROWS, nb, 4, 2, 4)  # g, r, b, v, half, i
@@ -205,14 +216,15 @@ def pack(blocks: Blocks) -> np.ndarray:
     if size == TILE6K:  # each code's two high bits as a crumb (tiles.h): register u = 4k + t
         high = ((q >> 4) & 3).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 2, 4, 64)
         crumbs = (high << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(3, dtype=np.uint8)
-        return _super6(halves, np.concatenate([parts[0], crumbs.reshape(n // ROWS, nb, 128)], 2))
+        codes = np.concatenate([parts[0], crumbs.reshape(n // ROWS, nb, 128)], 2)
+        return _super6(codes, *factors)
     for plane in {TILE5: fifth, TILE5F: fifth, TILE5Z: fifth, TILE5ZP: fifth, TILE5ZPF: fifth,
                   TILE5K: fifth, TILE6: (4, 5)}.get(size, ()):  # fmt: skip
         # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
         high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
     if size in (TILE4K, TILE5K):
-        return _super4(blocks, np.concatenate(parts, axis=2), size)
+        return _super4(blocks, np.concatenate(parts, axis=2), size, factors)
     if size == TILE6:  # the scales of each half (16 weights) of the block, fp32
         s = blocks.scales.astype(np.float32).reshape(n // ROWS, ROWS, nb, 2).transpose(0, 2, 3, 1)
         parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(n // ROWS, nb, 128))
@@ -234,14 +246,15 @@ def pack(blocks: Blocks) -> np.ndarray:
     return packed
 
 
-def _super4(blocks: Blocks, codes: np.ndarray, size: int) -> np.ndarray:
-    """Q4_K's (Q5_K's) super-block tile (tiles.h) from its blocks and their codes as the 336-byte
-    (5-bit) tile lays them out, [N/16, K/32, 256 or 320]: per 16 rows × 256 weights, sc, mn and z
+def _super4(blocks: Blocks, codes: np.ndarray, size: int, factors) -> np.ndarray:
+    """Q4_K's (Q5_K's) super-block tile (tiles.h) from its blocks, their k4_factors and their codes
+    as the 336-byte (5-bit) tile lays them out, [N/16, K/32, 256 or 320]: per 16 rows × 256
+    weights, sc, mn and z
     (16 bytes a block each), D and E of the 16 rows (fp16), then the 8 blocks' codes;
     [N/16, K/32, 312 or 376], 8 slots a super-block."""
     n, nb, _ = blocks.codes.shape
     g, s = n // ROWS, nb // K4_BLOCKS
-    big_d, big_e, sc, mn = k4_factors(blocks)
+    big_d, big_e, sc, mn = factors
     _, _, z = scale_min_zero(blocks)
     codes = codes.reshape(g, s, -1)
 
@@ -256,14 +269,13 @@ def _super4(blocks: Blocks, codes: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, size)
 
 
-def _super6(blocks: Blocks, codes: np.ndarray) -> np.ndarray:
-    """Q6_K's super-block tile (tiles.h) from its blocks of 16 and their codes ([N/16, K/32, 384]:
-    low nibbles, then crumbs): per 16 rows × 256 weights, the int8 sc of each
-    block's two halves (16 rows each), D of the 16 rows (fp16), 32 bytes unused, then the 8
-    blocks' codes; [N/16, K/32, 424], 8 slots a super-block."""
+def _super6(codes: np.ndarray, big_d: np.ndarray, sc: np.ndarray) -> np.ndarray:
+    """Q6_K's super-block tile (tiles.h) from its codes ([N/16, K/32, 384]: low nibbles, then
+    crumbs) and q6_k_factors: per 16 rows × 256 weights, the int8 sc of each block's two halves
+    (16 rows each), D of the 16 rows (fp16), 32 bytes unused, then the 8 blocks' codes;
+    [N/16, K/32, 424], 8 slots a super-block."""
     g, nb, _ = codes.shape
     s = nb // K4_BLOCKS
-    big_d, sc = q6_k_factors(blocks)
     sc = sc.view(np.uint8).reshape(g, ROWS, s, 2 * K4_BLOCKS).transpose(0, 2, 3, 1)
     d = np.ascontiguousarray(big_d.reshape(g, ROWS, s).transpose(0, 2, 1)).view(np.uint8)
     parts = [sc.reshape(g, s, -1), d, np.zeros((g, s, 32), np.uint8), codes.reshape(g, s, -1)]
