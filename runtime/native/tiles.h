@@ -253,7 +253,7 @@ INLINE const uint8_t* tile_step(const uint8_t* p, int64_t b, int64_t tile) {
   return p + tile;
 }
 
-/* The super-block of a TILE4K or TILE6K block b whose codes are at p. */
+/* The super-block of a TILE4K, TILE5K or TILE6K block b whose codes are at p. */
 INLINE const uint8_t* super_of(const uint8_t* p, int64_t b, int64_t tile) {
   return p - super_codes(tile) - (b & 7) * block_codes(tile);
 }
