@@ -59,8 +59,8 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
           float dr, mr;
           if (l.k4) { /* d = D·sc, m = E·mn: exact in fp32 */
             uint16_t dh, eh;
-            memcpy(&dh, k4_de(ps, b) + 2 * r, 2);
-            memcpy(&eh, k4_de(ps, b) + 32 + 2 * r, 2);
+            memcpy(&dh, k4_row(ps, b, K4_D) + 2 * r, 2);
+            memcpy(&eh, k4_row(ps, b, K4_E) + 2 * r, 2);
             dr = half_to_float(dh) * (float)ps[l.d + r];
             mr = half_to_float(eh) * (float)ps[l.m + r];
           } else if (l.f32) {
@@ -249,7 +249,7 @@ AVX512 INLINE __m512 bytes512(const uint8_t* x) {
 AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l, int64_t b) {
   if (l.k4) {
     const uint8_t* s = tile_scalars(p, b, l.k4);
-    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_de(s, b))),
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_row(s, b, K4_D))),
                          bytes512(s + l.d));
   }
   return l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
@@ -258,7 +258,7 @@ AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l, int64_t b) {
 AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
   if (l.k4) {
     const uint8_t* s = tile_scalars(p, b, l.k4);
-    __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(k4_de(s, b) + 32)));
+    __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_row(s, b, K4_E)));
     return _mm512_mul_ps(e, bytes512(s + l.m));
   }
   return l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
@@ -954,8 +954,8 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
         memcpy(sc, ps + l.d + 4 * q4, 4);
         memcpy(mn, ps + l.m + 4 * q4, 4);
         float scf[4] = {sc[0], sc[1], sc[2], sc[3]}, mnf[4] = {mn[0], mn[1], mn[2], mn[3]};
-        d = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_de(ps, b) + 8 * q4))), vld1q_f32(scf));
-        m = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_de(ps, b) + 32 + 8 * q4))), vld1q_f32(mnf));
+        d = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_row(ps, b, K4_D) + 8 * q4))), vld1q_f32(scf));
+        m = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_row(ps, b, K4_E) + 8 * q4))), vld1q_f32(mnf));
       } else if (l.f32) {
         d = vld1q_f32((const float*)(p + l.d) + 4 * q4);
         m = vld1q_f32((const float*)(p + l.m) + 4 * q4);

@@ -260,12 +260,12 @@ INLINE const uint8_t* super_of(const uint8_t* p, int64_t b, int64_t tile) {
 
 /* Where block b's scalars are read from, with Layout's offsets: the tile itself, or for TILE4K
    and TILE5K (q: a block's code bytes) its super-block's start moved on by the block's 16 bytes
-   (sc, mn and z lie at l.d, l.m, l.z past it; D and E at k4_de's). */
+   (sc, mn and z lie at l.d, l.m, l.z past it; D and E at k4_row's). */
 INLINE const uint8_t* tile_scalars(const uint8_t* p, int64_t b, int q) {
   return q ? p - K4_CODES - (b & 7) * q + (b & 7) * 16 : p;
 }
-/* D (E: + 32) of a TILE4K or TILE5K block's 16 rows, from tile_scalars' pointer */
-INLINE const uint8_t* k4_de(const uint8_t* s, int64_t b) { return s - (b & 7) * 16 + K4_D; }
+/* D (at = K4_D) or E (K4_E) of a TILE4K or TILE5K block's 16 rows, from tile_scalars' pointer */
+INLINE const uint8_t* k4_row(const uint8_t* s, int64_t b, int at) { return s - (b & 7) * 16 + at; }
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
    (-1: a 5-bit tile without zero points, z 16). */

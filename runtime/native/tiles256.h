@@ -78,9 +78,9 @@ TARGET256 INLINE __m256 NAME256(bytes)(const uint8_t* x) {
 TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int64_t b, int h, int five, __m256* d, __m256* m, __m256* zd) {
   if (l.k4) { /* d = D·sc, m = E·mn: exact in fp32 */
     const uint8_t* s = tile_scalars(p, b, l.k4);
-    *d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_de(s, b) + 16 * h))),
+    *d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_row(s, b, K4_D) + 16 * h))),
                        NAME256(bytes)(s + l.d + 8 * h));
-    *m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_de(s, b) + 32 + 16 * h))),
+    *m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_row(s, b, K4_E) + 16 * h))),
                        NAME256(bytes)(s + l.m + 8 * h));
     *zd = _mm256_mul_ps(NAME256(bytes)(s + l.z + 8 * h), *d);
     return;
