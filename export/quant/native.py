@@ -85,11 +85,10 @@ def _fp16_exact(blocks: Blocks) -> bool:
 
 def k4_factors(blocks: Blocks) -> tuple[np.ndarray, ...] | None:
     """4- or 5-bit blocks whose d and m are Q4_K's (Q5_K's), d = D·sc and m = E·mn with D and E
-    fp16 for each
-    row's 8 blocks in turn (a super-block) and sc, mn integers 0..63, factored so: D, E float16
-    [N, nb/8] and sc, mn uint8 [N, nb]; None where some super-block's are not (the fp32 products
-    are then packed as they are, in TILE4F). Any factors whose products give d and m to the bit
-    will do: they are checked, not assumed."""
+    fp16 for each row's 8 blocks in turn (a super-block) and sc, mn integers 0..63, factored so:
+    D, E float16 [N, nb/8] and sc, mn uint8 [N, nb]; None where some super-block's are not (the
+    fp32 products are then packed as they are, in TILE4F or TILE5ZPF). Any factors whose products
+    give d and m to the bit will do: they are checked, not assumed."""
     n, nb = blocks.scales.shape
     if code_bits(blocks) not in (4, 5) or blocks.block_size != BLOCK or nb % K4_BLOCKS:
         return None
@@ -249,9 +248,8 @@ def pack(blocks: Blocks) -> np.ndarray:
 def _super4(blocks: Blocks, codes: np.ndarray, size: int, factors) -> np.ndarray:
     """Q4_K's (Q5_K's) super-block tile (tiles.h) from its blocks, their k4_factors and their codes
     as the 336-byte (5-bit) tile lays them out, [N/16, K/32, 256 or 320]: per 16 rows × 256
-    weights, sc, mn and z
-    (16 bytes a block each), D and E of the 16 rows (fp16), then the 8 blocks' codes;
-    [N/16, K/32, 312 or 376], 8 slots a super-block."""
+    weights, sc, mn and z (16 bytes a block each), D and E of the 16 rows (fp16), then the 8
+    blocks' codes; [N/16, K/32, 312 or 376], 8 slots a super-block."""
     n, nb, _ = blocks.codes.shape
     g, s = n // ROWS, nb // K4_BLOCKS
     big_d, big_e, sc, mn = factors
@@ -261,11 +259,8 @@ def _super4(blocks: Blocks, codes: np.ndarray, size: int, factors) -> np.ndarray
     def per_block(x: np.ndarray) -> np.ndarray:  # [N, nb] → [g, s, 8 · 16]: block-major, then row
         return x.reshape(g, ROWS, s, K4_BLOCKS).transpose(0, 2, 3, 1).reshape(g, s, -1)
 
-    def per_row(x: np.ndarray) -> np.ndarray:  # [N, s] float16 → [g, s, 32]
-        h = np.ascontiguousarray(x.reshape(g, ROWS, s).transpose(0, 2, 1))
-        return h.view(np.uint8).reshape(g, s, 2 * ROWS)
-
-    parts = [per_block(sc), per_block(mn), per_block(z), per_row(big_d), per_row(big_e), codes]
+    rows = [_super_rows(x) for x in (big_d, big_e)]
+    parts = [per_block(sc), per_block(mn), per_block(z), *rows, codes]
     return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, size)
 
 
@@ -277,9 +272,17 @@ def _super6(codes: np.ndarray, big_d: np.ndarray, sc: np.ndarray) -> np.ndarray:
     g, nb, _ = codes.shape
     s = nb // K4_BLOCKS
     sc = sc.view(np.uint8).reshape(g, ROWS, s, 2 * K4_BLOCKS).transpose(0, 2, 3, 1)
-    d = np.ascontiguousarray(big_d.reshape(g, ROWS, s).transpose(0, 2, 1)).view(np.uint8)
+    d = _super_rows(big_d)
     parts = [sc.reshape(g, s, -1), d, np.zeros((g, s, 32), np.uint8), codes.reshape(g, s, -1)]
     return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, TILE6K)
+
+
+def _super_rows(x: np.ndarray) -> np.ndarray:
+    """A super-block tile's fp16 value a row, [N, K/256] → uint8 [N/16, K/256, 32]: each
+    super-block's 16 rows side by side."""
+    n, s = x.shape
+    h = np.ascontiguousarray(x.astype(np.float16).reshape(n // ROWS, ROWS, s).transpose(0, 2, 1))
+    return h.view(np.uint8).reshape(n // ROWS, s, 2 * ROWS)
 
 
 def _halves_as_blocks_of_32(blocks: Blocks) -> Blocks:
