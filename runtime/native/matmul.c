@@ -224,14 +224,16 @@ AVX512 INLINE void digits512(const Job* j, int64_t t0, int T, int64_t b, const _
 /* The next tile group's lines of block b, prefetched while this group computes (on its first
    token group only). Eight rows of a decode step make the AVX-512 path compute-heavy enough that
    the hardware prefetcher falls behind the weights' stream from memory: measured on the 2-core
-   EPYC, 8 rows × 250 cached tokens, ~10 % a step (one token alone: no change; two groups ahead:
-   less; the 256-bit paths: no change, so they do without). Past the last group it prefetches
-   bytes it never reads, which cannot fault. */
+   EPYC, 8 rows × 250 cached tokens, ~10 % a step (two groups ahead: less; the 256-bit paths: no
+   change, so they do without). One row alone goes without: it reads one ascending stream, which
+   the hardware prefetcher follows, and this prefetch slowed it (Zen 4, one thread streaming from
+   memory: the 8-bit head 20.6 → 28.9 GB/s without it, Q4_1 tiles 3–8 % faster, a super-block
+   tile 14 → 23.6 GB/s; docs/speed.md). Past the last group it prefetches bytes it never reads,
+   which cannot fault. */
 AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t b, int64_t stride, int64_t t0) {
-  if (t0) return;
+  if (t0 || j->m == 1) return;
   const char* x = (const char*)p + j->nb * stride;
   if (super_tile(stride)) { /* a block's codes, and one line of its super-block's scalars */
-    if (j->m == 1) return; /* (one ascending stream: see tiles.h) */
     int64_t q = block_codes(stride), c = super_codes(stride);
     for (int64_t o = 0; o < q; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
     if ((b & 7) * 64 < c) _mm_prefetch(x - c - (b & 7) * q + (b & 7) * 64, _MM_HINT_T0);
