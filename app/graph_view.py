@@ -24,8 +24,9 @@ ROLES = {  # op type → (role, colour)
     "MatMulQ4": ("projection (llamaonnx 4-bit)", "#bab0ac"),
     "MatMulQ4SwiGLU": ("gate/up + SwiGLU (llamaonnx 4-bit)", "#bab0ac"),
     "MatMulQ8": ("projection (llamaonnx 8-bit)", "#bab0ac"),
+    "MatMulQ8SwiGLU": ("gate/up + SwiGLU (llamaonnx 8-bit)", "#bab0ac"),
 }
-NATIVE_MATMULS = ("MatMulQ4", "MatMulQ4SwiGLU", "MatMulQ8")
+NATIVE_MATMULS = ("MatMulQ4", "MatMulQ4SwiGLU", "MatMulQ8", "MatMulQ8SwiGLU")
 
 
 def layer_nodes(model_path: Path, layer: int) -> list[tuple[str, str, list[str], list[str]]]:

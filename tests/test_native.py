@@ -20,6 +20,7 @@ from export.quant.native import (
     OP8,
     ROWS,
     SWIGLU,
+    SWIGLU8,
     TILE,
     TILE4F,
     TILE4K,
@@ -823,11 +824,16 @@ def test_weights_fed_as_an_input_are_read_on_every_call():
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", [1.0, 60.0])  # 60: gates far past exp's range either way
-def test_swiglu_op_is_silu_of_the_gate_times_the_up_rows(path, scale):
-    gate_up = q4_1(128, 96, seed=5)  # 64 gate rows, then 64 up rows
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "Q6_K-fp32"])
+def test_swiglu_op_is_silu_of_the_gate_times_the_up_rows(path, scale, kind):
+    """MatMulQ4SwiGLU on 4-bit tiles, MatMulQ8SwiGLU on 8-bit and Q6_K ones (both of Q6_K's)."""
+    k = 256 if kind.startswith("Q6_K") else 96
+    gate_up = BLOCKS[kind](128, k, seed=5)  # 64 gate rows, then 64 up rows
     packed = pack(gate_up)
-    graph = _one_node(SWIGLU, packed, 96)
-    a = (scale * np.random.default_rng(9).standard_normal((2, 5, 96))).astype(np.float32)
+    op = SWIGLU8 if op_for(gate_up) == OP8 else SWIGLU
+    assert op == (SWIGLU if kind == "Q4_1" else SWIGLU8)
+    graph = _one_node(op, packed, k)
+    a = (scale * np.random.default_rng(9).standard_normal((2, 5, k))).astype(np.float32)
     both = reference(a, packed)
     g, u = both[..., :64].astype(np.float64), both[..., 64:]
     with np.errstate(over="ignore"):
@@ -879,14 +885,17 @@ def _norm_then(op: str, packed: np.ndarray, k: int, folded: bool, eps: float = 1
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_1", "Q6_K", "SwiGLU", "SwiGLU5"])
+@pytest.mark.parametrize(
+    "kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_1", "Q6_K", "SwiGLU", "SwiGLU5", "SwiGLU8", "SwiGLU6"]
+)
 def test_a_folded_norm_gives_onnxruntimes_skip_norm_to_the_bit(path, kind):
     """The norm a projection folds in computes onnxruntime's SkipSimplifiedLayerNormalization in
     its own float order: the folded graph's output and residual sum equal the two-node graph's
     exactly, at decode (one row) and for a prompt (rows spread over the threads)."""
-    make = BLOCKS | {"SwiGLU": q4_1, "SwiGLU5": BLOCKS["Q5_0"]}
-    blocks = make[kind](128, 256, seed=3)
-    op = {"Q8_0": OP8, "Q6_K": OP8, "SwiGLU": SWIGLU, "SwiGLU5": SWIGLU}.get(kind, OP)
+    swiglu = {"SwiGLU": "Q4_1", "SwiGLU5": "Q5_0", "SwiGLU8": "Q8_0", "SwiGLU6": "Q6_K"}
+    blocks = BLOCKS[swiglu.get(kind, kind)](128, 256, seed=3)
+    op = {"Q8_0": OP8, "Q6_K": OP8, "SwiGLU": SWIGLU, "SwiGLU5": SWIGLU, "SwiGLU8": SWIGLU8,
+          "SwiGLU6": SWIGLU8}.get(kind, OP)  # fmt: skip
     packed = pack(blocks)
     rng = np.random.default_rng(11)
     native.library()
@@ -946,6 +955,13 @@ def test_wrong_inputs_get_clear_errors():
     with pytest.raises(QuantizationError, match="blocks of 32"):
         pack(quantize(np.zeros((32, 64), np.float32), 4, 64, False))
     assert not supports(quantize(np.zeros((24, 64), np.float32), 4, 32, False))  # N % 16
+    # each SwiGLU op takes its own matmul's tiles, and gate and up rows in equal numbers
+    eight = pack(q8_0(32, 64))
+    for op, b, message in ((SWIGLU8, packed, "MatMulQ8: B must be"),
+                           (SWIGLU, eight, "MatMulQ4: B must be"),
+                           (SWIGLU8, eight[:1], "as many up rows as gate rows")):  # fmt: skip
+        with pytest.raises(Exception, match=message):
+            _load(_one_node(op, b, 64), 1).run(None, {"a": np.zeros((1, 1, 64), np.float32)})
 
 
 def test_missing_library_says_how_to_build_it(monkeypatch, tmp_path):

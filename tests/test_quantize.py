@@ -249,17 +249,21 @@ def test_int4_on_cpu_runs_the_native_kernel_with_the_head_on_matmul_nbits(quanti
 
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])
 def test_int8_on_cpu_runs_the_native_8bit_kernel(quantized, target):
-    """Every projection and the head on MatMulQ8 tiles (gate/up one of them, then Split and the
-    SwiGLU in onnxruntime: no 8-bit SwiGLU op); on `ort` our attention and folded norms too."""
+    """Every projection and the head on MatMulQ8 tiles, gate/up and the SwiGLU after them one
+    MatMulQ8SwiGLU; on `ort` our attention and folded norms too."""
     model, ops = _ops(quantized[target, "int8"])
-    assert ops["MatMulQ8"] == PER_LAYER[target] * L + 1 and ops["MatMulNBits"] == 0
-    assert ops["MatMulQ4"] == ops["MatMul"] == 0 and ops["Split"] == L
+    assert ops["MatMulQ8"] == (PER_LAYER[target] - 1) * L + 1 and ops["MatMulQ8SwiGLU"] == L
+    assert ops["MatMulNBits"] == ops["MatMulQ4"] == ops["MatMul"] == 0
+    assert ops["Split"] == ops["Sigmoid"] == 0
     info = json.loads((quantized[target, "int8"] / "llamaonnx.json").read_text())
     assert info["quantization"]["kernel"] == "native"
     if target == "ort":
         gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
         assert {n.domain for n in gqa} == {"ai.llamaonnx"}
         assert ops["SkipSimplifiedLayerNormalization"] == 1
+        folded = [n for n in model.graph.node if n.domain == "ai.llamaonnx" and len(n.input) == 4]
+        assert {n.op_type for n in folded} == {"MatMulQ8", "MatMulQ8SwiGLU"}
+        assert len(folded) == 2 * L - 1
 
 
 @pytest.mark.parametrize("target", ["portable", "onnx23", "ort"])

@@ -39,6 +39,8 @@ TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a
 TILE5K, TILE6K = 376, 424  # a slot of Q5_K's and of Q6_K's
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
+SWIGLU8 = "MatMulQ8SwiGLU"  # the same of a fused gate/up MatMulQ8 (8-bit or Q6_K tiles)
+MATMULS = (OP, OP8, SWIGLU, SWIGLU8)  # the ops that multiply by tiles
 ATTENTION = "GroupQueryAttention"  # com.microsoft's, for packed QKV + rotary + a shared cache
 
 
@@ -359,7 +361,7 @@ def two_digits(graph, specs: tuple[str, ...]) -> list[str]:
     import onnx
 
     parsed = [precise_pattern(s) for s in specs]
-    nodes = [n for n in graph.node if n.domain == DOMAIN and n.op_type in (OP, OP8, SWIGLU)]
+    nodes = [n for n in graph.node if n.domain == DOMAIN and n.op_type in MATMULS]
     marked = []
     for node in nodes:
         module = module_of(node)

@@ -3,7 +3,7 @@ that reads it.
 
 Contract:
 
-    SkipSimplifiedLayerNormalization(x, h, W) ─┬─ out 0 ─ MatMulQ4 | MatMulQ4SwiGLU | MatMulQ8 (B)
+    SkipSimplifiedLayerNormalization(x, h, W) ─┬─ out 0 ─ MatMulQ4 | MatMulQ8 | …SwiGLU (B)
                                                └─ out 3 (x + h) ─► residual readers
 
 becomes `op(x, B, W, h) → (y, x + h)` with the norm's `epsilon`: the kernel sums, normalises and
@@ -22,10 +22,9 @@ from onnx import helper
 
 from export.passes.graph import MS, attr, replace_nodes, skip
 from export.quant.graph import consumers
-from export.quant.native import DOMAIN, OP, OP8, SWIGLU
+from export.quant.native import DOMAIN, MATMULS
 
 NAME = "norm folding"
-_PROJECTIONS = (OP, OP8, SWIGLU)
 
 
 def _why_not(norm: onnx.NodeProto, readers: list[onnx.NodeProto]) -> str | None:
@@ -38,7 +37,7 @@ def _why_not(norm: onnx.NodeProto, readers: list[onnx.NodeProto]) -> str | None:
     if len(readers) != 1:
         return f"its output has {len(readers)} readers, not one projection"
     mm = readers[0]
-    if mm.domain != DOMAIN or mm.op_type not in _PROJECTIONS:
+    if mm.domain != DOMAIN or mm.op_type not in MATMULS:
         return f"its output is read by {mm.domain or 'ai.onnx'}.{mm.op_type}, not our projection"
     if len(mm.input) != 2 or mm.input[0] != norm.output[0]:
         return "the projection already folds a norm, or reads the output as its weight"

@@ -1,4 +1,5 @@
-"""Rewrite: a native gate/up projection and the SwiGLU after it → one `MatMulQ4SwiGLU`.
+"""Rewrite: a native gate/up projection and the SwiGLU after it → one `MatMulQ4SwiGLU` (or,
+for a `MatMulQ8` one, `MatMulQ8SwiGLU`: Q8_0 and Q6_K files' gate/up).
 
 Contract:
 
@@ -18,7 +19,7 @@ from onnx import helper
 
 from export.passes.graph import producers, replace_nodes, skip
 from export.quant.graph import consumers
-from export.quant.native import DOMAIN, OP, SWIGLU
+from export.quant.native import DOMAIN, OP, OP8, SWIGLU, SWIGLU8
 
 NAME = "SwiGLU fusion"
 
@@ -33,7 +34,8 @@ def fuse_swiglu(g: onnx.GraphProto) -> int:
         return found[0] if len(found) == 1 and found[0].op_type == op else None
 
     fused = 0
-    for mm in [n for n in g.node if n.op_type == OP and n.name.endswith("/w13/MatMulQ4")]:
+    fused_op = {OP: SWIGLU, OP8: SWIGLU8}
+    for mm in [n for n in g.node if n.op_type in fused_op and n.name.endswith(f"/w13/{n.op_type}")]:
         split = only_user(mm.output[0], "Split")
         if split is None or len(split.output) != 2:
             skip(NAME, mm.name, "its output is not read by one Split in two")
@@ -54,11 +56,12 @@ def fuse_swiglu(g: onnx.GraphProto) -> int:
         if len(users.get(up, [])) != 1 or made_by.get(up) is not split:
             skip(NAME, mm.name, "up has other readers")
             continue
+        op = fused_op[mm.op_type]
         new = helper.make_node(
-            SWIGLU,
+            op,
             list(mm.input),
             [prod.output[0]],
-            name=mm.name.replace(OP, SWIGLU),
+            name=mm.name.replace(mm.op_type, op),
             domain=DOMAIN,
         )
         replace_nodes(g, [mm, split, sig, silu, prod], [new])

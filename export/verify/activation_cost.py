@@ -44,12 +44,12 @@ def extra_work(graph) -> float:
     x86 kernels add only those blocks' products; a prompt's rows in groups of 4 add the union of
     theirs, so a prefill pays more), over every kernel node's N·K. Machine-independent, unlike
     the speed it costs."""
-    from export.quant.native import DOMAIN, OP, OP8, SWIGLU
+    from export.quant.native import DOMAIN, MATMULS
 
     dims = {t.name: list(t.dims) for t in graph.initializer}
     one = two = 0.0
     for node in graph.node:
-        if node.domain != DOMAIN or node.op_type not in (OP, OP8, SWIGLU):
+        if node.domain != DOMAIN or node.op_type not in MATMULS:
             continue
         n16, nb = dims[node.input[1]][:2]
         attrs = {a.name: a.i for a in node.attribute}

@@ -195,7 +195,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
                  "MatMulQ4/Q8: 312-, 376- and 424-byte (Q4_K, Q5_K, Q6_K) tiles need K a "
                  "multiple of 256");
   if (kind->swiglu && bdims[0] % 2)
-    return error(ORT_INVALID_ARGUMENT, "MatMulQ4SwiGLU: B needs as many up rows as gate rows");
+    return error(ORT_INVALID_ARGUMENT,
+                 "MatMulQ4SwiGLU/MatMulQ8SwiGLU: B needs as many up rows as gate rows");
   int64_t k = adims[arank - 1], n = bdims[0] * ROWS, m = 1, nb = bdims[1];
   for (size_t i = 0; i + 1 < arank; i++) m *= adims[i];
   if (skip.value && !gamma.value)
@@ -410,6 +411,7 @@ static void* create_kernel(const OrtCustomOp* op, const OrtApi* a, const OrtKern
 static const char* name_q4(const OrtCustomOp* op) { (void)op; return "MatMulQ4"; }
 static const char* name_q8(const OrtCustomOp* op) { (void)op; return "MatMulQ8"; }
 static const char* name_swiglu(const OrtCustomOp* op) { (void)op; return "MatMulQ4SwiGLU"; }
+static const char* name_swiglu8(const OrtCustomOp* op) { (void)op; return "MatMulQ8SwiGLU"; }
 static const char* name_gather(const OrtCustomOp* op) { (void)op; return "GatherQ8"; }
 static const char* op_ep(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int matmul_input(const OrtCustomOp* op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
@@ -440,6 +442,7 @@ static int one(const OrtCustomOp* op) { (void)op; return 1; }
 static const OrtCustomOp matmul_q4 = MATMUL_OP(name_q4);
 static const OrtCustomOp matmul_q8 = MATMUL_OP(name_q8);
 static const OrtCustomOp matmul_q4_swiglu = MATMUL_OP(name_swiglu);
+static const OrtCustomOp matmul_q8_swiglu = MATMUL_OP(name_swiglu8);
 static const char* name_attention(const OrtCustomOp* op) { (void)op; return "GroupQueryAttention"; }
 static const OrtCustomOp attention16;
 /* the cache (inputs 1, 2 and outputs 1, 2) is float, or float16 for the op's second registration */
@@ -501,8 +504,8 @@ static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const
   (void)a;
   Kind* k = calloc(1, sizeof(Kind));
   if (!k) return error(ORT_FAIL, "MatMulQ4: out of memory");
-  k->bits = op == &matmul_q8 ? 8 : 4;
-  k->swiglu = op == &matmul_q4_swiglu;
+  k->bits = op == &matmul_q8 || op == &matmul_q8_swiglu ? 8 : 4;
+  k->swiglu = op == &matmul_q4_swiglu || op == &matmul_q8_swiglu;
   k->eps = -1.f;
   if (op != &gather_q8) {
     OrtStatus* none = CALL(KERNEL_INFO_GET_ATTRIBUTE_FLOAT, attr_float_fn)(info, "epsilon", &k->eps);
@@ -557,6 +560,7 @@ OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base)
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q4));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q8));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q4_swiglu));
+  TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &matmul_q8_swiglu));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &attention));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &attention16));
   TRY(CALL(CUSTOM_OP_DOMAIN_ADD, domain_add_fn)(domain, &gather_q8));

@@ -10,8 +10,9 @@
  * library's own threads for the kernels' parallel loops), ort_binding.c
  * (onnxruntime's C API by its function table, the custom-op domain).
  *
- * llamaonnx's CPU kernel library for onnxruntime: ops `MatMulQ4`, `MatMulQ8` and `GatherQ8` of
- * domain `ai.llamaonnx`.
+ * llamaonnx's CPU kernel library for onnxruntime: ops `MatMulQ4`, `MatMulQ8`, their SwiGLU forms
+ * `MatMulQ4SwiGLU` and `MatMulQ8SwiGLU`, `GatherQ8` and `GroupQueryAttention` of domain
+ * `ai.llamaonnx`.
  *
  * Y[.., N] = A[.., K] · Wᵀ for 4-bit weights in blocks of 32 along K, each block
  * W[n, b·32 + j] = d[n, b] · q[n, b, j] + m[n, b]   (q in 0..15)
@@ -100,7 +101,8 @@
  *
  * MatMulQ4SwiGLU(A, B): the SwiGLU of a fused gate/up projection, silu(A·Gᵀ) ⊙ (A·Uᵀ), from
  * tiles of [G; U] stacked along N (output N/2): the Split, Sigmoid and two Muls that would follow
- * cost more per token than the arithmetic itself.
+ * cost more per token than the arithmetic itself. MatMulQ8SwiGLU is the same on MatMulQ8's tiles
+ * (8-bit, or Q6_K's: gate/up of Q8_0 and Q6_K files).
  *
  * MatMulQ8, the 8-bit LM head: W[n, b·32 + j] = d[n, b]·(c[n, b, j] − z[n, b]), c in 0..255 (GGUF's
  * Q8_0 is c = q + 128, z = 128). B uint8 [N/16, K/32, 560]: bytes v·64 + r·4 + i (v 0..7) hold
@@ -116,7 +118,7 @@
  * sum of int8 activations, and scaled by its own s: y = da·Σ s_h·(Σ q·â_int − 32·Σ â_int), the
  * error llama.cpp's Q6_K × Q8 dot product has.
  *
- * The three matmul ops take two optional inputs, an RMSNorm in front of the projection:
+ * The four matmul ops take two optional inputs, an RMSNorm in front of the projection:
  * op(A, B, gamma, skip) computes R = A + skip (output 1, the residual stream's next value) and
  * multiplies RMSNorm(R)·gamma (attribute `epsilon`) instead of A; op(A, B, gamma) normalises A
  * alone. This is onnxruntime's SkipSimplifiedLayerNormalization, computed in its own float order,
