@@ -24,6 +24,7 @@ from export.quant.native import (
     TILE,
     TILE4F,
     TILE4K,
+    TILE4Z,
     TILE5,
     TILE5F,
     TILE5K,
@@ -50,6 +51,7 @@ def test_the_packer_and_the_library_share_one_tile_layout():
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
+        "tile4z": TILE4Z,
     }  # fmt: skip
 
 
@@ -134,8 +136,11 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     five = size in (TILE5, TILE5F, TILE5Z, TILE5ZP, TILE5ZPF)
     at = 320 if five else 256
     d = per_row(at, wide * ROWS, dtype).astype(np.float32)
-    m = -16 * d if size == TILE5Z else per_row(at + wide * ROWS, wide * ROWS, dtype)
-    if five and size not in (TILE5ZP, TILE5ZPF):
+    zero = {TILE4Z: 8, TILE5Z: 16}.get(size)  # Q4_0's and Q5_0's m = −zero·d
+    m = -zero * d if zero else per_row(at + wide * ROWS, wide * ROWS, dtype)
+    if size == TILE4Z:
+        z = np.full(d.shape, 8, np.uint8)
+    elif five and size not in (TILE5ZP, TILE5ZPF):
         z = np.full(d.shape, 16, np.uint8)  # centred on 16
     else:
         z = per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
@@ -218,7 +223,7 @@ BLOCKS = (
     {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0}
     | {
         kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
-        for kind in ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
+        for kind in ("Q4_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
     }
     | {  # K-quants whose scales the super-block tiles cannot factor: the fp32 tiles
         "Q4_K-fp32": q4_k_fp32,
@@ -243,7 +248,9 @@ def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
 def second_digit(tile: int) -> int:
     """F, what a second digit's step is of the first's (tiles.h, digit_shift): 16 for 4-bit
     codes, 8 for 5-bit ones, 128 for 8- and 6-bit ones."""
-    return 16 if tile in (TILE, TILE4F, TILE4K) else 128 if tile in (TILE6, TILE6K, TILE8) else 8
+    if tile in (TILE, TILE4Z, TILE4F, TILE4K):
+        return 16
+    return 128 if tile in (TILE6, TILE6K, TILE8) else 8
 
 
 def rounded(a: np.ndarray, digits: int = 1, blocks: int = 0, tile: int = TILE) -> np.ndarray:
@@ -385,6 +392,32 @@ def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
     assert not supports(quantize(np.ones((16, 64), np.float32), 8, 16, True))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_q4_0_blocks_pack_exactly_in_288_byte_tiles_with_the_336_byte_tiles_bits(path):
+    """Q4_0 (d·(q − 8)) in tiles of its own size, 288 bytes without m and z, which the kernel
+    makes as −8·d and 8: the dequantizer's weights exactly, and on every path the bits of the
+    same blocks in the 336-byte tile that stores them (1–9, 16 and 33 rows, one digit and two)."""
+    import gguf
+
+    raw = random_blocks("Q4_0", 48, 256, seed=2)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_0).reshape(48, 256)
+    blocks = from_gguf("Q4_0", raw, 256)
+    packed = pack(blocks)
+    assert packed.shape == (3, 8, TILE4Z)
+    np.testing.assert_array_equal(unpack(packed), want)
+    stored = Blocks(blocks.bits, blocks.block_size, blocks.codes, blocks.scales, None,
+                    np.zeros_like(blocks.scales), blocks.origin, blocks.carried)  # fmt: skip
+    wide = pack(stored)  # (an offset, zero, keeps m in the tile)
+    assert wide.shape == (3, 8, TILE)
+    np.testing.assert_array_equal(unpack(wide), want)
+    rng = np.random.default_rng(4)
+    for m in (*range(1, 10), 16, 33):
+        a = 3 * rng.standard_normal((m, 256)).astype(np.float32)
+        for digits, kept in ((1, 0), (2, 0), (2, 2)):
+            y = matmul(packed, a, path, digits, kept)
+            np.testing.assert_array_equal(y, matmul(wide, a, path, digits, kept))
+
+
 @pytest.mark.parametrize(
     "kind,size",
     [("Q5_0", TILE5Z), ("Q5_1", TILE5ZP), ("Q5_K", TILE5K), ("Q5_K-fp32", TILE5ZPF)],
@@ -420,7 +453,7 @@ def test_5bit_blocks_pack_exactly(kind, size):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 96, 3), (64, 576, 5), (960, 576, 1)])
 @pytest.mark.parametrize(
-    "kind", ["Q4_1", "Q4_K", "Q4_K-fp32", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q6_K-fp32"]
+    "kind", ["Q4_0", "Q4_1", "Q4_K", "Q4_K-fp32", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q6_K-fp32"]
 )
 def test_kernel_matches_numpy(n, k, m, path, kind):
     if "_K" in kind and k % 256:
@@ -462,7 +495,7 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(path):
     )
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_K", "Q6_K"])
 def test_every_path_gives_the_same_answer(kind):
     """A folder answers the same on every CPU: the paths differ only in float summation order,
     and AVX-VNNI's one-instruction dot product and AVX2's pairwise one sum the same integers in
@@ -480,7 +513,7 @@ def test_every_path_gives_the_same_answer(kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_two_digits_match_numpy_and_float_activations(path, kind):
     """With two digits the kernel also rounds what each activation's int8 rounding left, at 1/F
     of its block's scale (F 16, 8 or 128 by the codes' width), and adds that product: numpy's
@@ -501,7 +534,7 @@ def test_two_digits_match_numpy_and_float_activations(path, kind):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("digits,blocks", [(1, 0), (2, 0), (2, 2)])
 @pytest.mark.parametrize("m", [8, 16, 37])
-@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
 def test_a_row_has_the_same_bits_alone_and_in_a_prompt(path, kind, m, digits, blocks):
     """A prompt's rows go through the tiles several at a time (AMX: 16 at a time on the tile
     unit, the rest 4 at a time), a decode step's row alone: the same integer sums and the same
@@ -792,7 +825,7 @@ def test_onnxruntime_op_matches_numpy_across_threads(shape):
     for threads in (1, 2):
         (y,) = _session(head, 256, threads).run(None, {"a": a})
         np.testing.assert_allclose(y, want8, rtol=1e-4, atol=1e-4 * np.abs(want8).max())
-        for kind in ("Q4_1", "Q5_0", "Q5_K", "Q6_K"):
+        for kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_K", "Q6_K"):
             packed = pack(BLOCKS[kind](1024, 256))
             want = reference(a, packed)
             (y,) = _session(packed, 256, threads).run(None, {"a": a})

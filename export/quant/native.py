@@ -5,9 +5,10 @@ The kernel reads W[n, b·32 + j] = d[n, b]·q[n, b, j] + m[n, b] — GGUF's Q4_1
 bytes of codes laid out for AVX-512 VNNI's dot product, then the 16 rows' d and m as fp16 (Q4_1's
 own precision: exact for its GGUF blocks; fp32, in a 400-byte tile, for Q4_K's d·scale products)
 and their zero points z (the kernel centres the codes on z to keep the int8 activations' error
-small). Codes of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which arrive in 8-bit containers) get the
-4-bit tile's low nibbles plus a plane of fifth bits, no z (centred on 16), in 384 bytes (fp16 d
-and m) or 448 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight); Q5_1 and Q5_K,
+small); Q4_0, whose m is −8·d and z 8, in 288 bytes without them (its 4.5 bits a weight). Codes
+of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which arrive in 8-bit containers) get the 4-bit tile's low
+nibbles plus a plane of fifth bits, no z (centred on 16), in 384 bytes (fp16 d and m) or 448
+(fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight); Q5_1 and Q5_K,
 whose zero weight can sit at any code, keep their z too (416 and 464 bytes). Q4_K itself goes
 to a tile of its own super-blocks (16 rows × 256, 8 slots of 312 bytes: 4.875 bits a weight
 against the 400-byte tile's 6.25), which keeps its d and dmin in fp16 and each block's 6-bit
@@ -35,6 +36,7 @@ from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers 
 # without m (Q5_0: m = −16·d)
 ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
 TILE5Z, TILE5ZP, TILE5ZPF = 352, 416, 464
+TILE4Z = 288  # a 4-bit tile without m and z: Q4_0 (m = −8·d, z = 8)
 TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
 TILE5K, TILE6K = 376, 424  # a slot of Q5_K's and of Q6_K's
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
@@ -145,7 +147,8 @@ def _super_factors(x: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
 
 def tile_bytes(blocks: Blocks) -> int:
     """The tile a weight's blocks are packed in: TILE8, TILE6 or TILE6K (Q6_K's super-blocks:
-    MatMulQ8); TILE or TILE5 (TILE5Z for Q5_0's m = −16·d), or TILE4F / TILE5F for carried
+    MatMulQ8); TILE or TILE5 (TILE4Z for Q4_0's m = −8·d, TILE5Z for Q5_0's −16·d), or TILE4F /
+    TILE5F for carried
     blocks whose d or m fp16 cannot hold, TILE4K / TILE5K for those of them that are Q4_K's or
     Q5_K's (MatMulQ4)."""
     return _tile(blocks)[0]
@@ -169,6 +172,9 @@ def _tile(blocks: Blocks) -> tuple[int, tuple[np.ndarray, ...] | None]:
 def _fp32_tile(blocks: Blocks, bits: int, wide: bool) -> int:
     if bits == 5 and not wide and blocks.offsets is None and _centred_on(blocks, 16):
         return TILE5Z  # m = −16·d: the kernel makes it
+    centred = blocks.zero_points is None or _centred_on(blocks, 8)  # (None: 2^(bits−1), 8)
+    if bits == 4 and not wide and blocks.offsets is None and centred:
+        return TILE4Z  # Q4_0's m = −8·d and z = 8: the kernel makes both
     if bits == 5 and blocks.zero_points is not None and not _centred_on(blocks, 16):
         # Q5_1 / Q5_K: the code nearest zero weight is anywhere in 0..31, and the int8
         # activations' error is d·(q − z)·ε: centred on 16 instead, it grows by (z − 16)·d·Σε
@@ -191,9 +197,10 @@ def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack(blocks: Blocks) -> np.ndarray:
-    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 400] with fp32 d and m,
-    [.., 312] for Q4_K's super-blocks), [.., 352] to [.., 464] for 5-bit ones, [.., 560] for
-    8-bit, [.., 512] or [.., 424] (super-blocks) for Q6_K's 6-bit blocks of 16 (`tile_bytes`)."""
+    """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 288] for Q4_0's, [.., 400]
+    with fp32 d and m, [.., 312] for Q4_K's super-blocks), [.., 352] to [.., 464] for 5-bit
+    ones, [.., 560] for 8-bit, [.., 512] or [.., 424] (super-blocks) for Q6_K's 6-bit blocks of
+    16 (`tile_bytes`)."""
     if not supports(blocks):
         n, k = blocks.shape
         raise QuantizationError(
@@ -237,7 +244,7 @@ def pack(blocks: Blocks) -> np.ndarray:
             h = x.astype(dtype).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
             return np.ascontiguousarray(h).view(np.uint8).reshape(n // ROWS, nb, -1)
 
-        parts += [per_row(d)] if size == TILE5Z else [per_row(d), per_row(m)]
+        parts += [per_row(d)] if size in (TILE4Z, TILE5Z) else [per_row(d), per_row(m)]
         if size in (TILE, TILE4F, TILE5ZP, TILE5ZPF):
             parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
         if size == TILE5ZP:  # unused: no two tile kinds share a size
@@ -319,6 +326,7 @@ def _check_layout() -> None:
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
+        "tile4z": TILE4Z,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

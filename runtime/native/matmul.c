@@ -71,13 +71,13 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
             memcpy(&dh, p + l.d + 2 * r, 2);
             dr = half_to_float(dh);
             if (l.m < 0) {
-              mr = -16.f * dr;
+              mr = -(float)l.zero * dr;
             } else {
               memcpy(&mh, p + l.m + 2 * r, 2);
               mr = half_to_float(mh);
             }
           }
-          float z = l.z < 0 ? 16.f : (float)ps[l.z + r];
+          float z = l.z < 0 ? (float)l.zero : (float)ps[l.z + r];
           acc[r] += (float)dot * (dr * da);
           off[r] += mr * sa + z * dr * ea;
         }
@@ -242,8 +242,8 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t b, int64_t s
   for (int64_t o = 0; o < stride; o += 64) _mm_prefetch(x + o, _MM_HINT_T0);
 }
 
-/* A MatMulQ4 tile's scales d, minimums m (−16·d for 5-bit codes without them: Q5_0) and the
-   zero points' d·z (16·d for 5-bit codes without them);
+/* A MatMulQ4 tile's scales d, minimums m (−16·d for 5-bit codes without them: Q5_0; −8·d for
+   Q4_0's tile, Layout.zero) and the zero points' d·z (16·d or 8·d for codes without them);
    p is block b's tile (its codes); TILE4K's d = D·sc and m = E·mn are made here, exactly. */
 AVX512 INLINE __m512 bytes512(const uint8_t* x) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)x)));
@@ -263,12 +263,12 @@ AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
     __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_row(s, b, K4_E)));
     return _mm512_mul_ps(e, bytes512(s + l.m));
   }
-  return l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-16.f), d)
+  return l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-(float)l.zero), d)
          : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
                  : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
 }
 AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
-  return l.z < 0 ? _mm512_mul_ps(_mm512_set1_ps(16.f), d)
+  return l.z < 0 ? _mm512_mul_ps(_mm512_set1_ps((float)l.zero), d)
                  : _mm512_mul_ps(bytes512(tile_scalars(p, b, l.k4) + l.z), d);
 }
 
@@ -942,7 +942,7 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
   for (int64_t b = 0; b < j->nb; p = tile_step(p, b, stride), b++) {
     int8x16_t c[8];
     float32x4_t d, m = vdupq_n_f32(0.f), z;
-    uint8_t zb[4] = {16, 16, 16, 16}; /* (a 5-bit tile's) */
+    uint8_t zb[4]; /* (the 8-bit tile's, or the tile's z, or its shared zero code) */
     if (q8) {
       for (int v = 0; v < 8; v++)
         c[v] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + v * 64 + 16 * q4), vdupq_n_u8(0x80)));
@@ -963,10 +963,11 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
         m = vld1q_f32((const float*)(p + l.m) + 4 * q4);
       } else {
         d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.d + 8 * q4)));
-        m = l.m < 0 ? vmulq_n_f32(d, -16.f)
+        m = l.m < 0 ? vmulq_n_f32(d, -(float)l.zero)
                     : vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + l.m + 8 * q4)));
       }
       if (l.z >= 0) memcpy(zb, ps + l.z + 4 * q4, 4);
+      else memset(zb, l.zero, 4);
     }
     float zf[4] = {zb[0], zb[1], zb[2], zb[3]};
     z = vld1q_f32(zf);
@@ -1319,7 +1320,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
    5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
    of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11, 12 and 13 a Q4_K,
-   a Q6_K and a Q5_K super-block tile's slot; -1 for anything else. */
+   a Q6_K and a Q5_K super-block tile's slot, 14 bytes of a 4-bit tile without m and z (Q4_0);
+   -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -1336,6 +1338,7 @@ int64_t llamaonnx_layout(int what) {
     case 11: return TILE4K;
     case 12: return TILE6K;
     case 13: return TILE5K;
+    case 14: return TILE4Z;
     default: return -1;
   }
 }

@@ -37,6 +37,10 @@
  *   bytes 288..319  m of the 16 rows, fp16;
  *   bytes 320..335  z of the 16 rows, uint8.
  *
+ * B uint8 [N/16, K/32, 288] is that tile without m and z: GGUF's Q4_0, whose m is −8·d and whose
+ * codes are centred on 8 (4.5 bits a weight, the file's own size, where the 336-byte tile spends
+ * 5.25); the kernel makes m and z·d from d.
+ *
  * B uint8 [N/16, K/32, 400] is the same tile with d and m in fp32 (bytes 256..319 d, 320..383 m,
  * 384..399 z): GGUF's Q4_K, whose d·scale and dmin·min products fp16 cannot hold (11 + 6 bits),
  * carried exactly.
@@ -216,6 +220,7 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE5F 448
 #define TILE6 512
 #define TILE5Z 352 /* a 5-bit tile without m: Q5_0, whose m is −16·d */
+#define TILE4Z 288 /* a 4-bit tile without m and z: Q4_0, whose m is −8·d */
 #define TILE5ZP 416 /* TILE5 with each row's zero point z at 384..399 (400..415 unused): Q5_1 */
 #define TILE5ZPF 464 /* TILE5F with each row's zero point z at 448..463: Q5_K */
 #define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start (a 6-bit tile's sixth: + 64) */
@@ -275,18 +280,25 @@ typedef struct {
   int five, f32, d, m, z;
   int k4; /* TILE4K, TILE5K: a block's code bytes (0: none of them); d, m, z are where sc, mn,
              z lie past tile_scalars' pointer */
+  int zero; /* where m < 0: the zero code every row's blocks share, m = −zero·d (16 for Q5_0's
+               TILE5Z, 8 for Q4_0's TILE4Z), and z, where z < 0 too */
 } Layout;
 
 INLINE Layout layout_of(int64_t tile) {
   if (tile == TILE4K || tile == TILE5K) {
-    Layout k = {tile == TILE5K, 0, K4_SC, K4_MN, K4_Z, (int)block_codes(tile)};
+    Layout k = {tile == TILE5K, 0, K4_SC, K4_MN, K4_Z, (int)block_codes(tile), 0};
     return k;
+  }
+  if (tile == TILE4Z) {
+    Layout z = {0, 0, 256, -1, -1, 0, 8};
+    return z;
   }
   int zp5 = tile == TILE5ZP || tile == TILE5ZPF;
   int five = tile == TILE5 || tile == TILE5F || tile == TILE5Z || zp5;
   int f32 = tile == TILE4F || tile == TILE5F || tile == TILE5ZPF;
   int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;
-  Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five && !zp5 ? -1 : d + 2 * size, 0};
+  Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five && !zp5 ? -1 : d + 2 * size, 0,
+              five && !zp5 ? 16 : 0};
   return l;
 }
 
@@ -296,8 +308,8 @@ static inline int six(int64_t tile) { return tile == TILE6 || tile == TILE6K; }
 /* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
-  if (tile == TILE || tile == TILE4F || tile == TILE4K || tile == TILE5 || tile == TILE5F ||
-      tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF || tile == TILE5K)
+  if (tile == TILE || tile == TILE4Z || tile == TILE4F || tile == TILE4K || tile == TILE5 ||
+      tile == TILE5F || tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF || tile == TILE5K)
     return 4;
   return tile == TILE8 || tile == TILE6 || tile == TILE6K ? 8 : 0;
 }
@@ -359,7 +371,7 @@ static inline const int8_t* act_block(const Job* j, int64_t t, int64_t b, int tw
    codes, 8 for 5-bit ones (F·code within a byte, for AMX's product of both digits at once), 128
    for 8- and 6-bit codes (|r̂| ≤ 64). */
 static inline int digit_shift(int64_t tile) {
-  if (tile == TILE || tile == TILE4F || tile == TILE4K) return 4;
+  if (tile == TILE || tile == TILE4Z || tile == TILE4F || tile == TILE4K) return 4;
   return tile_bits(tile) == 4 ? 3 : 7;
 }
 
