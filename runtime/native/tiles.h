@@ -280,8 +280,9 @@ typedef struct {
   int five, f32, d, m, z;
   int k4; /* TILE4K, TILE5K: a block's code bytes (0: none of them); d, m, z are where sc, mn,
              z lie past tile_scalars' pointer */
-  int zero; /* where m < 0: the zero code every row's blocks share, m = −zero·d (16 for Q5_0's
-               TILE5Z, 8 for Q4_0's TILE4Z), and z, where z < 0 too */
+  int zero; /* the zero code of every block where the tile holds none (z < 0): 16 for 5-bit
+               tiles without zero points, 8 for Q4_0's TILE4Z; and m = −zero·d where it holds
+               no m either (m < 0: TILE5Z, TILE4Z) */
 } Layout;
 
 INLINE Layout layout_of(int64_t tile) {
