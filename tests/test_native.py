@@ -736,7 +736,7 @@ from runtime import native
 opts = ort.SessionOptions()
 opts.register_custom_ops_library(str(native.library_path()))
 s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
-y, rows = s.run(None, {"a": np.load(sys.argv[2]), "ids": np.array([[0, 5, 2047]], np.int64)})
+y, rows = s.run(None, {"a": np.load(sys.argv[2]), "ids": np.array([[0, 5, 32767]], np.int64)})
 np.save(sys.argv[3], y), np.save(sys.argv[4], rows)
 resident, inside = 0, False
 for line in open("/proc/self/smaps"):
@@ -761,8 +761,11 @@ def test_weights_held_in_huge_pages_answer_the_same(tmp_path):
 
     import onnx
 
-    blocks = q8_0(2048, 512)
-    packed = pack(blocks)  # 1.1 MB: a tensor onnxruntime maps rather than reads
+    # 18 MB: a tensor onnxruntime maps rather than reads, and one that two of the page cache's
+    # large folios (which a fault maps whole: up to 2 MB each) cannot fill a quarter of; at 1.1
+    # MB, one 1 MB folio behind the gathered rows read as "resident" now and then
+    blocks = q8_0(32768, 512)
+    packed = pack(blocks)
     nodes = [
         helper.make_node(OP8, ["a", "b"], ["y"], domain=DOMAIN),
         helper.make_node(GATHER8, ["b", "ids"], ["rows"], domain=DOMAIN),
@@ -801,11 +804,11 @@ def test_weights_held_in_huge_pages_answer_the_same(tmp_path):
     want = rounded(a) @ unpack8(packed).T.astype(np.float64)
     for y, rows, _, _ in runs.values():
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-        np.testing.assert_array_equal(rows, blocks.dequantize()[[[0, 5, 2047]]])
+        np.testing.assert_array_equal(rows, blocks.dequantize()[[[0, 5, 32767]]])
     np.testing.assert_array_equal(runs["default"][0], runs["0"][0])
     # an initializer onnxruntime holds in its own memory, not a file's, is read in place
     before = native.held_bytes()
-    y, rows = in_memory.run(None, {"a": a, "ids": np.array([[0, 5, 2047]], np.int64)})
+    y, rows = in_memory.run(None, {"a": a, "ids": np.array([[0, 5, 32767]], np.int64)})
     assert native.held_bytes() == before
     np.testing.assert_array_equal(y, runs["0"][0])
     np.testing.assert_array_equal(rows, runs["0"][1])
