@@ -148,9 +148,8 @@ def _super_factors(x: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
 def tile_bytes(blocks: Blocks) -> int:
     """The tile a weight's blocks are packed in: TILE8, TILE6 or TILE6K (Q6_K's super-blocks:
     MatMulQ8); TILE or TILE5 (TILE4Z for Q4_0's m = −8·d, TILE5Z for Q5_0's −16·d), or TILE4F /
-    TILE5F for carried
-    blocks whose d or m fp16 cannot hold, TILE4K / TILE5K for those of them that are Q4_K's or
-    Q5_K's (MatMulQ4)."""
+    TILE5F for carried blocks whose d or m fp16 cannot hold, TILE4K / TILE5K for those of them
+    that are Q4_K's or Q5_K's (MatMulQ4)."""
     return _tile(blocks)[0]
 
 
