@@ -136,12 +136,15 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     five = size in (TILE5, TILE5F, TILE5Z, TILE5ZP, TILE5ZPF)
     at = 320 if five else 256
     d = per_row(at, wide * ROWS, dtype).astype(np.float32)
-    zero = {TILE4Z: 8, TILE5Z: 16}.get(size)  # Q4_0's and Q5_0's m = −zero·d
-    m = -zero * d if zero else per_row(at + wide * ROWS, wide * ROWS, dtype)
-    if size == TILE4Z:
-        z = np.full(d.shape, 8, np.uint8)
-    elif five and size not in (TILE5ZP, TILE5ZPF):
-        z = np.full(d.shape, 16, np.uint8)  # centred on 16
+    # the zero code of a tile without z (tiles.h's Layout.zero): Q4_0's 8, a 5-bit tile's 16;
+    # where the tile has no m either (Q4_0, Q5_0), m = −zero·d
+    zero = 8 if size == TILE4Z else 16 if five and size not in (TILE5ZP, TILE5ZPF) else 0
+    if size in (TILE4Z, TILE5Z):
+        m = -zero * d
+    else:
+        m = per_row(at + wide * ROWS, wide * ROWS, dtype)
+    if zero:
+        z = np.full(d.shape, zero, np.uint8)
     else:
         z = per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
     return codes_of(packed), d, m.astype(np.float32), z
@@ -762,8 +765,9 @@ def test_weights_held_in_huge_pages_answer_the_same(tmp_path):
     import onnx
 
     # 18 MB: a tensor onnxruntime maps rather than reads, and one that two of the page cache's
-    # large folios (which a fault maps whole: up to 2 MB each) cannot fill a quarter of; at 1.1
-    # MB, one 1 MB folio behind the gathered rows read as "resident" now and then
+    # large folios (which a fault can map whole: up to 2 MB each) cannot fill a quarter of; at
+    # 1.1 MB, 1 MB read as "resident" once in 13 runs (most likely one such folio behind the
+    # gathered rows; not proven)
     blocks = q8_0(32768, 512)
     packed = pack(blocks)
     nodes = [
