@@ -34,6 +34,7 @@ from export.quant.native import (
     TILE6,
     TILE6K,
     TILE8,
+    TILE8Z,
     op_for,
     pack,
     supports,
@@ -51,7 +52,7 @@ def test_the_packer_and_the_library_share_one_tile_layout():
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
-        "tile4z": TILE4Z,
+        "tile4z": TILE4Z, "tile8z": TILE8Z,
     }  # fmt: skip
 
 
@@ -63,7 +64,8 @@ def unpack8(packed: np.ndarray) -> np.ndarray:
     c = c.reshape(g * ROWS, nb, BLOCK).astype(np.float32)
     d = np.ascontiguousarray(packed[..., 512:544]).view(np.float16).astype(np.float32)
     d = d.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb, 1)
-    z = packed[..., 544:560].reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb, 1)
+    z = np.full((g, nb, ROWS), 128, np.uint8) if packed.shape[-1] == TILE8Z else packed[..., 544:]
+    z = z.reshape(g, nb, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb, 1)
     return (d * (c - z.astype(np.float32))).reshape(g * ROWS, nb * BLOCK)
 
 
@@ -217,13 +219,24 @@ def q8_0(n: int, k: int, seed: int = 0) -> Blocks:
     return from_gguf("Q8_0", raw.reshape(n, -1), k)
 
 
+def q8_zp(n: int, k: int, seed: int = 0) -> Blocks:
+    """8-bit blocks with zero points of their own (what `--precision int8` rounds a float weight
+    to): MatMulQ8's 560-byte tile, which keeps z, where Q8_0's z is 128 everywhere. The scales
+    are fp16's, which the tile keeps."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    b = quantize(w, 8, 32, symmetric=False)
+    assert b.zero_points is not None and len(np.unique(b.zero_points)) > 10
+    d = b.scales.astype(np.float16).astype(np.float32)
+    return Blocks(b.bits, b.block_size, b.codes, d, b.zero_points, None, b.origin)
+
+
 def gguf_blocks(kind: str, n: int, k: int, seed: int = 0) -> Blocks:
     """Random GGUF blocks of `kind` (every code, scale and minimum bit random), as read."""
     return from_gguf(kind, random_blocks(kind, n, k, seed), k)
 
 
 BLOCKS = (
-    {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0}
+    {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0, "Q8-zp": q8_zp}
     | {
         kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
         for kind in ("Q4_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -234,6 +247,9 @@ BLOCKS = (
         "Q6_K-fp32": q6_k_fp32,
     }
 )
+
+# one of each tile kind's blocks: the file types, and 8-bit blocks with zero points of their own
+EVERY_KIND = ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q8-zp", "Q5_0", "Q5_1", "Q5_K", "Q6_K"]
 
 
 def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
@@ -253,7 +269,7 @@ def second_digit(tile: int) -> int:
     codes, 8 for 5-bit ones, 128 for 8- and 6-bit ones."""
     if tile in (TILE, TILE4Z, TILE4F, TILE4K):
         return 16
-    return 128 if tile in (TILE6, TILE6K, TILE8) else 8
+    return 128 if tile in (TILE6, TILE6K, TILE8, TILE8Z) else 8
 
 
 def rounded(a: np.ndarray, digits: int = 1, blocks: int = 0, tile: int = TILE) -> np.ndarray:
@@ -283,7 +299,7 @@ def reference(a: np.ndarray, packed: np.ndarray, digits: int = 1, blocks: int = 
     r = rounded(a, digits, blocks, packed.shape[-1])
     if packed.shape[-1] in (TILE6, TILE6K):
         return (r @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
-    if packed.shape[-1] == TILE8:
+    if packed.shape[-1] in (TILE8, TILE8Z):
         return (r @ unpack8(packed).T.astype(np.float64)).astype(np.float32)
     q, d, m, z = (x.astype(np.float64) for x in fields(packed))
     centred = np.repeat(d, 32, axis=1) * (q - np.repeat(z, 32, axis=1))
@@ -472,12 +488,14 @@ def test_kernel_matches_numpy(n, k, m, path, kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_8bit_head_kernel_and_its_gather_match_numpy(path):
+@pytest.mark.parametrize("kind,tile", [("Q8_0", TILE8Z), ("Q8-zp", TILE8)])
+def test_8bit_head_kernel_and_its_gather_match_numpy(path, kind, tile):
     """MatMulQ8 (the LM head) computes the centred codes times the rounded activations; GatherQ8
-    (the tied embedding) returns the rows exactly."""
-    blocks = q8_0(64, 96)
+    (the tied embedding) returns the rows exactly. Q8_0's tile holds no z (128 for every block),
+    other 8-bit blocks' holds each block's."""
+    blocks = BLOCKS[kind](64, 96)
     packed = pack(blocks)
-    assert packed.shape == (4, 3, 560)
+    assert packed.shape == (4, 3, tile)
     np.testing.assert_array_equal(unpack8(packed), blocks.dequantize())
     lib = native.library()
     a = np.random.default_rng(3).standard_normal((5, 96)).astype(np.float32)
@@ -487,18 +505,22 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(path):
     ids = np.array([0, 63, 17, -1], np.int64)
     rows = np.zeros((4, 96), np.float32)
     assert (
-        lib.llamaonnx_gather_q8(packed.ctypes.data, 64, 96, ids.ctypes.data, 4, rows.ctypes.data)
+        lib.llamaonnx_gather_q8(
+            tile, packed.ctypes.data, 64, 96, ids.ctypes.data, 4, rows.ctypes.data
+        )
         == 0
     )
     np.testing.assert_array_equal(rows, blocks.dequantize()[ids])
     bad = np.array([1, 64], np.int64)
     assert (
-        lib.llamaonnx_gather_q8(packed.ctypes.data, 64, 96, bad.ctypes.data, 2, rows.ctypes.data)
+        lib.llamaonnx_gather_q8(
+            tile, packed.ctypes.data, 64, 96, bad.ctypes.data, 2, rows.ctypes.data
+        )
         == 2
     )
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", [k for k in EVERY_KIND if k != "Q5_1"])
 def test_every_path_gives_the_same_answer(kind):
     """A folder answers the same on every CPU: the paths differ only in float summation order,
     and AVX-VNNI's one-instruction dot product and AVX2's pairwise one sum the same integers in
@@ -516,7 +538,7 @@ def test_every_path_gives_the_same_answer(kind):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", EVERY_KIND)
 def test_two_digits_match_numpy_and_float_activations(path, kind):
     """With two digits the kernel also rounds what each activation's int8 rounding left, at 1/F
     of its block's scale (F 16, 8 or 128 by the codes' width), and adds that product: numpy's
@@ -537,7 +559,7 @@ def test_two_digits_match_numpy_and_float_activations(path, kind):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("digits,blocks", [(1, 0), (2, 0), (2, 2)])
 @pytest.mark.parametrize("m", [8, 16, 37])
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", EVERY_KIND)
 def test_a_row_has_the_same_bits_alone_and_in_a_prompt(path, kind, m, digits, blocks):
     """A prompt's rows go through the tiles several at a time (AMX: 16 at a time on the tile
     unit, the rest 4 at a time), a decode step's row alone: the same integer sums and the same
@@ -562,7 +584,7 @@ def test_a_row_has_the_same_bits_alone_and_in_a_prompt(path, kind, m, digits, bl
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["Q4_1", "Q5_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_K", "Q8_0", "Q8-zp", "Q6_K"])
 def test_two_digits_on_a_few_blocks_match_numpy(path, kind):
     """`blocks` B: the second digit on each row's B blocks of largest scale only (the x86 kernels
     skip the others' dot products, the rest compute zeros): numpy's model of it, whose error
@@ -679,8 +701,9 @@ def test_largest_codes_times_largest_activations(path, kind, top):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_gather_op_in_onnxruntime_and_its_error():
-    packed = pack(q8_0(32, 64))
+@pytest.mark.parametrize("kind", ["Q8_0", "Q8-zp"])
+def test_gather_op_in_onnxruntime_and_its_error(kind):
+    packed = pack(BLOCKS[kind](32, 64))
     node = helper.make_node(GATHER8, ["b", "ids"], ["rows"], domain=DOMAIN)
     graph = helper.make_graph(
         [node],
@@ -726,7 +749,7 @@ def _one_node(op: str, packed: np.ndarray, k: int, dims=("batch", "seq"), **attr
 
 
 def _session(packed: np.ndarray, k: int, threads: int = 2) -> ort.InferenceSession:
-    op = OP8 if packed.shape[2] in (TILE8, TILE6, TILE6K) else OP
+    op = OP8 if packed.shape[2] in (TILE8, TILE8Z, TILE6, TILE6K) else OP
     return _load(_one_node(op, packed, k), threads)
 
 
@@ -832,7 +855,7 @@ def test_onnxruntime_op_matches_numpy_across_threads(shape):
     for threads in (1, 2):
         (y,) = _session(head, 256, threads).run(None, {"a": a})
         np.testing.assert_allclose(y, want8, rtol=1e-4, atol=1e-4 * np.abs(want8).max())
-        for kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_K", "Q6_K"):
+        for kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_K", "Q6_K", "Q8-zp"):
             packed = pack(BLOCKS[kind](1024, 256))
             want = reference(a, packed)
             (y,) = _session(packed, 256, threads).run(None, {"a": a})
@@ -864,7 +887,7 @@ def test_weights_fed_as_an_input_are_read_on_every_call():
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", [1.0, 60.0])  # 60: gates far past exp's range either way
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "Q6_K-fp32"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q8-zp", "Q6_K", "Q6_K-fp32"])
 def test_swiglu_op_is_silu_of_the_gate_times_the_up_rows(path, scale, kind):
     """MatMulQ4SwiGLU on 4-bit tiles, MatMulQ8SwiGLU on 8-bit and Q6_K ones (both of Q6_K's)."""
     k = 256 if kind.startswith("Q6_K") else 96

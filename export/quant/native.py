@@ -16,7 +16,9 @@ scale and minimum as bytes, the products made exactly in the kernel; Q5_K likewi
 slots, 5.875 bits a weight against the 464-byte tile's 7.25) and Q6_K (424-byte slots, 6.625 bits
 against the 512-byte tile's 8). GGUF's Q6_K
 (blocks of 16, z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit
-planes, and the two halves' fp32 scales. The layout is documented in runtime/native/tiles.h; the
+planes, and the two halves' fp32 scales. 8-bit blocks go to MatMulQ8 in 560 bytes (codes, fp16 d,
+z), or 544 without z where every block's is 128 (GGUF's Q8_0: its 8.5 bits a weight). The layout
+is documented in runtime/native/tiles.h; the
 constants below are its shape, and `pack` checks them against the built library's
 (`llamaonnx_layout`) before it writes a tile, so the two can never drift apart silently.
 """
@@ -37,6 +39,7 @@ from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers 
 ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 384, 448, 512
 TILE5Z, TILE5ZP, TILE5ZPF = 352, 416, 464
 TILE4Z = 288  # a 4-bit tile without m and z: Q4_0 (m = −8·d, z = 8)
+TILE8Z = 544  # an 8-bit tile without z: Q8_0 (z = 128)
 TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
 TILE5K, TILE6K = 376, 424  # a slot of Q5_K's and of Q6_K's
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
@@ -146,10 +149,10 @@ def _super_factors(x: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
 
 
 def tile_bytes(blocks: Blocks) -> int:
-    """The tile a weight's blocks are packed in: TILE8, TILE6 or TILE6K (Q6_K's super-blocks:
-    MatMulQ8); TILE or TILE5 (TILE4Z for Q4_0's m = −8·d, TILE5Z for Q5_0's −16·d), or TILE4F /
-    TILE5F for carried blocks whose d or m fp16 cannot hold, TILE4K / TILE5K for those of them
-    that are Q4_K's or Q5_K's (MatMulQ4)."""
+    """The tile a weight's blocks are packed in: TILE8 (TILE8Z for Q8_0's z = 128), TILE6 or
+    TILE6K (Q6_K's super-blocks: MatMulQ8); TILE or TILE5 (TILE4Z for Q4_0's m = −8·d, TILE5Z
+    for Q5_0's −16·d), or TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold,
+    TILE4K / TILE5K for those of them that are Q4_K's or Q5_K's (MatMulQ4)."""
     return _tile(blocks)[0]
 
 
@@ -159,8 +162,9 @@ def _tile(blocks: Blocks) -> tuple[int, tuple[np.ndarray, ...] | None]:
     if bits == 6:
         factors = q6_k_factors(blocks)
         return (TILE6 if factors is None else TILE6K), factors
-    if bits == 8:
-        return TILE8, None
+    if bits == 8:  # Q8_0's zero code is 128 for every block: the kernel makes it
+        centred = blocks.zero_points is None or _centred_on(blocks, 128)
+        return (TILE8Z if centred else TILE8), None
     wide = blocks.carried and not _fp16_exact(blocks)
     factors = k4_factors(blocks) if wide else None
     if factors is not None:
@@ -198,8 +202,8 @@ def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def pack(blocks: Blocks) -> np.ndarray:
     """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 288] for Q4_0's, [.., 400]
     with fp32 d and m, [.., 312] for Q4_K's super-blocks), [.., 352] to [.., 464] for 5-bit
-    ones, [.., 560] for 8-bit, [.., 512] or [.., 424] (super-blocks) for Q6_K's 6-bit blocks of
-    16 (`tile_bytes`)."""
+    ones, [.., 560] for 8-bit ([.., 544] for Q8_0's, z 128), [.., 512] or [.., 424]
+    (super-blocks) for Q6_K's 6-bit blocks of 16 (`tile_bytes`)."""
     if not supports(blocks):
         n, k = blocks.shape
         raise QuantizationError(
@@ -210,8 +214,8 @@ def pack(blocks: Blocks) -> np.ndarray:
     _check_layout()
     n, nb, _ = blocks.codes.shape
     size, factors = _tile(blocks)
-    if size == TILE8:
-        return _pack8(blocks)
+    if size in (TILE8, TILE8Z):
+        return _pack8(blocks, size)
     if size in (TILE6, TILE6K):
         blocks = _halves_as_blocks_of_32(blocks)
         nb //= 2
@@ -302,17 +306,15 @@ def _halves_as_blocks_of_32(blocks: Blocks) -> Blocks:
     )  # fmt: skip
 
 
-def _pack8(blocks: Blocks) -> np.ndarray:
+def _pack8(blocks: Blocks, size: int) -> np.ndarray:
     n, nb, _ = blocks.codes.shape
     c = blocks.codes.reshape(n // ROWS, ROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # g, b, v, r, i
     zp = blocks.zero_points if blocks.zero_points is not None else 128
     z = np.broadcast_to(zp, blocks.scales.shape).astype(np.uint8)
     d = blocks.scales.astype(np.float16).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
-    parts = [
-        c.reshape(n // ROWS, nb, 512),
-        np.ascontiguousarray(d).view(np.uint8),
-        z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1),
-    ]
+    parts = [c.reshape(n // ROWS, nb, 512), np.ascontiguousarray(d).view(np.uint8)]
+    if size == TILE8:
+        parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
     return np.ascontiguousarray(np.concatenate(parts, axis=2))
 
 
@@ -325,7 +327,7 @@ def _check_layout() -> None:
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
-        "tile4z": TILE4Z,
+        "tile4z": TILE4Z, "tile8z": TILE8Z,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

@@ -48,7 +48,7 @@ def library() -> ctypes.CDLL:
     lib.llamaonnx_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     digits = ctypes.c_int
     lib.llamaonnx_matmul_digits.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, digits, i64]
-    lib.llamaonnx_gather_q8.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    lib.llamaonnx_gather_q8.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.llamaonnx_gather_q8.restype = i64
     lib.llamaonnx_kernel_path.argtypes = [ctypes.c_int]
     lib.llamaonnx_path_supported.argtypes = [ctypes.c_int]
@@ -65,11 +65,11 @@ def layout() -> dict[str, int]:
     """The packed tile layout the library was built with (tiles.h): rows a tile, block width,
     bytes of a 4-bit and of an 8-bit tile, of a 4-bit tile with fp32 d and m, of 5-bit tiles
     with fp16 and fp32 d and m, of a 6-bit tile, of a 5-bit tile without m, of the 5-bit
-    tiles with zero points, of a slot of Q4_K's, Q6_K's and Q5_K's super-block tiles, and of a
-    4-bit tile without m and z (Q4_0)."""
+    tiles with zero points, of a slot of Q4_K's, Q6_K's and Q5_K's super-block tiles, of a
+    4-bit tile without m and z (Q4_0), and of an 8-bit tile without z (Q8_0)."""
     lib = library()
     names = ("rows", "block", "tile", "tile8", "tile4f", "tile5", "tile5f", "tile6", "tile5z",
-             "tile5zp", "tile5zpf", "tile4k", "tile6k", "tile5k", "tile4z")  # fmt: skip
+             "tile5zp", "tile5zpf", "tile4k", "tile6k", "tile5k", "tile4z", "tile8z")  # fmt: skip
     return {k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(names)}
 
 

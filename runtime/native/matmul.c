@@ -131,7 +131,7 @@ static void rows_scalar_q8(const Job* j, int64_t g0, int64_t g1) {
     for (int64_t t = 0; t < j->m; t++) {
       float acc[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
-        const uint8_t* p = j->w + (g * j->nb + b) * TILE8;
+        const uint8_t* p = j->w + (g * j->nb + b) * j->tile;
         const int8_t* a = act_block(j, t, b, 0);
         int64_t ib = t * j->nb + b;
         float da = j->ad[ib], qs = j->as[ib] - j->ae[ib]; /* da·Σ â_int */
@@ -141,7 +141,7 @@ static void rows_scalar_q8(const Job* j, int64_t g0, int64_t g1) {
             for (int i = 0; i < 4; i++) dot += p[v * 64 + r * 4 + i] * a[4 * v + i];
           uint16_t dh;
           memcpy(&dh, p + 512 + 2 * r, 2);
-          acc[r] += half_to_float(dh) * ((float)dot * da - (float)p[544 + r] * qs);
+          acc[r] += half_to_float(dh) * ((float)dot * da - (float)zero8(p, j->tile, r) * qs);
         }
       }
       for (int r = 0; r < ROWS; r++) j->y[t * j->n + g * ROWS + r] = acc[r];
@@ -324,18 +324,24 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
     _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, _mm512_add_ps(acc[t], off[t]));
 }
 
+/* The 16 rows' zero codes of an 8-bit tile (zero8) */
+AVX512 INLINE __m512 zeros8_512(const uint8_t* p, int64_t tile) {
+  return tile == TILE8Z ? _mm512_set1_ps(128.f) : bytes512(p + 544);
+}
+
 /* The 8-bit head's tile; `two` as in tile_tokens. */
 AVX512 INLINE void tile_tokens_q8(const Job* j, int64_t g, int64_t t0, int T, int two) {
   __m512 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE8;
+  const int64_t tile = j->tile;
+  const uint8_t* p = j->w + g * j->nb * tile;
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
+  for (int64_t b = 0; b < j->nb; b++, p += tile) {
     __m512i c[8];
-    ahead512(j, p, b, TILE8, t0);
+    ahead512(j, p, b, tile, t0);
     for (int v = 0; v < 8; v++) c[v] = _mm512_loadu_si512((const void*)(p + v * 64));
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
-    __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
+    __m512 z = zeros8_512(p, tile);
     __m512i s[4];
     if (two == 2) few512(j, t0, T, b, c, s, &u);
     else digits512(j, t0, T, b, c, s, two);
@@ -623,16 +629,17 @@ AMX INLINE void amx_tokens(const Job* j, int64_t g, int64_t t0, const uint8_t* u
    some token keeps (`wide`). */
 AMX INLINE void amx_tokens_q8(const Job* j, int64_t g, int64_t t0, int two, int few,
                               const uint8_t* wide, const float* ad, int32_t* s) {
-  const uint8_t* codes = j->w + g * j->nb * TILE8;
-  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, codes, TILE8, two, 0, few, wide, s);
+  const int64_t tile = j->tile;
+  const uint8_t* codes = j->w + g * j->nb * tile;
+  for (int64_t b = 0; b < AMX_AHEAD; b++) amx_ahead(j, t0, b, codes, tile, two, 0, few, wide, s);
   for (int h = 0; h < AMX_TOKENS; h += AMX_HALF) {
     __m512 acc[AMX_HALF];
     for (int t = 0; t < AMX_HALF; t++) acc[t] = _mm512_setzero_ps();
     const uint8_t* p = codes;
-    for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
-      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, codes, TILE8, two, 0, few, wide, s);
+    for (int64_t b = 0; b < j->nb; b++, p += tile) {
+      if (!h) amx_ahead(j, t0, b + AMX_AHEAD, codes, tile, two, 0, few, wide, s);
       __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 512)));
-      __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 544))));
+      __m512 z = zeros8_512(p, tile);
       for (int t = 0; t < AMX_HALF; t++) {
         int64_t ib = (t0 + h + t) * j->nb + b;
         float qs = j->as[ib] - j->ae[ib];
@@ -947,7 +954,7 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
       for (int v = 0; v < 8; v++)
         c[v] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + v * 64 + 16 * q4), vdupq_n_u8(0x80)));
       d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 512 + 8 * q4)));
-      memcpy(zb, p + 544 + 4 * q4, 4);
+      for (int r = 0; r < 4; r++) zb[r] = zero8(p, stride, 4 * q4 + r);
     } else {
       codes_neon(p, q4, l.five, c);
       const uint8_t* ps = tile_scalars(p, b, l.k4);
@@ -1253,8 +1260,8 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8, TILE6 or TILE6K: MatMulQ8). Returns 0 on
-   success. */
+   (TILE, TILE4Z, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8, TILE8Z, TILE6 or TILE6K:
+   MatMulQ8). Returns 0 on success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
   return llamaonnx_matmul_digits(tile, a, m, k, w, n, y, 1, 0);
@@ -1281,7 +1288,7 @@ int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, cons
 
 /* Rows `ids` of a MatMulQ8 weight, dequantized: out [count, K]. Returns the first bad id's
    position + 1, or 0. */
-int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
+int64_t llamaonnx_gather_q8(int tile, const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
                             int64_t count, float* out) {
   int64_t nb = k / BLOCK;
   for (int64_t i = 0; i < count; i++) {
@@ -1290,10 +1297,10 @@ int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_
     if (id < 0 || id >= n) return i + 1;
     int64_t g = id / ROWS, r = id % ROWS;
     for (int64_t b = 0; b < nb; b++) {
-      const uint8_t* p = w + (g * nb + b) * TILE8;
+      const uint8_t* p = w + (g * nb + b) * tile;
       uint16_t dh;
       memcpy(&dh, p + 512 + 2 * r, 2);
-      float d = half_to_float(dh), z = (float)p[544 + r];
+      float d = half_to_float(dh), z = (float)zero8(p, tile, r);
       for (int v = 0; v < 8; v++)
         for (int c = 0; c < 4; c++)
           out[i * k + b * BLOCK + 4 * v + c] = d * ((float)p[v * 64 + r * 4 + c] - z);
@@ -1320,8 +1327,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
    2 bytes of a 4-bit tile, 3 bytes of an 8-bit tile, 4 bytes of a 4-bit tile with fp32 d and m,
    5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
    of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11, 12 and 13 a Q4_K,
-   a Q6_K and a Q5_K super-block tile's slot, 14 bytes of a 4-bit tile without m and z (Q4_0);
-   -1 for anything else. */
+   a Q6_K and a Q5_K super-block tile's slot, 14 bytes of a 4-bit tile without m and z (Q4_0),
+   15 of an 8-bit tile without z (Q8_0); -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -1339,6 +1346,7 @@ int64_t llamaonnx_layout(int what) {
     case 12: return TILE6K;
     case 13: return TILE5K;
     case 14: return TILE4Z;
+    case 15: return TILE8Z;
     default: return -1;
   }
 }

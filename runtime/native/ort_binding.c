@@ -185,7 +185,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   int tile = b.rank == 3 ? (int)bdims[2] : 0;
   if (tile_bits(tile) != bits)
     return error(ORT_INVALID_ARGUMENT,
-                 bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560 (8-bit) or 512, 424 (6-bit)]"
+                 bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560, 544 (8-bit) or 512, 424 (6-bit)]"
                            : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 288, 400 or 312 (4-bit) "
                              "or 352, 384, 416, 448, 464, 376 (5-bit)]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
@@ -269,8 +269,8 @@ static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
   TRY(input(ctx, 1, &ids));
   const int64_t *bdims = b.dims, *idims = ids.dims;
   size_t irank = ids.rank;
-  if (b.rank != 3 || bdims[2] != TILE8)
-    return error(ORT_INVALID_ARGUMENT, "GatherQ8: B must be uint8 [N/16, K/32, 560]");
+  if (b.rank != 3 || (bdims[2] != TILE8 && bdims[2] != TILE8Z))
+    return error(ORT_INVALID_ARGUMENT, "GatherQ8: B must be uint8 [N/16, K/32, 560 or 544]");
   if (irank > 7) return error(ORT_INVALID_ARGUMENT, "GatherQ8: ids of rank above 7");
   int64_t n = bdims[0] * ROWS, k = bdims[1] * BLOCK, count = 1, odims[8];
   for (size_t i = 0; i < irank; i++) count *= idims[i], odims[i] = idims[i];
@@ -279,7 +279,7 @@ static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
   TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 0, odims, irank + 1, &out));
   void* op;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(out, &op));
-  if (llamaonnx_gather_q8((const uint8_t*)b.data, n, k, (const int64_t*)ids.data, count, (float*)op))
+  if (llamaonnx_gather_q8((int)bdims[2], (const uint8_t*)b.data, n, k, (const int64_t*)ids.data, count, (float*)op))
     return error(ORT_INVALID_ARGUMENT, "GatherQ8: a token id is outside the vocabulary");
   return NULL;
 }

@@ -110,8 +110,10 @@
  *
  * MatMulQ8, the 8-bit LM head: W[n, b·32 + j] = d[n, b]·(c[n, b, j] − z[n, b]), c in 0..255 (GGUF's
  * Q8_0 is c = q + 128, z = 128). B uint8 [N/16, K/32, 560]: bytes v·64 + r·4 + i (v 0..7) hold
- * c[r, 4v + i]; 512..543 d (fp16); 544..559 z. GatherQ8(B, ids) reads rows of the same tiles: the
- * token embedding when it is tied to the head (one copy of the codes for both).
+ * c[r, 4v + i]; 512..543 d (fp16); 544..559 z. B uint8 [N/16, K/32, 544] is that tile without z,
+ * which is 128 for every block: GGUF's Q8_0 in its own 8.5 bits a weight (the 560-byte tile spends
+ * 8.75). GatherQ8(B, ids) reads rows of the same tiles: the token embedding when it is tied to the
+ * head (one copy of the codes for both).
  *
  * MatMulQ8 also reads GGUF's Q6_K: W[n, h·16 + j] = s[n, h]·(q − 32), q in 0..63, one scale
  * s = d·sc (fp16 × int8: exact in fp32) a block of 16. B uint8 [N/16, K/32, 512]: bytes 0..255
@@ -221,6 +223,7 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE6 512
 #define TILE5Z 352 /* a 5-bit tile without m: Q5_0, whose m is −16·d */
 #define TILE4Z 288 /* a 4-bit tile without m and z: Q4_0, whose m is −8·d */
+#define TILE8Z 544 /* an 8-bit tile without z: Q8_0, whose z is 128 */
 #define TILE5ZP 416 /* TILE5 with each row's zero point z at 384..399 (400..415 unused): Q5_1 */
 #define TILE5ZPF 464 /* TILE5F with each row's zero point z at 448..463: Q5_K */
 #define FIFTH 256 /* where a 5- or 6-bit tile's fifth bits start (a 6-bit tile's sixth: + 64) */
@@ -312,7 +315,12 @@ static inline int tile_bits(int64_t tile) {
   if (tile == TILE || tile == TILE4Z || tile == TILE4F || tile == TILE4K || tile == TILE5 ||
       tile == TILE5F || tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF || tile == TILE5K)
     return 4;
-  return tile == TILE8 || tile == TILE6 || tile == TILE6K ? 8 : 0;
+  return tile == TILE8 || tile == TILE8Z || tile == TILE6 || tile == TILE6K ? 8 : 0;
+}
+
+/* An 8-bit tile's zero code of row r, block at p: TILE8's own z, 128 for TILE8Z */
+static inline uint8_t zero8(const uint8_t* p, int64_t tile, int r) {
+  return tile == TILE8Z ? 128 : p[544 + r];
 }
 
 /* functions one file calls in another: kept out of the library's exported symbols */
@@ -331,8 +339,8 @@ typedef struct {
   float* y;             /* [M, N] */
   int64_t m, k, n, nb, groups, chunk;
   int bits;       /* 4: MatMulQ4 tiles (4- or 5-bit codes), 8: MatMulQ8 tiles (8- or 6-bit) */
-  int tile;       /* bytes a tile: TILE, TILE4F (4-bit, fp32 d and m), TILE4K, TILE5*; TILE8,
-                     TILE6, TILE6K */
+  int tile;       /* bytes a tile: TILE, TILE4Z, TILE4F (4-bit, fp32 d and m), TILE4K, TILE5*;
+                     TILE8, TILE8Z, TILE6, TILE6K */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
   int digits;     /* 2: ad, as, ae hold 2M rows, M of the activations and M of what their int8
@@ -505,7 +513,7 @@ int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8
                      float* y);
 int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w,
                             int64_t n, float* y, int digits, int64_t blocks);
-int64_t llamaonnx_gather_q8(const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
+int64_t llamaonnx_gather_q8(int tile, const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
                             int64_t count, float* out);
 int llamaonnx_kernel_path(int set);
 int llamaonnx_path_supported(int p);

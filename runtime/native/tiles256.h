@@ -297,9 +297,14 @@ TARGET256 INLINE void NAME256(tile_sums8)(const Job* j, const uint8_t* p, int h,
   }
 }
 
-/* Half h of an 8-bit tile's scales d and 128 − z (Σ c·a = Σ (c − 128)·a + 128·Σ a). */
-TARGET256 INLINE void NAME256(scales8)(const uint8_t* p, int h, __m256* d, __m256* shift) {
+/* Half h of an 8-bit tile's scales d and 128 − z (Σ c·a = Σ (c − 128)·a + 128·Σ a; 0 for
+   TILE8Z, whose z is 128). */
+TARGET256 INLINE void NAME256(scales8)(const uint8_t* p, int64_t tile, int h, __m256* d, __m256* shift) {
   *d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 512 + 16 * h)));
+  if (tile == TILE8Z) {
+    *shift = _mm256_setzero_ps();
+    return;
+  }
   __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 544 + 8 * h))));
   *shift = _mm256_sub_ps(_mm256_set1_ps(128.f), z);
 }
@@ -308,17 +313,18 @@ TARGET256 INLINE void NAME256(half_tile_tokens_q8)(const Job* j, int64_t g, int 
   const int side = two == 0; /* as half_tile_tokens */
   __m256 acc[4];
   for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE8;
+  const int64_t tile = j->tile;
+  const uint8_t* p = j->w + g * j->nb * tile;
   const int32_t* kb = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   const float* sc = side ? j->sc + t0 / 4 * j->nb * 12 : NULL;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
+  for (int64_t b = 0; b < j->nb; b++, p += tile) {
     int here = two == 2 && *kb == b; /* (a block the group keeps a residual on) */
     kb += here;
     __m256i s[4], sr[4];
     if (two == 1 || here) NAME256(tile_sums8)(j, p, h, b, t0, T, two, 1, s, sr);
     else NAME256(tile_sums8)(j, p, h, b, t0, T, two, 0, s, sr);
     __m256 d, shift;
-    NAME256(scales8)(p, h, &d, &shift);
+    NAME256(scales8)(p, tile, h, &d, &shift);
     if (side) {
       for (int t = 0; t < T; t++) acc[t] = NAME256(weigh8)(s[t], d, shift, sc[3 * t], sc[3 * t + 1] - sc[3 * t + 2], acc[t]);
       sc += 12;
@@ -333,17 +339,18 @@ TARGET256 INLINE void NAME256(pair_tokens_q8)(const Job* j, int64_t g, int64_t t
   __m256 acc[2][2];
   for (int h = 0; h < 2; h++)
     for (int t = 0; t < T; t++) acc[h][t] = _mm256_setzero_ps();
-  const uint8_t* p = j->w + g * j->nb * TILE8;
+  const int64_t tile = j->tile;
+  const uint8_t* p = j->w + g * j->nb * tile;
   const int32_t* kb = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
-  for (int64_t b = 0; b < j->nb; b++, p += TILE8) {
+  for (int64_t b = 0; b < j->nb; b++, p += tile) {
     int here = two == 2 && *kb == b;
     kb += here;
-    if (t0 == 0) NAME256(ahead)(p, TILE8);
+    if (t0 == 0) NAME256(ahead)(p, tile);
     for (int h = 0; h < 2; h++) {
       __m256i c[8], u[8];
       NAME256(codes8)(p, h, c, u);
       __m256 d, shift;
-      NAME256(scales8)(p, h, &d, &shift);
+      NAME256(scales8)(p, tile, h, &d, &shift);
       for (int t = 0; t < T; t++) acc[h][t] = NAME256(token8)(j, u, c, d, shift, b, t0 + t, two, here, acc[h][t]);
     }
   }
