@@ -303,10 +303,11 @@ MIXED_TYPES = {  # what a Q4_K_M file looks like, one of each type somewhere
 }
 
 
-def write_mixed(root: Path, types: dict[str, str] | None = None) -> Path:
+def write_mixed(root: Path, types: dict[str, str] | None = None, tied: bool = False) -> Path:
     """root/mixed.gguf: a 2-layer llama of widths 256 and 512 (whole K super-blocks) whose
     tensors are in `types` (MIXED_TYPES: a Q4_K_M file's mix, one of each carried type), the
-    byte-level tokenizer of tests/tiny.py. Shared by tests/test_gguf_blocks.py and the GPU check
+    byte-level tokenizer of tests/tiny.py; `tied`: the head is the embedding (no output.weight,
+    as llama.cpp writes a tied model). Shared by tests/test_gguf_blocks.py and the GPU check
     (tests/gpu/run.sh)."""
     import transformers
 
@@ -322,7 +323,7 @@ def write_mixed(root: Path, types: dict[str, str] | None = None) -> Path:
         num_key_value_heads=2,
         vocab_size=256,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,
     )

@@ -13,6 +13,7 @@ import pytest
 
 from export.pipeline import export_model
 from export.quant import QuantSettings, quantize_folder
+from runtime import native
 from runtime.folder import read_model_folder
 from tests.gguf_writer import MIXED_TYPES, write_mixed
 
@@ -83,6 +84,48 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
         assert tiles["model.layers.0.feed_forward.w2.tiles"][-1] == 424
         assert tiles["model.output.tiles"][-1] == 424
         assert "/model/layers.0/feed_forward/w13/MatMulQ4SwiGLU" in ops
+
+
+def test_a_tied_q6_k_embedding_is_read_from_the_heads_own_tiles(tmp_path):
+    """A tied model whose embedding is Q6_K (what llama.cpp's Q4_K_M makes of Llama 3.2 1B and
+    Qwen2.5's small models): the embedding is GatherQ8 rows of the head's 424-byte tiles, one
+    copy of the codes for both, exactly the file's values."""
+    types = {k: v for k, v in MIXED_TYPES.items() if k != "output.weight"}
+    types["token_embd.weight"] = "Q6_K"
+    path = write_mixed(tmp_path, types, tied=True)
+    export_model(path, tmp_path / "fp32", target="ort")
+    out = tmp_path / "int4"
+    result = quantize_folder(tmp_path / "fp32", out, QuantSettings("int4"))
+    assert result["report"]["passed"]
+    graph = onnx.load(out / "model.onnx").graph
+    ops = [n.op_type for n in graph.node]
+    gather = next(n for n in graph.node if n.op_type == "GatherQ8")
+    head = next(n for n in graph.node if n.name == "/model/output/MatMulQ8")
+    assert gather.input[0] == head.input[1] and "GatherBlockQuantized" not in ops
+    tiles = next(i for i in graph.initializer if i.name == head.input[1])
+    packed = onnx.numpy_helper.to_array(tiles, base_dir=str(out))
+    assert packed.shape[-1] == 424 and not any(
+        "tok_embeddings" in i.name for i in graph.initializer
+    )
+    fp32 = onnx.load(tmp_path / "fp32" / "model.onnx").graph
+    name = next(n.input[0] for n in fp32.node if n.op_type == "Gather")  # (the tied table)
+    table = next(onnx.numpy_helper.to_array(i, base_dir=str(tmp_path / "fp32"))
+                 for i in fp32.initializer if i.name == name)  # fmt: skip
+    ids = np.arange(table.shape[0], dtype=np.int64)
+    rows = np.zeros(table.shape, np.float32)
+    assert (
+        native.library().llamaonnx_gather_q8(
+            424,
+            packed.ctypes.data,
+            table.shape[0],
+            table.shape[1],
+            ids.ctypes.data,
+            ids.size,
+            rows.ctypes.data,
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(rows, table)
 
 
 def test_the_cuda_form_carries_every_type_and_says_what_fp16_rounds(mixed, caplog):

@@ -520,6 +520,21 @@ def test_8bit_head_kernel_and_its_gather_match_numpy(path, kind, tile):
     )
 
 
+@pytest.mark.parametrize("kind,tile", [("Q6_K", TILE6K), ("Q6_K-fp32", TILE6)])
+def test_gather_reads_q6_k_tiles_exactly(kind, tile):
+    """A tied Q6_K head's tiles serve the embedding too: each row's halves s·(q − 32), as the
+    blocks dequantize, from the super-block tile and from the fp32-scale one."""
+    blocks = BLOCKS[kind](64, 512, seed=4)
+    packed = pack(blocks)
+    assert packed.shape == (4, 16, tile)
+    ids = np.array([0, 63, 17, -1, 30], np.int64)
+    rows = np.zeros((5, 512), np.float32)
+    lib = native.library()
+    assert lib.llamaonnx_gather_q8(tile, packed.ctypes.data, 64, 512, ids.ctypes.data, 5,
+                                   rows.ctypes.data) == 0  # fmt: skip
+    np.testing.assert_array_equal(rows, blocks.dequantize()[ids])
+
+
 @pytest.mark.parametrize("kind", [k for k in EVERY_KIND if k != "Q5_1"])
 def test_every_path_gives_the_same_answer(kind):
     """A folder answers the same on every CPU: the paths differ only in float summation order,
@@ -701,9 +716,11 @@ def test_largest_codes_times_largest_activations(path, kind, top):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q8-zp"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q8-zp", "Q6_K", "Q6_K-fp32"])
 def test_gather_op_in_onnxruntime_and_its_error(kind):
-    packed = pack(BLOCKS[kind](32, 64))
+    """GatherQ8 returns the rows of any MatMulQ8 tile (8-bit, Q6_K's) exactly as its blocks."""
+    blocks = BLOCKS[kind](32, 256)
+    packed = pack(blocks)
     node = helper.make_node(GATHER8, ["b", "ids"], ["rows"], domain=DOMAIN)
     graph = helper.make_graph(
         [node],
@@ -715,7 +732,7 @@ def test_gather_op_in_onnxruntime_and_its_error(kind):
     sess = _load(graph)
     ids = np.array([[1, 2, 31], [0, 0, 5]], np.int64)
     (rows,) = sess.run(None, {"ids": ids})
-    np.testing.assert_array_equal(rows, unpack8(packed)[ids])
+    np.testing.assert_array_equal(rows, blocks.dequantize()[ids])
     with pytest.raises(Exception, match="outside the vocabulary"):
         sess.run(None, {"ids": np.array([[32]], np.int64)})
 

@@ -23,7 +23,7 @@ from export.quant.embedding import native_embedding, quantize_embedding
 from export.quant.fuse_projections import concat, fusable, fused_names, rewire
 from export.quant.graph import Edit, consumers, embedding, linear_weights
 from export.quant.linear import LinearWriter
-from export.quant.native import DOMAIN, TILE8, TILE8Z, supports, tile_bytes
+from export.quant.native import DOMAIN, OP8, op_for, supports
 from export.quant.norm import fold_norms
 from export.quant.swiglu import fuse_swiglu
 
@@ -90,7 +90,7 @@ def quantize_graph(
         blocks = embedding_blocks(table, head)
         if blocks is not None:
             head_native = blocks is head and native and supports(head)
-            if head_native and tile_bytes(head) in (TILE8, TILE8Z):  # (GatherQ8: 8-bit tiles)
+            if head_native and op_for(head) == OP8:  # (GatherQ8 reads 8-bit and Q6_K tiles)
                 native_embedding(g, node, head)
             else:  # (a 4-bit native head's tiles have no gather: the embedding gets its codes)
                 shared = blocks is head and not head_native

@@ -1286,8 +1286,9 @@ int llamaonnx_matmul_digits(int tile, const float* a, int64_t m, int64_t k, cons
   return 0;
 }
 
-/* Rows `ids` of a MatMulQ8 weight, dequantized: out [count, K]. Returns the first bad id's
-   position + 1, or 0. */
+/* Rows `ids` of a MatMulQ8 weight (8-bit tiles, or Q6_K's), dequantized exactly as the blocks
+   they hold (d·(c − z), s·(q − 32)): out [count, K]. Returns the first bad id's position + 1,
+   or 0. */
 int64_t llamaonnx_gather_q8(int tile, const uint8_t* w, int64_t n, int64_t k, const int64_t* ids,
                             int64_t count, float* out) {
   int64_t nb = k / BLOCK;
@@ -1296,7 +1297,15 @@ int64_t llamaonnx_gather_q8(int tile, const uint8_t* w, int64_t n, int64_t k, co
     if (id < 0) id += n;
     if (id < 0 || id >= n) return i + 1;
     int64_t g = id / ROWS, r = id % ROWS;
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = 0; b < nb && six(tile); b++) { /* s·(q − 32) of each half, as Blocks */
+      const uint8_t* p = tile_at(w, nb, tile, g, b);
+      int q[BLOCK];
+      float s[2];
+      row_codes(p, (int)r, tile == TILE6K ? CRUMBS : 2, q);
+      halves_row(p, b, tile, (int)r, &s[0], &s[1]);
+      for (int c = 0; c < BLOCK; c++) out[i * k + b * BLOCK + c] = s[c / 16] * (float)(q[c] - 32);
+    }
+    for (int64_t b = 0; b < nb && !six(tile); b++) {
       const uint8_t* p = w + (g * nb + b) * tile;
       uint16_t dh;
       memcpy(&dh, p + 512 + 2 * r, 2);

@@ -269,8 +269,11 @@ static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
   TRY(input(ctx, 1, &ids));
   const int64_t *bdims = b.dims, *idims = ids.dims;
   size_t irank = ids.rank;
-  if (b.rank != 3 || (bdims[2] != TILE8 && bdims[2] != TILE8Z))
-    return error(ORT_INVALID_ARGUMENT, "GatherQ8: B must be uint8 [N/16, K/32, 560 or 544]");
+  if (b.rank != 3 || tile_bits(bdims[2]) != 8)
+    return error(ORT_INVALID_ARGUMENT,
+                 "GatherQ8: B must be uint8 [N/16, K/32, 560, 544 (8-bit) or 512, 424 (6-bit)]");
+  if (super_tile(bdims[2]) && bdims[1] % K4_BLOCKS)
+    return error(ORT_INVALID_ARGUMENT, "GatherQ8: a 424-byte (Q6_K) tile needs K a multiple of 256");
   if (irank > 7) return error(ORT_INVALID_ARGUMENT, "GatherQ8: ids of rank above 7");
   int64_t n = bdims[0] * ROWS, k = bdims[1] * BLOCK, count = 1, odims[8];
   for (size_t i = 0; i < irank; i++) count *= idims[i], odims[i] = idims[i];

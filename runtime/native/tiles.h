@@ -112,8 +112,8 @@
  * Q8_0 is c = q + 128, z = 128). B uint8 [N/16, K/32, 560]: bytes v·64 + r·4 + i (v 0..7) hold
  * c[r, 4v + i]; 512..543 d (fp16); 544..559 z. B uint8 [N/16, K/32, 544] is that tile without z,
  * which is 128 for every block: GGUF's Q8_0 in its own 8.5 bits a weight (the 560-byte tile spends
- * 8.75). GatherQ8(B, ids) reads rows of the same tiles: the token embedding when it is tied to the
- * head (one copy of the codes for both).
+ * 8.75). GatherQ8(B, ids) reads rows of the same tiles (and of Q6_K's, below): the token embedding
+ * when it is tied to the head (one copy of the codes for both).
  *
  * MatMulQ8 also reads GGUF's Q6_K: W[n, h·16 + j] = s[n, h]·(q − 32), q in 0..63, one scale
  * s = d·sc (fp16 × int8: exact in fp32) a block of 16. B uint8 [N/16, K/32, 512]: bytes 0..255
