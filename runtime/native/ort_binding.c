@@ -282,7 +282,8 @@ static OrtStatus* compute_gather(void* kernel, OrtKernelContext* ctx) {
   TRY(CALL(KERNEL_CONTEXT_GET_OUTPUT, get_output_fn)(ctx, 0, odims, irank + 1, &out));
   void* op;
   TRY(CALL(GET_TENSOR_MUTABLE_DATA, mutable_data_fn)(out, &op));
-  if (llamaonnx_gather_q8((int)bdims[2], (const uint8_t*)b.data, n, k, (const int64_t*)ids.data, count, (float*)op))
+  if (llamaonnx_gather_q8((int)bdims[2], (const uint8_t*)b.data, n, k, (const int64_t*)ids.data,
+                          count, (float*)op))
     return error(ORT_INVALID_ARGUMENT, "GatherQ8: a token id is outside the vocabulary");
   return NULL;
 }
