@@ -1297,22 +1297,22 @@ int64_t llamaonnx_gather_q8(int tile, const uint8_t* w, int64_t n, int64_t k, co
     if (id < 0) id += n;
     if (id < 0 || id >= n) return i + 1;
     int64_t g = id / ROWS, r = id % ROWS;
-    for (int64_t b = 0; b < nb && six(tile); b++) { /* s·(q − 32) of each half, as Blocks */
+    float* row = out + i * k;
+    for (int64_t b = 0; b < nb; b++, row += BLOCK) {
       const uint8_t* p = tile_at(w, nb, tile, g, b);
-      int q[BLOCK];
-      float s[2];
-      row_codes(p, (int)r, tile == TILE6K ? CRUMBS : 2, q);
-      halves_row(p, b, tile, (int)r, &s[0], &s[1]);
-      for (int c = 0; c < BLOCK; c++) out[i * k + b * BLOCK + c] = s[c / 16] * (float)(q[c] - 32);
-    }
-    for (int64_t b = 0; b < nb && !six(tile); b++) {
-      const uint8_t* p = w + (g * nb + b) * tile;
+      if (six(tile)) { /* s·(q − 32) of each half, as the blocks */
+        int q[BLOCK];
+        float s[2];
+        row_codes(p, (int)r, tile == TILE6K ? CRUMBS : 2, q);
+        halves_row(p, b, tile, (int)r, &s[0], &s[1]);
+        for (int c = 0; c < BLOCK; c++) row[c] = s[c / 16] * (float)(q[c] - 32);
+        continue;
+      }
       uint16_t dh;
       memcpy(&dh, p + 512 + 2 * r, 2);
-      float d = half_to_float(dh), z = (float)zero8(p, tile, r);
+      float d = half_to_float(dh), z = (float)zero8(p, tile, (int)r);
       for (int v = 0; v < 8; v++)
-        for (int c = 0; c < 4; c++)
-          out[i * k + b * BLOCK + 4 * v + c] = d * ((float)p[v * 64 + r * 4 + c] - z);
+        for (int c = 0; c < 4; c++) row[4 * v + c] = d * ((float)p[v * 64 + r * 4 + c] - z);
     }
   }
   return 0;
