@@ -309,11 +309,10 @@ def _halves_as_blocks_of_32(blocks: Blocks) -> Blocks:
 def _pack8(blocks: Blocks, size: int) -> np.ndarray:
     n, nb, _ = blocks.codes.shape
     c = blocks.codes.reshape(n // ROWS, ROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4)  # g, b, v, r, i
-    zp = blocks.zero_points if blocks.zero_points is not None else 128
-    z = np.broadcast_to(zp, blocks.scales.shape).astype(np.uint8)
     d = blocks.scales.astype(np.float16).reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1)
     parts = [c.reshape(n // ROWS, nb, 512), np.ascontiguousarray(d).view(np.uint8)]
-    if size == TILE8:
+    if size == TILE8:  # (TILE8Z: every z is 128, which the kernel supplies)
+        z = np.broadcast_to(blocks.zero_points, blocks.scales.shape).astype(np.uint8)
         parts.append(z.reshape(n // ROWS, ROWS, nb).transpose(0, 2, 1))
     return np.ascontiguousarray(np.concatenate(parts, axis=2))
 
