@@ -75,7 +75,7 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
         assert "MatMulNBits" not in ops.values()
         tiles = {i.name: i.dims for i in graph.initializer if i.name.endswith(".tiles")}
         assert tiles["model.layers.0.feed_forward.w13.tiles"][-1] == 312  # Q4_K: its super-blocks
-        assert tiles["model.layers.1.feed_forward.w13.tiles"][-1] == 336  # Q4_1 + Q4_0
+        assert tiles["model.layers.1.feed_forward.w13.tiles"][-1] == 320  # Q4_1 + Q4_0
         assert tiles["model.layers.1.attention.wo.tiles"][-1] == 352  # Q5_0 (m = −16·d)
         # Q5_K + Q5_K + Q5_1 (not super-blocks: fp32 d and m, and the zero points), and Q5_K
         assert tiles["model.layers.1.attention.qkv.tiles"][-1] == 464

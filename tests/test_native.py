@@ -24,6 +24,7 @@ from export.quant.native import (
     TILE,
     TILE4F,
     TILE4K,
+    TILE4M,
     TILE4Z,
     TILE5,
     TILE5F,
@@ -52,7 +53,7 @@ def test_the_packer_and_the_library_share_one_tile_layout():
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
-        "tile4z": TILE4Z, "tile8z": TILE8Z,
+        "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M,
     }  # fmt: skip
 
 
@@ -122,7 +123,8 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
 
 
 def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
-    """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests)."""
+    """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests); a tile
+    centred on its zero weight (TILE4M) has z = −m/d, where d ≠ 0 (0 where it is)."""
     g, nb, size = packed.shape
     if size in (TILE4K, TILE5K):  # d = D·sc, m = E·mn, each product exact in float32
         _, sc, mn, z, big_d, big_e = super_blocks(packed)
@@ -145,7 +147,10 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
         m = -zero * d
     else:
         m = per_row(at + wide * ROWS, wide * ROWS, dtype)
-    if zero:
+    if size == TILE4M:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(d == 0, np.float32(0), -m / d).astype(np.float32)
+    elif zero:
         z = np.full(d.shape, zero, np.uint8)
     else:
         z = per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
@@ -230,13 +235,25 @@ def q8_zp(n: int, k: int, seed: int = 0) -> Blocks:
     return Blocks(b.bits, b.block_size, b.codes, d, b.zero_points, None, b.origin)
 
 
+def q4_zp(n: int, k: int, seed: int = 0) -> Blocks:
+    """4-bit blocks with zero points of their own (what `--no-gguf-blocks` rounds a float weight
+    to): the 336-byte tile, which keeps z, where Q4_1's tile is centred on each block's zero
+    weight and keeps none. The scales are fp16's, which the tile keeps."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05 + rng.uniform(-0.1, 0.1, (n, 1))).astype(np.float32)
+    b = quantize(w, 4, 32, symmetric=False)  # (rows moved off zero: zero points across 0..15)
+    assert b.zero_points is not None and np.any(b.zero_points != 8)
+    d = b.scales.astype(np.float16).astype(np.float32)
+    return Blocks(b.bits, b.block_size, b.codes, d, b.zero_points, None, b.origin)
+
+
 def gguf_blocks(kind: str, n: int, k: int, seed: int = 0) -> Blocks:
     """Random GGUF blocks of `kind` (every code, scale and minimum bit random), as read."""
     return from_gguf(kind, random_blocks(kind, n, k, seed), k)
 
 
 BLOCKS = (
-    {"Q4_1": q4_1, "Q4_K": q4_k, "Q8_0": q8_0, "Q8-zp": q8_zp}
+    {"Q4_1": q4_1, "Q4-zp": q4_zp, "Q4_K": q4_k, "Q8_0": q8_0, "Q8-zp": q8_zp}
     | {
         kind: lambda n, k, seed=0, kind=kind: gguf_blocks(kind, n, k, seed)
         for kind in ("Q4_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -249,7 +266,7 @@ BLOCKS = (
 )
 
 # one of each tile kind's blocks: the file types, and 8-bit blocks with zero points of their own
-EVERY_KIND = ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q8-zp", "Q5_0", "Q5_1", "Q5_K", "Q6_K"]
+EVERY_KIND = ["Q4_0", "Q4_1", "Q4-zp", "Q4_K", "Q8_0", "Q8-zp", "Q5_0", "Q5_1", "Q5_K", "Q6_K"]
 
 
 def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
@@ -267,7 +284,7 @@ def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
 def second_digit(tile: int) -> int:
     """F, what a second digit's step is of the first's (tiles.h, digit_shift): 16 for 4-bit
     codes, 8 for 5-bit ones, 128 for 8- and 6-bit ones."""
-    if tile in (TILE, TILE4Z, TILE4F, TILE4K):
+    if tile in (TILE, TILE4M, TILE4Z, TILE4F, TILE4K):
         return 16
     return 128 if tile in (TILE6, TILE6K, TILE8, TILE8Z) else 8
 
@@ -294,13 +311,16 @@ def rounded(a: np.ndarray, digits: int = 1, blocks: int = 0, tile: int = TILE) -
 
 def reference(a: np.ndarray, packed: np.ndarray, digits: int = 1, blocks: int = 0) -> np.ndarray:
     """What the kernel computes: the codes centred on z times the activations rounded to int8 per
-    block of 32, plus the rest of each weight, (m + z·d), times the exact block sums. (A 6-bit
-    tile: its weights times the rounded activations.)"""
+    block of 32, plus the rest of each weight, (m + z·d), times the exact block sums. (A 6-bit or
+    8-bit tile, and a 4-bit one centred on its zero weight, TILE4M: its weights times the rounded
+    activations.)"""
     r = rounded(a, digits, blocks, packed.shape[-1])
     if packed.shape[-1] in (TILE6, TILE6K):
         return (r @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
     if packed.shape[-1] in (TILE8, TILE8Z):
         return (r @ unpack8(packed).T.astype(np.float64)).astype(np.float32)
+    if packed.shape[-1] == TILE4M:
+        return (r @ unpack(packed).T.astype(np.float64)).astype(np.float32)
     q, d, m, z = (x.astype(np.float64) for x in fields(packed))
     centred = np.repeat(d, 32, axis=1) * (q - np.repeat(z, 32, axis=1))
     rest = np.repeat(m + z * d, 32, axis=1)
@@ -323,12 +343,14 @@ def matmul(
 
 
 def test_packed_tiles_hold_the_blocks():
-    """GGUF's Q4_1 exactly (its d and m are fp16); blocks quantized here from floats to fp16's
-    precision in d and m, a few hundredths of a quantization step."""
+    """GGUF's Q4_1 exactly (its d and m are fp16), in the 320-byte tile (the file's own 5 bits a
+    weight, no z); blocks quantized here from floats to fp16's precision in d and m, a few
+    hundredths of a quantization step, in the 336-byte tile that keeps their zero points."""
     gguf = q4_1(48, 96)
     packed = pack(gguf)
-    assert packed.shape == (3, 3, 336)
+    assert packed.shape == (3, 3, TILE4M) and packed.size * 8 / gguf.codes.size == 5.0
     np.testing.assert_array_equal(unpack(packed), gguf.dequantize())
+    assert pack(q4_zp(48, 96)).shape == (3, 3, TILE)
     w = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
     for symmetric in (True, False):
         blocks = quantize(w, 4, 32, symmetric)
@@ -348,7 +370,7 @@ def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
     blocks = from_gguf("Q4_K", raw, 512)
     assert supports(blocks)
     packed = pack(blocks)
-    assert packed.shape == (2, 16, TILE4K) and pack(q4_1(32, 64)).shape[-1] == TILE
+    assert packed.shape == (2, 16, TILE4K) and pack(q4_1(32, 64)).shape[-1] == TILE4M
     assert packed.size * 8 / want.size == 4.875 and raw.size * 8 / want.size == 4.5
     np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
     _, sc, mn, _, big_d, big_e = super_blocks(packed)
@@ -412,10 +434,11 @@ def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_q4_0_blocks_pack_exactly_in_288_byte_tiles_with_the_336_byte_tiles_bits(path):
+def test_q4_0_blocks_pack_exactly_in_288_byte_tiles_with_the_336_byte_tiles_bits(path, monkeypatch):
     """Q4_0 (d·(q − 8)) in tiles of its own size, 288 bytes without m and z, which the kernel
     makes as −8·d and 8: the dequantizer's weights exactly, and on every path the bits of the
-    same blocks in the 336-byte tile that stores them (1–9, 16 and 33 rows, one digit and two)."""
+    same blocks in the tiles that store them: the 336-byte tile (m and z = 8) and the 320-byte
+    one (m, centred on the zero weight −m/d = 8), 1–9, 16 and 33 rows, one digit and two."""
     import gguf
 
     raw = random_blocks("Q4_0", 48, 256, seed=2)
@@ -427,14 +450,20 @@ def test_q4_0_blocks_pack_exactly_in_288_byte_tiles_with_the_336_byte_tiles_bits
     stored = Blocks(blocks.bits, blocks.block_size, blocks.codes, blocks.scales, None,
                     np.zeros_like(blocks.scales), blocks.origin, blocks.carried)  # fmt: skip
     wide = pack(stored)  # (an offset, zero, keeps m in the tile)
-    assert wide.shape == (3, 8, TILE)
+    assert wide.shape == (3, 8, TILE4M)
+    with monkeypatch.context() as mp:  # the same blocks in the 336-byte tile (z = 8 stored)
+        mp.setattr("export.quant.native._fp32_tile", lambda blocks, bits, wide: TILE)
+        with_z = pack(blocks)
+    assert with_z.shape == (3, 8, TILE)
     np.testing.assert_array_equal(unpack(wide), want)
+    np.testing.assert_array_equal(unpack(with_z), want)
     rng = np.random.default_rng(4)
     for m in (*range(1, 10), 16, 33):
         a = 3 * rng.standard_normal((m, 256)).astype(np.float32)
         for digits, kept in ((1, 0), (2, 0), (2, 2)):
             y = matmul(packed, a, path, digits, kept)
             np.testing.assert_array_equal(y, matmul(wide, a, path, digits, kept))
+            np.testing.assert_array_equal(y, matmul(with_z, a, path, digits, kept))
 
 
 @pytest.mark.parametrize(
@@ -472,7 +501,8 @@ def test_5bit_blocks_pack_exactly(kind, size):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 96, 3), (64, 576, 5), (960, 576, 1)])
 @pytest.mark.parametrize(
-    "kind", ["Q4_0", "Q4_1", "Q4_K", "Q4_K-fp32", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q6_K-fp32"]
+    "kind",
+    ["Q4_0", "Q4_1", "Q4-zp", "Q4_K", "Q4_K-fp32", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q6_K-fp32"],
 )
 def test_kernel_matches_numpy(n, k, m, path, kind):
     if "_K" in kind and k % 256:

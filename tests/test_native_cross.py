@@ -52,6 +52,7 @@ def _run(driver: Path, packed: np.ndarray, a: np.ndarray, n: int, path: str, dig
     [
         "Q4_0",
         "Q4_1",
+        "Q4-zp",
         "Q4_K",
         "Q4_K-fp32",
         "Q8_0",
@@ -70,7 +71,8 @@ def test_arm_kernel_matches_numpy(driver, path, kind, m, digits, keep):
     n, k = 48, 512
     blocks = BLOCKS[kind](n, k, seed=m)
     packed = q.pack(blocks)
-    tiles = {"Q4_0": q.TILE4Z, "Q4_1": q.TILE, "Q4_K": q.TILE4K, "Q4_K-fp32": q.TILE4F,
+    tiles = {"Q4_0": q.TILE4Z, "Q4_1": q.TILE4M, "Q4-zp": q.TILE, "Q4_K": q.TILE4K,
+             "Q4_K-fp32": q.TILE4F,
              "Q8_0": q.TILE8Z, "Q8-zp": q.TILE8,
              "Q5_0": q.TILE5Z, "Q5_1": q.TILE5ZP, "Q5_K": q.TILE5K,
              "Q5_K-fp32": q.TILE5ZPF, "Q6_K": q.TILE6K, "Q6_K-fp32": q.TILE6}  # fmt: skip

@@ -40,6 +40,7 @@ ROWS, BLOCK, TILE, TILE8, TILE4F, TILE5, TILE5F, TILE6 = 16, 32, 336, 560, 400, 
 TILE5Z, TILE5ZP, TILE5ZPF = 352, 416, 464
 TILE4Z = 288  # a 4-bit tile without m and z: Q4_0 (m = −8·d, z = 8)
 TILE8Z = 544  # an 8-bit tile without z: Q8_0 (z = 128)
+TILE4M = 320  # a 4-bit tile without z: Q4_1, centred on its zero weight (z·d = −m)
 TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
 TILE5K, TILE6K = 376, 424  # a slot of Q5_K's and of Q6_K's
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
@@ -178,6 +179,10 @@ def _fp32_tile(blocks: Blocks, bits: int, wide: bool) -> int:
     centred = blocks.zero_points is None or _centred_on(blocks, 8)  # (None: 2^(bits−1), 8)
     if bits == 4 and not wide and blocks.offsets is None and centred:
         return TILE4Z  # Q4_0's m = −8·d and z = 8: the kernel makes both
+    if bits == 4 and not wide and blocks.offsets is not None:
+        # Q4_1's minimums: centred on the zero weight itself (z·d = −m), as good as the code
+        # nearest it (tiles.h), so the tile keeps no z: the file's own 5 bits a weight
+        return TILE4M
     if bits == 5 and blocks.zero_points is not None and not _centred_on(blocks, 16):
         # Q5_1 / Q5_K: the code nearest zero weight is anywhere in 0..31, and the int8
         # activations' error is d·(q − z)·ε: centred on 16 instead, it grows by (z − 16)·d·Σε
@@ -326,7 +331,7 @@ def _check_layout() -> None:
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
-        "tile4z": TILE4Z, "tile8z": TILE8Z,
+        "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

@@ -77,9 +77,9 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
               mr = half_to_float(mh);
             }
           }
-          float z = l.z < 0 ? (float)l.zero : (float)ps[l.z + r];
+          float zd = l.z == ZERO_WEIGHT ? -mr : (l.z < 0 ? (float)l.zero : (float)ps[l.z + r]) * dr;
           acc[r] += (float)dot * (dr * da);
-          off[r] += mr * sa + z * dr * ea;
+          off[r] += mr * sa + zd * ea;
         }
       }
       for (int r = 0; r < ROWS; r++) j->y[t * j->n + g * ROWS + r] = acc[r] + off[r];
@@ -243,7 +243,8 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t b, int64_t s
 }
 
 /* A MatMulQ4 tile's scales d, minimums m (−16·d for 5-bit codes without them: Q5_0; −8·d for
-   Q4_0's tile, Layout.zero) and the zero points' d·z (16·d or 8·d for codes without them);
+   Q4_0's tile, Layout.zero) and the zero points' d·z (16·d or 8·d for codes without them, −m for
+   a tile centred on its zero weight: Q4_1's, ZERO_WEIGHT);
    p is block b's tile (its codes); TILE4K's d = D·sc and m = E·mn are made here, exactly. */
 AVX512 INLINE __m512 bytes512(const uint8_t* x) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)x)));
@@ -267,7 +268,8 @@ AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
          : l.f32 ? _mm512_loadu_ps((const float*)(p + l.m))
                  : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + l.m)));
 }
-AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
+AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d, __m512 m, int64_t b) {
+  if (l.z == ZERO_WEIGHT) return _mm512_sub_ps(_mm512_setzero_ps(), m);
   return l.z < 0 ? _mm512_mul_ps(_mm512_set1_ps((float)l.zero), d)
                  : _mm512_mul_ps(bytes512(tile_scalars(p, b, l.k4) + l.z), d);
 }
@@ -308,7 +310,7 @@ AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int f
     codes512(p, five, c);
     __m512 d = scale512(p, l, b);
     __m512 m = min512(p, l, d, b);
-    __m512 zd = zero512(p, l, d, b);
+    __m512 zd = zero512(p, l, d, m, b);
     __m512i s[4];
     if (two == 2) few512(j, t0, T, b, c, s, &u);
     else digits512(j, t0, T, b, c, s, two);
@@ -509,7 +511,7 @@ AMX INLINE void amx_unpack(const Job* j, int64_t g, uint8_t* u, int two, const u
     __m512 m = min512(p, l, d, b);
     _mm512_store_ps((float*)(u + 512 * (1 + two)), d);
     _mm512_store_ps((float*)(u + 512 * (1 + two) + 64), m);
-    _mm512_store_ps((float*)(u + 512 * (1 + two) + 128), zero512(p, l, d, b));
+    _mm512_store_ps((float*)(u + 512 * (1 + two) + 128), zero512(p, l, d, m, b));
   }
 }
 
@@ -978,6 +980,8 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
     }
     float zf[4] = {zb[0], zb[1], zb[2], zb[3]};
     z = vld1q_f32(zf);
+    /* z·d: −m where the tile is centred on its zero weight (ZERO_WEIGHT) */
+    float32x4_t zd = !q8 && l.z == ZERO_WEIGHT ? vnegq_f32(m) : vmulq_f32(z, d);
     for (int t = 0; t < T; t++) {
       const int32_t* a = (const int32_t*)(act_block(j, t0 + t, b, 0));
       int32x4_t s = vdupq_n_s32(0);
@@ -991,7 +995,7 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
       } else {
         acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(s), vmulq_n_f32(d, da));
         acc[t] = vfmaq_n_f32(acc[t], m, sa);
-        acc[t] = vfmaq_n_f32(acc[t], vmulq_f32(z, d), ea);
+        acc[t] = vfmaq_n_f32(acc[t], zd, ea);
       }
     }
   }
@@ -1260,7 +1264,7 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4Z, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8, TILE8Z, TILE6 or TILE6K:
+   (TILE, TILE4M, TILE4Z, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8, TILE8Z, TILE6 or TILE6K:
    MatMulQ8). Returns 0 on success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
@@ -1356,6 +1360,7 @@ int64_t llamaonnx_layout(int what) {
     case 13: return TILE5K;
     case 14: return TILE4Z;
     case 15: return TILE8Z;
+    case 16: return TILE4M;
     default: return -1;
   }
 }

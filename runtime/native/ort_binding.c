@@ -186,7 +186,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (tile_bits(tile) != bits)
     return error(ORT_INVALID_ARGUMENT,
                  bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560, 544 (8-bit) or 512, 424 (6-bit)]"
-                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 288, 400 or 312 (4-bit) "
+                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 320, 288, 400 or 312 (4-bit) "
                              "or 352, 384, 416, 448, 464, 376 (5-bit)]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: A's last dimension must be K = 32 · B.shape[1]");

@@ -37,6 +37,16 @@
  *   bytes 288..319  m of the 16 rows, fp16;
  *   bytes 320..335  z of the 16 rows, uint8.
  *
+ * B uint8 [N/16, K/32, 320] is that tile without z: GGUF's Q4_1 in its own 5 bits a weight (the
+ * 336-byte tile spends 5.25), its codes centred on the block's zero weight itself, −m/d, not on
+ * the code nearest it: the kernel takes z·d = −m, and computes
+ *   y = d·da·Σ q·â_int + m·da·Σ â_int
+ * (llama.cpp's Q4_1 × Q8_1 dot product), whose error Σ (d·q + m)·ε = Σ W·ε is the centred
+ * codes' up to the offset left, (m + z·d)·Σ ε with |m + z·d| ≤ d/2, of either sign: on the
+ * default model the same quality, KL 2.92e-3 from the fp32 reference against 2.97e-3
+ * (docs/quantization.md). Blocks with offsets of their own (Q4_1) take it; blocks rounded here,
+ * whose z is their own zero point, keep the 336-byte tile.
+ *
  * B uint8 [N/16, K/32, 288] is that tile without m and z: GGUF's Q4_0, whose m is −8·d and whose
  * codes are centred on 8 (4.5 bits a weight, the file's own size, where the 336-byte tile spends
  * 5.25); the kernel makes m and z·d from d.
@@ -223,6 +233,7 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define TILE6 512
 #define TILE5Z 352 /* a 5-bit tile without m: Q5_0, whose m is −16·d */
 #define TILE4Z 288 /* a 4-bit tile without m and z: Q4_0, whose m is −8·d */
+#define TILE4M 320 /* a 4-bit tile without z: Q4_1, centred on its zero weight (z·d = −m) */
 #define TILE8Z 544 /* an 8-bit tile without z: Q8_0, whose z is 128 */
 #define TILE5ZP 416 /* TILE5 with each row's zero point z at 384..399 (400..415 unused): Q5_1 */
 #define TILE5ZPF 464 /* TILE5F with each row's zero point z at 448..463: Q5_K */
@@ -278,7 +289,8 @@ INLINE const uint8_t* tile_scalars(const uint8_t* p, int64_t b, int q) {
 INLINE const uint8_t* k4_row(const uint8_t* s, int64_t b, int at) { return s - (b & 7) * 16 + at; }
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
-   (-1: a 5-bit tile without zero points, z 16). */
+   (-1: a 5-bit tile without zero points, z 16; ZERO_WEIGHT: none, z·d = −m). */
+#define ZERO_WEIGHT (-2)
 typedef struct {
   int five, f32, d, m, z;
   int k4; /* TILE4K, TILE5K: a block's code bytes (0: none of them); d, m, z are where sc, mn,
@@ -297,6 +309,10 @@ INLINE Layout layout_of(int64_t tile) {
     Layout z = {0, 0, 256, -1, -1, 0, 8};
     return z;
   }
+  if (tile == TILE4M) {
+    Layout w = {0, 0, 256, 288, ZERO_WEIGHT, 0, 0};
+    return w;
+  }
   int zp5 = tile == TILE5ZP || tile == TILE5ZPF;
   int five = tile == TILE5 || tile == TILE5F || tile == TILE5Z || zp5;
   int f32 = tile == TILE4F || tile == TILE5F || tile == TILE5ZPF;
@@ -312,7 +328,8 @@ static inline int six(int64_t tile) { return tile == TILE6 || tile == TILE6K; }
 /* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
-  if (tile == TILE || tile == TILE4Z || tile == TILE4F || tile == TILE4K || tile == TILE5 ||
+  if (tile == TILE || tile == TILE4M || tile == TILE4Z || tile == TILE4F || tile == TILE4K ||
+      tile == TILE5 ||
       tile == TILE5F || tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF || tile == TILE5K)
     return 4;
   return tile == TILE8 || tile == TILE8Z || tile == TILE6 || tile == TILE6K ? 8 : 0;
@@ -339,7 +356,7 @@ typedef struct {
   float* y;             /* [M, N] */
   int64_t m, k, n, nb, groups, chunk;
   int bits;       /* 4: MatMulQ4 tiles (4- or 5-bit codes), 8: MatMulQ8 tiles (8- or 6-bit) */
-  int tile;       /* bytes a tile: TILE, TILE4Z, TILE4F (4-bit, fp32 d and m), TILE4K, TILE5*;
+  int tile;       /* bytes a tile: TILE, TILE4M, TILE4Z, TILE4F (4-bit, fp32 d and m), TILE4K, TILE5*;
                      TILE8, TILE8Z, TILE6, TILE6K */
   int swiglu;     /* y [M, N/2] = silu(gate) ⊙ up, the rows computed into `scratch` [M, N] */
   float* scratch;
@@ -380,7 +397,7 @@ static inline const int8_t* act_block(const Job* j, int64_t t, int64_t b, int tw
    codes, 8 for 5-bit ones (F·code within a byte, for AMX's product of both digits at once), 128
    for 8- and 6-bit codes (|r̂| ≤ 64). */
 static inline int digit_shift(int64_t tile) {
-  if (tile == TILE || tile == TILE4Z || tile == TILE4F || tile == TILE4K) return 4;
+  if (tile == TILE || tile == TILE4M || tile == TILE4Z || tile == TILE4F || tile == TILE4K) return 4;
   return tile_bits(tile) == 4 ? 3 : 7;
 }
 

@@ -71,7 +71,8 @@ TARGET256 INLINE __m256i NAME256(few)(const Job* j, int64_t ib, __m256i s, __m25
 }
 
 /* Half h of a MatMulQ4 tile's scales: d, m (−zero·d where the tile has none: Layout.zero) and
-   the zero points' z·d (zero·d for codes without zero points). */
+   the zero points' z·d (zero·d for codes without zero points, −m for a tile centred on its zero
+   weight: ZERO_WEIGHT). */
 TARGET256 INLINE __m256 NAME256(bytes)(const uint8_t* x) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)x)));
 }
@@ -91,6 +92,10 @@ TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int64_t b, int
   *m = l.m < 0 ? _mm256_mul_ps(_mm256_set1_ps(-(float)l.zero), *d)
        : l.f32 ? _mm256_loadu_ps((const float*)(p + l.m) + 8 * h)
                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.m + 8 * dsize * h)));
+  if (l.z == ZERO_WEIGHT) {
+    *zd = _mm256_sub_ps(_mm256_setzero_ps(), *m);
+    return;
+  }
   *zd = l.z < 0 ? _mm256_mul_ps(_mm256_set1_ps((float)l.zero), *d)
              : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
                                  _mm_loadl_epi64((const __m128i*)(p + l.z + 8 * h)))),
@@ -482,6 +487,7 @@ TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int
   switch (j->tile) {
     case TILE: NAME256(few_tokens)(j, g, t0, T, TILE, two); return;
     case TILE4Z: NAME256(few_tokens)(j, g, t0, T, TILE4Z, two); return;
+    case TILE4M: NAME256(few_tokens)(j, g, t0, T, TILE4M, two); return;
     case TILE4F: NAME256(few_tokens)(j, g, t0, T, TILE4F, two); return;
     case TILE4K: NAME256(few_tokens)(j, g, t0, T, TILE4K, two); return;
     case TILE5K: NAME256(few_tokens)(j, g, t0, T, TILE5K, two); return;
