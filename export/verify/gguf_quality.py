@@ -114,12 +114,12 @@ def score(name: str, path: Path, precision: str, models: Path, progress) -> dict
     quant = models / f"{name}-{precision}"
     t = time.perf_counter()
     # (not verified again here: this table is the check, against the fp32 folder and llama.cpp;
-    # `llamaonnx verify` runs the full one on any of these folders)
-    if not (fp32 / "llamaonnx.json").is_file():
-        export_model(path, fp32, target="ort", force=True, verify=False, progress=progress)
-    if not (quant / "llamaonnx.json").is_file():
-        quantize_folder(fp32, quant, QuantSettings(precision), force=True, verify=False,
-                        progress=progress)  # fmt: skip
+    # `llamaonnx verify` runs the full one on any of these folders). Both folders are made anew
+    # every run: one left by an older build may hold tiles of a layout this library reads
+    # differently (a 424-byte Q6_K tile from before its crumbs scored a perplexity of 10⁷ here)
+    export_model(path, fp32, target="ort", force=True, verify=False, progress=progress)
+    quantize_folder(fp32, quant, QuantSettings(precision), force=True, verify=False,
+                    progress=progress)  # fmt: skip
     info = json.loads((quant / "llamaonnx.json").read_text())["quantization"]
     tok = Tokenizer.from_folder(fp32)
     row = {
