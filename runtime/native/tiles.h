@@ -43,8 +43,8 @@
  *   y = d·da·Σ q·â_int + m·da·Σ â_int
  * (llama.cpp's Q4_1 × Q8_1 dot product), whose error Σ (d·q + m)·ε = Σ W·ε is the centred
  * codes' up to the offset left, (m + z·d)·Σ ε with |m + z·d| ≤ d/2, of either sign: on the
- * default model the same quality, KL 2.92e-3 from the fp32 reference against 2.97e-3
- * (docs/quantization.md). Blocks with offsets of their own (Q4_1) take it; blocks rounded here,
+ * default model the same quality, KL 2.92e-3 from the fp32 reference against 2.95e-3
+ * (docs/activation_cost.md and its run before). Blocks with offsets of their own (Q4_1) take it; blocks rounded here,
  * whose z is their own zero point, keep the 336-byte tile.
  *
  * B uint8 [N/16, K/32, 288] is that tile without m and z: GGUF's Q4_0, whose m is −8·d and whose
@@ -397,8 +397,8 @@ static inline const int8_t* act_block(const Job* j, int64_t t, int64_t b, int tw
    codes, 8 for 5-bit ones (F·code within a byte, for AMX's product of both digits at once), 128
    for 8- and 6-bit codes (|r̂| ≤ 64). */
 static inline int digit_shift(int64_t tile) {
-  if (tile == TILE || tile == TILE4M || tile == TILE4Z || tile == TILE4F || tile == TILE4K) return 4;
-  return tile_bits(tile) == 4 ? 3 : 7;
+  if (tile_bits(tile) != 4) return 7;
+  return layout_of(tile).five ? 3 : 4;
 }
 
 /* A matmul's activations made ready, `rows` rows a task: A (or RMSNorm(A + skip)·gamma, into
