@@ -236,6 +236,9 @@ class Session:
                 str(self.info.folder / "model.onnx"), opts, providers=providers
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            said = str(e).partition("llamaonnx kernels: ")[2]
+            if "tile layout" in said:  # (runtime/native/tiles.h, TILE_LAYOUT)
+                raise ModelFolderError(f"{self.info.folder}: {said}") from e
             raise ModelFolderError(
                 f"onnxruntime cannot load {self.info.folder / 'model.onnx'}: it is truncated, "
                 f"corrupt or not a model this onnxruntime runs ({type(e).__name__}: "

@@ -16,6 +16,8 @@ from export.quant.native import (
     BLOCK,
     DOMAIN,
     GATHER8,
+    LAYOUT,
+    LAYOUT_OLDEST,
     OP,
     OP8,
     ROWS,
@@ -53,8 +55,43 @@ def test_the_packer_and_the_library_share_one_tile_layout():
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
-        "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M,
+        "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M, "revision": LAYOUT,
+        "oldest": LAYOUT_OLDEST,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("op", [OP, OP8, SWIGLU, SWIGLU8, GATHER8])
+def test_a_tile_layout_the_library_does_not_read_is_refused(op):
+    """A node's `layout` attribute names the revision its tiles were packed in: the library runs
+    the revisions it reads (a node without one is revision 1, the folders before it) and refuses
+    any other when the session loads, saying what to do."""
+    blocks = q8_0(32, 64) if op in (OP8, SWIGLU8, GATHER8) else q4_1(32, 64)
+    packed = pack(blocks)
+    a = {"a": np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 1, 64)}
+    if op == GATHER8:
+        a = {"a": np.array([[3, 1]], np.int64)}
+
+    def session(**attributes):
+        node = helper.make_node(op, ["b", "a"] if op == GATHER8 else ["a", "b"], ["y"],
+                                domain=DOMAIN, **attributes)  # fmt: skip
+        kind = TensorProto.INT64 if op == GATHER8 else TensorProto.FLOAT
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("a", kind, list(a["a"].shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(packed, "b")],
+        )
+        return _load(graph)
+
+    (want,) = session(layout=LAYOUT).run(None, a)
+    assert LAYOUT_OLDEST == 1  # (while it is, a node without the attribute runs too)
+    np.testing.assert_array_equal(session().run(None, a)[0], want)
+    refused = ((LAYOUT + 1, "run it with the newer llamaonnx that wrote it"),
+               (LAYOUT_OLDEST - 1, "quantize it again with this llamaonnx"))  # fmt: skip
+    for revision, says in refused:
+        with pytest.raises(Exception, match=f"tile layout revision {revision}, .*{says}"):
+            session(layout=revision)
 
 
 # -- reading packed tiles back (test helpers) ----------------------------------------------------

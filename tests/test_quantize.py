@@ -2,6 +2,7 @@
 precision round-tripping on tiny models of every target, and clear errors for bad settings."""
 
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -21,6 +22,7 @@ from export.quant.blocks import (
     quantize,
     sum_repeats,
 )
+from export.quant.native import LAYOUT, LAYOUT_OLDEST
 from runtime import native
 from runtime.errors import OutputFolderError
 from tests.gguf_writer import encode_blocks, random_blocks
@@ -512,6 +514,8 @@ def test_tied_embedding_and_head_share_one_copy_of_the_codes(tmp_path):
     gather = next(n for n in model.graph.node if n.op_type == "GatherQ8")
     head = next(n for n in model.graph.node if n.name == "/model/output/MatMulQ8")
     assert gather.input[0] == head.input[1] and ops["GatherBlockQuantized"] == 0
+    assert _layouts(model) == {"GatherQ8": {LAYOUT}, "MatMulQ4": {LAYOUT}, "MatMulQ8": {LAYOUT},
+                               "MatMulQ4SwiGLU": {LAYOUT}}  # fmt: skip
     assert json.loads((out / "report.json").read_text())["passed"]
     out = tmp_path / "int4-nbits"
     export_model(
@@ -522,6 +526,43 @@ def test_tied_embedding_and_head_share_one_copy_of_the_codes(tmp_path):
     head = next(n for n in model.graph.node if n.name == "/model/output/MatMulNBits")
     assert gbq.input[0] == head.input[1]
     assert json.loads((out / "report.json").read_text())["passed"]
+
+
+def _layouts(model) -> dict[str, set]:
+    """op → the `layout` attributes (None: none) of the nodes of ours that read tiles."""
+    out = {}
+    for n in model.graph.node:
+        if n.domain == native.DOMAIN and n.op_type != "GroupQueryAttention":
+            got = [helper.get_attribute_value(a) for a in n.attribute if a.name == "layout"]
+            out.setdefault(n.op_type, set()).add(got[0] if got else None)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_tiles_carry_their_layouts_revision_and_a_newer_one_is_refused(
+    quantized, precision, tmp_path
+):
+    """Every node that reads tiles says which revision of the layouts it was packed in, through
+    the fusions that rebuild it (gate/up with the SwiGLU, the folded norms), so that a library
+    whose layouts have changed refuses a folder instead of misreading its bytes (tiles.h,
+    TILE_LAYOUT). A folder from a newer llamaonnx, or older than the library reads, says so."""
+    from runtime.errors import ModelFolderError
+    from runtime.session import Session
+
+    folder = quantized["ort", precision]
+    layouts = _layouts(onnx.load(str(folder / "model.onnx")))
+    assert len(layouts) >= 2 and all(v == {LAYOUT} for v in layouts.values())
+    refused = ((LAYOUT + 1, "run it with the newer llamaonnx that wrote it"),
+               (LAYOUT_OLDEST - 1, "quantize it again with this llamaonnx"))  # fmt: skip
+    for revision, says in refused:
+        copy = tmp_path / f"r{revision}"
+        shutil.copytree(folder, copy)
+        model = onnx.load(str(copy / "model.onnx"))
+        node = next(n for n in model.graph.node if n.op_type.startswith("MatMulQ"))
+        next(a for a in node.attribute if a.name == "layout").i = revision
+        onnx.save(model, str(copy / "model.onnx"))
+        with pytest.raises(ModelFolderError, match=f"revision {revision}.*{says}"):
+            Session(copy, check_files=False)
 
 
 def test_quantizing_a_quantized_folder_or_into_an_existing_one_fails(quantized, tiny_folders):

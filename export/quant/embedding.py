@@ -16,18 +16,17 @@ from onnx import helper
 
 from export.passes.graph import MS, replace_nodes
 from export.quant.blocks import Blocks
-from export.quant.native import DOMAIN, GATHER8
+from export.quant.native import GATHER8, tile_node
 
 
 def native_embedding(g, node, head: Blocks) -> None:
     """The tied embedding as GatherQ8 rows of the LM head's own MatMulQ8 tiles: one copy of the
     codes serves both."""
-    gather = helper.make_node(
+    gather = tile_node(
         GATHER8,
         ["model.output.tiles", node.input[1]],
         [node.output[0]],
         name="/model/tok_embeddings/GatherQ8",
-        domain=DOMAIN,
     )
     replace_nodes(g, [node], [gather])
 

@@ -18,7 +18,7 @@ from onnx import helper
 from export.passes.graph import MS
 from export.quant.blocks import FINE, Blocks, held_offsets, offset_rows, sum_repeats
 from export.quant.graph import Edit
-from export.quant.native import DOMAIN, op_for, pack, supports
+from export.quant.native import op_for, pack, supports, tile_node
 
 
 class LinearWriter:
@@ -41,15 +41,8 @@ class LinearWriter:
         n_out, k = blocks.shape
         if self.native and supports(blocks):
             op = op_for(blocks)
-            nodes_out.append(
-                helper.make_node(
-                    op,
-                    [x, init(f"{prefix}.tiles", pack(blocks))],
-                    [out],
-                    name=f"{name}/{op}",
-                    domain=DOMAIN,
-                )
-            )
+            tiles = init(f"{prefix}.tiles", pack(blocks))
+            nodes_out.append(tile_node(op, [x, tiles], [out], name=f"{name}/{op}"))
             return
         if blocks.offsets is not None:
             errors = self.offset_error or {"float32": 0.0, "float16": 0.0}

@@ -26,12 +26,16 @@ constants below are its shape, and `pack` checks them against the built library'
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from export.errors import QuantizationError
 from export.quant.blocks import Blocks
 from runtime.native import DOMAIN as DOMAIN  # the domain the runtime registers the library for
+
+if TYPE_CHECKING:
+    import onnx
 
 # rows a tile, block width, bytes of a 4-bit / 8-bit tile, of a 4-bit tile with fp32 d and m,
 # of a 5-bit tile with fp16 / fp32 d and m, of a 6-bit tile (blocks of 16), of a 5-bit tile
@@ -43,6 +47,10 @@ TILE8Z = 544  # an 8-bit tile without z: Q8_0 (z = 128)
 TILE4M = 320  # a 4-bit tile without z: Q4_1, centred on its zero weight (z·d = −m)
 TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
 TILE5K, TILE6K = 376, 424  # a slot of Q5_K's and of Q6_K's
+# the layouts' revision (tiles.h, TILE_LAYOUT), which every node that reads tiles carries as its
+# `layout` attribute, so that a library whose layouts changed refuses them; and the oldest one
+# the kernels read
+LAYOUT, LAYOUT_OLDEST = 1, 1
 OP, OP8, GATHER8 = "MatMulQ4", "MatMulQ8", "GatherQ8"
 SWIGLU = "MatMulQ4SwiGLU"  # silu(gate)·up of a fused gate/up MatMulQ4
 SWIGLU8 = "MatMulQ8SwiGLU"  # the same of a fused gate/up MatMulQ8 (8-bit or Q6_K tiles)
@@ -331,13 +339,22 @@ def _check_layout() -> None:
         "rows": ROWS, "block": BLOCK, "tile": TILE, "tile8": TILE8, "tile4f": TILE4F,
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
-        "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M,
+        "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M, "revision": LAYOUT,
+        "oldest": LAYOUT_OLDEST,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(
             f"the kernel library was built with the tile layout {built}, this packer writes "
             f"{ours}: reinstall llamaonnx (pip install -e .) so both come from one version"
         )
+
+
+def tile_node(op: str, inputs: list[str], outputs: list[str], name: str) -> onnx.NodeProto:
+    """A node of ours that reads tiles (`op`: MATMULS or GATHER8), marked with the layouts'
+    revision it was packed in."""
+    from onnx import helper
+
+    return helper.make_node(op, inputs, outputs, name=name, domain=DOMAIN, layout=LAYOUT)
 
 
 def module_of(node) -> str:

@@ -67,6 +67,7 @@ def fold_norms(g: onnx.GraphProto) -> int:
             domain=DOMAIN,
             epsilon=attr(norm, "epsilon"),
         )
+        new.attribute.extend(mm.attribute)  # (its tiles' layout, and digits where marked)
         replace_nodes(g, [norm, mm], [new])
         folded += 1
     return folded

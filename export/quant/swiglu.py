@@ -64,6 +64,7 @@ def fuse_swiglu(g: onnx.GraphProto) -> int:
             name=mm.name.replace(mm.op_type, op),
             domain=DOMAIN,
         )
+        new.attribute.extend(mm.attribute)  # (its tiles' layout, and digits where marked)
         replace_nodes(g, [mm, split, sig, silu, prod], [new])
         fused += 1
     return fused

@@ -67,11 +67,13 @@ def layout() -> dict[str, int]:
     with fp16 and fp32 d and m, of a 6-bit tile, of a 5-bit tile without m, of the 5-bit
     tiles with zero points, of a slot of Q4_K's, Q6_K's and Q5_K's super-block tiles, of a
     4-bit tile without m and z (Q4_0), of an 8-bit tile without z (Q8_0), and of a 4-bit tile
-    without z (Q4_1, centred on its zero weight)."""
+    without z (Q4_1, centred on its zero weight); then the layouts' revision, which every node
+    that reads tiles carries as its `layout` attribute, and the oldest revision the kernels read
+    (tiles.h, TILE_LAYOUT)."""
     lib = library()
     names = ("rows", "block", "tile", "tile8", "tile4f", "tile5", "tile5f", "tile6", "tile5z",
              "tile5zp", "tile5zpf", "tile4k", "tile6k", "tile5k", "tile4z", "tile8z",
-             "tile4m")  # fmt: skip
+             "tile4m", "revision", "oldest")  # fmt: skip
     return {k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(names)}
 
 

@@ -1341,7 +1341,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
    5 and 6 bytes of a 5-bit tile with fp16 and with fp32 d and m, 7 bytes of a 6-bit tile, 8 bytes
    of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11, 12 and 13 a Q4_K,
    a Q6_K and a Q5_K super-block tile's slot, 14 bytes of a 4-bit tile without m and z (Q4_0),
-   15 of an 8-bit tile without z (Q8_0); -1 for anything else. */
+   15 of an 8-bit tile without z (Q8_0), 16 of a 4-bit tile without z (Q4_1), 17 the layouts'
+   revision (TILE_LAYOUT), 18 the oldest revision the kernels read; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -1361,6 +1362,8 @@ int64_t llamaonnx_layout(int what) {
     case 14: return TILE4Z;
     case 15: return TILE8Z;
     case 16: return TILE4M;
+    case 17: return TILE_LAYOUT;
+    case 18: return TILE_LAYOUT_OLDEST;
     default: return -1;
   }
 }

@@ -502,10 +502,31 @@ static const OrtCustomOp gather_q8 = {
     compute_gather,
 };
 
+/* The node's `layout` attribute (1 where it has none: folders packed before nodes carried it)
+   against the tile layouts this library reads (tiles.h, TILE_LAYOUT): an error that says what to
+   do, not tiles read in another layout. */
+static OrtStatus* check_layout(const OrtKernelInfo* info) {
+  int64_t layout = 1;
+  OrtStatus* none = CALL(KERNEL_INFO_GET_ATTRIBUTE_INT64, attr_int_fn)(info, "layout", &layout);
+  if (none) CALL(RELEASE_STATUS, release_status_fn)(none), layout = 1;
+  if (layout >= TILE_LAYOUT_OLDEST && layout <= TILE_LAYOUT) return NULL;
+  char reads[64], msg[400];
+  if (TILE_LAYOUT_OLDEST == TILE_LAYOUT) snprintf(reads, sizeof reads, "revision %d", TILE_LAYOUT);
+  else snprintf(reads, sizeof reads, "revisions %d to %d", TILE_LAYOUT_OLDEST, TILE_LAYOUT);
+  snprintf(msg, sizeof msg,
+           "llamaonnx kernels: the model's tiles are packed in tile layout revision %lld, and this "
+           "kernel library reads %s: %s",
+           (long long)layout, reads,
+           layout > TILE_LAYOUT ? "run it with the newer llamaonnx that wrote it"
+                                : "quantize it again with this llamaonnx (`llamaonnx quantize`)");
+  return error(ORT_INVALID_ARGUMENT, msg);
+}
+
 /* The kernel state: the op's weight format, and for the matmul ops their RMSNorm's epsilon. */
 static OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* a, const OrtKernelInfo* info,
                                    void** out) {
   (void)a;
+  TRY(check_layout(info));
   Kind* k = calloc(1, sizeof(Kind));
   if (!k) return error(ORT_FAIL, "MatMulQ4: out of memory");
   k->bits = op == &matmul_q8 || op == &matmul_q8_swiglu ? 8 : 4;

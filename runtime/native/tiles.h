@@ -223,6 +223,14 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define WIDE512(path) ((path) == PATH_AVX512 || (path) == PATH_AMX)
 
 /* the tile layouts (see above) */
+/* Which revision of these layouts a folder's tiles were packed in: every node that reads tiles
+   carries it as its `layout` attribute (export/quant/native.py writes it; a node without one
+   is revision 1, all folders before it was added), and the kernels refuse a revision outside
+   TILE_LAYOUT_OLDEST..TILE_LAYOUT at load rather than misread the bytes. A change to any
+   tile's layout at the same size raises TILE_LAYOUT, and TILE_LAYOUT_OLDEST to it where the
+   old tiles are no longer read (a new size needs neither: no older folder holds it). */
+#define TILE_LAYOUT 1
+#define TILE_LAYOUT_OLDEST 1
 #define TILE 336
 #define ROWS 16
 #define BLOCK 32
