@@ -74,7 +74,7 @@ def test_every_tensor_keeps_its_own_gguf_type(mixed, kernel):
     else:  # every type on the native tiles, fp32 d and m where fp16 cannot hold them (Q5_K)
         assert "MatMulNBits" not in ops.values()
         tiles = {i.name: i.dims for i in graph.initializer if i.name.endswith(".tiles")}
-        assert tiles["model.layers.0.feed_forward.w13.tiles"][-1] == 312  # Q4_K: its super-blocks
+        assert tiles["model.layers.0.feed_forward.w13.tiles"][-1] == 296  # Q4_K: its super-blocks
         assert tiles["model.layers.1.feed_forward.w13.tiles"][-1] == 320  # Q4_1 + Q4_0
         assert tiles["model.layers.1.attention.wo.tiles"][-1] == 352  # Q5_0 (m = −16·d)
         # Q5_K + Q5_K + Q5_1 (not super-blocks: fp32 d and m, and the zero points), and Q5_K

@@ -26,6 +26,7 @@ from export.quant.native import (
     TILE,
     TILE4F,
     TILE4K,
+    TILE4KM,
     TILE4M,
     TILE4Z,
     TILE5,
@@ -56,7 +57,7 @@ def test_the_packer_and_the_library_share_one_tile_layout():
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
         "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M, "revision": LAYOUT,
-        "oldest": LAYOUT_OLDEST,
+        "oldest": LAYOUT_OLDEST, "tile4km": TILE4KM,
     }  # fmt: skip
 
 
@@ -107,11 +108,20 @@ def unpack8(packed: np.ndarray) -> np.ndarray:
     return (d * (c - z.astype(np.float32))).reshape(g * ROWS, nb * BLOCK)
 
 
+# the super-block tiles of Q4_K and Q5_K: those with each block's z, and Q4_K's centred on its
+# zero weight (no z)
+K_TILES, K_ZERO_WEIGHT = (TILE4K, TILE5K, TILE4KM), (TILE4KM,)
+# the tiles whose codes are centred on each block's zero weight (tiles.h, ZERO_WEIGHT)
+ZERO_WEIGHT = (TILE4M, *K_ZERO_WEIGHT)
+
+
 def super_blocks(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     """A Q4_K (Q5_K) super-block tile's parts (tiles.h): codes [g, nb, 256 (320)] as a 336-byte
-    (5-bit) tile's, sc, mn, z [N, nb] uint8 and D, E [N, nb / 8] float32 (for tests)."""
+    (5-bit) tile's, sc, mn, z [N, nb] uint8 (z None where the tile has none) and D, E
+    [N, nb / 8] float32 (for tests)."""
     g, nb, size = packed.shape
     s = packed.reshape(g, nb // 8, 8 * size)
+    codes_at = 320 if size in K_ZERO_WEIGHT else 448  # (D and E the 64 bytes before)
 
     def per_block(lo: int) -> np.ndarray:  # block-major, then row
         x = s[..., lo : lo + 128].reshape(g, nb // 8, 8, ROWS).transpose(0, 3, 1, 2)
@@ -121,9 +131,11 @@ def super_blocks(packed: np.ndarray) -> tuple[np.ndarray, ...]:
         x = np.ascontiguousarray(s[..., lo : lo + 32]).view(np.float16)
         return x.reshape(g, nb // 8, ROWS).transpose(0, 2, 1).reshape(g * ROWS, nb // 8)
 
-    codes = s[..., 448:].reshape(g, nb, -1)
-    sc, mn, z = (per_block(lo) for lo in (0, 128, 256))
-    return codes, sc, mn, z, per_row(384).astype(np.float32), per_row(416).astype(np.float32)
+    codes = s[..., codes_at:].reshape(g, nb, -1)
+    sc, mn = per_block(0), per_block(128)
+    z = None if size in K_ZERO_WEIGHT else per_block(256)
+    big_d, big_e = (per_row(codes_at - lo).astype(np.float32) for lo in (64, 32))
+    return codes, sc, mn, z, big_d, big_e
 
 
 def super6(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,7 +153,7 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
     """The codes q [N, K] of a packed MatMulQ4 or 6-bit MatMulQ8 B: low nibbles, then the fifth
     (5- and 6-bit tiles) and sixth (6-bit) bit planes (for tests)."""
     g, nb, size = packed.shape
-    if size in (TILE4K, TILE5K):
+    if size in K_TILES:
         packed = super_blocks(packed)[0]
     elif size == TILE6K:
         packed = super6(packed)[0]
@@ -161,12 +173,13 @@ def codes_of(packed: np.ndarray) -> np.ndarray:
 
 def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     """codes q [N, K], d, m [N, nb] float32 and z [N, nb] from a packed B (for tests); a tile
-    centred on its zero weight (TILE4M) has z = −m/d, where d ≠ 0 (0 where it is)."""
+    centred on its zero weight (ZERO_WEIGHT) has z = −m/d, where d ≠ 0 (0 where it is)."""
     g, nb, size = packed.shape
-    if size in (TILE4K, TILE5K):  # d = D·sc, m = E·mn, each product exact in float32
+    if size in K_TILES:  # d = D·sc, m = E·mn, each product exact in float32
         _, sc, mn, z, big_d, big_e = super_blocks(packed)
         d = np.repeat(big_d, 8, axis=1) * sc.astype(np.float32)
-        return codes_of(packed), d, np.repeat(big_e, 8, axis=1) * mn.astype(np.float32), z
+        m = np.repeat(big_e, 8, axis=1) * mn.astype(np.float32)
+        return codes_of(packed), d, m, _zero_weight(d, m) if z is None else z
 
     def per_row(lo: int, width: int, dtype) -> np.ndarray:
         x = np.ascontiguousarray(packed[..., lo : lo + width]).view(dtype)
@@ -185,13 +198,18 @@ def fields(packed: np.ndarray) -> tuple[np.ndarray, ...]:
     else:
         m = per_row(at + wide * ROWS, wide * ROWS, dtype)
     if size == TILE4M:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(d == 0, np.float32(0), -m / d).astype(np.float32)
+        z = _zero_weight(d, m.astype(np.float32))
     elif zero:
         z = np.full(d.shape, zero, np.uint8)
     else:
         z = per_row(at + 2 * wide * ROWS, ROWS, np.uint8)
     return codes_of(packed), d, m.astype(np.float32), z
+
+
+def _zero_weight(d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """−m/d, the code of each block's zero weight, where d ≠ 0 (0 where it is)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(d == 0, np.float32(0), -m / d).astype(np.float32)
 
 
 def unpack6(packed: np.ndarray) -> np.ndarray:
@@ -321,7 +339,7 @@ def kept_blocks(a: np.ndarray, blocks: int) -> np.ndarray:
 def second_digit(tile: int) -> int:
     """F, what a second digit's step is of the first's (tiles.h, digit_shift): 16 for 4-bit
     codes, 8 for 5-bit ones, 128 for 8- and 6-bit ones."""
-    if tile in (TILE, TILE4M, TILE4Z, TILE4F, TILE4K):
+    if tile in (TILE, TILE4M, TILE4Z, TILE4F, TILE4K, TILE4KM):
         return 16
     return 128 if tile in (TILE6, TILE6K, TILE8, TILE8Z) else 8
 
@@ -349,14 +367,14 @@ def rounded(a: np.ndarray, digits: int = 1, blocks: int = 0, tile: int = TILE) -
 def reference(a: np.ndarray, packed: np.ndarray, digits: int = 1, blocks: int = 0) -> np.ndarray:
     """What the kernel computes: the codes centred on z times the activations rounded to int8 per
     block of 32, plus the rest of each weight, (m + z·d), times the exact block sums. (A 6-bit or
-    8-bit tile, and a 4-bit one centred on its zero weight, TILE4M: its weights times the rounded
+    8-bit tile, and one centred on its zero weight, ZERO_WEIGHT: its weights times the rounded
     activations.)"""
     r = rounded(a, digits, blocks, packed.shape[-1])
     if packed.shape[-1] in (TILE6, TILE6K):
         return (r @ unpack6(packed).T.astype(np.float64)).astype(np.float32)
     if packed.shape[-1] in (TILE8, TILE8Z):
         return (r @ unpack8(packed).T.astype(np.float64)).astype(np.float32)
-    if packed.shape[-1] == TILE4M:
+    if packed.shape[-1] in ZERO_WEIGHT:
         return (r @ unpack(packed).T.astype(np.float64)).astype(np.float32)
     q, d, m, z = (x.astype(np.float64) for x in fields(packed))
     centred = np.repeat(d, 32, axis=1) * (q - np.repeat(z, 32, axis=1))
@@ -397,9 +415,10 @@ def test_packed_tiles_hold_the_blocks():
 
 def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
     """Q4_K's per-32 d·scale and dmin·min (fp16 × 6 bits, which fp16 cannot hold) go to its
-    super-block tiles as the file has them, fp16 d and dmin and 6-bit factors, 4.875 bits a
-    weight, and read back to the gguf dequantizer's weights: to the bit those of the 400-byte
-    tiles, which hold the products in fp32 and take blocks whose products are not Q4_K's."""
+    super-block tiles as the file has them, fp16 d and dmin and 6-bit factors, 4.625 bits a
+    weight (no z: centred on each block's zero weight), and read back to the gguf dequantizer's
+    weights: to the bit those of the 400-byte tiles, which hold the products in fp32 and take
+    blocks whose products are not Q4_K's, and of the 312-byte tiles that kept z."""
     import gguf
 
     raw = random_blocks("Q4_K", 32, 512, seed=5)
@@ -407,8 +426,8 @@ def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
     blocks = from_gguf("Q4_K", raw, 512)
     assert supports(blocks)
     packed = pack(blocks)
-    assert packed.shape == (2, 16, TILE4K) and pack(q4_1(32, 64)).shape[-1] == TILE4M
-    assert packed.size * 8 / want.size == 4.875 and raw.size * 8 / want.size == 4.5
+    assert packed.shape == (2, 16, TILE4KM) and pack(q4_1(32, 64)).shape[-1] == TILE4M
+    assert packed.size * 8 / want.size == 4.625 and raw.size * 8 / want.size == 4.5
     np.testing.assert_allclose(unpack(packed), want, rtol=1e-6, atol=1e-7)
     _, sc, mn, _, big_d, big_e = super_blocks(packed)
     assert sc.max() <= 63 and mn.max() <= 63 and sc.max() > 31 and mn.max() > 31
@@ -418,6 +437,12 @@ def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
     with monkeypatch.context() as m:  # the same blocks in the 400-byte tiles
         m.setattr("export.quant.native.k4_factors", lambda blocks: None)
         np.testing.assert_array_equal(unpack(pack(blocks)), unpack(packed))
+    with monkeypatch.context() as m:  # and in the 312-byte ones, with each block's z
+        m.setattr("export.quant.native.K_SLOTS", {4: TILE4K, 5: TILE5K})
+        with_z = pack(blocks)
+    assert with_z.shape == (2, 16, TILE4K) and super_blocks(packed)[3] is None
+    np.testing.assert_array_equal(unpack(with_z), unpack(packed))
+    np.testing.assert_array_equal(codes_of(with_z), codes_of(packed))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -425,10 +450,13 @@ def test_q4_k_blocks_pack_exactly_in_their_super_block_tiles(monkeypatch):
 def test_super_block_tiles_give_the_fp32_tiles_bits(path, kind, monkeypatch):
     """Every path makes d = D·sc and m = E·mn (Q6_K: s = D·sc) from the super-block tile
     exactly, so each gives the 400-byte (512-byte) tile's bits: one token and a prompt's, one
-    digit and two (on a few blocks too)."""
+    digit and two (on a few blocks too). (For Q4_K, the super-block tile that keeps each
+    block's z, which folders written before the zero-weight one hold.)"""
     n, k = 64, 1024
     blocks = BLOCKS[kind](n, k, seed=21)
-    packed = pack(blocks)
+    with monkeypatch.context() as m:
+        m.setattr("export.quant.native.K_SLOTS", {4: TILE4K, 5: TILE5K})
+        packed = pack(blocks)
     with monkeypatch.context() as m:
         m.setattr("export.quant.native.k4_factors", lambda blocks: None)
         m.setattr("export.quant.native.q6_k_factors", lambda blocks: None)
@@ -444,6 +472,25 @@ def test_super_block_tiles_give_the_fp32_tiles_bits(path, kind, monkeypatch):
         if rows == 5:
             want = reference(a, packed, digits, few)
             np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind,tile", [("Q4_K", TILE4KM)])
+def test_zero_weight_super_block_tiles_match_numpy(path, kind, tile):
+    """Q4_K's tiles without z compute the weights times the rounded activations
+    (tiles.h: llama.cpp's Q4_K × Q8_K form), a token's bits the same alone and in a prompt of
+    any length, with one digit and two (on a few blocks too)."""
+    n, k = 64, 1024
+    packed = pack(BLOCKS[kind](n, k, seed=22))
+    assert packed.shape[-1] == tile
+    rng = np.random.default_rng(22)
+    for rows, (digits, few) in product((1, 2, 3, 4, 5, 17, 33), ((1, 0), (2, 0), (2, 3))):
+        a = 3 * rng.standard_normal((rows, k)).astype(np.float32)
+        a[:, 7] *= 30
+        y = matmul(packed, a, path, digits, few)
+        want = reference(a, packed, digits, few)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        np.testing.assert_array_equal(y[-1:], matmul(packed, a[-1:], path, digits, few))
 
 
 def test_q6_k_blocks_pack_exactly_in_6bit_tiles():
@@ -510,9 +557,9 @@ def test_q4_0_blocks_pack_exactly_in_288_byte_tiles_with_the_336_byte_tiles_bits
 def test_5bit_blocks_pack_exactly(kind, size):
     """Q5_1 (fp16 d and m, and z) in the 416-byte tiles, Q5_0 (m = −16·d, left to the kernel) in
     the 352-byte ones, Q5_K's d·scale and dmin·min factors (and z) in its super-block tiles, or
-    where they do not factor, their products in the 464-byte ones: codes,
-    fifth bits, d and m read back to the gguf dequantizer's weights, and the zero points to the
-    code nearest each block's zero weight."""
+    where they do not factor, their products in the 464-byte ones: codes, fifth bits, d and m
+    read back to the gguf dequantizer's weights, and the zero points to the code nearest each
+    block's zero weight."""
     import gguf
 
     gguf_kind = kind.removesuffix("-fp32")

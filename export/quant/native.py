@@ -10,11 +10,13 @@ of 5 bits (GGUF's Q5_0, Q5_1, Q5_K, which arrive in 8-bit containers) get the 4-
 nibbles plus a plane of fifth bits, no z (centred on 16), in 384 bytes (fp16 d and m) or 448
 (fp32), or 352 where m is −16·d (Q5_0: its 5.5 bits a weight); Q5_1 and Q5_K,
 whose zero weight can sit at any code, keep their z too (416 and 464 bytes). Q4_K itself goes
-to a tile of its own super-blocks (16 rows × 256, 8 slots of 312 bytes: 4.875 bits a weight
+to a tile of its own super-blocks (16 rows × 256, 8 slots of 296 bytes: 4.625 bits a weight
 against the 400-byte tile's 6.25), which keeps its d and dmin in fp16 and each block's 6-bit
-scale and minimum as bytes, the products made exactly in the kernel; Q5_K likewise (376-byte
-slots, 5.875 bits a weight against the 464-byte tile's 7.25) and Q6_K (424-byte slots, 6.625 bits
-against the 512-byte tile's 8). GGUF's Q6_K
+scale and minimum as bytes, the products made exactly in the kernel, and no z: its codes are
+centred on each block's zero weight (z·d = −m), as Q4_1's 320-byte tile's are (the 312-byte
+slots that kept z are still read, not written); Q5_K likewise but with its z (376-byte slots,
+5.875 bits a weight against the 464-byte tile's 7.25: centred on the zero weight, it lost
+quality) and Q6_K (424-byte slots, 6.625 bits against the 512-byte tile's 8). GGUF's Q6_K
 (blocks of 16, z = 32) goes to MatMulQ8 in a 512-byte tile: low nibbles, fifth and sixth bit
 planes, and the two halves' fp32 scales. 8-bit blocks go to MatMulQ8 in 560 bytes (codes, fp16 d,
 z), or 544 without z where every block's is 128 (GGUF's Q8_0: its 8.5 bits a weight). The layout
@@ -47,6 +49,10 @@ TILE8Z = 544  # an 8-bit tile without z: Q8_0 (z = 128)
 TILE4M = 320  # a 4-bit tile without z: Q4_1, centred on its zero weight (z·d = −m)
 TILE4K, K4_BLOCKS = 312, 8  # a slot of Q4_K's super-block tile, and the slots a super-block
 TILE5K, TILE6K = 376, 424  # a slot of Q5_K's and of Q6_K's
+# a slot of Q4_K's super-block tile without z, centred on each block's zero weight (z·d = −m),
+# which export writes (the 312-byte one stays readable)
+TILE4KM = 296
+K_SLOTS = {4: TILE4KM, 5: TILE5K}  # the super-block tile of Q4_K's (4) and Q5_K's (5) blocks
 # the layouts' revision (tiles.h, TILE_LAYOUT), which every node that reads tiles carries as its
 # `layout` attribute, so that a library whose layouts changed refuses them; and the oldest one
 # the kernels read
@@ -161,7 +167,7 @@ def tile_bytes(blocks: Blocks) -> int:
     """The tile a weight's blocks are packed in: TILE8 (TILE8Z for Q8_0's z = 128), TILE6 or
     TILE6K (Q6_K's super-blocks: MatMulQ8); TILE or TILE5 (TILE4Z for Q4_0's m = −8·d, TILE5Z
     for Q5_0's −16·d), or TILE4F / TILE5F for carried blocks whose d or m fp16 cannot hold,
-    TILE4K / TILE5K for those of them that are Q4_K's or Q5_K's (MatMulQ4)."""
+    TILE4KM / TILE5K for those of them that are Q4_K's or Q5_K's (MatMulQ4)."""
     return _tile(blocks)[0]
 
 
@@ -177,7 +183,7 @@ def _tile(blocks: Blocks) -> tuple[int, tuple[np.ndarray, ...] | None]:
     wide = blocks.carried and not _fp16_exact(blocks)
     factors = k4_factors(blocks) if wide else None
     if factors is not None:
-        return (TILE4K if bits == 4 else TILE5K), factors
+        return K_SLOTS[bits], factors
     return _fp32_tile(blocks, bits, wide), None
 
 
@@ -214,9 +220,9 @@ def scale_min_zero(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def pack(blocks: Blocks) -> np.ndarray:
     """The kernel's B: uint8 [N/16, K/32, 336] for 4-bit blocks ([.., 288] for Q4_0's, [.., 400]
-    with fp32 d and m, [.., 312] for Q4_K's super-blocks), [.., 352] to [.., 464] for 5-bit
-    ones, [.., 560] for 8-bit ([.., 544] for Q8_0's, z 128), [.., 512] or [.., 424]
-    (super-blocks) for Q6_K's 6-bit blocks of 16 (`tile_bytes`)."""
+    with fp32 d and m, [.., 296] for Q4_K's super-blocks), [.., 352] to [.., 464] for 5-bit
+    ones ([.., 376] for Q5_K's super-blocks), [.., 560] for 8-bit ([.., 544] for Q8_0's, z
+    128), [.., 512] or [.., 424] (super-blocks) for Q6_K's 6-bit blocks of 16 (`tile_bytes`)."""
     if not supports(blocks):
         n, k = blocks.shape
         raise QuantizationError(
@@ -247,7 +253,7 @@ def pack(blocks: Blocks) -> np.ndarray:
         # register u = 2v + half holds byte r·4 + i; its fifth (sixth) bits, one 64-bit mask
         high = ((q >> plane) & 1).transpose(0, 1, 2, 5, 3, 4).reshape(n // ROWS, nb, 8, 64)
         parts.append(np.packbits(high, axis=-1, bitorder="little").reshape(n // ROWS, nb, 64))
-    if size in (TILE4K, TILE5K):
+    if size in (TILE4K, TILE5K, TILE4KM):
         return _super4(blocks, np.concatenate(parts, axis=2), size, factors)
     if size == TILE6:  # the scales of each half (16 weights) of the block, fp32
         s = blocks.scales.astype(np.float32).reshape(n // ROWS, ROWS, nb, 2).transpose(0, 2, 3, 1)
@@ -273,8 +279,9 @@ def pack(blocks: Blocks) -> np.ndarray:
 def _super4(blocks: Blocks, codes: np.ndarray, size: int, factors) -> np.ndarray:
     """Q4_K's (Q5_K's) super-block tile (tiles.h) from its blocks, their k4_factors and their codes
     as the 336-byte (5-bit) tile lays them out, [N/16, K/32, 256 or 320]: per 16 rows × 256
-    weights, sc, mn and z (16 bytes a block each), D and E of the 16 rows (fp16), then the 8
-    blocks' codes; [N/16, K/32, 312 or 376], 8 slots a super-block."""
+    weights, sc, mn (16 bytes a block each), D and E of the 16 rows (fp16), then the 8 blocks'
+    codes; [N/16, K/32, 296 or 376], 8 slots a super-block (the 376-byte one, and the 312-byte
+    one that Q4_K's took before the zero-weight one, with each block's z after mn)."""
     n, nb, _ = blocks.codes.shape
     g, s = n // ROWS, nb // K4_BLOCKS
     big_d, big_e, sc, mn = factors
@@ -285,7 +292,8 @@ def _super4(blocks: Blocks, codes: np.ndarray, size: int, factors) -> np.ndarray
         return x.reshape(g, ROWS, s, K4_BLOCKS).transpose(0, 2, 3, 1).reshape(g, s, -1)
 
     rows = [_super_rows(x) for x in (big_d, big_e)]
-    parts = [per_block(sc), per_block(mn), per_block(z), *rows, codes]
+    zs = [per_block(z)] if size in (TILE4K, TILE5K) else []
+    parts = [per_block(sc), per_block(mn), *zs, *rows, codes]
     return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, size)
 
 
@@ -340,7 +348,7 @@ def _check_layout() -> None:
         "tile5": TILE5, "tile5f": TILE5F, "tile6": TILE6, "tile5z": TILE5Z, "tile5zp": TILE5ZP,
         "tile5zpf": TILE5ZPF, "tile4k": TILE4K, "tile6k": TILE6K, "tile5k": TILE5K,
         "tile4z": TILE4Z, "tile8z": TILE8Z, "tile4m": TILE4M, "revision": LAYOUT,
-        "oldest": LAYOUT_OLDEST,
+        "oldest": LAYOUT_OLDEST, "tile4km": TILE4KM,
     }  # fmt: skip
     if built != ours:
         raise QuantizationError(

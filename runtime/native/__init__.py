@@ -69,11 +69,11 @@ def layout() -> dict[str, int]:
     4-bit tile without m and z (Q4_0), of an 8-bit tile without z (Q8_0), and of a 4-bit tile
     without z (Q4_1, centred on its zero weight); then the layouts' revision, which every node
     that reads tiles carries as its `layout` attribute, and the oldest revision the kernels read
-    (tiles.h, TILE_LAYOUT)."""
+    (tiles.h, TILE_LAYOUT); then the slot of Q4_K's super-block tile without z."""
     lib = library()
     names = ("rows", "block", "tile", "tile8", "tile4f", "tile5", "tile5f", "tile6", "tile5z",
              "tile5zp", "tile5zpf", "tile4k", "tile6k", "tile5k", "tile4z", "tile8z",
-             "tile4m", "revision", "oldest")  # fmt: skip
+             "tile4m", "revision", "oldest", "tile4km")  # fmt: skip
     return {k: int(lib.llamaonnx_layout(i)) for i, k in enumerate(names)}
 
 

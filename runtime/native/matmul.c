@@ -48,7 +48,7 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
       float acc[ROWS] = {0}, off[ROWS] = {0};
       for (int64_t b = 0; b < j->nb; b++) {
         const uint8_t* p = tile_at(j->w, j->nb, j->tile, g, b);
-        const uint8_t* ps = tile_scalars(p, b, l.k4);
+        const uint8_t* ps = tile_scalars(p, b, l);
         const int8_t* a = act_block(j, t, b, 0);
         float da = j->ad[t * j->nb + b], sa = j->as[t * j->nb + b], ea = j->ae[t * j->nb + b];
         for (int r = 0; r < ROWS; r++) {
@@ -59,8 +59,8 @@ static void rows_scalar(const Job* j, int64_t g0, int64_t g1) {
           float dr, mr;
           if (l.k4) { /* d = D·sc, m = E·mn: exact in fp32 */
             uint16_t dh, eh;
-            memcpy(&dh, k4_row(ps, b, K4_D) + 2 * r, 2);
-            memcpy(&eh, k4_row(ps, b, K4_E) + 2 * r, 2);
+            memcpy(&dh, k4_d(ps, b, l) + 2 * r, 2);
+            memcpy(&eh, k4_e(ps, b, l) + 2 * r, 2);
             dr = half_to_float(dh) * (float)ps[l.d + r];
             mr = half_to_float(eh) * (float)ps[l.m + r];
           } else if (l.f32) {
@@ -245,14 +245,14 @@ AVX512 INLINE void ahead512(const Job* j, const uint8_t* p, int64_t b, int64_t s
 /* A MatMulQ4 tile's scales d, minimums m (−16·d for 5-bit codes without them: Q5_0; −8·d for
    Q4_0's tile, Layout.zero) and the zero points' d·z (16·d or 8·d for codes without them, −m for
    a tile centred on its zero weight: Q4_1's, ZERO_WEIGHT);
-   p is block b's tile (its codes); TILE4K's d = D·sc and m = E·mn are made here, exactly. */
+   p is block b's tile (its codes); Q4_K's and Q5_K's d = D·sc and m = E·mn are made here, exactly. */
 AVX512 INLINE __m512 bytes512(const uint8_t* x) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)x)));
 }
 AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l, int64_t b) {
   if (l.k4) {
-    const uint8_t* s = tile_scalars(p, b, l.k4);
-    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_row(s, b, K4_D))),
+    const uint8_t* s = tile_scalars(p, b, l);
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_d(s, b, l))),
                          bytes512(s + l.d));
   }
   return l.f32 ? _mm512_loadu_ps((const float*)(p + l.d))
@@ -260,8 +260,8 @@ AVX512 INLINE __m512 scale512(const uint8_t* p, Layout l, int64_t b) {
 }
 AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
   if (l.k4) {
-    const uint8_t* s = tile_scalars(p, b, l.k4);
-    __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_row(s, b, K4_E)));
+    const uint8_t* s = tile_scalars(p, b, l);
+    __m512 e = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)k4_e(s, b, l)));
     return _mm512_mul_ps(e, bytes512(s + l.m));
   }
   return l.m < 0 ? _mm512_mul_ps(_mm512_set1_ps(-(float)l.zero), d)
@@ -271,7 +271,7 @@ AVX512 INLINE __m512 min512(const uint8_t* p, Layout l, __m512 d, int64_t b) {
 AVX512 INLINE __m512 zero512(const uint8_t* p, Layout l, __m512 d, __m512 m, int64_t b) {
   if (l.z == ZERO_WEIGHT) return _mm512_sub_ps(_mm512_setzero_ps(), m);
   return l.z < 0 ? _mm512_mul_ps(_mm512_set1_ps((float)l.zero), d)
-                 : _mm512_mul_ps(bytes512(tile_scalars(p, b, l.k4) + l.z), d);
+                 : _mm512_mul_ps(bytes512(tile_scalars(p, b, l) + l.z), d);
 }
 
 /* Two digits on a few blocks (Job.kept, `two` 2 below): dots512 for the tokens, and on a block
@@ -293,15 +293,17 @@ AVX512 INLINE void few512(const Job* j, int64_t t0, int T, int64_t b, const __m5
   }
 }
 
-/* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `five`: a 5-bit
-   tile; `two`: two-digit activations, both read here (each block's â and r̂), their integer sums
-   joined as F·s + s_r, at the residual's scale da/F (a constant wherever this is inlined): the
+/* T tokens (1..4) share each unpacked tile: 16 rows × 32 codes in 8 registers. `stride`: the
+   tile's bytes, j->tile, a constant wherever this is inlined (tile_kind512), so that its layout
+   costs no test a block; `two`: two-digit activations, both read here (each block's â and r̂),
+   their integer sums joined as F·s + s_r, at the residual's scale da/F (a constant too): the
    float work of one token, not two; 2: on a few blocks only (few512). */
-AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, int five, int two) {
+AVX512 INLINE void tile_tokens(const Job* j, int64_t g, int64_t t0, int T, const int64_t stride,
+                               int two) {
   __m512 acc[4], off[4];
   for (int t = 0; t < T; t++) acc[t] = off[t] = _mm512_setzero_ps();
-  const int64_t stride = j->tile;
   const Layout l = layout_of(stride);
+  const int five = l.five;
   const uint8_t* p = tile_at(j->w, j->nb, stride, g, 0);
   const int32_t* u = two == 2 ? j->kept + t0 / 4 * (j->nb + 1) : NULL;
   for (int64_t b = 0; b < j->nb; p = tile_step(p, b, stride), b++) {
@@ -397,6 +399,26 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
   for (int t = 0; t < T; t++) _mm512_storeu_ps(j->y + (t0 + t) * j->n + g * ROWS, acc[t]);
 }
 
+/* tile_tokens by the tile's kind (every MatMulQ4 tile), `two` a constant: with the tile's bytes
+   a variable, its layout's tests ran in every block, and GCC kept them there (a Q4_K folder
+   decoded 0.87× as fast once a second pair of super-block tiles made those tests longer). */
+AVX512 INLINE void tile_kind512(const Job* j, int64_t g, int64_t t0, int T, const int two) {
+  switch (j->tile) {
+    case TILE: tile_tokens(j, g, t0, T, TILE, two); return;
+    case TILE4Z: tile_tokens(j, g, t0, T, TILE4Z, two); return;
+    case TILE4M: tile_tokens(j, g, t0, T, TILE4M, two); return;
+    case TILE4F: tile_tokens(j, g, t0, T, TILE4F, two); return;
+    case TILE4K: tile_tokens(j, g, t0, T, TILE4K, two); return;
+    case TILE4KM: tile_tokens(j, g, t0, T, TILE4KM, two); return;
+    case TILE5K: tile_tokens(j, g, t0, T, TILE5K, two); return;
+    case TILE5: tile_tokens(j, g, t0, T, TILE5, two); return;
+    case TILE5F: tile_tokens(j, g, t0, T, TILE5F, two); return;
+    case TILE5ZP: tile_tokens(j, g, t0, T, TILE5ZP, two); return;
+    case TILE5ZPF: tile_tokens(j, g, t0, T, TILE5ZPF, two); return;
+    default: tile_tokens(j, g, t0, T, TILE5Z, two); return;
+  }
+}
+
 /* One tile of either format; T is a constant wherever this is inlined. */
 AVX512 INLINE void tile(const Job* j, int64_t g, int64_t t0, int T) {
   int two = j->digits == 2 ? (j->kept ? 2 : 1) : 0; /* fused_digits */
@@ -404,14 +426,9 @@ AVX512 INLINE void tile(const Job* j, int64_t g, int64_t t0, int T) {
   else if (j->bits == 8 && two == 2) tile_tokens_q8(j, g, t0, T, 2);
   else if (j->bits == 8 && two) tile_tokens_q8(j, g, t0, T, 1);
   else if (j->bits == 8) tile_tokens_q8(j, g, t0, T, 0);
-  else if (two == 2) {
-    if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 2);
-    else tile_tokens(j, g, t0, T, 0, 2);
-  } else if (two) {
-    if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 1);
-    else tile_tokens(j, g, t0, T, 0, 1);
-  } else if (layout_of(j->tile).five) tile_tokens(j, g, t0, T, 1, 0);
-  else tile_tokens(j, g, t0, T, 0, 0);
+  else if (two == 2) tile_kind512(j, g, t0, T, 2);
+  else if (two) tile_kind512(j, g, t0, T, 1);
+  else tile_kind512(j, g, t0, T, 0);
 }
 
 /* Tokens t.. of row group g, 4 to a pass (the last pass 1–3). */
@@ -959,14 +976,14 @@ NEON_DOT static void quarter_tokens_neon(const Job* j, int64_t g, int q4, int64_
       for (int r = 0; r < 4; r++) zb[r] = zero8(p, stride, 4 * q4 + r);
     } else {
       codes_neon(p, q4, l.five, c);
-      const uint8_t* ps = tile_scalars(p, b, l.k4);
+      const uint8_t* ps = tile_scalars(p, b, l);
       if (l.k4) { /* d = D·sc, m = E·mn */
         uint8_t sc[4], mn[4];
         memcpy(sc, ps + l.d + 4 * q4, 4);
         memcpy(mn, ps + l.m + 4 * q4, 4);
         float scf[4] = {sc[0], sc[1], sc[2], sc[3]}, mnf[4] = {mn[0], mn[1], mn[2], mn[3]};
-        d = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_row(ps, b, K4_D) + 8 * q4))), vld1q_f32(scf));
-        m = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_row(ps, b, K4_E) + 8 * q4))), vld1q_f32(mnf));
+        d = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_d(ps, b, l) + 8 * q4))), vld1q_f32(scf));
+        m = vmulq_f32(vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(k4_e(ps, b, l) + 8 * q4))), vld1q_f32(mnf));
       } else if (l.f32) {
         d = vld1q_f32((const float*)(p + l.d) + 4 * q4);
         m = vld1q_f32((const float*)(p + l.m) + 4 * q4);
@@ -1264,7 +1281,7 @@ static void rows(const Job* j, int64_t g0, int64_t g1) {
 }
 
 /* For tests and tools, without onnxruntime: y = a · Wᵀ on one thread, from tiles of `tile` bytes
-   (TILE, TILE4M, TILE4Z, TILE4F, TILE4K or a TILE5 kind: MatMulQ4, TILE8, TILE8Z, TILE6 or TILE6K:
+   (TILE, TILE4M, TILE4Z, TILE4F, TILE4K, TILE4KM or a TILE5 kind: MatMulQ4, TILE8, TILE8Z, TILE6 or TILE6K:
    MatMulQ8). Returns 0 on success. */
 int llamaonnx_matmul(int tile, const float* a, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                      float* y) {
@@ -1342,7 +1359,8 @@ int llamaonnx_path_supported(int p) { return path_supported(p); }
    of a 5-bit tile without m, 9 and 10 those of 5 and 6 with zero points, 11, 12 and 13 a Q4_K,
    a Q6_K and a Q5_K super-block tile's slot, 14 bytes of a 4-bit tile without m and z (Q4_0),
    15 of an 8-bit tile without z (Q8_0), 16 of a 4-bit tile without z (Q4_1), 17 the layouts'
-   revision (TILE_LAYOUT), 18 the oldest revision the kernels read; -1 for anything else. */
+   revision (TILE_LAYOUT), 18 the oldest revision the kernels read, 19 a Q4_K super-block tile's
+   slot without z; -1 for anything else. */
 int64_t llamaonnx_layout(int what) {
   switch (what) {
     case 0: return ROWS;
@@ -1364,6 +1382,7 @@ int64_t llamaonnx_layout(int what) {
     case 16: return TILE4M;
     case 17: return TILE_LAYOUT;
     case 18: return TILE_LAYOUT_OLDEST;
+    case 19: return TILE4KM;
     default: return -1;
   }
 }

@@ -186,14 +186,14 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   if (tile_bits(tile) != bits)
     return error(ORT_INVALID_ARGUMENT,
                  bits == 8 ? "MatMulQ8: B must be uint8 [N/16, K/32, 560, 544 (8-bit) or 512, 424 (6-bit)]"
-                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 320, 288, 400 or 312 (4-bit) "
-                             "or 352, 384, 416, 448, 464, 376 (5-bit)]");
+                           : "MatMulQ4: B must be uint8 [N/16, K/32, 336, 320, 288, 400, 312 or 296 "
+                             "(4-bit) or 352, 384, 416, 448, 464 or 376 (5-bit)]");
   if (arank < 1 || adims[arank - 1] != bdims[1] * BLOCK)
     return error(ORT_INVALID_ARGUMENT, "MatMulQ4/Q8: A's last dimension must be K = 32 · B.shape[1]");
   if (super_tile(tile) && bdims[1] % K4_BLOCKS)
     return error(ORT_INVALID_ARGUMENT,
-                 "MatMulQ4/Q8: 312-, 376- and 424-byte (Q4_K, Q5_K, Q6_K) tiles need K a "
-                 "multiple of 256");
+                 "MatMulQ4/Q8: 312-, 296-, 376- and 424-byte (Q4_K, Q5_K, Q6_K) tiles "
+                 "need K a multiple of 256");
   if (kind->swiglu && bdims[0] % 2)
     return error(ORT_INVALID_ARGUMENT,
                  "MatMulQ4SwiGLU/MatMulQ8SwiGLU: B needs as many up rows as gate rows");

@@ -98,6 +98,17 @@
  * spends 7.25 (the file 5.5): the same 448 bytes of scalars, then 8 blocks' codes of 320 bytes
  * each (the 5-bit tile's low nibbles and fifth bits), 3008 bytes a super-block.
  *
+ * B uint8 [N/16, K/32, 296] is the 312-byte tile without z, what export writes for Q4_K (4.625
+ * bits a weight; the file 4.5): a super-block's sc at 0, mn at 128, D at 256, E at 288 and the
+ * codes from 320 (2368 bytes a super-block). As in Q4_1's 320-byte tile, the codes are centred
+ * on each block's zero weight, z·d = −m = −E·mn, and the kernel computes
+ * d·da·Σ q·â_int + m·da·Σ â_int: llama.cpp's own Q4_K × Q8_K form, d·Σ sc·(q·â) − dmin·Σ mn·Σ â,
+ * with blocks of 32 activations. The same quality (SmolLM2's Q4_K_M over six texts: KL
+ * 3.005e-3 from the fp32 reference against 3.032e-3, paired difference −2.7e-5 ± 4.2e-5), 5 %
+ * fewer bytes, and no z to convert a block. The 312-byte tile stays readable for folders
+ * written before it. Q5_K keeps its z: centred on the zero weight, its Q5_K_M file's KL rose
+ * from 3.57e-3 to 3.75e-3 (+1.8e-4 ± 0.6e-4; docs/speed.md, 2026-12-05 20:20).
+ *
  * B uint8 [N/16, K/32, 424] holds Q6_K the same way, 6.625 bits a weight where the 512-byte
  * tile spends 8 (the file 6.5625): 8 slots of 424 bytes a super-block of 3392, 16 rows × 256,
  *   bytes    0..255   sc, int8 (Q6_K's scales of 16 weights): block i's first half's 16 rows at
@@ -252,19 +263,34 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define K4_SC 0 /* a TILE4K super-block's sc, mn, z (16 bytes a block each), D, E, codes */
 #define K4_MN 128
 #define K4_Z 256
-#define K4_D 384
-#define K4_E 416
-#define K4_CODES 448
+#define K4_CODES 448 /* (D and E lie in the 64 bytes before a super-block's codes) */
+#define TILE4KM 296 /* TILE4K without z: Q4_K, centred on each block's zero weight (z·d = −m) */
+#define K4M_CODES 320 /* a TILE4KM super-block's sc at 0, mn at 128, D, E, codes */
 #define TILE5K 376 /* Q5_K, 8 slots a super-block: TILE4K's scalars, 5-bit codes */
 #define TILE6K 424 /* Q6_K, 8 slots a super-block */
 #define K6_D 256 /* a TILE6K super-block's D; its sc at 0, its codes at K6_CODES */
 #define K6_CODES 320
 #define CRUMBS (-2) /* `planes` of the code unpackers: TILE6K's crumbs instead of bit planes */
 
-/* A super-block tile's (TILE4K, TILE5K, TILE6K) offset of its codes and bytes of a block's codes. */
-INLINE int super_tile(int64_t tile) { return tile == TILE4K || tile == TILE5K || tile == TILE6K; }
-INLINE int64_t super_codes(int64_t tile) { return tile == TILE6K ? K6_CODES : K4_CODES; }
-INLINE int64_t block_codes(int64_t tile) { return tile == TILE4K ? 256 : tile == TILE5K ? 320 : 384; }
+/* Whether a tile of `tile` bytes is a super-block tile's slot (TILE4K, TILE4KM, TILE5K, TILE6K): one test where a per-block loop's tile is a variable, as the slots are the tiles whose
+   size is an odd multiple of 8 (every other tile's a multiple of 16: checked below). */
+INLINE int super_tile(int64_t tile) { return (tile & 15) == 8; }
+_Static_assert((TILE4K & 15) == 8 && (TILE4KM & 15) == 8 && (TILE5K & 15) == 8 &&
+                   (TILE6K & 15) == 8,
+               "super-block slots are odd multiples of 8 bytes");
+_Static_assert(!(TILE & 15) && !(TILE4M & 15) && !(TILE4Z & 15) && !(TILE4F & 15) &&
+                   !(TILE5 & 15) && !(TILE5F & 15) && !(TILE5Z & 15) && !(TILE5ZP & 15) &&
+                   !(TILE5ZPF & 15) && !(TILE6 & 15) && !(TILE8 & 15) && !(TILE8Z & 15),
+               "every other tile is a multiple of 16 bytes");
+/* Q4_K's and Q5_K's slots (the super-block tiles of MatMulQ4) */
+INLINE int k4_tile(int64_t tile) { return super_tile(tile) && tile != TILE6K; }
+/* a super-block tile's offset of its codes and bytes of a block's codes */
+INLINE int64_t super_codes(int64_t tile) {
+  return tile == TILE6K ? K6_CODES : tile == TILE4KM ? K4M_CODES : K4_CODES;
+}
+INLINE int64_t block_codes(int64_t tile) {
+  return tile == TILE4K || tile == TILE4KM ? 256 : tile == TILE5K ? 320 : 384;
+}
 
 /* Block b's codes in row group g of a weight of `tile`-byte tiles, nb blocks a row. */
 INLINE const uint8_t* tile_at(const uint8_t* w, int64_t nb, int64_t tile, int64_t g, int64_t b) {
@@ -282,35 +308,29 @@ INLINE const uint8_t* tile_step(const uint8_t* p, int64_t b, int64_t tile) {
   return p + tile;
 }
 
-/* The super-block of a TILE4K, TILE5K or TILE6K block b whose codes are at p. */
+/* The super-block of a super-block tile's block b whose codes are at p. */
 INLINE const uint8_t* super_of(const uint8_t* p, int64_t b, int64_t tile) {
   return p - super_codes(tile) - (b & 7) * block_codes(tile);
 }
-
-/* Where block b's scalars are read from, with Layout's offsets: the tile itself, or for TILE4K
-   and TILE5K (q: a block's code bytes) its super-block's start moved on by the block's 16 bytes
-   (sc, mn and z lie at l.d, l.m, l.z past it; D and E at k4_row's). */
-INLINE const uint8_t* tile_scalars(const uint8_t* p, int64_t b, int q) {
-  return q ? p - K4_CODES - (b & 7) * q + (b & 7) * 16 : p;
-}
-/* D (at = K4_D) or E (K4_E) of a TILE4K or TILE5K block's 16 rows, from tile_scalars' pointer */
-INLINE const uint8_t* k4_row(const uint8_t* s, int64_t b, int at) { return s - (b & 7) * 16 + at; }
 
 /* Where a MatMulQ4 tile of `tile` bytes keeps d (fp16 or fp32), m (-1: none, m = −16·d) and z
    (-1: a 5-bit tile without zero points, z 16; ZERO_WEIGHT: none, z·d = −m). */
 #define ZERO_WEIGHT (-2)
 typedef struct {
   int five, f32, d, m, z;
-  int k4; /* TILE4K, TILE5K: a block's code bytes (0: none of them); d, m, z are where sc, mn,
-             z lie past tile_scalars' pointer */
+  int k4; /* TILE4K, TILE4KM, TILE5K: a block's code bytes (0: none of them); d, m, z
+             are where sc, mn, z lie past tile_scalars' pointer */
   int zero; /* the zero code of every block where the tile holds none (z < 0): 16 for 5-bit
                tiles without zero points, 8 for Q4_0's TILE4Z; and m = −zero·d where it holds
                no m either (m < 0: TILE5Z, TILE4Z) */
+  int codes; /* k4: where a super-block's codes start (K4_CODES, K4M_CODES); D and E lie in the
+                64 bytes before them */
 } Layout;
 
 INLINE Layout layout_of(int64_t tile) {
-  if (tile == TILE4K || tile == TILE5K) {
-    Layout k = {tile == TILE5K, 0, K4_SC, K4_MN, K4_Z, (int)block_codes(tile), 0};
+  if (k4_tile(tile)) {
+    Layout k = {tile == TILE5K, 0, K4_SC, K4_MN, tile == TILE4KM ? ZERO_WEIGHT : K4_Z,
+                (int)block_codes(tile), 0, (int)super_codes(tile)};
     return k;
   }
   if (tile == TILE4Z) {
@@ -326,8 +346,22 @@ INLINE Layout layout_of(int64_t tile) {
   int f32 = tile == TILE4F || tile == TILE5F || tile == TILE5ZPF;
   int d = five ? FIFTH + 64 : 256, size = f32 ? 4 * ROWS : 2 * ROWS;
   Layout l = {five, f32, d, tile == TILE5Z ? -1 : d + size, five && !zp5 ? -1 : d + 2 * size, 0,
-              five && !zp5 ? 16 : 0};
+              five && !zp5 ? 16 : 0, 0};
   return l;
+}
+
+/* Where block b's scalars are read from, with Layout's offsets: the tile itself, or for the Q4_K
+   and Q5_K tiles (l.k4: a block's code bytes) its super-block's start moved on by the block's
+   16 bytes (sc, mn and z lie at l.d, l.m, l.z past it; D and E at k4_d's and k4_e's). */
+INLINE const uint8_t* tile_scalars(const uint8_t* p, int64_t b, Layout l) {
+  return l.k4 ? p - l.codes - (b & 7) * l.k4 + (b & 7) * 16 : p;
+}
+/* D or E of a Q4_K or Q5_K tile's block's 16 rows (fp16), from tile_scalars' pointer s */
+INLINE const uint8_t* k4_d(const uint8_t* s, int64_t b, Layout l) {
+  return s - (b & 7) * 16 + l.codes - 64;
+}
+INLINE const uint8_t* k4_e(const uint8_t* s, int64_t b, Layout l) {
+  return s - (b & 7) * 16 + l.codes - 32;
 }
 
 /* Q6_K's tiles: the 512-byte one and its super-block's slots */
@@ -336,9 +370,8 @@ static inline int six(int64_t tile) { return tile == TILE6 || tile == TILE6K; }
 /* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
-  if (tile == TILE || tile == TILE4M || tile == TILE4Z || tile == TILE4F || tile == TILE4K ||
-      tile == TILE5 ||
-      tile == TILE5F || tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF || tile == TILE5K)
+  if (tile == TILE || tile == TILE4M || tile == TILE4Z || tile == TILE4F || k4_tile(tile) ||
+      tile == TILE5 || tile == TILE5F || tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF)
     return 4;
   return tile == TILE8 || tile == TILE8Z || tile == TILE6 || tile == TILE6K ? 8 : 0;
 }

@@ -78,12 +78,13 @@ TARGET256 INLINE __m256 NAME256(bytes)(const uint8_t* x) {
 }
 TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int64_t b, int h, int five, __m256* d, __m256* m, __m256* zd) {
   if (l.k4) { /* d = D·sc, m = E·mn: exact in fp32 */
-    const uint8_t* s = tile_scalars(p, b, l.k4);
-    *d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_row(s, b, K4_D) + 16 * h))),
+    const uint8_t* s = tile_scalars(p, b, l);
+    *d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_d(s, b, l) + 16 * h))),
                        NAME256(bytes)(s + l.d + 8 * h));
-    *m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_row(s, b, K4_E) + 16 * h))),
+    *m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_e(s, b, l) + 16 * h))),
                        NAME256(bytes)(s + l.m + 8 * h));
-    *zd = _mm256_mul_ps(NAME256(bytes)(s + l.z + 8 * h), *d);
+    *zd = l.z == ZERO_WEIGHT ? _mm256_sub_ps(_mm256_setzero_ps(), *m)
+                             : _mm256_mul_ps(NAME256(bytes)(s + l.z + 8 * h), *d);
     return;
   }
   const int dsize = l.f32 ? 4 : 2;
@@ -491,6 +492,7 @@ TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int
     case TILE4F: NAME256(few_tokens)(j, g, t0, T, TILE4F, two); return;
     case TILE4K: NAME256(few_tokens)(j, g, t0, T, TILE4K, two); return;
     case TILE5K: NAME256(few_tokens)(j, g, t0, T, TILE5K, two); return;
+    case TILE4KM: NAME256(few_tokens)(j, g, t0, T, TILE4KM, two); return;
     case TILE5: NAME256(few_tokens)(j, g, t0, T, TILE5, two); return;
     case TILE5F: NAME256(few_tokens)(j, g, t0, T, TILE5F, two); return;
     case TILE5ZP: NAME256(few_tokens)(j, g, t0, T, TILE5ZP, two); return;
