@@ -1156,6 +1156,11 @@ def test_wrong_inputs_get_clear_errors():
                            (SWIGLU8, eight[:1], "as many up rows as gate rows")):  # fmt: skip
         with pytest.raises(Exception, match=message):
             _load(_one_node(op, b, 64), 1).run(None, {"a": np.zeros((1, 1, 64), np.float32)})
+    # a size of no tile of ours, though an odd multiple of 8 bytes as the super-block slots are
+    odd = np.zeros((2, 8, 40), np.uint8)
+    for op in (OP, OP8):
+        with pytest.raises(Exception, match=f"{op}: B must be"):
+            _load(_one_node(op, odd, 256), 1).run(None, {"a": np.zeros((1, 1, 256), np.float32)})
 
 
 def test_missing_library_says_how_to_build_it(monkeypatch, tmp_path):

@@ -272,8 +272,10 @@ AVX2 static inline __m256 exp256(__m256 x) { /* Cephes' expf as exp512, 2^n buil
 #define K6_CODES 320
 #define CRUMBS (-2) /* `planes` of the code unpackers: TILE6K's crumbs instead of bit planes */
 
-/* Whether a tile of `tile` bytes is a super-block tile's slot (TILE4K, TILE4KM, TILE5K, TILE6K): one test where a per-block loop's tile is a variable, as the slots are the tiles whose
-   size is an odd multiple of 8 (every other tile's a multiple of 16: checked below). */
+/* Whether a tile of `tile` bytes, one of ours (tile_bits), is a super-block tile's slot (TILE4K,
+   TILE4KM, TILE5K, TILE6K): one test where a per-block loop's tile is a variable, as the slots
+   are the tiles whose size is an odd multiple of 8 (every other tile's a multiple of 16:
+   checked below). Not a check of a size from outside: tile_bits is. */
 INLINE int super_tile(int64_t tile) { return (tile & 15) == 8; }
 _Static_assert((TILE4K & 15) == 8 && (TILE4KM & 15) == 8 && (TILE5K & 15) == 8 &&
                    (TILE6K & 15) == 8,
@@ -283,7 +285,7 @@ _Static_assert(!(TILE & 15) && !(TILE4M & 15) && !(TILE4Z & 15) && !(TILE4F & 15
                    !(TILE5ZPF & 15) && !(TILE6 & 15) && !(TILE8 & 15) && !(TILE8Z & 15),
                "every other tile is a multiple of 16 bytes");
 /* Q4_K's and Q5_K's slots (the super-block tiles of MatMulQ4) */
-INLINE int k4_tile(int64_t tile) { return super_tile(tile) && tile != TILE6K; }
+INLINE int k4_tile(int64_t tile) { return tile == TILE4K || tile == TILE4KM || tile == TILE5K; }
 /* a super-block tile's offset of its codes and bytes of a block's codes */
 INLINE int64_t super_codes(int64_t tile) {
   return tile == TILE6K ? K6_CODES : tile == TILE4KM ? K4M_CODES : K4_CODES;
