@@ -285,14 +285,13 @@ def _super4(blocks: Blocks, codes: np.ndarray, size: int, factors) -> np.ndarray
     n, nb, _ = blocks.codes.shape
     g, s = n // ROWS, nb // K4_BLOCKS
     big_d, big_e, sc, mn = factors
-    _, _, z = scale_min_zero(blocks)
     codes = codes.reshape(g, s, -1)
 
     def per_block(x: np.ndarray) -> np.ndarray:  # [N, nb] → [g, s, 8 · 16]: block-major, then row
         return x.reshape(g, ROWS, s, K4_BLOCKS).transpose(0, 2, 3, 1).reshape(g, s, -1)
 
     rows = [_super_rows(x) for x in (big_d, big_e)]
-    zs = [per_block(z)] if size in (TILE4K, TILE5K) else []
+    zs = [per_block(scale_min_zero(blocks)[2])] if size in (TILE4K, TILE5K) else []
     parts = [per_block(sc), per_block(mn), *zs, *rows, codes]
     return np.ascontiguousarray(np.concatenate(parts, axis=2)).reshape(g, nb, size)
 

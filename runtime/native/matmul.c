@@ -401,7 +401,7 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
 
 /* tile_tokens by the tile's kind (every MatMulQ4 tile), `two` a constant: with the tile's bytes
    a variable, its layout's tests ran in every block, and GCC kept them there (a Q4_K folder
-   decoded 0.87× as fast once a second pair of super-block tiles made those tests longer). */
+   decoded 0.87× as fast once another super-block tile made those tests longer). */
 AVX512 INLINE void tile_kind512(const Job* j, int64_t g, int64_t t0, int T, const int two) {
   switch (j->tile) {
     case TILE: tile_tokens(j, g, t0, T, TILE, two); return;

@@ -107,7 +107,7 @@
  * 3.005e-3 from the fp32 reference against 3.032e-3, paired difference −2.7e-5 ± 4.2e-5), 5 %
  * fewer bytes, and no z to convert a block. The 312-byte tile stays readable for folders
  * written before it. Q5_K keeps its z: centred on the zero weight, its Q5_K_M file's KL rose
- * from 3.57e-3 to 3.75e-3 (+1.8e-4 ± 0.6e-4; docs/speed.md, 2026-12-05 20:20).
+ * from 3.57e-3 to 3.75e-3 (+1.8e-4 ± 0.6e-4; docs/speed.md, 2026-12-05 20:06).
  *
  * B uint8 [N/16, K/32, 424] holds Q6_K the same way, 6.625 bits a weight where the 512-byte
  * tile spends 8 (the file 6.5625): 8 slots of 424 bytes a super-block of 3392, 16 rows × 256,
