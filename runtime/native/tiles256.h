@@ -77,30 +77,23 @@ TARGET256 INLINE __m256 NAME256(bytes)(const uint8_t* x) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)x)));
 }
 TARGET256 INLINE void NAME256(scales)(const uint8_t* p, Layout l, int64_t b, int h, int five, __m256* d, __m256* m, __m256* zd) {
+  const uint8_t* s = tile_scalars(p, b, l); /* (p itself but for the super-block tiles) */
   if (l.k4) { /* d = D·sc, m = E·mn: exact in fp32 */
-    const uint8_t* s = tile_scalars(p, b, l);
     *d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_d(s, b, l) + 16 * h))),
                        NAME256(bytes)(s + l.d + 8 * h));
     *m = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(k4_e(s, b, l) + 16 * h))),
                        NAME256(bytes)(s + l.m + 8 * h));
-    *zd = l.z == ZERO_WEIGHT ? _mm256_sub_ps(_mm256_setzero_ps(), *m)
-                             : _mm256_mul_ps(NAME256(bytes)(s + l.z + 8 * h), *d);
-    return;
+  } else {
+    const int dsize = l.f32 ? 4 : 2;
+    *d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
+               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
+    *m = l.m < 0 ? _mm256_mul_ps(_mm256_set1_ps(-(float)l.zero), *d)
+         : l.f32 ? _mm256_loadu_ps((const float*)(p + l.m) + 8 * h)
+                 : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.m + 8 * dsize * h)));
   }
-  const int dsize = l.f32 ? 4 : 2;
-  *d = l.f32 ? _mm256_loadu_ps((const float*)(p + l.d) + 8 * h)
-             : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.d + 8 * dsize * h)));
-  *m = l.m < 0 ? _mm256_mul_ps(_mm256_set1_ps(-(float)l.zero), *d)
-       : l.f32 ? _mm256_loadu_ps((const float*)(p + l.m) + 8 * h)
-               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + l.m + 8 * dsize * h)));
-  if (l.z == ZERO_WEIGHT) {
-    *zd = _mm256_sub_ps(_mm256_setzero_ps(), *m);
-    return;
-  }
-  *zd = l.z < 0 ? _mm256_mul_ps(_mm256_set1_ps((float)l.zero), *d)
-             : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                 _mm_loadl_epi64((const __m128i*)(p + l.z + 8 * h)))),
-                             *d);
+  *zd = l.z == ZERO_WEIGHT ? _mm256_sub_ps(_mm256_setzero_ps(), *m)
+        : l.z < 0          ? _mm256_mul_ps(_mm256_set1_ps((float)l.zero), *d)
+                           : _mm256_mul_ps(NAME256(bytes)(s + l.z + 8 * h), *d);
 }
 
 /* The float work of a token's integer sums s on a block of half a tile: d·ad·s + m·as + zd·ae,
