@@ -403,20 +403,13 @@ AVX512 INLINE void tile_tokens_q6(const Job* j, int64_t g, int64_t t0, int T) {
    a variable, its layout's tests ran in every block, and GCC kept them there (a Q4_K folder
    decoded 0.87× as fast once another super-block tile made those tests longer). */
 AVX512 INLINE void tile_kind512(const Job* j, int64_t g, int64_t t0, int T, const int two) {
+#define KIND512(S) \
+  case S: tile_tokens(j, g, t0, T, S, two); return;
   switch (j->tile) {
-    case TILE: tile_tokens(j, g, t0, T, TILE, two); return;
-    case TILE4Z: tile_tokens(j, g, t0, T, TILE4Z, two); return;
-    case TILE4M: tile_tokens(j, g, t0, T, TILE4M, two); return;
-    case TILE4F: tile_tokens(j, g, t0, T, TILE4F, two); return;
-    case TILE4K: tile_tokens(j, g, t0, T, TILE4K, two); return;
-    case TILE4KM: tile_tokens(j, g, t0, T, TILE4KM, two); return;
-    case TILE5K: tile_tokens(j, g, t0, T, TILE5K, two); return;
-    case TILE5: tile_tokens(j, g, t0, T, TILE5, two); return;
-    case TILE5F: tile_tokens(j, g, t0, T, TILE5F, two); return;
-    case TILE5ZP: tile_tokens(j, g, t0, T, TILE5ZP, two); return;
-    case TILE5ZPF: tile_tokens(j, g, t0, T, TILE5ZPF, two); return;
+    MATMULQ4_TILES(KIND512)
     default: tile_tokens(j, g, t0, T, TILE5Z, two); return;
   }
+#undef KIND512
 }
 
 /* One tile of either format; T is a constant wherever this is inlined. */

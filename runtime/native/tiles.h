@@ -369,12 +369,19 @@ INLINE const uint8_t* k4_e(const uint8_t* s, int64_t b, Layout l) {
 /* Q6_K's tiles: the 512-byte one and its super-block's slots */
 static inline int six(int64_t tile) { return tile == TILE6 || tile == TILE6K; }
 
+/* Every MatMulQ4 tile but TILE5Z, as X(bytes): with TILE5Z, what tile_bits accepts, and what
+   the switches by tile kind (matmul.c's tile_kind512, tiles256.h's few_kind) list, TILE5Z their
+   default. One list, so that a new tile cannot be left out of a switch and run as TILE5Z. */
+#define MATMULQ4_TILES(X) \
+  X(TILE) X(TILE4Z) X(TILE4M) X(TILE4F) X(TILE4K) X(TILE4KM) X(TILE5K) X(TILE5) X(TILE5F) \
+  X(TILE5ZP) X(TILE5ZPF)
+
 /* The op a tile of `tile` bytes is for: 4 (MatMulQ4: 4- or 5-bit codes), 8 (MatMulQ8: 8-bit
    codes, or Q6_K's 6-bit ones), 0 for no tile of ours. */
 static inline int tile_bits(int64_t tile) {
-  if (tile == TILE || tile == TILE4M || tile == TILE4Z || tile == TILE4F || k4_tile(tile) ||
-      tile == TILE5 || tile == TILE5F || tile == TILE5Z || tile == TILE5ZP || tile == TILE5ZPF)
-    return 4;
+#define IS_TILE(S) tile == (S) ||
+  if (MATMULQ4_TILES(IS_TILE) tile == TILE5Z) return 4;
+#undef IS_TILE
   return tile == TILE8 || tile == TILE8Z || tile == TILE6 || tile == TILE6K ? 8 : 0;
 }
 

@@ -478,20 +478,13 @@ TARGET256 INLINE void NAME256(few_tokens)(const Job* j, int64_t g, int64_t t0, c
 
 /* few_tokens by the tile's kind (every MatMulQ4 tile), `two` a constant. */
 TARGET256 INLINE void NAME256(few_kind)(const Job* j, int64_t g, int64_t t0, int T, const int two) {
+#define KIND256(S) \
+  case S: NAME256(few_tokens)(j, g, t0, T, S, two); return;
   switch (j->tile) {
-    case TILE: NAME256(few_tokens)(j, g, t0, T, TILE, two); return;
-    case TILE4Z: NAME256(few_tokens)(j, g, t0, T, TILE4Z, two); return;
-    case TILE4M: NAME256(few_tokens)(j, g, t0, T, TILE4M, two); return;
-    case TILE4F: NAME256(few_tokens)(j, g, t0, T, TILE4F, two); return;
-    case TILE4K: NAME256(few_tokens)(j, g, t0, T, TILE4K, two); return;
-    case TILE5K: NAME256(few_tokens)(j, g, t0, T, TILE5K, two); return;
-    case TILE4KM: NAME256(few_tokens)(j, g, t0, T, TILE4KM, two); return;
-    case TILE5: NAME256(few_tokens)(j, g, t0, T, TILE5, two); return;
-    case TILE5F: NAME256(few_tokens)(j, g, t0, T, TILE5F, two); return;
-    case TILE5ZP: NAME256(few_tokens)(j, g, t0, T, TILE5ZP, two); return;
-    case TILE5ZPF: NAME256(few_tokens)(j, g, t0, T, TILE5ZPF, two); return;
+    MATMULQ4_TILES(KIND256)
     default: NAME256(few_tokens)(j, g, t0, T, TILE5Z, two); return;
   }
+#undef KIND256
 }
 
 /* T (1 or 2, a constant) tokens of tile group g in one pass, by the tile's kind. */
